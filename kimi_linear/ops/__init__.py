@@ -1,0 +1,1 @@
+"""Tensor ops: pure functions, no modules, no config."""

@@ -1,0 +1,174 @@
+"""Shared plumbing of the public KDA ops: argument validation, the optional in-op activations, varlen packing.
+
+Validation happens once, here, at the public boundary; backends trust their inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kimi_linear.ops.kda.gate import beta_activation, kda_gate
+from kimi_linear.ops.norm import l2norm
+
+MAX_HEAD_DIM = 256
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _is_capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _check_float(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+
+
+def _shape(*dims) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def validate_kda_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    use_gate_in_kernel: bool,
+    A_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    backend: str,
+    state_indices: torch.Tensor | None = None,
+) -> int:
+    """Raise ValueError/TypeError naming the offending argument. Returns N, the number of sequences.
+
+    NaN/inf in g or beta is not checked (that would cost a device sync); it propagates into the outputs.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        _check_float(name, x)
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, K], got shape {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {_shape(B, T, H, K)}, got {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be {_shape(B, T, H, 'V')}, got shape {tuple(v.shape)}")
+    V = v.shape[-1]
+    if not (1 <= K <= MAX_HEAD_DIM):
+        raise ValueError(f"head dim K={K} of q/k is outside the supported range 1..{MAX_HEAD_DIM}")
+    if not (1 <= V <= MAX_HEAD_DIM):
+        raise ValueError(f"head dim V={V} of v is outside the supported range 1..{MAX_HEAD_DIM}")
+    if g.shape not in (q.shape, q.shape[:3]):
+        raise ValueError(
+            f"g must be {_shape(B, T, H, K)} (per-channel KDA gate) or {_shape(B, T, H)} (scalar GDN gate), "
+            f"got {tuple(g.shape)}"
+        )
+    if beta.shape != q.shape[:3]:
+        raise ValueError(f"beta must be {_shape(B, T, H)}, got {tuple(beta.shape)}")
+    for name, x in (("k", k), ("v", v), ("g", g), ("beta", beta)):
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    if use_gate_in_kernel:
+        if A_log is None:
+            raise ValueError("use_gate_in_kernel=True needs A_log ([H])")
+        _check_float("A_log", A_log)
+        if A_log.numel() != H:
+            raise ValueError(f"A_log must have H={H} elements ([H] or [1, 1, H, 1]), got shape {tuple(A_log.shape)}")
+        if dt_bias is not None:
+            _check_float("dt_bias", dt_bias)
+            want = H * K if g.dim() == 4 else H
+            if dt_bias.numel() != want:
+                raise ValueError(f"dt_bias must have {want} elements for g of shape {tuple(g.shape)}, "
+                                 f"got shape {tuple(dt_bias.shape)}")
+
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError("cu_seqlens must be an int32/int64 tensor of sequence boundaries [N + 1]")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be 1-D with N + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+        if B != 1:
+            raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={B}")
+        if not _is_capturing(cu_seqlens):
+            c = cu_seqlens.tolist()
+            if c[0] != 0:
+                raise ValueError(f"cu_seqlens must start at 0, got {c[0]}")
+            if any(b < a for a, b in zip(c, c[1:])):
+                raise ValueError(f"cu_seqlens must be non-decreasing, got {c}")
+            if c[-1] != T:
+                raise ValueError(f"cu_seqlens must end at T={T}, got {c[-1]}")
+        N = cu_seqlens.numel() - 1
+    else:
+        N = B
+
+    if state_indices is not None:
+        if not isinstance(state_indices, torch.Tensor) or state_indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError("state_indices must be an int32/int64 tensor [N]")
+        if state_indices.shape != (N,):
+            raise ValueError(f"state_indices must be [N]=[{N}] (one slot per sequence), got {tuple(state_indices.shape)}")
+        if initial_state is None:
+            raise ValueError("state_indices needs initial_state: the state pool [S, H, K, V] fp32")
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor):
+            raise TypeError(f"initial_state must be a torch.Tensor, got {type(initial_state).__name__}")
+        if initial_state.dtype != torch.float32:
+            raise TypeError(f"initial_state must be float32, got {initial_state.dtype}")
+        lead = "S" if state_indices is not None else N
+        if initial_state.dim() != 4 or initial_state.shape[1:] != (H, K, V) or (
+            state_indices is None and initial_state.shape[0] != N
+        ):
+            raise ValueError(f"initial_state must be {_shape(lead, H, K, V)}, got {tuple(initial_state.shape)}")
+        if initial_state.device != q.device:
+            raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
+    return N
+
+
+def preprocess(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    use_qk_l2norm_in_kernel: bool,
+    use_gate_in_kernel: bool,
+    A_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    use_beta_sigmoid_in_kernel: bool,
+    head_dim: int,
+):
+    """The optional in-op activations done in PyTorch (fp32), and the scalar gate broadcast over K."""
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q), l2norm(k)
+    if use_gate_in_kernel:
+        g = kda_gate(g, A_log, dt_bias)
+    if use_beta_sigmoid_in_kernel:
+        beta = beta_activation(beta)
+    if g.dim() == 3:
+        g = g.float()[..., None].expand(*g.shape, head_dim)
+    return q, k, g, beta
+
+
+def pack_to_batch(xs: list[torch.Tensor], cu_seqlens: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+    """Varlen ``[1, T, H, ...]`` tensors -> zero-padded ``[N, T_max, H, ...]`` batches.
+
+    Zero padding at the end of a sequence (k = v = beta = g = 0) leaves its state unchanged.
+    """
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    starts = cu_seqlens[:-1].tolist()
+    t_max = max(max(lengths), 1)
+    out = []
+    for x in xs:
+        parts = [F.pad(x[0, s : s + n], (0,) * (2 * (x.dim() - 2)) + (0, t_max - n)) for s, n in zip(starts, lengths)]
+        out.append(torch.stack(parts))
+    return out, lengths
+
+
+def unpack_from_batch(o: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """``[N, T_max, H, V]`` -> packed ``[1, sum(lengths), H, V]`` (inverse of pack_to_batch)."""
+    return torch.cat([o[i, :n] for i, n in enumerate(lengths)], dim=0)[None]

@@ -1,0 +1,264 @@
+"""Kimi Delta Attention in plain PyTorch: the specification and the CPU path.
+
+Three functions, all in fp32 internally, all differentiable by autograd:
+
+* ``naive_recurrent_kda`` — the token-by-token loop of paper Eq. 1. It is the spec every other implementation is
+  tested against; it is slow (one Python step per token) and meant for tests only.
+* ``naive_chunk_kda`` — the chunkwise-parallel form of paper §3.1 (Eqs. 2–9): WY representation of the rank-1
+  updates inside a chunk of C = 64 tokens, the UT transform (a unit lower-triangular solve), then a sequential pass
+  over chunks that carries the state. Fast enough to train small models on a CPU.
+* ``naive_recurrent_dplr`` — the general diagonal-plus-low-rank recurrence, for comparisons.
+
+Layouts: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, g ``[B, T, H, K]`` (natural-log decay, ≤ 0),
+beta ``[B, T, H]``, states ``[B, H, K, V]`` fp32. These functions take already-validated, already-activated inputs
+(no gate activation, no L2 norm, no sigmoid): the public ops in ``chunk.py`` / ``recurrent.py`` do that.
+
+Numerics of the chunked form: cumulative log-decays stay in fp32 and only *differences* measured forward in time are
+exponentiated (every factor is ≤ 1), so g = -1000 gives exact zeros instead of inf/NaN. Inside a chunk, pairs of
+rows in different 16-row sub-blocks are decayed through the first row r of the later sub-block,
+exp(G_t - G_i) = exp(G_t - G_r) · exp(G_r - G_i) with both factors ≤ 1, which turns them into plain matmuls; pairs
+inside one sub-block are decayed element-wise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_SIZE = 64
+SUB_CHUNK = 16
+
+
+def naive_recurrent_kda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Paper Eq. 1, one token at a time, in fp32.
+
+    S_t = (I - beta_t k_t k_t^T) Diag(exp g_t) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T (scale q_t)
+
+    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32 or None)``.
+    """
+    dtype = v.dtype
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    outputs = []
+    for t in range(T):
+        S = S * g[:, t].exp()[..., None]  # decay along K: [B, H, K, V]
+        k_t = k[:, t]  # [B, H, K]
+        prediction = torch.einsum("bhk,bhkv->bhv", k_t, S)
+        delta = beta[:, t, :, None] * (v[:, t] - prediction)  # [B, H, V]
+        S = S + k_t[..., None] * delta[..., None, :]
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+    o = torch.stack(outputs, dim=1) if T > 0 else v.new_zeros(B, 0, H, V)  # [B, T, H, V]
+    return o.to(dtype), (S if output_final_state else None)
+
+
+def naive_recurrent_dplr(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Diagonal-plus-low-rank recurrence, one token at a time, in fp32.
+
+    S_t = (Diag(exp g_t) - a_t b_t^T) S_{t-1} + k_t v_t^T,   o_t = S_t^T (scale q_t)
+
+    q, k, a, b, g ``[B, T, H, K]``; v ``[B, T, H, V]``. KDA is the case a = beta k, b = exp(g) * k and the written
+    key beta k, since (I - beta k k^T) Diag(exp g) = Diag(exp g) - (beta k)(exp(g) * k)^T.
+    """
+    dtype = v.dtype
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    q, k, v, a, b, g = (x.float() for x in (q, k, v, a, b, g))
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    outputs = []
+    for t in range(T):
+        b_S = torch.einsum("bhk,bhkv->bhv", b[:, t], S)  # b_t^T S: [B, H, V]
+        S = S * g[:, t].exp()[..., None] - a[:, t, ..., None] * b_S[..., None, :]
+        S = S + k[:, t, ..., None] * v[:, t, ..., None, :]
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+    o = torch.stack(outputs, dim=1) if T > 0 else v.new_zeros(B, 0, H, V)
+    return o.to(dtype), (S if output_final_state else None)
+
+
+def _sub_block_decays(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decay factors for the within-chunk pair matrices, all <= 1.
+
+    G: within-chunk cumulative log-decay ``[..., C, K]``, viewed as n sub-blocks of c = SUB_CHUNK rows.
+    Returns
+      row  ``[..., n, c, K]``     exp(G_t - G_{r_a}) for row t of block a, r_a = first row of block a;
+      col  ``[..., n, n, c, K]``  exp(G_{r_a} - G_i) for row i of block b < a (clamped garbage for b >= a);
+      diag ``[..., n, c, c, K]``  exp(G_t - G_i) for t >= i inside one block, 0 above the diagonal;
+      block_mask ``[n, n, 1, 1]`` 1 where b < a.
+    """
+    *lead, C, K = G.shape
+    n = C // SUB_CHUNK
+    Gs = G.reshape(*lead, n, SUB_CHUNK, K)
+    G_ref = Gs[..., :1, :]  # [..., n, 1, K]
+    row = (Gs - G_ref).exp()
+    # The clamp only keeps masked entries (b >= a) finite, so that 0 * inf never happens.
+    col = (G_ref[..., :, None, :, :] - Gs[..., None, :, :, :]).clamp(max=0).exp()
+    causal = torch.ones(SUB_CHUNK, SUB_CHUNK, dtype=torch.bool, device=G.device).tril()
+    diag = (Gs[..., :, None, :] - Gs[..., None, :, :]).clamp(max=0).exp() * causal[..., None]
+    block_mask = torch.ones(n, n, dtype=G.dtype, device=G.device).tril(-1)[:, :, None, None]
+    return row, col, diag, block_mask
+
+
+def _merge_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """``[..., n, n, c, c]`` sub-blocks -> ``[..., n*c, n*c]`` matrix."""
+    *lead, n, _, c, _ = blocks.shape
+    return blocks.transpose(-3, -2).reshape(*lead, n * c, n * c)
+
+
+def _split_blocks(m: torch.Tensor) -> torch.Tensor:
+    """``[..., C, C]`` matrix -> ``[..., n, n, c, c]`` sub-blocks (inverse of _merge_blocks)."""
+    *lead, C, _ = m.shape
+    n = C // SUB_CHUNK
+    return m.reshape(*lead, n, SUB_CHUNK, n, SUB_CHUNK).transpose(-3, -2)
+
+
+class _IntraChunkPairs(torch.autograd.Function):
+    """A_kk[t, i] = sum_c k_t k_i exp(G_t - G_i) for i < t and A_qk[t, i] = sum_c q_t k_i exp(G_t - G_i) for i <= t.
+
+    q, k, G ``[..., C, K]`` -> A_kk, A_qk ``[..., C, C]``. Paired rows in different sub-blocks go through matmuls with
+    the decay routed via the later block's first row; pairs inside a sub-block are decayed element-wise. The backward
+    is written out (recomputing the decays) because autograd through the element-wise decay tensors is several times
+    slower than the forward on a CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, G):
+        *lead, C, K = q.shape
+        n = C // SUB_CHUNK
+        row, col, diag, block_mask = _sub_block_decays(G)
+        qs = q.reshape(*lead, n, SUB_CHUNK, K)
+        ks = k.reshape(*lead, n, SUB_CHUNK, K)
+        k_col = ks[..., None, :, :, :] * col  # [..., n(a), n(b), c, K]
+        kk = torch.einsum("...aik,...abjk->...abij", ks * row, k_col) * block_mask
+        qk = torch.einsum("...aik,...abjk->...abij", qs * row, k_col) * block_mask
+        eye_n = torch.eye(n, dtype=q.dtype, device=q.device)[:, :, None, None]
+        kk_diag = torch.einsum("...tk,...ik,...tik->...ti", ks, ks, diag).tril(-1)  # [..., n, c, c]
+        qk_diag = torch.einsum("...tk,...ik,...tik->...ti", qs, ks, diag)
+        kk = kk + kk_diag[..., :, None, :, :] * eye_n
+        qk = qk + qk_diag[..., :, None, :, :] * eye_n
+        ctx.save_for_backward(q, k, G)
+        return _merge_blocks(kk), _merge_blocks(qk)
+
+    @staticmethod
+    def backward(ctx, d_kk, d_qk):
+        # With E[t, i] = exp(G_t - G_i): dq_t = sum_i dA_qk[t, i] k_i E, the key gets a "row" part (as k_t) and a
+        # "column" part (as k_i), and dG_t = q_t dq_t + k_t dk_t(row) - k_t dk_t(column).
+        q, k, G = ctx.saved_tensors
+        *lead, C, K = q.shape
+        n = C // SUB_CHUNK
+        row, col, diag, block_mask = _sub_block_decays(G)
+        qs = q.reshape(*lead, n, SUB_CHUNK, K)
+        ks = k.reshape(*lead, n, SUB_CHUNK, K)
+        d_kk, d_qk = _split_blocks(d_kk), _split_blocks(d_qk)  # [..., n, n, c, c]
+        idx = torch.arange(n, device=q.device)
+        d_kk_diag = d_kk[..., idx, idx, :, :].tril(-1)  # [..., n, c, c]
+        d_qk_diag = d_qk[..., idx, idx, :, :].tril()
+        d_kk, d_qk = d_kk * block_mask, d_qk * block_mask
+
+        k_col = ks[..., None, :, :, :] * col  # [..., n(a), n(b), c, K]
+        dq = row * torch.einsum("...abij,...abjk->...aik", d_qk, k_col)
+        dk_row = row * torch.einsum("...abij,...abjk->...aik", d_kk, k_col)
+        dq = dq + torch.einsum("...ti,...ik,...tik->...tk", d_qk_diag, ks, diag)
+        dk_row = dk_row + torch.einsum("...ti,...ik,...tik->...tk", d_kk_diag, ks, diag)
+
+        dk_col = torch.einsum("...abij,...aik->...abjk", d_kk, ks * row)
+        dk_col = dk_col + torch.einsum("...abij,...aik->...abjk", d_qk, qs * row)
+        dk_col = (dk_col * col).sum(dim=-4)  # [..., n(b), c, K]
+        dk_col = dk_col + torch.einsum("...ti,...tk,...tik->...ik", d_kk_diag, ks, diag)
+        dk_col = dk_col + torch.einsum("...ti,...tk,...tik->...ik", d_qk_diag, qs, diag)
+
+        dq, dk_row, dk_col = (x.reshape(*lead, C, K) for x in (dq, dk_row, dk_col))
+        dG = q * dq + k * (dk_row - dk_col)
+        return dq, dk_row + dk_col, dG
+
+
+def naive_chunk_kda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise-parallel KDA (paper §3.1), fp32, any T (padded internally to a multiple of ``chunk_size``).
+
+    Per chunk with cumulative log-decay G (``[C, K]``, G_t = g_1 + ... + g_t):
+
+    * A[t, i] = beta_t sum_c k_t[c] k_i[c] exp(G_t[c] - G_i[c]) for i < t (Eq. 4, strictly lower);
+    * UT transform (Eq. 6): T = (I + A)^-1, W = T (beta * exp(G) * K), U = T (beta * V);
+    * with the state S entering the chunk: V_new = U - W S (the pseudo-values of Eq. 8),
+      O = scale (Q * exp(G)) S + Aqk V_new with Aqk[t, i] = scale sum_c q_t k_i exp(G_t - G_i), i <= t (Eq. 9),
+      S <- exp(G_C) * S + (K * exp(G_C - G))^T V_new.
+
+    Padding rows have k = v = beta = g = 0, which leaves the state unchanged.
+    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32 or None)``.
+    """
+    dtype = v.dtype
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    if C % SUB_CHUNK:
+        raise ValueError(f"chunk_size must be a multiple of {SUB_CHUNK}, got {C}")
+    scale = K**-0.5 if scale is None else scale
+    pad = (-T) % C
+    n_chunks = (T + pad) // C
+
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:
+        # [B, T, H, D] -> [B, H, N, C, D] in fp32, zero-padded at the end
+        x = x.float()
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.reshape(B, n_chunks, C, H, -1).permute(0, 3, 1, 2, 4)
+
+    q_c, k_c, v_c, g_c = (to_chunks(x) for x in (q, k, v, g))
+    beta_c = to_chunks(beta[..., None])  # [B, H, N, C, 1]
+    q_c = q_c * scale
+    G = g_c.cumsum(dim=-2)  # [B, H, N, C, K], each entry <= 0
+
+    A_kk, A_qk = _IntraChunkPairs.apply(q_c, k_c, G)  # [B, H, N, C, C] each
+    A = A_kk * beta_c
+    eye = torch.eye(C, dtype=A.dtype, device=A.device)
+    rhs = torch.cat([beta_c * G.exp() * k_c, beta_c * v_c], dim=-1)  # [B, H, N, C, K + V]
+    WU = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+    W, U = WU.split([K, V], dim=-1)  # [B, H, N, C, K], [B, H, N, C, V]
+
+    q_dec = q_c * G.exp()  # [B, H, N, C, K]
+    G_last = G[..., -1:, :]  # [B, H, N, 1, K]
+    k_dec = k_c * (G_last - G).exp()  # decay from each row to the end of its chunk
+    chunk_decay = G_last.squeeze(-2).exp()  # [B, H, N, K]
+
+    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    outputs = []
+    for n in range(n_chunks):
+        v_new = U[:, :, n] - W[:, :, n] @ S  # [B, H, C, V]
+        outputs.append(q_dec[:, :, n] @ S + A_qk[:, :, n] @ v_new)
+        S = chunk_decay[:, :, n, :, None] * S + k_dec[:, :, n].transpose(-1, -2) @ v_new
+    if outputs:
+        o = torch.stack(outputs, dim=2)  # [B, H, N, C, V]
+    else:
+        o = v.new_zeros(B, H, 0, C, V, dtype=torch.float32)
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, n_chunks * C, H, V)[:, :T]  # [B, T, H, V]
+    return o.to(dtype), (S if output_final_state else None)
