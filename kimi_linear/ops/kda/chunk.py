@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -11,9 +12,12 @@ from kimi_linear.ops.kda.naive import naive_chunk_kda
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """'auto' -> 'triton' for CUDA tensors, 'torch' otherwise. 'triton' on CPU tensors needs TRITON_INTERPRET=1."""
+    """'auto' -> 'triton' for CUDA tensors when Triton is installed, 'torch' otherwise.
+
+    'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter).
+    """
     if backend == "auto":
-        return "triton" if x.is_cuda else "torch"
+        return "triton" if x.is_cuda and importlib.util.find_spec("triton") is not None else "torch"
     if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
     return backend
