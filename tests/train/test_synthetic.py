@@ -1,0 +1,116 @@
+"""Synthetic tasks: generator semantics checked by independent decoders, determinism, bad input, and training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kimi_linear.train.synthetic import (
+    IGNORE_INDEX,
+    NUM_STACKS,
+    TASKS,
+    SynthConfig,
+    make_task,
+    mqar,
+    palindrome,
+    stack,
+    train_synthetic,
+)
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("T", [64, 257], ids=lambda t: f"T{t}")
+def test_answers_are_the_next_token_and_shapes_match(task, T):
+    ids, targets = make_task(task, 5, T, seed=3)
+    assert ids.shape == targets.shape == (5, T) and ids.dtype == targets.dtype == torch.int64
+    answer = targets != IGNORE_INDEX
+    assert answer.any(dim=1).all(), "every row needs answers"
+    assert not answer[:, -1].any()
+    pos = answer.nonzero()
+    assert torch.equal(targets[pos[:, 0], pos[:, 1]], ids[pos[:, 0], pos[:, 1] + 1])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_seeded_and_deterministic(task):
+    a, b, c = (make_task(task, 4, 128, seed=s) for s in (7, 7, 8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_mqar_queries_ask_for_the_stored_values():
+    P, V, T = 12, 64, 100
+    ids, targets = mqar(6, T, vocab_size=V, num_kv_pairs=P, seed=1)
+    for row, tgt in zip(ids.tolist(), targets.tolist()):
+        keys, values = row[0:2 * P:2], row[1:2 * P:2]
+        assert len(set(keys)) == P and all(1 <= k < V // 2 for k in keys)
+        assert all(V // 2 <= v < V for v in values)
+        store = dict(zip(keys, values))
+        asked = [(row[t], tgt[t]) for t in range(T) if tgt[t] != IGNORE_INDEX]
+        assert sorted(k for k, _ in asked) == sorted(keys), "each key is queried exactly once"
+        assert all(store[k] == v for k, v in asked)
+        assert all(t >= 2 * P for t in range(T) if tgt[t] != IGNORE_INDEX)
+        filler = [row[t] for t in range(2 * P, T) if tgt[t] == IGNORE_INDEX and (t == 0 or tgt[t - 1] == IGNORE_INDEX)]
+        assert set(filler) <= {0}
+
+
+def test_mqar_default_pairs_scale_with_length():
+    for T in (256, 1024):
+        _, targets = mqar(2, T, seed=0)
+        assert ((targets != IGNORE_INDEX).sum(dim=1) == T // 16).all()
+
+
+def test_palindrome_answers_are_the_sequence_reversed():
+    T = 41
+    ids, targets = palindrome(4, T, vocab_size=10, seed=2)
+    L = (T - 1) // 2
+    for row, tgt in zip(ids.tolist(), targets.tolist()):
+        content = row[:L]
+        assert row[L] == 1 and all(2 <= x < 10 for x in content)
+        answers = [x for x in tgt if x != IGNORE_INDEX]
+        assert answers == content[::-1]
+
+
+def test_stack_answers_follow_last_in_first_out():
+    V, T = 200, 600
+    ids, targets = stack(4, T, vocab_size=V, seed=5)
+    for row, tgt in zip(ids.tolist(), targets.tolist()):
+        stacks = {s: [] for s in range(NUM_STACKS)}
+        pops = 0
+        for t in range(0, T - 1, 2):
+            op, value = row[t], row[t + 1]
+            if 1 <= op <= NUM_STACKS:
+                stacks[op - 1].append(value)
+                assert tgt[t] == IGNORE_INDEX
+            else:
+                s = op - 1 - NUM_STACKS
+                assert 0 <= s < NUM_STACKS and stacks[s], "pop of an empty stack"
+                assert tgt[t] == value == stacks[s].pop()
+                pops += 1
+            assert tgt[t + 1] == IGNORE_INDEX
+        assert pops > T // 8
+        used = {row[t] - 1 for t in range(0, T - 1, 2) if row[t] <= NUM_STACKS}
+        assert len(used) > NUM_STACKS // 2, "the program should spread over many stacks"
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: mqar(2, 60, num_kv_pairs=16), "too short"),
+    (lambda: mqar(2, 1024, vocab_size=64, num_kv_pairs=64), "keys"),
+    (lambda: mqar(0, 64), "num_examples"),
+    (lambda: palindrome(2, 2), "seq_len"),
+    (lambda: stack(2, 64, vocab_size=100), "vocab_size"),
+    (lambda: stack(2, 64, push_prob=1.0), "push_prob"),
+    (lambda: make_task("copy", 2, 64), "unknown task"),
+    (lambda: make_task("stack", 2, 64, num_kv_pairs=4), "mqar only"),
+])
+def test_bad_sizes_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(task="copy"), "task"), (dict(mixer="rwkv"), "mixer"), (dict(steps=0), "steps"), (dict(lr=0.0), "lr"),
+    (dict(lr=float("nan")), "lr"), (dict(seq_len=3, task="mqar"), "too short"), (dict(stop_at=1.5), "stop_at"),
+])
+def test_bad_run_config_raises(change, match):
+    with pytest.raises(ValueError, match=match):
+        train_synthetic(SynthConfig(**change), log=None)
