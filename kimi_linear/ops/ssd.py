@@ -206,4 +206,6 @@ def chunk_ssd(
     for name, t in (("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("initial_state", initial_state)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    return naive_chunk_ssd(x, dt, A, B, C, D, initial_state, output_final_state, chunk_size)
+    # Autocast would run the matmuls below in bf16; the state recurrence is meant to be fp32 (as KDA's is).
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return naive_chunk_ssd(x, dt, A, B, C, D, initial_state, output_final_state, chunk_size)

@@ -120,3 +120,12 @@ def test_bad_arguments_raise(change, error):
     args.update(change)
     with pytest.raises(error):
         chunk_ssd(**args)
+
+
+def test_autocast_does_not_lower_the_state_recurrence_to_bf16():
+    inputs = ssd_inputs(1, 130, 2, 1, 16, 16, seed=13)
+    ref, _ = chunk_ssd(**inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = chunk_ssd(**inputs)
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-6
