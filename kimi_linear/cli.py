@@ -13,6 +13,7 @@ import sys
 SUBCOMMAND_MODULES = (
     "kimi_linear.ops.kda.cli",
     "kimi_linear.train.synth_cli",
+    "kimi_linear.train.cli",
 )
 
 

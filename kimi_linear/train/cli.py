@@ -1,0 +1,226 @@
+"""`kimi-linear train`: train a Kimi Linear model on the embedded corpus (or ``--data``), resumably, on one process
+or many (``torchrun --nproc-per-node N -m kimi_linear.train ...``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from kimi_linear.train.trainer import AUTOCAST_DTYPES
+
+MIXER_CHOICES = ("kda", "gdn", "mla")
+
+# Defaults of the settings a run is identified by; the CLI flags default to None so that a resumed run can tell
+# what the user asked for from what it should take from the saved run.
+DEFAULTS = {
+    "preset": "tiny",
+    "mixer": "kda",
+    "max_steps": 300,
+    "seq_len": 256,
+    "batch_size": 16,
+    "lr": 3e-3,
+    "min_lr_ratio": 0.1,
+    "warmup_steps": 30,
+    "weight_decay": 0.1,
+    "grad_clip": 1.0,
+    "seed": 0,
+    "bias_update_rate": 1e-3,
+    "data": None,
+}
+RUN_FILE = "run.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    p.add_argument("--preset", help=f"model preset: debug, tiny, small, 48b-a3b (default {d['preset']})")
+    p.add_argument("--mixer", choices=MIXER_CHOICES,
+                   help="linear mixer of the hybrid (kda, or gdn for the scalar-gate baseline), or mla for full "
+                        f"attention in every layer (default {d['mixer']})")
+    p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {d['max_steps']})")
+    p.add_argument("--seq-len", type=int, help=f"tokens per training window (default {d['seq_len']})")
+    p.add_argument("--batch-size", type=int,
+                   help=f"global batch in windows, over all processes and accumulation steps (default "
+                        f"{d['batch_size']})")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (default 1)")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {d['lr']})")
+    p.add_argument("--min-lr-ratio", type=float, help=f"final lr / peak lr of the cosine (default {d['min_lr_ratio']})")
+    p.add_argument("--warmup-steps", type=int, help=f"linear warmup steps (default {d['warmup_steps']})")
+    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d['weight_decay']})")
+    p.add_argument("--grad-clip", type=float, help=f"gradient-norm clip, 0 = off (default {d['grad_clip']})")
+    p.add_argument("--bias-update-rate", type=float,
+                   help=f"MoE correction-bias step toward balanced load, 0 = off (default {d['bias_update_rate']})")
+    p.add_argument("--seed", type=int, help=f"seed of initialisation and data order (default {d['seed']})")
+    p.add_argument("--data", help="corpus: a folder of text files, a .txt or a .jsonl file (default: the Python "
+                                  "standard library's source on this machine)")
+    p.add_argument("--out", help="run folder for checkpoints, metrics.jsonl and loss_curve.png; an existing run is "
+                                 "resumed (default runs/PRESET-MIXER)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", choices=AUTOCAST_DTYPES, default="auto",
+                   help="compute dtype under autocast; weights stay float32 (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
+                   help="data-parallel engine under torchrun: DDP or FSDP2 fully_shard (default ddp)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints; 0 = only at the end")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validation passes; 0 = only at the end")
+    p.add_argument("--eval-windows", type=int, default=64, help="validation windows per pass (default 64)")
+    p.add_argument("--prompt", default="def ", help="prompt of the sample printed at the end")
+    p.add_argument("--sample-tokens", type=int, default=200, help="length of that sample; 0 = no sample")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a Kimi Linear model (default: the tiny preset on the Python standard library, a few CPU minutes)",
+        description="Trains a Kimi Linear model with AdamW (warmup + cosine), packed documents and MoE load "
+                    "balancing; checkpoints atomically and resumes a run whose --out folder already exists. Runs "
+                    "under torchrun for multi-process training.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def _read_run_file(out: Path) -> dict | None:
+    path = out / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); pass another --out") from None
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[dict, Path, dict | None]:
+    """The run's settings: flags given, else the saved run's (when ``--out`` holds one), else the defaults.
+    Returns (settings, out folder, saved run description or None)."""
+    preset = args.preset or DEFAULTS["preset"]
+    mixer = args.mixer or DEFAULTS["mixer"]
+    out = Path(args.out) if args.out else Path("runs") / f"{preset}-{mixer}"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    saved = _read_run_file(out)
+    base = dict(DEFAULTS, **(saved["settings"] if saved else {}))
+    settings = {k: (getattr(args, k) if getattr(args, k) is not None else base[k]) for k in DEFAULTS}
+    return settings, out, saved
+
+
+def validate_settings(s: dict, args: argparse.Namespace) -> None:
+    """Raise ValueError for settings out of range (the trainer checks its own hyper-parameters again)."""
+    for name in ("max_steps", "seq_len", "batch_size"):
+        if s[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
+    if args.grad_accum < 1:
+        raise ValueError(f"--grad-accum must be >= 1, got {args.grad_accum}")
+    for name in ("checkpoint_every", "eval_every", "sample_tokens"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.eval_windows < 1:
+        raise ValueError(f"--eval-windows must be >= 1, got {args.eval_windows}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from kimi_linear.config import KimiLinearConfig
+    from kimi_linear.model import KimiLinearForCausalLM
+    from kimi_linear.train.data import ByteTokenizer, PackedBatches, build_corpus, eval_batches, unigram_loss
+    from kimi_linear.train.distributed import init_distributed, shutdown, wrap_model
+    from kimi_linear.train.trainer import TrainConfig, Trainer
+
+    settings, out, saved = resolve_settings(args)
+    validate_settings(settings, args)
+    tokenizer = ByteTokenizer()
+    config = KimiLinearConfig.from_preset(settings["preset"], mixer=settings["mixer"])
+    if config.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"preset {settings['preset']!r} has a vocabulary of {config.vocab_size} tokens; training "
+                         f"here uses byte-level tokens ({tokenizer.vocab_size}); use debug, tiny or small")
+    if settings["seq_len"] > config.model_max_length:
+        raise ValueError(f"--seq-len {settings['seq_len']} is over the model's limit "
+                         f"(model_max_length = {config.model_max_length} for preset {settings['preset']!r})")
+    train_config = TrainConfig(
+        max_steps=settings["max_steps"], lr=settings["lr"], min_lr_ratio=settings["min_lr_ratio"],
+        warmup_steps=min(settings["warmup_steps"], settings["max_steps"]), weight_decay=settings["weight_decay"],
+        grad_clip=settings["grad_clip"], grad_accum=args.grad_accum, bias_update_rate=settings["bias_update_rate"],
+        dtype=args.dtype, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+    )
+    train_config.validate()
+
+    ctx = init_distributed(args.device)
+    try:
+        corpus = build_corpus(settings["data"], tokenizer)
+        batches = PackedBatches(corpus.train, settings["seq_len"], settings["batch_size"], seed=settings["seed"],
+                                rank=ctx.rank, world_size=ctx.world_size, grad_accum=args.grad_accum,
+                                bos_token_id=tokenizer.bos_token_id)
+        micro = settings["batch_size"] // (ctx.world_size * args.grad_accum)
+        val = eval_batches(corpus.val, settings["seq_len"], args.eval_windows, micro, rank=ctx.rank,
+                           world_size=ctx.world_size, bos_token_id=tokenizer.bos_token_id)
+        run_info = {"settings": {**settings, "data": settings["data"] and os.path.abspath(settings["data"])},
+                    "model_config": config.to_dict(), "data_fingerprint": corpus.fingerprint}
+        if saved is not None and saved != run_info:
+            from kimi_linear.train.trainer import describe_difference
+
+            raise ValueError(f"--out {str(out)!r} holds a different run ({describe_difference(saved, run_info)}); "
+                             f"pass the same settings to resume it, or another --out")
+
+        torch.manual_seed(settings["seed"])
+        model = KimiLinearForCausalLM(config).to(ctx.device)
+        n_params = sum(p.numel() for p in model.parameters())
+        model = wrap_model(model, ctx, args.strategy)
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if saved is None:
+                tmp = out / (RUN_FILE + ".tmp")
+                tmp.write_text(json.dumps(run_info, indent=1, sort_keys=True))
+                os.replace(tmp, out / RUN_FILE)
+            print(f"data: {corpus.describe()}")
+            print(f"model: preset {settings['preset']}, mixer {settings['mixer']}, {n_params / 1e6:.2f}M "
+                  f"parameters, layers {config.layer_types}; {ctx.world_size} process(es) on {ctx.device}"
+                  + (f" with {args.strategy.upper()}" if ctx.distributed else ""))
+            print(f"training: {settings['max_steps']} steps x {settings['batch_size']} x {settings['seq_len']} tokens,"
+                  f" lr {settings['lr']:g}, out {out}", flush=True)
+        trainer = Trainer(model, train_config, ctx=ctx, out_dir=out, run_info=run_info,
+                          progress=not args.no_progress,
+                          extra_files={"tokenizer_config.json": json.dumps(tokenizer.to_json(), indent=1)})
+        summary = trainer.fit(batches, eval_data=val)
+
+        base_total, base_n = unigram_loss(corpus.train, val, tokenizer.vocab_size)
+        counts = torch.tensor([base_total, float(base_n)], dtype=torch.float64, device=ctx.device)
+        from kimi_linear.train.distributed import all_reduce_sum
+
+        base_total, base_n = all_reduce_sum(counts, ctx).tolist()
+        if ctx.is_main:
+            report(summary, base_total / base_n, out, settings, args, tokenizer)
+    finally:
+        shutdown(ctx)
+    return 0
+
+
+def report(summary: dict, unigram: float, out: Path, settings: dict, args, tokenizer) -> None:
+    """Rank 0: the results a person wants to see after training. The sample comes from the saved checkpoint,
+    loaded back, which also shows that it loads."""
+    import math
+
+    from kimi_linear.train.plot import plot_loss_curve
+
+    val = summary["val_loss"]
+    if summary["start_step"] >= settings["max_steps"]:
+        print(f"{out} is already trained to step {summary['step']} (of {settings['max_steps']}).")
+    else:
+        print(f"trained steps {summary['start_step'] + 1}..{summary['step']} in {summary['elapsed_s']:.0f} s, "
+              f"{summary['tokens_per_s']:,.0f} tokens/s")
+    print(f"validation loss {val:.4f} nats/token ({val / math.log(2):.3f} bits/byte); unigram baseline "
+          f"{unigram:.4f} nats/token ({unigram / math.log(2):.3f} bits/byte)")
+    png = plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png", baseline=unigram)
+    print(f"loss curve: {png}; metrics: {out / 'metrics.jsonl'}")
+    ckpt = summary["checkpoint"]
+    print(f"checkpoint: {ckpt}  (try: kimi-linear generate --checkpoint {ckpt} --prompt {args.prompt!r})")
+    if args.sample_tokens and ckpt is not None:
+        from kimi_linear.model import KimiLinearForCausalLM
+        from kimi_linear.train.sample import sample_text
+
+        model = KimiLinearForCausalLM.from_pretrained(ckpt)
+        text = sample_text(model, tokenizer, args.prompt, args.sample_tokens, seed=settings["seed"])
+        print(f"sample (temperature 0.8):\n{args.prompt}{text}")
+    sys.stdout.flush()

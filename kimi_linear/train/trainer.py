@@ -1,0 +1,377 @@
+"""The training loop: AdamW with warmup + cosine, gradient accumulation and clipping, bf16 autocast on GPU,
+auxiliary-loss-free MoE balancing, checkpoint/resume, progress bar and metrics.
+
+Any ``nn.Module`` trains: a batch is a dict with ``input_ids`` and ``labels`` (``IGNORE_INDEX`` where there is no
+target), optionally ``cu_seqlens``; ``loss_fn(model, batch)`` returns the *sum* of token losses and the number of
+counted tokens. Losses are normalised by the token count of the whole global batch (all micro-batches on all
+processes), so one process with accumulation and N processes compute the same update.
+
+Batch sources: anything with ``next_step() -> list[micro-batch dict]`` (this process's micro-batches for one
+optimizer step); resuming additionally needs ``state_dict()`` / ``load_state_dict()`` (the data position).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi_linear.train.checkpointing import agree_on_latest, latest_checkpoint, load_checkpoint, save_checkpoint
+from kimi_linear.train.data import IGNORE_INDEX
+from kimi_linear.train.distributed import DistContext, all_reduce_sum, unwrap
+
+AUTOCAST_DTYPES = ("auto", "float32", "bfloat16")
+NO_DECAY_NAMES = ("A_log", "dt_bias")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. ``dtype`` is the autocast compute dtype (weights stay float32): "auto" is bfloat16
+    on CUDA and float32 on the CPU."""
+
+    max_steps: int = 300
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    bias_update_rate: float = 1e-3
+    dtype: str = "auto"
+    checkpoint_every: int = 0
+    eval_every: int = 0
+    keep_checkpoints: int = 2
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting out of its range."""
+        checks = [
+            ("max_steps", self.max_steps >= 1, ">= 1"),
+            ("lr", math.isfinite(self.lr) and 0 < self.lr <= 1, "in (0, 1]"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("warmup_steps", 0 <= self.warmup_steps <= self.max_steps, f"in [0, max_steps={self.max_steps}]"),
+            ("weight_decay", 0 <= self.weight_decay < 1, "in [0, 1)"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("grad_clip", self.grad_clip >= 0, ">= 0 (0 disables clipping)"),
+            ("grad_accum", self.grad_accum >= 1, ">= 1"),
+            ("bias_update_rate", 0 <= self.bias_update_rate < 1, "in [0, 1)"),
+            ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0: only at the end)"),
+            ("eval_every", self.eval_every >= 0, ">= 0 (0: only at the end)"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)}")
+        if self.dtype not in AUTOCAST_DTYPES:
+            raise ValueError(f"dtype must be one of {AUTOCAST_DTYPES}, got {self.dtype!r}")
+
+
+def causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropies in float32, number of labelled tokens) for a batch whose ``labels`` are
+    already aligned with ``input_ids`` (label t is the target of position t)."""
+    kwargs = {"cu_seqlens": batch["cu_seqlens"]} if batch.get("cu_seqlens") is not None else {}
+    out = model(batch["input_ids"], **kwargs)
+    logits = out.logits if hasattr(out, "logits") else out
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, (labels != IGNORE_INDEX).sum()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on A_log, dt_bias, norm weights and biases (or any vector)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in NO_DECAY_NAMES or leaf == "bias" or "norm" in name.lower() or p.dim() < 2:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear from 1/warmup to 1 over ``warmup_steps``, then cosine down to ``min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def moe_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules that balance experts without an auxiliary loss: they expose ``last_expert_load`` after a forward
+    and ``update_correction_bias(rate)``."""
+    return [m for m in unwrap(model).modules() if hasattr(m, "update_correction_bias")]
+
+
+class MetricsLog:
+    """``metrics.jsonl`` on rank 0: one JSON object per line. On resume, lines past the resumed step are dropped so
+    the file follows the run that actually continues."""
+
+    def __init__(self, path: Path | None, resume_step: int):
+        self.path = path
+        if path is None:
+            return
+        kept = []
+        if resume_step > 0 and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(k + "\n" for k in kept))
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Trainer:
+    """Trains ``model`` (already wrapped for DDP/FSDP when distributed) with ``config``.
+
+    Args:
+        model: the module to train, on ``ctx.device``.
+        config: optimisation settings (validated here).
+        ctx: process placement; a single CPU process by default.
+        loss_fn: ``(model, batch) -> (loss_sum, token_count)``; next-token cross-entropy by default.
+        out_dir: where checkpoints and ``metrics.jsonl`` go (None: nothing is written).
+        run_info: JSON-able identity of the run (model config, data, hyper-parameters); a checkpoint written with
+            different ``run_info`` is refused on resume.
+        progress: show a tqdm progress bar on rank 0.
+        extra_files: text files stored in every checkpoint (name -> contents).
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, *, ctx: DistContext | None = None,
+                 loss_fn: Callable = causal_lm_loss, out_dir: str | os.PathLike | None = None,
+                 run_info: dict | None = None, progress: bool = True, extra_files: dict[str, str] | None = None):
+        config.validate()
+        self.model, self.config, self.loss_fn = model, config, loss_fn
+        self.ctx = ctx or DistContext()
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.run_info = run_info or {}
+        self.progress, self.extra_files = progress, extra_files
+        self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
+                                           betas=(config.beta1, config.beta2))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(config.warmup_steps, config.max_steps, config.min_lr_ratio))
+        self.moe = moe_modules(model)
+        self.step = 0
+        self.tokens_seen = 0
+        dev = self.ctx.device
+        want_bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and dev.type == "cuda")
+        self._autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if want_bf16 else \
+            contextlib.nullcontext
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: (v.to(self.ctx.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                for k, v in batch.items()}
+
+    def _sync_gradients(self, enabled: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+        m = self.model
+        if hasattr(m, "set_requires_gradient_sync"):  # FSDP2
+            m.set_requires_gradient_sync(enabled)
+            return contextlib.nullcontext()
+        if hasattr(m, "no_sync") and not enabled:  # DDP
+            return m.no_sync()
+        return contextlib.nullcontext()
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over this process's micro-batches. Returns loss (mean over the global batch),
+        grad_norm (before clipping), lr, tokens (global input tokens) and, with MoE layers, expert loads."""
+        model, ctx = self.model, self.ctx
+        model.train()
+        batches = [self._to_device(b) for b in micro_batches]
+        counts = torch.tensor([float((b["labels"] != IGNORE_INDEX).sum()) for b in batches] +
+                              [float(sum(b["input_ids"].numel() for b in batches))], dtype=torch.float64)
+        counts = all_reduce_sum(counts.to(ctx.device), ctx).cpu()
+        total_labels, total_inputs = counts[:-1].sum().item(), int(counts[-1].item())
+        if total_labels == 0:
+            raise ValueError("a training step has no labelled tokens")
+        loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        loads = [None] * len(self.moe)
+        for i, batch in enumerate(batches):
+            with self._sync_gradients(i == len(batches) - 1):
+                with self._autocast():
+                    loss, _ = self.loss_fn(model, batch)
+                # DDP/FSDP average gradients over processes; scaling by world_size makes it a global sum.
+                (loss * (ctx.world_size / total_labels)).backward()
+            loss_sum += loss.detach().double()
+            for j, m in enumerate(self.moe):
+                load = m.last_expert_load.detach().double()
+                loads[j] = load if loads[j] is None else loads[j] + load
+        for p in model.parameters():
+            # Every process must step every parameter alike, also where an expert got no token here.
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grad_norm = self._clip()
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = {"loss": all_reduce_sum(loss_sum, ctx).item() / total_labels, "grad_norm": grad_norm, "lr": lr,
+                 "tokens": total_inputs}
+        if self.moe:
+            imbalance = []
+            for m, load in zip(self.moe, loads):
+                load = all_reduce_sum(load, ctx)
+                m.last_expert_load = load.to(m.last_expert_load.dtype)
+                if self.config.bias_update_rate > 0:
+                    m.update_correction_bias(self.config.bias_update_rate)
+                imbalance.append(round((load.max() / load.mean().clamp_min(1e-12)).item(), 4))
+            stats["expert_load_max_over_mean"] = imbalance
+        self.step += 1
+        self.tokens_seen += total_inputs
+        return stats
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        return norm.item()
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[dict]) -> tuple[float, int]:
+        """(sum of token losses, token count) over this process's ``batches``, summed over all processes."""
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
+        for batch in batches:
+            with self._autocast():
+                loss, n = self.loss_fn(self.model, self._to_device(batch))
+            total += torch.stack([loss.double(), n.double()])
+        total = all_reduce_sum(total, self.ctx)
+        return total[0].item(), int(total[1].item())
+
+    def state(self, data_state: dict | None) -> dict:
+        return {"run_info": self.run_info, "data": data_state, "tokens_seen": self.tokens_seen,
+                "train_config": asdict(self.config)}
+
+    def save(self, data_state: dict | None):
+        if self.out_dir is None:
+            return None
+        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.scheduler,
+                               self.state(data_state), self.ctx, keep=self.config.keep_checkpoints,
+                               extra_files=self.extra_files)
+
+    def resume(self, batches=None) -> int:
+        """Load the newest checkpoint under ``out_dir`` (if any) and return its step (0 without one).
+
+        Raises:
+            ValueError: the checkpoint was written by a run with different ``run_info``.
+        """
+        if self.out_dir is None:
+            return 0
+        path = agree_on_latest(self.out_dir, self.ctx)
+        if path is None:
+            return 0
+        saved = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ctx)
+        if saved.get("run_info") != self.run_info:
+            diff = describe_difference(saved.get("run_info"), self.run_info)
+            raise ValueError(f"{self.out_dir} holds a different run ({diff}); pass the same settings to resume it, "
+                             f"or another --out")
+        if batches is not None and saved.get("data") is not None:
+            batches.load_state_dict(saved["data"])
+        self.step = int(saved["step"])
+        self.tokens_seen = int(saved.get("tokens_seen", 0))
+        return self.step
+
+    def fit(self, batches, *, eval_data: list[dict] | None = None,
+            on_step: Callable[[int, dict], None] | None = None) -> dict:
+        """Train until ``config.max_steps``, resuming from ``out_dir`` when it holds a checkpoint.
+
+        Evaluates ``eval_data`` every ``eval_every`` steps and at the end; checkpoints every ``checkpoint_every``
+        steps and at the end; logs every step to ``metrics.jsonl`` and the progress bar (rank 0 only).
+        ``on_step(step, stats)`` is called after each step.
+
+        Returns ``{"start_step", "step", "losses" (this call's steps), "val_loss", "tokens_per_s", "checkpoint"}``.
+        """
+        from tqdm.auto import tqdm
+
+        cfg, ctx = self.config, self.ctx
+        start = self.resume(batches)
+        if start > 0 and ctx.is_main:
+            print(f"resumed {self.out_dir} at step {start}", flush=True)
+        main_out = self.out_dir if ctx.is_main else None
+        log = MetricsLog(None if main_out is None else main_out / "metrics.jsonl", start)
+        bar = tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True,
+                   disable=not (self.progress and ctx.is_main))
+        losses, val_loss, checkpoint = [], None, None
+        t0, tokens0 = time.perf_counter(), self.tokens_seen
+        try:
+            while self.step < cfg.max_steps:
+                step_start = time.perf_counter()
+                stats = self.train_step(batches.next_step())
+                now = time.perf_counter()
+                tok_s = (self.tokens_seen - tokens0) / max(now - t0, 1e-9)
+                losses.append(stats["loss"])
+                record = {"step": self.step, **stats, "tokens_seen": self.tokens_seen, "tokens_per_s": round(tok_s),
+                          "step_time_s": round(now - step_start, 4)}
+                log.write(record)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                bar.update(1)
+                if on_step is not None:
+                    on_step(self.step, stats)
+                last = self.step == cfg.max_steps
+                if eval_data is not None and (last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
+                    total, n = self.evaluate(eval_data)
+                    val_loss = total / max(n, 1)
+                    log.write({"step": self.step, "val_loss": val_loss})
+                    if ctx.is_main:
+                        bar.write(f"step {self.step}: validation loss {val_loss:.4f}")
+                if last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                    checkpoint = self.save(batches.state_dict() if hasattr(batches, "state_dict") else None)
+        finally:
+            bar.close()
+        if start >= cfg.max_steps and eval_data is not None:
+            total, n = self.evaluate(eval_data)
+            val_loss = total / max(n, 1)
+        if checkpoint is None and self.out_dir is not None:
+            checkpoint = latest_checkpoint(self.out_dir)
+        elapsed = time.perf_counter() - t0
+        return {"start_step": start, "step": self.step, "losses": losses, "val_loss": val_loss,
+                "tokens_per_s": (self.tokens_seen - tokens0) / elapsed if losses else 0.0,
+                "elapsed_s": elapsed, "checkpoint": checkpoint}
+
+
+def describe_difference(saved: dict | None, current: dict, prefix: str = "") -> str:
+    """The first few settings that differ between two run descriptions, as "name: saved -> current"."""
+    saved = saved or {}
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = describe_difference(a, b, prefix + key + ".")
+            if inner:
+                diffs.append(inner)
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return "; ".join(diffs[:4])
+
+
+def train(model: nn.Module, batches, config: TrainConfig, **kwargs) -> dict:
+    """Train ``model`` on ``batches`` with ``config``; keyword arguments go to ``Trainer`` and ``fit`` (eval_data,
+    on_step). Returns ``Trainer.fit``'s summary."""
+    fit_kwargs = {k: kwargs.pop(k) for k in ("eval_data", "on_step") if k in kwargs}
+    return Trainer(model, config, **kwargs).fit(batches, **fit_kwargs)

@@ -1,0 +1,135 @@
+"""The trainer on a stand-in model: optimizer groups, schedule, accumulation, MoE balancing, checkpoint/resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kimi_linear.train.checkpointing import TMP_PREFIX, list_checkpoints
+from kimi_linear.train.data import PackedBatches
+from kimi_linear.train.trainer import TrainConfig, Trainer, param_groups, warmup_cosine
+from tests.train.toy import ToyLM
+
+BOS = 256
+
+
+def random_stream(n: int, seed: int) -> torch.Tensor:
+    """Random byte tokens with a BOS starting a document every 20-60 tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 256, (n,), generator=gen, dtype=torch.int16)
+    pos = 0
+    while pos < n:
+        tokens[pos] = BOS
+        pos += int(torch.randint(20, 60, (1,), generator=gen))
+    return tokens
+
+
+def make_model(seed: int) -> ToyLM:
+    torch.manual_seed(seed)
+    return ToyLM()
+
+
+def test_param_groups_exempt_gates_norms_and_biases():
+    model = ToyLM()
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} == {"A_log", "mix.bias", "norm.weight", "norm.bias"}
+    assert {names[id(p)] for p in decay["params"]} == {"embed.weight", "mix.weight", "moe.router.weight",
+                                                       "moe.experts", "head.weight"}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_warmup_cosine_shape():
+    f = warmup_cosine(warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 110))
+
+
+@pytest.mark.parametrize("field,value", [("lr", 0.0), ("lr", float("nan")), ("max_steps", 0), ("grad_accum", 0),
+                                         ("warmup_steps", 500), ("weight_decay", -0.1), ("beta2", 1.0),
+                                         ("dtype", "float16"), ("grad_clip", -1.0)])
+def test_config_out_of_range_raises(field, value):
+    config = TrainConfig(max_steps=100, warmup_steps=10)
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=field):
+        config.validate()
+
+
+def run_steps(model, tokens, *, steps, grad_accum=1, batch_size=8, seq_len=32, out_dir=None, **cfg):
+    config = TrainConfig(max_steps=steps, lr=1e-2, warmup_steps=2, grad_accum=grad_accum, **cfg)
+    batches = PackedBatches(tokens, seq_len, batch_size, seed=3, grad_accum=grad_accum)
+    trainer = Trainer(model, config, out_dir=out_dir, progress=False)
+    return trainer, trainer.fit(batches)
+
+
+def test_accumulation_matches_one_big_batch():
+    tokens = random_stream(4000, seed=1)
+    _, one = run_steps(make_model(0), tokens, steps=4, grad_accum=1)
+    _, four = run_steps(make_model(0), tokens, steps=4, grad_accum=4)
+    assert torch.allclose(torch.tensor(one["losses"]), torch.tensor(four["losses"]), rtol=1e-6, atol=0)
+    assert one["losses"][-1] < one["losses"][0]
+
+
+def test_moe_bias_moves_toward_balance():
+    tokens = random_stream(4000, seed=2)
+    model = make_model(0)
+    with torch.no_grad():  # route (almost) every token to expert 0
+        model.moe.router.weight.zero_()
+        model.moe.e_score_correction_bias.copy_(torch.tensor([0.5, 0.0, 0.0, 0.0]))
+    trainer, summary = run_steps(model, tokens, steps=3, bias_update_rate=0.01)
+    bias = model.moe.e_score_correction_bias
+    assert model.moe.updates == 3
+    assert bias[0] < 0.5 and (bias[1:] > 0).all(), bias
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_follows_the_same_losses(tmp_path):
+    tokens = random_stream(6000, seed=4)
+    _, full = run_steps(make_model(0), tokens, steps=7, checkpoint_every=3)
+
+    def kill_at_5(step, stats):
+        if step == 5:
+            raise Killed
+
+    config = TrainConfig(max_steps=7, lr=1e-2, warmup_steps=2, checkpoint_every=3)
+    trainer = Trainer(make_model(0), config, out_dir=tmp_path, progress=False)
+    with pytest.raises(Killed):
+        trainer.fit(PackedBatches(tokens, 32, 8, seed=3), on_step=kill_at_5)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3]
+    (tmp_path / (TMP_PREFIX + "half")).mkdir()  # the remains of a write cut short: ignored, then cleaned
+
+    # A fresh process: other initial weights and RNG state, a data stream at its start.
+    torch.manual_seed(123)
+    resumed = Trainer(make_model(99), config, out_dir=tmp_path, progress=False)
+    summary = resumed.fit(PackedBatches(tokens, 32, 8, seed=3))
+    assert summary["start_step"] == 3
+    assert torch.allclose(torch.tensor(summary["losses"]), torch.tensor(full["losses"][3:]), rtol=1e-6, atol=0)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [6, 7]
+    assert not list(tmp_path.glob(TMP_PREFIX + "*"))
+    steps = [__import__("json").loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 8)), "metrics must follow the resumed run without duplicated steps"
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    tokens = random_stream(3000, seed=5)
+    config = TrainConfig(max_steps=2, lr=1e-2, warmup_steps=1)
+    Trainer(make_model(0), config, out_dir=tmp_path, run_info={"seq_len": 32}, progress=False).fit(
+        PackedBatches(tokens, 32, 8))
+    other = Trainer(make_model(0), config, out_dir=tmp_path, run_info={"seq_len": 64}, progress=False)
+    with pytest.raises(ValueError, match="seq_len: 32 -> 64"):
+        other.fit(PackedBatches(tokens, 32, 8))
+
+
+def test_step_without_labels_raises():
+    model = make_model(0)
+    trainer = Trainer(model, TrainConfig(max_steps=1, warmup_steps=0), progress=False)
+    ids = torch.randint(0, 256, (1, 16))
+    with pytest.raises(ValueError, match="no labelled tokens"):
+        trainer.train_step([{"input_ids": ids, "labels": torch.full_like(ids, -100)}])
