@@ -1,0 +1,160 @@
+"""The Kimi Delta Attention layer (paper §4, DESIGN.md §3), with the released checkpoint's parameter names.
+
+x ─┬─ q_proj ─ q_conv1d ─ SiLU ─┐
+   ├─ k_proj ─ k_conv1d ─ SiLU ─┤ (q, k L2-normalised inside the op)
+   ├─ v_proj ─ v_conv1d ─ SiLU ─┤
+   ├─ f_a_proj ─ f_b_proj ──────┤ g = -exp(A_log) softplus(· + dt_bias)   (inside the op)
+   ├─ b_proj ───────────────────┤ beta = sigmoid(·)                      (inside the op)
+   │                          KDA ─ o_norm (per-head RMSNorm) × sigmoid(g_b_proj(g_a_proj(x))) ─ o_proj
+   └─ g_a_proj ─ g_b_proj ───────────────────────┘
+
+Whole sequences go through ``chunk_kda``; a one-token step with a cache goes through ``fused_recurrent_kda``, which
+updates the cached state in place. The gate/beta activations and the q/k L2 norm are requested from the ops
+(``use_*_in_kernel``) so the Triton kernels can fuse them.
+
+With ``layer_type="gdn"`` (the paper's Gated DeltaNet baseline) the forget gate is one scalar per head: f_b_proj
+maps to H values and dt_bias has H entries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kimi_linear.config import KimiLinearConfig
+from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update
+from kimi_linear.ops.kda import chunk_kda, fused_recurrent_kda
+
+
+class KimiDeltaAttention(nn.Module):
+    """KDA token mixer: ``forward(hidden_states [B, T, D], cache=None, cu_seqlens=None, attention_mask=None)``.
+
+    Cache entries (allocated by ``kimi_linear.cache``): ``conv`` ``[N, 3·H·K, W-1]`` (q, k, v conv inputs),
+    ``state`` ``[N, H, K, V]`` fp32.
+    """
+
+    def __init__(self, config: KimiLinearConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.scalar_gate = config.layer_types[layer_idx] == "gdn"
+        D = config.hidden_size
+        H, K = config.kda_num_heads, config.kda_head_dim
+        self.num_heads, self.head_dim = H, K
+        self.qkv_dim = H * K
+        self.use_short_conv = config.use_short_conv
+        self.use_output_gate = config.use_output_gate
+        self.conv_size = config.short_conv_kernel_size
+
+        self.q_proj = nn.Linear(D, H * K, bias=False)
+        self.k_proj = nn.Linear(D, H * K, bias=False)
+        self.v_proj = nn.Linear(D, H * K, bias=False)
+        if self.use_short_conv:
+            self.q_conv1d = nn.Conv1d(H * K, H * K, self.conv_size, groups=H * K, bias=False)
+            self.k_conv1d = nn.Conv1d(H * K, H * K, self.conv_size, groups=H * K, bias=False)
+            self.v_conv1d = nn.Conv1d(H * K, H * K, self.conv_size, groups=H * K, bias=False)
+        gate_width = H if self.scalar_gate else H * K
+        self.f_a_proj = nn.Linear(D, K, bias=False)
+        self.f_b_proj = nn.Linear(K, gate_width, bias=False)
+        self.A_log = nn.Parameter(torch.empty(1, 1, H, 1, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.empty(gate_width, dtype=torch.float32))
+        self.b_proj = nn.Linear(D, H, bias=False)
+        if self.use_output_gate:
+            self.g_a_proj = nn.Linear(D, K, bias=False)
+            self.g_b_proj = nn.Linear(K, H * K, bias=False)
+        self.o_norm = nn.Module()
+        self.o_norm.weight = nn.Parameter(torch.ones(K))
+        self.o_proj = nn.Linear(H * K, D, bias=False)
+        self.reset_gate_parameters()
+
+    @torch.no_grad()
+    def reset_gate_parameters(self) -> None:
+        """A_log = log U(1, 16); dt_bias = softplus^-1(dt), dt log-uniform in [1e-3, 1e-1] (the usual Mamba/GDN init)."""
+        if self.A_log.is_meta:
+            return
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1.0, 16.0).log())
+        dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def _apply(self, fn, *args, **kwargs):
+        # The gate parameters stay fp32 whatever dtype the rest of the model is cast to (as in the release).
+        super()._apply(fn, *args, **kwargs)
+        for p in (self.A_log, self.dt_bias):
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+        return self
+
+    def conv_weight(self) -> torch.Tensor:
+        """The three depthwise filters stacked: ``[3·H·K, W]``."""
+        return torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], dim=0)[:, 0]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache=None,
+        cu_seqlens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Args:
+            hidden_states: ``[B, T, D]``.
+            cache: a ``KimiLinearCache`` whose rows are the N sequences (N = B, or the number of packed sequences
+                with ``cu_seqlens``); read and updated in place. None for training / a plain forward.
+            cu_seqlens: int ``[N + 1]`` boundaries of sequences packed along T (B = 1): no state or conv leakage.
+            attention_mask: ``[B, T]`` 1 for tokens, 0 for padding; padded positions are zeroed before the
+                projections, so left padding leaves the state exactly as without it.
+        Returns:
+            ``[B, T, D]`` in hidden_states' dtype.
+        """
+        B, T, _ = hidden_states.shape
+        H, K = self.num_heads, self.head_dim
+        x = hidden_states
+        if attention_mask is not None:
+            x = x * attention_mask[:, :, None].to(x.dtype)
+        layer_cache = None if cache is None else cache.layers[self.layer_idx]
+        decoding = layer_cache is not None and T == 1 and cu_seqlens is None
+
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3·H·K]
+        if not self.use_short_conv:
+            qkv = F.silu(qkv)
+        elif decoding:
+            qkv = causal_conv1d_update(qkv[:, 0], layer_cache["conv"], self.conv_weight())[:, None]
+        else:
+            conv_state = None if layer_cache is None else layer_cache["conv"]
+            qkv, conv_final = causal_conv1d(
+                qkv, self.conv_weight(), initial_state=conv_state, cu_seqlens=cu_seqlens,
+                output_final_state=layer_cache is not None,
+            )
+            if layer_cache is not None:
+                layer_cache["conv"].copy_(conv_final)
+        q, k, v = qkv.view(B, T, 3, H, K).unbind(2)  # [B, T, H, K] each
+
+        g = self.f_b_proj(self.f_a_proj(x))
+        g = g.view(B, T, H) if self.scalar_gate else g.view(B, T, H, K)
+        beta = self.b_proj(x)  # [B, T, H] logits
+        kda_args = dict(
+            use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
+            use_beta_sigmoid_in_kernel=True,
+        )
+        if decoding:
+            o, _ = fused_recurrent_kda(
+                q, k, v, g, beta, initial_state=layer_cache["state"], state_indices=cache.slots, **kda_args
+            )
+        elif layer_cache is not None:
+            o, state = chunk_kda(
+                q, k, v, g, beta, initial_state=layer_cache["state"], output_final_state=True,
+                cu_seqlens=cu_seqlens, **kda_args,
+            )
+            layer_cache["state"].copy_(state)
+        else:
+            o, _ = chunk_kda(q, k, v, g, beta, cu_seqlens=cu_seqlens, **kda_args)
+
+        # Per-head RMSNorm (one weight shared by the heads) times the low-rank sigmoid output gate, in fp32.
+        o = o.float()
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps) * self.o_norm.weight.float()
+        if self.use_output_gate:
+            gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
+            o = o * torch.sigmoid(gate.float())
+        return self.o_proj(o.to(hidden_states.dtype).reshape(B, T, H * K))

@@ -1,0 +1,257 @@
+"""Multi-head Latent Attention with NoPE (DESIGN.md §3), the released checkpoint's parameter names.
+
+    q      = q_proj(x)                                   # [B, T, H, dn + dr]   (q_lora_rank null in the release)
+    latent, k_pe = kv_a_proj_with_mqa(x)                 # [B, T, r], [B, T, dr]
+    latent = kv_a_layernorm(latent)
+    k_nope, v = kv_b_proj(latent)                        # [B, T, H, dn], [B, T, H, dv]
+    k      = [k_nope ‖ k_pe shared by all heads]         # no rotation: NoPE
+    o      = o_proj(softmax(q kᵀ · (dn + dr)^-½ + causal) v)
+
+The cache keeps only ``latent`` and ``k_pe`` (r + dr = 576 values per token in the release). A one-token decode
+step never decompresses them: with kv_b_proj = [W_uk; W_uv] per head,
+q_nope · k_nope = (W_ukᵀ q_nope) · latent and o = W_uv (softmax(...) · latent) — attention over the 576-dim latent
+shared by all heads (MQA-style), with kv_b_proj absorbed into the query and the output.
+
+``mla_use_nope=False`` (an ablation) rotates q_pe and k_pe with RoPE (rotate-half form, base ``rope_theta``) by
+each token's position inside its sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kimi_linear.config import KimiLinearConfig
+from kimi_linear.ops.norm import rms_norm
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, fp32 inside, with a learned weight (initialised to ones)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def token_positions(B: int, T: int, device, cu_seqlens=None, attention_mask=None, offsets=None) -> torch.Tensor:
+    """Position of each token inside its own sequence, ``[B, T]`` long.
+
+    cu_seqlens: packed sequences restart at 0; attention_mask: padding does not count (left padding shifts);
+    offsets ``[N]``: tokens already in the cache for each sequence.
+    """
+    t = torch.arange(T, device=device)
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        seq = torch.searchsorted(cu[1:], t, right=True)
+        pos = (t - cu[seq])[None]
+        if offsets is not None:
+            pos = pos + offsets[seq][None]
+        return pos
+    if attention_mask is not None:
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    else:
+        pos = t.expand(B, T)
+    if offsets is not None:
+        pos = pos + offsets[:, None]
+    return pos
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE on the last dim of ``x [B, T, ..., d]`` by ``positions [B, T]``; computed in fp32."""
+    d = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # [d/2]
+    angles = positions.float()[..., None] * inv_freq  # [B, T, d/2]
+    cos, sin = angles.cos(), angles.sin()
+    for _ in range(x.dim() - 3):
+        cos, sin = cos[:, :, None], sin[:, :, None]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class MultiheadLatentAttention(nn.Module):
+    """MLA token mixer: ``forward(hidden_states [B, T, D], cache=None, cu_seqlens=None, attention_mask=None)``.
+
+    Cache entries (allocated by ``kimi_linear.cache``): ``latent`` ``[N, L_max, kv_lora_rank]`` and ``k_pe``
+    ``[N, L_max, qk_rope_head_dim]``, in the model's dtype; ``cache.lengths [N]`` says how many are filled.
+    """
+
+    def __init__(self, config: KimiLinearConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        D, H = config.hidden_size, config.num_attention_heads
+        self.num_heads = H
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.qk_dim = self.nope_dim + self.rope_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.use_rope = not config.mla_use_nope
+        self.scale = self.qk_dim**-0.5
+
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
+
+    # ---- pieces --------------------------------------------------------------------------------------------------
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.view(*x.shape[:2], self.num_heads, self.qk_dim)  # [B, T, H, dn + dr]
+
+    def _latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(latent), k_pe  # [B, T, r], [B, T, dr]
+
+    def _expand(self, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents ``[B, S, r]``, ``[B, S, dr]`` -> keys ``[B, S, H, dn + dr]``, values ``[B, S, H, dv]``."""
+        B, S, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(B, S, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, self.num_heads, self.rope_dim)], dim=-1)
+        return k, v
+
+    def _attend(self, q, k, v, mask=None, is_causal=False) -> torch.Tensor:
+        """q ``[B, Tq, H, E]``, k ``[B, S, H, E]``, v ``[B, S, H, dv]``, mask bool ``[B or 1, 1, Tq, S]``."""
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal,
+            scale=self.scale,
+        )
+        return o.transpose(1, 2)  # [B, Tq, H, dv]
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache=None,
+        cu_seqlens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Args:
+            hidden_states: ``[B, T, D]``.
+            cache: a ``KimiLinearCache`` (rows = sequences; the new tokens are appended after ``cache.lengths``).
+            cu_seqlens: int ``[N + 1]``, sequences packed along T (B = 1); attention stays inside each.
+            attention_mask: ``[B, T]`` 1 = token, 0 = padding (keys at padding are ignored). Not with a cache.
+        Returns:
+            ``[B, T, D]``.
+        """
+        B, T, _ = hidden_states.shape
+        if cache is not None and T == 1 and cu_seqlens is None:
+            return self.decode(hidden_states, cache)
+        q = self._queries(hidden_states)
+        latent, k_pe = self._latents(hidden_states)
+        offsets = None if cache is None else cache.lengths
+        if self.use_rope:
+            pos = token_positions(B, T, q.device, cu_seqlens, attention_mask, offsets)
+            q = torch.cat([q[..., : self.nope_dim], apply_rope(q[..., self.nope_dim :], pos, self.config.rope_theta)],
+                          dim=-1)
+            k_pe = apply_rope(k_pe, pos, self.config.rope_theta)
+        if cache is not None:
+            o = self._attend_cached(q, latent, k_pe, cache, cu_seqlens)
+        else:
+            k, v = self._expand(latent, k_pe)
+            if cu_seqlens is None and attention_mask is None:
+                o = self._attend(q, k, v, is_causal=True)
+            else:
+                o = self._attend(q, k, v, mask=self._mask(B, T, q.device, cu_seqlens, attention_mask))
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim))
+
+    @staticmethod
+    def _mask(B, T, device, cu_seqlens, attention_mask) -> torch.Tensor:
+        """Bool ``[B or 1, 1, T, T]``: causal, inside one packed sequence, keys not padding.
+
+        Every query keeps its own key, so a padding row never has an empty softmax (its output is never used).
+        """
+        t = torch.arange(T, device=device)
+        allowed = t[None, :] <= t[:, None]  # [T, T]
+        if cu_seqlens is not None:
+            seq = torch.searchsorted(cu_seqlens.to(device=device, dtype=torch.long)[1:], t, right=True)
+            allowed = allowed & (seq[None, :] == seq[:, None])
+        allowed = allowed[None, None]
+        if attention_mask is not None:
+            keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+            allowed = allowed & (keys | torch.eye(T, dtype=torch.bool, device=device))
+        return allowed
+
+    def _attend_cached(self, q, latent, k_pe, cache, cu_seqlens) -> torch.Tensor:
+        """Append the new latents to the cache rows, then attend over each row's cached prefix (decompressed)."""
+        B, T = q.shape[:2]
+        entry = cache.layers[self.layer_idx]
+        start = cache.lengths  # [N]
+        if cu_seqlens is None:
+            rows = torch.arange(B, device=q.device)[:, None].expand(B, T)
+            cols = start[:, None] + torch.arange(T, device=q.device)
+            entry["latent"][rows, cols] = latent.to(entry["latent"].dtype)
+            entry["k_pe"][rows, cols] = k_pe.to(entry["k_pe"].dtype)
+            q_rows, q_pos, seg_lens = q, torch.arange(T, device=q.device)[None].expand(B, T), None
+        else:
+            cu = cu_seqlens.to(device=q.device, dtype=torch.long)
+            t = torch.arange(T, device=q.device)
+            seq = torch.searchsorted(cu[1:], t, right=True)
+            cols = start[seq] + t - cu[seq]
+            entry["latent"][seq, cols] = latent[0].to(entry["latent"].dtype)
+            entry["k_pe"][seq, cols] = k_pe[0].to(entry["k_pe"].dtype)
+            seg_lens = (cu[1:] - cu[:-1]).tolist()
+            t_max = max(max(seg_lens), 1)
+            q_rows = torch.stack([F.pad(q[0, s : s + n], (0, 0, 0, 0, 0, t_max - n))
+                                  for s, n in zip(cu[:-1].tolist(), seg_lens)])  # [N, t_max, H, E]
+            q_pos = torch.arange(t_max, device=q.device)[None].expand(len(seg_lens), t_max)
+        n_keys = int((start + q_rows.shape[1]).max())
+        k, v = self._expand(entry["latent"][:, :n_keys].to(q.dtype), entry["k_pe"][:, :n_keys].to(q.dtype))
+        key_pos = torch.arange(n_keys, device=q.device)
+        mask = key_pos[None, None, :] <= (start[:, None] + q_pos)[..., None]  # [N, Tq, S]
+        o = self._attend(q_rows, k, v, mask=mask[:, None])
+        if seg_lens is None:
+            return o
+        return torch.cat([o[i, :n] for i, n in enumerate(seg_lens)], dim=0)[None]  # [1, T, H, dv]
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head: W_uk ``[H, dn, r]`` (keys) and W_uv ``[H, dv, r]`` (values)."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def decode(self, hidden_states: torch.Tensor, cache) -> torch.Tensor:
+        """One token per sequence, absorbed: attention over the cached latents without decompressing them.
+
+        Writes the new latent at ``cache.lengths`` and attends over the whole preallocated row with a length mask,
+        so shapes are static and nothing syncs with the host (CUDA-graph capturable).
+        """
+        B = hidden_states.shape[0]
+        entry = cache.layers[self.layer_idx]
+        q = self._queries(hidden_states)[:, 0]  # [B, H, dn + dr]
+        latent, k_pe = self._latents(hidden_states)  # [B, 1, r], [B, 1, dr]
+        pos = cache.lengths  # [B]
+        if self.use_rope:
+            q_pe = apply_rope(q[:, None, :, self.nope_dim :], pos[:, None], self.config.rope_theta)[:, 0]
+            q = torch.cat([q[..., : self.nope_dim], q_pe], dim=-1)
+            k_pe = apply_rope(k_pe, pos[:, None], self.config.rope_theta)
+        rows = torch.arange(B, device=q.device)
+        entry["latent"][rows, pos] = latent[:, 0].to(entry["latent"].dtype)
+        entry["k_pe"][rows, pos] = k_pe[:, 0].to(entry["k_pe"].dtype)
+        cached_latent, cached_pe = entry["latent"], entry["k_pe"]  # [B, L_max, r], [B, L_max, dr]
+
+        w_uk, w_uv = self.absorbed_weights()
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_latent = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)  # [B, H, r]
+        scores = torch.einsum("bhr,bsr->bhs", q_latent.to(cached_latent.dtype), cached_latent).float()
+        scores = scores + torch.einsum("bhd,bsd->bhs", q_pe.to(cached_pe.dtype), cached_pe).float()
+        key_pos = torch.arange(cached_latent.shape[1], device=q.device)
+        valid = key_pos[None, None, :] <= pos[:, None, None]  # [B, 1, L_max]
+        probs = torch.softmax((scores * self.scale).masked_fill(~valid, float("-inf")), dim=-1)
+        o_latent = torch.einsum("bhs,bsr->bhr", probs.to(cached_latent.dtype), cached_latent)  # [B, H, r]
+        o = torch.einsum("bhr,hvr->bhv", o_latent.to(w_uv.dtype), w_uv)  # [B, H, dv]
+        return self.o_proj(o.reshape(B, 1, self.num_heads * self.v_dim))

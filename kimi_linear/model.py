@@ -1,0 +1,291 @@
+"""The Kimi Linear hybrid causal LM, top to bottom: embed → blocks (mixer + MLP/MoE, pre-norm residual) → norm → head.
+
+Each block is ``x + mixer(input_layernorm(x))`` then ``x + mlp(post_attention_layernorm(x))``. The mixer is chosen
+per layer from ``config.layer_types`` through ``MIXER_REGISTRY`` (KDA / GDN / MLA / Mamba2); the MLP is the dense
+SwiGLU for layers < ``first_k_dense_replace`` and the MoE after. Attribute names are the released checkpoint's
+(``model.layers.N.self_attn``, ``.mlp`` or ``.block_sparse_moe``, ``lm_head``), so the state dict is the release's
+apart from the MoE experts, which are stacked here (``kimi_linear.checkpoint`` maps them).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from kimi_linear.cache import KimiLinearCache
+from kimi_linear.config import KimiLinearConfig
+from kimi_linear.layers.mla import RMSNorm
+
+# layer type -> mixer class, or "module:Class" resolved on first use (so optional mixers cost nothing to import).
+# Each is constructed as cls(config, layer_idx) and called as
+# mixer(hidden_states [B, T, D], cache=None, cu_seqlens=None, attention_mask=None) -> [B, T, D].
+MIXER_REGISTRY: dict[str, type | str] = {
+    "kda": "kimi_linear.layers.kda:KimiDeltaAttention",
+    "gdn": "kimi_linear.layers.kda:KimiDeltaAttention",
+    "mla": "kimi_linear.layers.mla:MultiheadLatentAttention",
+    "mamba2": "kimi_linear.layers.mamba2:Mamba2Mixer",
+}
+
+
+def get_mixer_class(layer_type: str) -> type:
+    """The mixer class registered for ``layer_type`` (imported on first use). Raises ValueError if unknown."""
+    if layer_type not in MIXER_REGISTRY:
+        raise ValueError(f"unknown layer type {layer_type!r}; registered: {sorted(MIXER_REGISTRY)}")
+    entry = MIXER_REGISTRY[layer_type]
+    if isinstance(entry, str):
+        module, name = entry.split(":")
+        entry = getattr(importlib.import_module(module), name)
+        MIXER_REGISTRY[layer_type] = entry
+    return entry
+
+
+def register_mixer(layer_type: str, cls: type | str) -> None:
+    """Register (or replace) the mixer used for ``layer_type``."""
+    MIXER_REGISTRY[layer_type] = cls
+
+
+def count_parameters(config: KimiLinearConfig) -> tuple[int, int]:
+    """(total, active-per-token) parameter counts from the config alone (no model is built).
+
+    "Active" counts the embedding, every dense part, the shared experts and top-k of the routed experts.
+    Covers the "kda", "gdn" and "mla" layer types; a "mamba2" layer is counted by building that mixer on the meta
+    device.
+    """
+    c = config
+    D, H, K = c.hidden_size, c.kda_num_heads, c.kda_head_dim
+    total = active = 0
+    for i, layer_type in enumerate(c.layer_types):
+        if layer_type in ("kda", "gdn"):
+            gate = H if layer_type == "gdn" else H * K
+            mixer = 4 * D * H * K + D * K + K * gate + H + gate + D * H + K
+            mixer += 3 * H * K * c.short_conv_kernel_size if c.use_short_conv else 0
+            mixer += D * K + K * H * K if c.use_output_gate else 0
+        elif layer_type == "mla":
+            Hq = c.num_attention_heads
+            if c.q_lora_rank is None:
+                mixer = D * Hq * c.qk_head_dim
+            else:
+                mixer = D * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * Hq * c.qk_head_dim
+            mixer += D * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
+            mixer += c.kv_lora_rank * Hq * (c.qk_nope_head_dim + c.v_head_dim) + Hq * c.v_head_dim * D
+        else:
+            with torch.device("meta"):
+                mixer = sum(p.numel() for p in get_mixer_class(layer_type)(c, i).parameters())
+        norms = 2 * D
+        if c.is_moe_layer(i):
+            expert = 3 * D * c.moe_intermediate_size
+            router = c.num_experts * D + c.num_experts
+            shared = c.num_shared_experts * expert
+            total += mixer + norms + router + shared + c.num_experts * expert
+            active += mixer + norms + router + shared + c.num_experts_per_token * expert
+        else:
+            total += mixer + norms + 3 * D * c.intermediate_size
+            active += mixer + norms + 3 * D * c.intermediate_size
+    embed = c.vocab_size * D
+    head = 0 if c.tie_word_embeddings else c.vocab_size * D
+    return total + embed + head + D, active + embed + head + D
+
+
+@dataclass
+class CausalLMOutput:
+    """``logits [B, T, vocab]`` (the head's dtype) and the cache that was passed in (updated), if any."""
+
+    logits: torch.Tensor
+    cache: KimiLinearCache | None = None
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block: token mixer, then dense SwiGLU (``mlp``) or MoE (``block_sparse_moe``)."""
+
+    def __init__(self, config: KimiLinearConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = get_mixer_class(self.layer_type)(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        if self.is_moe:
+            from kimi_linear.layers.moe import MoE
+
+            self.block_sparse_moe = MoE(config)
+        else:
+            from kimi_linear.layers.mlp import SwiGLUMLP
+
+            self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cache=None, cu_seqlens=None, attention_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cache=cache, cu_seqlens=cu_seqlens,
+                               attention_mask=attention_mask)
+        ffn = self.block_sparse_moe if self.is_moe else self.mlp
+        return x + ffn(self.post_attention_layernorm(x))
+
+
+class KimiLinearModel(nn.Module):
+    """Embeddings, the stack of blocks and the final norm: ``input_ids [B, T]`` -> hidden states ``[B, T, D]``."""
+
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, cache=None, cu_seqlens=None, attention_mask=None):
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cache=cache, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
+        return self.norm(x)
+
+
+class KimiLinearForCausalLM(nn.Module):
+    """The Kimi Linear LM. ``KimiLinearForCausalLM(config)`` builds it with random weights (initialised in fp32).
+
+    ``forward(input_ids, cache=None, attention_mask=None, cu_seqlens=None) -> CausalLMOutput(.logits [B, T, V])``.
+    Checkpoints: ``save_pretrained(dir)`` / ``KimiLinearForCausalLM.from_pretrained(dir)`` (HF release format).
+    """
+
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        if not isinstance(config, KimiLinearConfig):
+            raise TypeError(f"config must be a KimiLinearConfig, got {type(config).__name__}")
+        self.config = config
+        self.model = KimiLinearModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for every Linear and the embeddings; other parameters keep their module's
+        own initialisation (norms at 1, the KDA gate parameters, conv filters, the MoE's)."""
+        if self.lm_head.weight.is_meta:
+            return
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def allocate_cache(self, batch_size: int, max_length: int) -> KimiLinearCache:
+        """A zeroed cache for ``batch_size`` sequences of up to ``max_length`` tokens, on the model's device/dtype."""
+        return KimiLinearCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)
+
+    def _validate(self, input_ids, cache, attention_mask, cu_seqlens) -> torch.Tensor | None:
+        """Check the public inputs; returns the number of new tokens of each cache row (None without a cache)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32):
+            raise TypeError("input_ids must be an int64/int32 torch.Tensor [B, T]")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [B, T] with T >= 1, got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got [{lo}, {hi}]")
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask must be a tensor [B, T] = [{B}, {T}]")
+            if cu_seqlens is not None:
+                raise ValueError("pass either attention_mask (padding) or cu_seqlens (packing), not both")
+            if cache is not None:
+                raise ValueError("attention_mask cannot be combined with a cache; pack prompts with cu_seqlens instead")
+        new_tokens = None
+        if cu_seqlens is not None:
+            if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+                raise TypeError("cu_seqlens must be an int32/int64 tensor [N + 1]")
+            if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+                raise ValueError(f"cu_seqlens must be 1-D with N + 1 >= 2 entries, got {tuple(cu_seqlens.shape)}")
+            if B != 1:
+                raise ValueError(f"with cu_seqlens, input_ids must be [1, T] (sequences packed along T), got B={B}")
+            if not capturing:
+                c = cu_seqlens.tolist()
+                if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:])):
+                    raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {c}")
+            new_tokens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=input_ids.device, dtype=torch.long)
+        if cache is not None:
+            if not isinstance(cache, KimiLinearCache):
+                raise TypeError(f"cache must be a KimiLinearCache, got {type(cache).__name__}")
+            N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+            if cache.batch_size != N:
+                raise ValueError(f"cache has {cache.batch_size} rows but the input holds {N} sequences")
+            if new_tokens is None:
+                new_tokens = torch.full((B,), T, dtype=torch.long, device=input_ids.device)
+            if not capturing:
+                needed = int((cache.lengths + new_tokens).max())
+                if needed > cache.max_length:
+                    raise ValueError(f"the cache holds {cache.max_length} tokens per sequence but {needed} are needed")
+        return new_tokens
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KimiLinearCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """Args:
+            input_ids: ``[B, T]`` int64.
+            cache: optional ``KimiLinearCache`` with one row per sequence; the tokens are appended to it (its
+                ``lengths`` advance) and attention/recurrence continue from what it holds.
+            attention_mask: ``[B, T]`` 1 = token, 0 = padding (left or right); padding changes no real token's
+                logits. Not together with ``cache`` or ``cu_seqlens``.
+            cu_seqlens: int ``[N + 1]``; B = 1 and N documents packed along T, with no attention, state or conv
+                leakage across boundaries.
+
+        Returns:
+            ``CausalLMOutput`` with ``.logits [B, T, vocab_size]`` and ``.cache``.
+
+        Raises:
+            TypeError / ValueError naming the argument for bad ids, shapes, boundaries or a too-small cache.
+        """
+        new_tokens = self._validate(input_ids, cache, attention_mask, cu_seqlens)
+        hidden = self.model(input_ids, cache=cache, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
+        if cache is not None:
+            cache.lengths += new_tokens
+        return CausalLMOutput(logits=self.lm_head(hidden), cache=cache)
+
+    def hidden_states(self, input_ids, cache=None, cu_seqlens=None) -> torch.Tensor:
+        """Final-norm hidden states ``[B, T, D]`` without the head (generation takes the head of a few rows only).
+
+        Same arguments and cache update as ``forward``.
+        """
+        new_tokens = self._validate(input_ids, cache, None, cu_seqlens)
+        hidden = self.model(input_ids, cache=cache, cu_seqlens=cu_seqlens)
+        if cache is not None:
+            cache.lengths += new_tokens
+        return hidden
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count; ``active=True`` counts only the routed experts a token uses (top-k of E)."""
+        total, act = count_parameters(self.config)
+        return act if active else total
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        dtype: torch.dtype | None = None) -> None:
+        """Write ``config.json`` and sharded safetensors in the released format (see ``kimi_linear.checkpoint``)."""
+        from kimi_linear.checkpoint import save_pretrained
+
+        save_pretrained(self, save_directory, max_shard_size=max_shard_size, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> KimiLinearForCausalLM:
+        """Load a checkpoint folder (config.json + safetensors) built on the meta device, tensors read straight
+        from the files onto ``device`` (default CPU) in ``dtype`` (default: as stored; A_log, dt_bias and the router
+        stay fp32)."""
+        from kimi_linear.checkpoint import load_pretrained
+
+        return load_pretrained(cls, directory, dtype=dtype, device=device)

@@ -1,0 +1,178 @@
+"""The short convolution op and the KDA layer, against readable references, with every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kimi_linear.cache import KimiLinearCache
+from kimi_linear.config import KimiLinearConfig
+from kimi_linear.layers.kda import KimiDeltaAttention
+from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update, naive_causal_conv1d
+from kimi_linear.ops.kda import naive_recurrent_kda
+from tests.utils import rel_err
+
+TOL = 1e-5  # fp32 throughout; differences are only summation order
+
+
+# ---- causal_conv1d -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B,T,C,W,with_state", [(2, 37, 12, 4, True), (1, 1, 5, 4, True), (3, 9, 7, 3, False),
+                                                 (1, 2, 6, 4, True)],
+                         ids=["B2-T37-C12-W4-h0", "B1-T1-C5-W4-h0", "B3-T9-C7-W3", "B1-T2-C6-W4-h0"])
+def test_conv_matches_reference_with_grads(B, T, C, W, with_state):
+    gen = torch.Generator().manual_seed(T * 31 + C)
+    x = torch.randn(B, T, C, generator=gen, requires_grad=True)
+    w = torch.randn(C, 1, W, generator=gen, requires_grad=True)
+    h0 = torch.randn(B, C, W - 1, generator=gen, requires_grad=True) if with_state else None
+    y, final = causal_conv1d(x, w, initial_state=h0, output_final_state=True)
+    y_ref, final_ref = naive_causal_conv1d(x, w, initial_state=h0)
+    assert rel_err(y, y_ref) < TOL and rel_err(final, final_ref) < TOL
+    gy = torch.randn(y.shape, generator=gen)
+    leaves = [t for t in (x, w, h0) if t is not None]
+    grads = torch.autograd.grad((y * gy).sum(), leaves)
+    grads_ref = torch.autograd.grad((y_ref * gy).sum(), leaves)
+    for name, g, g_ref in zip(("dx", "dw", "dh0"), grads, grads_ref):
+        assert rel_err(g, g_ref) < TOL, name
+
+
+def test_conv_varlen_is_per_sequence_with_empty_and_short_segments():
+    gen = torch.Generator().manual_seed(5)
+    lengths = [5, 0, 1, 2, 17]
+    C, W = 9, 4
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    x = torch.randn(1, sum(lengths), C, generator=gen)
+    w = torch.randn(C, W, generator=gen)
+    h0 = torch.randn(len(lengths), C, W - 1, generator=gen)
+    y, final = causal_conv1d(x, w, initial_state=h0, cu_seqlens=cu, output_final_state=True)
+    for n, (s, L) in enumerate(zip(cu[:-1].tolist(), lengths)):
+        y_ref, final_ref = naive_causal_conv1d(x[:, s : s + L], w, initial_state=h0[n : n + 1])
+        if L:
+            assert rel_err(y[:, s : s + L], y_ref) < TOL
+        assert rel_err(final[n : n + 1], final_ref) < TOL, f"final state of segment {n} (length {L})"
+
+
+def test_conv_update_steps_match_reference():
+    gen = torch.Generator().manual_seed(9)
+    B, T, C, W = 3, 6, 10, 4
+    x = torch.randn(B, T, C, generator=gen)
+    w = torch.randn(C, 1, W, generator=gen)
+    state = torch.randn(B, C, W - 1, generator=gen)
+    y_ref, final_ref = naive_causal_conv1d(x, w, initial_state=state)
+    ys = [causal_conv1d_update(x[:, t], state, w) for t in range(T)]  # updates state in place
+    assert rel_err(torch.stack(ys, 1), y_ref) < TOL and rel_err(state, final_ref) < TOL
+
+
+def test_conv_bad_input():
+    with pytest.raises(ValueError, match="weight"):
+        causal_conv1d(torch.randn(1, 4, 6), torch.randn(5, 4))
+    with pytest.raises(ValueError, match="initial_state"):
+        causal_conv1d(torch.randn(2, 4, 6), torch.randn(6, 4), initial_state=torch.randn(1, 6, 3))
+    with pytest.raises(ValueError, match="activation"):
+        causal_conv1d(torch.randn(1, 4, 6), torch.randn(6, 4), activation="relu")
+    with pytest.raises(TypeError, match="x"):
+        causal_conv1d(torch.ones(1, 4, 6, dtype=torch.long), torch.randn(6, 4))
+
+
+# ---- KDA layer -----------------------------------------------------------------------------------------------------
+
+
+def small_config(**overrides) -> KimiLinearConfig:
+    values = dict(hidden_size=48, kda_num_heads=2, kda_head_dim=16, num_hidden_layers=1, kda_layers=[0],
+                  full_attn_layers=[])
+    values.update(overrides)
+    return KimiLinearConfig.from_preset("debug", **values)
+
+
+def randomised_layer(config, seed=0) -> KimiDeltaAttention:
+    torch.manual_seed(seed)
+    layer = KimiDeltaAttention(config, 0)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name not in ("A_log", "dt_bias"):
+                p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 1.0))
+        layer.o_norm.weight.add_(1.0)
+    return layer
+
+
+def reference_layer(layer: KimiDeltaAttention, x: torch.Tensor) -> torch.Tensor:
+    """DESIGN.md §3 written out with plain torch ops and the recurrent spec of paper Eq. 1."""
+    B, T, _ = x.shape
+    H, K = layer.num_heads, layer.head_dim
+    W = layer.conv_size
+
+    def short_conv(h, weight):
+        if not layer.use_short_conv:
+            return F.silu(h)
+        h = F.pad(h.transpose(1, 2), (W - 1, 0))  # [B, C, T + W - 1]
+        return F.silu(F.conv1d(h, weight, groups=weight.shape[0])).transpose(1, 2)
+
+    def l2(t):
+        return t / torch.sqrt((t * t).sum(-1, keepdim=True) + 1e-6)
+
+    q = l2(short_conv(x @ layer.q_proj.weight.T, layer.q_conv1d.weight if layer.use_short_conv else None)
+           .view(B, T, H, K))
+    k = l2(short_conv(x @ layer.k_proj.weight.T, layer.k_conv1d.weight if layer.use_short_conv else None)
+           .view(B, T, H, K))
+    v = short_conv(x @ layer.v_proj.weight.T, layer.v_conv1d.weight if layer.use_short_conv else None)
+    v = v.view(B, T, H, K)
+    f = x @ layer.f_a_proj.weight.T @ layer.f_b_proj.weight.T + layer.dt_bias
+    rate = layer.A_log.view(H).exp()
+    if layer.scalar_gate:
+        g = (-rate * F.softplus(f.view(B, T, H)))[..., None].expand(B, T, H, K)
+    else:
+        g = -rate[:, None] * F.softplus(f.view(B, T, H, K))
+    beta = torch.sigmoid(x @ layer.b_proj.weight.T)
+    o, _ = naive_recurrent_kda(q, k, v, g, beta)
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.config.rms_norm_eps) * layer.o_norm.weight
+    if layer.use_output_gate:
+        o = o * torch.sigmoid((x @ layer.g_a_proj.weight.T @ layer.g_b_proj.weight.T).view(B, T, H, K))
+    return o.reshape(B, T, H * K) @ layer.o_proj.weight.T
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(mixer="gdn"), dict(use_output_gate=False, use_short_conv=False)],
+                         ids=["kda", "gdn", "no-gate-no-conv"])
+def test_kda_layer_matches_reference_with_all_gradients(overrides):
+    config = small_config(**overrides)
+    layer = randomised_layer(config, seed=len(overrides))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 41, config.hidden_size, generator=gen, requires_grad=True)
+    y, y_ref = layer(x), reference_layer(layer, x)
+    assert rel_err(y, y_ref) < 1e-5
+    gy = torch.randn(y.shape, generator=gen)
+    params = dict(layer.named_parameters())
+    names = ["x", *params]
+    grads = torch.autograd.grad((y * gy).sum(), [x, *params.values()])
+    grads_ref = torch.autograd.grad((y_ref * gy).sum(), [x, *params.values()])
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert g_ref.norm() > 0, f"{name}: reference gradient is zero, the check would be vacuous"
+        assert rel_err(g, g_ref) < 1e-4, name
+
+
+def test_kda_layer_decode_and_varlen_match_full_forward():
+    config = small_config()
+    layer = randomised_layer(config, seed=7)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 23, config.hidden_size, generator=gen)
+    with torch.no_grad():
+        full = layer(x)
+        cache = KimiLinearCache(config, batch_size=2, max_length=32)
+        steps = [layer(x[:, :9], cache=cache)]
+        for t in range(9, 23):
+            steps.append(layer(x[:, t : t + 1], cache=cache))
+        assert rel_err(torch.cat(steps, 1), full) < 1e-5
+        packed = layer(torch.cat([x[0, :5], x[1]])[None], cu_seqlens=torch.tensor([0, 5, 28]))
+        assert rel_err(packed[0, :5], full[0, :5]) < 1e-5
+        assert rel_err(packed[0, 5:], full[1]) < 1e-5
+
+
+def test_kda_gate_parameters_stay_fp32():
+    layer = randomised_layer(small_config()).to(torch.bfloat16)
+    assert layer.A_log.dtype == torch.float32 and layer.dt_bias.dtype == torch.float32
+    assert layer.q_proj.weight.dtype == torch.bfloat16
+    assert tuple(layer.A_log.shape) == (1, 1, 2, 1) and tuple(layer.dt_bias.shape) == (32,)
+    assert tuple(layer.q_conv1d.weight.shape) == (32, 1, 4) and tuple(layer.o_norm.weight.shape) == (16,)
+    y = layer(torch.randn(1, 5, 48, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()

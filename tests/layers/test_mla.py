@@ -1,0 +1,130 @@
+"""MLA with NoPE: against a readable reference (every gradient), absorbed decode, varlen, padding, RoPE ablation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kimi_linear.cache import KimiLinearCache
+from kimi_linear.config import KimiLinearConfig
+from kimi_linear.layers.mla import MultiheadLatentAttention
+from tests.utils import rel_err
+
+
+def small_config(**overrides) -> KimiLinearConfig:
+    values = dict(hidden_size=40, num_attention_heads=3, kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=6,
+                  v_head_dim=10, num_hidden_layers=1, kda_layers=[], full_attn_layers=[0])
+    values.update(overrides)
+    return KimiLinearConfig.from_preset("debug", **values)
+
+
+def randomised_layer(config, seed=0) -> MultiheadLatentAttention:
+    torch.manual_seed(seed)
+    layer = MultiheadLatentAttention(config, 0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 1.0) + (1.0 if p.dim() == 1 else 0.0))
+    return layer
+
+
+def rope_complex(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """RoPE as a complex rotation of the pairs (x_i, x_{i + d/2}) — a second, independent form of rotate-half."""
+    d = x.shape[-1]
+    freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angle = positions.double()[..., None] * freq  # [T, d/2]
+    while angle.dim() < x.dim():  # broadcast over the head dims between T and d
+        angle = angle[..., None, :]
+    z = torch.complex(x[..., : d // 2].double(), x[..., d // 2 :].double()) * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
+
+
+def reference_mla(layer: MultiheadLatentAttention, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """DESIGN.md §3 for one sequence ``x [T, D]``; ``visible [T, T]`` bool says which keys each query may see."""
+    T = x.shape[0]
+    H, dn, dr, dv, r = layer.num_heads, layer.nope_dim, layer.rope_dim, layer.v_dim, layer.kv_lora_rank
+    q = (x @ layer.q_proj.weight.T).view(T, H, dn + dr)
+    ckv = x @ layer.kv_a_proj_with_mqa.weight.T
+    latent, k_pe = ckv[:, :r], ckv[:, r:]
+    latent = latent * torch.rsqrt(latent.pow(2).mean(-1, keepdim=True) + layer.config.rms_norm_eps)
+    latent = latent * layer.kv_a_layernorm.weight
+    kv = (latent @ layer.kv_b_proj.weight.T).view(T, H, dn + dv)
+    q_nope, q_pe = q[..., :dn], q[..., dn:]
+    if layer.use_rope:
+        pos = torch.arange(T)
+        q_pe = rope_complex(q_pe, pos, layer.config.rope_theta)
+        k_pe = rope_complex(k_pe[:, None], pos, layer.config.rope_theta)[:, 0]
+    scores = torch.einsum("thd,shd->hts", q_nope, kv[..., :dn]) + torch.einsum("thd,sd->hts", q_pe, k_pe)
+    scores = (scores / math.sqrt(dn + dr)).masked_fill(~visible, float("-inf"))
+    o = torch.einsum("hts,shv->thv", scores.softmax(-1), kv[..., dn:])
+    return o.reshape(T, H * dv) @ layer.o_proj.weight.T
+
+
+def causal(T):
+    return torch.ones(T, T, dtype=torch.bool).tril()
+
+
+@pytest.mark.parametrize("use_nope", [True, False], ids=["nope", "rope"])
+def test_mla_matches_reference_with_all_gradients(use_nope):
+    layer = randomised_layer(small_config(mla_use_nope=use_nope), seed=int(use_nope))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 19, layer.config.hidden_size, generator=gen, requires_grad=True)
+    y = layer(x)
+    y_ref = torch.stack([reference_mla(layer, x[b], causal(19)) for b in range(2)])
+    assert rel_err(y, y_ref) < 1e-5
+    gy = torch.randn(y.shape, generator=gen)
+    params = dict(layer.named_parameters())
+    grads = torch.autograd.grad((y * gy).sum(), [x, *params.values()])
+    grads_ref = torch.autograd.grad((y_ref * gy).sum(), [x, *params.values()])
+    for name, g, g_ref in zip(["x", *params], grads, grads_ref):
+        assert g_ref.norm() > 0, name
+        assert rel_err(g, g_ref) < 1e-4, name
+
+
+@pytest.mark.parametrize("use_nope", [True, False], ids=["nope", "rope"])
+def test_absorbed_decode_and_cached_prefill_match_full_forward(use_nope):
+    config = small_config(mla_use_nope=use_nope)
+    layer = randomised_layer(config, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 21, config.hidden_size, generator=gen)
+    with torch.no_grad():
+        full = layer(x)
+        cache = KimiLinearCache(config, batch_size=3, max_length=30)
+        outs = []
+        for chunk in (x[:, :7], x[:, 7:12]):  # prefill, then a multi-token continuation
+            outs.append(layer(chunk, cache=cache))
+            cache.lengths += chunk.shape[1]
+        for t in range(12, 21):  # absorbed one-token steps
+            outs.append(layer(x[:, t : t + 1], cache=cache))
+            cache.lengths += 1
+        assert rel_err(torch.cat(outs, 1), full) < 1e-5
+        latent, _ = layer._latents(x)
+        assert rel_err(cache.layers[0]["latent"][:, :21], latent) < 1e-6  # the cache holds latents, not K/V
+        assert cache.layers[0]["latent"].shape[-1] + cache.layers[0]["k_pe"].shape[-1] == 24 + 6
+
+
+def test_varlen_and_padding_match_separate_sequences():
+    config = small_config()
+    layer = randomised_layer(config, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    lengths = [4, 0, 11, 1]
+    xs = [torch.randn(L, config.hidden_size, generator=gen) for L in lengths]
+    with torch.no_grad():
+        separate = [layer(x[None])[0] for x in xs if len(x)]
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+        packed = layer(torch.cat(xs)[None], cu_seqlens=cu)[0]
+        assert rel_err(packed, torch.cat(separate)) < 1e-5
+        # varlen prefill into a cache (one row per sequence, the empty one included), then one absorbed step
+        cache = KimiLinearCache(config, batch_size=4, max_length=16)
+        packed_cached = layer(torch.cat(xs)[None], cu_seqlens=cu, cache=cache)[0]
+        assert rel_err(packed_cached, torch.cat(separate)) < 1e-5
+        # left and right padding: real positions unchanged
+        T = 11
+        batch = torch.randn(2, T, config.hidden_size, generator=gen)
+        mask = torch.ones(2, T, dtype=torch.long)
+        mask[0, :6] = 0  # left padding
+        mask[1, 8:] = 0  # right padding
+        padded = layer(batch, attention_mask=mask)
+        assert rel_err(padded[0, 6:], layer(batch[:1, 6:])[0]) < 1e-5
+        assert rel_err(padded[1, :8], layer(batch[1:, :8])[0]) < 1e-5
