@@ -1,0 +1,356 @@
+"""Triton kernels of the chunkwise KDA forward (paper §3.1), and the block helpers the backward shares.
+
+Two stages, chunk size BT = 64 split into four sub-blocks of BC = 16 rows:
+
+* ``chunk_kda_fwd_intra_kernel`` — one program per (chunk, head), everything that stays inside the chunk:
+  the fp32 cumulative log-decay G, the pair matrices A_kk (strictly lower, times beta) and A_qk (lower, times
+  scale), the UT transform T = (I + A_kk)^-1 by forward substitution on the four 16x16 diagonal blocks and a
+  block merge, and the WY factors W = T (beta exp(G) K), U = T (beta V).
+* ``chunk_kda_fwd_state_kernel`` — one program per (V block, sequence, head), a sequential pass over the
+  sequence's chunks carrying the fp32 state S [K, BV]: V_new = U - W S, O = (scale Q exp(G)) S + A_qk V_new,
+  S <- exp(G_last) S + (K exp(G_last - G))^T V_new. With ``STORE_H`` it also writes the state entering each chunk
+  and V_new (the backward recomputes them this way instead of keeping them from the forward).
+
+Numerics: G stays fp32; exponentials are taken only of differences that are <= 0 — for pairs of rows in different
+sub-blocks the decay is routed through the first row r of the later block, exp(G_t - G_i) = exp(G_t - G_r)
+exp(G_r - G_i), and inside a sub-block it is applied element-wise and clamped before masking. Rows past the end of
+a sequence read g = 0, so their G equals the last valid row's and no factor exceeds 1 (g = -1000 gives zeros).
+
+Layout: every sequence tensor is packed ``[T_total, H, D]`` (contiguous); sequences are delimited by ``cu_seqlens``
+and each program finds its sequence and chunk in ``chunk_indices`` ``[NT, 2]`` (sequence, chunk within it).
+Limits: K, V <= 256 (padded to powers of two >= 16 inside); BT = 64 and BC = 16 are fixed.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row(x, o, j):
+    """Row j of a register block x [R, D] -> [D] (Triton cannot index register tensors)."""
+    return tl.sum(tl.where(o[:, None] == j, x, 0.0), 0)
+
+
+@triton.jit
+def _load_rows(ptr, t0, row0, n_rows, i_h, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """Rows [row0, row0 + BR) of a chunk starting at packed row t0 of ``ptr`` [T_total, H, D], as fp32 [BR, BD].
+
+    Rows at or past ``n_rows`` (the chunk's valid length) and columns past D read 0.
+    """
+    o_r = row0 + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (o_r < n_rows)[:, None] & (o_d < D)[None, :]
+    p = ptr + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
+    return tl.load(p, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, x, t0, row0, n_rows, i_h, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+                BD: tl.constexpr):
+    o_r = row0 + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (o_r < n_rows)[:, None] & (o_d < D)[None, :]
+    p = ptr + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
+    tl.store(p, x.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _load_vec(ptr, t0, row0, n_rows, i_h, H: tl.constexpr, BR: tl.constexpr):
+    """Per-row scalars (beta) of ``ptr`` [T_total, H] for rows [row0, row0 + BR) of a chunk, fp32 [BR]."""
+    o_r = row0 + tl.arange(0, BR)
+    return tl.load(ptr + (t0 + o_r).to(tl.int64) * H + i_h, mask=o_r < n_rows, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_G(ptr, t0, row0, n_rows, G_last, i_h, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+            BD: tl.constexpr):
+    """Stored cumulative decays G; rows past the chunk's end take the last valid row's value, so that every
+    difference exponentiated against them stays <= 0."""
+    o_r = row0 + tl.arange(0, BR)
+    G = _load_rows(ptr, t0, row0, n_rows, i_h, H, D, BR, BD)
+    return tl.where((o_r < n_rows)[:, None], G, G_last[None, :])
+
+
+@triton.jit
+def _load_last(ptr, t0, n_rows, i_h, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """The chunk's last valid row of ``ptr`` [T_total, H, D] as fp32 [BD]."""
+    o_d = tl.arange(0, BD)
+    p = ptr + ((t0 + n_rows - 1).to(tl.int64) * H + i_h) * D + o_d
+    return tl.load(p, mask=o_d < D, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_block(ptr, t0, row0, col0, n_rows, i_h, H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """Sub-block [BC, BC] at (row0, col0) of a per-chunk matrix stored as ``ptr`` [T_total, H, BT], fp32."""
+    o_r = row0 + tl.arange(0, BC)
+    o_c = col0 + tl.arange(0, BC)
+    p = ptr + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * BT + o_c[None, :]
+    return tl.load(p, mask=(o_r < n_rows)[:, None], other=0.0)
+
+
+@triton.jit
+def _store_block(ptr, x, t0, row0, col0, n_rows, i_h, H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    o_r = row0 + tl.arange(0, BC)
+    o_c = col0 + tl.arange(0, BC)
+    p = ptr + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * BT + o_c[None, :]
+    tl.store(p, x.to(ptr.dtype.element_ty), mask=(o_r < n_rows)[:, None])
+
+
+@triton.jit
+def _diag_pairs(q_a, k_a, G_a, BC: tl.constexpr):
+    """Inside one sub-block: A_kk[t, j] = sum_c k_t k_j exp(G_t - G_j) for j < t, A_qk likewise for j <= t."""
+    o_c = tl.arange(0, BC)
+    A_kk = tl.zeros([BC, BC], dtype=tl.float32)
+    A_qk = tl.zeros([BC, BC], dtype=tl.float32)
+    for j in range(BC):
+        k_j = tl.sum(tl.where(o_c[:, None] == j, k_a, 0.0), 0)
+        G_j = tl.sum(tl.where(o_c[:, None] == j, G_a, 0.0), 0)
+        # rows above j would give positive exponents; they are masked, the clamp keeps them finite
+        kE = k_j[None, :] * tl.exp(tl.minimum(G_a - G_j[None, :], 0.0))  # [BC, BK]
+        kk_j = tl.sum(k_a * kE, 1)
+        qk_j = tl.sum(q_a * kE, 1)
+        sel = o_c[None, :] == j
+        A_kk = tl.where(sel & (o_c[:, None] > j), kk_j[:, None], A_kk)
+        A_qk = tl.where(sel & (o_c[:, None] >= j), qk_j[:, None], A_qk)
+    return A_kk, A_qk
+
+
+@triton.jit
+def _inv_unit_lower(A, BC: tl.constexpr):
+    """(I + A)^-1 for a strictly lower [BC, BC] block, by forward substitution: x_i = e_i - sum_{j<i} A[i, j] x_j."""
+    o_c = tl.arange(0, BC)
+    X = tl.zeros([BC, BC], dtype=tl.float32)
+    for i in range(BC):
+        a_i = tl.sum(tl.where(o_c[:, None] == i, A, 0.0), 0)
+        x_i = -tl.sum(a_i[:, None] * X, 0) + tl.where(o_c == i, 1.0, 0.0)
+        X = tl.where(o_c[:, None] == i, x_i[None, :], X)
+    return X
+
+
+@triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr):
+    return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _dot_exact(a, b):
+    """fp32 products of the small UT-transform blocks: they steer the whole chunk, so no tf32 rounding."""
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def chunk_kda_fwd_intra_kernel(
+    q, k, v, g, beta, G_out, Aqk_out, Tinv_out, w_out, u_out, cu_seqlens, chunk_indices, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, STORE_TINV: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + 2 * i_c)
+    i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    t0 = bos + i_t * BT
+    n_rows = tl.minimum(eos - t0, BT)
+    o_c = tl.arange(0, BC)
+
+    # cumulative log-decay, sub-block by sub-block, carrying the running sum; padded rows add 0
+    g0 = _load_rows(g, t0, 0, n_rows, i_h, H, K, BC, BK)
+    g1 = _load_rows(g, t0, BC, n_rows, i_h, H, K, BC, BK)
+    g2 = _load_rows(g, t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
+    g3 = _load_rows(g, t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
+    G0 = tl.cumsum(g0, 0)
+    G1 = tl.cumsum(g1, 0) + _row(G0, o_c, BC - 1)[None, :]
+    G2 = tl.cumsum(g2, 0) + _row(G1, o_c, BC - 1)[None, :]
+    G3 = tl.cumsum(g3, 0) + _row(G2, o_c, BC - 1)[None, :]
+    _store_rows(G_out, G0, t0, 0, n_rows, i_h, H, K, BC, BK)
+    _store_rows(G_out, G1, t0, BC, n_rows, i_h, H, K, BC, BK)
+    _store_rows(G_out, G2, t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
+    _store_rows(G_out, G3, t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
+
+    k0 = _load_rows(k, t0, 0, n_rows, i_h, H, K, BC, BK)
+    k1 = _load_rows(k, t0, BC, n_rows, i_h, H, K, BC, BK)
+    k2 = _load_rows(k, t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
+    k3 = _load_rows(k, t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
+    q0 = _load_rows(q, t0, 0, n_rows, i_h, H, K, BC, BK) * scale
+    q1 = _load_rows(q, t0, BC, n_rows, i_h, H, K, BC, BK) * scale
+    q2 = _load_rows(q, t0, 2 * BC, n_rows, i_h, H, K, BC, BK) * scale
+    q3 = _load_rows(q, t0, 3 * BC, n_rows, i_h, H, K, BC, BK) * scale
+    b0 = _load_vec(beta, t0, 0, n_rows, i_h, H, BC)
+    b1 = _load_vec(beta, t0, BC, n_rows, i_h, H, BC)
+    b2 = _load_vec(beta, t0, 2 * BC, n_rows, i_h, H, BC)
+    b3 = _load_vec(beta, t0, 3 * BC, n_rows, i_h, H, BC)
+
+    # diagonal sub-blocks, element-wise decay
+    Akk00, Aqk00 = _diag_pairs(q0, k0, G0, BC)
+    Akk11, Aqk11 = _diag_pairs(q1, k1, G1, BC)
+    Akk22, Aqk22 = _diag_pairs(q2, k2, G2, BC)
+    Akk33, Aqk33 = _diag_pairs(q3, k3, G3, BC)
+
+    # off-diagonal sub-blocks (a > b): decay routed through the first row of block a, both factors <= 1
+    Gr1 = _row(G1, o_c, 0)
+    e1 = tl.exp(G1 - Gr1[None, :])
+    kb = k0 * tl.exp(Gr1[None, :] - G0)
+    Akk10 = _dot(k1 * e1, tl.trans(kb), DOT_PREC)
+    Aqk10 = _dot(q1 * e1, tl.trans(kb), DOT_PREC)
+
+    Gr2 = _row(G2, o_c, 0)
+    e2 = tl.exp(G2 - Gr2[None, :])
+    kb = k0 * tl.exp(Gr2[None, :] - G0)
+    Akk20 = _dot(k2 * e2, tl.trans(kb), DOT_PREC)
+    Aqk20 = _dot(q2 * e2, tl.trans(kb), DOT_PREC)
+    kb = k1 * tl.exp(Gr2[None, :] - G1)
+    Akk21 = _dot(k2 * e2, tl.trans(kb), DOT_PREC)
+    Aqk21 = _dot(q2 * e2, tl.trans(kb), DOT_PREC)
+
+    Gr3 = _row(G3, o_c, 0)
+    e3 = tl.exp(G3 - Gr3[None, :])
+    kb = k0 * tl.exp(Gr3[None, :] - G0)
+    Akk30 = _dot(k3 * e3, tl.trans(kb), DOT_PREC)
+    Aqk30 = _dot(q3 * e3, tl.trans(kb), DOT_PREC)
+    kb = k1 * tl.exp(Gr3[None, :] - G1)
+    Akk31 = _dot(k3 * e3, tl.trans(kb), DOT_PREC)
+    Aqk31 = _dot(q3 * e3, tl.trans(kb), DOT_PREC)
+    kb = k2 * tl.exp(Gr3[None, :] - G2)
+    Akk32 = _dot(k3 * e3, tl.trans(kb), DOT_PREC)
+    Aqk32 = _dot(q3 * e3, tl.trans(kb), DOT_PREC)
+
+    zero = tl.zeros([BC, BC], dtype=tl.float32)
+    _store_block(Aqk_out, Aqk00, t0, 0, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, 0, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, 0, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, Aqk10, t0, BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, Aqk11, t0, BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, Aqk20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, Aqk21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, Aqk22, t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, 2 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, Aqk30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, Aqk31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, Aqk32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, Aqk33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+
+    # UT transform: A = beta * A_kk (row scale), T = (I + A)^-1 block by block
+    A00 = b0[:, None] * Akk00
+    A11 = b1[:, None] * Akk11
+    A22 = b2[:, None] * Akk22
+    A33 = b3[:, None] * Akk33
+    A10 = b1[:, None] * Akk10
+    A20 = b2[:, None] * Akk20
+    A21 = b2[:, None] * Akk21
+    A30 = b3[:, None] * Akk30
+    A31 = b3[:, None] * Akk31
+    A32 = b3[:, None] * Akk32
+    T00 = _inv_unit_lower(A00, BC)
+    T11 = _inv_unit_lower(A11, BC)
+    T22 = _inv_unit_lower(A22, BC)
+    T33 = _inv_unit_lower(A33, BC)
+    # T_ij = -T_ii sum_{j <= m < i} A_im T_mj
+    T10 = -_dot_exact(T11, _dot_exact(A10, T00))
+    T21 = -_dot_exact(T22, _dot_exact(A21, T11))
+    T20 = -_dot_exact(T22, _dot_exact(A20, T00) + _dot_exact(A21, T10))
+    T32 = -_dot_exact(T33, _dot_exact(A32, T22))
+    T31 = -_dot_exact(T33, _dot_exact(A31, T11) + _dot_exact(A32, T21))
+    T30 = -_dot_exact(T33, _dot_exact(A30, T00) + _dot_exact(A31, T10) + _dot_exact(A32, T20))
+
+    if STORE_TINV:
+        _store_block(Tinv_out, T00, t0, 0, 0, n_rows, i_h, H, BT, BC)
+        _store_block(Tinv_out, zero, t0, 0, BC, n_rows, i_h, H, BT, BC)
+        _store_block(Tinv_out, zero, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
+        _store_block(Tinv_out, zero, t0, 0, 3 * BC, n_rows, i_h, H, BT, BC)
+        _store_block(Tinv_out, T10, t0, BC, 0, n_rows, i_h, H, BT, BC)
+        _store_block(Tinv_out, T11, t0, BC, BC, n_rows, i_h, H, BT, BC)
+        _store_block(Tinv_out, zero, t0, BC, 2 * BC, n_rows, i_h, H, BT, BC)
+        _store_block(Tinv_out, zero, t0, BC, 3 * BC, n_rows, i_h, H, BT, BC)
+        _store_block(Tinv_out, T20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
+        _store_block(Tinv_out, T21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
+        _store_block(Tinv_out, T22, t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+        _store_block(Tinv_out, zero, t0, 2 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+        _store_block(Tinv_out, T30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
+        _store_block(Tinv_out, T31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
+        _store_block(Tinv_out, T32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+        _store_block(Tinv_out, T33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+
+    # W = T (beta exp(G) K), U = T (beta V); exp(G) <= 1 (G measured from the chunk start)
+    x0 = b0[:, None] * k0 * tl.exp(G0)
+    x1 = b1[:, None] * k1 * tl.exp(G1)
+    x2 = b2[:, None] * k2 * tl.exp(G2)
+    x3 = b3[:, None] * k3 * tl.exp(G3)
+    _store_rows(w_out, _dot(T00, x0, DOT_PREC), t0, 0, n_rows, i_h, H, K, BC, BK)
+    _store_rows(w_out, _dot(T10, x0, DOT_PREC) + _dot(T11, x1, DOT_PREC), t0, BC, n_rows, i_h, H, K, BC, BK)
+    _store_rows(w_out, _dot(T20, x0, DOT_PREC) + _dot(T21, x1, DOT_PREC) + _dot(T22, x2, DOT_PREC),
+                t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
+    _store_rows(w_out, _dot(T30, x0, DOT_PREC) + _dot(T31, x1, DOT_PREC) + _dot(T32, x2, DOT_PREC)
+                + _dot(T33, x3, DOT_PREC), t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
+    y0 = b0[:, None] * _load_rows(v, t0, 0, n_rows, i_h, H, V, BC, BV)
+    y1 = b1[:, None] * _load_rows(v, t0, BC, n_rows, i_h, H, V, BC, BV)
+    y2 = b2[:, None] * _load_rows(v, t0, 2 * BC, n_rows, i_h, H, V, BC, BV)
+    y3 = b3[:, None] * _load_rows(v, t0, 3 * BC, n_rows, i_h, H, V, BC, BV)
+    _store_rows(u_out, _dot(T00, y0, DOT_PREC), t0, 0, n_rows, i_h, H, V, BC, BV)
+    _store_rows(u_out, _dot(T10, y0, DOT_PREC) + _dot(T11, y1, DOT_PREC), t0, BC, n_rows, i_h, H, V, BC, BV)
+    _store_rows(u_out, _dot(T20, y0, DOT_PREC) + _dot(T21, y1, DOT_PREC) + _dot(T22, y2, DOT_PREC),
+                t0, 2 * BC, n_rows, i_h, H, V, BC, BV)
+    _store_rows(u_out, _dot(T30, y0, DOT_PREC) + _dot(T31, y1, DOT_PREC) + _dot(T32, y2, DOT_PREC)
+                + _dot(T33, y3, DOT_PREC), t0, 3 * BC, n_rows, i_h, H, V, BC, BV)
+
+
+@triton.jit
+def chunk_kda_fwd_state_kernel(
+    q, k, w, u, G, Aqk, o, h0, ht, h_out, vnew_out, cu_seqlens, chunk_offsets, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_O: tl.constexpr, STORE_H: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    n_chunks = (eos - bos + BT - 1) // BT
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    dt = w.dtype.element_ty
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]  # offsets inside one [K, V] state
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        S += tl.load(h0 + (i_n * H + i_h) * K * V + o_kv, mask=m_kv, other=0.0)
+
+    # a while loop: Triton's interpreter cannot take a run-time bound in range()
+    i_t = 0
+    while i_t < n_chunks:
+        t0 = bos + i_t * BT
+        n_rows = tl.minimum(eos - t0, BT)
+        if STORE_H:
+            tl.store(h_out + ((c0 + i_t) * H + i_h) * K * V + o_kv, S.to(h_out.dtype.element_ty), mask=m_kv)
+        b_w = _load_rows(w, t0, 0, n_rows, i_h, H, K, BT, BK)
+        o_r = tl.arange(0, BT)
+        m_r = o_r < n_rows
+        p_u = u + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * V + o_v[None, :]
+        b_u = tl.load(p_u, mask=m_r[:, None] & (o_v < V)[None, :], other=0.0).to(tl.float32)
+        b_vn = b_u - _dot(b_w.to(dt), S.to(dt), DOT_PREC)  # [BT, BV]
+
+        G_last = _load_last(G, t0, n_rows, i_h, H, K, BK)
+        b_G = _load_G(G, t0, 0, n_rows, G_last, i_h, H, K, BT, BK)  # [BT, BK]
+        if STORE_O:
+            b_q = _load_rows(q, t0, 0, n_rows, i_h, H, K, BT, BK) * scale
+            b_A = _load_block(Aqk, t0, 0, 0, n_rows, i_h, H, BT, BT)  # [BT, BT]
+            b_o = _dot((b_q * tl.exp(b_G)).to(dt), S.to(dt), DOT_PREC)
+            b_o += _dot(b_A.to(dt), b_vn.to(dt), DOT_PREC)
+            p_o = o + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * V + o_v[None, :]
+            tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None] & (o_v < V)[None, :])
+        if STORE_H:
+            p_vn = vnew_out + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * V + o_v[None, :]
+            tl.store(p_vn, b_vn.to(vnew_out.dtype.element_ty), mask=m_r[:, None] & (o_v < V)[None, :])
+        b_k = _load_rows(k, t0, 0, n_rows, i_h, H, K, BT, BK)
+        b_kd = b_k * tl.exp(G_last[None, :] - b_G)  # decay from each row to the chunk's end
+        S = S * tl.exp(G_last)[:, None] + _dot(tl.trans(b_kd.to(dt)), b_vn.to(dt), DOT_PREC)
+        i_t += 1
+
+    if STORE_HT:
+        tl.store(ht + (i_n * H + i_h) * K * V + o_kv, S, mask=m_kv)

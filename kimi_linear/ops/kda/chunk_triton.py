@@ -1,0 +1,211 @@
+"""Triton backend of ``chunk_kda``: the autograd.Function that drives the chunkwise kernels.
+
+Forward (``chunk_fwd.py``): an intra-chunk stage (cumulative decays, pair matrices, UT transform, WY factors),
+then a sequential state pass per (sequence, head, V block) that also writes the output.
+Backward (``chunk_bwd.py``): the state pass again, this time writing the state entering each chunk (recomputed,
+not kept from the forward), a reverse pass for the state gradients, then two per-chunk stages for dq, dk, dv, dg,
+dbeta. The optional activations (q/k L2 norm, the gate, the beta sigmoid) run in PyTorch around the kernels, so
+autograd differentiates them.
+
+Inside, batches are packed: ``[B, T, H, D]`` becomes ``[B * T, H, D]`` with sequence boundaries every T rows, the
+same path as ``cu_seqlens`` varlen input. Dot products take the inputs' dtype (bf16/fp16 on tensor cores, fp32
+accumulate); fp32 inputs run fp32 products throughout.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from kimi_linear.ops.kda.chunk_bwd import (
+    chunk_kda_bwd_dh_kernel,
+    chunk_kda_bwd_intra_kernel,
+    chunk_kda_bwd_inter_kernel,
+)
+from kimi_linear.ops.kda.chunk_fwd import chunk_kda_fwd_intra_kernel, chunk_kda_fwd_state_kernel
+from kimi_linear.ops.kda.common import preprocess
+
+CHUNK = 64
+SUB_CHUNK = 16
+
+
+def _pad_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+class _Layout:
+    """Where each sequence and chunk lives in the packed ``[T_total, ...]`` tensors."""
+
+    def __init__(self, cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.device):
+        if cu_seqlens is None:
+            lengths = [T] * B
+        else:
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        counts = torch.tensor([-(-n // CHUNK) for n in lengths], dtype=torch.int64)
+        self.N = len(lengths)
+        self.NT = int(counts.sum())
+        starts = torch.cumsum(torch.tensor([0] + lengths), 0)
+        self.cu_seqlens = starts.to(device=device, dtype=torch.int32)
+        self.chunk_offsets = torch.cumsum(torch.cat([counts.new_zeros(1), counts]), 0).to(device, torch.int32)
+        seq = torch.repeat_interleave(torch.arange(self.N), counts)  # [NT]
+        within = torch.arange(self.NT) - torch.repeat_interleave(self.chunk_offsets.cpu()[:-1].long(), counts)
+        self.chunk_indices = torch.stack([seq, within], 1).to(device=device, dtype=torch.int32).contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs ask for fp32 products; for 16-bit inputs tf32 is already finer than the inputs themselves
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_v(V: int) -> int:
+    return min(_pad_dim(V), 64)
+
+
+def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, need_bwd):
+    TT, H, K = q.shape
+    V = v.shape[-1]
+    BK, BVf = _pad_dim(K), _pad_dim(V)
+    dev, dt = q.device, q.dtype
+    prec = _dot_precision(dt)
+    G = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
+    Aqk = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
+    Tinv = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32) if need_bwd else Aqk
+    w = torch.empty(TT, H, K, device=dev, dtype=dt)
+    u = torch.empty(TT, H, V, device=dev, dtype=dt)
+    if layout.NT > 0:
+        chunk_kda_fwd_intra_kernel[(layout.NT, H)](
+            q, k, v, g, beta, G, Aqk, Tinv, w, u, layout.cu_seqlens, layout.chunk_indices, scale,
+            H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BV=BVf, STORE_TINV=need_bwd, DOT_PREC=prec,
+            num_warps=4,
+        )
+    o = torch.empty(TT, H, V, device=dev, dtype=dt)
+    ht = torch.empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
+    BV = _block_v(V)
+    chunk_kda_fwd_state_kernel[(triton.cdiv(V, BV), layout.N * H)](
+        q, k, w, u, G, Aqk, o, h0 if h0 is not None else o, ht if ht is not None else o, o, o,
+        layout.cu_seqlens, layout.chunk_offsets, scale,
+        H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None, STORE_O=True,
+        STORE_H=False, DOT_PREC=prec, num_warps=4,
+    )
+    return o, ht, G, Aqk, Tinv, w, u
+
+
+def _bwd(q, k, v, beta, G, Aqk, Tinv, w, u, scale, h0, do, dht, layout):
+    TT, H, K = q.shape
+    V = v.shape[-1]
+    BK = _pad_dim(K)
+    dev, dt = q.device, q.dtype
+    prec = _dot_precision(dt)
+    BV = _block_v(V)
+    NT = layout.NT
+    # states entering each chunk and the pseudo-values V_new, recomputed
+    h = torch.empty(NT, H, K, V, device=dev, dtype=dt)
+    vn = torch.empty(TT, H, V, device=dev, dtype=dt)
+    chunk_kda_fwd_state_kernel[(triton.cdiv(V, BV), layout.N * H)](
+        q, k, w, u, G, Aqk, vn, h0 if h0 is not None else vn, vn, h, vn,
+        layout.cu_seqlens, layout.chunk_offsets, scale,
+        H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=False, STORE_O=False,
+        STORE_H=True, DOT_PREC=prec, num_warps=4,
+    )
+    dh = torch.empty(NT, H, K, V, device=dev, dtype=dt)
+    dvn = torch.empty(TT, H, V, device=dev, dtype=dt)
+    dh0 = torch.empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if h0 is not None else None
+    chunk_kda_bwd_dh_kernel[(triton.cdiv(V, BV), layout.N * H)](
+        q, k, w, G, Aqk, do, dht if dht is not None else do, dh, dvn, dh0 if dh0 is not None else do,
+        layout.cu_seqlens, layout.chunk_offsets, scale,
+        H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_DHT=dht is not None, STORE_DH0=dh0 is not None,
+        DOT_PREC=prec, num_warps=4,
+    )
+    dq = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
+    dk = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
+    dG = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
+    dA = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
+    dAqk = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
+    dv = torch.empty(TT, H, V, device=dev, dtype=v.dtype)
+    db = torch.empty(TT, H, device=dev, dtype=torch.float32)
+    if NT > 0:
+        chunk_kda_bwd_inter_kernel[(NT, H)](
+            q, k, v, beta, G, Tinv, h, dh, vn, dvn, do, dq, dk, dG, dA, dAqk, dv, db,
+            layout.cu_seqlens, layout.chunk_indices, scale,
+            H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, DOT_PREC=prec, num_warps=8,
+        )
+        dq_out = torch.empty(TT, H, K, device=dev, dtype=dt)
+        dk_out = torch.empty(TT, H, K, device=dev, dtype=dt)
+        dg = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
+        chunk_kda_bwd_intra_kernel[(NT, H)](
+            q, k, beta, G, dq, dk, dG, dA, dAqk, db, dq_out, dk_out, dg,
+            layout.cu_seqlens, layout.chunk_indices, scale,
+            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC=prec, num_warps=4,
+        )
+    else:
+        dq_out, dk_out, dg = dq.to(dt), dk.to(dt), dG
+    return dq_out, dk_out, dv, dg, db, dh0
+
+
+class ChunkKDAFunction(torch.autograd.Function):
+    """Packed inputs q, k ``[TT, H, K]``, v ``[TT, H, V]`` (one dtype), g ``[TT, H, K]`` fp32, beta ``[TT, H]``,
+    initial state ``[N, H, K, V]`` fp32 or None -> (o ``[TT, H, V]``, final state ``[N, H, K, V]`` or None)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, layout):
+        need_bwd = any(ctx.needs_input_grad[:6])
+        o, ht, G, Aqk, Tinv, w, u = _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, need_bwd)
+        if need_bwd:
+            ctx.save_for_backward(q, k, v, beta, G, Aqk, Tinv, w, u, h0)
+        ctx.scale, ctx.layout = scale, layout
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, G, Aqk, Tinv, w, u, h0 = ctx.saved_tensors
+        do = do.contiguous().to(q.dtype)
+        dht = None if dht is None else dht.contiguous().float()
+        dq, dk, dv, dg, db, dh0 = _bwd(q, k, v, beta, G, Aqk, Tinv, w, u, ctx.scale, h0, do, dht, ctx.layout)
+        return dq, dk, dv, dg, db.to(beta.dtype), dh0, None, None, None
+
+
+def chunk_kda_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_gate_in_kernel: bool = False,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    use_beta_sigmoid_in_kernel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise KDA on the Triton kernels; arguments already validated by ``chunk_kda`` (see its docstring).
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; g: ``[B, T, H, K]`` or ``[B, T, H]`` (scalar gate);
+        beta: ``[B, T, H]``; initial_state: ``[N, H, K, V]`` fp32; cu_seqlens: int ``[N + 1]`` with B = 1.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] fp32 or None)``; differentiable in q, k, v, g,
+        beta, initial_state (and A_log, dt_bias through the PyTorch gate).
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    out_dtype = v.dtype
+    scale = K**-0.5 if scale is None else float(scale)
+    in_dtypes = (q.dtype, k.dtype, v.dtype)
+    q, k, g, beta = preprocess(
+        q, k, g, beta, use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, K
+    )
+    # one operand dtype for the dot products: the widest of the inputs (the L2 norm's fp32 result is not an input)
+    dt = in_dtypes[0]
+    for d in in_dtypes[1:]:
+        dt = torch.promote_types(dt, d)
+    q, k, v = (x.to(dt).reshape(B * T, H, -1).contiguous() for x in (q, k, v))
+    g = g.float().reshape(B * T, H, K).contiguous()
+    beta = beta.reshape(B * T, H).contiguous()
+    layout = _Layout(cu_seqlens, B, T, q.device)
+    h0 = None if initial_state is None else initial_state.contiguous()
+    o, ht = ChunkKDAFunction.apply(q, k, v, g, beta, h0, scale, output_final_state, layout)
+    return o.reshape(B, T, H, V).to(out_dtype), ht
