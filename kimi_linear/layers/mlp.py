@@ -1,0 +1,48 @@
+"""Dense SwiGLU MLP: the feed-forward of the first layers and the MoE's shared expert.
+
+Shape legend: D hidden size, I intermediate size; ``...`` any leading dims.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SwiGLUMLP(nn.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))``, no biases (checkpoint names ``gate_proj/up_proj/down_proj``).
+
+    Args:
+        hidden_size: D, the input and output width.
+        intermediate_size: I, the width of the gated activation.
+
+    Raises:
+        ValueError: a size that is not a positive int.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)  # [I, D]
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)  # [I, D]
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)  # [D, I]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x ``[..., D]`` floating point. Returns ``[..., D]``.
+
+        Raises:
+            TypeError: x is not a floating-point tensor. ValueError: its last dim is not D.
+        """
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor [..., {self.hidden_size}]")
+        if x.dim() == 0 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must have shape [..., hidden_size={self.hidden_size}], got {tuple(x.shape)}")
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}"
