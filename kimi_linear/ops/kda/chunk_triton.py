@@ -28,6 +28,16 @@ from kimi_linear.ops.kda.common import preprocess
 CHUNK = 64
 SUB_CHUNK = 16
 
+# Tests set this to fill every buffer a kernel is meant to write with NaN first, so an element the kernels leave
+# unwritten shows up in the results instead of passing as stale memory.
+POISON_BUFFERS = False
+
+
+def _empty(*shape, device, dtype):
+    if POISON_BUFFERS:
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(*shape, device=device, dtype=dtype)
+
 
 def _pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
@@ -67,19 +77,19 @@ def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, need_bwd):
     BK, BVf = _pad_dim(K), _pad_dim(V)
     dev, dt = q.device, q.dtype
     prec = _dot_precision(dt)
-    G = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
-    Aqk = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
-    Tinv = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32) if need_bwd else Aqk
-    w = torch.empty(TT, H, K, device=dev, dtype=dt)
-    u = torch.empty(TT, H, V, device=dev, dtype=dt)
+    G = _empty(TT, H, K, device=dev, dtype=torch.float32)
+    Aqk = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
+    Tinv = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32) if need_bwd else Aqk
+    w = _empty(TT, H, K, device=dev, dtype=dt)
+    u = _empty(TT, H, V, device=dev, dtype=dt)
     if layout.NT > 0:
         chunk_kda_fwd_intra_kernel[(layout.NT, H)](
             q, k, v, g, beta, G, Aqk, Tinv, w, u, layout.cu_seqlens, layout.chunk_indices, scale,
             H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BV=BVf, STORE_TINV=need_bwd, DOT_PREC=prec,
             num_warps=4,
         )
-    o = torch.empty(TT, H, V, device=dev, dtype=dt)
-    ht = torch.empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
+    o = _empty(TT, H, V, device=dev, dtype=dt)
+    ht = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     BV = _block_v(V)
     chunk_kda_fwd_state_kernel[(triton.cdiv(V, BV), layout.N * H)](
         q, k, w, u, G, Aqk, o, h0 if h0 is not None else o, ht if ht is not None else o, o, o,
@@ -99,39 +109,39 @@ def _bwd(q, k, v, beta, G, Aqk, Tinv, w, u, scale, h0, do, dht, layout):
     BV = _block_v(V)
     NT = layout.NT
     # states entering each chunk and the pseudo-values V_new, recomputed
-    h = torch.empty(NT, H, K, V, device=dev, dtype=dt)
-    vn = torch.empty(TT, H, V, device=dev, dtype=dt)
+    h = _empty(NT, H, K, V, device=dev, dtype=dt)
+    vn = _empty(TT, H, V, device=dev, dtype=dt)
     chunk_kda_fwd_state_kernel[(triton.cdiv(V, BV), layout.N * H)](
         q, k, w, u, G, Aqk, vn, h0 if h0 is not None else vn, vn, h, vn,
         layout.cu_seqlens, layout.chunk_offsets, scale,
         H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=False, STORE_O=False,
         STORE_H=True, DOT_PREC=prec, num_warps=4,
     )
-    dh = torch.empty(NT, H, K, V, device=dev, dtype=dt)
-    dvn = torch.empty(TT, H, V, device=dev, dtype=dt)
-    dh0 = torch.empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if h0 is not None else None
+    dh = _empty(NT, H, K, V, device=dev, dtype=dt)
+    dvn = _empty(TT, H, V, device=dev, dtype=dt)
+    dh0 = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if h0 is not None else None
     chunk_kda_bwd_dh_kernel[(triton.cdiv(V, BV), layout.N * H)](
         q, k, w, G, Aqk, do, dht if dht is not None else do, dh, dvn, dh0 if dh0 is not None else do,
         layout.cu_seqlens, layout.chunk_offsets, scale,
         H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_DHT=dht is not None, STORE_DH0=dh0 is not None,
         DOT_PREC=prec, num_warps=4,
     )
-    dq = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
-    dk = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
-    dG = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
-    dA = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
-    dAqk = torch.empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
-    dv = torch.empty(TT, H, V, device=dev, dtype=v.dtype)
-    db = torch.empty(TT, H, device=dev, dtype=torch.float32)
+    dq = _empty(TT, H, K, device=dev, dtype=torch.float32)
+    dk = _empty(TT, H, K, device=dev, dtype=torch.float32)
+    dG = _empty(TT, H, K, device=dev, dtype=torch.float32)
+    dA = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
+    dAqk = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
+    dv = _empty(TT, H, V, device=dev, dtype=v.dtype)
+    db = _empty(TT, H, device=dev, dtype=torch.float32)
     if NT > 0:
         chunk_kda_bwd_inter_kernel[(NT, H)](
             q, k, v, beta, G, Tinv, h, dh, vn, dvn, do, dq, dk, dG, dA, dAqk, dv, db,
             layout.cu_seqlens, layout.chunk_indices, scale,
             H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, DOT_PREC=prec, num_warps=8,
         )
-        dq_out = torch.empty(TT, H, K, device=dev, dtype=dt)
-        dk_out = torch.empty(TT, H, K, device=dev, dtype=dt)
-        dg = torch.empty(TT, H, K, device=dev, dtype=torch.float32)
+        dq_out = _empty(TT, H, K, device=dev, dtype=dt)
+        dk_out = _empty(TT, H, K, device=dev, dtype=dt)
+        dg = _empty(TT, H, K, device=dev, dtype=torch.float32)
         chunk_kda_bwd_intra_kernel[(NT, H)](
             q, k, beta, G, dq, dk, dG, dA, dAqk, db, dq_out, dk_out, dg,
             layout.cu_seqlens, layout.chunk_indices, scale,

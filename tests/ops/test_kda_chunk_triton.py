@@ -1,0 +1,241 @@
+"""Triton chunkwise KDA (forward + backward) against the token-by-token reference of paper Eq. 1.
+
+Without CUDA the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set below before the kernel modules
+import Triton) at small sizes: outputs, final states and every gradient (dq, dk, dv, dg, dbeta, dh0, and dA_log,
+ddt_bias through the fused gate) against autograd through ``naive_recurrent_kda``. Every buffer the kernels write is
+poisoned with NaN first. With CUDA the same cases run compiled, plus real sizes (H=32, K=V=128, bf16, T up to 8192)
+against ``naive_chunk_kda`` in fp32 on the GPU (the CPU cases and tests/ops/test_kda.py establish that it equals the
+recurrence to ~1e-6).
+
+Error budget for 16-bit inputs: the kernel's relative RMS error against the fp32 reference on the original fp32
+inputs must be at most twice the error of that same reference fed the 16-bit-rounded inputs (output and gradients
+returned in the 16-bit dtype), and below an absolute bound per tensor (BF16_ABS).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kimi_linear.ops.kda.chunk_triton as chunk_triton  # noqa: E402
+from kimi_linear.ops.kda import beta_activation, chunk_kda, kda_gate, naive_chunk_kda, naive_recurrent_kda  # noqa: E402
+from kimi_linear.ops.norm import l2norm  # noqa: E402
+from tests.utils import kda_inputs, leaves, loss_of, rel_err  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1: the Triton kernels cannot run", allow_module_level=True)
+
+FP32_TOL = 2e-5  # fp32 on both sides; only the order of summation differs (measured ~1e-6)
+BF16_ABS = {"o": 1e-2, "ht": 1e-2, "grad": 2e-2}
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(autouse=True)
+def poison_buffers(monkeypatch):
+    monkeypatch.setattr(chunk_triton, "POISON_BUFFERS", True)
+
+
+def reference(q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=None, *, l2norm_qk=False,
+              A_log=None, dt_bias=None, beta_sigmoid=False):
+    """Activations by their references, then paper Eq. 1 one sequence at a time, in fp32; differentiable.
+
+    Returns o ``[B, T, H, V]`` fp32 and the final states ``[N, H, K, V]``.
+    """
+    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    if l2norm_qk:
+        q, k = l2norm(q), l2norm(k)
+    if A_log is not None:
+        g = kda_gate(g, A_log, dt_bias)
+    if beta_sigmoid:
+        beta = beta_activation(beta)
+    if g.dim() == 3:
+        g = g[..., None].expand_as(q)
+    if cu_seqlens is None:
+        return naive_recurrent_kda(q, k, v, g, beta, scale, initial_state, output_final_state=True)
+    bounds = cu_seqlens.tolist()
+    outs, states = [], []
+    for i, (s, e) in enumerate(zip(bounds, bounds[1:])):
+        h0 = None if initial_state is None else initial_state[i : i + 1]
+        o_i, h_i = naive_recurrent_kda(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e], scale, h0,
+                                       output_final_state=True)
+        if h_i is None or e == s:  # an empty sequence passes its state through
+            h_i = h0 if h0 is not None else q.new_zeros(1, *q.shape[2:], v.shape[-1])
+        outs.append(o_i)
+        states.append(h_i)
+    return torch.cat(outs, dim=1), torch.cat(states)
+
+
+def check_fwd_bwd(x: dict, tol: float = FP32_TOL, chunk_budget: bool = False, **kwargs):
+    """Run the Triton op and the reference on copies of x (leaves), compare outputs, states and all gradients.
+
+    With ``chunk_budget`` the tolerance of each tensor is the larger of ``tol`` and three times the departure of the
+    PyTorch chunked form (fp32) from the recurrence on the same input: for inputs where the chunk's (I + A) is
+    ill-conditioned, any chunked algorithm in fp32 departs from the token loop by more than ``tol``.
+    """
+    a = leaves({n: t.to(DEVICE) if t is not None else None for n, t in x.items()})
+    b = leaves(x)
+    o, ht = chunk_kda(**a, output_final_state=True, backend="triton", **kwargs)
+    cu = kwargs.get("cu_seqlens")
+    o_ref, ht_ref = reference(**b, scale=kwargs.get("scale"), cu_seqlens=None if cu is None else cu.cpu())
+    assert o.shape == o_ref.shape and o.dtype == x["v"].dtype
+    loss_of(o, ht).backward()
+    loss_of(o_ref, ht_ref).backward()
+    got = {"o": o, "ht": ht, **{"d" + n: t.grad for n, t in a.items() if t is not None}}
+    want = {"o": o_ref, "ht": ht_ref, **{"d" + n: t.grad for n, t in b.items() if t is not None}}
+    tols = {n: tol for n in want}
+    if chunk_budget:
+        c = leaves(x)
+        o_c, ht_c = naive_chunk_kda(**c, scale=kwargs.get("scale"), output_final_state=True)
+        loss_of(o_c, ht_c).backward()
+        chunked = {"o": o_c, "ht": ht_c, **{"d" + n: t.grad for n, t in c.items() if t is not None}}
+        tols = {n: max(tol, 3 * rel_err(chunked[n], want[n])) for n in want}
+    for n in want:
+        assert got[n] is not None, f"no {n}"
+        assert rel_err(got[n].cpu(), want[n]) < tols[n], n
+
+
+SHAPES = [(1, 70, 1, 16, 32, True), (2, 63, 2, 32, 16, False), (1, 1, 1, 16, 16, True)]
+
+
+@pytest.mark.parametrize(
+    "B,T,H,K,V,with_state", SHAPES, ids=[f"B{b}-T{t}-H{h}-K{k}-V{v}-{'h0' if s else 'no-h0'}" for b, t, h, k, v, s in SHAPES]
+)
+def test_matches_recurrence_with_gradients(B, T, H, K, V, with_state):
+    x = kda_inputs(B, T, H, K, V, with_state=with_state)
+    check_fwd_bwd(x, scale=0.3 if K == 32 else None)
+
+
+def test_varlen_with_empty_and_single_token_segments():
+    cu = torch.tensor([0, 0, 1, 66, 100], dtype=torch.int32)
+    x = kda_inputs(1, 100, 1, 16, 16, N=4)
+    check_fwd_bwd(x, cu_seqlens=cu.to(DEVICE))
+
+
+def test_extreme_gates_are_exact_and_finite():
+    """g = -1000 (the state is wiped) next to gates near 0, across sub-block and chunk boundaries."""
+    x = kda_inputs(1, 80, 1, 16, 16, gate_scale=1e-3)
+    g = x["g"]
+    g[:, 5] = -1000.0
+    g[:, 17:19, :, :8] = -1000.0
+    g[:, 64] = -1000.0
+    check_fwd_bwd(x, chunk_budget=True)
+
+
+def test_fused_activations_with_gate_gradients():
+    """L2 norm of q/k, the gate -exp(A_log) softplus(x + dt_bias) and the beta sigmoid in the op."""
+    B, T, H, K, V = 1, 40, 2, 16, 16
+    x = kda_inputs(B, T, H, K, V)
+    x["q"], x["k"] = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
+    x["g"] = torch.randn(B, T, H, K)
+    x["beta"] = torch.randn(B, T, H)
+    A_log, dt_bias = torch.randn(H) * 0.5, torch.randn(H * K) * 0.5
+    x["A_log"], x["dt_bias"] = A_log, dt_bias
+    a = {n: t.to(DEVICE) for n, t in x.items() if t is not None}
+    kw = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+    la, lb = leaves(a), leaves(x)
+    o, ht = chunk_kda(la["q"], la["k"], la["v"], la["g"], la["beta"], initial_state=la["initial_state"],
+                      output_final_state=True, A_log=la["A_log"], dt_bias=la["dt_bias"], backend="triton", **kw)
+    o_ref, ht_ref = reference(lb["q"], lb["k"], lb["v"], lb["g"], lb["beta"], initial_state=lb["initial_state"],
+                              l2norm_qk=True, A_log=lb["A_log"], dt_bias=lb["dt_bias"], beta_sigmoid=True)
+    assert rel_err(o.cpu(), o_ref) < FP32_TOL
+    assert rel_err(ht.cpu(), ht_ref) < FP32_TOL
+    loss_of(o, ht).backward()
+    loss_of(o_ref, ht_ref).backward()
+    for n in la:
+        assert rel_err(la[n].grad.cpu(), lb[n].grad) < FP32_TOL, f"d{n}"
+
+
+def test_scalar_gate_gdn():
+    x = kda_inputs(2, 50, 2, 16, 16, scalar_gate=True)
+    check_fwd_bwd(x)
+
+
+def test_no_final_state_and_no_grad():
+    x = {n: (t.to(DEVICE) if t is not None else None) for n, t in kda_inputs(1, 20, 1, 16, 16).items()}
+    with torch.no_grad():
+        o, ht = chunk_kda(**x, backend="triton")
+    o_ref, _ = reference(**{n: (t.cpu() if t is not None else None) for n, t in x.items()})
+    assert ht is None
+    assert rel_err(o.cpu(), o_ref) < FP32_TOL
+
+
+def half_budget(x32: dict, dtype, n_check=None, **kwargs):
+    """Errors of the kernel on ``dtype`` inputs and of the fp32 reference fed the same rounded inputs, both against
+    the fp32 reference on the original inputs. Returns {tensor name: (kernel error, reference-rounding error)}."""
+
+    def rounded(x):
+        out = {}
+        for n, t in x.items():
+            if t is None or n in ("g", "initial_state"):  # gates and states stay fp32, as in the model
+                out[n] = t
+            else:
+                out[n] = t.to(dtype)
+        return out
+
+    def run(fn, x, out_dtype):
+        lv = leaves(x)
+        o, ht = fn(lv)
+        loss_of(o.float(), ht).backward()
+        grads = {n: t.grad.to(out_dtype if x[n].dtype != torch.float32 else torch.float32)
+                 for n, t in lv.items() if t is not None}
+        return {"o": o.to(out_dtype).float(), "ht": ht, **{"d" + n: gr.float() for n, gr in grads.items()}}
+
+    def ref_fn(lv):
+        return naive_chunk_kda(*(lv[n].float() for n in ("q", "k", "v", "g", "beta")),
+                               initial_state=lv["initial_state"], output_final_state=True, **kwargs)
+
+    def kernel_fn(lv):
+        return chunk_kda(**lv, output_final_state=True, backend="triton", **kwargs)
+
+    exact = run(ref_fn, x32, torch.float32)
+    ref_lowp = run(ref_fn, rounded(x32), dtype)
+    kern = run(kernel_fn, rounded(x32), dtype)
+    return {n: (rel_err(kern[n], exact[n]), rel_err(ref_lowp[n], exact[n])) for n in exact}
+
+
+def assert_half_budget(errs: dict):
+    for n, (e_kernel, e_ref) in errs.items():
+        bound = BF16_ABS["o"] if n == "o" else BF16_ABS["ht"] if n == "ht" else BF16_ABS["grad"]
+        assert e_kernel <= 2 * e_ref + 1e-6, f"{n}: kernel {e_kernel:.2e} > 2 x reference rounding {e_ref:.2e}"
+        assert e_kernel < bound, f"{n}: kernel {e_kernel:.2e} >= {bound}"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_half_inputs_small(dtype):
+    x = {n: (t.cuda() if t is not None else None) for n, t in kda_inputs(2, 300, 4, 64, 64).items()}
+    assert_half_budget(half_budget(x, dtype))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1000, 8192])
+def test_gpu_real_size_bf16(T):
+    x = {n: (t.cuda() if t is not None else None) for n, t in kda_inputs(1, T, 32, 128, 128).items()}
+    errs = half_budget(x, torch.bfloat16)
+    print({n: (f"{a:.2e}", f"{b:.2e}") for n, (a, b) in errs.items()})
+    assert_half_budget(errs)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_real_size_varlen_fp32():
+    """Packed sequences at the model's head size, fp32, against the recurrence per sequence on the GPU."""
+    cu = torch.tensor([0, 1, 700, 700, 2050], dtype=torch.int32)
+    x = kda_inputs(1, 2050, 4, 128, 128, N=4)
+    a = leaves({n: t.cuda() for n, t in x.items()})
+    b = leaves({n: t.cuda() for n, t in x.items()})
+    o, ht = chunk_kda(**a, cu_seqlens=cu.cuda(), output_final_state=True, backend="triton")
+    o_ref, ht_ref = reference(**b, cu_seqlens=cu)
+    assert rel_err(o, o_ref) < 1e-4 and rel_err(ht, ht_ref) < 1e-4
+    loss_of(o, ht).backward()
+    loss_of(o_ref, ht_ref).backward()
+    for n in a:
+        assert rel_err(a[n].grad, b[n].grad) < 1e-4, f"d{n}"
