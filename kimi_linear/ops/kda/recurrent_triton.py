@@ -1,11 +1,12 @@
 """Triton recurrent KDA for decoding: paper Eq. 1 token by token, forward only, with a state pool.
 
-One program owns one ``[K, BV]`` block of one (sequence, head) state: it loads the block once from HBM into registers
-(fp32), loops over that sequence's tokens, writes the output slice ``o[t, h, BV]`` after each token, and stores the
-block once at the end. Decoding is bound by the state traffic (K x V x 4 bytes read and written per head and layer),
-so everything else is fused in: the L2 norm of q and k, the forget-gate activation, the beta sigmoid, the scalar (GDN)
-gate broadcast, the state-pool gather/scatter and the varlen boundaries. Every program reads the full K-vectors of
-q, k and g (tiny next to the state) because the delta rule needs k^T S over the whole K axis.
+One program owns one ``[K, BV]`` block of one (sequence, head) state: it loads the block once from HBM into
+registers (fp32), loops over that sequence's tokens, writes the output slice ``o[t, h, BV]`` after each token,
+and stores the block once at the end. Decoding is bound by the state traffic (K x V x 4 bytes read and written
+per head and layer), so everything else is fused in: the L2 norm of q and k, the forget-gate activation, the
+beta sigmoid, the scalar (GDN) gate broadcast, the state-pool gather/scatter and the varlen boundaries. Every
+program reads the full K-vectors of q, k and g (tiny next to the state) because the delta rule needs k^T S
+over the whole K axis.
 
 Per token, with S the ``[K, BV]`` block (reference: ``naive.naive_recurrent_kda``):
 
@@ -14,10 +15,10 @@ Per token, with S the ``[K, BV]`` block (reference: ``naive.naive_recurrent_kda`
 Limits and caveats:
 
 * K, V <= 256 (the whole K axis of a block lives in registers; BK is K rounded up to a power of two).
-* CUDA-graph capturable: no host sync, no allocation whose size depends on tensor values; the launch configuration
-  depends on shapes only. Compile (call once) before capturing.
-* With ``state_indices`` the pool is read and written in place; two sequences naming the same non-negative slot in
-  one call race (the result is one of them, unspecified), as in every serving engine's slot pool.
+* CUDA-graph capturable: no host sync, no allocation whose size depends on tensor values; the launch
+  configuration depends on shapes only. Compile (call once) before capturing.
+* With ``state_indices`` the pool is read and written in place; two sequences naming the same non-negative
+  slot in one call race (the result is one of them, unspecified), as in every serving engine's slot pool.
 * Offsets into the state pool and the token axis are computed in int64, so pools over 2^31 elements work.
 """
 
@@ -82,7 +83,7 @@ def _fused_recurrent_kda_fwd_kernel(
             else:
                 b_bias = tl.load(dt_bias + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
 
-    # A while loop rather than range(bos, eos): Triton's interpreter cannot range over loaded values (numpy 2).
+    # A while loop, not range(bos, eos): Triton's interpreter cannot range over loaded values (numpy 2).
     t = bos
     while t < eos:
         b_q = tl.load(q + t * stride_q_t + i_h * stride_q_h + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
@@ -101,7 +102,8 @@ def _fused_recurrent_kda_fwd_kernel(
             if HAS_DT_BIAS:
                 b_g = b_g + b_bias
             # log(1 + exp(x)) overflows for large x; torch's softplus switches to x above the threshold too.
-            b_g = -b_rate * tl.where(b_g > SP_THRESHOLD, b_g, tl.log(1.0 + tl.exp(tl.minimum(b_g, SP_THRESHOLD))))
+            b_softplus = tl.log(1.0 + tl.exp(tl.minimum(b_g, SP_THRESHOLD)))
+            b_g = -b_rate * tl.where(b_g > SP_THRESHOLD, b_g, b_softplus)
         if USE_BETA_SIGMOID:
             b_beta = 1.0 / (1.0 + tl.exp(-b_beta))
         b_q = b_q * scale
@@ -127,8 +129,8 @@ def _fused_recurrent_kda_fwd_kernel(
 def _token_strides(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(x', token stride, head stride) for x ``[B, T, H, ...]`` read as a flat token axis of B*T rows.
 
-    Views with a unit last stride whose batch and time axes merge into one token axis (the usual slices of a fused
-    projection) are passed as they are; anything else is made contiguous.
+    Views with a unit last stride whose batch and time axes merge into one token axis (the usual slices of a
+    fused projection) are passed as they are; anything else is made contiguous.
     """
     B, T, H = x.shape[:3]
     last_ok = x.dim() == 3 or x.shape[-1] == 1 or x.stride(-1) == 1
@@ -142,8 +144,9 @@ def _token_strides(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 def _default_block_v(n_heads: int, V: int) -> int:
-    """V-block per program: small blocks when few (sequence, head) pairs must still fill 132 SMs (B=1 decode),
-    wider blocks for large batches, where each program's loads get longer and per-program overhead amortises."""
+    """V-block per program: small blocks when few (sequence, head) pairs must still fill 132 SMs (B=1
+    decode), wider blocks for large batches, where each program's loads get longer and per-program overhead
+    amortises."""
     BV = 32 if n_heads >= 1024 else 16 if n_heads >= 128 else 8
     return max(min(BV, triton.next_power_of_2(V)), 1)
 
@@ -182,7 +185,8 @@ def fused_recurrent_kda_triton(
         initial_state: ``[N, H, K, V]`` float32, or with ``state_indices`` the pool ``[S, H, K, V]`` float32
             (contiguous, updated in place).
         cu_seqlens: int ``[N + 1]`` on q's device, B == 1; values are trusted (not read on the host).
-        state_indices: int ``[N]`` on q's device; slot per sequence, negative = start from zeros, write nothing.
+        state_indices: int ``[N]`` on q's device; slot per sequence, negative = start from zeros and write
+            nothing.
         use_qk_l2norm_in_kernel, use_gate_in_kernel (with A_log ``[H]``, dt_bias ``[H*K]`` or ``[H]``),
         use_beta_sigmoid_in_kernel: the in-op activations of ``common.preprocess``, fused.
         block_v, num_warps: launch overrides for benchmarking (default: chosen from the shapes).
@@ -206,7 +210,8 @@ def fused_recurrent_kda_triton(
 
     use_state_indices = state_indices is not None
     if use_state_indices and not initial_state.is_contiguous():
-        raise ValueError("initial_state (the state pool [S, H, K, V]) must be contiguous to be updated in place")
+        raise ValueError("initial_state (the state pool [S, H, K, V]) must be contiguous: it is updated in "
+                         "place")
     if initial_state is not None and not use_state_indices:
         initial_state = initial_state.contiguous()
     store_final = output_final_state and not use_state_indices

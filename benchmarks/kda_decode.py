@@ -1,0 +1,208 @@
+"""Decode-step benchmark of the recurrent KDA kernel: ours vs FLA 0.6.0, eager and inside a CUDA graph.
+
+One decode step of one layer: one token per sequence, H heads, K x V fp32 state per (sequence, head), bf16
+inputs. The step is bound by the state traffic (read + write K*V*4 bytes per head), so the figure of merit is
+the effective state bandwidth 2 * B * H * K * V * 4 / time, reported against a device-to-device copy of the
+same bytes.
+
+Modes:
+  pool   ours, serving path: the state pool is updated in place through ``state_indices``.
+  h0     ours, FLA's calling convention: ``initial_state`` in, a new final state out.
+  fla    ``fla.ops.kda.fused_recurrent_kda`` with ``initial_state`` and ``output_final_state=True``.
+
+Timing: "eager" is host wall-clock per call over back-to-back calls (what a Python decode loop pays, launch
+overhead included); "graph" is one CUDA graph holding L consecutive layer-steps, each on its own state, timed
+with CUDA events over replays and divided by L (L is chosen so the states of one replay far exceed the L2, as
+across a real model). ``--sweep`` also times every (BV, num_warps) launch configuration in graph mode.
+
+Usage (H200): python benchmarks/kda_decode.py --json $OUT/kda_decode.json [--sweep] [--batches 1 16 64 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import triton
+
+from kimi_linear.ops.kda import fused_recurrent_kda
+from kimi_linear.ops.kda.recurrent_triton import (
+    _default_block_v,
+    _default_num_warps,
+    fused_recurrent_kda_triton,
+)
+
+GRAPH_BYTES = 256 * 2**20  # state bytes touched per graph replay, well above the H200's 60 MB L2
+
+
+def make_inputs(B: int, H: int, K: int, V: int, device: str, seed: int) -> dict:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, 1, H, K, device=device, generator=gen).bfloat16()
+    k = torch.randn(B, 1, H, K, device=device, generator=gen)
+    k = torch.nn.functional.normalize(k, dim=-1).bfloat16()
+    v = torch.randn(B, 1, H, V, device=device, generator=gen).bfloat16()
+    g = (-torch.rand(B, 1, H, K, device=device, generator=gen) * 0.5).bfloat16()
+    beta = torch.rand(B, 1, H, device=device, generator=gen).bfloat16()
+    return dict(q=q, k=k, v=v, g=g, beta=beta)
+
+
+def time_eager(fn, iters: int) -> float:
+    """Microseconds per call, host wall-clock over back-to-back calls (launch overhead included)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters * 1e6
+
+
+def time_graph(fns, replays: int) -> float:
+    """Microseconds per layer-step: one graph runs every fn in ``fns`` once; median over timed replays."""
+    for fn in fns:
+        fn()  # compile and warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(fns))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_us(nbytes: int) -> float:
+    """Microseconds for a device-to-device copy of nbytes (2 * nbytes moved): the bandwidth ceiling."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    return time_graph([lambda: dst.copy_(src)], 50)
+
+
+def load_fla():
+    try:
+        from fla.ops.kda import fused_recurrent_kda as fla_fused_recurrent_kda
+    except Exception as e:  # noqa: BLE001 - any import failure means "no peer"
+        print(f"FLA not available: {e!r}")
+        return None
+    return fla_fused_recurrent_kda
+
+
+def bench_batch(B, H, K, V, fla, sweep: bool) -> dict:
+    state_bytes = B * H * K * V * 4
+    layers = max(1, min(32, math.ceil(GRAPH_BYTES / state_bytes)))
+    x = make_inputs(B, H, K, V, "cuda", seed=B)
+    pools = [torch.randn(B, H, K, V, device="cuda") for _ in range(layers)]
+    slots = torch.arange(B, device="cuda", dtype=torch.int32)
+    default_bv = _default_block_v(B * H, V)
+    row = dict(B=B, H=H, K=K, V=V, layers_in_graph=layers, state_MB=state_bytes / 2**20,
+               default_BV=default_bv, default_warps=_default_num_warps(triton.next_power_of_2(K), default_bv))
+
+    def ours_pool(i):
+        return lambda: fused_recurrent_kda(**x, initial_state=pools[i], state_indices=slots)
+
+    def ours_h0(i):
+        return lambda: fused_recurrent_kda(**x, initial_state=pools[i], output_final_state=True)
+
+    iters = 200 if B <= 64 else 50
+    row["pool_eager_us"] = time_eager(ours_pool(0), iters)
+    row["pool_graph_us"] = time_graph([ours_pool(i) for i in range(layers)], 50)
+    row["h0_eager_us"] = time_eager(ours_h0(0), iters)
+    row["h0_graph_us"] = time_graph([ours_h0(i) for i in range(layers)], 50)
+    row["copy_us"] = copy_us(state_bytes)
+
+    h0 = torch.randn(B, H, K, V, device="cuda")
+    o_ours, ht_ours = fused_recurrent_kda(**x, initial_state=h0, output_final_state=True)
+    if fla is not None:
+        def fla_h0(i):
+            return lambda: fla(**x, initial_state=pools[i], output_final_state=True)
+
+        row["fla_eager_us"] = time_eager(fla_h0(0), iters)
+        try:
+            row["fla_graph_us"] = time_graph([fla_h0(i) for i in range(layers)], 50)
+        except Exception as e:  # noqa: BLE001 - report, keep benchmarking
+            print(f"FLA graph capture failed at B={B}: {e!r}")
+            row["fla_graph_us"] = float("nan")
+        o_fla, ht_fla = fla(**x, initial_state=h0, output_final_state=True)
+        row["o_rel_diff_vs_fla"] = ((o_ours.float() - o_fla.float()).norm() / o_fla.float().norm()).item()
+        row["state_rel_diff_vs_fla"] = ((ht_ours - ht_fla).norm() / ht_fla.norm()).item()
+
+    if sweep:
+        row["sweep"] = {}
+        for BV in (8, 16, 32, 64):
+            for warps in (1, 2, 4, 8):
+                per_thread = 128 * BV // (32 * warps)
+                if not 4 <= per_thread <= 128:
+                    continue
+                fns = [
+                    (lambda i=i, BV=BV, warps=warps: fused_recurrent_kda_triton(
+                        **x, initial_state=pools[i], state_indices=slots, block_v=BV, num_warps=warps))
+                    for i in range(layers)
+                ]
+                row["sweep"][f"BV{BV}-w{warps}"] = time_graph(fns, 30)
+    return row
+
+
+def gbps(state_bytes: float, us: float) -> float:
+    return 2 * state_bytes / (us * 1e-6) / 1e9
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--sweep", action="store_true", help="also time every (BV, num_warps) configuration")
+    parser.add_argument("--no-fla", action="store_true")
+    parser.add_argument("--json", default=None, help="write all numbers here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+
+    H, D = args.heads, args.head_dim
+    fla = None if args.no_fla else load_fla()
+    rows = [bench_batch(B, H, D, D, fla, args.sweep) for B in args.batches]
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                fla=None if fla is None else __import__("fla").__version__,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+    if args.sweep:
+        print("\nGraph-mode us per layer-step by launch configuration (pool mode):")
+        for r in rows:
+            best = min(r["sweep"], key=r["sweep"].get)
+            cells = "  ".join(f"{n}={t:.1f}" for n, t in r["sweep"].items())
+            print(f"B={r['B']}: best {best} {r['sweep'][best]:.1f} us | default BV{r['default_BV']}-w"
+                  f"{r['default_warps']} | {cells}")
+
+    print(f"\n{meta}")
+    print(f"Decode step, one layer, H={H}, K=V={D}, bf16 inputs, fp32 state; us per step "
+          "(eager = host wall-clock per call; graph = per layer-step inside a CUDA graph)\n")
+    print("| B | ours pool eager | ours pool graph | ours h0 eager | ours h0 graph | FLA eager | FLA graph "
+          "| ours pool graph GB/s | copy GB/s | graph ratio FLA/ours (h0) | o diff vs FLA |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        sb = r["state_MB"] * 2**20
+        fla_e, fla_g = r.get("fla_eager_us", float("nan")), r.get("fla_graph_us", float("nan"))
+        print(f"| {r['B']} | {r['pool_eager_us']:.1f} | {r['pool_graph_us']:.1f} | {r['h0_eager_us']:.1f} | "
+              f"{r['h0_graph_us']:.1f} | {fla_e:.1f} | {fla_g:.1f} | {gbps(sb, r['pool_graph_us']):.0f} | "
+              f"{gbps(sb, r['copy_us']):.0f} | {fla_g / r['h0_graph_us']:.2f} | "
+              f"{r.get('o_rel_diff_vs_fla', float('nan')):.1e} |")
+
+
+if __name__ == "__main__":
+    main()
