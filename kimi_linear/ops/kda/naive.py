@@ -248,17 +248,26 @@ def naive_chunk_kda(
     q_dec = q_c * G.exp()  # [B, H, N, C, K]
     G_last = G[..., -1:, :]  # [B, H, N, 1, K]
     k_dec = k_c * (G_last - G).exp()  # decay from each row to the end of its chunk
-    chunk_decay = G_last.squeeze(-2).exp()  # [B, H, N, K]
 
-    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
-    outputs = []
+    # Inter-chunk recurrence, Eq. 8: S' = Diag(exp G_C) S + k_dec^T (U - W S) = M S + k_dec^T U with
+    # M = Diag(exp G_C) - k_dec^T W, so the sequential part is a single batched matmul-add per chunk.
+    k_dec_t = k_dec.transpose(-1, -2)  # [B, H, N, K, C]
+    M = torch.diag_embed(G_last.squeeze(-2).exp()) - k_dec_t @ W  # [B, H, N, K, K]
+    M = M.movedim(2, 0).reshape(n_chunks, B * H, K, K)
+    kU = (k_dec_t @ U).movedim(2, 0).reshape(n_chunks, B * H, K, V)
+    S = q.new_zeros(B * H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float().reshape(B * H, K, V)
+    states = []  # the state entering each chunk
     for n in range(n_chunks):
-        v_new = U[:, :, n] - W[:, :, n] @ S  # [B, H, C, V]
-        outputs.append(q_dec[:, :, n] @ S + A_qk[:, :, n] @ v_new)
-        S = chunk_decay[:, :, n, :, None] * S + k_dec[:, :, n].transpose(-1, -2) @ v_new
-    if outputs:
-        o = torch.stack(outputs, dim=2)  # [B, H, N, C, V]
+        states.append(S)
+        S = torch.baddbmm(kU[n], M[n], S)
+    S = S.reshape(B, H, K, V)
+    if n_chunks:
+        S_in = torch.stack(states, dim=0).reshape(n_chunks, B, H, K, V).movedim(0, 2)  # [B, H, N, K, V]
     else:
-        o = v.new_zeros(B, H, 0, C, V, dtype=torch.float32)
+        S_in = q.new_zeros(B, H, 0, K, V, dtype=torch.float32)
+
+    # Outputs of all chunks at once, Eq. 9: O = (Q * exp(G)) S_in + A_qk (U - W S_in).
+    v_new = U - W @ S_in  # [B, H, N, C, V]
+    o = q_dec @ S_in + A_qk @ v_new  # [B, H, N, C, V]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, n_chunks * C, H, V)[:, :T]  # [B, T, H, V]
     return o.to(dtype), (S if output_final_state else None)
