@@ -35,20 +35,40 @@ from kimi_linear.ops.kda.chunk_fwd import (
     _row,
     _store_block,
     _store_rows,
+    _tile,
 )
 
 
 @triton.jit
-def _tile_ptrs(ptr, t0, i_h, o_v, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr):
+def _bwd_dh_step(dS, i_t, bos, eos, c0, i_h, qg, kd, w, G, Aqk, do, dh_out, dvn_out, o_v, m_kv, o_kv,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One chunk of the reverse pass: takes dS' (leaving chunk i_t), returns dS (entering it)."""
+    dt = w.dtype.element_ty
+    t0 = bos + i_t * BT
+    n_rows = tl.minimum(eos - t0, BT)
     o_r = tl.arange(0, BT)
-    return ptr + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * V + o_v[None, :]
+    m_tv = (o_r < n_rows)[:, None] & (o_v < V)[None, :]
+    tl.store(dh_out + ((c0 + i_t) * H + i_h) * K * V + o_kv, dS.to(dh_out.dtype.element_ty), mask=m_kv)
+    b_do = tl.load(_tile(do, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0).to(dt)  # [BT, BV]
+    b_A = _load_block(Aqk, t0, 0, 0, n_rows, i_h, H, BT, BT).to(dt)  # [BT, BT]
+    b_kd = _load_rows(kd, t0, 0, n_rows, i_h, H, K, BT, BK).to(dt)
+    b_qg = _load_rows(qg, t0, 0, n_rows, i_h, H, K, BT, BK).to(dt)
+    b_w = _load_rows(w, t0, 0, n_rows, i_h, H, K, BT, BK).to(dt)
+    b_dvn = _dot(tl.trans(b_A), b_do, DOT_PREC) + _dot(b_kd, dS.to(dt), DOT_PREC)
+    tl.store(_tile(dvn_out, t0, i_h, o_v, H, V, BT), b_dvn.to(dvn_out.dtype.element_ty), mask=m_tv)
+    G_last = _load_last(G, t0, n_rows, i_h, H, K, BK)
+    dS = dS * tl.exp(G_last)[:, None]
+    dS += _dot(tl.trans(b_qg), b_do, DOT_PREC)
+    dS -= _dot(tl.trans(b_w), b_dvn.to(dt), DOT_PREC)
+    return dS
 
 
 @triton.jit
 def chunk_kda_bwd_dh_kernel(
-    q, k, w, G, Aqk, do, dht, dh_out, dvn_out, dh0, cu_seqlens, chunk_offsets, scale,
+    qg, kd, w, G, Aqk, do, dht, dh_out, dvn_out, dh0, cu_seqlens, chunk_offsets,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PREC: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -56,39 +76,25 @@ def chunk_kda_bwd_dh_kernel(
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     n_chunks = (eos - bos + BT - 1) // BT
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    dt = w.dtype.element_ty
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
     o_kv = o_k[:, None] * V + o_v[None, :]
-    o_r = tl.arange(0, BT)
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         dS += tl.load(dht + (i_n * H + i_h) * K * V + o_kv, mask=m_kv, other=0.0)
 
-    i_t = n_chunks - 1
-    while i_t >= 0:  # a while loop: Triton's interpreter cannot take a run-time bound in range()
-        t0 = bos + i_t * BT
-        n_rows = tl.minimum(eos - t0, BT)
-        m_tv = (o_r < n_rows)[:, None] & (o_v < V)[None, :]
-        tl.store(dh_out + ((c0 + i_t) * H + i_h) * K * V + o_kv, dS.to(dh_out.dtype.element_ty), mask=m_kv)
-
-        b_do = tl.load(_tile_ptrs(do, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0)  # [BT, BV]
-        b_A = _load_block(Aqk, t0, 0, 0, n_rows, i_h, H, BT, BT)  # [BT, BT]
-        G_last = _load_last(G, t0, n_rows, i_h, H, K, BK)
-        b_G = _load_G(G, t0, 0, n_rows, G_last, i_h, H, K, BT, BK)
-        b_k = _load_rows(k, t0, 0, n_rows, i_h, H, K, BT, BK)
-        b_kd = b_k * tl.exp(G_last[None, :] - b_G)
-        b_dvn = _dot(tl.trans(b_A.to(dt)), b_do.to(dt), DOT_PREC) + _dot(b_kd.to(dt), dS.to(dt), DOT_PREC)
-        tl.store(_tile_ptrs(dvn_out, t0, i_h, o_v, H, V, BT), b_dvn.to(dvn_out.dtype.element_ty), mask=m_tv)
-
-        b_qg = _load_rows(q, t0, 0, n_rows, i_h, H, K, BT, BK) * scale * tl.exp(b_G)
-        b_w = _load_rows(w, t0, 0, n_rows, i_h, H, K, BT, BK)
-        dS = dS * tl.exp(G_last)[:, None]
-        dS += _dot(tl.trans(b_qg.to(dt)), b_do.to(dt), DOT_PREC)
-        dS -= _dot(tl.trans(b_w.to(dt)), b_dvn.to(dt), DOT_PREC)
-        i_t -= 1
+    if INTERPRET:  # the interpreter cannot take a run-time bound in range()
+        i_t = n_chunks - 1
+        while i_t >= 0:
+            dS = _bwd_dh_step(dS, i_t, bos, eos, c0, i_h, qg, kd, w, G, Aqk, do, dh_out, dvn_out, o_v, m_kv, o_kv,
+                              H, K, V, BT, BK, BV, DOT_PREC)
+            i_t -= 1
+    else:
+        for i in range(n_chunks):
+            dS = _bwd_dh_step(dS, n_chunks - 1 - i, bos, eos, c0, i_h, qg, kd, w, G, Aqk, do, dh_out, dvn_out,
+                              o_v, m_kv, o_kv, H, K, V, BT, BK, BV, DOT_PREC)
 
     if STORE_DH0:
         tl.store(dh0 + (i_n * H + i_h) * K * V + o_kv, dS, mask=m_kv)
@@ -131,10 +137,10 @@ def chunk_kda_bwd_inter_kernel(
         p_kv = h_base + o_k[:, None] * V + o_v[None, :]
         b_h = tl.load(h + p_kv, mask=m_kv, other=0.0)  # [BK, BV], state entering the chunk
         b_dh = tl.load(dh + p_kv, mask=m_kv, other=0.0)  # gradient of the state leaving it
-        b_vn = tl.load(_tile_ptrs(vn, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0)
-        b_dvn = tl.load(_tile_ptrs(dvn, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0)
-        b_do = tl.load(_tile_ptrs(do, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0).to(dt)
-        b_v = tl.load(_tile_ptrs(v, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0).to(tl.float32)
+        b_vn = tl.load(_tile(vn, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0)
+        b_dvn = tl.load(_tile(dvn, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0)
+        b_do = tl.load(_tile(do, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0).to(dt)
+        b_v = tl.load(_tile(v, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0).to(tl.float32)
 
         b_dqg += _dot(b_do, tl.trans(b_h.to(dt)), DOT_PREC)
         b_dw -= _dot(b_dvn.to(dt), tl.trans(b_h.to(dt)), DOT_PREC)
@@ -144,7 +150,7 @@ def chunk_kda_bwd_inter_kernel(
 
         # U = T (beta V): d(beta V) = T^T dU with dU = dV_new
         b_dvb = _dot(tl.trans(b_T), b_dvn.to(tl.float32), DOT_PREC)  # [BT, BV]
-        tl.store(_tile_ptrs(dv, t0, i_h, o_v, H, V, BT), (b_beta[:, None] * b_dvb).to(dv.dtype.element_ty),
+        tl.store(_tile(dv, t0, i_h, o_v, H, V, BT), (b_beta[:, None] * b_dvb).to(dv.dtype.element_ty),
                  mask=m_tv)
         b_db += tl.sum(b_v * b_dvb, 1)
         b_dT += _dot(b_dvn.to(tl.float32), tl.trans(b_beta[:, None] * b_v), DOT_PREC)

@@ -82,6 +82,13 @@ def _load_last(ptr, t0, n_rows, i_h, H: tl.constexpr, D: tl.constexpr, BD: tl.co
 
 
 @triton.jit
+def _tile(ptr, t0, i_h, o_v, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr):
+    """Pointers to rows [t0, t0 + BT) and columns o_v of ``ptr`` [T_total, H, V]."""
+    o_r = tl.arange(0, BT)
+    return ptr + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * V + o_v[None, :]
+
+
+@triton.jit
 def _load_block(ptr, t0, row0, col0, n_rows, i_h, H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """Sub-block [BC, BC] at (row0, col0) of a per-chunk matrix stored as ``ptr`` [T_total, H, BT], fp32."""
     o_r = row0 + tl.arange(0, BC)
@@ -142,7 +149,7 @@ def _dot_exact(a, b):
 
 @triton.jit
 def chunk_kda_fwd_intra_kernel(
-    q, k, v, g, beta, G_out, Aqk_out, Tinv_out, w_out, u_out, cu_seqlens, chunk_indices, scale,
+    q, k, v, g, beta, G_out, Aqk_out, Tinv_out, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, STORE_TINV: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -168,6 +175,7 @@ def chunk_kda_fwd_intra_kernel(
     _store_rows(G_out, G1, t0, BC, n_rows, i_h, H, K, BC, BK)
     _store_rows(G_out, G2, t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
     _store_rows(G_out, G3, t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
+    G_last = _row(G3, o_c, BC - 1)  # padded rows repeat the last valid row
 
     k0 = _load_rows(k, t0, 0, n_rows, i_h, H, K, BC, BK)
     k1 = _load_rows(k, t0, BC, n_rows, i_h, H, K, BC, BK)
@@ -181,6 +189,16 @@ def chunk_kda_fwd_intra_kernel(
     b1 = _load_vec(beta, t0, BC, n_rows, i_h, H, BC)
     b2 = _load_vec(beta, t0, 2 * BC, n_rows, i_h, H, BC)
     b3 = _load_vec(beta, t0, 3 * BC, n_rows, i_h, H, BC)
+
+    # the state pass's operands: q~ exp(G) reads the state, K exp(G_last - G) writes it
+    _store_rows(qg_out, q0 * tl.exp(G0), t0, 0, n_rows, i_h, H, K, BC, BK)
+    _store_rows(qg_out, q1 * tl.exp(G1), t0, BC, n_rows, i_h, H, K, BC, BK)
+    _store_rows(qg_out, q2 * tl.exp(G2), t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
+    _store_rows(qg_out, q3 * tl.exp(G3), t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
+    _store_rows(kd_out, k0 * tl.exp(G_last[None, :] - G0), t0, 0, n_rows, i_h, H, K, BC, BK)
+    _store_rows(kd_out, k1 * tl.exp(G_last[None, :] - G1), t0, BC, n_rows, i_h, H, K, BC, BK)
+    _store_rows(kd_out, k2 * tl.exp(G_last[None, :] - G2), t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
+    _store_rows(kd_out, k3 * tl.exp(G_last[None, :] - G3), t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
 
     # diagonal sub-blocks, element-wise decay
     Akk00, Aqk00 = _diag_pairs(q0, k0, G0, BC)
@@ -299,11 +317,39 @@ def chunk_kda_fwd_intra_kernel(
 
 
 @triton.jit
+def _fwd_state_step(S, i_t, bos, eos, c0, i_h, qg, kd, w, u, G, Aqk, o, h_out, vnew_out, o_v, m_kv, o_kv,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr, STORE_O: tl.constexpr, STORE_H: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One chunk of the state pass: returns the state leaving chunk i_t."""
+    dt = w.dtype.element_ty
+    t0 = bos + i_t * BT
+    n_rows = tl.minimum(eos - t0, BT)
+    o_r = tl.arange(0, BT)
+    m_tv = (o_r < n_rows)[:, None] & (o_v < V)[None, :]
+    if STORE_H:
+        tl.store(h_out + ((c0 + i_t) * H + i_h) * K * V + o_kv, S.to(h_out.dtype.element_ty), mask=m_kv)
+    b_w = _load_rows(w, t0, 0, n_rows, i_h, H, K, BT, BK)
+    b_u = tl.load(_tile(u, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0).to(tl.float32)
+    b_kd = _load_rows(kd, t0, 0, n_rows, i_h, H, K, BT, BK)
+    b_S = S.to(dt)
+    b_vn = b_u - _dot(b_w.to(dt), b_S, DOT_PREC)  # [BT, BV]
+    if STORE_O:
+        b_qg = _load_rows(qg, t0, 0, n_rows, i_h, H, K, BT, BK)
+        b_A = _load_block(Aqk, t0, 0, 0, n_rows, i_h, H, BT, BT)  # [BT, BT]
+        b_o = _dot(b_qg.to(dt), b_S, DOT_PREC) + _dot(b_A.to(dt), b_vn.to(dt), DOT_PREC)
+        tl.store(_tile(o, t0, i_h, o_v, H, V, BT), b_o.to(o.dtype.element_ty), mask=m_tv)
+    if STORE_H:
+        tl.store(_tile(vnew_out, t0, i_h, o_v, H, V, BT), b_vn.to(vnew_out.dtype.element_ty), mask=m_tv)
+    G_last = _load_last(G, t0, n_rows, i_h, H, K, BK)
+    return S * tl.exp(G_last)[:, None] + _dot(tl.trans(b_kd.to(dt)), b_vn.to(dt), DOT_PREC)
+
+
+@triton.jit
 def chunk_kda_fwd_state_kernel(
-    q, k, w, u, G, Aqk, o, h0, ht, h_out, vnew_out, cu_seqlens, chunk_offsets, scale,
+    qg, kd, w, u, G, Aqk, o, h0, ht, h_out, vnew_out, cu_seqlens, chunk_offsets,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_O: tl.constexpr, STORE_H: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -311,7 +357,6 @@ def chunk_kda_fwd_state_kernel(
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     n_chunks = (eos - bos + BT - 1) // BT
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    dt = w.dtype.element_ty
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -321,36 +366,16 @@ def chunk_kda_fwd_state_kernel(
     if USE_H0:
         S += tl.load(h0 + (i_n * H + i_h) * K * V + o_kv, mask=m_kv, other=0.0)
 
-    # a while loop: Triton's interpreter cannot take a run-time bound in range()
-    i_t = 0
-    while i_t < n_chunks:
-        t0 = bos + i_t * BT
-        n_rows = tl.minimum(eos - t0, BT)
-        if STORE_H:
-            tl.store(h_out + ((c0 + i_t) * H + i_h) * K * V + o_kv, S.to(h_out.dtype.element_ty), mask=m_kv)
-        b_w = _load_rows(w, t0, 0, n_rows, i_h, H, K, BT, BK)
-        o_r = tl.arange(0, BT)
-        m_r = o_r < n_rows
-        p_u = u + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * V + o_v[None, :]
-        b_u = tl.load(p_u, mask=m_r[:, None] & (o_v < V)[None, :], other=0.0).to(tl.float32)
-        b_vn = b_u - _dot(b_w.to(dt), S.to(dt), DOT_PREC)  # [BT, BV]
-
-        G_last = _load_last(G, t0, n_rows, i_h, H, K, BK)
-        b_G = _load_G(G, t0, 0, n_rows, G_last, i_h, H, K, BT, BK)  # [BT, BK]
-        if STORE_O:
-            b_q = _load_rows(q, t0, 0, n_rows, i_h, H, K, BT, BK) * scale
-            b_A = _load_block(Aqk, t0, 0, 0, n_rows, i_h, H, BT, BT)  # [BT, BT]
-            b_o = _dot((b_q * tl.exp(b_G)).to(dt), S.to(dt), DOT_PREC)
-            b_o += _dot(b_A.to(dt), b_vn.to(dt), DOT_PREC)
-            p_o = o + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * V + o_v[None, :]
-            tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_r[:, None] & (o_v < V)[None, :])
-        if STORE_H:
-            p_vn = vnew_out + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * V + o_v[None, :]
-            tl.store(p_vn, b_vn.to(vnew_out.dtype.element_ty), mask=m_r[:, None] & (o_v < V)[None, :])
-        b_k = _load_rows(k, t0, 0, n_rows, i_h, H, K, BT, BK)
-        b_kd = b_k * tl.exp(G_last[None, :] - b_G)  # decay from each row to the chunk's end
-        S = S * tl.exp(G_last)[:, None] + _dot(tl.trans(b_kd.to(dt)), b_vn.to(dt), DOT_PREC)
-        i_t += 1
+    if INTERPRET:  # the interpreter cannot take a run-time bound in range()
+        i_t = 0
+        while i_t < n_chunks:
+            S = _fwd_state_step(S, i_t, bos, eos, c0, i_h, qg, kd, w, u, G, Aqk, o, h_out, vnew_out, o_v, m_kv,
+                                o_kv, H, K, V, BT, BK, BV, STORE_O, STORE_H, DOT_PREC)
+            i_t += 1
+    else:
+        for i_t in range(n_chunks):
+            S = _fwd_state_step(S, i_t, bos, eos, c0, i_h, qg, kd, w, u, G, Aqk, o, h_out, vnew_out, o_v, m_kv,
+                                o_kv, H, K, V, BT, BK, BV, STORE_O, STORE_H, DOT_PREC)
 
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h) * K * V + o_kv, S, mask=m_kv)

@@ -14,6 +14,8 @@ accumulate); fp32 inputs run fp32 products throughout.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -67,8 +69,27 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _block_v(V: int) -> int:
-    return min(_pad_dim(V), 64)
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Launch settings per kernel; the V block of the sequential passes sets their parallelism (V / BV * N * H programs).
+CONFIG = {
+    "intra_warps": 4,
+    "state_bv": 32,
+    "state_warps": 4,
+    "state_stages": 2,
+    "dh_bv": 32,
+    "dh_warps": 4,
+    "dh_stages": 2,
+    "inter_bv": 64,
+    "inter_warps": 8,
+    "bwd_intra_warps": 4,
+}
+
+
+def _bv(V: int, key: str) -> int:
+    return min(_pad_dim(V), CONFIG[key])
 
 
 def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, need_bwd):
@@ -78,77 +99,82 @@ def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, need_bwd):
     dev, dt = q.device, q.dtype
     prec = _dot_precision(dt)
     G = _empty(TT, H, K, device=dev, dtype=torch.float32)
-    Aqk = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
-    Tinv = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32) if need_bwd else Aqk
+    Aqk = _empty(TT, H, CHUNK, device=dev, dtype=dt)
+    Tinv = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32) if need_bwd else G
     w = _empty(TT, H, K, device=dev, dtype=dt)
     u = _empty(TT, H, V, device=dev, dtype=dt)
+    qg = _empty(TT, H, K, device=dev, dtype=dt)
+    kd = _empty(TT, H, K, device=dev, dtype=dt)
     if layout.NT > 0:
         chunk_kda_fwd_intra_kernel[(layout.NT, H)](
-            q, k, v, g, beta, G, Aqk, Tinv, w, u, layout.cu_seqlens, layout.chunk_indices, scale,
+            q, k, v, g, beta, G, Aqk, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
             H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BV=BVf, STORE_TINV=need_bwd, DOT_PREC=prec,
-            num_warps=4,
+            num_warps=CONFIG["intra_warps"],
         )
     o = _empty(TT, H, V, device=dev, dtype=dt)
     ht = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    BV = _block_v(V)
+    BV = _bv(V, "state_bv")
     chunk_kda_fwd_state_kernel[(triton.cdiv(V, BV), layout.N * H)](
-        q, k, w, u, G, Aqk, o, h0 if h0 is not None else o, ht if ht is not None else o, o, o,
-        layout.cu_seqlens, layout.chunk_offsets, scale,
+        qg, kd, w, u, G, Aqk, o, h0 if h0 is not None else o, ht if ht is not None else o, o, o,
+        layout.cu_seqlens, layout.chunk_offsets,
         H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None, STORE_O=True,
-        STORE_H=False, DOT_PREC=prec, num_warps=4,
+        STORE_H=False, DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=CONFIG["state_warps"],
+        num_stages=CONFIG["state_stages"],
     )
-    return o, ht, G, Aqk, Tinv, w, u
+    return o, ht, (G, Aqk, Tinv, w, u, qg, kd)
 
 
-def _bwd(q, k, v, beta, G, Aqk, Tinv, w, u, scale, h0, do, dht, layout):
+def _bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
+    G, Aqk, Tinv, w, u, qg, kd = saved
     TT, H, K = q.shape
     V = v.shape[-1]
     BK = _pad_dim(K)
     dev, dt = q.device, q.dtype
     prec = _dot_precision(dt)
-    BV = _block_v(V)
     NT = layout.NT
     # states entering each chunk and the pseudo-values V_new, recomputed
     h = _empty(NT, H, K, V, device=dev, dtype=dt)
     vn = _empty(TT, H, V, device=dev, dtype=dt)
+    BV = _bv(V, "state_bv")
     chunk_kda_fwd_state_kernel[(triton.cdiv(V, BV), layout.N * H)](
-        q, k, w, u, G, Aqk, vn, h0 if h0 is not None else vn, vn, h, vn,
-        layout.cu_seqlens, layout.chunk_offsets, scale,
+        qg, kd, w, u, G, Aqk, vn, h0 if h0 is not None else vn, vn, h, vn,
+        layout.cu_seqlens, layout.chunk_offsets,
         H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=False, STORE_O=False,
-        STORE_H=True, DOT_PREC=prec, num_warps=4,
+        STORE_H=True, DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=CONFIG["state_warps"],
+        num_stages=CONFIG["state_stages"],
     )
     dh = _empty(NT, H, K, V, device=dev, dtype=dt)
     dvn = _empty(TT, H, V, device=dev, dtype=dt)
     dh0 = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if h0 is not None else None
+    BV = _bv(V, "dh_bv")
     chunk_kda_bwd_dh_kernel[(triton.cdiv(V, BV), layout.N * H)](
-        q, k, w, G, Aqk, do, dht if dht is not None else do, dh, dvn, dh0 if dh0 is not None else do,
-        layout.cu_seqlens, layout.chunk_offsets, scale,
+        qg, kd, w, G, Aqk, do, dht if dht is not None else do, dh, dvn, dh0 if dh0 is not None else do,
+        layout.cu_seqlens, layout.chunk_offsets,
         H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        DOT_PREC=prec, num_warps=4,
+        DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=CONFIG["dh_warps"], num_stages=CONFIG["dh_stages"],
     )
-    dq = _empty(TT, H, K, device=dev, dtype=torch.float32)
-    dk = _empty(TT, H, K, device=dev, dtype=torch.float32)
-    dG = _empty(TT, H, K, device=dev, dtype=torch.float32)
-    dA = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
-    dAqk = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
     dv = _empty(TT, H, V, device=dev, dtype=v.dtype)
     db = _empty(TT, H, device=dev, dtype=torch.float32)
+    dq_out = _empty(TT, H, K, device=dev, dtype=dt)
+    dk_out = _empty(TT, H, K, device=dev, dtype=dt)
+    dg = _empty(TT, H, K, device=dev, dtype=torch.float32)
     if NT > 0:
+        dq = _empty(TT, H, K, device=dev, dtype=torch.float32)
+        dk = _empty(TT, H, K, device=dev, dtype=torch.float32)
+        dG = _empty(TT, H, K, device=dev, dtype=torch.float32)
+        dA = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
+        dAqk = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
         chunk_kda_bwd_inter_kernel[(NT, H)](
             q, k, v, beta, G, Tinv, h, dh, vn, dvn, do, dq, dk, dG, dA, dAqk, dv, db,
             layout.cu_seqlens, layout.chunk_indices, scale,
-            H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, DOT_PREC=prec, num_warps=8,
+            H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=_bv(V, "inter_bv"), DOT_PREC=prec,
+            num_warps=CONFIG["inter_warps"],
         )
-        dq_out = _empty(TT, H, K, device=dev, dtype=dt)
-        dk_out = _empty(TT, H, K, device=dev, dtype=dt)
-        dg = _empty(TT, H, K, device=dev, dtype=torch.float32)
         chunk_kda_bwd_intra_kernel[(NT, H)](
             q, k, beta, G, dq, dk, dG, dA, dAqk, db, dq_out, dk_out, dg,
             layout.cu_seqlens, layout.chunk_indices, scale,
-            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC=prec, num_warps=4,
+            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC=prec, num_warps=CONFIG["bwd_intra_warps"],
         )
-    else:
-        dq_out, dk_out, dg = dq.to(dt), dk.to(dt), dG
     return dq_out, dk_out, dv, dg, db, dh0
 
 
@@ -159,18 +185,18 @@ class ChunkKDAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, layout):
         need_bwd = any(ctx.needs_input_grad[:6])
-        o, ht, G, Aqk, Tinv, w, u = _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, need_bwd)
+        o, ht, saved = _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, need_bwd)
         if need_bwd:
-            ctx.save_for_backward(q, k, v, beta, G, Aqk, Tinv, w, u, h0)
+            ctx.save_for_backward(q, k, v, beta, h0, *saved)
         ctx.scale, ctx.layout = scale, layout
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, G, Aqk, Tinv, w, u, h0 = ctx.saved_tensors
+        q, k, v, beta, h0, *saved = ctx.saved_tensors
         do = do.contiguous().to(q.dtype)
         dht = None if dht is None else dht.contiguous().float()
-        dq, dk, dv, dg, db, dh0 = _bwd(q, k, v, beta, G, Aqk, Tinv, w, u, ctx.scale, h0, do, dht, ctx.layout)
+        dq, dk, dv, dg, db, dh0 = _bwd(q, k, v, beta, saved, ctx.scale, h0, do, dht, ctx.layout)
         return dq, dk, dv, dg, db.to(beta.dtype), dh0, None, None, None
 
 
