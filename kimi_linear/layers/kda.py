@@ -80,11 +80,14 @@ class KimiDeltaAttention(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def _apply(self, fn, *args, **kwargs):
-        # The gate parameters stay fp32 whatever dtype the rest of the model is cast to (as in the release).
+        # The gate parameters stay fp32 whatever dtype the rest of the model is cast to (as in the release); the
+        # fp32 values from before the cast are kept, not a round trip through the lower precision.
+        before = {name: getattr(self, name).data for name in ("A_log", "dt_bias")}
         super()._apply(fn, *args, **kwargs)
-        for p in (self.A_log, self.dt_bias):
-            if p.dtype != torch.float32:
-                p.data = p.data.float()
+        for name, old in before.items():
+            p = getattr(self, name)
+            if old.dtype == torch.float32 and p.dtype != torch.float32:
+                p.data = old.to(p.device)
         return self
 
     def conv_weight(self) -> torch.Tensor:

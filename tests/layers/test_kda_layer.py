@@ -169,8 +169,11 @@ def test_kda_layer_decode_and_varlen_match_full_forward():
 
 
 def test_kda_gate_parameters_stay_fp32():
-    layer = randomised_layer(small_config()).to(torch.bfloat16)
+    layer = randomised_layer(small_config())
+    A_log, dt_bias = layer.A_log.detach().clone(), layer.dt_bias.detach().clone()
+    layer = layer.to(torch.bfloat16)
     assert layer.A_log.dtype == torch.float32 and layer.dt_bias.dtype == torch.float32
+    assert torch.equal(layer.A_log, A_log) and torch.equal(layer.dt_bias, dt_bias)  # no round trip through bf16
     assert layer.q_proj.weight.dtype == torch.bfloat16
     assert tuple(layer.A_log.shape) == (1, 1, 2, 1) and tuple(layer.dt_bias.shape) == (32,)
     assert tuple(layer.q_conv1d.weight.shape) == (32, 1, 4) and tuple(layer.o_norm.weight.shape) == (16,)
