@@ -1,0 +1,100 @@
+"""Generation: prefill + decode == full forward, batched == one by one, sampling controls, stop tokens, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kimi_linear.cache import KimiLinearCache
+from kimi_linear.generate import decode_step, generate, prefill, sample
+from tests.test_model import make_model
+from tests.utils import rel_err
+
+PROMPTS = [[5, 17, 200, 3, 99, 42, 7, 150, 1, 64, 33], [250], [9, 8, 7, 6, 5]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(seed=21)
+
+
+def test_prefill_and_decode_steps_match_full_forward(model):
+    N, steps = len(PROMPTS), 7
+    cache = KimiLinearCache(model.config, N, 20)
+    logits = prefill(model, PROMPTS, cache)
+    seqs = [list(p) for p in PROMPTS]
+    step_logits = []
+    for _ in range(steps):
+        step_logits.append(logits)
+        tokens = logits.argmax(-1)
+        for n in range(N):
+            seqs[n].append(int(tokens[n]))
+        logits = decode_step(model, tokens, cache)
+    assert cache.lengths.tolist() == [len(p) + steps for p in PROMPTS]
+    for n, p in enumerate(PROMPTS):
+        with torch.no_grad():
+            full = model(torch.tensor([seqs[n]])).logits[0]  # teacher-forced on the generated tokens
+        got = torch.stack([step[n] for step in step_logits])
+        assert rel_err(got, full[len(p) - 1 : len(p) - 1 + steps]) < 2e-5, f"sequence {n}"
+
+
+def test_batched_equals_one_by_one_and_streaming(model):
+    streamed = []
+    batched = generate(model, PROMPTS, max_new_tokens=9, stop_tokens=[], on_token=lambda i, t: streamed.append((i, t)))
+    alone = [generate(model, [p], max_new_tokens=9, stop_tokens=[])[0] for p in PROMPTS]
+    assert batched == alone and all(len(out) == 9 for out in batched)
+    for i, out in enumerate(batched):
+        assert [t for j, t in streamed if j == i] == out
+
+
+def test_stop_tokens_end_only_their_sequence(model):
+    free = generate(model, PROMPTS, max_new_tokens=8, stop_tokens=[])
+    stop = free[0][2]
+    out = generate(model, PROMPTS, max_new_tokens=8, stop_tokens=[stop])
+    assert out[0] == free[0][: free[0].index(stop) + 1]
+    for n in (1, 2):
+        cut = free[n].index(stop) + 1 if stop in free[n] else 8
+        assert out[n] == free[n][:cut]
+
+
+def test_sampling_controls(model):
+    greedy = generate(model, PROMPTS, max_new_tokens=5, stop_tokens=[])
+    assert generate(model, PROMPTS, max_new_tokens=5, stop_tokens=[], temperature=1.3, top_k=1, seed=0) == greedy
+    assert generate(model, PROMPTS, max_new_tokens=5, stop_tokens=[], temperature=0.7, top_p=1e-6, seed=0) == greedy
+    a = generate(model, PROMPTS, max_new_tokens=6, stop_tokens=[], temperature=1.0, seed=3)
+    b = generate(model, PROMPTS, max_new_tokens=6, stop_tokens=[], temperature=1.0, seed=3)
+    assert a == b and a != greedy
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=gen)
+    top3 = logits.topk(3).indices
+    draws = torch.stack([sample(logits, temperature=2.0, top_k=3, generator=gen) for _ in range(200)], 1)
+    assert all(set(draws[i].tolist()) <= set(top3[i].tolist()) for i in range(4))
+    assert len(set(draws[0].tolist())) > 1  # really sampling
+    probs = logits.softmax(-1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    keep = (sorted_p.cumsum(-1) - sorted_p) < 0.5  # the nucleus of top_p = 0.5
+    draws = torch.stack([sample(logits, temperature=1.0, top_p=0.5, generator=gen) for _ in range(200)], 1)
+    for i in range(4):
+        assert set(draws[i].tolist()) <= set(order[i][keep[i]].tolist())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=[]), "non-empty list"),
+    (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+    (dict(prompts=[[1, 100000]]), "outside"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=-2), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_length=8), "exceeds max_length"),
+    (dict(max_new_tokens=5000), "model_max_length"),
+], ids=["no-prompts", "empty-prompt", "bad-id", "zero-new", "neg-temp", "nan-temp", "neg-topk", "topp0", "topp>1",
+        "too-long", "beyond-model"])
+def test_bad_arguments(model, kwargs, match):
+    args = dict(prompts=[[1, 2, 3, 4, 5, 6]], max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        generate(model, **args)
