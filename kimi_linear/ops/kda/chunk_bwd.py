@@ -31,6 +31,7 @@ from kimi_linear.ops.kda.chunk_fwd import (
     _load_block,
     _load_last,
     _load_rows,
+    _load_rows_raw,
     _load_vec,
     _row,
     _store_block,
@@ -51,10 +52,10 @@ def _bwd_dh_step(dS, i_t, bos, eos, c0, i_h, qg, kd, w, G, Aqk, do, dh_out, dvn_
     m_tv = (o_r < n_rows)[:, None] & (o_v < V)[None, :]
     tl.store(dh_out + ((c0 + i_t) * H + i_h) * K * V + o_kv, dS.to(dh_out.dtype.element_ty), mask=m_kv)
     b_do = tl.load(_tile(do, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0).to(dt)  # [BT, BV]
-    b_A = _load_block(Aqk, t0, 0, 0, n_rows, i_h, H, BT, BT).to(dt)  # [BT, BT]
-    b_kd = _load_rows(kd, t0, 0, n_rows, i_h, H, K, BT, BK).to(dt)
-    b_qg = _load_rows(qg, t0, 0, n_rows, i_h, H, K, BT, BK).to(dt)
-    b_w = _load_rows(w, t0, 0, n_rows, i_h, H, K, BT, BK).to(dt)
+    b_A = _load_rows_raw(Aqk, t0, n_rows, i_h, H, BT, BT, BT)  # [BT, BT]
+    b_kd = _load_rows_raw(kd, t0, n_rows, i_h, H, K, BT, BK)
+    b_qg = _load_rows_raw(qg, t0, n_rows, i_h, H, K, BT, BK)
+    b_w = _load_rows_raw(w, t0, n_rows, i_h, H, K, BT, BK)
     b_dvn = _dot(tl.trans(b_A), b_do, DOT_PREC) + _dot(b_kd, dS.to(dt), DOT_PREC)
     tl.store(_tile(dvn_out, t0, i_h, o_v, H, V, BT), b_dvn.to(dvn_out.dtype.element_ty), mask=m_tv)
     G_last = _load_last(G, t0, n_rows, i_h, H, K, BK)

@@ -47,6 +47,16 @@ def _load_rows(ptr, t0, row0, n_rows, i_h, H: tl.constexpr, D: tl.constexpr, BR:
 
 
 @triton.jit
+def _load_rows_raw(ptr, t0, n_rows, i_h, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """Rows [0, BR) of a chunk in the stored dtype (dot operands stay 16-bit: half the registers of fp32)."""
+    o_r = tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (o_r < n_rows)[:, None] & (o_d < D)[None, :]
+    p = ptr + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
 def _store_rows(ptr, x, t0, row0, n_rows, i_h, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
                 BD: tl.constexpr):
     o_r = row0 + tl.arange(0, BR)
@@ -328,20 +338,20 @@ def _fwd_state_step(S, i_t, bos, eos, c0, i_h, qg, kd, w, u, G, Aqk, o, h_out, v
     m_tv = (o_r < n_rows)[:, None] & (o_v < V)[None, :]
     if STORE_H:
         tl.store(h_out + ((c0 + i_t) * H + i_h) * K * V + o_kv, S.to(h_out.dtype.element_ty), mask=m_kv)
-    b_w = _load_rows(w, t0, 0, n_rows, i_h, H, K, BT, BK)
+    b_w = _load_rows_raw(w, t0, n_rows, i_h, H, K, BT, BK)
     b_u = tl.load(_tile(u, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0).to(tl.float32)
-    b_kd = _load_rows(kd, t0, 0, n_rows, i_h, H, K, BT, BK)
+    b_kd = _load_rows_raw(kd, t0, n_rows, i_h, H, K, BT, BK)
     b_S = S.to(dt)
-    b_vn = b_u - _dot(b_w.to(dt), b_S, DOT_PREC)  # [BT, BV]
+    b_vn = b_u - _dot(b_w, b_S, DOT_PREC)  # [BT, BV]
     if STORE_O:
-        b_qg = _load_rows(qg, t0, 0, n_rows, i_h, H, K, BT, BK)
-        b_A = _load_block(Aqk, t0, 0, 0, n_rows, i_h, H, BT, BT)  # [BT, BT]
-        b_o = _dot(b_qg.to(dt), b_S, DOT_PREC) + _dot(b_A.to(dt), b_vn.to(dt), DOT_PREC)
+        b_qg = _load_rows_raw(qg, t0, n_rows, i_h, H, K, BT, BK)
+        b_A = _load_rows_raw(Aqk, t0, n_rows, i_h, H, BT, BT, BT)  # [BT, BT]
+        b_o = _dot(b_qg, b_S, DOT_PREC) + _dot(b_A, b_vn.to(dt), DOT_PREC)
         tl.store(_tile(o, t0, i_h, o_v, H, V, BT), b_o.to(o.dtype.element_ty), mask=m_tv)
     if STORE_H:
         tl.store(_tile(vnew_out, t0, i_h, o_v, H, V, BT), b_vn.to(vnew_out.dtype.element_ty), mask=m_tv)
     G_last = _load_last(G, t0, n_rows, i_h, H, K, BK)
-    return S * tl.exp(G_last)[:, None] + _dot(tl.trans(b_kd.to(dt)), b_vn.to(dt), DOT_PREC)
+    return S * tl.exp(G_last)[:, None] + _dot(tl.trans(b_kd), b_vn.to(dt), DOT_PREC)
 
 
 @triton.jit

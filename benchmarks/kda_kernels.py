@@ -1,0 +1,298 @@
+"""Chunkwise KDA kernels on the GPU: ours vs FLA 0.6.0 vs torch SDPA causal attention, plus GDN and decode.
+
+B=1, H=32, K=V=128, bf16 q/k/v/beta, fp32 gates, T in {4k, 8k, 16k, 32k, 64k}:
+  * forward and forward+backward in ms (``triton.testing.do_bench`` median, after warm-up, random inputs);
+  * TFLOP/s by paper Eq. 13 (per head 6 T K^2 + 3 T C K + T C^2, C = 64; forward+backward counted as 3x that),
+    SDPA by 2 T^2 K per head (causal) and 3x for forward+backward; the fraction of the 790 TFLOP/s bf16 ceiling;
+  * the ratio of our time to FLA's (< 1 is faster);
+  * GDN (one scalar gate per head) through our kernels, next to FLA's GDN forward;
+  * per-kernel times of our forward+backward at 8k and 32k (torch profiler, CUDA time per launch);
+  * one decode step through the public ``fused_recurrent_kda`` (T=1, state pool in place) at B in {1,16,64,256},
+    eager (host wall-clock per call) and replayed in a CUDA graph, with the effective state bandwidth.
+
+Writes ``kda_kernels.json`` and ``kda_kernels.png`` (log-log ms vs T) into --out and prints the table last.
+Usage (H200): python benchmarks/kda_kernels.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kimi_linear.ops.kda import chunk_kda
+from kimi_linear.ops.kda import chunk_triton
+
+PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on this H200 (DESIGN.md §5)
+PEAK_TBPS = 4.8
+H, K, V, C = 32, 128, 128, 64
+
+
+def kda_flops(T: int, B: int = 1) -> float:
+    """Paper Eq. 13, forward, all heads."""
+    return B * H * (6 * T * K * K + 3 * T * C * K + T * C * C)
+
+
+def attn_flops(T: int, B: int = 1) -> float:
+    return B * H * 2 * T * T * K
+
+
+def make_inputs(T: int, seed: int, scalar_gate: bool = False, requires_grad: bool = False) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, T, H, K, device="cuda", generator=gen)
+    k = F.normalize(torch.randn(1, T, H, K, device="cuda", generator=gen), dim=-1)
+    q = F.normalize(q, dim=-1)
+    v = torch.randn(1, T, H, V, device="cuda", generator=gen)
+    g_shape = (1, T, H) if scalar_gate else (1, T, H, K)
+    g = F.logsigmoid(torch.randn(*g_shape, device="cuda", generator=gen) + 3.0)  # decays mostly near 1
+    beta = torch.rand(1, T, H, device="cuda", generator=gen).sigmoid()
+    x = dict(q=q.bfloat16(), k=k.bfloat16(), v=v.bfloat16(), g=g.float(), beta=beta.bfloat16())
+    if requires_grad:
+        for t in x.values():
+            t.requires_grad_(True)
+    return x
+
+
+def bench(fn, grad_to_none=None) -> float:
+    return triton.testing.do_bench(fn, warmup=100, rep=400, grad_to_none=grad_to_none, return_mode="median")
+
+
+def load_fla():
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.kda import chunk_kda as fla_chunk_kda
+
+        return fla_chunk_kda, chunk_gated_delta_rule
+    except Exception as e:  # noqa: BLE001 - the peer is optional
+        print(f"FLA not available: {e!r}")
+        return None, None
+
+
+def time_chunk(T: int, fla_kda, fla_gdn) -> dict:
+    row = {"T": T}
+    x = make_inputs(T, seed=T)
+    with torch.no_grad():
+        row["ours_fwd"] = bench(lambda: chunk_kda(**x, backend="triton"))
+        if fla_kda is not None:
+            row["fla_fwd"] = bench(lambda: fla_kda(**x))
+    xg = make_inputs(T, seed=T, requires_grad=True)
+    do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
+    leaves = list(xg.values())
+    row["ours_fwdbwd"] = bench(lambda: chunk_kda(**xg, backend="triton")[0].backward(do), leaves)
+    if fla_kda is not None:
+        row["fla_fwdbwd"] = bench(lambda: fla_kda(**xg)[0].backward(do), leaves)
+
+    # GDN: one scalar gate per head, same kernels
+    xs = make_inputs(T, seed=T + 1, scalar_gate=True)
+    with torch.no_grad():
+        row["ours_gdn_fwd"] = bench(lambda: chunk_kda(**xs, backend="triton"))
+        if fla_gdn is not None:
+            try:
+                row["fla_gdn_fwd"] = bench(lambda: fla_gdn(xs["q"], xs["k"], xs["v"], xs["g"], xs["beta"]))
+            except Exception as e:  # noqa: BLE001
+                print(f"FLA GDN forward failed: {e!r}")
+
+    # SDPA causal, [B, H, T, D]
+    qa, ka, va = (torch.randn(1, H, T, K, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        row["sdpa_fwd"] = bench(lambda: F.scaled_dot_product_attention(qa, ka, va, is_causal=True))
+    doa = torch.randn_like(qa)
+    row["sdpa_fwdbwd"] = bench(
+        lambda: F.scaled_dot_product_attention(qa, ka, va, is_causal=True).backward(doa), [qa, ka, va]
+    )
+    del x, xg, xs, qa, ka, va
+    torch.cuda.empty_cache()
+    return row
+
+
+def kernel_breakdown(T: int) -> dict:
+    """CUDA time per kernel (ms per call) of our forward+backward, from the torch profiler."""
+    xg = make_inputs(T, seed=7, requires_grad=True)
+    do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        chunk_kda(**xg, backend="triton")[0].backward(do)
+    torch.cuda.synchronize()
+    reps = 5
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            chunk_kda(**xg, backend="triton")[0].backward(do)
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = ev.cuda_time_total
+        if t > 0:
+            out[ev.key] = t / 1e3 / reps  # ms per forward+backward
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def time_decode(batches) -> list[dict]:
+    try:
+        from kimi_linear.ops.kda import fused_recurrent_kda
+        import kimi_linear.ops.kda.recurrent_triton  # noqa: F401 - is the Triton decode kernel there?
+    except Exception as e:  # noqa: BLE001
+        print(f"decode kernel not available: {e!r}")
+        return []
+    rows = []
+    for B in batches:
+        gen = torch.Generator(device="cuda").manual_seed(B)
+        q = F.normalize(torch.randn(B, 1, H, K, device="cuda", generator=gen), dim=-1).bfloat16()
+        k = F.normalize(torch.randn(B, 1, H, K, device="cuda", generator=gen), dim=-1).bfloat16()
+        v = torch.randn(B, 1, H, V, device="cuda", generator=gen).bfloat16()
+        g = F.logsigmoid(torch.randn(B, 1, H, K, device="cuda", generator=gen) + 3.0)
+        beta = torch.rand(B, 1, H, device="cuda", generator=gen).bfloat16()
+        pool = torch.randn(B, H, K, V, device="cuda", generator=gen)
+        slots = torch.arange(B, device="cuda", dtype=torch.int32)
+
+        def step():
+            return fused_recurrent_kda(q, k, v, g, beta, initial_state=pool, state_indices=slots, backend="triton")
+
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        iters = 200
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+        eager_us = (time.perf_counter() - t0) / iters * 1e6
+        graph = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(graph):
+            step()
+        graph_us = bench(graph.replay) * 1e3
+        state_bytes = 2 * B * H * K * V * 4
+        rows.append({"B": B, "eager_us": eager_us, "graph_us": graph_us,
+                     "graph_GBps": state_bytes / (graph_us * 1e-6) / 1e9})
+    return rows
+
+
+def sweep_state_pass(T: int) -> list[dict]:
+    """Forward and forward+backward at one T for a few launch settings of the sequential passes."""
+    out = []
+    base = dict(chunk_triton.CONFIG)
+    x = make_inputs(T, seed=3)
+    xg = make_inputs(T, seed=3, requires_grad=True)
+    do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
+    for bv, warps in [(16, 4), (32, 4), (32, 8), (64, 8)]:
+        chunk_triton.CONFIG.update(state_bv=bv, state_warps=warps, dh_bv=bv, dh_warps=warps)
+        try:
+            with torch.no_grad():
+                f = bench(lambda: chunk_kda(**x, backend="triton"))
+            fb = bench(lambda: chunk_kda(**xg, backend="triton")[0].backward(do), list(xg.values()))
+            out.append({"bv": bv, "warps": warps, "fwd": f, "fwdbwd": fb})
+        except Exception as e:  # noqa: BLE001
+            out.append({"bv": bv, "warps": warps, "error": repr(e)[:200]})
+    chunk_triton.CONFIG.clear()
+    chunk_triton.CONFIG.update(base)
+    return out
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001
+        print(f"no plot: {e!r}")
+        return
+    Ts = [r["T"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for key, label, style in [
+        ("ours_fwd", "ours KDA fwd", "o-"), ("fla_fwd", "FLA KDA fwd", "s--"), ("sdpa_fwd", "SDPA fwd", "^:"),
+        ("ours_fwdbwd", "ours KDA fwd+bwd", "o-"), ("fla_fwdbwd", "FLA KDA fwd+bwd", "s--"),
+        ("sdpa_fwdbwd", "SDPA fwd+bwd", "^:"), ("ours_gdn_fwd", "ours GDN fwd", "x-"),
+    ]:
+        if all(key in r for r in rows):
+            ax.plot(Ts, [r[key] for r in rows], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("T (tokens), B=1, H=32, K=V=128, bf16")
+    ax.set_ylabel("ms (median)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--T", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--sweep", action="store_true", help="also time launch settings of the sequential passes")
+    ap.add_argument("--breakdown", type=int, nargs="*", default=[8192, 32768])
+    args = ap.parse_args(argv)
+    import os
+
+    os.makedirs(args.out, exist_ok=True)
+    fla_kda, fla_gdn = load_fla()
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "config": dict(chunk_triton.CONFIG),
+        "shape": {"B": 1, "H": H, "K": K, "V": V, "dtype": "bf16 q/k/v/beta, fp32 g"},
+    }
+    try:
+        import fla
+
+        result["fla"] = fla.__version__
+    except Exception:  # noqa: BLE001
+        result["fla"] = None
+    if args.sweep:
+        result["sweep_8k"] = sweep_state_pass(8192)
+        print("sweep (8k):", json.dumps(result["sweep_8k"]), flush=True)
+    rows = []
+    for T in args.T:
+        try:
+            row = time_chunk(T, fla_kda, fla_gdn)
+        except torch.cuda.OutOfMemoryError as e:
+            print(f"T={T}: out of memory ({e})")
+            torch.cuda.empty_cache()
+            continue
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result["chunk"] = rows
+    result["breakdown"] = {T: kernel_breakdown(T) for T in args.breakdown}
+    result["decode"] = time_decode(args.decode_batches)
+    with open(os.path.join(args.out, "kda_kernels.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot(rows, os.path.join(args.out, "kda_kernels.png"))
+
+    for T, br in result["breakdown"].items():
+        print(f"\nper-kernel ms per fwd+bwd at T={T}:")
+        for name, ms in list(br.items())[:12]:
+            print(f"  {ms:8.3f}  {name[:90]}")
+    if result["decode"]:
+        print("\ndecode step (one layer, T=1, H=32, K=V=128, fp32 state pool in place):")
+        print(f"{'B':>5} {'eager us':>9} {'graph us':>9} {'GB/s':>8}")
+        for d in result["decode"]:
+            print(f"{d['B']:5d} {d['eager_us']:9.1f} {d['graph_us']:9.1f} {d['graph_GBps']:8.0f}")
+    print(f"\n{result['gpu']}, torch {result['torch']}, triton {result['triton']}, FLA {result['fla']}")
+    hdr = (f"{'T':>6} | {'ours fwd':>8} {'FLA fwd':>8} {'ratio':>6} {'TF/s':>6} | {'ours f+b':>8} {'FLA f+b':>8} "
+           f"{'ratio':>6} {'TF/s':>6} | {'GDN ours':>8} {'GDN FLA':>8} | {'SDPA f':>7} {'SDPA f+b':>8}")
+    print(hdr)
+    for r in rows:
+        T = r["T"]
+        f = lambda key: r.get(key, math.nan)  # noqa: E731
+        print(f"{T:6d} | {f('ours_fwd'):8.3f} {f('fla_fwd'):8.3f} {f('ours_fwd') / f('fla_fwd'):6.2f} "
+              f"{kda_flops(T) / f('ours_fwd') / 1e9:6.1f} | {f('ours_fwdbwd'):8.3f} {f('fla_fwdbwd'):8.3f} "
+              f"{f('ours_fwdbwd') / f('fla_fwdbwd'):6.2f} {3 * kda_flops(T) / f('ours_fwdbwd') / 1e9:6.1f} | "
+              f"{f('ours_gdn_fwd'):8.3f} {f('fla_gdn_fwd'):8.3f} | {f('sdpa_fwd'):7.3f} {f('sdpa_fwdbwd'):8.3f}")
+
+
+if __name__ == "__main__":
+    main()
