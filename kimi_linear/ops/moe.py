@@ -17,6 +17,9 @@ reduction's fp32 accumulator.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
@@ -127,10 +130,28 @@ def _grouped_mm_preferred(x_SD: torch.Tensor, *weights: torch.Tensor) -> bool:
     return _grouped_mm_aligned(x_SD, *weights)
 
 
+def swiglu_weighted(gate_SF: torch.Tensor, up_SF: torch.Tensor, weights_S: torch.Tensor) -> torch.Tensor:
+    """``silu(gate_SF) * up_SF * weights_S[:, None]`` computed in fp32, returned in gate's dtype.
+
+    On CUDA with Triton installed this is one fused kernel each way (``kimi_linear.ops.moe_triton``); elsewhere
+    plain PyTorch, which is also its reference.
+    """
+    if gate_SF.is_cuda and _triton_available():
+        from kimi_linear.ops.moe_triton import swiglu_weighted_triton
+
+        return swiglu_weighted_triton(gate_SF, up_SF, weights_S)
+    return (F.silu(gate_SF.float()) * up_SF.float() * weights_S.float()[:, None]).to(gate_SF.dtype)
+
+
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _experts_grouped_mm(x_SD, weights_S, offsets_E, w1_EFD, w3_EFD, w2_EDF):
     gate_SF = torch._grouped_mm(x_SD, w1_EFD.transpose(-2, -1), offs=offsets_E)
     up_SF = torch._grouped_mm(x_SD, w3_EFD.transpose(-2, -1), offs=offsets_E)
-    h_SF = (F.silu(gate_SF.float()) * up_SF.float() * weights_S[:, None]).to(x_SD.dtype)
+    h_SF = swiglu_weighted(gate_SF, up_SF, weights_S)
     return torch._grouped_mm(h_SF, w2_EDF.transpose(-2, -1), offs=offsets_E)  # [S, D]
 
 
@@ -146,8 +167,7 @@ def _experts_loop(x_SD, weights_S, offsets_E, w1_EFD, w3_EFD, w2_EDF):
         if end == start:
             continue
         x_TD = x_SD[start:end]
-        h_TF = F.silu(F.linear(x_TD, w1_FD[e]).float()) * F.linear(x_TD, w3_FD[e]).float()
-        h_TF = (h_TF * weights_S[start:end, None]).to(x_SD.dtype)
+        h_TF = swiglu_weighted(F.linear(x_TD, w1_FD[e]), F.linear(x_TD, w3_FD[e]), weights_S[start:end])
         outs.append(F.linear(h_TF, w2_DF[e]))
         start = end
     return torch.cat(outs) if outs else x_SD.new_zeros(0, w2_EDF.shape[1])
