@@ -14,6 +14,8 @@ SUBCOMMAND_MODULES = (
     "kimi_linear.ops.kda.cli",
     "kimi_linear.train.synth_cli",
     "kimi_linear.train.cli",
+    "kimi_linear.generate_cli",
+    "kimi_linear.info_cli",
 )
 
 

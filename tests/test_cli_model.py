@@ -1,0 +1,99 @@
+"""`kimi-linear info` and `kimi-linear generate`: output, tokenizers, and clear errors (no traceback)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from kimi_linear.cli import main
+from kimi_linear.tokenizer import StreamDecoder, TiktokenTokenizer
+from tests.test_model import make_model
+
+
+def run_cli(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cli-ckpt")
+    make_model(seed=31).save_pretrained(directory)
+    return directory
+
+
+def test_info_release_preset_shows_the_cache_reduction(capsys):
+    rc, out, _ = run_cli(capsys, "info", "48b-a3b", "--json")
+    info = json.loads(out)
+    assert rc == 0 and info["layer_counts"] == {"kda": 20, "mla": 7}
+    # 7 of 27 layers keep a per-token cache: the paper's "up to 75% less" at long context.
+    assert 0.73 < info["cache_reduction"] < 0.75
+    assert info["params_active"] < info["params_total"]
+    rc, out, _ = run_cli(capsys, "info", "48b-a3b")
+    assert rc == 0 and "% less" in out and "active" in out
+
+
+def test_info_reads_a_checkpoint_folder(capsys, checkpoint):
+    rc, out, _ = run_cli(capsys, "info", str(checkpoint), "--context", "1000", "--json")
+    info = json.loads(out)
+    assert rc == 0 and info["layers"] == 4 and info["context"] == 1000
+
+
+def test_generate_streams_the_continuation(capsys, checkpoint):
+    rc, out, err = run_cli(capsys, "generate", "--checkpoint", str(checkpoint), "--prompt", "Hello",
+                           "--max-new-tokens", "6", "--stop", "999")
+    assert rc == 0 and out.startswith("Hello") and "bytes tokenizer, 6 new tokens" in err
+    rc, out, err = run_cli(capsys, "generate", "--checkpoint", str(checkpoint), "--prompt", "ab", "--prompt", "xyz",
+                           "--max-new-tokens", "3", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
+    assert rc == 0 and "--- [0] ---\nab" in out and "--- [1] ---\nxyz" in out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["info", "no-such-preset"], "neither a checkpoint folder nor a preset"),
+    (["generate", "--checkpoint", "/no/such/dir", "--prompt", "x"], "not found"),
+    (["generate", "--prompt", "", "--max-new-tokens", "2"], "empty"),
+    (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
+    (["generate", "--prompt", "x", "--top-p", "2"], "top_p"),
+    (["generate", "--prompt", "x" * 4095, "--max-new-tokens", "8"], "model_max_length"),
+], ids=["bad-preset", "no-dir", "empty-prompt", "bad-temperature", "bad-top-p", "prompt-too-long"])
+def test_errors_are_one_line(capsys, checkpoint, argv, match):
+    if argv[0] == "generate" and "--checkpoint" not in argv:
+        argv = [*argv, "--checkpoint", str(checkpoint)]
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2 and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_corrupt_checkpoint_is_a_clear_error(capsys, tmp_path):
+    make_model(seed=32).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt", "x")
+    assert rc == 2 and "not a readable safetensors" in err
+
+
+def write_tiktoken(directory, merges):
+    tokens = [bytes([i]) for i in range(256)] + merges
+    lines = "".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(tokens))
+    (directory / "tiktoken.model").write_text(lines)
+
+
+def test_tiktoken_folder_uses_bpe_and_special_tokens(capsys, tmp_path):
+    # vocab: 256 bytes + 4 merges + 256 reserved specials; bos/eos/pad among the specials as in the release
+    model = make_model(seed=33, vocab_size=520, bos_token_id=260, eos_token_id=261, pad_token_id=519)
+    model.save_pretrained(tmp_path)
+    write_tiktoken(tmp_path, [b"he", b"ll", b"hell", b"hello"])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {"260": {"content": "[BOS]"}, "261": {"content": "[EOS]"}}}))
+    tok = TiktokenTokenizer(str(tmp_path), model.config)
+    ids = tok.encode("hello [EOS] 中文")
+    assert ids[0] == 259 and 261 not in ids  # BPE merge; special names in user text stay text
+    assert tok.decode(ids) == "hello [EOS] 中文"
+    assert tok.encoding.encode("[EOS]", allowed_special="all") == [261] and tok.decode([261]) == ""
+    stream = StreamDecoder(tok)
+    assert "".join(stream(t) for t in ids) + stream.flush() == "hello [EOS] 中文"
+    rc, out, err = run_cli(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt", "hello",
+                           "--max-new-tokens", "4")
+    assert rc == 0 and out.startswith("hello") and "tiktoken tokenizer" in err
