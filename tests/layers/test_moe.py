@@ -31,19 +31,24 @@ def make_config(**overrides):
 
 def random_moe(config, dtype=torch.float32, device="cpu", seed=0, bias_scale=0.05):
     """Every parameter and the correction bias random (not left at init), scaled so activations stay O(1)."""
-    gen = torch.Generator().manual_seed(seed)
-    moe = MoE(config)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.device(device):
+        moe = MoE(config)
+
+    def randn(t, scale):
+        return torch.randn(t.shape, generator=gen, device=device) * scale
+
     D, F = config.hidden_size, config.moe_intermediate_size
     with torch.no_grad():
-        moe.gate.weight.copy_(torch.randn(moe.gate.weight.shape, generator=gen) * 2 * D**-0.5)
-        moe.gate.e_score_correction_bias.copy_(torch.randn(config.num_experts, generator=gen) * bias_scale)
-        moe.experts.w1.copy_(torch.randn(moe.experts.w1.shape, generator=gen) * D**-0.5)
-        moe.experts.w3.copy_(torch.randn(moe.experts.w3.shape, generator=gen) * D**-0.5)
-        moe.experts.w2.copy_(torch.randn(moe.experts.w2.shape, generator=gen) * F**-0.5)
+        moe.gate.weight.copy_(randn(moe.gate.weight, 2 * D**-0.5))
+        moe.gate.e_score_correction_bias.copy_(randn(moe.gate.e_score_correction_bias, bias_scale))
+        moe.experts.w1.copy_(randn(moe.experts.w1, D**-0.5))
+        moe.experts.w3.copy_(randn(moe.experts.w3, D**-0.5))
+        moe.experts.w2.copy_(randn(moe.experts.w2, F**-0.5))
         if moe.shared_experts is not None:
             for lin in (moe.shared_experts.gate_proj, moe.shared_experts.up_proj, moe.shared_experts.down_proj):
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * lin.weight.shape[1] ** -0.5)
-    return moe.to(device=device, dtype=dtype)
+                lin.weight.copy_(randn(lin.weight, lin.weight.shape[1] ** -0.5))
+    return moe.to(dtype)
 
 
 def named_params(moe):
@@ -403,7 +408,6 @@ RELEASE = dict(hidden_size=2304, num_experts=256, num_experts_per_token=8, moe_i
 
 
 def _release_moe(seed=0):
-    # Built on the CPU in fp32 (random init is device-independent), then moved.
     return random_moe(make_config(**RELEASE), dtype=torch.bfloat16, device="cuda", seed=seed)
 
 
