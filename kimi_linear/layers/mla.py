@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.ops.norm import rms_norm
 
+# Packed documents up to this many are attended one by one (causal kernels); more use one block-diagonal mask.
+MAX_SEGMENT_LOOP = 16
+
 
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim, fp32 inside, with a learned weight (initialised to ones)."""
@@ -163,12 +166,24 @@ class MultiheadLatentAttention(nn.Module):
         if cache is not None:
             o = self._attend_cached(q, latent, k_pe, cache, cu_seqlens)
         else:
-            k, v = self._expand(latent, k_pe)
-            if cu_seqlens is None and attention_mask is None:
-                o = self._attend(q, k, v, is_causal=True)
-            else:
-                o = self._attend(q, k, v, mask=self._mask(B, T, q.device, cu_seqlens, attention_mask))
+            o = self._attend_fresh(q, latent, k_pe, cu_seqlens, attention_mask)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim))
+
+    def _attend_fresh(self, q, latent, k_pe, cu_seqlens, attention_mask) -> torch.Tensor:
+        """Causal attention among the new tokens only (no cache, or an empty one)."""
+        B, T = q.shape[:2]
+        k, v = self._expand(latent, k_pe)
+        if cu_seqlens is None and attention_mask is None:
+            return self._attend(q, k, v, is_causal=True)
+        if cu_seqlens is not None and cu_seqlens.numel() - 1 <= MAX_SEGMENT_LOOP and not (
+            q.is_cuda and torch.cuda.is_current_stream_capturing()
+        ):
+            # A few long documents: plain causal attention per document (fused kernels) beats a [T, T] mask.
+            bounds = cu_seqlens.tolist()
+            parts = [self._attend(q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True)
+                     for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+            return torch.cat(parts, dim=1)
+        return self._attend(q, k, v, mask=self._mask(B, T, q.device, cu_seqlens, attention_mask))
 
     @staticmethod
     def _mask(B, T, device, cu_seqlens, attention_mask) -> torch.Tensor:
@@ -188,23 +203,30 @@ class MultiheadLatentAttention(nn.Module):
         return allowed
 
     def _attend_cached(self, q, latent, k_pe, cache, cu_seqlens) -> torch.Tensor:
-        """Append the new latents to the cache rows, then attend over each row's cached prefix (decompressed)."""
+        """Append the new latents to the cache rows, then attend over each row's cached prefix (decompressed).
+
+        When the rows were empty (a prefill) only the new tokens exist and the cache is not read back.
+        """
         B, T = q.shape[:2]
         entry = cache.layers[self.layer_idx]
         start = cache.lengths  # [N]
+        t = torch.arange(T, device=q.device)
         if cu_seqlens is None:
             rows = torch.arange(B, device=q.device)[:, None].expand(B, T)
-            cols = start[:, None] + torch.arange(T, device=q.device)
+            cols = start[:, None] + t
             entry["latent"][rows, cols] = latent.to(entry["latent"].dtype)
             entry["k_pe"][rows, cols] = k_pe.to(entry["k_pe"].dtype)
-            q_rows, q_pos, seg_lens = q, torch.arange(T, device=q.device)[None].expand(B, T), None
         else:
             cu = cu_seqlens.to(device=q.device, dtype=torch.long)
-            t = torch.arange(T, device=q.device)
             seq = torch.searchsorted(cu[1:], t, right=True)
             cols = start[seq] + t - cu[seq]
             entry["latent"][seq, cols] = latent[0].to(entry["latent"].dtype)
             entry["k_pe"][seq, cols] = k_pe[0].to(entry["k_pe"].dtype)
+        if int(start.max()) == 0:
+            return self._attend_fresh(q, latent, k_pe, cu_seqlens, None)
+        if cu_seqlens is None:
+            q_rows, q_pos, seg_lens = q, t[None].expand(B, T), None
+        else:
             seg_lens = (cu[1:] - cu[:-1]).tolist()
             t_max = max(max(seg_lens), 1)
             q_rows = torch.stack([F.pad(q[0, s : s + n], (0, 0, 0, 0, 0, t_max - n))

@@ -104,7 +104,9 @@ def test_absorbed_decode_and_cached_prefill_match_full_forward(use_nope):
         assert cache.layers[0]["latent"].shape[-1] + cache.layers[0]["k_pe"].shape[-1] == 24 + 6
 
 
-def test_varlen_and_padding_match_separate_sequences():
+@pytest.mark.parametrize("segment_loop", [16, 0], ids=["per-document", "block-mask"])
+def test_varlen_and_padding_match_separate_sequences(segment_loop, monkeypatch):
+    monkeypatch.setattr("kimi_linear.layers.mla.MAX_SEGMENT_LOOP", segment_loop)
     config = small_config()
     layer = randomised_layer(config, seed=5)
     gen = torch.Generator().manual_seed(6)
