@@ -129,11 +129,15 @@ class MultiheadLatentAttention(nn.Module):
 
     def _attend(self, q, k, v, mask=None, is_causal=False) -> torch.Tensor:
         """q ``[B, Tq, H, E]``, k ``[B, S, H, E]``, v ``[B, S, H, dv]``, mask bool ``[B or 1, 1, Tq, S]``."""
+        dv = v.shape[-1]
+        if q.is_cuda and dv < q.shape[-1]:
+            # The fused (flash) kernels want one head dim for q, k and v: zero-pad v, drop the padding after.
+            v = F.pad(v, (0, q.shape[-1] - dv))
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal,
             scale=self.scale,
         )
-        return o.transpose(1, 2)  # [B, Tq, H, dv]
+        return o.transpose(1, 2)[..., :dv]  # [B, Tq, H, dv]
 
     # ---- forward -------------------------------------------------------------------------------------------------
 
