@@ -1,15 +1,15 @@
-"""MoE layer speed: ours (grouped by expert: torch._grouped_mm, or a loop over the experts that got tokens; CUDA-graph
-replay for decode) vs HF transformers' KimiLinearMoE with each of its experts implementations. Prints a table last
-and writes JSON.
+"""MoE layer speed: ours (grouped by expert: torch._grouped_mm, or a loop over the experts that got tokens;
+CUDA-graph replay for decode) vs HF transformers' KimiLinearMoE with each of its experts implementations.
+Prints a table last and writes JSON.
 
     python benchmarks/moe_speed.py --device cuda                  # release shapes, bf16 (H200)
     python benchmarks/moe_speed.py --device cpu --shape small     # a CPU-sized layer, fp32
 
 Shapes: "48b" = the release's MoE layer (D=2304, E=256, K=8, F=1024, 1 shared expert); "small" = D=512, E=16,
 K=2, F=256. N is the number of tokens in one call (decode: N = batch; prefill: N = B*T).
-Timing: CUDA: triton.testing.do_bench (median after warm-up); CPU: wall-clock median. "floor" is the larger of
-FLOPs / 790 TFLOP/s and (expert weights touched + activations in/out) / 4.8 TB/s, the H200 ceilings measured in
-DESIGN.md §5; "of floor" = floor / time.
+Timing: CUDA: triton.testing.do_bench (median after warm-up); CPU: wall-clock median. "floor" is the larger
+of FLOPs / 790 TFLOP/s and (expert weights touched + activations in/out) / 4.8 TB/s, the H200 ceilings
+measured in DESIGN.md §5; "of floor" = floor / time (CUDA only).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ PEAK_FLOPS, PEAK_BYTES = 790e12, 4.8e12
 
 def build(shape: str, device: str, dtype: torch.dtype):
     config = SimpleNamespace(**SHAPES[shape], num_shared_experts=1, routed_scaling_factor=2.446,
-                             moe_renormalize=True, moe_router_activation_func="sigmoid", initializer_range=0.02)
+                             moe_renormalize=True, moe_router_activation_func="sigmoid",
+                             initializer_range=0.02)
     with torch.device(device):
         moe = MoE(config)
         with torch.no_grad():
@@ -53,9 +54,10 @@ def build_hf(config, moe, implementation: str):
         return None
     hf_config = KimiLinearConfig(
         hidden_size=config.hidden_size, num_experts=config.num_experts,
-        num_experts_per_token=config.num_experts_per_token, moe_intermediate_size=config.moe_intermediate_size,
-        num_shared_experts=1, routed_scaling_factor=config.routed_scaling_factor, moe_renormalize=True,
-        num_hidden_layers=2, vocab_size=64, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+        num_experts_per_token=config.num_experts_per_token,
+        moe_intermediate_size=config.moe_intermediate_size, num_shared_experts=1,
+        routed_scaling_factor=config.routed_scaling_factor, moe_renormalize=True, num_hidden_layers=2,
+        vocab_size=64, pad_token_id=None, bos_token_id=None, eos_token_id=None)
     hf_config._experts_implementation = implementation
     device, dtype = moe.experts.w1.device, moe.experts.w1.dtype
     with torch.device("meta"):
@@ -105,7 +107,8 @@ def graph_forward(moe, x):
 
 
 def floor_ms(config, n_tokens: int, distinct_experts: int, elsize: int, backward: bool) -> float:
-    D, F, K, E = config.hidden_size, config.moe_intermediate_size, config.num_experts_per_token, config.num_experts
+    D, F = config.hidden_size, config.moe_intermediate_size
+    K, E = config.num_experts_per_token, config.num_experts
     flops = 2 * n_tokens * D * 3 * F * (K + 1) + 2 * n_tokens * D * E
     weights = (distinct_experts + 1) * 3 * D * F * elsize + E * D * 4
     activations = 2 * n_tokens * D * elsize
@@ -117,15 +120,18 @@ def floor_ms(config, n_tokens: int, distinct_experts: int, elsize: int, backward
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shape", choices=list(SHAPES), default=None, help="default: 48b on CUDA, small on CPU")
+    parser.add_argument("--shape", choices=list(SHAPES), default=None,
+                        help="default: 48b on CUDA, small on CPU")
     parser.add_argument("--tokens", default=None, help="comma-separated token counts per call")
-    parser.add_argument("--train-min-tokens", type=int, default=512, help="time forward+backward from this N on")
+    parser.add_argument("--train-min-tokens", type=int, default=512,
+                        help="time forward+backward from this N on")
     parser.add_argument("--json", default="benchmarks/results/moe_speed.json")
     args = parser.parse_args()
     device = args.device
     shape = args.shape or ("48b" if device == "cuda" else "small")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tokens = [int(t) for t in (args.tokens or ("1,64,4096,16384" if device == "cuda" else "1,64,2048")).split(",")]
+    default_tokens = "1,64,4096,16384" if device == "cuda" else "1,64,2048"
+    tokens = [int(t) for t in (args.tokens or default_tokens).split(",")]
     measure = timer(device)
     torch.manual_seed(0)
 
@@ -175,13 +181,14 @@ def main():
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
                 rows.append(row)
                 if device == "cuda":
-                    for p in list(moe.parameters()) + [p for m in hf_modules.values() if m for p in m.parameters()]:
-                        p.grad = None
+                    for m in [moe, *hf_modules.values()]:
+                        for p in m.parameters() if m is not None else ():
+                            p.grad = None
             if device == "cuda" and mode == "fwd" and n <= 64:
                 moe.expert_backend = "auto"
                 ms = measure(graph_forward(moe, x))
-                rows.append(dict(shape=shape, tokens=n, mode=mode, impl="ours-cudagraph", distinct_experts=distinct,
-                                 ms=ms, floor_ms=floor, of_floor=floor / ms))
+                rows.append(dict(shape=shape, tokens=n, mode=mode, impl="ours-cudagraph",
+                                 distinct_experts=distinct, ms=ms, floor_ms=floor, of_floor=floor / ms))
         del x
 
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",

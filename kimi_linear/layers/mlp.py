@@ -11,7 +11,7 @@ from torch import nn
 
 
 class SwiGLUMLP(nn.Module):
-    """``down_proj(silu(gate_proj(x)) * up_proj(x))``, no biases (checkpoint names ``gate_proj/up_proj/down_proj``).
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))``, no biases (the checkpoint's names).
 
     Args:
         hidden_size: D, the input and output width.

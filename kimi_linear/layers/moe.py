@@ -4,13 +4,13 @@ bias, top-k routed SwiGLU experts computed grouped by expert, plus a shared SwiG
 Shape legend: B batch, T time, N = B*T tokens, D hidden size, E routed experts, F expert intermediate size,
 K experts per token.
 
-Module layout follows the released checkpoint (``block_sparse_moe.gate.weight``, ``gate.e_score_correction_bias``,
-``shared_experts.{gate,up,down}_proj``); the routed experts are stacked into ``experts.w1/w3 [E, F, D]`` and
-``experts.w2 [E, D, F]`` so grouped GEMMs can read them — ``kimi_linear.checkpoint`` maps the release's
-per-expert tensors ``experts.{e}.w{1,2,3}.weight`` to slices of these.
+Module layout follows the released checkpoint (``block_sparse_moe.gate.weight``,
+``gate.e_score_correction_bias``, ``shared_experts.{gate,up,down}_proj``); the routed experts are stacked into
+``experts.w1/w3 [E, F, D]`` and ``experts.w2 [E, D, F]`` so grouped GEMMs can read them —
+``kimi_linear.checkpoint`` maps the release's per-expert tensors ``experts.{e}.w{1,2,3}.weight`` to slices.
 
-The routing numbers are the training loop's handle on balance: after each forward ``last_expert_load`` holds how
-many token-slots went to each expert, and ``update_correction_bias(rate)`` moves the bias toward even load
+The routing numbers are the training loop's handle on balance: after each forward ``last_expert_load`` holds
+how many token-slots went to each expert, and ``update_correction_bias(rate)`` moves the bias toward even load
 (auxiliary-loss-free balancing; the bias never receives a gradient).
 """
 
@@ -26,9 +26,9 @@ from kimi_linear.ops.moe import EXPERT_BACKENDS, ROUTER_ACTIVATIONS, grouped_exp
 class MoEGate(nn.Module):
     """The router's parameters: ``weight [E, D]`` and the persistent buffer ``e_score_correction_bias [E]``.
 
-    Both stay float32 when the model is cast to another dtype (``.to(torch.bfloat16)``, ``.half()``, ...): routing
-    decisions are made on fp32 scores, and a bf16 router would choose different experts than the release's.
-    Device moves apply as usual.
+    Both stay float32 when the model is cast to another dtype (``.to(torch.bfloat16)``, ``.half()``, ...):
+    routing decisions are made on fp32 scores, and a bf16 router would choose different experts than the
+    release's. Device moves apply as usual.
     """
 
     def __init__(self, num_experts: int, hidden_size: int):
@@ -50,7 +50,7 @@ class MoEGate(nn.Module):
 
 
 class MoEExperts(nn.Module):
-    """The E routed SwiGLU experts, stacked: ``w1`` (gate) and ``w3`` (up) ``[E, F, D]``, ``w2`` (down) ``[E, D, F]``.
+    """E routed SwiGLU experts, stacked: w1 (gate), w3 (up) ``[E, F, D]``; w2 (down) ``[E, D, F]``.
 
     Expert e computes ``w2[e] @ (silu(w1[e] @ x) * (w3[e] @ x))`` (nn.Linear layout: ``[out, in]``).
     """
@@ -73,7 +73,7 @@ class MoEExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Top-k routed SwiGLU experts plus a shared expert: ``out = sum_k w_k * expert_{e_k}(x) + shared_experts(x)``.
+    """Top-k routed SwiGLU experts and a shared one: ``out = sum_k w_k expert_{e_k}(x) + shared_experts(x)``.
 
     Routing (``kimi_linear.ops.moe.route_tokens``): fp32 logits ``x @ gate.weight.T``, scores = sigmoid (or
     softmax), the K experts with the highest ``scores + gate.e_score_correction_bias`` are chosen, weighted by
@@ -81,13 +81,14 @@ class MoE(nn.Module):
 
     Args:
         config: any object with ``hidden_size``, ``num_experts`` (E), ``num_experts_per_token`` (K),
-            ``moe_intermediate_size`` (F), ``num_shared_experts``, ``routed_scaling_factor``, ``moe_renormalize``,
-            ``moe_router_activation_func`` ("sigmoid" or "softmax"); optional ``num_expert_group`` and
-            ``topk_group`` (group-limited routing, default 1 = off) and ``initializer_range`` (default 0.02).
+            ``moe_intermediate_size`` (F), ``num_shared_experts``, ``routed_scaling_factor``,
+            ``moe_renormalize``, ``moe_router_activation_func`` ("sigmoid" or "softmax"); optional
+            ``num_expert_group`` and ``topk_group`` (group-limited routing, default 1 = off) and
+            ``initializer_range`` (default 0.02).
 
     Attributes:
-        last_expert_load: float32 ``[E]``, detached, on the input's device: token-slots routed to each expert by
-            the latest forward (sums to N*K); None before the first forward.
+        last_expert_load: float32 ``[E]``, detached, on the input's device: token-slots routed to each expert
+            by the latest forward (sums to N*K); None before the first forward.
         expert_backend: "auto" | "grouped_mm" | "loop", see ``kimi_linear.ops.moe.grouped_experts``.
 
     Raises:
@@ -151,8 +152,8 @@ class MoE(nn.Module):
         """``(weights_NK float32, experts_NK int64)`` for tokens ``x_ND [N, D]``."""
         return route_tokens(
             x_ND, self.gate.weight, self.gate.e_score_correction_bias, self.top_k,
-            renormalize=self.renormalize, scaling_factor=self.routed_scaling_factor, activation=self.activation,
-            num_groups=self.num_groups, top_k_groups=self.top_k_groups,
+            renormalize=self.renormalize, scaling_factor=self.routed_scaling_factor,
+            activation=self.activation, num_groups=self.num_groups, top_k_groups=self.top_k_groups,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,13 +162,14 @@ class MoE(nn.Module):
         Returns: ``[B, T, D]``. Sets ``last_expert_load``.
 
         Raises:
-            TypeError: x is not a floating-point tensor, or its dtype differs from the experts' outside autocast.
+            TypeError: x is not a floating-point tensor, or (outside autocast) not the experts' dtype.
             ValueError: x's last dim is not hidden_size.
         """
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor [B, T, {self.hidden_size}]")
         if x.dim() < 2 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"x must have shape [B, T, hidden_size={self.hidden_size}], got {tuple(x.shape)}")
+            raise ValueError(f"x must have shape [B, T, hidden_size={self.hidden_size}], "
+                             f"got {tuple(x.shape)}")
         x_ND = x.reshape(-1, self.hidden_size)
         weights_NK, experts_NK = self.route(x_ND)
         y_ND, tokens_per_expert_E = self.experts(x_ND, weights_NK, experts_NK)
@@ -197,7 +199,8 @@ class MoE(nn.Module):
         if load is None:
             raise RuntimeError("update_correction_bias needs a load: run a forward first or pass load=[E]")
         if load.shape != (self.num_experts,):
-            raise ValueError(f"load must have shape [num_experts={self.num_experts}], got {tuple(load.shape)}")
+            raise ValueError(f"load must have shape [num_experts={self.num_experts}], "
+                             f"got {tuple(load.shape)}")
         bias_E = self.gate.e_score_correction_bias
         load_E = load.to(device=bias_E.device, dtype=torch.float32)
         bias_E.add_(rate * torch.sign(load_E.mean() - load_E))

@@ -1,4 +1,4 @@
-"""Mixture-of-Experts as pure functions: the router, the grouped expert computation, and their dense reference.
+"""Mixture-of-Experts as pure functions: the router, the grouped expert computation and their dense reference.
 
 Shape legend (this file):
     N  tokens (batch and time flattened)      D  hidden size
@@ -7,12 +7,12 @@ Shape legend (this file):
 
 The routed output of a token is  sum_k w_k * w2_e (silu(w1_e x) * (w3_e x)),  e = the k-th chosen expert.
 
-Fast path (``grouped_experts``): the N*K token-slots are sorted by expert id, so each expert's tokens form one
-contiguous run; the three expert matmuls then run as grouped GEMMs over those runs (``torch._grouped_mm`` where the
-build has it and the operands satisfy its alignment rules, else a loop over only the experts that received tokens).
-The routing weight is applied to the intermediate activation (w2 is linear, so w2(w * h) = w * w2(h)), and the K
-slots of a token are summed by a reshape, not by atomics: results are deterministic and the sum is taken in the
-reduction's fp32 accumulator.
+Fast path (``grouped_experts``): the N*K token-slots are sorted by expert id, so each expert's tokens form
+one contiguous run; the three expert matmuls then run as grouped GEMMs over those runs (``torch._grouped_mm``
+where the build has it and the operands satisfy its alignment rules, else a loop over only the experts that
+received tokens). The routing weight is applied to the intermediate activation (w2 is linear, so
+w2(w * h) = w * w2(h)), and the K slots of a token are summed by a reshape, not by atomics: results are
+deterministic and the sum is taken in the reduction's fp32 accumulator.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
 EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
 
-# Denominator guard of the renormalisation: the chosen scores are positive, so it only matters for exact zeros.
+# Denominator guard of the renormalisation: chosen scores are positive, so it only matters for exact zeros.
 RENORM_EPS = 1e-20
 
 
@@ -44,11 +44,11 @@ def route_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose K experts per token and their weights (auxiliary-loss-free routing, DESIGN.md §3).
 
-    logits = x.float() @ router_weight.float().T (fp32 even under autocast); scores = sigmoid(logits) (or softmax
-    over E); the K experts with the largest scores + correction_bias are chosen; their weights are the *unbiased*
-    scores, renormalised to sum 1 when ``renormalize``, times ``scaling_factor``. With ``num_groups`` G > 1 the
-    choice is first limited to the ``top_k_groups`` groups of E/G consecutive experts whose two best biased scores
-    sum highest (the release uses G = 1: no limit).
+    logits = x.float() @ router_weight.float().T (fp32 even under autocast); scores = sigmoid(logits) (or
+    softmax over E); the K experts with the largest scores + correction_bias are chosen; their weights are the
+    *unbiased* scores, renormalised to sum 1 when ``renormalize``, times ``scaling_factor``. With
+    ``num_groups`` G > 1 the choice is first limited to the ``top_k_groups`` groups of E/G consecutive experts
+    whose two best biased scores sum highest (the release uses G = 1: no limit).
 
     Args:
         x_ND: ``[N, D]`` any float dtype.
@@ -97,7 +97,7 @@ class _DispatchSlots(torch.autograd.Function):
 
 
 class _CombineSlots(torch.autograd.Function):
-    """y_ND = sum over its K slots of y_SD (slots sorted by expert); backward hands each slot its token's gradient."""
+    """y_ND = the sum of a token's K slots of y_SD (sorted by expert); backward sends dy to the slots."""
 
     @staticmethod
     def forward(ctx, y_SD, order_S, inverse_S, top_k):
@@ -124,17 +124,19 @@ def _grouped_mm_aligned(*tensors: torch.Tensor) -> bool:
 
 def _grouped_mm_preferred(x_SD: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether "auto" takes torch._grouped_mm: aligned operands, and on CUDA only bf16 on sm90+, which has the
-    fused kernel; other CUDA dtypes go through torch's own loop, which copies the offsets to the host anyway."""
-    if x_SD.is_cuda and (x_SD.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x_SD.device)[0] < 9):
-        return False
+    fused kernel; other CUDA dtypes go through torch's own loop, which copies the offsets to the host anyway.
+    """
+    if x_SD.is_cuda:
+        if x_SD.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x_SD.device)[0] < 9:
+            return False
     return _grouped_mm_aligned(x_SD, *weights)
 
 
 def swiglu_weighted(gate_SF: torch.Tensor, up_SF: torch.Tensor, weights_S: torch.Tensor) -> torch.Tensor:
     """``silu(gate_SF) * up_SF * weights_S[:, None]`` computed in fp32, returned in gate's dtype.
 
-    On CUDA with Triton installed this is one fused kernel each way (``kimi_linear.ops.moe_triton``); elsewhere
-    plain PyTorch, which is also its reference.
+    On CUDA with Triton installed this is one fused kernel each way (``kimi_linear.ops.moe_triton``);
+    elsewhere plain PyTorch, which is also its reference.
     """
     if gate_SF.is_cuda and _triton_available():
         from kimi_linear.ops.moe_triton import swiglu_weighted_triton
@@ -174,7 +176,7 @@ def _experts_loop(x_SD, weights_S, offsets_E, w1_EFD, w3_EFD, w2_EDF):
 
 
 def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
-    """The matmul dtype: autocast's where it is on (torch._grouped_mm does not autocast by itself), else w's."""
+    """The matmul dtype: autocast's where it is on (torch._grouped_mm does not autocast itself), else w's."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -197,12 +199,13 @@ def grouped_experts(
         weights_NK: ``[N, K]`` routing weights (float32 recommended).
         experts_NK: ``[N, K]`` int expert ids in [0, E).
         w1_EFD, w3_EFD: ``[E, F, D]`` gate and up projections; w2_EDF: ``[E, D, F]`` down projection.
-        backend: "grouped_mm" (torch._grouped_mm), "loop" (one matmul triple per expert that has tokens; reads
-            the per-expert counts on the host), or "auto": grouped_mm where ``_grouped_mm_preferred``, else loop.
+        backend: "grouped_mm" (torch._grouped_mm), "loop" (one matmul triple per expert that has tokens;
+            reads the per-expert counts on the host), or "auto": grouped_mm where ``_grouped_mm_preferred``,
+            else loop.
 
     Returns:
-        ``(y_ND [N, D] in the compute dtype, tokens_per_expert_E int64)`` — the second is the number of slots
-        routed to each expert, computed on the device without a host sync.
+        ``(y_ND [N, D] in the compute dtype, tokens_per_expert_E int64)`` — the second is the number of
+        slots routed to each expert, computed on the device without a host sync.
 
     Raises:
         ValueError: unknown backend, or "grouped_mm" where torch has no ``_grouped_mm`` or the sizes break its
@@ -232,9 +235,9 @@ def grouped_experts(
     elif backend == "grouped_mm" and not _grouped_mm_aligned(x_SD, w1_EFD, w3_EFD, w2_EDF):
         raise ValueError(
             f"backend='grouped_mm' needs torch._grouped_mm (torch {torch.__version__}: "
-            f"{'present' if hasattr(torch, '_grouped_mm') else 'absent'}) and 16-byte aligned operands: hidden "
-            f"size {x_SD.shape[-1]} and expert intermediate size {w1_EFD.shape[1]} must be multiples of "
-            f"{16 // x_SD.element_size()} for {x_SD.dtype}"
+            f"{'present' if hasattr(torch, '_grouped_mm') else 'absent'}) and 16-byte aligned operands: "
+            f"hidden size {x_SD.shape[-1]} and expert intermediate size {w1_EFD.shape[1]} must be multiples "
+            f"of {16 // x_SD.element_size()} for {x_SD.dtype}"
         )
     # The explicit casts above did autocast's job; below, every matmul sees one dtype.
     with torch.autocast(x_ND.device.type, enabled=False):
@@ -245,7 +248,9 @@ def grouped_experts(
     return _CombineSlots.apply(y_SD, order_S, inverse_S, K), tokens_per_expert_E
 
 
-def swiglu_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+def swiglu_reference(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) with nn.Linear-layout weights ``[out, in]``."""
     return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
@@ -286,20 +291,20 @@ def moe_reference(
         scores_NE = torch.sigmoid(logits_NE)
     else:
         scores_NE = torch.softmax(logits_NE, dim=-1)
-    bias_E = correction_bias_E.float() if correction_bias_E is not None else torch.zeros(E, device=x_ND.device)
+    bias_E = torch.zeros(E, device=x_ND.device) if correction_bias_E is None else correction_bias_E.float()
     remaining_NE = scores_NE.detach() + bias_E
     if num_groups > 1:
-        # Keep the top_k_groups groups ranked by the sum of their two best biased scores; the rest cannot be chosen.
+        # Keep the top_k_groups groups ranked by the sum of their two best biased scores; the rest are out.
         group_size = E // num_groups
         group_score = []
         for g in range(num_groups):
-            best_two = remaining_NE[:, g * group_size : (g + 1) * group_size].sort(dim=-1, descending=True).values
-            group_score.append(best_two[:, :2].sum(dim=-1))
+            members_NX = remaining_NE[:, g * group_size : (g + 1) * group_size]
+            group_score.append(members_NX.sort(dim=-1, descending=True).values[:, :2].sum(dim=-1))
         group_rank_NG = torch.stack(group_score, dim=-1).argsort(dim=-1, descending=True)
         for g in range(num_groups):
             dropped_N = (group_rank_NG[:, :top_k_groups] != g).all(dim=-1)
             remaining_NE[dropped_N, g * group_size : (g + 1) * group_size] = float("-inf")
-    # The K largest biased scores, taken one at a time so the rule reads plainly: mask out each pick and repeat.
+    # The K largest biased scores, taken one at a time so the rule reads plainly: mask each pick, repeat.
     chosen_NE = torch.zeros_like(scores_NE, dtype=torch.bool)
     for _ in range(top_k):
         best_N = remaining_NE.argmax(dim=-1, keepdim=True)

@@ -2,14 +2,15 @@
 
 Shape legend: S token-slots (rows, sorted by expert), F expert intermediate size.
 
-Between the grouped GEMMs of the experts, ``h_SF = silu(gate_SF) * up_SF * weights_S[:, None]`` in plain PyTorch
-is five kernels with fp32 temporaries of S x F (at the release's prefill shapes, S = 32768 and F = 1024: ~130 MB
-each); one kernel reads g and u once and writes h once, and the backward kernel produces dg, du and the row sums
-dw = sum_F(dh * silu(g) * u) in one pass. Math is fp32 in registers; g, u, h, dg, du keep the input dtype
-(bf16/fp16/fp32); w and dw are fp32.
+Between the grouped GEMMs of the experts, ``h_SF = silu(gate_SF) * up_SF * weights_S[:, None]`` in plain
+PyTorch is five kernels with fp32 temporaries of S x F (at the release's prefill shapes, S = 32768 and F =
+1024: ~130 MB each); one kernel reads g and u once and writes h once, and the backward kernel produces dg, du
+and the row sums dw = sum_F(dh * silu(g) * u) in one pass. Math is fp32 in registers; g, u, h, dg, du keep the
+input dtype (bf16/fp16/fp32); w and dw are fp32.
 
-Limits: contiguous 2-D inputs; any S and F (offsets are 64-bit; F is a compile-time constant, one build per size). Runs on CUDA, or on CPU tensors through Triton's
-interpreter when TRITON_INTERPRET=1 is set before this module is imported (tests only).
+Limits: contiguous 2-D inputs; any S and F (offsets are 64-bit; F is a compile-time constant, one build per
+size). Runs on CUDA, or on CPU tensors through Triton's interpreter when TRITON_INTERPRET=1 is set before this
+module is imported (tests only).
 """
 
 from __future__ import annotations
@@ -84,14 +85,16 @@ class SwiGLUWeighted(torch.autograd.Function):
         dweights_S = torch.empty_like(weights_S)
         if S * F:
             grid = (triton.cdiv(S, BS_BWD),)
-            _swiglu_weighted_bwd_kernel[grid](gate_SF, up_SF, weights_S, dh_SF, dgate_SF, dup_SF, dweights_S, S, F,
-                                              BS=BS_BWD, BF=BF_BWD)
+            _swiglu_weighted_bwd_kernel[grid](gate_SF, up_SF, weights_S, dh_SF, dgate_SF, dup_SF, dweights_S,
+                                              S, F, BS=BS_BWD, BF=BF_BWD)
         else:
             dweights_S.zero_()
         return dgate_SF, dup_SF, dweights_S
 
 
-def swiglu_weighted_triton(gate_SF: torch.Tensor, up_SF: torch.Tensor, weights_S: torch.Tensor) -> torch.Tensor:
+def swiglu_weighted_triton(
+    gate_SF: torch.Tensor, up_SF: torch.Tensor, weights_S: torch.Tensor
+) -> torch.Tensor:
     """``silu(gate_SF) * up_SF * weights_S[:, None]`` in gate's dtype; differentiable in all three.
 
     Args: gate_SF, up_SF ``[S, F]`` same float dtype and device; weights_S ``[S]`` (used in fp32).
