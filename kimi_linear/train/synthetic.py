@@ -391,7 +391,7 @@ def train_synthetic(cfg: SynthConfig, log=print) -> SynthResult:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        running.append(float(loss))
+        running.append(float(loss.detach()))
         if step % cfg.eval_every == 0 or step == cfg.steps:
             acc, eval_loss = evaluate(model, eval_ids, eval_targets, cfg.batch_size, device)
             best = max(best, acc)
