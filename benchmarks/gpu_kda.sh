@@ -9,5 +9,5 @@ shift || true
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT_DIR"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
-python -m pytest -q -rs -p no:cacheprovider tests/ops/test_kda_chunk_triton.py 2>&1 | tee "$OUT_DIR/kda_chunk_tests.log"
+python -m pytest -q -rs -p no:cacheprovider ${KDA_TEST_ARGS:-} tests/ops/test_kda_chunk_triton.py 2>&1 | tee "$OUT_DIR/kda_chunk_tests.log"
 python benchmarks/kda_kernels.py --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/kda_kernels.log"

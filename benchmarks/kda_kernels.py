@@ -259,15 +259,24 @@ def main(argv=None) -> None:
     for T in args.T:
         try:
             row = time_chunk(T, fla_kda, fla_gdn)
-        except torch.cuda.OutOfMemoryError as e:
-            print(f"T={T}: out of memory ({e})")
+        except Exception as e:  # noqa: BLE001 - report and go on to the next size
+            print(f"T={T}: failed: {e!r}"[:400])
             torch.cuda.empty_cache()
             continue
         rows.append(row)
         print(json.dumps(row), flush=True)
     result["chunk"] = rows
-    result["breakdown"] = {T: kernel_breakdown(T) for T in args.breakdown}
-    result["decode"] = time_decode(args.decode_batches)
+    result["breakdown"] = {}
+    for T in args.breakdown:
+        try:
+            result["breakdown"][T] = kernel_breakdown(T)
+        except Exception as e:  # noqa: BLE001
+            print(f"breakdown T={T} failed: {e!r}"[:400])
+    try:
+        result["decode"] = time_decode(args.decode_batches)
+    except Exception as e:  # noqa: BLE001
+        print(f"decode failed: {e!r}"[:400])
+        result["decode"] = []
     with open(os.path.join(args.out, "kda_kernels.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(rows, os.path.join(args.out, "kda_kernels.png"))

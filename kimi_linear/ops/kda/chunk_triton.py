@@ -75,7 +75,8 @@ def _interpreting() -> bool:
 
 # Launch settings per kernel; the V block of the sequential passes sets their parallelism (V / BV * N * H programs).
 CONFIG = {
-    "intra_warps": 4,
+    "intra_warps": 8,
+    "intra_stages": 1,
     "state_bv": 32,
     "state_warps": 4,
     "state_stages": 2,
@@ -84,7 +85,9 @@ CONFIG = {
     "dh_stages": 2,
     "inter_bv": 64,
     "inter_warps": 8,
-    "bwd_intra_warps": 4,
+    "inter_stages": 1,  # the per-chunk backward holds many dot operands in shared memory; no room to pipeline
+    "bwd_intra_warps": 8,
+    "bwd_intra_stages": 1,
 }
 
 
@@ -109,7 +112,7 @@ def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, need_bwd):
         chunk_kda_fwd_intra_kernel[(layout.NT, H)](
             q, k, v, g, beta, G, Aqk, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
             H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BV=BVf, STORE_TINV=need_bwd, DOT_PREC=prec,
-            num_warps=CONFIG["intra_warps"],
+            num_warps=CONFIG["intra_warps"], num_stages=CONFIG["intra_stages"],
         )
     o = _empty(TT, H, V, device=dev, dtype=dt)
     ht = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
@@ -164,16 +167,19 @@ def _bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
         dG = _empty(TT, H, K, device=dev, dtype=torch.float32)
         dA = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
         dAqk = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
+        # fp32 operands take twice the shared memory of 16-bit ones
+        inter_bv = _bv(V, "inter_bv") if dt != torch.float32 else min(_bv(V, "inter_bv"), 32)
         chunk_kda_bwd_inter_kernel[(NT, H)](
             q, k, v, beta, G, Tinv, h, dh, vn, dvn, do, dq, dk, dG, dA, dAqk, dv, db,
             layout.cu_seqlens, layout.chunk_indices, scale,
-            H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=_bv(V, "inter_bv"), DOT_PREC=prec,
-            num_warps=CONFIG["inter_warps"],
+            H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=inter_bv, DOT_PREC=prec,
+            num_warps=CONFIG["inter_warps"], num_stages=CONFIG["inter_stages"],
         )
         chunk_kda_bwd_intra_kernel[(NT, H)](
             q, k, beta, G, dq, dk, dG, dA, dAqk, db, dq_out, dk_out, dg,
             layout.cu_seqlens, layout.chunk_indices, scale,
             H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC=prec, num_warps=CONFIG["bwd_intra_warps"],
+            num_stages=CONFIG["bwd_intra_stages"],
         )
     return dq_out, dk_out, dv, dg, db, dh0
 
