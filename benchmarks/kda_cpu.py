@@ -50,8 +50,11 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "kda_cpu.json"))
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shape = (args.batch, args.seq_len, args.heads, args.head_dim, args.head_dim)
 
