@@ -280,16 +280,16 @@ def test_balancing_evens_out_a_skewed_router():
 
     def imbalance():
         with torch.no_grad():
-            moe(torch.randn(1, 512, D) + 2 * direction)
+            moe(torch.randn(1, 256, D) + 2 * direction)
         return (moe.last_expert_load.max() / moe.last_expert_load.mean()).item()
 
     before = imbalance()
-    for _ in range(150):
+    for _ in range(80):
         imbalance()
-        moe.update_correction_bias(0.01)
+        moe.update_correction_bias(0.02)
     after = imbalance()
     assert before > 2.5, before
-    assert after < 1.4, (before, after)
+    assert after < 1.6, (before, after)
 
 
 def test_deterministic_and_decode_sized():
