@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--decode", default="1:4096,64:1024", help="B:context pairs")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--profile", default=None, metavar="CONFIG:T",
+                        help="instead of the table: profile our prefill of CONFIG at T tokens, print the top kernels")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("model_speed.py needs a CUDA GPU")
@@ -129,6 +131,17 @@ def main() -> None:
         hf_kernels = "FLA " + getattr(fla, "__version__", "?")
     except ImportError:
         hf_kernels = "torch fallback (FLA not installed)"
+    if args.profile:
+        name, T = args.profile.split(":")
+        with torch.device("cuda"):
+            model = KimiLinearForCausalLM(CONFIGS[name]())
+        model = model.to(torch.bfloat16).eval()
+        ours_prefill(model, int(T), 1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                                torch.profiler.ProfilerActivity.CPU]) as prof:
+            ours_prefill(model, int(T), 1)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+        return
     rows = []
     for name in args.configs.split(","):
         config = CONFIGS[name]()

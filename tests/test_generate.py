@@ -102,9 +102,12 @@ def test_bad_arguments(model, kwargs, match):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_graph_decode_matches_eager(dtype):
+def test_cuda_graph_decode_matches_eager():
+    # bf16, the serving dtype: the MoE's grouped GEMM path is capturable (its fp32 path syncs, and generate() then
+    # decodes eagerly with a warning).
     import warnings
+
+    dtype = torch.bfloat16
 
     model = make_model(seed=22).to(device="cuda", dtype=dtype)
     with warnings.catch_warnings():
@@ -122,4 +125,4 @@ def test_cuda_graph_decode_matches_eager(dtype):
     replayed = decoder(tokens).clone()
     eager_cache = KimiLinearCache(model.config, len(PROMPTS), 32, dtype=dtype, device="cuda")
     prefill(model, PROMPTS, eager_cache)
-    assert rel_err(replayed, decode_step(model, tokens, eager_cache)) < (1e-5 if dtype == torch.float32 else 2e-2)
+    assert rel_err(replayed, decode_step(model, tokens, eager_cache)) < 1e-3  # same kernels, same inputs

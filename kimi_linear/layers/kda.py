@@ -118,6 +118,8 @@ class KimiDeltaAttention(nn.Module):
             x = x * attention_mask[:, :, None].to(x.dtype)
         layer_cache = None if cache is None else cache.layers[self.layer_idx]
         decoding = layer_cache is not None and T == 1 and cu_seqlens is None
+        # A prefill into empty rows has no history to read: skip the (zero) initial states.
+        history = layer_cache is not None and not decoding and int(cache.lengths.max()) > 0
 
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3·H·K]
         if not self.use_short_conv:
@@ -125,7 +127,7 @@ class KimiDeltaAttention(nn.Module):
         elif decoding:
             qkv = causal_conv1d_update(qkv[:, 0], layer_cache["conv"], self.conv_weight())[:, None]
         else:
-            conv_state = None if layer_cache is None else layer_cache["conv"]
+            conv_state = layer_cache["conv"] if history else None
             qkv, conv_final = causal_conv1d(
                 qkv, self.conv_weight(), initial_state=conv_state, cu_seqlens=cu_seqlens,
                 output_final_state=layer_cache is not None,
@@ -147,7 +149,7 @@ class KimiDeltaAttention(nn.Module):
             )
         elif layer_cache is not None:
             o, state = chunk_kda(
-                q, k, v, g, beta, initial_state=layer_cache["state"], output_final_state=True,
+                q, k, v, g, beta, initial_state=layer_cache["state"] if history else None, output_final_state=True,
                 cu_seqlens=cu_seqlens, **kda_args,
             )
             layer_cache["state"].copy_(state)

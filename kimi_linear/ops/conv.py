@@ -79,22 +79,33 @@ def causal_conv1d(
     if initial_state is not None and initial_state.shape != (N, C, W - 1):
         raise ValueError(f"initial_state must be [N, C, W-1] = [{N}, {C}, {W - 1}], got {tuple(initial_state.shape)}")
 
-    pos, seq = _positions(B, T, cu_seqlens, x.device)  # [B, T] each
+    # Bulk: one depthwise convolution with zero history (a fused kernel, in x's dtype, fp32 accumulation).
+    y = F.conv1d(x.transpose(1, 2), weight.to(x.dtype)[:, None, :], padding=W - 1, groups=C)[..., :T]
+    y = _act(y, activation).transpose(1, 2)  # [B, T, C]
     xf = x.float()
     w = weight.float()
     state = None if initial_state is None else initial_state.float()
-    y = xf * w[:, W - 1]
-    for shift in range(1, W):
-        shifted = F.pad(xf, (0, 0, shift, 0))[:, :T]  # x[t - shift]: [B, T, C]
-        before_start = (pos < shift)[..., None]  # [B, T, 1]
-        if state is None:
-            fill = torch.zeros((), dtype=xf.dtype, device=x.device)
+    if cu_seqlens is not None or state is not None:
+        # The first W-1 tokens of each sequence reach before its start: into the state (or zeros), not into the
+        # previous sequence. Recompute just those rows, in fp32.
+        pos, seq = _positions(B, T, cu_seqlens, x.device)  # [B, T] each
+        if cu_seqlens is None:
+            rows_t = torch.arange(min(T, W - 1), device=x.device)
+            b_idx, t_idx = torch.arange(B, device=x.device).repeat_interleave(len(rows_t)), rows_t.repeat(B)
         else:
-            # x[t - shift] lies in the previous tokens: index W-1 - (shift - pos) of that sequence's state
-            idx = (W - 1 - shift + pos).clamp(min=0, max=W - 2)  # [B, T]
-            fill = state[seq, :, idx]  # [B, T, C]
-        y = y + torch.where(before_start, fill, shifted) * w[:, W - 1 - shift]
-    y = _act(y, activation).to(x.dtype)
+            b_idx, t_idx = (pos < W - 1).nonzero(as_tuple=True)
+        p, n = pos[b_idx, t_idx], seq[b_idx, t_idx]  # [R] position in its sequence, sequence index
+        acc = xf[b_idx, t_idx] * w[:, W - 1]  # [R, C]
+        for shift in range(1, W):
+            from_x = xf[b_idx, (t_idx - shift).clamp(min=0)]
+            if state is None:
+                from_before = torch.zeros_like(from_x)
+            else:
+                # x[t - shift] lies before the start: index W-1 - (shift - p) of that sequence's state
+                from_before = state[n, :, (W - 1 - shift + p).clamp(min=0, max=W - 2)]
+            acc = acc + torch.where((p >= shift)[:, None], from_x, from_before) * w[:, W - 1 - shift]
+        y = y.index_put((b_idx, t_idx), _act(acc, activation).to(y.dtype))
+    y = y.contiguous()
     if not output_final_state:
         return y, None
 
