@@ -1,5 +1,6 @@
-"""MoE layer speed: ours (grouped by expert: torch._grouped_mm, or a loop over the experts that got tokens;
-CUDA-graph replay for decode) vs HF transformers' KimiLinearMoE with each of its experts implementations.
+"""MoE layer speed: ours ("auto": decode GEMV kernels for a few tokens, else grouped by expert with
+torch._grouped_mm; the grouped path and the loop over experts forced; CUDA-graph replay for decode sizes) vs
+HF transformers' KimiLinearMoE with each of its experts implementations.
 Prints a table last and writes JSON.
 
     python benchmarks/moe_speed.py --device cuda                  # release shapes, bf16 (H200)
@@ -130,13 +131,14 @@ def main():
     device = args.device
     shape = args.shape or ("48b" if device == "cuda" else "small")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    default_tokens = "1,64,4096,16384" if device == "cuda" else "1,64,2048"
+    default_tokens = "1,8,64,4096,16384" if device == "cuda" else "1,64,2048"
     tokens = [int(t) for t in (args.tokens or default_tokens).split(",")]
     measure = timer(device)
     torch.manual_seed(0)
 
     config, moe = build(shape, device, dtype)
-    impls = {"ours": ("ours", "auto"), "ours-loop": ("ours", "loop")}
+    impls = {"ours": ("ours", "auto"), "ours-grouped_mm": ("ours", "grouped_mm"),
+             "ours-loop": ("ours", "loop")}
     for name in ("eager", "grouped_mm", "batched_mm"):
         impls[f"hf-{name}"] = ("hf", name)
     hf_modules = {}

@@ -7,24 +7,30 @@ Shape legend (this file):
 
 The routed output of a token is  sum_k w_k * w2_e (silu(w1_e x) * (w3_e x)),  e = the k-th chosen expert.
 
-Fast path (``grouped_experts``): the N*K token-slots are sorted by expert id, so each expert's tokens form
-one contiguous run; the three expert matmuls then run as grouped GEMMs over those runs (``torch._grouped_mm``
-where the build has it and the operands satisfy its alignment rules, else a loop over only the experts that
-received tokens). The routing weight is applied to the intermediate activation (w2 is linear, so
-w2(w * h) = w * w2(h)), and the K slots of a token are summed by a reshape, not by atomics: results are
-deterministic and the sum is taken in the reduction's fp32 accumulator.
+Decode (a few tokens, no autograd, CUDA): one Triton matrix-vector product per token-slot reads the chosen
+expert's rows directly (``kimi_linear.ops.moe_triton``). Otherwise (``grouped_experts``): the N*K token-slots
+are sorted by expert id, so each expert's tokens form one contiguous run; the three expert matmuls then run as
+grouped GEMMs over those runs (``torch._grouped_mm`` where the build has it and the operands satisfy its
+alignment rules, else a loop over only the experts that received tokens). The routing weight is applied to the
+intermediate activation (w2 is linear, so w2(w * h) = w * w2(h)), and the K slots of a token are summed by a
+reshape, not by atomics: results are deterministic and the sum is taken in the reduction's fp32 accumulator.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
 
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
-EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
+EXPERT_BACKENDS = ("auto", "grouped_mm", "loop", "gemv")
+# "auto" takes the decode kernels (``moe_triton.moe_experts_gemv_triton``) up to this many token-slots
+# N*K: beyond, experts start to see several tokens each and a grouped GEMM reads each expert's weights once,
+# not once per slot.
+GEMV_MAX_SLOTS = 64
 
 # Denominator guard of the renormalisation: chosen scores are positive, so it only matters for exact zeros.
 RENORM_EPS = 1e-20
@@ -200,16 +206,17 @@ def grouped_experts(
         experts_NK: ``[N, K]`` int expert ids in [0, E).
         w1_EFD, w3_EFD: ``[E, F, D]`` gate and up projections; w2_EDF: ``[E, D, F]`` down projection.
         backend: "grouped_mm" (torch._grouped_mm), "loop" (one matmul triple per expert that has tokens;
-            reads the per-expert counts on the host), or "auto": grouped_mm where ``_grouped_mm_preferred``,
-            else loop.
+            reads the per-expert counts on the host), "gemv" (CUDA + Triton, inference only: one matrix-vector
+            product per token-slot, no sort), or "auto": gemv for up to ``GEMV_MAX_SLOTS`` slots on CUDA
+            when no gradient is needed, else grouped_mm where ``_grouped_mm_preferred``, else loop.
 
     Returns:
         ``(y_ND [N, D] in the compute dtype, tokens_per_expert_E int64)`` — the second is the number of
         slots routed to each expert, computed on the device without a host sync.
 
     Raises:
-        ValueError: unknown backend, or "grouped_mm" where torch has no ``_grouped_mm`` or the sizes break its
-            16-byte alignment rule.
+        ValueError: unknown backend, "grouped_mm" where torch has no ``_grouped_mm`` or the sizes break its
+            16-byte alignment rule, "gemv" without Triton or where a gradient is needed.
         TypeError: x's dtype differs from the weights' outside autocast.
     """
     if backend not in EXPERT_BACKENDS:
@@ -220,6 +227,24 @@ def grouped_experts(
     N, K = experts_NK.shape
     E = w1_EFD.shape[0]
     experts_S = experts_NK.reshape(-1)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x_ND, weights_NK, w1_EFD, w3_EFD, w2_EDF))
+    decode_sized = x_ND.is_cuda and N * K <= GEMV_MAX_SLOTS
+    if backend == "auto" and decode_sized and not needs_grad and _triton_available():
+        backend = "gemv"
+    if backend == "gemv":
+        runnable = x_ND.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        if needs_grad or not _triton_available() or not runnable:
+            raise ValueError("backend='gemv' needs CUDA tensors and Triton, and runs without autograd "
+                             "(torch.no_grad / inference_mode)")
+        from kimi_linear.ops.moe_triton import moe_experts_gemv_triton
+
+        # A one-hot count: deterministic and no host sync, and S x E is small at decode sizes.
+        tokens_per_expert_E = (experts_S[:, None] == torch.arange(E, device=experts_S.device)).sum(dim=0)
+        cast = [t.to(dtype).contiguous() for t in (x_ND, w1_EFD, w3_EFD, w2_EDF)]
+        y_ND = moe_experts_gemv_triton(cast[0], weights_NK, experts_NK, *cast[1:])
+        return y_ND, tokens_per_expert_E
+
     sorted_experts_S, order_S = torch.sort(experts_S, stable=True)
     inverse_S = torch.empty_like(order_S)
     inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)

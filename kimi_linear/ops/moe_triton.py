@@ -1,4 +1,5 @@
-"""Triton kernels for the MoE's elementwise step: the routing-weighted SwiGLU gate h = silu(g) * u * w.
+"""Triton kernels of the MoE experts: the routing-weighted SwiGLU step h = silu(g) * u * w between the grouped
+GEMMs (forward and backward), and the decode path's per-slot matrix-vector products (below, forward only).
 
 Shape legend: S token-slots (rows, sorted by expert), F expert intermediate size.
 
@@ -100,3 +101,89 @@ def swiglu_weighted_triton(
     Args: gate_SF, up_SF ``[S, F]`` same float dtype and device; weights_S ``[S]`` (used in fp32).
     """
     return SwiGLUWeighted.apply(gate_SF, up_SF, weights_S)
+
+
+# ---- Decode: a few token-slots, each reading its own expert's rows (no sort, no weight copies) ----
+#
+# Legend here: S = N * K slots in token order (slot s is token s // K), D hidden, F expert intermediate.
+# With a handful of tokens every chosen expert sees about one token, so the expert matmuls are matrix-vector
+# products bound by reading the weights; a grouped GEMM pads each one-row group to a full tile and the sort
+# around it costs more kernels than the products themselves.
+
+DECODE_BF_GATE, DECODE_BD_GATE = 16, 256  # rows of w1/w3 per program, and the step along D
+DECODE_BD_DOWN, DECODE_BF_DOWN = 16, 256  # rows of w2 per program, and the step along F
+
+
+@triton.jit
+def _moe_gate_up_gemv_kernel(x_ptr, w1_ptr, w3_ptr, experts_ptr, weights_ptr, h_ptr,
+                             D: tl.constexpr, F: tl.constexpr, K: tl.constexpr,
+                             BF: tl.constexpr, BD: tl.constexpr):
+    i_s, i_f = tl.program_id(0), tl.program_id(1)
+    i_e = tl.load(experts_ptr + i_s).to(tl.int64)
+    i_n = i_s // K
+    o_f = i_f * BF + tl.arange(0, BF)
+    m_f = o_f < F
+    b_g = tl.zeros([BF], dtype=tl.float32)
+    b_u = tl.zeros([BF], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_d = o_d < D
+        b_x = tl.load(x_ptr + i_n * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+        o_w = i_e * F * D + o_f[:, None] * D + o_d[None, :]
+        m_w = m_f[:, None] & m_d[None, :]
+        b_g += tl.sum(tl.load(w1_ptr + o_w, mask=m_w, other=0.0).to(tl.float32) * b_x[None, :], axis=1)
+        b_u += tl.sum(tl.load(w3_ptr + o_w, mask=m_w, other=0.0).to(tl.float32) * b_x[None, :], axis=1)
+    b_w = tl.load(weights_ptr + i_s)
+    tl.store(h_ptr + i_s * F + o_f, b_g * tl.sigmoid(b_g) * b_u * b_w, mask=m_f)
+
+
+@triton.jit
+def _moe_down_gemv_kernel(h_ptr, w2_ptr, experts_ptr, y_ptr,
+                          D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+    i_s, i_d = tl.program_id(0), tl.program_id(1)
+    i_e = tl.load(experts_ptr + i_s).to(tl.int64)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    b_y = tl.zeros([BD], dtype=tl.float32)
+    for f0 in range(0, F, BF):
+        o_f = f0 + tl.arange(0, BF)
+        m_f = o_f < F
+        b_h = tl.load(h_ptr + i_s * F + o_f, mask=m_f, other=0.0)
+        o_w = i_e * D * F + o_d[:, None] * F + o_f[None, :]
+        b_w2 = tl.load(w2_ptr + o_w, mask=m_d[:, None] & m_f[None, :], other=0.0).to(tl.float32)
+        b_y += tl.sum(b_w2 * b_h[None, :], axis=1)
+    tl.store(y_ptr + i_s * D + o_d, b_y, mask=m_d)
+
+
+def moe_experts_gemv_triton(
+    x_ND: torch.Tensor,
+    weights_NK: torch.Tensor,
+    experts_NK: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w3_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+) -> torch.Tensor:
+    """Routed-expert output for a few tokens (decode), inference only (no autograd).
+
+    Args:
+        x_ND: ``[N, D]`` contiguous, the weights' dtype. weights_NK: ``[N, K]`` (used in fp32).
+        experts_NK: ``[N, K]`` int expert ids. w1_EFD, w3_EFD ``[E, F, D]``, w2_EDF ``[E, D, F]``, contiguous.
+
+    Returns:
+        ``y_ND [N, D]`` in x's dtype: sum over k of weights * w2 (silu(w1 x) * (w3 x)); the per-slot products
+        and the sum over k are accumulated in fp32.
+    """
+    N, K = experts_NK.shape
+    _, F, D = w1_EFD.shape
+    S = N * K
+    experts_S = experts_NK.reshape(-1).contiguous()
+    weights_S = weights_NK.reshape(-1).float().contiguous()
+    h_SF = torch.empty(S, F, device=x_ND.device, dtype=torch.float32)
+    y_SD = torch.empty(S, D, device=x_ND.device, dtype=torch.float32)
+    if S:
+        _moe_gate_up_gemv_kernel[(S, triton.cdiv(F, DECODE_BF_GATE))](
+            x_ND, w1_EFD, w3_EFD, experts_S, weights_S, h_SF, D=D, F=F, K=K,
+            BF=DECODE_BF_GATE, BD=DECODE_BD_GATE)
+        _moe_down_gemv_kernel[(S, triton.cdiv(D, DECODE_BD_DOWN))](
+            h_SF, w2_EDF, experts_S, y_SD, D=D, F=F, BD=DECODE_BD_DOWN, BF=DECODE_BF_DOWN)
+    return y_SD.view(N, K, D).sum(dim=1).to(x_ND.dtype)

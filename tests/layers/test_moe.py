@@ -350,6 +350,10 @@ def test_bad_input_raises():
         moe(torch.randn(1, 2, 24, dtype=torch.float64))
     with pytest.raises(ValueError, match="expert_backend"):
         moe.expert_backend = "triton"
+    moe.expert_backend = "gemv"
+    with pytest.raises(ValueError, match="gemv"):
+        moe(torch.randn(1, 2, 24))  # the parameters require grad: the decode kernels have no backward
+    moe.expert_backend = "auto"
     with pytest.raises(ValueError, match="num_experts_per_token"):
         MoE(make_config(num_experts_per_token=14))
     with pytest.raises(ValueError, match="moe_router_activation_func"):
@@ -392,19 +396,49 @@ def check_fused_swiglu_kernel(device: str) -> None:
             assert rel_err(a, b) < tol, (S, F, dtype, name)
 
 
-def test_fused_swiglu_kernel_matches_formula():
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        check_fused_swiglu_kernel("cuda")
-        return
-    # Triton binds its own library functions to the interpreter when it is first imported, so the CPU run
-    # needs a process where TRITON_INTERPRET=1 is set before that.
+def check_decode_gemv_kernels(device: str) -> None:
+    """The decode kernels (one expert matrix-vector product per token-slot) against the dense reference."""
+    from kimi_linear.ops.moe_triton import moe_experts_gemv_triton
+
+    for N, D, E, K, F, dtype in [(3, 40, 7, 3, 24, torch.float32), (2, 64, 9, 4, 300, torch.bfloat16)]:
+        gen = torch.Generator(device=device).manual_seed(N + D)
+        x = torch.randn(N, D, generator=gen, device=device).to(dtype)
+        router = torch.randn(E, D, generator=gen, device=device)
+        bias = torch.randn(E, generator=gen, device=device) * 0.05
+        w1 = (torch.randn(E, F, D, generator=gen, device=device) * D**-0.5).to(dtype)
+        w3 = (torch.randn(E, F, D, generator=gen, device=device) * D**-0.5).to(dtype)
+        w2 = (torch.randn(E, D, F, generator=gen, device=device) * F**-0.5).to(dtype)
+        weights, experts = route_tokens(x, router, bias, K, scaling_factor=2.446)
+        y = moe_experts_gemv_triton(x, weights, experts, w1, w3, w2)
+        exact = moe_reference(x.double(), router, bias, w1.double(), w3.double(), w2.double(), None, top_k=K,
+                              scaling_factor=2.446)
+        tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: x and the weights are exact, y is rounded once
+        assert y.dtype == dtype and y.shape == (N, D)
+        assert rel_err(y, exact) < tol, (N, D, E, K, F, dtype, rel_err(y, exact))
+
+
+def run_in_interpreter(*checks: str) -> None:
+    """Runs ``check('cpu')`` for each named check of this module in a fresh process with TRITON_INTERPRET=1.
+
+    Triton binds its own library functions to the interpreter when it is first imported, so the CPU run needs
+    a process where the variable is set before that.
+    """
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
-    code = "from tests.layers.test_moe import check_fused_swiglu_kernel; check_fused_swiglu_kernel('cpu')"
+    code = "import tests.layers.test_moe as t; " + "; ".join(f"t.{check}('cpu')" for check in checks)
     run = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_triton_kernels_match_reference():
+    """The fused SwiGLU step and the decode kernels: compiled on CUDA, through Triton's interpreter on CPU."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        check_fused_swiglu_kernel("cuda")
+        check_decode_gemv_kernels("cuda")
+        return
+    run_in_interpreter("check_fused_swiglu_kernel", "check_decode_gemv_kernels")
 
 
 # ---- GPU: the grouped path at the release's shapes (D=2304, E=256, K=8, F=1024), bf16 ----
