@@ -126,6 +126,7 @@ def main():
     parser.add_argument("--tokens", default=None, help="comma-separated token counts per call")
     parser.add_argument("--train-min-tokens", type=int, default=512,
                         help="time forward+backward from this N on")
+    parser.add_argument("--impls", default=None, help="comma-separated subset of the implementations")
     parser.add_argument("--json", default="benchmarks/results/moe_speed.json")
     args = parser.parse_args()
     device = args.device
@@ -141,6 +142,8 @@ def main():
              "ours-loop": ("ours", "loop")}
     for name in ("eager", "grouped_mm", "batched_mm"):
         impls[f"hf-{name}"] = ("hf", name)
+    if args.impls:
+        impls = {name: impls[name] for name in args.impls.split(",")}
     hf_modules = {}
     rows = []
     for n in tokens:
@@ -186,7 +189,7 @@ def main():
                     for m in [moe, *hf_modules.values()]:
                         for p in m.parameters() if m is not None else ():
                             p.grad = None
-            if device == "cuda" and mode == "fwd" and n <= 64:
+            if device == "cuda" and mode == "fwd" and n <= 64 and "ours" in impls:
                 moe.expert_backend = "auto"
                 ms = measure(graph_forward(moe, x))
                 rows.append(dict(shape=shape, tokens=n, mode=mode, impl="ours-cudagraph",
@@ -209,7 +212,7 @@ def main():
     ours_ms = {(r["tokens"], r["mode"]): r["ms"] for r in rows if r["impl"] == "ours" and "ms" in r}
     for r in rows:
         if "ms" in r:
-            ratio = r["ms"] / ours_ms[(r["tokens"], r["mode"])]
+            ratio = r["ms"] / ours_ms.get((r["tokens"], r["mode"]), float("nan"))
             of_floor = f"{r['of_floor']:>8.1%}" if "of_floor" in r else f"{'-':>8}"
             print(f"{r['tokens']:>6} {r['mode']:>8} {r['impl']:>16} {r['ms']:>10.3f} {ratio:>7.2f}x "
                   f"{of_floor}  {r['distinct_experts']}")
