@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--configs", default="small,0.75b")
     parser.add_argument("--prefill", default="4096,32768,131072")
-    parser.add_argument("--hf-prefill-max", type=int, default=32768, help="longest prefill timed for HF")
+    parser.add_argument("--hf-prefill-max", type=int, default=131072, help="longest prefill timed for HF")
     parser.add_argument("--decode", default="1:4096,64:1024", help="B:context pairs")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--no-hf", action="store_true")
@@ -136,11 +136,23 @@ def main() -> None:
         with torch.device("cuda"):
             model = KimiLinearForCausalLM(CONFIGS[name]())
         model = model.to(torch.bfloat16).eval()
+        activities = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
         ours_prefill(model, int(T), 1)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
-                                                torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(activities=activities) as prof:
             ours_prefill(model, int(T), 1)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        # one eager decode step at context T: which kernels, how many
+        cache = model.allocate_cache(1, int(T) + 8)
+        with torch.no_grad():
+            tokens = prefill(model, [[5] * int(T)], cache).argmax(-1)
+            decode_step(model, tokens, cache)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=activities) as prof:
+                decode_step(model, tokens, cache)
+                torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        print(f"decode step: {len(kernels)} kernels, {sum(e.device_time for e in kernels) / 1e3:.3f} ms on the GPU")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
         return
     rows = []
     for name in args.configs.split(","):

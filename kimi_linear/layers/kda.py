@@ -157,8 +157,7 @@ class KimiDeltaAttention(nn.Module):
             o, _ = chunk_kda(q, k, v, g, beta, cu_seqlens=cu_seqlens, **kda_args)
 
         # Per-head RMSNorm (one weight shared by the heads) times the low-rank sigmoid output gate, in fp32.
-        o = o.float()
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps) * self.o_norm.weight.float()
+        o = F.rms_norm(o.float(), (K,), self.o_norm.weight.float(), self.config.rms_norm_eps)
         if self.use_output_gate:
             gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
             o = o * torch.sigmoid(gate.float())

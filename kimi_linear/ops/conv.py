@@ -152,9 +152,10 @@ def causal_conv1d_update(
     if x.dim() != 2 or conv_state.shape != (x.shape[0], x.shape[1], W - 1):
         raise ValueError(f"x must be [B, C] and conv_state [B, C, W-1]; got {tuple(x.shape)} and "
                          f"{tuple(conv_state.shape)} with W={W}")
-    window = torch.cat([conv_state.float(), x.float()[..., None]], dim=-1)  # [B, C, W]
-    y = (window * weight.float()).sum(-1)
+    # In the state's dtype (the model's): few kernels per decode step; the sum accumulates in fp32.
+    window = torch.cat([conv_state, x[..., None].to(conv_state.dtype)], dim=-1)  # [B, C, W]
     conv_state.copy_(window[..., 1:])
+    y = (window * weight.to(window.dtype)).sum(-1)
     return _act(y, activation).to(x.dtype)
 
 
