@@ -151,7 +151,7 @@ def main() -> None:
                 decode_step(model, tokens, cache)
                 torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        print(f"decode step: {len(kernels)} kernels, {sum(e.device_time for e in kernels) / 1e3:.3f} ms on the GPU")
+        print(f"decode step: {len(kernels)} kernels, {sum(e.device_time_total for e in kernels) / 1e3:.3f} ms on the GPU")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
         return
     rows = []
