@@ -234,8 +234,8 @@ def prefill_layer_major(
 
     The block is ``DecoderLayer.forward`` (mixer, MLP, pre-norm residuals) applied to the whole sequence for
     MLA layers and to consecutive pieces of ``piece`` tokens for KDA/GDN layers (state and conv tails carry
-    through the cache). Same results and cache contents as ``model.hidden_states(ids, cache)``;
-    ``cache.lengths`` advances by T.
+    through the cache; ``cache.lengths`` says how many tokens the layer already holds). Same results and cache
+    contents as ``model.hidden_states(ids, cache)``; ``cache.lengths`` ends at T.
     """
     spans = spans or Spans(ids.device)
     T = ids.shape[1]
@@ -246,6 +246,7 @@ def prefill_layer_major(
         bounds = [(0, T)] if kind == "mla" else [(a, min(a + piece, T)) for a in range(0, T, piece)]
         ffn = layer.block_sparse_moe if layer.is_moe else layer.mlp
         for a, b in bounds:
+            cache.lengths.fill_(a)  # what this layer holds already: the mixers read their history from it
             h = x[:, a:b]
             with spans.span(f"{kind}_mixer"):
                 h = h + layer.self_attn(layer.input_layernorm(h), cache=cache)
@@ -257,7 +258,7 @@ def prefill_layer_major(
                 x[:, a:b] = h  # piece a:b is this layer's input only: overwriting it feeds no later piece
     with spans.span("head"):
         logits = model.lm_head(model.model.norm(x[:, -1])).float()  # [1, V]
-    cache.lengths += T
+    cache.lengths.fill_(T)
     return logits
 
 
@@ -427,7 +428,7 @@ def time_decode(model, batch: int, context: int, steps: int, parts: bool, eager:
     if eager and device.type == "cuda":
         out["eager_ms"] = median_ms(lambda: decode_step(model, tokens, cache), device, 5, warmup=2)
     if parts:
-        out["parts_ms"] = decode_parts_ms(model, cache, batch, reps=max(5, steps // 2))
+        out["parts_ms"] = decode_parts_ms(model, cache, batch, reps=max(3, steps // 2))
     return out
 
 
@@ -657,7 +658,7 @@ def run(args) -> dict:
                 predicted = ms_prev * (T / t_prev) ** 2 / 1e3
             if over_budget(f"prefill {name} T={T}", predicted):
                 continue
-            reps = 3 if T <= 32768 else 1
+            reps = args.reps if T <= 32768 else 1
             row = attempt(
                 f"prefill {name} T={T}",
                 time_prefill,
@@ -904,6 +905,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--piece", type=int, default=None, help="tokens per KDA/GDN prefill piece (131072; smoke 64)"
     )
     p.add_argument("--steps", type=int, default=20, help="timed decode steps per measurement")
+    p.add_argument("--reps", type=int, default=3, help="timed prefills per context up to 32k (then 1)")
     p.add_argument(
         "--one-pass-max", type=int, default=32768, help="also time the one-pass forward up to here"
     )
