@@ -37,7 +37,8 @@ Measured:
 
 Writes ``model_efficiency.json`` after every measurement (a timeout keeps what was done), then the plots
 ``model_efficiency.png`` (Fig. 7 style) and ``model_efficiency_speedup.png`` (Fig. 1 style); prints the table
-last. Times are medians of CUDA-event timings after warm-up (prefill beyond 32k: one timed run, seconds long).
+last. Times are medians of CUDA-event timings after warm-up (prefill: 3 runs up to 32k, 2 up to 256k, then one
+run of seconds).
 """
 
 from __future__ import annotations
@@ -476,16 +477,22 @@ def time_full_batch(model, context: int, steps: int, reserve_bytes: int, cpu_bud
         )
         free = cpu_budget_bytes
     batch = largest_batch(free, per_seq, reserve_bytes)
+    tried = []
     for _ in range(5):
         if batch < 1:
             break
         try:
             out = time_decode(model, batch, context, steps, parts=False, eager=False)
-            return dict(out, free_bytes=free, per_sequence=per_seq, fill="synthetic")
-        except torch.OutOfMemoryError:
+            return dict(out, free_bytes=free, per_sequence=per_seq, fill="synthetic", tried=tried)
+        except RuntimeError as e:  # out of memory, possibly surfacing as a failed graph capture
+            tried.append(dict(batch=batch, error=f"{type(e).__name__}: {e}"[:200]))
+        # the failed attempt's tensors are released once the exception is gone
+        if device.type == "cuda":
+            torch.cuda.synchronize()
             torch.cuda.empty_cache()
-            batch = int(batch * 0.92)
-    return dict(batch=0, context=context, free_bytes=free, per_sequence=per_seq, error="no batch fits")
+        batch = int(batch * 0.92)
+    return dict(batch=0, context=context, free_bytes=free, per_sequence=per_seq, error="no batch fits",
+                tried=tried)
 
 
 # ---- cache bytes -------------------------------------------------------------------------------------------
@@ -658,7 +665,7 @@ def run(args) -> dict:
                 predicted = ms_prev * (T / t_prev) ** 2 / 1e3
             if over_budget(f"prefill {name} T={T}", predicted):
                 continue
-            reps = args.reps if T <= 32768 else 1
+            reps = args.reps if T <= 32768 else (2 if T <= 262144 else 1)
             row = attempt(
                 f"prefill {name} T={T}",
                 time_prefill,
@@ -727,39 +734,53 @@ def _ctx(T: int) -> str:
     )
 
 
-def table(doc: dict, markdown: bool = False) -> str:
-    names = list(doc["models"])
-    head = ["context"]
-    for n in names:
-        head += [f"{n} prefill ms", f"{n} TPOT ms"]
-    for n in names:
-        head += [f"{n} full-batch B", f"{n} ms/token"]
-    for n in names:
-        if n != "mla_only":
-            head += [f"{n} prefill x", f"{n} TPOT x", f"{n} full-batch x", f"{n} cache %"]
-    lines = []
-    for r in summary_rows(doc):
-        cells = [_ctx(r["context"])]
-        for n in names:
-            cells += [_fmt(r[f"{n}.prefill_ms"], ".1f"), _fmt(r[f"{n}.tpot_ms"], ".3f")]
-        for n in names:
-            cells += [_fmt(r[f"{n}.full_batch"], "d"), _fmt(r[f"{n}.full_ms_per_token"], ".4f")]
-        for n in names:
-            if n != "mla_only":
-                cache_ratio = r[f"{n}.cache_bytes.vs_mla"]
-                cells += [
-                    _fmt(r[f"{n}.prefill_ms.vs_mla"], ".2f"),
-                    _fmt(r[f"{n}.tpot_ms.vs_mla"], ".2f"),
-                    _fmt(r[f"{n}.full_ms_per_token.vs_mla"], ".2f"),
-                    _fmt(None if cache_ratio is None else 100 * cache_ratio, ".1f"),
-                ]
-        lines.append(cells)
+SHORT = {"kimi_linear": "KL", "mla_only": "MLA", "gdn_hybrid": "GDN-H"}
+# (key in summary_rows, title, value format, what the ratio column shows)
+SECTIONS = (
+    ("prefill_ms", "prefill ms, B=1", ".1f", "x"),
+    ("tpot_ms", "TPOT ms, B=1, CUDA graph", ".3f", "x"),
+    ("full_ms_per_token", "ms per output token at the memory-filling batch (step / B)", ".4f", "x"),
+    ("cache_bytes", "cache MiB per sequence (allocated)", ".2f", "%"),
+)
+
+
+def _table(head: list[str], lines: list[list[str]], markdown: bool) -> str:
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(out + ["| " + " | ".join(c) + " |" for c in lines])
-    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
-    fmt = lambda cells: " ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
+    widths = [max([len(h)] + [len(c[i]) for c in lines]) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
     return "\n".join([fmt(head)] + [fmt(c) for c in lines])
+
+
+def table(doc: dict, markdown: bool = False) -> str:
+    """The result tables: one per measure, a column per model, and the ratio to MLA-only (speed-up, or the
+    cache as a percentage of MLA-only's); full-batch cells also give the batch size."""
+    names = list(doc["models"])
+    rows = summary_rows(doc)
+    others = [n for n in names if n != "mla_only"]
+    out = []
+    for key, title, spec, ratio in SECTIONS:
+        head = ["context"] + [SHORT.get(n, n) for n in names]
+        head += [f"{SHORT.get(n, n)} {'vs MLA' if ratio == 'x' else '% of MLA'}" for n in others]
+        lines = []
+        for r in rows:
+            cells = [_ctx(r["context"])]
+            for n in names:
+                v = r[f"{n}.{key}"]
+                if key == "cache_bytes":
+                    cells.append(_fmt(None if v is None else v / 2**20, spec))
+                elif key == "full_ms_per_token" and v is not None:
+                    cells.append(f"{v:{spec}} (B={r[f'{n}.full_batch']})")
+                else:
+                    cells.append(_fmt(v, spec))
+            for n in others:
+                v = r[f"{n}.{key}.vs_mla"]
+                cells.append("-" if v is None else (f"{v:.2f}x" if ratio == "x" else f"{100 * v:.1f}%"))
+            if any(c != "-" for c in cells[1:]):
+                lines.append(cells)
+        out.append(("**" + title + "**" if markdown else title) + "\n\n" + _table(head, lines, markdown))
+    return "\n\n".join(out)
 
 
 def breakdown_table(doc: dict, markdown: bool = False) -> str:
@@ -865,7 +886,24 @@ def plot(doc: dict, out_dir: str) -> list[str]:
     return paths
 
 
-def report(doc: dict, out_dir: str) -> None:
+def estimated_mla_only_prefill(doc: dict) -> dict[int, float]:
+    """MLA-only prefill ms where it was not measured but Kimi Linear's was: Kimi Linear's MLA layer (mixer)
+    time for every layer, plus its MLP, embedding/head and other time (the same modules in both models)."""
+    if "kimi_linear" not in doc["models"] or "mla_only" not in doc["models"]:
+        return {}
+    n_layers = len(doc["models"]["mla_only"]["layer_types"])
+    n_mla = doc["models"]["kimi_linear"]["layer_types"].count("mla")
+    measured = {r["context"] for r in doc["prefill"] if r["model"] == "mla_only"}
+    out = {}
+    for r in doc["prefill"]:
+        if r["model"] == "kimi_linear" and r["context"] not in measured:
+            b = r["breakdown"]
+            mla_layer = (b["mla_core"] + b["mla_rest"]) / n_mla
+            out[r["context"]] = n_layers * mla_layer + b["mlp"] + b["embed_head"] + b["other"]
+    return out
+
+
+def report(doc: dict, out_dir: str, markdown: bool = False) -> None:
     paths = plot(doc, out_dir)
     meta = doc["meta"]
     print(
@@ -888,8 +926,12 @@ def report(doc: dict, out_dir: str) -> None:
             f"cache {r['model']} {_ctx(r['context'])}: allocated {alloc} tensors {r['tensor_bytes']} "
             f"formula {r['formula_bytes']}"
         )
+    kimi = {r["context"]: r["ms"] for r in doc["prefill"] if r["model"] == "kimi_linear"}
+    for T, ms in estimated_mla_only_prefill(doc).items():
+        print(f"MLA-only prefill at {_ctx(T)} not measured; estimated from Kimi Linear's MLA layer: "
+              f"{ms:.0f} ms (Kimi Linear speed-up {ms / kimi[T]:.2f}x)")
     print("plots: " + ", ".join(paths))
-    print(table(doc))
+    print(table(doc, markdown))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -915,6 +957,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--cpu-budget-mib", type=float, default=16.0, help="pretend memory for the CPU full batch")
     p.add_argument("--plot-only", default=None, help="redraw plots and table from this JSON")
+    p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     args = p.parse_args(argv)
     if args.piece is None:
         args.piece = 64 if args.smoke else 131072
@@ -927,10 +970,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.plot_only:
         with open(args.plot_only) as f:
             doc = json.load(f)
-        report(doc, os.path.dirname(os.path.abspath(args.plot_only)))
+        report(doc, os.path.dirname(os.path.abspath(args.plot_only)), args.markdown)
         return doc
     doc = run(args)
-    report(doc, args.out)
+    report(doc, args.out, args.markdown)
     return doc
 
 

@@ -1,5 +1,5 @@
-"""CPU smoke test of benchmarks/model_efficiency.py: its configs, its layer-major prefill (against the model's own
-forward), the cache accounting, the batch arithmetic and a tiny end-to-end run (JSON, table, plots)."""
+"""CPU smoke test of benchmarks/model_efficiency.py: its configs, its layer-major prefill (against the model's
+own forward), the cache accounting, the batch arithmetic and a tiny end-to-end run (JSON, table, plots)."""
 
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ def test_cache_bytes_match_the_info_formula(bench):
             row = bench.cache_bytes(model, T)
             assert row["tensor_bytes"] == row["formula_bytes"], (name, T)
             assert row["allocated_bytes"] is None  # no allocator statistics on the CPU
-    kimi = bench.cache_bytes(bench.make_model(bench.make_config("kimi_linear", smoke=True), torch.device("cpu"),
-                                              torch.float32), 320)
+    model = bench.make_model(bench.make_config("kimi_linear", smoke=True), torch.device("cpu"), torch.float32)
+    kimi = bench.cache_bytes(model, 320)
     assert kimi["formula_bytes"] < kimi["formula_mla_only_bytes"]
 
 
@@ -85,7 +85,8 @@ def test_smoke_run_writes_json_table_and_plots(bench, tmp_path):
     assert saved["prefill"] == doc["prefill"]
     assert {(r["model"], r["context"]) for r in saved["prefill"]} == {
         (m, T) for m in bench.MODELS for T in (32, 96)}
-    assert {(r["model"], r["context"]) for r in saved["decode"]} == {(m, T) for m in bench.MODELS for T in (32, 96)}
+    decoded = {(r["model"], r["context"]) for r in saved["decode"]}
+    assert decoded == {(m, T) for m in bench.MODELS for T in (32, 96)}
     assert all(r["batch"] >= 1 for r in saved["full_batch"])
     # the memory-filling batch of the hybrids is larger than MLA-only's (their cache per sequence is smaller)
     batch = {r["model"]: r["batch"] for r in saved["full_batch"]}
