@@ -5,8 +5,7 @@ A checkpoint is a folder ``OUT/checkpoint-NNNNNNN`` holding
     that method, so ``kimi-linear generate --checkpoint`` loads it as it is; otherwise ``model.safetensors``
     of its state dict;
   * ``trainer_state.pt``: optimizer and scheduler state, RNG states, the data position, the step and the run's
-    identity (``run_info``), everything a resumed run needs to continue on the same loss curve;
-  * any extra files the caller adds (tokenizer description).
+    identity (``run_info``), everything a resumed run needs to continue on the same loss curve.
 It is assembled in ``OUT/.tmp-checkpoint-*`` and renamed into place, so a kill at any moment leaves either the
 complete new checkpoint or none; leftovers of interrupted writes are removed on the next save.
 
@@ -98,12 +97,11 @@ def _write_model(model: nn.Module, state: dict[str, torch.Tensor], folder: Path)
 
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, optimizer, scheduler,
-                    trainer_state: dict, ctx: DistContext, *, keep: int = 2,
-                    extra_files: dict[str, str] | None = None) -> Path:
+                    trainer_state: dict, ctx: DistContext, *, keep: int = 2) -> Path:
     """Write ``OUT/checkpoint-{step}`` atomically (collective: every process calls it; rank 0 writes).
 
-    ``trainer_state`` is merged into ``trainer_state.pt`` next to the optimizer, scheduler and RNG states;
-    ``extra_files`` maps file names to text contents. Only the newest ``keep`` checkpoints are kept.
+    ``trainer_state`` is merged into ``trainer_state.pt`` next to the optimizer, scheduler and RNG states.
+    Only the newest ``keep`` checkpoints are kept.
     Returns the checkpoint's path.
     """
     out = Path(out_dir)
@@ -120,8 +118,6 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, opt
             payload = dict(trainer_state, step=step, optimizer=optim_state, scheduler=scheduler.state_dict(),
                            rng=rng_state())
             torch.save(payload, tmp / TRAINER_STATE)
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

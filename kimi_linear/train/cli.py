@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from kimi_linear.train.data import BOS_ID, EOS_ID
 from kimi_linear.train.trainer import AUTOCAST_DTYPES
 
 MIXER_CHOICES = ("kda", "gdn", "mla")
@@ -125,17 +126,18 @@ def run(args: argparse.Namespace) -> int:
 
     from kimi_linear.config import KimiLinearConfig
     from kimi_linear.model import KimiLinearForCausalLM
-    from kimi_linear.train.data import ByteTokenizer, PackedBatches, build_corpus, eval_batches, unigram_loss
+    from kimi_linear.tokenizer import ByteTokenizer
+    from kimi_linear.train.data import PackedBatches, build_corpus, eval_batches, unigram_loss
     from kimi_linear.train.distributed import init_distributed, shutdown, wrap_model
     from kimi_linear.train.trainer import TrainConfig, Trainer
 
     settings, out, saved = resolve_settings(args)
     validate_settings(settings, args)
-    tokenizer = ByteTokenizer()
     config = KimiLinearConfig.from_preset(settings["preset"], mixer=settings["mixer"])
-    if config.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"preset {settings['preset']!r} has a vocabulary of {config.vocab_size} tokens; training "
-                         f"here uses byte-level tokens ({tokenizer.vocab_size}); use debug, tiny or small")
+    if config.vocab_size != 259 or (config.bos_token_id, config.eos_token_id) != (BOS_ID, EOS_ID):
+        raise ValueError(f"preset {settings['preset']!r} has a {config.vocab_size}-token vocabulary; this command "
+                         f"trains on byte-level tokens: use the debug, tiny or small preset")
+    tokenizer = ByteTokenizer(config)
     if settings["seq_len"] > config.model_max_length:
         raise ValueError(f"--seq-len {settings['seq_len']} is over the model's limit "
                          f"(model_max_length = {config.model_max_length} for preset {settings['preset']!r})")
@@ -149,13 +151,13 @@ def run(args: argparse.Namespace) -> int:
 
     ctx = init_distributed(args.device)
     try:
-        corpus = build_corpus(settings["data"], tokenizer)
+        corpus = build_corpus(settings["data"], BOS_ID, EOS_ID)
         batches = PackedBatches(corpus.train, settings["seq_len"], settings["batch_size"], seed=settings["seed"],
                                 rank=ctx.rank, world_size=ctx.world_size, grad_accum=args.grad_accum,
-                                bos_token_id=tokenizer.bos_token_id)
+                                bos_token_id=BOS_ID)
         micro = settings["batch_size"] // (ctx.world_size * args.grad_accum)
         val = eval_batches(corpus.val, settings["seq_len"], args.eval_windows, micro, rank=ctx.rank,
-                           world_size=ctx.world_size, bos_token_id=tokenizer.bos_token_id)
+                           world_size=ctx.world_size, bos_token_id=BOS_ID)
         run_info = {"settings": {**settings, "data": settings["data"] and os.path.abspath(settings["data"])},
                     "model_config": config.to_dict(), "data_fingerprint": corpus.fingerprint}
         if saved is not None and saved != run_info:
@@ -181,8 +183,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"training: {settings['max_steps']} steps x {settings['batch_size']} x {settings['seq_len']} tokens,"
                   f" lr {settings['lr']:g}, out {out}", flush=True)
         trainer = Trainer(model, train_config, ctx=ctx, out_dir=out, run_info=run_info,
-                          progress=not args.no_progress,
-                          extra_files={"tokenizer_config.json": json.dumps(tokenizer.to_json(), indent=1)})
+                          progress=not args.no_progress)
         summary = trainer.fit(batches, eval_data=val)
 
         base_total, base_n = unigram_loss(corpus.train, val, tokenizer.vocab_size)
@@ -217,10 +218,13 @@ def report(summary: dict, unigram: float, out: Path, settings: dict, args, token
     ckpt = summary["checkpoint"]
     print(f"checkpoint: {ckpt}  (try: kimi-linear generate --checkpoint {ckpt} --prompt {args.prompt!r})")
     if args.sample_tokens and ckpt is not None:
+        from kimi_linear.generate import generate
         from kimi_linear.model import KimiLinearForCausalLM
-        from kimi_linear.train.sample import sample_text
 
         model = KimiLinearForCausalLM.from_pretrained(ckpt)
-        text = sample_text(model, tokenizer, args.prompt, args.sample_tokens, seed=settings["seed"])
-        print(f"sample (temperature 0.8):\n{args.prompt}{text}")
+        # Training documents start with BOS, so the prompt does too: the sample begins a fresh file.
+        prompt = [tokenizer.bos_token_id, *tokenizer.encode(args.prompt)]
+        (new,) = generate(model, [prompt], max_new_tokens=args.sample_tokens, temperature=0.8,
+                          seed=settings["seed"])
+        print(f"sample (temperature 0.8):\n{args.prompt}{tokenizer.decode(new)}")
     sys.stdout.flush()

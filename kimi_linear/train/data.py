@@ -24,29 +24,8 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = -100
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, then BOS 256, EOS 257, PAD 258: 259 tokens, as in the byte-level presets."""
-
-    bos_token_id = 256
-    eos_token_id = 257
-    pad_token_id = 258
-    vocab_size = 259
-
-    def encode(self, text: str) -> list[int]:
-        """The UTF-8 bytes of ``text`` (no special tokens)."""
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        """Text of the byte tokens in ``ids``; special tokens are dropped and broken UTF-8 is replaced."""
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
-
-    def to_json(self) -> dict:
-        """What ``tokenizer_config.json`` of a checkpoint trained on bytes holds."""
-        return {"tokenizer_class": "ByteTokenizer", "kimi_linear_tokenizer": "bytes",
-                "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
-                "pad_token_id": self.pad_token_id, "vocab_size": self.vocab_size}
+# Special ids of the byte-level presets (bytes are 0..255).
+BOS_ID, EOS_ID = 256, 257
 
 
 def stdlib_root() -> Path:
@@ -170,11 +149,11 @@ def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], li
     return [a for a, _ in cut], [b for _, b in cut if b]
 
 
-def tokenize_documents(docs: list[str], tokenizer: ByteTokenizer) -> torch.Tensor:
-    """One int16 token stream ``[N]``: ``[BOS] bytes [EOS]`` per document, concatenated."""
+def tokenize_documents(docs: list[str], bos_token_id: int, eos_token_id: int) -> torch.Tensor:
+    """One int16 token stream ``[N]``: ``[BOS] UTF-8 bytes [EOS]`` per document, concatenated."""
     parts = []
-    bos = np.array([tokenizer.bos_token_id], dtype=np.int16)
-    eos = np.array([tokenizer.eos_token_id], dtype=np.int16)
+    bos = np.array([bos_token_id], dtype=np.int16)
+    eos = np.array([eos_token_id], dtype=np.int16)
     for d in docs:
         parts += [bos, np.frombuffer(d.encode("utf-8"), dtype=np.uint8).astype(np.int16), eos]
     if not parts:
@@ -197,8 +176,11 @@ class Corpus:
                 f"{self.val.numel():,} validation tokens")
 
 
-def build_corpus(data: str | os.PathLike | None, tokenizer: ByteTokenizer, val_fraction: float = 0.02) -> Corpus:
-    """Read (``data`` = None: the standard library's source), deduplicate, split and tokenize a corpus.
+def build_corpus(data: str | os.PathLike | None, bos_token_id: int = BOS_ID, eos_token_id: int = EOS_ID,
+                 val_fraction: float = 0.02) -> Corpus:
+    """Read (``data`` = None: the standard library's source), deduplicate, split and tokenize a corpus into byte
+    tokens (``kimi_linear.tokenizer.ByteTokenizer``'s ids) with ``bos_token_id`` / ``eos_token_id`` around each
+    document.
 
     The fingerprint hashes the token streams, so a resumed run can tell that its data changed.
     """
@@ -209,7 +191,8 @@ def build_corpus(data: str | os.PathLike | None, tokenizer: ByteTokenizer, val_f
     else:
         docs, source = load_documents(data), str(data)
     train_docs, val_docs = split_documents(docs, val_fraction)
-    train, val = tokenize_documents(train_docs, tokenizer), tokenize_documents(val_docs, tokenizer)
+    train = tokenize_documents(train_docs, bos_token_id, eos_token_id)
+    val = tokenize_documents(val_docs, bos_token_id, eos_token_id)
     digest = hashlib.sha256()
     for stream in (train, val):
         digest.update(stream.numpy().tobytes())
@@ -245,7 +228,7 @@ class PackedBatches:
     """
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, grad_accum: int = 1, bos_token_id: int = ByteTokenizer.bos_token_id):
+                 world_size: int = 1, grad_accum: int = 1, bos_token_id: int = BOS_ID):
         if seq_len < 1 or batch_size < 1 or grad_accum < 1:
             raise ValueError("seq_len, batch_size and grad_accum must be >= 1")
         if batch_size % (world_size * grad_accum):
@@ -291,7 +274,7 @@ class PackedBatches:
 
 
 def eval_batches(tokens: torch.Tensor, seq_len: int, max_windows: int, micro_batch: int, *, rank: int = 0,
-                 world_size: int = 1, bos_token_id: int = ByteTokenizer.bos_token_id) -> list[dict]:
+                 world_size: int = 1, bos_token_id: int = BOS_ID) -> list[dict]:
     """Packed validation micro-batches for this process: up to ``max_windows`` windows spread evenly over the
     stream (a short stream gives one shorter window). Every process gets the same number of micro-batches."""
     n = (tokens.numel() - 1) // seq_len

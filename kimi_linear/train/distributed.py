@@ -74,8 +74,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, strategy: str = "ddp") -> nn.
     FSDP2 with every block of ``model.model.layers`` (when present) and then the root sharded by ``fully_shard``.
 
     DDP looks for unused parameters because an MoE expert that receives no token in a step has no gradient on that
-    process. Buffers are not broadcast: the only mutable ones (the MoE correction biases) are updated identically
-    on every process from all-reduced loads.
+    process. The MoE correction biases (buffers) are updated identically on every process from all-reduced loads.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -85,7 +84,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, strategy: str = "ddp") -> nn.
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False)
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
     from torch.distributed.fsdp import fully_shard
 
     blocks = getattr(getattr(model, "model", None), "layers", None)

@@ -116,8 +116,8 @@ def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float) -> Cal
 
 
 def moe_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules that balance experts without an auxiliary loss: they expose ``last_expert_load`` after a forward
-    and ``update_correction_bias(rate)``."""
+    """Modules that balance experts without an auxiliary loss: they expose ``last_expert_load [E]`` after a forward
+    and ``update_correction_bias(rate, load=[E])`` (``kimi_linear.layers.moe.MoE``)."""
     return [m for m in unwrap(model).modules() if hasattr(m, "update_correction_bias")]
 
 
@@ -158,18 +158,17 @@ class Trainer:
         run_info: JSON-able identity of the run (model config, data, hyper-parameters); a checkpoint written with
             different ``run_info`` is refused on resume.
         progress: show a tqdm progress bar on rank 0.
-        extra_files: text files stored in every checkpoint (name -> contents).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, *, ctx: DistContext | None = None,
                  loss_fn: Callable = causal_lm_loss, out_dir: str | os.PathLike | None = None,
-                 run_info: dict | None = None, progress: bool = True, extra_files: dict[str, str] | None = None):
+                 run_info: dict | None = None, progress: bool = True):
         config.validate()
         self.model, self.config, self.loss_fn = model, config, loss_fn
         self.ctx = ctx or DistContext()
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.run_info = run_info or {}
-        self.progress, self.extra_files = progress, extra_files
+        self.progress = progress
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                                            betas=(config.beta1, config.beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -234,10 +233,9 @@ class Trainer:
         if self.moe:
             imbalance = []
             for m, load in zip(self.moe, loads):
-                load = all_reduce_sum(load, ctx)
-                m.last_expert_load = load.to(m.last_expert_load.dtype)
+                load = all_reduce_sum(load, ctx).float()
                 if self.config.bias_update_rate > 0:
-                    m.update_correction_bias(self.config.bias_update_rate)
+                    m.update_correction_bias(self.config.bias_update_rate, load=load)
                 imbalance.append(round((load.max() / load.mean().clamp_min(1e-12)).item(), 4))
             stats["expert_load_max_over_mean"] = imbalance
         self.step += 1
@@ -272,8 +270,7 @@ class Trainer:
         if self.out_dir is None:
             return None
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.scheduler,
-                               self.state(data_state), self.ctx, keep=self.config.keep_checkpoints,
-                               extra_files=self.extra_files)
+                               self.state(data_state), self.ctx, keep=self.config.keep_checkpoints)
 
     def resume(self, batches=None) -> int:
         """Load the newest checkpoint under ``out_dir`` (if any) and return its step (0 without one).

@@ -15,6 +15,15 @@ from tests.train.toy import ToyLM
 BOS = 256
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_stream(n: int, seed: int) -> torch.Tensor:
     """Random byte tokens with a BOS starting a document every 20-60 tokens."""
     gen = torch.Generator().manual_seed(seed)

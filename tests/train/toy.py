@@ -24,8 +24,7 @@ class ToyMoE(nn.Module):
         weight = scores.gather(-1, choice[:, None])  # [N, 1]
         return weight * torch.einsum("nd,nde->ne", x, self.experts[choice])
 
-    def update_correction_bias(self, rate: float) -> None:
-        load = self.last_expert_load
+    def update_correction_bias(self, rate: float, load: torch.Tensor) -> None:
         self.e_score_correction_bias += rate * torch.sign(load.mean() - load)
         self.updates += 1
 
