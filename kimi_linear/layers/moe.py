@@ -86,6 +86,11 @@ class MoE(nn.Module):
             ``num_expert_group`` and ``topk_group`` (group-limited routing, default 1 = off) and
             ``initializer_range`` (default 0.02).
 
+    Execution: ``expert_backend`` "auto" picks, per call, the decode kernels (CUDA, no autograd, at most 64
+    token-slots N*K), else the grouped GEMM (torch._grouped_mm: bf16 on sm90+ CUDA, or CPU with aligned
+    sizes), else a loop over the experts that received tokens. The first two never wait on the host, so a
+    decode step can be captured in a CUDA graph; the loop reads the per-expert counts on the host and cannot.
+
     Attributes:
         last_expert_load: float32 ``[E]``, detached, on the input's device: token-slots routed to each expert
             by the latest forward (sums to N*K); None before the first forward.

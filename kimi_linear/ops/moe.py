@@ -241,8 +241,10 @@ def grouped_experts(
 
         # A one-hot count: deterministic and no host sync, and S x E is small at decode sizes.
         tokens_per_expert_E = (experts_S[:, None] == torch.arange(E, device=experts_S.device)).sum(dim=0)
-        cast = [t.to(dtype).contiguous() for t in (x_ND, w1_EFD, w3_EFD, w2_EDF)]
-        y_ND = moe_experts_gemv_triton(cast[0], weights_NK, experts_NK, *cast[1:])
+        # The kernels read any float dtype and compute in fp32, so the weights are used as stored (no copy
+        # under autocast); x is cast only to fix the output dtype.
+        weights = [t.contiguous() for t in (w1_EFD, w3_EFD, w2_EDF)]
+        y_ND = moe_experts_gemv_triton(x_ND.to(dtype).contiguous(), weights_NK, experts_NK, *weights)
         return y_ND, tokens_per_expert_E
 
     sorted_experts_S, order_S = torch.sort(experts_S, stable=True)

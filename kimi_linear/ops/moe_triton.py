@@ -166,8 +166,9 @@ def moe_experts_gemv_triton(
     """Routed-expert output for a few tokens (decode), inference only (no autograd).
 
     Args:
-        x_ND: ``[N, D]`` contiguous, the weights' dtype. weights_NK: ``[N, K]`` (used in fp32).
-        experts_NK: ``[N, K]`` int expert ids. w1_EFD, w3_EFD ``[E, F, D]``, w2_EDF ``[E, D, F]``, contiguous.
+        x_ND: ``[N, D]`` contiguous, any float dtype (the output's). weights_NK: ``[N, K]`` (used in fp32).
+        experts_NK: ``[N, K]`` int expert ids. w1_EFD, w3_EFD ``[E, F, D]``, w2_EDF ``[E, D, F]``: contiguous,
+        any float dtype (read and converted to fp32 in registers).
 
     Returns:
         ``y_ND [N, D]`` in x's dtype: sum over k of weights * w2 (silu(w1 x) * (w3 x)); the per-slot products

@@ -400,14 +400,17 @@ def check_decode_gemv_kernels(device: str) -> None:
     """The decode kernels (one expert matrix-vector product per token-slot) against the dense reference."""
     from kimi_linear.ops.moe_triton import moe_experts_gemv_triton
 
-    for N, D, E, K, F, dtype in [(3, 40, 7, 3, 24, torch.float32), (2, 64, 9, 4, 300, torch.bfloat16)]:
+    cases = [(3, 40, 7, 3, 24, torch.float32, torch.float32),
+             (2, 64, 9, 4, 300, torch.bfloat16, torch.bfloat16),
+             (1, 48, 5, 2, 16, torch.bfloat16, torch.float32)]  # the last: fp32 weights under bf16 autocast
+    for N, D, E, K, F, dtype, w_dtype in cases:
         gen = torch.Generator(device=device).manual_seed(N + D)
         x = torch.randn(N, D, generator=gen, device=device).to(dtype)
         router = torch.randn(E, D, generator=gen, device=device)
         bias = torch.randn(E, generator=gen, device=device) * 0.05
-        w1 = (torch.randn(E, F, D, generator=gen, device=device) * D**-0.5).to(dtype)
-        w3 = (torch.randn(E, F, D, generator=gen, device=device) * D**-0.5).to(dtype)
-        w2 = (torch.randn(E, D, F, generator=gen, device=device) * F**-0.5).to(dtype)
+        w1 = (torch.randn(E, F, D, generator=gen, device=device) * D**-0.5).to(w_dtype)
+        w3 = (torch.randn(E, F, D, generator=gen, device=device) * D**-0.5).to(w_dtype)
+        w2 = (torch.randn(E, D, F, generator=gen, device=device) * F**-0.5).to(w_dtype)
         weights, experts = route_tokens(x, router, bias, K, scaling_factor=2.446)
         y = moe_experts_gemv_triton(x, weights, experts, w1, w3, w2)
         exact = moe_reference(x.double(), router, bias, w1.double(), w3.double(), w2.double(), None, top_k=K,
