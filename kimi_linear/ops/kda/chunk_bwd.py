@@ -30,10 +30,10 @@ from kimi_linear.ops.kda.chunk_fwd import (
     _load_G,
     _load_block,
     _load_last,
+    _load_row,
     _load_rows,
     _load_rows_raw,
     _load_vec,
-    _row,
     _store_block,
     _store_rows,
     _tile,
@@ -214,7 +214,7 @@ def chunk_kda_bwd_intra_kernel(
         k_a = _load_rows(k, t0, r_a, n_rows, i_h, H, K, BC, BK)
         G_a = _load_G(G, t0, r_a, n_rows, G_last, i_h, H, K, BC, BK)
         b_a = _load_vec(beta, t0, r_a, n_rows, i_h, H, BC)
-        Gr_a = _row(G_a, o_c, 0)  # block a's first row (G_last for a block past the end)
+        Gr_a = tl.where(r_a < n_rows, _load_row(G, t0, r_a, n_rows, i_h, H, K, BK), G_last)  # block a's first row
 
         # rows of block a against columns of earlier blocks b, through the reference row of a
         acc_q = tl.zeros([BC, BK], dtype=tl.float32)
@@ -238,7 +238,7 @@ def chunk_kda_bwd_intra_kernel(
                 k_c = _load_rows(k, t0, c * BC, n_rows, i_h, H, K, BC, BK)
                 b_c = _load_vec(beta, t0, c * BC, n_rows, i_h, H, BC)
                 G_c = _load_G(G, t0, c * BC, n_rows, G_last, i_h, H, K, BC, BK)
-                Gr_c = _row(G_c, o_c, 0)
+                Gr_c = tl.where(c * BC < n_rows, _load_row(G, t0, c * BC, n_rows, i_h, H, K, BK), G_last)
                 e_c = tl.exp(G_c - Gr_c[None, :])
                 part = _dot(tl.trans(_load_block(dA, t0, c * BC, r_a, n_rows, i_h, H, BT, BC)),
                             b_c[:, None] * k_c * e_c, DOT_PREC)
@@ -246,20 +246,33 @@ def chunk_kda_bwd_intra_kernel(
                 part += _dot(tl.trans(dAqk_ca), q_c * e_c, DOT_PREC)
                 acc_c += part * tl.exp(Gr_c[None, :] - G_a)
 
-        # inside block a, element-wise
-        dA_aa = _load_block(dA, t0, r_a, r_a, n_rows, i_h, H, BT, BC)
-        dAqk_aa = _load_block(dAqk, t0, r_a, r_a, n_rows, i_h, H, BT, BC)
-        kq_side = b_a[:, None] * k_a  # rows t of A = beta A_kk
-        for j in range(BC):
-            k_j = tl.sum(tl.where(o_c[:, None] == j, k_a, 0.0), 0)
-            G_j = tl.sum(tl.where(o_c[:, None] == j, G_a, 0.0), 0)
+        # inside block a, element-wise. Two loops, each reading one row (or column) of the operands from memory
+        # per step and updating whole [BC, BK] tiles, so that nothing is reduced across rows.
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        for j in range(BC):  # columns j: the row side, dq~_t and r_t for t >= j
+            m_j = m_k & (r_a + j < n_rows)
+            p_j = ((t0 + r_a + j).to(tl.int64) * H + i_h) * K + o_k
+            k_j = tl.load(k + p_j, mask=m_j, other=0.0).to(tl.float32)
+            G_j = tl.load(G + p_j, mask=m_j, other=0.0)
             E = tl.where(o_c[:, None] >= j, tl.exp(tl.minimum(G_a - G_j[None, :], 0.0)), 0.0)  # [BC, BK]
-            dqk_j = tl.sum(tl.where(o_c[None, :] == j, dAqk_aa, 0.0), 1)
-            dkk_j = tl.sum(tl.where(o_c[None, :] == j, dA_aa, 0.0), 1)
+            p_col = ((t0 + r_a + o_c).to(tl.int64) * H + i_h) * BT + r_a + j
+            dqk_j = tl.load(dAqk + p_col, mask=r_a + o_c < n_rows, other=0.0)  # dA_qk[t, j] over t
+            dkk_j = tl.load(dA + p_col, mask=r_a + o_c < n_rows, other=0.0)
             acc_q += dqk_j[:, None] * k_j[None, :] * E
             acc_r += dkk_j[:, None] * k_j[None, :] * E
-            side = tl.sum((dkk_j[:, None] * kq_side + dqk_j[:, None] * q_a) * E, 0)  # [BK]
-            acc_c += tl.where(o_c[:, None] == j, side[None, :], 0.0)
+        for t in range(BC):  # rows t: the column side, for keys j <= t
+            m_t = m_k & (r_a + t < n_rows)
+            p_t = ((t0 + r_a + t).to(tl.int64) * H + i_h) * K + o_k
+            q_t = tl.load(q + p_t, mask=m_t, other=0.0).to(tl.float32) * scale
+            bk_t = tl.load(k + p_t, mask=m_t, other=0.0).to(tl.float32) * tl.load(
+                beta + (t0 + r_a + t).to(tl.int64) * H + i_h, mask=r_a + t < n_rows, other=0.0).to(tl.float32)
+            G_t = tl.load(G + p_t, mask=m_t, other=0.0)
+            E = tl.where(o_c[:, None] <= t, tl.exp(tl.minimum(G_t[None, :] - G_a, 0.0)), 0.0)  # [BC(j), BK]
+            p_row = ((t0 + r_a + t).to(tl.int64) * H + i_h) * BT + r_a + o_c
+            dqk_t = tl.load(dAqk + p_row, mask=(o_c < BC) & (r_a + t < n_rows), other=0.0)  # dA_qk[t, j] over j
+            dkk_t = tl.load(dA + p_row, mask=(o_c < BC) & (r_a + t < n_rows), other=0.0)
+            acc_c += (dkk_t[:, None] * bk_t[None, :] + dqk_t[:, None] * q_t[None, :]) * E
 
         dk_row = b_a[:, None] * acc_r
         b_dq = _load_rows(dq, t0, r_a, n_rows, i_h, H, K, BC, BK) + acc_q

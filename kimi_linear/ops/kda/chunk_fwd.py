@@ -28,12 +28,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _row(x, o, j):
-    """Row j of a register block x [R, D] -> [D] (Triton cannot index register tensors)."""
-    return tl.sum(tl.where(o[:, None] == j, x, 0.0), 0)
-
-
-@triton.jit
 def _load_rows(ptr, t0, row0, n_rows, i_h, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     """Rows [row0, row0 + BR) of a chunk starting at packed row t0 of ``ptr`` [T_total, H, D], as fp32 [BR, BD].
 
@@ -84,6 +78,14 @@ def _load_G(ptr, t0, row0, n_rows, G_last, i_h, H: tl.constexpr, D: tl.constexpr
 
 
 @triton.jit
+def _load_row(ptr, t0, row, n_rows, i_h, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """Row ``row`` of a chunk of ``ptr`` [T_total, H, D] as fp32 [BD] (zeros past the chunk's end)."""
+    o_d = tl.arange(0, BD)
+    p = ptr + ((t0 + row).to(tl.int64) * H + i_h) * D + o_d
+    return tl.load(p, mask=(o_d < D) & (row < n_rows), other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _load_last(ptr, t0, n_rows, i_h, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
     """The chunk's last valid row of ``ptr`` [T_total, H, D] as fp32 [BD]."""
     o_d = tl.arange(0, BD)
@@ -116,14 +118,23 @@ def _store_block(ptr, x, t0, row0, col0, n_rows, i_h, H: tl.constexpr, BT: tl.co
 
 
 @triton.jit
-def _diag_pairs(q_a, k_a, G_a, BC: tl.constexpr):
-    """Inside one sub-block: A_kk[t, j] = sum_c k_t k_j exp(G_t - G_j) for j < t, A_qk likewise for j <= t."""
+def _diag_pairs(q_a, k_a, G_a, G_prev, k, g, t0, r_a, n_rows, i_h, H: tl.constexpr, K: tl.constexpr,
+                BC: tl.constexpr, BK: tl.constexpr):
+    """Inside one sub-block: A_kk[t, j] = sum_c k_t k_j exp(G_t - G_j) for j < t, A_qk likewise for j <= t.
+
+    Row j of k is read from memory and G_j is rebuilt as a running sum from G_prev (the decay before the block),
+    so that the loop needs no row extraction across threads; the reductions run along K only.
+    """
     o_c = tl.arange(0, BC)
+    o_k = tl.arange(0, BK)
     A_kk = tl.zeros([BC, BC], dtype=tl.float32)
     A_qk = tl.zeros([BC, BC], dtype=tl.float32)
+    G_j = G_prev
     for j in range(BC):
-        k_j = tl.sum(tl.where(o_c[:, None] == j, k_a, 0.0), 0)
-        G_j = tl.sum(tl.where(o_c[:, None] == j, G_a, 0.0), 0)
+        m_j = (o_k < K) & (r_a + j < n_rows)
+        p_j = ((t0 + r_a + j).to(tl.int64) * H + i_h) * K + o_k
+        k_j = tl.load(k + p_j, mask=m_j, other=0.0).to(tl.float32)
+        G_j += tl.load(g + p_j, mask=m_j, other=0.0).to(tl.float32)
         # rows above j would give positive exponents; they are masked, the clamp keeps them finite
         kE = k_j[None, :] * tl.exp(tl.minimum(G_a - G_j[None, :], 0.0))  # [BC, BK]
         kk_j = tl.sum(k_a * kE, 1)
@@ -135,15 +146,21 @@ def _diag_pairs(q_a, k_a, G_a, BC: tl.constexpr):
 
 
 @triton.jit
-def _inv_unit_lower(A, BC: tl.constexpr):
-    """(I + A)^-1 for a strictly lower [BC, BC] block, by forward substitution: x_i = e_i - sum_{j<i} A[i, j] x_j."""
+def _inv_unit_lower(A_ptr, t0, r_a, n_rows, i_h, H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """(I + A)^-1 for the strictly lower [BC, BC] diagonal block of A stored at rows/columns r_a.. of ``A_ptr``
+    [T_total, H, BT], by forward substitution: x_i = e_i - sum_{j<i} A[i, j] x_j.
+
+    Row i of A comes from memory and the inverse is built transposed (Y = X^T), so each step reduces within
+    a row of Y instead of across the rows of X.
+    """
     o_c = tl.arange(0, BC)
-    X = tl.zeros([BC, BC], dtype=tl.float32)
+    Y = tl.zeros([BC, BC], dtype=tl.float32)
     for i in range(BC):
-        a_i = tl.sum(tl.where(o_c[:, None] == i, A, 0.0), 0)
-        x_i = -tl.sum(a_i[:, None] * X, 0) + tl.where(o_c == i, 1.0, 0.0)
-        X = tl.where(o_c[:, None] == i, x_i[None, :], X)
-    return X
+        p_i = A_ptr + ((t0 + r_a + i).to(tl.int64) * H + i_h) * BT + r_a + o_c
+        a_i = tl.load(p_i, mask=(o_c < BC) & (r_a + i < n_rows), other=0.0)
+        y_i = -tl.sum(a_i[None, :] * Y, 1) + tl.where(o_c == i, 1.0, 0.0)
+        Y = tl.where(o_c[None, :] == i, y_i[:, None], Y)
+    return tl.trans(Y)
 
 
 @triton.jit
@@ -161,7 +178,7 @@ def _dot_exact(a, b):
 def chunk_kda_fwd_intra_kernel(
     q, k, v, g, beta, G_out, Aqk_out, Tinv_out, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, STORE_TINV: tl.constexpr, DOT_PREC: tl.constexpr,
+    BV: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + 2 * i_c)
@@ -177,15 +194,18 @@ def chunk_kda_fwd_intra_kernel(
     g1 = _load_rows(g, t0, BC, n_rows, i_h, H, K, BC, BK)
     g2 = _load_rows(g, t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
     g3 = _load_rows(g, t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
+    c1 = tl.sum(g0, 0)  # decay accumulated before each sub-block
+    c2 = c1 + tl.sum(g1, 0)
+    c3 = c2 + tl.sum(g2, 0)
     G0 = tl.cumsum(g0, 0)
-    G1 = tl.cumsum(g1, 0) + _row(G0, o_c, BC - 1)[None, :]
-    G2 = tl.cumsum(g2, 0) + _row(G1, o_c, BC - 1)[None, :]
-    G3 = tl.cumsum(g3, 0) + _row(G2, o_c, BC - 1)[None, :]
+    G1 = tl.cumsum(g1, 0) + c1[None, :]
+    G2 = tl.cumsum(g2, 0) + c2[None, :]
+    G3 = tl.cumsum(g3, 0) + c3[None, :]
     _store_rows(G_out, G0, t0, 0, n_rows, i_h, H, K, BC, BK)
     _store_rows(G_out, G1, t0, BC, n_rows, i_h, H, K, BC, BK)
     _store_rows(G_out, G2, t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
     _store_rows(G_out, G3, t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
-    G_last = _row(G3, o_c, BC - 1)  # padded rows repeat the last valid row
+    G_last = c3 + tl.sum(g3, 0)  # padded rows add 0: the last valid row's decay
 
     k0 = _load_rows(k, t0, 0, n_rows, i_h, H, K, BC, BK)
     k1 = _load_rows(k, t0, BC, n_rows, i_h, H, K, BC, BK)
@@ -211,19 +231,19 @@ def chunk_kda_fwd_intra_kernel(
     _store_rows(kd_out, k3 * tl.exp(G_last[None, :] - G3), t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
 
     # diagonal sub-blocks, element-wise decay
-    Akk00, Aqk00 = _diag_pairs(q0, k0, G0, BC)
-    Akk11, Aqk11 = _diag_pairs(q1, k1, G1, BC)
-    Akk22, Aqk22 = _diag_pairs(q2, k2, G2, BC)
-    Akk33, Aqk33 = _diag_pairs(q3, k3, G3, BC)
+    Akk00, Aqk00 = _diag_pairs(q0, k0, G0, tl.zeros([BK], dtype=tl.float32), k, g, t0, 0, n_rows, i_h, H, K, BC, BK)
+    Akk11, Aqk11 = _diag_pairs(q1, k1, G1, c1, k, g, t0, BC, n_rows, i_h, H, K, BC, BK)
+    Akk22, Aqk22 = _diag_pairs(q2, k2, G2, c2, k, g, t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
+    Akk33, Aqk33 = _diag_pairs(q3, k3, G3, c3, k, g, t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
 
     # off-diagonal sub-blocks (a > b): decay routed through the first row of block a, both factors <= 1
-    Gr1 = _row(G1, o_c, 0)
+    Gr1 = c1 + _load_row(g, t0, 1 * BC, n_rows, i_h, H, K, BK)
     e1 = tl.exp(G1 - Gr1[None, :])
     kb = k0 * tl.exp(Gr1[None, :] - G0)
     Akk10 = _dot(k1 * e1, tl.trans(kb), DOT_PREC)
     Aqk10 = _dot(q1 * e1, tl.trans(kb), DOT_PREC)
 
-    Gr2 = _row(G2, o_c, 0)
+    Gr2 = c2 + _load_row(g, t0, 2 * BC, n_rows, i_h, H, K, BK)
     e2 = tl.exp(G2 - Gr2[None, :])
     kb = k0 * tl.exp(Gr2[None, :] - G0)
     Akk20 = _dot(k2 * e2, tl.trans(kb), DOT_PREC)
@@ -232,7 +252,7 @@ def chunk_kda_fwd_intra_kernel(
     Akk21 = _dot(k2 * e2, tl.trans(kb), DOT_PREC)
     Aqk21 = _dot(q2 * e2, tl.trans(kb), DOT_PREC)
 
-    Gr3 = _row(G3, o_c, 0)
+    Gr3 = c3 + _load_row(g, t0, 3 * BC, n_rows, i_h, H, K, BK)
     e3 = tl.exp(G3 - Gr3[None, :])
     kb = k0 * tl.exp(Gr3[None, :] - G0)
     Akk30 = _dot(k3 * e3, tl.trans(kb), DOT_PREC)
@@ -273,10 +293,17 @@ def chunk_kda_fwd_intra_kernel(
     A30 = b3[:, None] * Akk30
     A31 = b3[:, None] * Akk31
     A32 = b3[:, None] * Akk32
-    T00 = _inv_unit_lower(A00, BC)
-    T11 = _inv_unit_lower(A11, BC)
-    T22 = _inv_unit_lower(A22, BC)
-    T33 = _inv_unit_lower(A33, BC)
+    # the forward substitution reads rows of the diagonal blocks from memory (the T buffer, overwritten below)
+    _store_block(Tinv_out, A00, t0, 0, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, A11, t0, BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, A22, t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, A33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    tl.debug_barrier()
+    T00 = _inv_unit_lower(Tinv_out, t0, 0, n_rows, i_h, H, BT, BC)
+    T11 = _inv_unit_lower(Tinv_out, t0, BC, n_rows, i_h, H, BT, BC)
+    T22 = _inv_unit_lower(Tinv_out, t0, 2 * BC, n_rows, i_h, H, BT, BC)
+    T33 = _inv_unit_lower(Tinv_out, t0, 3 * BC, n_rows, i_h, H, BT, BC)
+    tl.debug_barrier()
     # T_ij = -T_ii sum_{j <= m < i} A_im T_mj
     T10 = -_dot_exact(T11, _dot_exact(A10, T00))
     T21 = -_dot_exact(T22, _dot_exact(A21, T11))
@@ -285,23 +312,22 @@ def chunk_kda_fwd_intra_kernel(
     T31 = -_dot_exact(T33, _dot_exact(A31, T11) + _dot_exact(A32, T21))
     T30 = -_dot_exact(T33, _dot_exact(A30, T00) + _dot_exact(A31, T10) + _dot_exact(A32, T20))
 
-    if STORE_TINV:
-        _store_block(Tinv_out, T00, t0, 0, 0, n_rows, i_h, H, BT, BC)
-        _store_block(Tinv_out, zero, t0, 0, BC, n_rows, i_h, H, BT, BC)
-        _store_block(Tinv_out, zero, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
-        _store_block(Tinv_out, zero, t0, 0, 3 * BC, n_rows, i_h, H, BT, BC)
-        _store_block(Tinv_out, T10, t0, BC, 0, n_rows, i_h, H, BT, BC)
-        _store_block(Tinv_out, T11, t0, BC, BC, n_rows, i_h, H, BT, BC)
-        _store_block(Tinv_out, zero, t0, BC, 2 * BC, n_rows, i_h, H, BT, BC)
-        _store_block(Tinv_out, zero, t0, BC, 3 * BC, n_rows, i_h, H, BT, BC)
-        _store_block(Tinv_out, T20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
-        _store_block(Tinv_out, T21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
-        _store_block(Tinv_out, T22, t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
-        _store_block(Tinv_out, zero, t0, 2 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
-        _store_block(Tinv_out, T30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
-        _store_block(Tinv_out, T31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
-        _store_block(Tinv_out, T32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
-        _store_block(Tinv_out, T33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T00, t0, 0, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, zero, t0, 0, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, zero, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, zero, t0, 0, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T10, t0, BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T11, t0, BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, zero, t0, BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, zero, t0, BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T22, t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, zero, t0, 2 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
 
     # W = T (beta exp(G) K), U = T (beta V); exp(G) <= 1 (G measured from the chunk start)
     x0 = b0[:, None] * k0 * tl.exp(G0)

@@ -103,7 +103,7 @@ def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, need_bwd):
     prec = _dot_precision(dt)
     G = _empty(TT, H, K, device=dev, dtype=torch.float32)
     Aqk = _empty(TT, H, CHUNK, device=dev, dtype=dt)
-    Tinv = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32) if need_bwd else G
+    Tinv = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)  # also the UT transform's scratch
     w = _empty(TT, H, K, device=dev, dtype=dt)
     u = _empty(TT, H, V, device=dev, dtype=dt)
     qg = _empty(TT, H, K, device=dev, dtype=dt)
@@ -111,7 +111,7 @@ def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, need_bwd):
     if layout.NT > 0:
         chunk_kda_fwd_intra_kernel[(layout.NT, H)](
             q, k, v, g, beta, G, Aqk, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
-            H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BV=BVf, STORE_TINV=need_bwd, DOT_PREC=prec,
+            H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BV=BVf, DOT_PREC=prec,
             num_warps=CONFIG["intra_warps"], num_stages=CONFIG["intra_stages"],
         )
     o = _empty(TT, H, V, device=dev, dtype=dt)
