@@ -177,22 +177,31 @@ def time_decode(batches) -> list[dict]:
     return rows
 
 
-def sweep_state_pass(T: int) -> list[dict]:
-    """Forward and forward+backward at one T for a few launch settings of the sequential passes."""
+def sweep_launch_settings(T: int) -> list[dict]:
+    """Forward and forward+backward at one T for a few launch settings (chunk_triton.CONFIG overrides)."""
     out = []
     base = dict(chunk_triton.CONFIG)
     x = make_inputs(T, seed=3)
     xg = make_inputs(T, seed=3, requires_grad=True)
     do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
-    for bv, warps in [(16, 4), (32, 4), (32, 8), (64, 8)]:
-        chunk_triton.CONFIG.update(state_bv=bv, state_warps=warps, dh_bv=bv, dh_warps=warps)
+    variants = [
+        {},
+        {"state_bv": 16, "dh_bv": 16},
+        {"state_bv": 64, "state_warps": 8, "dh_bv": 64, "dh_warps": 8},
+        {"intra_warps": 4},
+        {"bwd_intra_warps": 4},
+        {"inter_bv": 32},
+    ]
+    for change in variants:
+        chunk_triton.CONFIG.clear()
+        chunk_triton.CONFIG.update(base, **change)
         try:
             with torch.no_grad():
                 f = bench(lambda: chunk_kda(**x, backend="triton"))
             fb = bench(lambda: chunk_kda(**xg, backend="triton")[0].backward(do), list(xg.values()))
-            out.append({"bv": bv, "warps": warps, "fwd": f, "fwdbwd": fb})
+            out.append({"change": change, "fwd": f, "fwdbwd": fb})
         except Exception as e:  # noqa: BLE001
-            out.append({"bv": bv, "warps": warps, "error": repr(e)[:200]})
+            out.append({"change": change, "error": repr(e)[:200]})
     chunk_triton.CONFIG.clear()
     chunk_triton.CONFIG.update(base)
     return out
@@ -253,8 +262,9 @@ def main(argv=None) -> None:
     except Exception:  # noqa: BLE001
         result["fla"] = None
     if args.sweep:
-        result["sweep_8k"] = sweep_state_pass(8192)
-        print("sweep (8k):", json.dumps(result["sweep_8k"]), flush=True)
+        result["sweep_8k"] = sweep_launch_settings(8192)
+        for r in result["sweep_8k"]:
+            print("sweep 8k:", json.dumps(r), flush=True)
     rows = []
     for T in args.T:
         try:
