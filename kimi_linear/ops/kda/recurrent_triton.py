@@ -147,10 +147,10 @@ def _token_strides(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 def _default_block_v(n_heads: int, BK: int, V: int) -> int:
-    """V-block per program, from the H200 sweep of ``benchmarks/kda_decode.py --sweep`` (K = V = 128):
-    16 when few (sequence, head) pairs must still spread over 132 SMs (B=1 decode), 64 for batches, where
-    longer rows per program move the state fastest. Capped at 8192 state elements a program."""
-    BV = 16 if n_heads < 256 else 64
+    """V-block per program, from the H200 sweep of ``benchmarks/kda_decode.py --sweep`` (K = V = 128, H = 32):
+    16 when few (sequence, head) pairs must still spread over 132 SMs (B=1), 32 at B=16, 64 from B=64 on,
+    where longer rows per program move the state fastest. Capped at 8192 state elements a program."""
+    BV = 16 if n_heads < 256 else 32 if n_heads < 2048 else 64
     return max(1, min(BV, max(8192 // BK, 1), triton.next_power_of_2(V)))
 
 
