@@ -191,6 +191,8 @@ def sweep_launch_settings(T: int) -> list[dict]:
         {"intra_warps": 4},
         {"bwd_intra_warps": 4},
         {"inter_bv": 32},
+        {"fused_output": False},
+        {"fused_output": False, "state_bv": 16},
     ]
     for change in variants:
         chunk_triton.CONFIG.clear()

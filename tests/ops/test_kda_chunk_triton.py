@@ -117,6 +117,13 @@ def test_varlen_with_empty_and_single_token_segments():
     check_fwd_bwd(x, cu_seqlens=cu.to(DEVICE))
 
 
+def test_unfused_output_pass(monkeypatch):
+    """The alternative forward that writes the states and computes O in a separate parallel pass."""
+    monkeypatch.setitem(chunk_triton.CONFIG, "fused_output", False)
+    cu = torch.tensor([0, 5, 5, 90], dtype=torch.int32)
+    check_fwd_bwd(kda_inputs(1, 90, 1, 16, 32, N=3), cu_seqlens=cu.to(DEVICE))
+
+
 def test_extreme_gates_are_exact_and_finite():
     """g = -1000 (the state is wiped) next to gates near 0, across sub-block and chunk boundaries."""
     x = kda_inputs(1, 80, 1, 16, 16, gate_scale=1e-3)

@@ -415,3 +415,31 @@ def chunk_kda_fwd_state_kernel(
 
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h) * K * V + o_kv, S, mask=m_kv)
+
+
+@triton.jit
+def chunk_kda_fwd_output_kernel(
+    qg, Aqk, h, vn, o, cu_seqlens, chunk_indices,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """O = (q~ exp(G)) S + A_qk V_new per (chunk, head, V block), from the states ``h`` [NT, H, K, V] and V_new that
+    the state pass wrote: the unfused alternative to computing O inside the sequential pass."""
+    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(chunk_indices + 2 * i_c)
+    i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    t0 = bos + i_t * BT
+    n_rows = tl.minimum(eos - t0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_r = tl.arange(0, BT)
+    m_tv = (o_r < n_rows)[:, None] & (o_v < V)[None, :]
+    b_h = tl.load(h + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                  mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0)
+    b_qg = _load_rows_raw(qg, t0, n_rows, i_h, H, K, BT, BK)
+    b_A = _load_rows_raw(Aqk, t0, n_rows, i_h, H, BT, BT, BT)
+    b_vn = tl.load(_tile(vn, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0)
+    b_o = _dot(b_qg, b_h, DOT_PREC) + _dot(b_A, b_vn, DOT_PREC)
+    tl.store(_tile(o, t0, i_h, o_v, H, V, BT), b_o.to(o.dtype.element_ty), mask=m_tv)

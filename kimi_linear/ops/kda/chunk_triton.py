@@ -24,7 +24,11 @@ from kimi_linear.ops.kda.chunk_bwd import (
     chunk_kda_bwd_intra_kernel,
     chunk_kda_bwd_inter_kernel,
 )
-from kimi_linear.ops.kda.chunk_fwd import chunk_kda_fwd_intra_kernel, chunk_kda_fwd_state_kernel
+from kimi_linear.ops.kda.chunk_fwd import (
+    chunk_kda_fwd_intra_kernel,
+    chunk_kda_fwd_output_kernel,
+    chunk_kda_fwd_state_kernel,
+)
 from kimi_linear.ops.kda.common import preprocess
 
 CHUNK = 64
@@ -75,6 +79,8 @@ def _interpreting() -> bool:
 
 # Launch settings per kernel; the V block of the sequential passes sets their parallelism (V / BV * N * H programs).
 CONFIG = {
+    "fused_output": True,  # O inside the sequential state pass, or a parallel pass over stored states
+    "output_bv": 64,
     "intra_warps": 8,
     "intra_stages": 1,
     "state_bv": 32,
@@ -117,13 +123,22 @@ def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, need_bwd):
     o = _empty(TT, H, V, device=dev, dtype=dt)
     ht = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     BV = _bv(V, "state_bv")
+    fused = CONFIG["fused_output"] or layout.NT == 0
+    h = o if fused else _empty(layout.NT, H, K, V, device=dev, dtype=dt)
+    vn = o if fused else _empty(TT, H, V, device=dev, dtype=dt)
     chunk_kda_fwd_state_kernel[(triton.cdiv(V, BV), layout.N * H)](
-        qg, kd, w, u, G, Aqk, o, h0 if h0 is not None else o, ht if ht is not None else o, o, o,
+        qg, kd, w, u, G, Aqk, o, h0 if h0 is not None else o, ht if ht is not None else o, h, vn,
         layout.cu_seqlens, layout.chunk_offsets,
-        H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None, STORE_O=True,
-        STORE_H=False, DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=CONFIG["state_warps"],
+        H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None, STORE_O=fused,
+        STORE_H=not fused, DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=CONFIG["state_warps"],
         num_stages=CONFIG["state_stages"],
     )
+    if not fused:
+        BVo = _bv(V, "output_bv")
+        chunk_kda_fwd_output_kernel[(layout.NT, H, triton.cdiv(V, BVo))](
+            qg, Aqk, h, vn, o, layout.cu_seqlens, layout.chunk_indices,
+            H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BVo, DOT_PREC=prec, num_warps=4, num_stages=1,
+        )
     return o, ht, (G, Aqk, Tinv, w, u, qg, kd)
 
 
