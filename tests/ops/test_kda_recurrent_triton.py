@@ -144,7 +144,7 @@ def test_state_slots_in_place(index_dtype, varlen):
     h0 = torch.where((slots >= 0)[:, None, None, None], pool[slots.clamp(min=0).long()], 0.0)
     o_ref, ht_ref = reference(**x, initial_state=h0, cu_seqlens=cu_seqlens)
 
-    pool_dev = pool.to(DEVICE)
+    pool_dev = pool.clone().to(DEVICE)
     o, returned = fused_recurrent_kda(
         **to(x), initial_state=pool_dev, state_indices=slots.to(DEVICE),
         cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(DEVICE), backend="triton",
@@ -157,6 +157,30 @@ def test_state_slots_in_place(index_dtype, varlen):
             assert rel_err(after[s], ht_ref[i]) < FP32_TOL
     untouched = [s for s in range(S) if s not in slots.tolist()]
     assert torch.equal(after[untouched], before[untouched])
+
+
+def test_state_slot_beyond_the_pool_touches_nothing():
+    """An index >= S cannot be checked without a host sync; the kernel treats it as "no slot"."""
+    S, H, K, V = 3, 2, 16, 16
+    x = kda_inputs(2, 2, H, K, V, with_state=False)
+    del x["initial_state"]
+    pool = torch.randn(S, H, K, V)
+    slots = torch.tensor([1, S + 5])
+    pool_dev = pool.clone().to(DEVICE)
+    o, _ = fused_recurrent_kda(
+        **to(x), initial_state=pool_dev, state_indices=slots.to(DEVICE), backend="triton"
+    )
+    o_ref, ht_ref = reference(**x, initial_state=torch.stack([pool[1], torch.zeros(H, K, V)]))
+    assert rel_err(o.cpu(), o_ref) < FP32_TOL
+    assert rel_err(pool_dev[1].cpu(), ht_ref[0]) < FP32_TOL
+    assert torch.equal(pool_dev.cpu()[[0, 2]], pool[[0, 2]])
+
+
+def test_empty_time_axis_passes_the_state_through():
+    x = to(kda_inputs(2, 0, 2, 16, 16))
+    o, ht = fused_recurrent_kda(**x, output_final_state=True, backend="triton")
+    assert o.shape == (2, 0, 2, 16)
+    assert torch.equal(ht, x["initial_state"])
 
 
 @pytest.mark.parametrize("dt_bias_on", [True, False], ids=["dt_bias", "no-dt_bias"])
@@ -240,7 +264,7 @@ def test_matches_torch_backend_of_the_public_op():
     pool_t = pool.clone()
     o_t, _ = fused_recurrent_kda(**x, initial_state=pool_t, state_indices=slots, cu_seqlens=cu_seqlens,
                                  backend="torch")
-    pool_k = pool.to(DEVICE)
+    pool_k = pool.clone().to(DEVICE)
     o_k, _ = fused_recurrent_kda(**to(x), initial_state=pool_k, state_indices=slots.to(DEVICE),
                                  cu_seqlens=cu_seqlens.to(DEVICE), backend="triton")
     assert rel_err(o_k.cpu(), o_t) < FP32_TOL

@@ -38,7 +38,7 @@ SOFTPLUS_THRESHOLD = 20.0
 def _fused_recurrent_kda_fwd_kernel(
     q, k, v, g, beta, o,
     h0, ht, cu_seqlens, state_indices, A_log, dt_bias,
-    scale, T,
+    scale, T, num_slots,
     stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h,
     stride_g_t, stride_g_h, stride_b_t, stride_b_h,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -68,9 +68,10 @@ def _fused_recurrent_kda_fwd_kernel(
 
     if USE_STATE_INDICES:
         slot = tl.load(state_indices + i_n).to(tl.int64)
-        has_slot = slot >= 0
-        # A negative slot is clamped only to keep the (masked-off) address inside the pool.
-        p_h0 = h0 + (tl.maximum(slot, 0) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        # Slots outside the pool count as "no slot": the indices cannot be checked on the host without a sync,
+        # and a wrong one must not read or write memory outside the pool.
+        has_slot = (slot >= 0) & (slot < num_slots)
+        p_h0 = h0 + (tl.where(has_slot, slot, 0) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
         b_h = tl.load(p_h0, mask=m_h & has_slot, other=0.0).to(tl.float32)  # [BK, BV]
     elif USE_INITIAL_STATE:
         p_h0 = h0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
@@ -189,7 +190,8 @@ def fused_recurrent_kda_triton(
             (contiguous, updated in place).
         cu_seqlens: int ``[N + 1]`` on q's device, B == 1; values are trusted (not read on the host).
         state_indices: int ``[N]`` on q's device; slot per sequence, negative = start from zeros and write
-            nothing.
+            nothing. An index >= S is treated like a negative one (the torch backend raises IndexError there;
+            checking here would need a host sync).
         use_qk_l2norm_in_kernel, use_gate_in_kernel (with A_log ``[H]``, dt_bias ``[H*K]`` or ``[H]``),
         use_beta_sigmoid_in_kernel: the in-op activations of ``common.preprocess``, fused.
         block_v, num_warps: launch overrides for benchmarking (default: chosen from the shapes).
@@ -241,7 +243,7 @@ def fused_recurrent_kda_triton(
         q, k, v, g, beta, o,
         initial_state, ht, cu_seqlens, state_indices,
         A_log if use_gate else None, dt_bias if use_gate else None,
-        scale, T,
+        scale, T, initial_state.shape[0] if use_state_indices else 0,
         s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_gt, s_gh, s_bt, s_bh,
         H=H, K=K, V=V, BK=BK, BV=BV,
         SCALAR_GATE=g.dim() == 3, USE_QK_L2NORM=bool(use_qk_l2norm_in_kernel), USE_GATE=use_gate,
