@@ -97,3 +97,16 @@ def test_tiktoken_folder_uses_bpe_and_special_tokens(capsys, tmp_path):
     rc, out, err = run_cli(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt", "hello",
                            "--max-new-tokens", "4")
     assert rc == 0 and out.startswith("hello") and "tiktoken tokenizer" in err
+
+
+@pytest.mark.parametrize("mixer", ["kda", "mla"])
+def test_info_cache_bytes_are_what_the_cache_allocates(mixer):
+    import torch
+
+    from kimi_linear.cache import KimiLinearCache, cache_bytes_per_sequence
+    from kimi_linear.config import KimiLinearConfig
+
+    config = KimiLinearConfig.from_preset("debug", mixer=mixer)
+    for dtype, nbytes in ((torch.float32, 4), (torch.bfloat16, 2)):
+        cache = KimiLinearCache(config, batch_size=3, max_length=77, dtype=dtype)
+        assert cache.nbytes() == 3 * cache_bytes_per_sequence(config, 77, dtype_bytes=nbytes)["hybrid"]
