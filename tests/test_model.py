@@ -96,6 +96,19 @@ def test_varlen_padding_and_separate_agree():
         assert rel_err(out[2, :1], separate[2]) < TOL
 
 
+def test_packed_training_gradients_equal_separate_documents():
+    model = make_model(seed=3).train()
+    docs = [random_ids(1, 20, model.config, seed=5)[0], random_ids(1, 13, model.config, seed=6)[0]]
+    weights = torch.randn(33, model.config.vocab_size, generator=torch.Generator().manual_seed(7))
+    cu = torch.tensor([0, 20, 33])
+    packed = (model(torch.cat(docs)[None], cu_seqlens=cu).logits[0] * weights).sum()
+    grads = torch.autograd.grad(packed, list(model.parameters()))
+    separate = sum((model(d[None]).logits[0] * w).sum() for d, w in zip(docs, weights.split([20, 13])))
+    grads_ref = torch.autograd.grad(separate, list(model.parameters()))
+    for (name, _), g, g_ref in zip(model.named_parameters(), grads, grads_ref):
+        assert rel_err(g, g_ref) < 1e-4, name
+
+
 def test_bf16_keeps_gate_and_router_fp32():
     model = make_model().to(torch.bfloat16)
     layers = model.model.layers

@@ -43,15 +43,25 @@ def test_conv_varlen_is_per_sequence_with_empty_and_short_segments():
     lengths = [5, 0, 1, 2, 17]
     C, W = 9, 4
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
-    x = torch.randn(1, sum(lengths), C, generator=gen)
-    w = torch.randn(C, W, generator=gen)
-    h0 = torch.randn(len(lengths), C, W - 1, generator=gen)
+    x = torch.randn(1, sum(lengths), C, generator=gen, requires_grad=True)
+    w = torch.randn(C, W, generator=gen, requires_grad=True)
+    h0 = torch.randn(len(lengths), C, W - 1, generator=gen, requires_grad=True)
     y, final = causal_conv1d(x, w, initial_state=h0, cu_seqlens=cu, output_final_state=True)
+    refs, finals = [], []
     for n, (s, L) in enumerate(zip(cu[:-1].tolist(), lengths)):
         y_ref, final_ref = naive_causal_conv1d(x[:, s : s + L], w, initial_state=h0[n : n + 1])
         if L:
             assert rel_err(y[:, s : s + L], y_ref) < TOL
         assert rel_err(final[n : n + 1], final_ref) < TOL, f"final state of segment {n} (length {L})"
+        refs.append(y_ref)
+        finals.append(final_ref)
+    gy, gf = torch.randn(y.shape, generator=gen), torch.randn(final.shape, generator=gen)
+    loss = (y * gy).sum() + (final * gf).sum()
+    loss_ref = (torch.cat(refs, 1) * gy).sum() + (torch.cat(finals) * gf).sum()
+    grads = torch.autograd.grad(loss, [x, w, h0])
+    grads_ref = torch.autograd.grad(loss_ref, [x, w, h0])
+    for name, g, g_ref in zip(("dx", "dw", "dh0"), grads, grads_ref):
+        assert rel_err(g, g_ref) < TOL, name
 
 
 def test_conv_update_steps_match_reference():
