@@ -266,6 +266,12 @@ class KimiLinearForCausalLM(nn.Module):
             cache.lengths += new_tokens
         return hidden
 
+    def generate(self, prompts, **kwargs) -> list[list[int]]:
+        """Continue token-id prompts; see ``kimi_linear.generate.generate`` for the arguments."""
+        from kimi_linear.generate import generate
+
+        return generate(self, prompts, **kwargs)
+
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count; ``active=True`` counts only the routed experts a token uses (top-k of E)."""
         total, act = count_parameters(self.config)
