@@ -19,16 +19,17 @@ MIXER_CHOICES = ("kda", "gdn", "mla")
 DEFAULTS = {
     "preset": "tiny",
     "mixer": "kda",
-    "max_steps": 300,
+    "max_steps": 200,
     "seq_len": 256,
-    "batch_size": 16,
+    "batch_size": 8,
     "lr": 3e-3,
     "min_lr_ratio": 0.1,
     "warmup_steps": 30,
     "weight_decay": 0.1,
     "grad_clip": 1.0,
     "seed": 0,
-    "bias_update_rate": 1e-3,
+    # Faster than the 1e-3 of long pre-training runs: a run of a few hundred steps must balance within them.
+    "bias_update_rate": 1e-2,
     "data": None,
 }
 RUN_FILE = "run.json"
@@ -63,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute dtype under autocast; weights stay float32 (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
                    help="data-parallel engine under torchrun: DDP or FSDP2 fully_shard (default ddp)")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints; 0 = only at the end")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints; 0 = only at the end")
     p.add_argument("--eval-every", type=int, default=0, help="steps between validation passes; 0 = only at the end")
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows per pass (default 64)")
     p.add_argument("--prompt", default="def ", help="prompt of the sample printed at the end")
@@ -203,7 +204,7 @@ def report(summary: dict, unigram: float, out: Path, settings: dict, args, token
     loaded back, which also shows that it loads."""
     import math
 
-    from kimi_linear.train.plot import plot_loss_curve
+    from kimi_linear.train.plot import plot_loss_curve, read_records
 
     val = summary["val_loss"]
     if summary["start_step"] >= settings["max_steps"]:
@@ -213,6 +214,10 @@ def report(summary: dict, unigram: float, out: Path, settings: dict, args, token
               f"{summary['tokens_per_s']:,.0f} tokens/s")
     print(f"validation loss {val:.4f} nats/token ({val / math.log(2):.3f} bits/byte); unigram baseline "
           f"{unigram:.4f} nats/token ({unigram / math.log(2):.3f} bits/byte)")
+    loads = [r["expert_load_max_over_mean"] for r in read_records(out / "metrics.jsonl")
+             if "expert_load_max_over_mean" in r]
+    if loads:
+        print(f"MoE expert load, max/mean per MoE layer at the last step (1 = balanced): {loads[-1]}")
     png = plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png", baseline=unigram)
     print(f"loss curve: {png}; metrics: {out / 'metrics.jsonl'}")
     ckpt = summary["checkpoint"]

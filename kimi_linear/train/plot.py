@@ -6,14 +6,21 @@ import json
 from pathlib import Path
 
 
-def read_metrics(path: str | Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(train losses, validation losses) of a ``metrics.jsonl`` as (step, loss) lists; cut lines are skipped."""
-    train, val = [], []
+def read_records(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a line cut short by a kill is skipped."""
+    records = []
     for line in Path(path).read_text().splitlines():
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
+    return records
+
+
+def read_metrics(path: str | Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(train losses, validation losses) of a ``metrics.jsonl`` as (step, loss) lists."""
+    train, val = [], []
+    for record in read_records(path):
         if "loss" in record:
             train.append((record["step"], record["loss"]))
         if "val_loss" in record:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -122,7 +123,7 @@ def test_resume_after_kill_follows_the_same_losses(tmp_path):
     assert torch.allclose(torch.tensor(summary["losses"]), torch.tensor(full["losses"][3:]), rtol=1e-6, atol=0)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [6, 7]
     assert not list(tmp_path.glob(TMP_PREFIX + "*"))
-    steps = [__import__("json").loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 8)), "metrics must follow the resumed run without duplicated steps"
 
 
