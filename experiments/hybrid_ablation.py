@@ -167,7 +167,8 @@ def evaluate(model, windows: torch.Tensor, seq_len: int, factors, micro_tokens: 
 
     ``windows [N, max(f) * seq_len + 1]`` are cut into pieces of ``f * seq_len + 1`` tokens (neighbours share
     one token), so every ``f`` scores the same labels. Returns ``{f: {"loss", "tokens", "position_loss"
-    [f * seq_len] (mean loss at each position), "beyond_loss" (positions >= seq_len, for f > 1)}}``.
+    [f * seq_len] (mean loss at each position), "window_loss" [N] (mean loss of each window's tokens),
+    "beyond_loss" (positions >= seq_len, for f > 1)}}``.
     """
     model.eval()
     results = {}
@@ -177,6 +178,7 @@ def evaluate(model, windows: torch.Tensor, seq_len: int, factors, micro_tokens: 
         pieces = torch.cat([windows[:, i * length: (i + 1) * length + 1] for i in range(per)])  # [N*per, L+1]
         pos_sum = torch.zeros(length, dtype=torch.float64)
         pos_n = torch.zeros(length, dtype=torch.float64)
+        piece_sum, piece_n = [], []
         rows = max(1, micro_tokens // length)
         for i in range(0, pieces.shape[0], rows):
             chunk = pieces[i: i + rows].to(device)
@@ -187,10 +189,17 @@ def evaluate(model, windows: torch.Tensor, seq_len: int, factors, micro_tokens: 
             loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
                                    reduction="none")  # [b, L]
             mask = (labels != IGNORE_INDEX).double()
-            pos_sum += (loss.double() * mask).sum(0).cpu()
+            masked = (loss.double() * mask).cpu()
+            pos_sum += masked.sum(0)
             pos_n += mask.sum(0).cpu()
+            piece_sum.append(masked.sum(1))
+            piece_n.append(mask.sum(1).cpu())
+        # Piece j holds part j // N of window j % N: per-window losses, for paired comparisons of variants.
+        window_sum = torch.cat(piece_sum).view(per, -1).sum(0)
+        window_n = torch.cat(piece_n).view(per, -1).sum(0)
         entry = {"loss": (pos_sum.sum() / pos_n.sum()).item(), "tokens": int(pos_n.sum().item()),
-                 "position_loss": (pos_sum / pos_n.clamp_min(1)).tolist()}
+                 "position_loss": (pos_sum / pos_n.clamp_min(1)).tolist(),
+                 "window_loss": (window_sum / window_n.clamp_min(1)).tolist()}
         if f > 1:
             entry["beyond_loss"] = (pos_sum[seq_len:].sum() / pos_n[seq_len:].sum()).item()
         results[f] = entry
@@ -301,22 +310,37 @@ def save(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def paired_difference(run: dict, reference: dict, factor: str = "1x") -> tuple[float, float]:
+    """(mean, standard error) over validation windows of ``run``'s loss minus ``reference``'s on the same
+    window: how far apart two variants are, next to the spread that the choice of validation text alone
+    gives."""
+    a, b = run["extrapolation"][factor]["window_loss"], reference["extrapolation"][factor]["window_loss"]
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    se = (d.std() / math.sqrt(d.numel())).item() if d.numel() > 1 else float("nan")
+    return d.mean().item(), se
+
+
 def table(data: dict) -> str:
     """Markdown, Table 1 style: ours (loss in nats/byte, perplexity per byte) next to the paper's finding."""
     runs = data["runs"]
+    ref = runs.get(REFERENCE)
     by_val = sorted(runs, key=lambda v: runs[v]["val_loss"])
     by_4x = sorted(runs, key=lambda v: runs[v]["extrapolation"]["4x"]["loss"])
-    lines = ["| variant | layers | params (vs 3:1) | train loss | val loss @T (ppl) | @2T | @4T | rank @T | "
-             "rank @4T | paper (Table 1, §5.2) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | layers | params (vs 3:1) | train loss | val loss @T (ppl) | Δ val vs 3:1 | @2T | "
+             "@4T | rank @T | rank @4T | paper (Table 1, §5.2) |", "|---" * 11 + "|"]
     for v in TABLE_ORDER:
         if v not in runs:
             status = "failed" if v in data.get("failed", {}) else "not run"
-            lines.append(f"| {v} | — | — | {status} | | | | | | {PAPER[v]} |")
+            lines.append(f"| {v} | — | — | {status} | | | | | | | {PAPER[v]} |")
             continue
         r, ex = runs[v], runs[v]["extrapolation"]
         diff = r["parameters"] - r["reference_parameters"]
+        delta = "—"
+        if ref is not None and v != REFERENCE and "window_loss" in ex["1x"]:
+            mean, se = paired_difference(r, ref)
+            delta = f"{mean:+.4f} ± {se:.4f}"
         lines.append(f"| {v} | {r['layout']} | {r['parameters'] / 1e6:.3f}M ({diff:+,}) | "
-                     f"{r['train_loss']:.4f} | {r['val_loss']:.4f} ({r['val_ppl']:.3f}) | "
+                     f"{r['train_loss']:.4f} | {r['val_loss']:.4f} ({r['val_ppl']:.3f}) | {delta} | "
                      f"{ex['2x']['loss']:.4f} | {ex['4x']['loss']:.4f} | {by_val.index(v) + 1} | "
                      f"{by_4x.index(v) + 1} | {PAPER[v]} |")
     return "\n".join(lines)
@@ -364,7 +388,7 @@ def plot(data: dict, path: Path) -> None:
         r = runs[names[0]]
         fig.suptitle(f"Hybrid ablation: {r['parameters'] / 1e6:.1f}M-parameter byte-level LMs, "
                      f"{s['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens "
-                     f"({r['tokens'] / 1e6:.1f}M), {data['environment']['device']}")
+                     f"= {r['tokens'] / 1e6:.3g}M tokens, {data['environment']['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -67,6 +67,9 @@ def test_tiny_sweep_resumes_and_tabulates(ablation, corpus_dir, tmp_path, monkey
     assert math.isfinite(run["extrapolation"]["4x"]["beyond_loss"])
     # Every window length is scored on the same labels.
     assert len({run["extrapolation"][f]["tokens"] for f in ("1x", "2x", "4x")}) == 1
+    windows = run["extrapolation"]["1x"]["window_loss"]
+    assert len(windows) == len(run["extrapolation"]["4x"]["window_loss"]) > 1
+    assert ablation.paired_difference(run, run) == (0.0, 0.0)
 
     # A second call finds the run done and trains nothing.
     monkeypatch.setattr(ablation, "run_variant", lambda *a, **k: pytest.fail("a done run was trained again"))
