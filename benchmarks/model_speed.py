@@ -1,14 +1,14 @@
-"""Model-level speed on a GPU: prefill tokens/s and decode tokens/s, ours vs HF transformers' ``kimi_linear`` (with
+"""Model-level speed on a GPU: prefill and decode tokens/s, ours vs HF transformers' ``kimi_linear`` (with
 FLA's kernels when FLA is importable). Prints a table last and writes JSON.
 
     python benchmarks/model_speed.py --out DIR [--configs small,0.75b] [--prefill 4096,32768,131072]
 
-Configs: "small" (the preset, MoE, byte vocab) and "0.75b" (DESIGN.md §5's peer config: 12 layers 3:1, hidden 2048,
-16 heads, KDA 16x128, MLA kv_lora 512, dense SwiGLU 5632, vocab 32000). bf16, random weights (same config both
-sides). Prefill: B = 1, one forward over T tokens (ours: chunk kernel + MLA with causal kernels; HF: its forward with
-use_cache). Decode: per-token time of a step at context C after a prefill; ours replays one CUDA graph per token
-(recurrent KDA kernel, absorbed MLA), HF steps through ``generate`` (time of n + 1 new tokens minus 1, over n).
-Times are medians of CUDA-event timings after warm-up.
+Configs: "small" (the preset, MoE, byte vocab) and "0.75b" (DESIGN.md §5's peer config: 12 layers 3:1,
+hidden 2048, 16 heads, KDA 16x128, MLA kv_lora 512, dense SwiGLU 5632, vocab 32000). bf16, random weights
+(same config both sides). Prefill: B = 1, one forward over T tokens (ours: chunk kernel + MLA with causal
+kernels; HF: its forward with use_cache). Decode: per-token time of a step at context C after a prefill;
+ours replays one CUDA graph per token (recurrent KDA kernel, absorbed MLA), HF steps through ``generate``
+(time of n + 1 new tokens minus 1, over n). Times are medians of CUDA-event timings after warm-up.
 """
 
 from __future__ import annotations
@@ -28,10 +28,25 @@ from kimi_linear.model import KimiLinearForCausalLM
 CONFIGS = {
     "small": lambda: KimiLinearConfig.from_preset("small", model_max_length=1 << 18),
     "0.75b": lambda: KimiLinearConfig(
-        vocab_size=32000, hidden_size=2048, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=16,
-        intermediate_size=5632, first_k_dense_replace=12, num_experts=8, num_experts_per_token=2,
-        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, kda_num_heads=16,
-        kda_head_dim=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, model_max_length=1 << 18,
+        vocab_size=32000,
+        hidden_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        intermediate_size=5632,
+        first_k_dense_replace=12,
+        num_experts=8,
+        num_experts_per_token=2,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        kda_num_heads=16,
+        kda_head_dim=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        model_max_length=1 << 18,
     ),
 }
 
@@ -102,8 +117,15 @@ def hf_decode(model, B: int, context: int, steps: int) -> float:
 
     def gen(n):
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0, eos_token_id=None)
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
 
     one = cuda_time(lambda: gen(1), 2)
     many = cuda_time(lambda: gen(steps + 1), 2)
@@ -119,8 +141,12 @@ def main() -> None:
     parser.add_argument("--decode", default="1:4096,64:1024", help="B:context pairs")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--no-hf", action="store_true")
-    parser.add_argument("--profile", default=None, metavar="CONFIG:T",
-                        help="instead of the table: profile our prefill of CONFIG at T tokens, print the top kernels")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="CONFIG:T",
+        help="instead of the table: profile our prefill of CONFIG at T tokens, print the top kernels",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("model_speed.py needs a CUDA GPU")
@@ -151,7 +177,10 @@ def main() -> None:
                 decode_step(model, tokens, cache)
                 torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        print(f"decode step: {len(kernels)} kernels, {sum(e.device_time_total for e in kernels) / 1e3:.3f} ms on the GPU")
+        print(
+            f"decode step: {len(kernels)} kernels, "
+            f"{sum(e.device_time_total for e in kernels) / 1e3:.3f} ms on the GPU"
+        )
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
         return
     rows = []
@@ -169,33 +198,60 @@ def main() -> None:
             ms = ours_prefill(ours, T, reps)
             hf_ms = hf_prefill(theirs, T, reps) if theirs is not None and T <= args.hf_prefill_max else None
             rows.append(dict(config=name, params=params, phase="prefill", B=1, T=T, ours_ms=ms, hf_ms=hf_ms))
-            print(f"{name} prefill T={T}: ours {ms:.1f} ms, HF {hf_ms} ms ({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"{name} prefill T={T}: ours {ms:.1f} ms, HF {hf_ms} ms ({time.time() - t0:.0f}s)", flush=True
+            )
             torch.cuda.empty_cache()
         for pair in args.decode.split(","):
             B, C = (int(x) for x in pair.split(":"))
             graph_ms, eager_ms = ours_decode(ours, B, C, args.steps)
             hf_ms = hf_decode(theirs, B, C, min(args.steps, 8)) if theirs is not None else None
-            rows.append(dict(config=name, params=params, phase="decode", B=B, T=C, ours_ms=graph_ms,
-                             ours_eager_ms=eager_ms, hf_ms=hf_ms))
-            print(f"{name} decode B={B} C={C}: ours graph {graph_ms:.3f} ms, eager {eager_ms:.2f} ms, HF {hf_ms} ms",
-                  flush=True)
+            rows.append(
+                dict(
+                    config=name,
+                    params=params,
+                    phase="decode",
+                    B=B,
+                    T=C,
+                    ours_ms=graph_ms,
+                    ours_eager_ms=eager_ms,
+                    hf_ms=hf_ms,
+                )
+            )
+            print(
+                f"{name} decode B={B} C={C}: ours graph {graph_ms:.3f} ms, eager {eager_ms:.2f} ms, "
+                f"HF {hf_ms} ms",
+                flush=True,
+            )
             torch.cuda.empty_cache()
         del ours, theirs
         torch.cuda.empty_cache()
 
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, hf_kernels=hf_kernels,
-                date=time.strftime("%Y-%m-%d"))
+    meta = dict(
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        hf_kernels=hf_kernels,
+        date=time.strftime("%Y-%m-%d"),
+    )
     with open(os.path.join(args.out, "model_speed.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
     print(f"\n{meta}")
-    print(f"{'config':7} {'phase':8} {'B':>3} {'T/ctx':>7} {'ours ms':>9} {'ours tok/s':>11} {'HF ms':>9} "
-          f"{'HF tok/s':>10} {'speed-up':>8}")
+    print(
+        f"{'config':7} {'phase':8} {'B':>3} {'T/ctx':>7} {'ours ms':>9} {'ours tok/s':>11} {'HF ms':>9} "
+        f"{'HF tok/s':>10} {'speed-up':>8}"
+    )
     for r in rows:
         tokens = r["T"] * r["B"] if r["phase"] == "prefill" else r["B"]
         hf, ours_ms = r["hf_ms"], r["ours_ms"]
-        hf_cols = ("-", "-", "-") if hf is None else (f"{hf:.3f}", f"{tokens / hf * 1e3:.0f}", f"{hf / ours_ms:.1f}x")
-        print(f"{r['config']:7} {r['phase']:8} {r['B']:>3} {r['T']:>7} {ours_ms:>9.3f} "
-              f"{tokens / ours_ms * 1e3:>11.0f} {hf_cols[0]:>9} {hf_cols[1]:>10} {hf_cols[2]:>8}")
+        hf_cols = (
+            ("-", "-", "-")
+            if hf is None
+            else (f"{hf:.3f}", f"{tokens / hf * 1e3:.0f}", f"{hf / ours_ms:.1f}x")
+        )
+        print(
+            f"{r['config']:7} {r['phase']:8} {r['B']:>3} {r['T']:>7} {ours_ms:>9.3f} "
+            f"{tokens / ours_ms * 1e3:>11.0f} {hf_cols[0]:>9} {hf_cols[1]:>10} {hf_cols[2]:>8}"
+        )
 
 
 if __name__ == "__main__":

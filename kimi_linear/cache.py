@@ -4,12 +4,13 @@ Per sequence (a cache row) and per layer:
 
 * KDA / GDN layer: ``conv`` ``[N, 3·H·K, W-1]`` — the last W-1 inputs of the q, k, v short convolutions (model
   dtype) — and ``state`` ``[N, H, K, V]`` fp32. Fixed size, whatever the context length.
-* MLA layer: ``latent`` ``[N, L_max, kv_lora_rank]`` and ``k_pe`` ``[N, L_max, qk_rope_head_dim]`` (model dtype),
-  filled up to ``lengths``.
+* MLA layer: ``latent`` ``[N, L_max, kv_lora_rank]`` and ``k_pe`` ``[N, L_max, qk_rope_head_dim]`` (model
+  dtype), filled up to ``lengths``.
 * other mixers (e.g. "mamba2"): whatever the mixer class's ``allocate_cache(config, layer_idx, batch_size,
   max_length, dtype, device) -> dict`` returns.
 
-``lengths [N]`` (long, on the device) counts the tokens each row holds; the model advances it after every forward.
+``lengths [N]`` (long, on the device) counts the tokens each row holds; the model advances it after every
+forward.
 """
 
 from __future__ import annotations
@@ -35,14 +36,22 @@ class KimiLinearCache:
         ValueError: batch_size or max_length < 1, or max_length beyond config.model_max_length.
     """
 
-    def __init__(self, config: KimiLinearConfig, batch_size: int, max_length: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        config: KimiLinearConfig,
+        batch_size: int,
+        max_length: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
         if max_length > config.model_max_length:
-            raise ValueError(f"max_length={max_length} exceeds the model's model_max_length={config.model_max_length}")
+            raise ValueError(
+                f"max_length={max_length} exceeds the model's model_max_length={config.model_max_length}"
+            )
         self.config = config
         self.batch_size = batch_size
         self.max_length = max_length
@@ -72,7 +81,9 @@ class KimiLinearCache:
 
         cls = get_mixer_class(layer_type)
         if not hasattr(cls, "allocate_cache"):
-            raise ValueError(f"layer type {layer_type!r} ({cls.__name__}) has no allocate_cache(); it cannot decode")
+            raise ValueError(
+                f"layer type {layer_type!r} ({cls.__name__}) has no allocate_cache(); it cannot decode"
+            )
         return cls.allocate_cache(c, layer_idx, N, self.max_length, self.dtype, dev)
 
     def reset(self) -> None:
@@ -88,12 +99,14 @@ class KimiLinearCache:
 
 
 def cache_bytes_per_sequence(config: KimiLinearConfig, context: int, dtype_bytes: int = 2) -> dict[str, int]:
-    """Cache bytes one sequence needs at ``context`` tokens, and what an MLA-only model of the same shape needs.
+    """Cache bytes of one sequence at ``context`` tokens, and of an MLA-only model of the same shape.
 
-    KDA layers hold the conv tails (dtype) and an fp32 K×V state per head; MLA layers hold r + dr values per token.
+    KDA layers hold the conv tails (dtype) and an fp32 K×V state per head; MLA layers hold r + dr values per
+    token.
 
     Returns:
-        ``{"hybrid": bytes, "mla_only": bytes, "kda_layer": bytes per KDA layer, "mla_layer": bytes per MLA layer}``.
+        ``{"hybrid": bytes, "mla_only": bytes, "kda_layer": bytes per KDA layer, "mla_layer": bytes per MLA
+        layer}``.
     """
     H, K = config.kda_num_heads, config.kda_head_dim
     kda_layer = 3 * H * K * (config.short_conv_kernel_size - 1) * dtype_bytes + H * K * K * 4

@@ -1,13 +1,14 @@
-"""Checkpoints in the released HF format: ``config.json`` + safetensors (sharded, ``model.safetensors.index.json``).
+"""Checkpoints in the released HF format: ``config.json`` + safetensors, sharded with an index.
 
-The model's state dict already uses the release's tensor names (DESIGN.md §4) except for the routed experts, which
-the model stacks into ``experts.{w1,w2,w3}`` ``[E, F, D]`` / ``[E, D, F]`` parameters while the release stores one
-tensor per expert. ``NAME_TABLE`` is that one mapping, both ways.
+The model's state dict already uses the release's tensor names (DESIGN.md §4) except for the routed experts,
+which the model stacks into ``experts.{w1,w2,w3}`` ``[E, F, D]`` / ``[E, D, F]`` parameters while the release
+stores one tensor per expert. ``NAME_TABLE`` is that one mapping, both ways.
 
-Loading builds the model on the meta device and materialises each tensor straight from the (memory-mapped) files
-onto the target device, so peak host memory stays near one copy of the weights. Every inconsistency — unknown,
-missing or misshaped tensors, a config.json that contradicts the weights, a corrupt file — raises an error naming the
-tensor or file. Writes are atomic: each file goes to a temporary name in the same folder and is renamed into place.
+Loading builds the model on the meta device and materialises each tensor straight from the (memory-mapped)
+files onto the target device, so peak host memory stays near one copy of the weights. Every inconsistency —
+unknown, missing or misshaped tensors, a config.json that contradicts the weights, a corrupt file — raises an
+error naming the tensor or file. Writes are atomic: each file goes to a temporary name in the same folder and
+is renamed into place.
 """
 
 from __future__ import annotations
@@ -27,26 +28,35 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 
-# (model name pattern, checkpoint name template, checkpoint name pattern): stacked experts <-> one tensor per expert.
+# (model name pattern, checkpoint name template, checkpoint name pattern): stacked experts <-> one tensor per
+# expert.
 NAME_TABLE = [
     (
         re.compile(r"^(?P<prefix>model\.layers\.\d+\.block_sparse_moe\.experts)\.(?P<w>w[123])$"),
         "{prefix}.{e}.{w}.weight",
-        re.compile(r"^(?P<prefix>model\.layers\.\d+\.block_sparse_moe\.experts)\.(?P<e>\d+)\.(?P<w>w[123])\.weight$"),
+        re.compile(
+            r"^(?P<prefix>model\.layers\.\d+\.block_sparse_moe\.experts)\.(?P<e>\d+)\.(?P<w>w[123])\.weight$"
+        ),
     ),
 ]
 
-# Names other writers use for the same tensors -> the release's name. HF transformers 5.24 maps every ".mlp." of
-# its model to ".block_sparse_moe." when saving, so the dense SwiGLU of the first layers comes out under the MoE's
-# prefix (the release stores it as "mlp.").
+# Names other writers use for the same tensors -> the release's name. HF transformers 5.24 maps every ".mlp."
+# of its model to ".block_sparse_moe." when saving, so the dense SwiGLU of the first layers comes out under
+# the MoE's prefix (the release stores it as "mlp.").
 ALIASES = [
-    (re.compile(r"^(model\.layers\.\d+)\.block_sparse_moe\.(gate_proj|up_proj|down_proj)\.weight$"),
-     r"\1.mlp.\2.weight"),
+    (
+        re.compile(r"^(model\.layers\.\d+)\.block_sparse_moe\.(gate_proj|up_proj|down_proj)\.weight$"),
+        r"\1.mlp.\2.weight",
+    ),
 ]
 
 # Kept in fp32 whatever the model's dtype (the release stores them so; the gate is numerically sensitive).
-FP32_SUFFIXES = ("self_attn.A_log", "self_attn.dt_bias", "block_sparse_moe.gate.weight",
-                 "block_sparse_moe.gate.e_score_correction_bias")
+FP32_SUFFIXES = (
+    "self_attn.A_log",
+    "self_attn.dt_bias",
+    "block_sparse_moe.gate.weight",
+    "block_sparse_moe.gate.e_score_correction_bias",
+)
 
 
 class CheckpointError(ValueError):
@@ -116,17 +126,22 @@ def _write_json(path: str, obj: dict) -> None:
     _atomic_write(path, write)
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
-                    dtype: torch.dtype | None = None) -> None:
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+) -> None:
     """Write ``model`` (a ``KimiLinearForCausalLM``) as the release does.
 
     Args:
-        directory: created if missing; existing model files are replaced (stale shards of an earlier save with more
-            shards are removed).
-        max_shard_size: bytes per shard (int) or a string such as "5GB"; a tensor larger than this gets a shard of
-            its own. One shard is written as ``model.safetensors`` (no index), several as
+        directory: created if missing; existing model files are replaced (stale shards of an earlier save with
+            more shards are removed).
+        max_shard_size: bytes per shard (int) or a string such as "5GB"; a tensor larger than this gets a
+            shard of its own. One shard is written as ``model.safetensors`` (no index), several as
             ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``.
-        dtype: cast floating tensors to this dtype (default: as they are); A_log, dt_bias and the router stay fp32.
+        dtype: cast floating tensors to this dtype (default: as they are); A_log, dt_bias and the router stay
+            fp32.
 
     Raises:
         ValueError: bad max_shard_size, or a config the release format cannot express.
@@ -158,21 +173,30 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, max_shard_si
             shards[-1].append((ckpt_name, t))
             shard_bytes += nbytes
             total += nbytes
-    float_dtypes = {t.dtype for shard in shards for n, t in shard if t.is_floating_point() and not keeps_fp32(n)}
+    float_dtypes = {
+        t.dtype for shard in shards for n, t in shard if t.is_floating_point() and not keeps_fp32(n)
+    }
     if len(float_dtypes) == 1:
         hf_config["dtype"] = str(next(iter(float_dtypes))).removeprefix("torch.")
 
     n = len(shards)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for file, shard in zip(names, shards):
+    for file, shard in zip(names, shards, strict=False):
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in shard}
-        _atomic_write(os.path.join(directory, file), lambda tmp, d=tensors: save_file(d, tmp, metadata={"format": "pt"}))
-    stale = [f for f in os.listdir(directory)
-             if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", f) and f not in names]
+        _atomic_write(
+            os.path.join(directory, file), lambda tmp, d=tensors: save_file(d, tmp, metadata={"format": "pt"})
+        )
+    stale = [
+        f
+        for f in os.listdir(directory)
+        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", f) and f not in names
+    ]
     index_path = os.path.join(directory, INDEX_FILE)
     if n > 1:
-        weight_map = {name: file for file, shard in zip(names, shards) for name, _ in shard}
-        _write_json(index_path, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        weight_map = {name: file for file, shard in zip(names, shards, strict=False) for name, _ in shard}
+        _write_json(
+            index_path, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        )
     elif os.path.exists(index_path):
         os.remove(index_path)
     for f in stale:
@@ -207,7 +231,9 @@ def checkpoint_files(directory: str) -> dict[str, str]:
         return files
     single = os.path.join(directory, SINGLE_FILE)
     if not os.path.isfile(single):
-        raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory} (only safetensors are supported)")
+        raise FileNotFoundError(
+            f"no {SINGLE_FILE} or {INDEX_FILE} in {directory} (only safetensors are supported)"
+        )
     try:
         with safe_open(single, framework="pt") as f:
             return {name: single for name in f.keys()}
@@ -238,8 +264,12 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         raise CheckpointError(f"model has no tensor {name}")
 
 
-def load_pretrained(cls, directory: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None):
+def load_pretrained(
+    cls,
+    directory: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+):
     """Build ``cls(config)`` on the meta device and fill it from the checkpoint folder (see module docstring).
 
     Raises:
@@ -269,11 +299,15 @@ def load_pretrained(cls, directory: str | os.PathLike, dtype: torch.dtype | None
                 renamed[alias] = name
     unexpected = sorted(set(files) - set(expected))
     if unexpected:
-        raise CheckpointError(f"checkpoint has tensors the config does not describe: {unexpected[:8]}"
-                              f"{' ...' if len(unexpected) > 8 else ''} (config.json: {directory})")
+        raise CheckpointError(
+            f"checkpoint has tensors the config does not describe: {unexpected[:8]}"
+            f"{' ...' if len(unexpected) > 8 else ''} (config.json: {directory})"
+        )
     missing = sorted(set(expected) - set(files))
     if missing:
-        raise CheckpointError(f"checkpoint is missing tensors: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        raise CheckpointError(
+            f"checkpoint is missing tensors: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+        )
 
     def target_dtype(name: str, stored: torch.dtype) -> torch.dtype:
         if keeps_fp32(name):
@@ -294,14 +328,20 @@ def load_pretrained(cls, directory: str | os.PathLike, dtype: torch.dtype | None
             for ckpt_name in sorted(names):
                 stored_name = renamed.get(ckpt_name, ckpt_name)
                 if stored_name not in present:
-                    raise CheckpointError(f"tensor {stored_name} is listed for {os.path.basename(path)} but not in it")
+                    raise CheckpointError(
+                        f"tensor {stored_name} is listed for {os.path.basename(path)} but not in it"
+                    )
                 try:
                     tensor = f.get_tensor(stored_name)
                 except Exception as e:
-                    raise CheckpointError(f"tensor {ckpt_name} in {path} cannot be read (truncated?): {e}") from None
+                    raise CheckpointError(
+                        f"tensor {ckpt_name} in {path} cannot be read (truncated?): {e}"
+                    ) from None
                 if tuple(tensor.shape) != expected[ckpt_name]:
                     raise CheckpointError(
-                        f"tensor {ckpt_name} has shape {list(tensor.shape)} in the checkpoint but config.json implies "
+                        f"tensor {ckpt_name} has shape {list(tensor.shape)} in the checkpoint but "
+                        "config.json "
+                        "implies "
                         f"{list(expected[ckpt_name])}"
                     )
                 tensor = tensor.to(device=device, dtype=target_dtype(ckpt_name, tensor.dtype))

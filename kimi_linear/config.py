@@ -1,8 +1,9 @@
 """The one model configuration: ``KimiLinearConfig``.
 
 Field names are the released checkpoint's ``config.json`` names (DESIGN.md §4), so ``from_hf`` / ``to_hf`` are
-mostly a copy. The release stores the layer layout as 1-based lists inside ``linear_attn_config``; here the lists are
-0-based (``kda_layers``, ``full_attn_layers``) and ``__post_init__`` derives one ``layer_types`` entry per layer:
+mostly a copy. The release stores the layer layout as 1-based lists inside ``linear_attn_config``; here the
+lists are 0-based (``kda_layers``, ``full_attn_layers``) and ``__post_init__`` derives one ``layer_types``
+entry per layer:
 
 * ``"kda"``    Kimi Delta Attention (per-channel gate)            — the linear layers of Kimi Linear
 * ``"gdn"``    the same layer with one scalar gate per head        — the paper's Gated DeltaNet baseline
@@ -11,8 +12,8 @@ mostly a copy. The release stores the layer layout as 1-based lists inside ``lin
 
 Without explicit lists the layout follows ``mixer`` and ``hybrid_ratio``: with ratio r, layer i is MLA when
 (i + 1) is a multiple of r + 1, and the last layer is always MLA (the release's 27-layer stack ends on one:
-0-based MLA layers 3, 7, ..., 23, 26). ``hybrid_ratio=0`` gives a pure linear stack; ``mixer="mla"`` full attention
-everywhere.
+0-based MLA layers 3, 7, ..., 23, 26). ``hybrid_ratio=0`` gives a pure linear stack; ``mixer="mla"`` full
+attention everywhere.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from typing import Any
 LAYER_TYPES = ("kda", "gdn", "mla", "mamba2")
 MIXERS = ("kda", "gdn", "mla", "mamba2")
 
-# Keys of the release's config.json that carry no information for this implementation (or restate a field); they
-# are accepted by from_hf and written back by to_hf so the file round-trips.
+# Keys of the release's config.json that carry no information for this implementation (or restate a field);
+# they are accepted by from_hf and written back by to_hf so the file round-trips.
 _RELEASE_CONSTANTS = {
     "architectures": ["KimiLinearForCausalLM"],
     "model_type": "kimi_linear",
@@ -46,8 +47,8 @@ class KimiLinearConfig:
     Layer lists are 0-based here (the release's config.json is 1-based; ``from_hf``/``to_hf`` convert).
 
     Raises:
-        ValueError: on inconsistent values (layer lists that do not cover every layer exactly once, unknown layer
-            types or mixer, non-positive sizes, top-k larger than the number of experts, ...).
+        ValueError: on inconsistent values (layer lists that do not cover every layer exactly once, unknown
+            layer types or mixer, non-positive sizes, top-k larger than the number of experts, ...).
     """
 
     # Model shape
@@ -103,27 +104,46 @@ class KimiLinearConfig:
     layer_types: list[str] | None = field(default=None)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "kda_num_heads", "kda_head_dim",
-                     "short_conv_kernel_size", "model_max_length"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "v_head_dim",
+            "kda_num_heads",
+            "kda_head_dim",
+            "short_conv_kernel_size",
+            "model_max_length",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.qk_rope_head_dim < 0:
             raise ValueError(f"qk_rope_head_dim must be >= 0, got {self.qk_rope_head_dim}")
         if not self.mla_use_nope and self.qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim must be even for RoPE (mla_use_nope=False), got {self.qk_rope_head_dim}")
+            raise ValueError(
+                f"qk_rope_head_dim must be even for RoPE (mla_use_nope=False), got {self.qk_rope_head_dim}"
+            )
         if self.mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
         if not isinstance(self.hybrid_ratio, int) or self.hybrid_ratio < 0:
-            raise ValueError(f"hybrid_ratio must be an int >= 0 (3 = three linear layers per MLA layer, "
-                             f"0 = no MLA), got {self.hybrid_ratio!r}")
+            raise ValueError(
+                f"hybrid_ratio must be an int >= 0 (3 = three linear layers per MLA layer, "
+                f"0 = no MLA), got {self.hybrid_ratio!r}"
+            )
         if self.num_experts > 0 and not (1 <= self.num_experts_per_token <= self.num_experts):
-            raise ValueError(f"num_experts_per_token must be in 1..num_experts={self.num_experts}, "
-                             f"got {self.num_experts_per_token}")
+            raise ValueError(
+                f"num_experts_per_token must be in 1..num_experts={self.num_experts}, "
+                f"got {self.num_experts_per_token}"
+            )
         if self.moe_router_activation_func not in ("sigmoid", "softmax"):
-            raise ValueError(f"moe_router_activation_func must be 'sigmoid' or 'softmax', "
-                             f"got {self.moe_router_activation_func!r}")
+            raise ValueError(
+                f"moe_router_activation_func must be 'sigmoid' or 'softmax', "
+                f"got {self.moe_router_activation_func!r}"
+            )
         L = self.num_hidden_layers
         linear = "kda" if self.mixer == "mla" else self.mixer
 
@@ -156,7 +176,7 @@ class KimiLinearConfig:
             )
         return ["mla" if i in full else linear for i in range(L)]
 
-    # ---- derived sizes -------------------------------------------------------------------------------------------
+    # ---- derived sizes -------------------------------------------------------------------------------------
 
     @property
     def qk_head_dim(self) -> int:
@@ -167,7 +187,7 @@ class KimiLinearConfig:
         """Whether layer ``layer_idx`` (0-based) has the MoE MLP (else the dense SwiGLU)."""
         return self.num_experts > 0 and layer_idx >= self.first_k_dense_replace
 
-    # ---- presets -------------------------------------------------------------------------------------------------
+    # ---- presets -------------------------------------------------------------------------------------------
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> KimiLinearConfig:
@@ -196,14 +216,15 @@ class KimiLinearConfig:
                 values.pop(key, None)
         return cls(**values)
 
-    # ---- HF config.json ------------------------------------------------------------------------------------------
+    # ---- HF config.json ------------------------------------------------------------------------------------
 
     @classmethod
     def from_hf(cls, source: dict | str | os.PathLike) -> KimiLinearConfig:
         """Read a ``config.json`` (a dict, a file path, or a checkpoint folder holding config.json).
 
-        Understands the release's format (1-based ``linear_attn_config`` lists) and the one HF transformers writes
-        (``layer_types`` of "linear_attention"/"full_attention", ``linear_num_heads``, ``num_local_experts``, ...).
+        Understands the release's format (1-based ``linear_attn_config`` lists) and the one HF transformers
+        writes (``layer_types`` of "linear_attention"/"full_attention", ``linear_num_heads``,
+        ``num_local_experts``, ...).
 
         Raises:
             FileNotFoundError: no such file / no config.json in the folder.
@@ -253,8 +274,11 @@ class KimiLinearConfig:
             values.pop("v_head_dim", None)
 
         lac = d.get("linear_attn_config") or {}
-        for src, dst in (("num_heads", "kda_num_heads"), ("head_dim", "kda_head_dim"),
-                         ("short_conv_kernel_size", "short_conv_kernel_size")):
+        for src, dst in (
+            ("num_heads", "kda_num_heads"),
+            ("head_dim", "kda_head_dim"),
+            ("short_conv_kernel_size", "short_conv_kernel_size"),
+        ):
             if src in lac:
                 values[dst] = lac[src]
         L = values.get("num_hidden_layers", cls.num_hidden_layers)
@@ -263,13 +287,17 @@ class KimiLinearConfig:
                 one_based = lac.get(key, [])
                 bad = [i for i in one_based if not (isinstance(i, int) and 1 <= i <= L)]
                 if bad:
-                    raise ValueError(f"linear_attn_config.{key} holds 1-based layer numbers 1..{L}, got {bad}")
+                    raise ValueError(
+                        f"linear_attn_config.{key} holds 1-based layer numbers 1..{L}, got {bad}"
+                    )
                 values[key] = [i - 1 for i in one_based]
         elif isinstance(d.get("layer_types"), list):
             hf_types = d["layer_types"]
             mapping = {"linear_attention": "kda", "full_attention": "mla"}
             if any(t not in mapping for t in hf_types):
-                raise ValueError(f"layer_types entries must be 'linear_attention' or 'full_attention', got {hf_types}")
+                raise ValueError(
+                    f"layer_types entries must be 'linear_attention' or 'full_attention', got {hf_types}"
+                )
             values["layer_types"] = [mapping[t] for t in hf_types]
         if isinstance(d.get("mlp_layer_types"), list) and "first_k_dense_replace" not in d:
             values["first_k_dense_replace"] = sum(1 for t in d["mlp_layer_types"] if t == "dense")
@@ -281,21 +309,32 @@ class KimiLinearConfig:
         """The ``config.json`` dict as the release writes it (1-based ``linear_attn_config`` layer lists).
 
         Raises:
-            ValueError: the layout has layer types the release format cannot express ("gdn", "mamba2"), or MLA with
-                RoPE.
+            ValueError: the layout has layer types the release format cannot express ("gdn", "mamba2"), or
+                the output-gate / short-conv ablations.
         """
         odd = sorted({t for t in self.layer_types if t not in ("kda", "mla")})
         if odd:
             raise ValueError(f"config.json of the release format cannot express layer types {odd}")
         d: dict[str, Any] = dict(_RELEASE_CONSTANTS)
         for f in dataclasses.fields(self):
-            if f.name in ("kda_layers", "full_attn_layers", "layer_types", "mixer", "hybrid_ratio",
-                          "kda_num_heads", "kda_head_dim", "short_conv_kernel_size",
-                          "use_output_gate", "use_short_conv"):
+            if f.name in (
+                "kda_layers",
+                "full_attn_layers",
+                "layer_types",
+                "mixer",
+                "hybrid_ratio",
+                "kda_num_heads",
+                "kda_head_dim",
+                "short_conv_kernel_size",
+                "use_output_gate",
+                "use_short_conv",
+            ):
                 continue
             d[f.name] = getattr(self, f.name)
         if not (self.use_output_gate and self.use_short_conv):
-            raise ValueError("config.json of the release format cannot express use_output_gate/use_short_conv=False")
+            raise ValueError(
+                "config.json of the release format cannot express use_output_gate/use_short_conv=False"
+            )
         d["head_dim"] = self.qk_rope_head_dim
         d["linear_attn_config"] = {
             "full_attn_layers": [i + 1 for i in self.full_attn_layers],
@@ -316,23 +355,66 @@ _BYTE_VOCAB = dict(vocab_size=256 + 3, bos_token_id=256, eos_token_id=257, pad_t
 PRESETS: dict[str, dict[str, Any]] = {
     # 0 KDA+dense, 1 MLA+dense, 2 KDA+MoE, 3 MLA+MoE: all four branches in four layers.
     "debug": dict(
-        _BYTE_VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-        intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_token=2,
-        num_shared_experts=1, first_k_dense_replace=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-        v_head_dim=16, kda_num_heads=2, kda_head_dim=32, model_max_length=4096,
-        kda_layers=[0, 2], full_attn_layers=[1, 3],
+        _BYTE_VOCAB,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_token=2,
+        num_shared_experts=1,
+        first_k_dense_replace=2,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        kda_num_heads=2,
+        kda_head_dim=32,
+        model_max_length=4096,
+        kda_layers=[0, 2],
+        full_attn_layers=[1, 3],
     ),
     "tiny": dict(
-        _BYTE_VOCAB, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-        intermediate_size=768, moe_intermediate_size=128, num_experts=8, num_experts_per_token=2,
-        num_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-        v_head_dim=32, kda_num_heads=4, kda_head_dim=64, model_max_length=8192,
+        _BYTE_VOCAB,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=768,
+        moe_intermediate_size=128,
+        num_experts=8,
+        num_experts_per_token=2,
+        num_shared_experts=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        kda_num_heads=4,
+        kda_head_dim=64,
+        model_max_length=8192,
     ),
     "small": dict(
-        _BYTE_VOCAB, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-        intermediate_size=1536, moe_intermediate_size=256, num_experts=8, num_experts_per_token=2,
-        num_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
-        v_head_dim=64, kda_num_heads=8, kda_head_dim=64, model_max_length=32768,
+        _BYTE_VOCAB,
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        intermediate_size=1536,
+        moe_intermediate_size=256,
+        num_experts=8,
+        num_experts_per_token=2,
+        num_shared_experts=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=128,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        kda_num_heads=8,
+        kda_head_dim=64,
+        model_max_length=32768,
     ),
     "48b-a3b": dict(
         kda_layers=[i for i in range(27) if i not in (3, 7, 11, 15, 19, 23, 26)],

@@ -1,10 +1,13 @@
-"""Generation: ``prefill`` (chunk kernel, prompts packed varlen), ``decode_step`` (recurrent kernel + absorbed MLA),
-``generate`` (batched prompts of different lengths, greedy / temperature / top-k / top-p, stop tokens, streaming).
+"""Generation: ``prefill`` (chunk kernel, prompts packed varlen), ``decode_step`` (recurrent KDA + absorbed
+MLA),
+``generate`` (batched prompts of different lengths, greedy / temperature / top-k / top-p, stop tokens,
+streaming).
 
-Prompts of different lengths are packed along T with ``cu_seqlens`` rather than padded, so a batch computes exactly
-what each prompt alone computes (no padding exists to leak). Each prompt owns one cache row; decoding advances all
-rows by one token per step. ``decode_step`` does no host synchronisation and allocates no new shapes, so on CUDA
-``generate`` captures it once in a CUDA graph and replays it every token (one replay per step).
+Prompts of different lengths are packed along T with ``cu_seqlens`` rather than padded, so a batch computes
+exactly what each prompt alone computes (no padding exists to leak). Each prompt owns one cache row; decoding
+advances all rows by one token per step. ``decode_step`` does no host synchronisation and allocates no new
+shapes, so on CUDA ``generate`` captures it once in a CUDA graph and replays it every token (one replay per
+step).
 """
 
 from __future__ import annotations
@@ -46,12 +49,18 @@ def validate_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Next token per row of ``logits [N, V]`` -> ``[N]`` long.
 
-    temperature 0 is greedy (argmax); otherwise softmax(logits / temperature) restricted to the top_k most likely
-    tokens (0 = all) and to the smallest set whose probability reaches top_p (the most likely token always stays).
+    temperature 0 is greedy (argmax); otherwise softmax(logits / temperature) restricted to the top_k most
+    likely tokens (0 = all) and to the smallest set whose probability reaches top_p (the most likely token
+    always stays).
     """
     validate_sampling(temperature, top_k, top_p)
     logits = logits.float()
@@ -91,8 +100,8 @@ def prefill(model, prompts: list[list[int]], cache: KimiLinearCache) -> torch.Te
 def decode_step(model, tokens: torch.Tensor, cache: KimiLinearCache) -> torch.Tensor:
     """One token for every cache row: ``tokens [N]`` long -> next-token logits ``[N, vocab]`` fp32.
 
-    Recurrent KDA kernel with the state updated in place, absorbed MLA over the latent cache. No input checks, no
-    host sync: capturable in a CUDA graph (the caller guarantees the cache has room).
+    Recurrent KDA kernel with the state updated in place, absorbed MLA over the latent cache. No input checks,
+    no host sync: capturable in a CUDA graph (the caller guarantees the cache has room).
     """
     hidden = model.model(tokens[:, None], cache=cache)  # [N, 1, D]
     cache.lengths += 1
@@ -100,10 +109,10 @@ def decode_step(model, tokens: torch.Tensor, cache: KimiLinearCache) -> torch.Te
 
 
 class CudaGraphDecoder:
-    """``decode_step`` captured once in a CUDA graph; ``__call__(tokens)`` copies the tokens in and replays it.
+    """``decode_step`` captured once in a CUDA graph; ``__call__(tokens)`` copies the tokens in and replays.
 
-    Build it on the freshly allocated cache, before prefill: warm-up and capture run real steps, after which the
-    cache is reset to empty in place (the graph keeps pointing at the same tensors).
+    Build it on the freshly allocated cache, before prefill: warm-up and capture run real steps, after which
+    the cache is reset to empty in place (the graph keeps pointing at the same tensors).
     """
 
     def __init__(self, model, cache: KimiLinearCache, warmup: int = 2):
@@ -153,15 +162,16 @@ def generate(
             produced.
         max_length: cache length per sequence; default longest prompt + max_new_tokens.
         seed: seed of the sampling generator (sampling is deterministic for a given seed).
-        use_cuda_graph: on CUDA, capture the decode step in a CUDA graph (falls back to eager with a warning if
-            capture fails).
+        use_cuda_graph: on CUDA, capture the decode step in a CUDA graph (falls back to eager with a warning
+            if capture fails).
 
     Returns:
         The generated tokens of each prompt (without the prompt).
 
     Raises:
         ValueError: empty prompts or prompt list, ids outside the vocabulary, bad sampling parameters,
-            max_new_tokens < 1, or prompt + max_new_tokens longer than max_length / the model's model_max_length.
+            max_new_tokens < 1, or prompt + max_new_tokens longer than max_length / the model's
+            model_max_length.
     """
     config = model.config
     prompts = _validate_prompts(prompts, config.vocab_size)
@@ -173,11 +183,15 @@ def generate(
     if max_length is None:
         max_length = needed
     if needed > max_length:
-        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {needed} "
-                         f"exceeds max_length={max_length}")
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {needed} "
+            f"exceeds max_length={max_length}"
+        )
     if needed > config.model_max_length:
-        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's model_max_length={config.model_max_length}")
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's model_max_length={config.model_max_length}"
+        )
     if stop_tokens is None:
         stop_tokens = [] if config.eos_token_id is None else [config.eos_token_id]
     stop = set(int(t) for t in stop_tokens)
@@ -189,15 +203,18 @@ def generate(
         generator.manual_seed(seed if seed is not None else torch.seed())
     N = len(prompts)
     # Room for the warm-up steps of the graph capture; prefill starts from the reset (empty) cache anyway.
-    cache = KimiLinearCache(config, N, min(max(max_length, 3), config.model_max_length), dtype=model.dtype,
-                            device=device)
+    cache = KimiLinearCache(
+        config, N, min(max(max_length, 3), config.model_max_length), dtype=model.dtype, device=device
+    )
     step = lambda tokens: decode_step(model, tokens, cache)
     if use_cuda_graph and device.type == "cuda" and max_new_tokens > 1:
         try:
             step = CudaGraphDecoder(model, cache)
         except Exception as e:  # a mixer that cannot be captured: decode eagerly
-            warnings.warn(f"CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); decoding eagerly",
-                          stacklevel=2)
+            warnings.warn(
+                f"CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); decoding eagerly",
+                stacklevel=2,
+            )
             torch.cuda.synchronize()
             cache.reset()
     logits = prefill(model, prompts, cache)

@@ -13,9 +13,10 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "generate",
         help="generate text from a checkpoint folder (release format)",
-        description="Loads config.json + safetensors from --checkpoint, tokenises each --prompt (tiktoken with the "
-        "folder's tiktoken.model when present, UTF-8 bytes otherwise), prefills with the chunk kernel and decodes "
-        "with the recurrent kernel. One prompt streams its continuation; several print one block each.",
+        description="Loads config.json + safetensors from --checkpoint, tokenises each --prompt (tiktoken "
+        "with the folder's tiktoken.model when present, UTF-8 bytes otherwise), prefills with the chunk "
+        "kernel and decodes with the recurrent kernel. One prompt streams its continuation; several print "
+        "one block each.",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json, *.safetensors)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
@@ -24,8 +25,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", type=int, action="append", default=None,
-                   help="token id that ends a sequence (repeatable; default: the config's eos_token_id)")
+    p.add_argument(
+        "--stop",
+        type=int,
+        action="append",
+        default=None,
+        help="token id that ends a sequence (repeatable; default: the config's eos_token_id)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
@@ -55,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     model = KimiLinearForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
     tokenizer = load_tokenizer(args.checkpoint, model.config)
     prompts = [tokenizer.encode(text) for text in args.prompt]
-    for text, ids in zip(args.prompt, prompts):
+    for text, ids in zip(args.prompt, prompts, strict=False):
         if not ids:
             raise ValueError(f"prompt {text!r} is empty after tokenisation")
 
@@ -69,15 +75,25 @@ def run(args: argparse.Namespace) -> int:
     if streaming:
         sys.stdout.write(args.prompt[0])
     outputs = generate(
-        model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, stop_tokens=args.stop, seed=args.seed, on_token=on_token if streaming else None,
+        model,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop_tokens=args.stop,
+        seed=args.seed,
+        on_token=on_token if streaming else None,
         use_cuda_graph=not args.no_cuda_graph,
     )
     if streaming:
         sys.stdout.write(stream.flush() + "\n")
     else:
-        for i, (text, out) in enumerate(zip(args.prompt, outputs)):
+        for i, (text, out) in enumerate(zip(args.prompt, outputs, strict=False)):
             print(f"--- [{i}] ---\n{text}{tokenizer.decode(out)}")
-    print(f"[{tokenizer.name} tokenizer, {sum(len(o) for o in outputs)} new tokens, {device}, "
-          f"{str(dtype).removeprefix('torch.')}]", file=sys.stderr)
+    print(
+        f"[{tokenizer.name} tokenizer, {sum(len(o) for o in outputs)} new tokens, {device}, "
+        f"{str(dtype).removeprefix('torch.')}]",
+        file=sys.stderr,
+    )
     return 0

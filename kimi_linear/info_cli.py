@@ -1,4 +1,4 @@
-"""`kimi-linear info DIR|PRESET`: layer layout, parameters (total / active per token) and the per-sequence cache
+"""`kimi-linear info DIR|PRESET`: layer layout, parameters (total / active per token), per-sequence cache
 at a given context against an MLA-only model of the same shape (the paper's "75% less KV cache")."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ def add_parser(subparsers) -> None:
         "info",
         help="parameters and cache size of a checkpoint folder or preset",
         description="Reads only config.json (no weights) or a preset name and prints the layer layout, the "
-        "parameter count (total and active per token), and the inference cache one sequence needs at --context "
-        "tokens compared with the same model using MLA in every layer.",
+        "parameter count (total and active per token), and the inference cache one sequence needs at "
+        "--context tokens compared with the same model using MLA in every layer.",
     )
     p.add_argument("source", help="checkpoint folder (with config.json) or preset name")
     p.add_argument("--context", type=int, default=1 << 20, help="tokens per sequence (default 1M)")
@@ -60,17 +60,29 @@ def run(args: argparse.Namespace) -> int:
     elif os.path.exists(args.source):
         raise NotADirectoryError(f"{args.source} is not a checkpoint folder")
     else:
-        raise ValueError(f"{args.source!r} is neither a checkpoint folder nor a preset ({', '.join(PRESETS)})")
+        raise ValueError(
+            f"{args.source!r} is neither a checkpoint folder nor a preset ({', '.join(PRESETS)})"
+        )
     info = describe(config, args.context)
     if args.json:
         print(json.dumps({"source": args.source, **info}))
         return 0
     layout = " + ".join(f"{n} {t.upper()}" for t, n in info["layer_counts"].items())
-    print(f"{args.source}: {info['layers']} layers ({layout}), hidden {config.hidden_size}, vocab {config.vocab_size}")
-    print(f"parameters: {info['params_total'] / 1e9:.3f} B total, {info['params_active'] / 1e9:.3f} B active per token")
-    print(f"cache per sequence at {info['context']} tokens: {_gib(info['cache_bytes_per_sequence'])} "
-          f"vs {_gib(info['cache_bytes_per_sequence_mla_only'])} with MLA in every layer "
-          f"({100 * info['cache_reduction']:.1f}% less)")
-    print(f"  per KDA layer (fixed): {_gib(info['kda_state_bytes_per_layer'])}; "
-          f"per MLA layer: {_gib(info['mla_cache_bytes_per_layer'])} (latent + rope key, 2 bytes each)")
+    print(
+        f"{args.source}: {info['layers']} layers ({layout}), hidden {config.hidden_size}, "
+        f"vocab {config.vocab_size}"
+    )
+    print(
+        f"parameters: {info['params_total'] / 1e9:.3f} B total, "
+        f"{info['params_active'] / 1e9:.3f} B active per token"
+    )
+    print(
+        f"cache per sequence at {info['context']} tokens: {_gib(info['cache_bytes_per_sequence'])} "
+        f"vs {_gib(info['cache_bytes_per_sequence_mla_only'])} with MLA in every layer "
+        f"({100 * info['cache_reduction']:.1f}% less)"
+    )
+    print(
+        f"  per KDA layer (fixed): {_gib(info['kda_state_bytes_per_layer'])}; "
+        f"per MLA layer: {_gib(info['mla_cache_bytes_per_layer'])} (latent + rope key, 2 bytes each)"
+    )
     return 0

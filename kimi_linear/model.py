@@ -1,10 +1,10 @@
-"""The Kimi Linear hybrid causal LM, top to bottom: embed → blocks (mixer + MLP/MoE, pre-norm residual) → norm → head.
+"""The Kimi Linear hybrid causal LM, top to bottom: embed → blocks (mixer + MLP/MoE, pre-norm) → norm → head.
 
-Each block is ``x + mixer(input_layernorm(x))`` then ``x + mlp(post_attention_layernorm(x))``. The mixer is chosen
-per layer from ``config.layer_types`` through ``MIXER_REGISTRY`` (KDA / GDN / MLA / Mamba2); the MLP is the dense
-SwiGLU for layers < ``first_k_dense_replace`` and the MoE after. Attribute names are the released checkpoint's
-(``model.layers.N.self_attn``, ``.mlp`` or ``.block_sparse_moe``, ``lm_head``), so the state dict is the release's
-apart from the MoE experts, which are stacked here (``kimi_linear.checkpoint`` maps them).
+Each block is ``x + mixer(input_layernorm(x))`` then ``x + mlp(post_attention_layernorm(x))``. The mixer is
+chosen per layer from ``config.layer_types`` through ``MIXER_REGISTRY`` (KDA / GDN / MLA / Mamba2); the MLP is
+the dense SwiGLU for layers < ``first_k_dense_replace`` and the MoE after. Attribute names are the released
+checkpoint's (``model.layers.N.self_attn``, ``.mlp`` or ``.block_sparse_moe``, ``lm_head``), so the state dict
+is the release's apart from the MoE experts, which are stacked here (``kimi_linear.checkpoint`` maps them).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from kimi_linear.cache import KimiLinearCache
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.mla import RMSNorm
 
-# layer type -> mixer class, or "module:Class" resolved on first use (so optional mixers cost nothing to import).
-# Each is constructed as cls(config, layer_idx) and called as
-# mixer(hidden_states [B, T, D], cache=None, cu_seqlens=None, attention_mask=None) -> [B, T, D].
+# layer type -> mixer class, or "module:Class" resolved on first use (so optional mixers cost nothing to
+# import). Each is constructed as cls(config, layer_idx) and called as mixer(hidden_states [B, T, D],
+# cache=None, cu_seqlens=None, attention_mask=None) -> [B, T, D].
 MIXER_REGISTRY: dict[str, type | str] = {
     "kda": "kimi_linear.layers.kda:KimiDeltaAttention",
     "gdn": "kimi_linear.layers.kda:KimiDeltaAttention",
@@ -52,8 +52,8 @@ def count_parameters(config: KimiLinearConfig) -> tuple[int, int]:
     """(total, active-per-token) parameter counts from the config alone (no model is built).
 
     "Active" counts the embedding, every dense part, the shared experts and top-k of the routed experts.
-    Covers the "kda", "gdn" and "mla" layer types; a "mamba2" layer is counted by building that mixer on the meta
-    device.
+    Covers the "kda", "gdn" and "mla" layer types; a "mamba2" layer is counted by building that mixer on the
+    meta device.
     """
     c = config
     D, H, K = c.hidden_size, c.kda_num_heads, c.kda_head_dim
@@ -118,14 +118,15 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, cache=None, cu_seqlens=None, attention_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cache=cache, cu_seqlens=cu_seqlens,
-                               attention_mask=attention_mask)
+        x = x + self.self_attn(
+            self.input_layernorm(x), cache=cache, cu_seqlens=cu_seqlens, attention_mask=attention_mask
+        )
         ffn = self.block_sparse_moe if self.is_moe else self.mlp
         return x + ffn(self.post_attention_layernorm(x))
 
 
 class KimiLinearModel(nn.Module):
-    """Embeddings, the stack of blocks and the final norm: ``input_ids [B, T]`` -> hidden states ``[B, T, D]``."""
+    """Embeddings, the blocks and the final norm: ``input_ids [B, T]`` -> hidden states ``[B, T, D]``."""
 
     def __init__(self, config: KimiLinearConfig):
         super().__init__()
@@ -141,10 +142,11 @@ class KimiLinearModel(nn.Module):
 
 
 class KimiLinearForCausalLM(nn.Module):
-    """The Kimi Linear LM. ``KimiLinearForCausalLM(config)`` builds it with random weights (initialised in fp32).
+    """The Kimi Linear LM. ``KimiLinearForCausalLM(config)`` builds it with random weights (fp32).
 
-    ``forward(input_ids, cache=None, attention_mask=None, cu_seqlens=None) -> CausalLMOutput(.logits [B, T, V])``.
-    Checkpoints: ``save_pretrained(dir)`` / ``KimiLinearForCausalLM.from_pretrained(dir)`` (HF release format).
+    ``forward(input_ids, cache=None, attention_mask=None, cu_seqlens=None)`` ->
+    ``CausalLMOutput(.logits [B, T, V])``. Checkpoints (HF release format): ``save_pretrained(dir)`` /
+    ``KimiLinearForCausalLM.from_pretrained(dir)``.
     """
 
     def __init__(self, config: KimiLinearConfig):
@@ -160,7 +162,8 @@ class KimiLinearForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, initializer_range) for every Linear and the embeddings; other parameters keep their module's
+        """Normal(0, initializer_range) for every Linear and the embeddings; other parameters keep their
+        module's
         own initialisation (norms at 1, the KDA gate parameters, conv filters, the MoE's)."""
         if self.lm_head.weight.is_meta:
             return
@@ -178,11 +181,11 @@ class KimiLinearForCausalLM(nn.Module):
         return self.lm_head.weight.dtype
 
     def allocate_cache(self, batch_size: int, max_length: int) -> KimiLinearCache:
-        """A zeroed cache for ``batch_size`` sequences of up to ``max_length`` tokens, on the model's device/dtype."""
+        """A zeroed cache for ``batch_size`` sequences of up to ``max_length`` tokens, model device/dtype."""
         return KimiLinearCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)
 
     def _validate(self, input_ids, cache, attention_mask, cu_seqlens) -> torch.Tensor | None:
-        """Check the public inputs; returns the number of new tokens of each cache row (None without a cache)."""
+        """Check the public inputs; return the new tokens per cache row (None without a cache)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32):
             raise TypeError("input_ids must be an int64/int32 torch.Tensor [B, T]")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -192,25 +195,33 @@ class KimiLinearForCausalLM(nn.Module):
         if not capturing and input_ids.numel():
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got [{lo}, {hi}]")
+                raise ValueError(
+                    f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got [{lo}, {hi}]"
+                )
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (B, T):
                 raise ValueError(f"attention_mask must be a tensor [B, T] = [{B}, {T}]")
             if cu_seqlens is not None:
                 raise ValueError("pass either attention_mask (padding) or cu_seqlens (packing), not both")
             if cache is not None:
-                raise ValueError("attention_mask cannot be combined with a cache; pack prompts with cu_seqlens instead")
+                raise ValueError(
+                    "attention_mask cannot be combined with a cache; pack prompts with cu_seqlens instead"
+                )
         new_tokens = None
         if cu_seqlens is not None:
             if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
                 raise TypeError("cu_seqlens must be an int32/int64 tensor [N + 1]")
             if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-                raise ValueError(f"cu_seqlens must be 1-D with N + 1 >= 2 entries, got {tuple(cu_seqlens.shape)}")
+                raise ValueError(
+                    f"cu_seqlens must be 1-D with N + 1 >= 2 entries, got {tuple(cu_seqlens.shape)}"
+                )
             if B != 1:
-                raise ValueError(f"with cu_seqlens, input_ids must be [1, T] (sequences packed along T), got B={B}")
+                raise ValueError(
+                    f"with cu_seqlens, input_ids must be [1, T] (sequences packed along T), got B={B}"
+                )
             if not capturing:
                 c = cu_seqlens.tolist()
-                if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:])):
+                if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:], strict=False)):
                     raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {c}")
             new_tokens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=input_ids.device, dtype=torch.long)
         if cache is not None:
@@ -224,7 +235,9 @@ class KimiLinearForCausalLM(nn.Module):
             if not capturing:
                 needed = int((cache.lengths + new_tokens).max())
                 if needed > cache.max_length:
-                    raise ValueError(f"the cache holds {cache.max_length} tokens per sequence but {needed} are needed")
+                    raise ValueError(
+                        f"the cache holds {cache.max_length} tokens per sequence but {needed} are needed"
+                    )
         return new_tokens
 
     def forward(
@@ -240,8 +253,8 @@ class KimiLinearForCausalLM(nn.Module):
                 ``lengths`` advance) and attention/recurrence continue from what it holds.
             attention_mask: ``[B, T]`` 1 = token, 0 = padding (left or right); padding changes no real token's
                 logits. Not together with ``cache`` or ``cu_seqlens``.
-            cu_seqlens: int ``[N + 1]``; B = 1 and N documents packed along T, with no attention, state or conv
-                leakage across boundaries.
+            cu_seqlens: int ``[N + 1]``; B = 1 and N documents packed along T, with no attention, state or
+                conv leakage across boundaries.
 
         Returns:
             ``CausalLMOutput`` with ``.logits [B, T, vocab_size]`` and ``.cache``.
@@ -256,7 +269,7 @@ class KimiLinearForCausalLM(nn.Module):
         return CausalLMOutput(logits=self.lm_head(hidden), cache=cache)
 
     def hidden_states(self, input_ids, cache=None, cu_seqlens=None) -> torch.Tensor:
-        """Final-norm hidden states ``[B, T, D]`` without the head (generation takes the head of a few rows only).
+        """Final-norm hidden states ``[B, T, D]`` without the head (generation applies it to a few rows only).
 
         Same arguments and cache update as ``forward``.
         """
@@ -277,21 +290,29 @@ class KimiLinearForCausalLM(nn.Module):
         total, act = count_parameters(self.config)
         return act if active else total
 
-    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    # ---- checkpoints ---------------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
-                        dtype: torch.dtype | None = None) -> None:
-        """Write ``config.json`` and sharded safetensors in the released format (see ``kimi_linear.checkpoint``)."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        max_shard_size: int | str = "5GB",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Write ``config.json`` and sharded safetensors in the release format (kimi_linear.checkpoint)."""
         from kimi_linear.checkpoint import save_pretrained
 
         save_pretrained(self, save_directory, max_shard_size=max_shard_size, dtype=dtype)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None) -> KimiLinearForCausalLM:
-        """Load a checkpoint folder (config.json + safetensors) built on the meta device, tensors read straight
-        from the files onto ``device`` (default CPU) in ``dtype`` (default: as stored; A_log, dt_bias and the router
-        stay fp32)."""
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KimiLinearForCausalLM:
+        """Load a checkpoint folder (config.json + safetensors): built on the meta device, tensors read
+        straight from the files onto ``device`` (default CPU) in ``dtype`` (default: as stored; A_log, dt_bias
+        and the router stay fp32)."""
         from kimi_linear.checkpoint import load_pretrained
 
         return load_pretrained(cls, directory, dtype=dtype, device=device)

@@ -1,12 +1,14 @@
-"""Tokenizers for generation: the release's tiktoken BPE (``tiktoken.model`` in the checkpoint folder) or bytes.
+"""Tokenizers for generation: the release's tiktoken BPE (``tiktoken.model`` in the checkpoint) or bytes.
 
-* ``TiktokenTokenizer``: BPE ranks read from the local ``tiktoken.model`` (nothing is downloaded), the split pattern
-  of the Kimi tokenizer, special tokens after the BPE vocabulary — named from ``tokenizer_config.json``'s
-  ``added_tokens_decoder`` when the folder has one, ``<|reserved_token_i|>`` otherwise.
-* ``ByteTokenizer``: one token per UTF-8 byte (0..255) plus bos/eos/pad from the config (the project's own small
-  models, vocab 259).
+* ``TiktokenTokenizer``: BPE ranks read from the local ``tiktoken.model`` (nothing is downloaded), the split
+  pattern of the Kimi tokenizer, special tokens after the BPE vocabulary — named from
+  ``tokenizer_config.json``'s ``added_tokens_decoder`` when the folder has one, ``<|reserved_token_i|>``
+  otherwise.
+* ``ByteTokenizer``: one token per UTF-8 byte (0..255) plus bos/eos/pad from the config (the project's own
+  small models, vocab 259).
 
-Both decode incrementally (``StreamDecoder``), so a streamed multi-byte character is printed once it is complete.
+Both decode incrementally (``StreamDecoder``), so a streamed multi-byte character is printed once it is
+complete.
 """
 
 from __future__ import annotations
@@ -20,20 +22,23 @@ from kimi_linear.config import KimiLinearConfig
 TIKTOKEN_FILE = "tiktoken.model"
 NUM_RESERVED_SPECIAL_TOKENS = 256
 
-# The Kimi tokenizer's pre-tokenisation: runs of Han characters, words with their leading punctuation/space and
-# English contractions, numbers in groups of up to three digits, punctuation runs, newlines, other whitespace.
-KIMI_SPLIT_PATTERN = "|".join([
-    r"""[\p{Han}]+""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"""
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"""
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""\p{N}{1,3}""",
-    r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
-    r"""\s*[\r\n]+""",
-    r"""\s+(?!\S)""",
-    r"""\s+""",
-])
+# The Kimi tokenizer's pre-tokenisation: runs of Han characters, words with their leading punctuation/space
+# and English contractions, numbers in groups of up to three digits, punctuation runs, newlines, other
+# whitespace.
+KIMI_SPLIT_PATTERN = "|".join(
+    [
+        r"""[\p{Han}]+""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"""
+        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"""
+        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
 
 
 class ByteTokenizer:
@@ -86,10 +91,13 @@ class TiktokenTokenizer:
                 specials = {name: i for name, i in specials.items() if i not in named.values()}
                 specials.update(named)
         if max(specials.values()) >= config.vocab_size:
-            raise ValueError(f"tokenizer has {max(specials.values()) + 1} tokens but the model's vocab_size is "
-                             f"{config.vocab_size}")
-        self.encoding = tiktoken.Encoding(name="kimi", pat_str=KIMI_SPLIT_PATTERN, mergeable_ranks=ranks,
-                                          special_tokens=specials)
+            raise ValueError(
+                f"tokenizer has {max(specials.values()) + 1} tokens but the model's vocab_size is "
+                f"{config.vocab_size}"
+            )
+        self.encoding = tiktoken.Encoding(
+            name="kimi", pat_str=KIMI_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials
+        )
         self.special_ids = set(specials.values())
         self.vocab_size = config.vocab_size
         self.bos_token_id, self.eos_token_id = config.bos_token_id, config.eos_token_id

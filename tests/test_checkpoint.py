@@ -1,4 +1,4 @@
-"""Checkpoints: release names and dtypes, sharding + index, meta-device load, atomic writes, errors naming tensors."""
+"""Checkpoints: release names/dtypes, sharding + index, meta-device load, atomic writes, named errors."""
 
 from __future__ import annotations
 
@@ -58,7 +58,9 @@ def test_release_names_dtypes_and_index(saved):
             assert torch.equal(tensors[f"{moe}.experts.{e}.{w}.weight"], getattr(experts, w)[e].detach())
     assert not any(".experts.w1" in n for n in tensors)
     config = json.loads((directory / "config.json").read_text())
-    assert config["linear_attn_config"]["full_attn_layers"] == [2, 4] and config["model_type"] == "kimi_linear"
+    assert (
+        config["linear_attn_config"]["full_attn_layers"] == [2, 4] and config["model_type"] == "kimi_linear"
+    )
 
 
 def test_round_trip_same_logits_and_bf16_load(saved):
@@ -72,7 +74,8 @@ def test_round_trip_same_logits_and_bf16_load(saved):
         assert half.lm_head.weight.dtype == torch.bfloat16
         assert half.model.layers[0].self_attn.A_log.dtype == torch.float32
         assert half.model.layers[2].block_sparse_moe.gate.weight.dtype == torch.float32
-        # loading in bf16 is exactly casting the fp32 model (bf16 vs fp32 logits differ by the gate's sensitivity)
+        # loading in bf16 is exactly casting the fp32 model (bf16 vs fp32 logits differ by the gate's
+        # sensitivity)
         cast = copy.deepcopy(model).to(torch.bfloat16)
         assert torch.equal(half(ids).logits, cast(ids).logits)
 

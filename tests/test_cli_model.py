@@ -44,22 +44,52 @@ def test_info_reads_a_checkpoint_folder(capsys, checkpoint):
 
 
 def test_generate_streams_the_continuation(capsys, checkpoint):
-    rc, out, err = run_cli(capsys, "generate", "--checkpoint", str(checkpoint), "--prompt", "Hello",
-                           "--max-new-tokens", "6", "--stop", "999")
+    rc, out, err = run_cli(
+        capsys,
+        "generate",
+        "--checkpoint",
+        str(checkpoint),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "6",
+        "--stop",
+        "999",
+    )
     assert rc == 0 and out.startswith("Hello") and "bytes tokenizer, 6 new tokens" in err
-    rc, out, err = run_cli(capsys, "generate", "--checkpoint", str(checkpoint), "--prompt", "ab", "--prompt", "xyz",
-                           "--max-new-tokens", "3", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
+    rc, out, err = run_cli(
+        capsys,
+        "generate",
+        "--checkpoint",
+        str(checkpoint),
+        "--prompt",
+        "ab",
+        "--prompt",
+        "xyz",
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "1",
+    )
     assert rc == 0 and "--- [0] ---\nab" in out and "--- [1] ---\nxyz" in out
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["info", "no-such-preset"], "neither a checkpoint folder nor a preset"),
-    (["generate", "--checkpoint", "/no/such/dir", "--prompt", "x"], "not found"),
-    (["generate", "--prompt", "", "--max-new-tokens", "2"], "empty"),
-    (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
-    (["generate", "--prompt", "x", "--top-p", "2"], "top_p"),
-    (["generate", "--prompt", "x" * 4095, "--max-new-tokens", "8"], "model_max_length"),
-], ids=["bad-preset", "no-dir", "empty-prompt", "bad-temperature", "bad-top-p", "prompt-too-long"])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["info", "no-such-preset"], "neither a checkpoint folder nor a preset"),
+        (["generate", "--checkpoint", "/no/such/dir", "--prompt", "x"], "not found"),
+        (["generate", "--prompt", "", "--max-new-tokens", "2"], "empty"),
+        (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
+        (["generate", "--prompt", "x", "--top-p", "2"], "top_p"),
+        (["generate", "--prompt", "x" * 4095, "--max-new-tokens", "8"], "model_max_length"),
+    ],
+    ids=["bad-preset", "no-dir", "empty-prompt", "bad-temperature", "bad-top-p", "prompt-too-long"],
+)
 def test_errors_are_one_line(capsys, checkpoint, argv, match):
     if argv[0] == "generate" and "--checkpoint" not in argv:
         argv = [*argv, "--checkpoint", str(checkpoint)]
@@ -85,8 +115,9 @@ def test_tiktoken_folder_uses_bpe_and_special_tokens(capsys, tmp_path):
     model = make_model(seed=33, vocab_size=520, bos_token_id=260, eos_token_id=261, pad_token_id=519)
     model.save_pretrained(tmp_path)
     write_tiktoken(tmp_path, [b"he", b"ll", b"hell", b"hello"])
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"added_tokens_decoder": {"260": {"content": "[BOS]"}, "261": {"content": "[EOS]"}}}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"added_tokens_decoder": {"260": {"content": "[BOS]"}, "261": {"content": "[EOS]"}}})
+    )
     tok = TiktokenTokenizer(str(tmp_path), model.config)
     ids = tok.encode("hello [EOS] 中文")
     assert ids[0] == 259 and 261 not in ids  # BPE merge; special names in user text stay text
@@ -94,8 +125,9 @@ def test_tiktoken_folder_uses_bpe_and_special_tokens(capsys, tmp_path):
     assert tok.encoding.encode("[EOS]", allowed_special="all") == [261] and tok.decode([261]) == ""
     stream = StreamDecoder(tok)
     assert "".join(stream(t) for t in ids) + stream.flush() == "hello [EOS] 中文"
-    rc, out, err = run_cli(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt", "hello",
-                           "--max-new-tokens", "4")
+    rc, out, err = run_cli(
+        capsys, "generate", "--checkpoint", str(tmp_path), "--prompt", "hello", "--max-new-tokens", "4"
+    )
     assert rc == 0 and out.startswith("hello") and "tiktoken tokenizer" in err
 
 

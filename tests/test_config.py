@@ -14,17 +14,41 @@ RELEASE_MLA_1BASED = [4, 8, 12, 16, 20, 24, 27]
 def release_config_json() -> dict:
     """The released Kimi-Linear-48B-A3B config.json fields that matter (DESIGN.md §4)."""
     return {
-        "model_type": "kimi_linear", "architectures": ["KimiLinearForCausalLM"], "vocab_size": 163840,
-        "hidden_size": 2304, "num_hidden_layers": 27, "intermediate_size": 9216, "num_attention_heads": 32,
-        "num_key_value_heads": 32, "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128,
-        "qk_rope_head_dim": 64, "v_head_dim": 128, "mla_use_nope": True, "num_experts": 256,
-        "num_experts_per_token": 8, "num_shared_experts": 1, "moe_intermediate_size": 1024,
-        "first_k_dense_replace": 1, "routed_scaling_factor": 2.446, "moe_router_activation_func": "sigmoid",
-        "moe_renormalize": True, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "model_max_length": 1048576,
-        "bos_token_id": 163584, "eos_token_id": 163586, "pad_token_id": 163839, "dtype": "bfloat16",
+        "model_type": "kimi_linear",
+        "architectures": ["KimiLinearForCausalLM"],
+        "vocab_size": 163840,
+        "hidden_size": 2304,
+        "num_hidden_layers": 27,
+        "intermediate_size": 9216,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "kv_lora_rank": 512,
+        "q_lora_rank": None,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "mla_use_nope": True,
+        "num_experts": 256,
+        "num_experts_per_token": 8,
+        "num_shared_experts": 1,
+        "moe_intermediate_size": 1024,
+        "first_k_dense_replace": 1,
+        "routed_scaling_factor": 2.446,
+        "moe_router_activation_func": "sigmoid",
+        "moe_renormalize": True,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "model_max_length": 1048576,
+        "bos_token_id": 163584,
+        "eos_token_id": 163586,
+        "pad_token_id": 163839,
+        "dtype": "bfloat16",
         "linear_attn_config": {
             "kda_layers": [i for i in range(1, 28) if i not in RELEASE_MLA_1BASED],
-            "full_attn_layers": RELEASE_MLA_1BASED, "num_heads": 32, "head_dim": 128, "short_conv_kernel_size": 4,
+            "full_attn_layers": RELEASE_MLA_1BASED,
+            "num_heads": 32,
+            "head_dim": 128,
+            "short_conv_kernel_size": 4,
         },
     }
 
@@ -80,9 +104,17 @@ def test_mixer_and_hybrid_ratio_knobs():
 def test_hf_transformers_style_config_is_understood():
     d = release_config_json()
     del d["linear_attn_config"], d["num_experts"], d["num_experts_per_token"], d["first_k_dense_replace"]
-    d.update(layer_types=["full_attention" if i + 1 in RELEASE_MLA_1BASED else "linear_attention" for i in range(27)],
-             mlp_layer_types=["dense"] + ["sparse"] * 26, num_local_experts=256, num_experts_per_tok=8,
-             linear_num_heads=32, linear_head_dim=128, linear_conv_kernel_dim=4)
+    d.update(
+        layer_types=[
+            "full_attention" if i + 1 in RELEASE_MLA_1BASED else "linear_attention" for i in range(27)
+        ],
+        mlp_layer_types=["dense"] + ["sparse"] * 26,
+        num_local_experts=256,
+        num_experts_per_tok=8,
+        linear_num_heads=32,
+        linear_head_dim=128,
+        linear_conv_kernel_dim=4,
+    )
     assert KimiLinearConfig.from_hf(d) == KimiLinearConfig.from_preset("48b-a3b")
 
 
@@ -93,15 +125,19 @@ def test_unknown_preset_lists_the_presets():
         KimiLinearConfig.from_preset("tiny", hiden_size=3)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(kda_layers=[0, 1], full_attn_layers=[1, 2, 3]), "exactly once"),
-    (dict(layer_types=["kda", "rnn", "kda", "mla"]), "layer_types"),
-    (dict(mixer="lstm"), "mixer"),
-    (dict(hybrid_ratio=-1), "hybrid_ratio"),
-    (dict(hidden_size=0), "hidden_size"),
-    (dict(num_experts_per_token=9), "num_experts_per_token"),
-    (dict(mla_use_nope=False, qk_rope_head_dim=7), "qk_rope_head_dim"),
-], ids=["overlap", "bad-type", "bad-mixer", "neg-ratio", "zero-hidden", "topk", "odd-rope"])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kda_layers=[0, 1], full_attn_layers=[1, 2, 3]), "exactly once"),
+        (dict(layer_types=["kda", "rnn", "kda", "mla"]), "layer_types"),
+        (dict(mixer="lstm"), "mixer"),
+        (dict(hybrid_ratio=-1), "hybrid_ratio"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(num_experts_per_token=9), "num_experts_per_token"),
+        (dict(mla_use_nope=False, qk_rope_head_dim=7), "qk_rope_head_dim"),
+    ],
+    ids=["overlap", "bad-type", "bad-mixer", "neg-ratio", "zero-hidden", "topk", "odd-rope"],
+)
 def test_bad_values_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         KimiLinearConfig.from_preset("debug", **kwargs)

@@ -1,4 +1,4 @@
-"""Generation: prefill + decode == full forward, batched == one by one, sampling controls, stop tokens, streaming."""
+"""Generation: prefill + decode == full forward, batched == one by one, sampling, stop tokens, streaming."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def test_prefill_and_decode_steps_match_full_forward(model):
 
 def test_batched_equals_one_by_one_and_streaming(model):
     streamed = []
-    batched = generate(model, PROMPTS, max_new_tokens=9, stop_tokens=[], on_token=lambda i, t: streamed.append((i, t)))
+    batched = generate(
+        model, PROMPTS, max_new_tokens=9, stop_tokens=[], on_token=lambda i, t: streamed.append((i, t))
+    )
     alone = [model.generate([p], max_new_tokens=9, stop_tokens=[])[0] for p in PROMPTS]
     assert batched == alone and all(len(out) == 9 for out in batched)
     for i, out in enumerate(batched):
@@ -59,8 +61,13 @@ def test_stop_tokens_end_only_their_sequence(model):
 
 def test_sampling_controls(model):
     greedy = generate(model, PROMPTS, max_new_tokens=5, stop_tokens=[])
-    assert generate(model, PROMPTS, max_new_tokens=5, stop_tokens=[], temperature=1.3, top_k=1, seed=0) == greedy
-    assert generate(model, PROMPTS, max_new_tokens=5, stop_tokens=[], temperature=0.7, top_p=1e-6, seed=0) == greedy
+    assert (
+        generate(model, PROMPTS, max_new_tokens=5, stop_tokens=[], temperature=1.3, top_k=1, seed=0) == greedy
+    )
+    assert (
+        generate(model, PROMPTS, max_new_tokens=5, stop_tokens=[], temperature=0.7, top_p=1e-6, seed=0)
+        == greedy
+    )
     a = generate(model, PROMPTS, max_new_tokens=6, stop_tokens=[], temperature=1.0, seed=3)
     b = generate(model, PROMPTS, max_new_tokens=6, stop_tokens=[], temperature=1.0, seed=3)
     assert a == b and a != greedy
@@ -79,20 +86,35 @@ def test_sampling_controls(model):
         assert set(draws[i].tolist()) <= set(order[i][keep[i]].tolist())
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(prompts=[]), "non-empty list"),
-    (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
-    (dict(prompts=[[1, 100000]]), "outside"),
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(temperature=-1.0), "temperature"),
-    (dict(temperature=float("nan")), "temperature"),
-    (dict(top_k=-2), "top_k"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(max_length=8), "exceeds max_length"),
-    (dict(max_new_tokens=5000), "model_max_length"),
-], ids=["no-prompts", "empty-prompt", "bad-id", "zero-new", "neg-temp", "nan-temp", "neg-topk", "topp0", "topp>1",
-        "too-long", "beyond-model"])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(prompts=[]), "non-empty list"),
+        (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+        (dict(prompts=[[1, 100000]]), "outside"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(max_length=8), "exceeds max_length"),
+        (dict(max_new_tokens=5000), "model_max_length"),
+    ],
+    ids=[
+        "no-prompts",
+        "empty-prompt",
+        "bad-id",
+        "zero-new",
+        "neg-temp",
+        "nan-temp",
+        "neg-topk",
+        "topp0",
+        "topp>1",
+        "too-long",
+        "beyond-model",
+    ],
+)
 def test_bad_arguments(model, kwargs, match):
     args = dict(prompts=[[1, 2, 3, 4, 5, 6]], max_new_tokens=4)
     args.update(kwargs)
@@ -103,8 +125,8 @@ def test_bad_arguments(model, kwargs, match):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decode_matches_eager():
-    # bf16, the serving dtype: the MoE's grouped GEMM path is capturable (its fp32 path syncs, and generate() then
-    # decodes eagerly with a warning).
+    # bf16, the serving dtype: the MoE's grouped GEMM path is capturable (its fp32 path syncs, and generate()
+    # then decodes eagerly with a warning).
     import warnings
 
     dtype = torch.bfloat16
@@ -119,7 +141,9 @@ def test_cuda_graph_decode_matches_eager():
     from kimi_linear.generate import CudaGraphDecoder
 
     decoder = CudaGraphDecoder(model, cache)
-    assert cache.lengths.tolist() == [0] * len(PROMPTS) and all(t.abs().sum() == 0 for t in cache.layers[0].values())
+    assert cache.lengths.tolist() == [0] * len(PROMPTS) and all(
+        t.abs().sum() == 0 for t in cache.layers[0].values()
+    )
     logits = prefill(model, PROMPTS, cache)
     tokens = logits.argmax(-1)
     replayed = decoder(tokens).clone()

@@ -1,9 +1,10 @@
-"""Interop with HF transformers' native ``kimi_linear`` (its PyTorch fallback runs on CPU): checkpoints saved by
-either side load in the other with the same fp32 logits on a batch of different lengths and the same greedy tokens.
+"""Interop with HF transformers' native ``kimi_linear`` (its PyTorch fallback runs on CPU): checkpoints saved
+by either side load in the other with the same fp32 logits on a batch of different lengths and the same greedy
+tokens.
 
-Noted difference: transformers 5.24 saves the dense MLP of the first layers as ``block_sparse_moe.{gate,up,down}_proj``
-(it renames every ``.mlp.`` of its model on save); the release and this project write ``mlp.*``. Our loader accepts
-both; transformers loads ours.
+Noted difference: transformers 5.24 saves the dense MLP of the first layers as
+``block_sparse_moe.{gate,up,down}_proj`` (it renames every ``.mlp.`` of its model on save); the release and
+this project write ``mlp.*``. Our loader accepts both; transformers loads ours.
 """
 
 from __future__ import annotations
@@ -41,9 +42,15 @@ def batch(config, seed=0):
 
 
 def hf_greedy(hf_model, prompt):
-    out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                            max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                            eos_token_id=None, pad_token_id=hf_model.config.pad_token_id)
+    out = hf_model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=hf_model.config.pad_token_id,
+    )
     return out[0, len(prompt) :].tolist()
 
 

@@ -8,12 +8,12 @@ x ─┬─ q_proj ─ q_conv1d ─ SiLU ─┐
    │                          KDA ─ o_norm (per-head RMSNorm) × sigmoid(g_b_proj(g_a_proj(x))) ─ o_proj
    └─ g_a_proj ─ g_b_proj ───────────────────────┘
 
-Whole sequences go through ``chunk_kda``; a one-token step with a cache goes through ``fused_recurrent_kda``, which
-updates the cached state in place. The gate/beta activations and the q/k L2 norm are requested from the ops
-(``use_*_in_kernel``) so the Triton kernels can fuse them.
+Whole sequences go through ``chunk_kda``; a one-token step with a cache goes through ``fused_recurrent_kda``,
+which updates the cached state in place. The gate/beta activations and the q/k L2 norm are requested from the
+ops (``use_*_in_kernel``) so the Triton kernels can fuse them.
 
-With ``layer_type="gdn"`` (the paper's Gated DeltaNet baseline) the forget gate is one scalar per head: f_b_proj
-maps to H values and dt_bias has H entries.
+With ``layer_type="gdn"`` (the paper's Gated DeltaNet baseline) the forget gate is one scalar per head:
+f_b_proj maps to H values and dt_bias has H entries.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from kimi_linear.ops.kda import chunk_kda, fused_recurrent_kda
 
 
 class KimiDeltaAttention(nn.Module):
-    """KDA token mixer: ``forward(hidden_states [B, T, D], cache=None, cu_seqlens=None, attention_mask=None)``.
+    """KDA token mixer: ``forward(hidden_states [B, T, D], cache=None, cu_seqlens=None, attention_mask=None)``
+    -> ``[B, T, D]``.
 
     Cache entries (allocated by ``kimi_linear.cache``): ``conv`` ``[N, 3·H·K, W-1]`` (q, k, v conv inputs),
     ``state`` ``[N, H, K, V]`` fp32.
@@ -72,7 +73,7 @@ class KimiDeltaAttention(nn.Module):
 
     @torch.no_grad()
     def reset_gate_parameters(self) -> None:
-        """A_log = log U(1, 16); dt_bias = softplus^-1(dt), dt log-uniform in [1e-3, 1e-1] (the usual Mamba/GDN init)."""
+        """A_log = log U(1, 16); dt_bias = softplus^-1(dt), dt log-uniform in [1e-3, 1e-1] (as Mamba2/GDN)."""
         if self.A_log.is_meta:
             return
         self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1.0, 16.0).log())
@@ -80,8 +81,8 @@ class KimiDeltaAttention(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def _apply(self, fn, *args, **kwargs):
-        # The gate parameters stay fp32 whatever dtype the rest of the model is cast to (as in the release); the
-        # fp32 values from before the cast are kept, not a round trip through the lower precision.
+        # The gate parameters stay fp32 whatever dtype the rest of the model is cast to (as in the release);
+        # the fp32 values from before the cast are kept, not a round trip through the lower precision.
         before = {name: getattr(self, name).data for name in ("A_log", "dt_bias")}
         super()._apply(fn, *args, **kwargs)
         for name, old in before.items():
@@ -103,9 +104,11 @@ class KimiDeltaAttention(nn.Module):
     ) -> torch.Tensor:
         """Args:
             hidden_states: ``[B, T, D]``.
-            cache: a ``KimiLinearCache`` whose rows are the N sequences (N = B, or the number of packed sequences
-                with ``cu_seqlens``); read and updated in place. None for training / a plain forward.
-            cu_seqlens: int ``[N + 1]`` boundaries of sequences packed along T (B = 1): no state or conv leakage.
+            cache: a ``KimiLinearCache`` whose rows are the N sequences (N = B, or the number of packed
+                sequences with ``cu_seqlens``); read and updated in place. None for training / a plain
+                forward.
+            cu_seqlens: int ``[N + 1]`` boundaries of sequences packed along T (B = 1): no state or conv
+                leakage.
             attention_mask: ``[B, T]`` 1 for tokens, 0 for padding; padded positions are zeroed before the
                 projections, so left padding leaves the state exactly as without it.
         Returns:
@@ -129,7 +132,10 @@ class KimiDeltaAttention(nn.Module):
         else:
             conv_state = layer_cache["conv"] if history else None
             qkv, conv_final = causal_conv1d(
-                qkv, self.conv_weight(), initial_state=conv_state, cu_seqlens=cu_seqlens,
+                qkv,
+                self.conv_weight(),
+                initial_state=conv_state,
+                cu_seqlens=cu_seqlens,
                 output_final_state=layer_cache is not None,
             )
             if layer_cache is not None:
@@ -140,7 +146,10 @@ class KimiDeltaAttention(nn.Module):
         g = g.view(B, T, H) if self.scalar_gate else g.view(B, T, H, K)
         beta = self.b_proj(x)  # [B, T, H] logits
         kda_args = dict(
-            use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
+            use_qk_l2norm_in_kernel=True,
+            use_gate_in_kernel=True,
+            A_log=self.A_log,
+            dt_bias=self.dt_bias,
             use_beta_sigmoid_in_kernel=True,
         )
         if decoding:
@@ -149,8 +158,15 @@ class KimiDeltaAttention(nn.Module):
             )
         elif layer_cache is not None:
             o, state = chunk_kda(
-                q, k, v, g, beta, initial_state=layer_cache["state"] if history else None, output_final_state=True,
-                cu_seqlens=cu_seqlens, **kda_args,
+                q,
+                k,
+                v,
+                g,
+                beta,
+                initial_state=layer_cache["state"] if history else None,
+                output_final_state=True,
+                cu_seqlens=cu_seqlens,
+                **kda_args,
             )
             layer_cache["state"].copy_(state)
         else:

@@ -1,19 +1,19 @@
 """Multi-head Latent Attention with NoPE (DESIGN.md §3), the released checkpoint's parameter names.
 
-    q      = q_proj(x)                                   # [B, T, H, dn + dr]   (q_lora_rank null in the release)
-    latent, k_pe = kv_a_proj_with_mqa(x)                 # [B, T, r], [B, T, dr]
-    latent = kv_a_layernorm(latent)
-    k_nope, v = kv_b_proj(latent)                        # [B, T, H, dn], [B, T, H, dv]
-    k      = [k_nope ‖ k_pe shared by all heads]         # no rotation: NoPE
-    o      = o_proj(softmax(q kᵀ · (dn + dr)^-½ + causal) v)
+    q            = q_proj(x)                      # [B, T, H, dn + dr]  (q_lora_rank is null in the release)
+    latent, k_pe = kv_a_proj_with_mqa(x)          # [B, T, r], [B, T, dr]
+    latent       = kv_a_layernorm(latent)
+    k_nope, v    = kv_b_proj(latent)              # [B, T, H, dn], [B, T, H, dv]
+    k            = [k_nope ‖ k_pe shared by all heads]   (no rotation: NoPE)
+    o            = o_proj(softmax(q kᵀ · (dn + dr)^-½ + causal) v)
 
-The cache keeps only ``latent`` and ``k_pe`` (r + dr = 576 values per token in the release). A one-token decode
-step never decompresses them: with kv_b_proj = [W_uk; W_uv] per head,
-q_nope · k_nope = (W_ukᵀ q_nope) · latent and o = W_uv (softmax(...) · latent) — attention over the 576-dim latent
-shared by all heads (MQA-style), with kv_b_proj absorbed into the query and the output.
+The cache keeps only ``latent`` and ``k_pe`` (r + dr = 576 values per token in the release). A one-token
+decode step never decompresses them: with kv_b_proj = [W_uk; W_uv] per head,
+q_nope · k_nope = (W_ukᵀ q_nope) · latent and o = W_uv (softmax(...) · latent): attention over the 576-dim
+latent shared by all heads (MQA-style), with kv_b_proj absorbed into the query and the output.
 
-``mla_use_nope=False`` (an ablation) rotates q_pe and k_pe with RoPE (rotate-half form, base ``rope_theta``) by
-each token's position inside its sequence.
+``mla_use_nope=False`` (an ablation) rotates q_pe and k_pe with RoPE (rotate-half form, base
+``rope_theta``) by each token's position inside its sequence.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def token_positions(B: int, T: int, device, cu_seqlens=None, attention_mask=None, offsets=None) -> torch.Tensor:
+def token_positions(
+    B: int, T: int, device, cu_seqlens=None, attention_mask=None, offsets=None
+) -> torch.Tensor:
     """Position of each token inside its own sequence, ``[B, T]`` long.
 
     cu_seqlens: packed sequences restart at 0; attention_mask: padding does not count (left padding shifts);
@@ -80,7 +82,8 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.
 
 
 class MultiheadLatentAttention(nn.Module):
-    """MLA token mixer: ``forward(hidden_states [B, T, D], cache=None, cu_seqlens=None, attention_mask=None)``.
+    """MLA token mixer: ``forward(hidden_states [B, T, D], cache=None, cu_seqlens=None, attention_mask=None)``
+    -> ``[B, T, D]``.
 
     Cache entries (allocated by ``kimi_linear.cache``): ``latent`` ``[N, L_max, kv_lora_rank]`` and ``k_pe``
     ``[N, L_max, qk_rope_head_dim]``, in the model's dtype; ``cache.lengths [N]`` says how many are filled.
@@ -92,7 +95,11 @@ class MultiheadLatentAttention(nn.Module):
         self.layer_idx = layer_idx
         D, H = config.hidden_size, config.num_attention_heads
         self.num_heads = H
-        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.nope_dim, self.rope_dim, self.v_dim = (
+            config.qk_nope_head_dim,
+            config.qk_rope_head_dim,
+            config.v_head_dim,
+        )
         self.qk_dim = self.nope_dim + self.rope_dim
         self.kv_lora_rank = config.kv_lora_rank
         self.use_rope = not config.mla_use_nope
@@ -109,7 +116,7 @@ class MultiheadLatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
 
-    # ---- pieces --------------------------------------------------------------------------------------------------
+    # ---- pieces --------------------------------------------------------------------------------------------
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.q_lora_rank is None:
@@ -137,12 +144,16 @@ class MultiheadLatentAttention(nn.Module):
             # The fused (flash) kernels want one head dim for q, k and v: zero-pad v, drop the padding after.
             v = F.pad(v, (0, q.shape[-1] - dv))
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=is_causal,
             scale=self.scale,
         )
         return o.transpose(1, 2)[..., :dv]  # [B, Tq, H, dv]
 
-    # ---- forward -------------------------------------------------------------------------------------------------
+    # ---- forward -------------------------------------------------------------------------------------------
 
     def forward(
         self,
@@ -153,7 +164,8 @@ class MultiheadLatentAttention(nn.Module):
     ) -> torch.Tensor:
         """Args:
             hidden_states: ``[B, T, D]``.
-            cache: a ``KimiLinearCache`` (rows = sequences; the new tokens are appended after ``cache.lengths``).
+            cache: a ``KimiLinearCache`` (rows = sequences; the new tokens are appended after
+                ``cache.lengths``).
             cu_seqlens: int ``[N + 1]``, sequences packed along T (B = 1); attention stays inside each.
             attention_mask: ``[B, T]`` 1 = token, 0 = padding (keys at padding are ignored). Not with a cache.
         Returns:
@@ -167,8 +179,10 @@ class MultiheadLatentAttention(nn.Module):
         offsets = None if cache is None else cache.lengths
         if self.use_rope:
             pos = token_positions(B, T, q.device, cu_seqlens, attention_mask, offsets)
-            q = torch.cat([q[..., : self.nope_dim], apply_rope(q[..., self.nope_dim :], pos, self.config.rope_theta)],
-                          dim=-1)
+            q = torch.cat(
+                [q[..., : self.nope_dim], apply_rope(q[..., self.nope_dim :], pos, self.config.rope_theta)],
+                dim=-1,
+            )
             k_pe = apply_rope(k_pe, pos, self.config.rope_theta)
         if cache is not None:
             o = self._attend_cached(q, latent, k_pe, cache, cu_seqlens)
@@ -182,13 +196,18 @@ class MultiheadLatentAttention(nn.Module):
         k, v = self._expand(latent, k_pe)
         if cu_seqlens is None and attention_mask is None:
             return self._attend(q, k, v, is_causal=True)
-        if cu_seqlens is not None and cu_seqlens.numel() - 1 <= MAX_SEGMENT_LOOP and not (
-            q.is_cuda and torch.cuda.is_current_stream_capturing()
+        if (
+            cu_seqlens is not None
+            and cu_seqlens.numel() - 1 <= MAX_SEGMENT_LOOP
+            and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
         ):
             # A few long documents: plain causal attention per document (fused kernels) beats a [T, T] mask.
             bounds = cu_seqlens.tolist()
-            parts = [self._attend(q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True)
-                     for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+            parts = [
+                self._attend(q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True)
+                for a, b in zip(bounds[:-1], bounds[1:], strict=False)
+                if b > a
+            ]
             return torch.cat(parts, dim=1)
         return self._attend(q, k, v, mask=self._mask(B, T, q.device, cu_seqlens, attention_mask))
 
@@ -236,8 +255,12 @@ class MultiheadLatentAttention(nn.Module):
         else:
             seg_lens = (cu[1:] - cu[:-1]).tolist()
             t_max = max(max(seg_lens), 1)
-            q_rows = torch.stack([F.pad(q[0, s : s + n], (0, 0, 0, 0, 0, t_max - n))
-                                  for s, n in zip(cu[:-1].tolist(), seg_lens)])  # [N, t_max, H, E]
+            q_rows = torch.stack(
+                [
+                    F.pad(q[0, s : s + n], (0, 0, 0, 0, 0, t_max - n))
+                    for s, n in zip(cu[:-1].tolist(), seg_lens, strict=False)
+                ]
+            )  # [N, t_max, H, E]
             q_pos = torch.arange(t_max, device=q.device)[None].expand(len(seg_lens), t_max)
         n_keys = int((start + q_rows.shape[1]).max())
         k, v = self._expand(entry["latent"][:, :n_keys].to(q.dtype), entry["k_pe"][:, :n_keys].to(q.dtype))
@@ -256,8 +279,8 @@ class MultiheadLatentAttention(nn.Module):
     def decode(self, hidden_states: torch.Tensor, cache) -> torch.Tensor:
         """One token per sequence, absorbed: attention over the cached latents without decompressing them.
 
-        Writes the new latent at ``cache.lengths`` and attends over the whole preallocated row with a length mask,
-        so shapes are static and nothing syncs with the host (CUDA-graph capturable).
+        Writes the new latent at ``cache.lengths`` and attends over the whole preallocated row with a length
+        mask, so shapes are static and nothing syncs with the host (CUDA-graph capturable).
         """
         B = hidden_states.shape[0]
         entry = cache.layers[self.layer_idx]

@@ -3,8 +3,8 @@
 y[t, c] = act(sum_{j=0}^{W-1} w[c, j] * x[t - (W-1) + j, c])
 
 Inputs before the start of a sequence come from ``initial_state`` (the last W-1 inputs of what came before,
-oldest first) or are zero. With ``cu_seqlens`` several sequences are packed along T (B = 1) and no input crosses a
-boundary. Computed in fp32, returned in x's dtype.
+oldest first) or are zero. With ``cu_seqlens`` several sequences are packed along T (B = 1) and no input
+crosses a boundary. Computed in fp32, returned in x's dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor, activation: str | None) -> tor
     if weight.dim() == 3 and weight.shape[1] == 1:
         weight = weight[:, 0]  # the checkpoint's [C, 1, W] -> [C, W]
     if weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"weight must be [C, W] or [C, 1, W] with C={x.shape[-1]}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be [C, W] or [C, 1, W] with C={x.shape[-1]}, got {tuple(weight.shape)}"
+        )
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     return weight
@@ -77,7 +79,9 @@ def causal_conv1d(
         raise ValueError(f"with cu_seqlens the batch size must be 1, got B={B}")
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None and initial_state.shape != (N, C, W - 1):
-        raise ValueError(f"initial_state must be [N, C, W-1] = [{N}, {C}, {W - 1}], got {tuple(initial_state.shape)}")
+        raise ValueError(
+            f"initial_state must be [N, C, W-1] = [{N}, {C}, {W - 1}], got {tuple(initial_state.shape)}"
+        )
 
     # Bulk: one depthwise convolution with zero history (a fused kernel, in x's dtype, fp32 accumulation).
     y = F.conv1d(x.transpose(1, 2), weight.to(x.dtype)[:, None, :], padding=W - 1, groups=C)[..., :T]
@@ -86,8 +90,8 @@ def causal_conv1d(
     w = weight.float()
     state = None if initial_state is None else initial_state.float()
     if cu_seqlens is not None or state is not None:
-        # The first W-1 tokens of each sequence reach before its start: into the state (or zeros), not into the
-        # previous sequence. Recompute just those rows, in fp32.
+        # The first W-1 tokens of each sequence reach before its start: into the state (or zeros), not into
+        # the previous sequence. Recompute just those rows, in fp32.
         pos, seq = _positions(B, T, cu_seqlens, x.device)  # [B, T] each
         if cu_seqlens is None:
             rows_t = torch.arange(min(T, W - 1), device=x.device)
@@ -135,12 +139,12 @@ def causal_conv1d(
 def causal_conv1d_update(
     x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, activation: str | None = "silu"
 ) -> torch.Tensor:
-    """One decoding step: convolve the new input with the cached W-1 previous ones and shift the cache, in place.
+    """One decoding step: convolve the new input with the cached W-1 previous ones; shift the cache in place.
 
     Args:
         x: ``[B, C]`` the new input of each sequence.
-        conv_state: ``[B, C, W-1]`` the previous inputs, oldest first; updated in place (no host sync, so the step
-            can be captured in a CUDA graph).
+        conv_state: ``[B, C, W-1]`` the previous inputs, oldest first; updated in place (no host sync, so the
+            step can be captured in a CUDA graph).
         weight: ``[C, W]`` or ``[C, 1, W]``.
         activation: "silu" or None.
 
@@ -150,8 +154,10 @@ def causal_conv1d_update(
     weight = _check(x, weight, activation)
     W = weight.shape[-1]
     if x.dim() != 2 or conv_state.shape != (x.shape[0], x.shape[1], W - 1):
-        raise ValueError(f"x must be [B, C] and conv_state [B, C, W-1]; got {tuple(x.shape)} and "
-                         f"{tuple(conv_state.shape)} with W={W}")
+        raise ValueError(
+            f"x must be [B, C] and conv_state [B, C, W-1]; got {tuple(x.shape)} and "
+            f"{tuple(conv_state.shape)} with W={W}"
+        )
     # In the state's dtype (the model's): few kernels per decode step; the sum accumulates in fp32.
     window = torch.cat([conv_state, x[..., None].to(conv_state.dtype)], dim=-1)  # [B, C, W]
     conv_state.copy_(window[..., 1:])

@@ -16,12 +16,14 @@ from tests.utils import rel_err
 TOL = 1e-5  # fp32 throughout; differences are only summation order
 
 
-# ---- causal_conv1d -------------------------------------------------------------------------------------------------
+# ---- causal_conv1d -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("B,T,C,W,with_state", [(2, 37, 12, 4, True), (1, 1, 5, 4, True), (3, 9, 7, 3, False),
-                                                 (1, 2, 6, 4, True)],
-                         ids=["B2-T37-C12-W4-h0", "B1-T1-C5-W4-h0", "B3-T9-C7-W3", "B1-T2-C6-W4-h0"])
+@pytest.mark.parametrize(
+    "B,T,C,W,with_state",
+    [(2, 37, 12, 4, True), (1, 1, 5, 4, True), (3, 9, 7, 3, False), (1, 2, 6, 4, True)],
+    ids=["B2-T37-C12-W4-h0", "B1-T1-C5-W4-h0", "B3-T9-C7-W3", "B1-T2-C6-W4-h0"],
+)
 def test_conv_matches_reference_with_grads(B, T, C, W, with_state):
     gen = torch.Generator().manual_seed(T * 31 + C)
     x = torch.randn(B, T, C, generator=gen, requires_grad=True)
@@ -34,7 +36,7 @@ def test_conv_matches_reference_with_grads(B, T, C, W, with_state):
     leaves = [t for t in (x, w, h0) if t is not None]
     grads = torch.autograd.grad((y * gy).sum(), leaves)
     grads_ref = torch.autograd.grad((y_ref * gy).sum(), leaves)
-    for name, g, g_ref in zip(("dx", "dw", "dh0"), grads, grads_ref):
+    for name, g, g_ref in zip(("dx", "dw", "dh0"), grads, grads_ref, strict=False):
         assert rel_err(g, g_ref) < TOL, name
 
 
@@ -48,7 +50,7 @@ def test_conv_varlen_is_per_sequence_with_empty_and_short_segments():
     h0 = torch.randn(len(lengths), C, W - 1, generator=gen, requires_grad=True)
     y, final = causal_conv1d(x, w, initial_state=h0, cu_seqlens=cu, output_final_state=True)
     refs, finals = [], []
-    for n, (s, L) in enumerate(zip(cu[:-1].tolist(), lengths)):
+    for n, (s, L) in enumerate(zip(cu[:-1].tolist(), lengths, strict=False)):
         y_ref, final_ref = naive_causal_conv1d(x[:, s : s + L], w, initial_state=h0[n : n + 1])
         if L:
             assert rel_err(y[:, s : s + L], y_ref) < TOL
@@ -60,7 +62,7 @@ def test_conv_varlen_is_per_sequence_with_empty_and_short_segments():
     loss_ref = (torch.cat(refs, 1) * gy).sum() + (torch.cat(finals) * gf).sum()
     grads = torch.autograd.grad(loss, [x, w, h0])
     grads_ref = torch.autograd.grad(loss_ref, [x, w, h0])
-    for name, g, g_ref in zip(("dx", "dw", "dh0"), grads, grads_ref):
+    for name, g, g_ref in zip(("dx", "dw", "dh0"), grads, grads_ref, strict=False):
         assert rel_err(g, g_ref) < TOL, name
 
 
@@ -86,12 +88,18 @@ def test_conv_bad_input():
         causal_conv1d(torch.ones(1, 4, 6, dtype=torch.long), torch.randn(6, 4))
 
 
-# ---- KDA layer -----------------------------------------------------------------------------------------------------
+# ---- KDA layer ---------------------------------------------------------------------------------------------
 
 
 def small_config(**overrides) -> KimiLinearConfig:
-    values = dict(hidden_size=48, kda_num_heads=2, kda_head_dim=16, num_hidden_layers=1, kda_layers=[0],
-                  full_attn_layers=[])
+    values = dict(
+        hidden_size=48,
+        kda_num_heads=2,
+        kda_head_dim=16,
+        num_hidden_layers=1,
+        kda_layers=[0],
+        full_attn_layers=[],
+    )
     values.update(overrides)
     return KimiLinearConfig.from_preset("debug", **values)
 
@@ -122,10 +130,16 @@ def reference_layer(layer: KimiDeltaAttention, x: torch.Tensor) -> torch.Tensor:
     def l2(t):
         return t / torch.sqrt((t * t).sum(-1, keepdim=True) + 1e-6)
 
-    q = l2(short_conv(x @ layer.q_proj.weight.T, layer.q_conv1d.weight if layer.use_short_conv else None)
-           .view(B, T, H, K))
-    k = l2(short_conv(x @ layer.k_proj.weight.T, layer.k_conv1d.weight if layer.use_short_conv else None)
-           .view(B, T, H, K))
+    q = l2(
+        short_conv(x @ layer.q_proj.weight.T, layer.q_conv1d.weight if layer.use_short_conv else None).view(
+            B, T, H, K
+        )
+    )
+    k = l2(
+        short_conv(x @ layer.k_proj.weight.T, layer.k_conv1d.weight if layer.use_short_conv else None).view(
+            B, T, H, K
+        )
+    )
     v = short_conv(x @ layer.v_proj.weight.T, layer.v_conv1d.weight if layer.use_short_conv else None)
     v = v.view(B, T, H, K)
     f = x @ layer.f_a_proj.weight.T @ layer.f_b_proj.weight.T + layer.dt_bias
@@ -142,8 +156,11 @@ def reference_layer(layer: KimiDeltaAttention, x: torch.Tensor) -> torch.Tensor:
     return o.reshape(B, T, H * K) @ layer.o_proj.weight.T
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(mixer="gdn"), dict(use_output_gate=False, use_short_conv=False)],
-                         ids=["kda", "gdn", "no-gate-no-conv"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, dict(mixer="gdn"), dict(use_output_gate=False, use_short_conv=False)],
+    ids=["kda", "gdn", "no-gate-no-conv"],
+)
 def test_kda_layer_matches_reference_with_all_gradients(overrides):
     config = small_config(**overrides)
     layer = randomised_layer(config, seed=len(overrides))
@@ -156,7 +173,7 @@ def test_kda_layer_matches_reference_with_all_gradients(overrides):
     names = ["x", *params]
     grads = torch.autograd.grad((y * gy).sum(), [x, *params.values()])
     grads_ref = torch.autograd.grad((y_ref * gy).sum(), [x, *params.values()])
-    for name, g, g_ref in zip(names, grads, grads_ref):
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=False):
         assert g_ref.norm() > 0, f"{name}: reference gradient is zero, the check would be vacuous"
         assert rel_err(g, g_ref) < 1e-4, name
 
@@ -183,7 +200,9 @@ def test_kda_gate_parameters_stay_fp32():
     A_log, dt_bias = layer.A_log.detach().clone(), layer.dt_bias.detach().clone()
     layer = layer.to(torch.bfloat16)
     assert layer.A_log.dtype == torch.float32 and layer.dt_bias.dtype == torch.float32
-    assert torch.equal(layer.A_log, A_log) and torch.equal(layer.dt_bias, dt_bias)  # no round trip through bf16
+    assert torch.equal(layer.A_log, A_log) and torch.equal(
+        layer.dt_bias, dt_bias
+    )  # no round trip through bf16
     assert layer.q_proj.weight.dtype == torch.bfloat16
     assert tuple(layer.A_log.shape) == (1, 1, 2, 1) and tuple(layer.dt_bias.shape) == (32,)
     assert tuple(layer.q_conv1d.weight.shape) == (32, 1, 4) and tuple(layer.o_norm.weight.shape) == (16,)

@@ -1,4 +1,4 @@
-"""MLA with NoPE: against a readable reference (every gradient), absorbed decode, varlen, padding, RoPE ablation."""
+"""MLA with NoPE: vs a readable reference (all gradients), absorbed decode, varlen, padding, RoPE ablation."""
 
 from __future__ import annotations
 
@@ -14,8 +14,17 @@ from tests.utils import rel_err
 
 
 def small_config(**overrides) -> KimiLinearConfig:
-    values = dict(hidden_size=40, num_attention_heads=3, kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=6,
-                  v_head_dim=10, num_hidden_layers=1, kda_layers=[], full_attn_layers=[0])
+    values = dict(
+        hidden_size=40,
+        num_attention_heads=3,
+        kv_lora_rank=24,
+        qk_nope_head_dim=12,
+        qk_rope_head_dim=6,
+        v_head_dim=10,
+        num_hidden_layers=1,
+        kda_layers=[],
+        full_attn_layers=[0],
+    )
     values.update(overrides)
     return KimiLinearConfig.from_preset("debug", **values)
 
@@ -30,18 +39,20 @@ def randomised_layer(config, seed=0) -> MultiheadLatentAttention:
 
 
 def rope_complex(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """RoPE as a complex rotation of the pairs (x_i, x_{i + d/2}) — a second, independent form of rotate-half."""
+    """RoPE as a complex rotation of the pairs (x_i, x_{i + d/2}): an independent form of rotate-half."""
     d = x.shape[-1]
     freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     angle = positions.double()[..., None] * freq  # [T, d/2]
     while angle.dim() < x.dim():  # broadcast over the head dims between T and d
         angle = angle[..., None, :]
-    z = torch.complex(x[..., : d // 2].double(), x[..., d // 2 :].double()) * torch.polar(torch.ones_like(angle), angle)
+    z = torch.complex(x[..., : d // 2].double(), x[..., d // 2 :].double()) * torch.polar(
+        torch.ones_like(angle), angle
+    )
     return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
 
 
 def reference_mla(layer: MultiheadLatentAttention, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md §3 for one sequence ``x [T, D]``; ``visible [T, T]`` bool says which keys each query may see."""
+    """DESIGN.md §3 for one sequence ``x [T, D]``; ``visible [T, T]`` bool: the keys each query may see."""
     T = x.shape[0]
     H, dn, dr, dv, r = layer.num_heads, layer.nope_dim, layer.rope_dim, layer.v_dim, layer.kv_lora_rank
     q = (x @ layer.q_proj.weight.T).view(T, H, dn + dr)
@@ -77,7 +88,7 @@ def test_mla_matches_reference_with_all_gradients(use_nope):
     params = dict(layer.named_parameters())
     grads = torch.autograd.grad((y * gy).sum(), [x, *params.values()])
     grads_ref = torch.autograd.grad((y_ref * gy).sum(), [x, *params.values()])
-    for name, g, g_ref in zip(["x", *params], grads, grads_ref):
+    for name, g, g_ref in zip(["x", *params], grads, grads_ref, strict=False):
         assert g_ref.norm() > 0, name
         assert rel_err(g, g_ref) < 1e-4, name
 
