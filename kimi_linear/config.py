@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LAYER_TYPES = ("kda", "gdn", "mla", "mamba2")
+# config.json key for layouts beyond the release's ("gdn" / "mamba2" layers); absent for release layouts.
+PROJECT_LAYER_TYPES_KEY = "kimi_linear_layer_types"
 MIXERS = ("kda", "gdn", "mla", "mamba2")
 
 # Keys of the release's config.json that carry no information for this implementation (or restate a field);
@@ -97,8 +99,9 @@ class KimiLinearConfig:
     full_attn_layers: list[int] | None = None
 
     # Layout and ablation knobs (not in the release's config.json)
-    mixer: str = "kda"
-    hybrid_ratio: int = 3
+    # mixer and hybrid_ratio only derive layer_types; two configs with the same layer_types are equal.
+    mixer: str = field(default="kda", compare=False)
+    hybrid_ratio: int = field(default=3, compare=False)
     use_output_gate: bool = True
     use_short_conv: bool = True
     layer_types: list[str] | None = field(default=None)
@@ -299,6 +302,8 @@ class KimiLinearConfig:
                     f"layer_types entries must be 'linear_attention' or 'full_attention', got {hf_types}"
                 )
             values["layer_types"] = [mapping[t] for t in hf_types]
+        if isinstance(d.get(PROJECT_LAYER_TYPES_KEY), list):
+            values["layer_types"] = list(d[PROJECT_LAYER_TYPES_KEY])
         if isinstance(d.get("mlp_layer_types"), list) and "first_k_dense_replace" not in d:
             values["first_k_dense_replace"] = sum(1 for t in d["mlp_layer_types"] if t == "dense")
         if "kda_layers" in values or "layer_types" in values:
@@ -308,13 +313,11 @@ class KimiLinearConfig:
     def to_hf(self) -> dict:
         """The ``config.json`` dict as the release writes it (1-based ``linear_attn_config`` layer lists).
 
-        Raises:
-            ValueError: the layout has layer types the release format cannot express ("gdn", "mamba2"), or
-                the output-gate / short-conv ablations.
+        A configuration the release cannot express (a "gdn" or "mamba2" layer, the output-gate or short-conv
+        ablations) adds project keys — ``kimi_linear_layer_types`` (one type per layer), ``use_output_gate``,
+        ``use_short_conv`` — that ``from_hf`` reads back; other tools fail on such a checkpoint's tensor names
+        or shapes rather than misread it. The release's own layouts get exactly the release's keys.
         """
-        odd = sorted({t for t in self.layer_types if t not in ("kda", "mla")})
-        if odd:
-            raise ValueError(f"config.json of the release format cannot express layer types {odd}")
         d: dict[str, Any] = dict(_RELEASE_CONSTANTS)
         for f in dataclasses.fields(self):
             if f.name in (
@@ -331,10 +334,6 @@ class KimiLinearConfig:
             ):
                 continue
             d[f.name] = getattr(self, f.name)
-        if not (self.use_output_gate and self.use_short_conv):
-            raise ValueError(
-                "config.json of the release format cannot express use_output_gate/use_short_conv=False"
-            )
         d["head_dim"] = self.qk_rope_head_dim
         d["linear_attn_config"] = {
             "full_attn_layers": [i + 1 for i in self.full_attn_layers],
@@ -343,6 +342,11 @@ class KimiLinearConfig:
             "num_heads": self.kda_num_heads,
             "short_conv_kernel_size": self.short_conv_kernel_size,
         }
+        if any(t not in ("kda", "mla") for t in self.layer_types):
+            d[PROJECT_LAYER_TYPES_KEY] = list(self.layer_types)
+        for knob in ("use_output_gate", "use_short_conv"):
+            if not getattr(self, knob):
+                d[knob] = False
         return dict(sorted(d.items()))
 
     def to_dict(self) -> dict:

@@ -175,3 +175,13 @@ def test_failed_write_leaves_the_previous_checkpoint(single, monkeypatch):
         ckpt.save_pretrained(make_model(seed=9), single)
     assert (single / "model.safetensors").read_bytes() == before
     assert not any(f.startswith(".tmp") for f in os.listdir(single))
+
+
+def test_project_layouts_save_and_load(tmp_path):
+    # layouts beyond the release (GDN, Mamba2, ablations) still round-trip through config.json + safetensors
+    model = make_model(seed=10, layer_types=["mamba2", "mla", "gdn", "mla"], use_output_gate=False)
+    model.save_pretrained(tmp_path)
+    loaded = KimiLinearForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    ids = random_ids(2, 9, model.config)
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
