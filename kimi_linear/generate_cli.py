@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     for text, ids in zip(args.prompt, prompts, strict=False):
         if not ids:
             raise ValueError(f"prompt {text!r} is empty after tokenisation")
+    if tokenizer.add_bos and tokenizer.bos_token_id is not None:
+        prompts = [[tokenizer.bos_token_id, *ids] for ids in prompts]
 
     streaming = len(prompts) == 1
     stream = StreamDecoder(tokenizer)

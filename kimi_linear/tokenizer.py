@@ -5,7 +5,7 @@
   ``tokenizer_config.json``'s ``added_tokens_decoder`` when the folder has one, ``<|reserved_token_i|>``
   otherwise.
 * ``ByteTokenizer``: one token per UTF-8 byte (0..255) plus bos/eos/pad from the config (the project's own
-  small models, vocab 259).
+  small models, vocab 259); prompts start with BOS, as the training documents do (``add_bos``).
 
 Both decode incrementally (``StreamDecoder``), so a streamed multi-byte character is printed once it is
 complete.
@@ -45,6 +45,8 @@ class ByteTokenizer:
     """UTF-8 bytes as tokens 0..255; ids >= 256 are the config's special tokens (dropped when decoding)."""
 
     name = "bytes"
+    # The project's models are trained on documents that start with BOS (kimi_linear.train.data).
+    add_bos = True
 
     def __init__(self, config: KimiLinearConfig):
         if config.vocab_size < 256:
@@ -83,9 +85,12 @@ class TiktokenTokenizer:
         n_base = len(ranks)
         specials = {f"<|reserved_token_{i}|>": n_base + i for i in range(NUM_RESERVED_SPECIAL_TOKENS)}
         tok_config = os.path.join(directory, "tokenizer_config.json")
+        self.add_bos = False
         if os.path.isfile(tok_config):
             with open(tok_config, encoding="utf-8") as f:
-                added = json.load(f).get("added_tokens_decoder", {})
+                settings = json.load(f)
+            self.add_bos = bool(settings.get("add_bos_token", False))
+            added = settings.get("added_tokens_decoder", {})
             named = {entry["content"]: int(i) for i, entry in added.items() if int(i) >= n_base}
             if named:
                 specials = {name: i for name, i in specials.items() if i not in named.values()}

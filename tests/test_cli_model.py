@@ -119,6 +119,7 @@ def test_tiktoken_folder_uses_bpe_and_special_tokens(capsys, tmp_path):
         json.dumps({"added_tokens_decoder": {"260": {"content": "[BOS]"}, "261": {"content": "[EOS]"}}})
     )
     tok = TiktokenTokenizer(str(tmp_path), model.config)
+    assert not tok.add_bos  # the folder's tokenizer_config.json does not ask for it
     ids = tok.encode("hello [EOS] 中文")
     assert ids[0] == 259 and 261 not in ids  # BPE merge; special names in user text stay text
     assert tok.decode(ids) == "hello [EOS] 中文"
