@@ -150,3 +150,17 @@ def test_cuda_graph_decode_matches_eager():
     eager_cache = KimiLinearCache(model.config, len(PROMPTS), 32, dtype=dtype, device="cuda")
     prefill(model, PROMPTS, eager_cache)
     assert rel_err(replayed, decode_step(model, tokens, eager_cache)) < 1e-3  # same kernels, same inputs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generate_fp32_same_tokens_with_or_without_graph():
+    # Whether or not every mixer can be captured in fp32, asking for the graph never changes the tokens.
+    import warnings
+
+    model = make_model(seed=23).to(device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graphed = generate(model, PROMPTS, max_new_tokens=10, stop_tokens=[], use_cuda_graph=True)
+    eager = generate(model, PROMPTS, max_new_tokens=10, stop_tokens=[], use_cuda_graph=False)
+    assert graphed == eager
