@@ -161,7 +161,8 @@ def generate(
         on_token: streaming callback ``on_token(prompt_index, token_id)``, called for each new token as it is
             produced.
         max_length: cache length per sequence; default longest prompt + max_new_tokens.
-        seed: seed of the sampling generator (sampling is deterministic for a given seed).
+        seed: seed of the sampling generator (sampling is deterministic for a given seed); default: drawn
+            from torch's global generator.
         use_cuda_graph: on CUDA, capture the decode step in a CUDA graph (falls back to eager with a warning
             if capture fails).
 
@@ -200,7 +201,8 @@ def generate(
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+        # Without a seed, draw one from torch's global generator (reproducible under torch.manual_seed).
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
     N = len(prompts)
     # Room for the warm-up steps of the graph capture; prefill starts from the reset (empty) cache anyway.
     cache = KimiLinearCache(
