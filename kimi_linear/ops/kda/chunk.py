@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -11,13 +12,18 @@ from kimi_linear.ops.kda.common import pack_to_batch, preprocess, unpack_from_ba
 from kimi_linear.ops.kda.naive import naive_chunk_kda
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """'auto' -> 'triton' for CUDA tensors when Triton is installed, 'torch' otherwise.
 
     'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter).
     """
     if backend == "auto":
-        return "triton" if x.is_cuda and importlib.util.find_spec("triton") is not None else "torch"
+        return "triton" if x.is_cuda and _triton_installed() else "torch"
     if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
     return backend

@@ -96,6 +96,8 @@ def validate_kda_args(
             raise ValueError(f"cu_seqlens must be 1-D with N + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
         if B != 1:
             raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={B}")
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
         if not _is_capturing(cu_seqlens):
             c = cu_seqlens.tolist()
             if c[0] != 0:
@@ -111,6 +113,8 @@ def validate_kda_args(
     if state_indices is not None:
         if not isinstance(state_indices, torch.Tensor) or state_indices.dtype not in (torch.int32, torch.int64):
             raise TypeError("state_indices must be an int32/int64 tensor [N]")
+        if state_indices.device != q.device:
+            raise ValueError(f"state_indices is on {state_indices.device} but q is on {q.device}")
         if state_indices.shape != (N,):
             raise ValueError(f"state_indices must be [N]=[{N}] (one slot per sequence), got {tuple(state_indices.shape)}")
         if initial_state is None:
