@@ -50,7 +50,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=3, help="timed steps per implementation (median reported)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1, as `kimi-linear train`; 0: torch's default)")
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "train_speed_cpu.json"))
     args = p.parse_args()
 

@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=AUTOCAST_DTYPES, default="auto",
                    help="compute dtype under autocast; weights stay float32 (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per process (default 1: these models' ops are small, and on a busy machine "
+                        "several threads per process run many times slower than one)")
     p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
                    help="data-parallel engine under torchrun: DDP or FSDP2 fully_shard (default ddp)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints; 0 = only at the end")
@@ -118,6 +121,8 @@ def validate_settings(s: dict, args: argparse.Namespace) -> None:
     for name in ("checkpoint_every", "eval_every", "sample_tokens"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.eval_windows < 1:
         raise ValueError(f"--eval-windows must be >= 1, got {args.eval_windows}")
 
@@ -151,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
     train_config.validate()
 
     ctx = init_distributed(args.device)
+    if ctx.device.type == "cpu":
+        torch.set_num_threads(args.threads)
     try:
         corpus = build_corpus(settings["data"], BOS_ID, EOS_ID)
         batches = PackedBatches(corpus.train, settings["seq_len"], settings["batch_size"], seed=settings["seed"],

@@ -117,6 +117,7 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
     ("lr_out_of_range", ["--lr", "-1"], "lr must be in"),
     ("warmup_out_of_range", ["--warmup-steps", "-3"], "warmup_steps must be in"),
     ("zero_steps", ["--max-steps", "0"], "--max-steps must be >= 1"),
+    ("zero_threads", ["--threads", "0"], "--threads must be >= 1"),
     ("missing_data", ["--data", "{tmp}/nowhere"], "does not exist"),
     ("empty_corpus", ["--data", "{tmp}/empty"], "empty corpus"),
     ("batch_not_divisible", ["--batch-size", "3", "--grad-accum", "2"], "multiple of processes"),
