@@ -155,7 +155,7 @@ def _inv_unit_lower(A_ptr, t0, r_a, n_rows, i_h, H: tl.constexpr, BT: tl.constex
     """
     o_c = tl.arange(0, BC)
     Y = tl.zeros([BC, BC], dtype=tl.float32)
-    for i in range(BC):
+    for i in tl.static_range(BC):
         p_i = A_ptr + ((t0 + r_a + i).to(tl.int64) * H + i_h) * BT + r_a + o_c
         a_i = tl.load(p_i, mask=(o_c < BC) & (r_a + i < n_rows), other=0.0)
         y_i = -tl.sum(a_i[None, :] * Y, 1) + tl.where(o_c == i, 1.0, 0.0)
