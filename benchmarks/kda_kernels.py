@@ -186,13 +186,9 @@ def sweep_launch_settings(T: int) -> list[dict]:
     do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
     variants = [
         {},
-        {"state_bv": 16, "dh_bv": 16},
-        {"state_bv": 64, "state_warps": 8, "dh_bv": 64, "dh_warps": 8},
-        {"intra_warps": 4},
-        {"bwd_intra_warps": 4},
-        {"inter_bv": 32},
         {"fused_output": False},
-        {"fused_output": False, "state_bv": 16},
+        {"bwd_intra_split": True},
+        {"bwd_intra_split": True, "bwd_intra_warps": 4},
     ]
     for change in variants:
         chunk_triton.CONFIG.clear()

@@ -189,11 +189,96 @@ def chunk_kda_bwd_inter_kernel(
 
 
 @triton.jit
+def _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows, G_last, i_h, scale,
+                     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+    """Sub-block a of a chunk: its final dq~, dk, dbeta and dG (before the reverse cumulative sum).
+
+    Sub-blocks past the chunk's end read zeros, their G is the last valid row's, and produce zeros.
+    """
+    o_c = tl.arange(0, BC)
+    r_a = a * BC
+    q_a = _load_rows(q, t0, r_a, n_rows, i_h, H, K, BC, BK) * scale
+    k_a = _load_rows(k, t0, r_a, n_rows, i_h, H, K, BC, BK)
+    G_a = _load_G(G, t0, r_a, n_rows, G_last, i_h, H, K, BC, BK)
+    b_a = _load_vec(beta, t0, r_a, n_rows, i_h, H, BC)
+    Gr_a = tl.where(r_a < n_rows, _load_row(G, t0, r_a, n_rows, i_h, H, K, BK), G_last)  # block a's first row
+
+    # rows of block a against columns of earlier blocks b, through the reference row of a
+    acc_q = tl.zeros([BC, BK], dtype=tl.float32)
+    acc_r = tl.zeros([BC, BK], dtype=tl.float32)  # sum_i dA[t, i] k_i exp(G_t - G_i), before the beta_t factor
+    for b in tl.static_range(3):
+        if b < a:
+            k_b = _load_rows(k, t0, b * BC, n_rows, i_h, H, K, BC, BK)
+            G_b = _load_G(G, t0, b * BC, n_rows, G_last, i_h, H, K, BC, BK)
+            kb = k_b * tl.exp(Gr_a[None, :] - G_b)
+            acc_q += _dot(_load_block(dAqk, t0, r_a, b * BC, n_rows, i_h, H, BT, BC), kb, DOT_PREC)
+            acc_r += _dot(_load_block(dA, t0, r_a, b * BC, n_rows, i_h, H, BT, BC), kb, DOT_PREC)
+    e_a = tl.exp(G_a - Gr_a[None, :])
+    acc_q *= e_a
+    acc_r *= e_a
+
+    # columns of block a against rows of later blocks c (A = beta A_kk, so the key side carries beta_t)
+    acc_c = tl.zeros([BC, BK], dtype=tl.float32)
+    for c in tl.static_range(1, 4):
+        if c > a:
+            q_c = _load_rows(q, t0, c * BC, n_rows, i_h, H, K, BC, BK) * scale
+            k_c = _load_rows(k, t0, c * BC, n_rows, i_h, H, K, BC, BK)
+            b_c = _load_vec(beta, t0, c * BC, n_rows, i_h, H, BC)
+            G_c = _load_G(G, t0, c * BC, n_rows, G_last, i_h, H, K, BC, BK)
+            Gr_c = tl.where(c * BC < n_rows, _load_row(G, t0, c * BC, n_rows, i_h, H, K, BK), G_last)
+            e_c = tl.exp(G_c - Gr_c[None, :])
+            part = _dot(tl.trans(_load_block(dA, t0, c * BC, r_a, n_rows, i_h, H, BT, BC)),
+                        b_c[:, None] * k_c * e_c, DOT_PREC)
+            dAqk_ca = _load_block(dAqk, t0, c * BC, r_a, n_rows, i_h, H, BT, BC)
+            part += _dot(tl.trans(dAqk_ca), q_c * e_c, DOT_PREC)
+            acc_c += part * tl.exp(Gr_c[None, :] - G_a)
+
+    # inside block a, element-wise. Two loops, each reading one row (or column) of the operands from memory
+    # per step and updating whole [BC, BK] tiles, so that nothing is reduced across rows.
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    for j in range(BC):  # columns j: the row side, dq~_t and r_t for t >= j
+        m_j = m_k & (r_a + j < n_rows)
+        p_j = ((t0 + r_a + j).to(tl.int64) * H + i_h) * K + o_k
+        k_j = tl.load(k + p_j, mask=m_j, other=0.0).to(tl.float32)
+        G_j = tl.load(G + p_j, mask=m_j, other=0.0)
+        E = tl.where(o_c[:, None] >= j, tl.exp(tl.minimum(G_a - G_j[None, :], 0.0)), 0.0)  # [BC, BK]
+        p_col = ((t0 + r_a + o_c).to(tl.int64) * H + i_h) * BT + r_a + j
+        dqk_j = tl.load(dAqk + p_col, mask=r_a + o_c < n_rows, other=0.0)  # dA_qk[t, j] over t
+        dkk_j = tl.load(dA + p_col, mask=r_a + o_c < n_rows, other=0.0)
+        acc_q += dqk_j[:, None] * k_j[None, :] * E
+        acc_r += dkk_j[:, None] * k_j[None, :] * E
+    for t in range(BC):  # rows t: the column side, for keys j <= t
+        m_t = m_k & (r_a + t < n_rows)
+        p_t = ((t0 + r_a + t).to(tl.int64) * H + i_h) * K + o_k
+        q_t = tl.load(q + p_t, mask=m_t, other=0.0).to(tl.float32) * scale
+        bk_t = tl.load(k + p_t, mask=m_t, other=0.0).to(tl.float32) * tl.load(
+            beta + (t0 + r_a + t).to(tl.int64) * H + i_h, mask=r_a + t < n_rows, other=0.0).to(tl.float32)
+        G_t = tl.load(G + p_t, mask=m_t, other=0.0)
+        E = tl.where(o_c[:, None] <= t, tl.exp(tl.minimum(G_t[None, :] - G_a, 0.0)), 0.0)  # [BC(j), BK]
+        p_row = ((t0 + r_a + t).to(tl.int64) * H + i_h) * BT + r_a + o_c
+        dqk_t = tl.load(dAqk + p_row, mask=(o_c < BC) & (r_a + t < n_rows), other=0.0)  # dA_qk[t, j] over j
+        dkk_t = tl.load(dA + p_row, mask=(o_c < BC) & (r_a + t < n_rows), other=0.0)
+        acc_c += (dkk_t[:, None] * bk_t[None, :] + dqk_t[:, None] * q_t[None, :]) * E
+
+    dk_row = b_a[:, None] * acc_r
+    b_dq = _load_rows(dq, t0, r_a, n_rows, i_h, H, K, BC, BK) + acc_q
+    b_dk = _load_rows(dk, t0, r_a, n_rows, i_h, H, K, BC, BK) + dk_row + acc_c
+    b_dG = _load_rows(dG, t0, r_a, n_rows, i_h, H, K, BC, BK) + q_a * acc_q + k_a * (dk_row - acc_c)
+    b_db = _load_vec(dbeta, t0, r_a, n_rows, i_h, H, BC) + tl.sum(k_a * acc_r, 1)
+    return b_dq, b_dk, b_dG, b_db
+
+
+@triton.jit
 def chunk_kda_bwd_intra_kernel(
     q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, dq_out, dk_out, dg_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
+    """Without SPLIT: one program per (chunk, head) walks the four sub-blocks from the last, carrying the reverse
+    cumulative sum, and writes dg. With SPLIT: one program per (chunk, head, sub-block), four times the
+    parallelism; it writes dG, and ``chunk_kda_bwd_dg_kernel`` turns it into dg."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + 2 * i_c)
     i_t = tl.load(chunk_indices + 2 * i_c + 1)
@@ -204,89 +289,46 @@ def chunk_kda_bwd_intra_kernel(
     o_c = tl.arange(0, BC)
     G_last = _load_last(G, t0, n_rows, i_h, H, K, BK)
 
-    carry = tl.zeros([BK], dtype=tl.float32)  # sum of dG over the later sub-blocks of the chunk
-    # Static loop bounds (BT = 4 BC; the interpreter rejects run-time bounds in range()): sub-blocks past the
-    # chunk's end read zeros, their G is the last valid row's, and they store nothing.
-    for i in tl.static_range(4):
-        a = 3 - i
+    if SPLIT:
+        a = tl.program_id(2)
+        b_dq, b_dk, b_dG, b_db = _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows,
+                                                  G_last, i_h, scale, H, K, BT, BC, BK, DOT_PREC)
         r_a = a * BC
-        q_a = _load_rows(q, t0, r_a, n_rows, i_h, H, K, BC, BK) * scale
-        k_a = _load_rows(k, t0, r_a, n_rows, i_h, H, K, BC, BK)
-        G_a = _load_G(G, t0, r_a, n_rows, G_last, i_h, H, K, BC, BK)
-        b_a = _load_vec(beta, t0, r_a, n_rows, i_h, H, BC)
-        Gr_a = tl.where(r_a < n_rows, _load_row(G, t0, r_a, n_rows, i_h, H, K, BK), G_last)  # block a's first row
-
-        # rows of block a against columns of earlier blocks b, through the reference row of a
-        acc_q = tl.zeros([BC, BK], dtype=tl.float32)
-        acc_r = tl.zeros([BC, BK], dtype=tl.float32)  # sum_i dA[t, i] k_i exp(G_t - G_i), before the beta_t factor
-        for b in tl.static_range(3):
-            if b < a:
-                k_b = _load_rows(k, t0, b * BC, n_rows, i_h, H, K, BC, BK)
-                G_b = _load_G(G, t0, b * BC, n_rows, G_last, i_h, H, K, BC, BK)
-                kb = k_b * tl.exp(Gr_a[None, :] - G_b)
-                acc_q += _dot(_load_block(dAqk, t0, r_a, b * BC, n_rows, i_h, H, BT, BC), kb, DOT_PREC)
-                acc_r += _dot(_load_block(dA, t0, r_a, b * BC, n_rows, i_h, H, BT, BC), kb, DOT_PREC)
-        e_a = tl.exp(G_a - Gr_a[None, :])
-        acc_q *= e_a
-        acc_r *= e_a
-
-        # columns of block a against rows of later blocks c (A = beta A_kk, so the key side carries beta_t)
-        acc_c = tl.zeros([BC, BK], dtype=tl.float32)
-        for c in tl.static_range(1, 4):
-            if c > a:
-                q_c = _load_rows(q, t0, c * BC, n_rows, i_h, H, K, BC, BK) * scale
-                k_c = _load_rows(k, t0, c * BC, n_rows, i_h, H, K, BC, BK)
-                b_c = _load_vec(beta, t0, c * BC, n_rows, i_h, H, BC)
-                G_c = _load_G(G, t0, c * BC, n_rows, G_last, i_h, H, K, BC, BK)
-                Gr_c = tl.where(c * BC < n_rows, _load_row(G, t0, c * BC, n_rows, i_h, H, K, BK), G_last)
-                e_c = tl.exp(G_c - Gr_c[None, :])
-                part = _dot(tl.trans(_load_block(dA, t0, c * BC, r_a, n_rows, i_h, H, BT, BC)),
-                            b_c[:, None] * k_c * e_c, DOT_PREC)
-                dAqk_ca = _load_block(dAqk, t0, c * BC, r_a, n_rows, i_h, H, BT, BC)
-                part += _dot(tl.trans(dAqk_ca), q_c * e_c, DOT_PREC)
-                acc_c += part * tl.exp(Gr_c[None, :] - G_a)
-
-        # inside block a, element-wise. Two loops, each reading one row (or column) of the operands from memory
-        # per step and updating whole [BC, BK] tiles, so that nothing is reduced across rows.
-        o_k = tl.arange(0, BK)
-        m_k = o_k < K
-        for j in range(BC):  # columns j: the row side, dq~_t and r_t for t >= j
-            m_j = m_k & (r_a + j < n_rows)
-            p_j = ((t0 + r_a + j).to(tl.int64) * H + i_h) * K + o_k
-            k_j = tl.load(k + p_j, mask=m_j, other=0.0).to(tl.float32)
-            G_j = tl.load(G + p_j, mask=m_j, other=0.0)
-            E = tl.where(o_c[:, None] >= j, tl.exp(tl.minimum(G_a - G_j[None, :], 0.0)), 0.0)  # [BC, BK]
-            p_col = ((t0 + r_a + o_c).to(tl.int64) * H + i_h) * BT + r_a + j
-            dqk_j = tl.load(dAqk + p_col, mask=r_a + o_c < n_rows, other=0.0)  # dA_qk[t, j] over t
-            dkk_j = tl.load(dA + p_col, mask=r_a + o_c < n_rows, other=0.0)
-            acc_q += dqk_j[:, None] * k_j[None, :] * E
-            acc_r += dkk_j[:, None] * k_j[None, :] * E
-        for t in range(BC):  # rows t: the column side, for keys j <= t
-            m_t = m_k & (r_a + t < n_rows)
-            p_t = ((t0 + r_a + t).to(tl.int64) * H + i_h) * K + o_k
-            q_t = tl.load(q + p_t, mask=m_t, other=0.0).to(tl.float32) * scale
-            bk_t = tl.load(k + p_t, mask=m_t, other=0.0).to(tl.float32) * tl.load(
-                beta + (t0 + r_a + t).to(tl.int64) * H + i_h, mask=r_a + t < n_rows, other=0.0).to(tl.float32)
-            G_t = tl.load(G + p_t, mask=m_t, other=0.0)
-            E = tl.where(o_c[:, None] <= t, tl.exp(tl.minimum(G_t[None, :] - G_a, 0.0)), 0.0)  # [BC(j), BK]
-            p_row = ((t0 + r_a + t).to(tl.int64) * H + i_h) * BT + r_a + o_c
-            dqk_t = tl.load(dAqk + p_row, mask=(o_c < BC) & (r_a + t < n_rows), other=0.0)  # dA_qk[t, j] over j
-            dkk_t = tl.load(dA + p_row, mask=(o_c < BC) & (r_a + t < n_rows), other=0.0)
-            acc_c += (dkk_t[:, None] * bk_t[None, :] + dqk_t[:, None] * q_t[None, :]) * E
-
-        dk_row = b_a[:, None] * acc_r
-        b_dq = _load_rows(dq, t0, r_a, n_rows, i_h, H, K, BC, BK) + acc_q
-        b_dk = _load_rows(dk, t0, r_a, n_rows, i_h, H, K, BC, BK) + dk_row + acc_c
-        b_dG = _load_rows(dG, t0, r_a, n_rows, i_h, H, K, BC, BK) + q_a * acc_q + k_a * (dk_row - acc_c)
-        b_db = _load_vec(dbeta, t0, r_a, n_rows, i_h, H, BC) + tl.sum(k_a * acc_r, 1)
-
-        # g_t contributes to every G_s with s >= t in the chunk
-        tot = tl.sum(b_dG, 0)
-        b_dg = tot[None, :] - tl.cumsum(b_dG, 0) + b_dG + carry[None, :]
-        carry += tot
-
         _store_rows(dq_out, b_dq * scale, t0, r_a, n_rows, i_h, H, K, BC, BK)
         _store_rows(dk_out, b_dk, t0, r_a, n_rows, i_h, H, K, BC, BK)
-        _store_rows(dg_out, b_dg, t0, r_a, n_rows, i_h, H, K, BC, BK)
+        _store_rows(dg_out, b_dG, t0, r_a, n_rows, i_h, H, K, BC, BK)
         o_a = r_a + o_c
         tl.store(dbeta + (t0 + o_a).to(tl.int64) * H + i_h, b_db, mask=o_a < n_rows)
+    else:
+        carry = tl.zeros([BK], dtype=tl.float32)  # sum of dG over the later sub-blocks of the chunk
+        # static bounds: BT = 4 BC, and the interpreter rejects run-time bounds in range()
+        for i in tl.static_range(4):
+            a = 3 - i
+            b_dq, b_dk, b_dG, b_db = _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows,
+                                                      G_last, i_h, scale, H, K, BT, BC, BK, DOT_PREC)
+            r_a = a * BC
+            # g_t contributes to every G_s with s >= t in the chunk
+            tot = tl.sum(b_dG, 0)
+            b_dg = tot[None, :] - tl.cumsum(b_dG, 0) + b_dG + carry[None, :]
+            carry += tot
+            _store_rows(dq_out, b_dq * scale, t0, r_a, n_rows, i_h, H, K, BC, BK)
+            _store_rows(dk_out, b_dk, t0, r_a, n_rows, i_h, H, K, BC, BK)
+            _store_rows(dg_out, b_dg, t0, r_a, n_rows, i_h, H, K, BC, BK)
+            o_a = r_a + o_c
+            tl.store(dbeta + (t0 + o_a).to(tl.int64) * H + i_h, b_db, mask=o_a < n_rows)
+
+
+@triton.jit
+def chunk_kda_bwd_dg_kernel(dg, cu_seqlens, chunk_indices, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                            BK: tl.constexpr):
+    """In place: dg_t = sum over s >= t in the chunk of dG_s (g_t enters every later cumulative decay)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + 2 * i_c)
+    i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    t0 = bos + i_t * BT
+    n_rows = tl.minimum(eos - t0, BT)
+    b_dG = _load_rows(dg, t0, 0, n_rows, i_h, H, K, BT, BK)  # [BT, BK], zero past the end
+    b_dg = tl.sum(b_dG, 0)[None, :] - tl.cumsum(b_dG, 0) + b_dG
+    _store_rows(dg, b_dg, t0, 0, n_rows, i_h, H, K, BT, BK)

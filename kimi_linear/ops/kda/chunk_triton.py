@@ -20,6 +20,7 @@ import torch
 import triton
 
 from kimi_linear.ops.kda.chunk_bwd import (
+    chunk_kda_bwd_dg_kernel,
     chunk_kda_bwd_dh_kernel,
     chunk_kda_bwd_intra_kernel,
     chunk_kda_bwd_inter_kernel,
@@ -92,6 +93,7 @@ CONFIG = {
     "inter_bv": 64,
     "inter_warps": 8,
     "inter_stages": 1,  # the per-chunk backward holds many dot operands in shared memory; no room to pipeline
+    "bwd_intra_split": False,  # one program per sub-block (4x the programs) and a separate reverse cumsum
     "bwd_intra_warps": 8,
     "bwd_intra_stages": 1,
 }
@@ -190,12 +192,16 @@ def _bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
             H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=inter_bv, DOT_PREC=prec,
             num_warps=CONFIG["inter_warps"], num_stages=CONFIG["inter_stages"],
         )
-        chunk_kda_bwd_intra_kernel[(NT, H)](
+        split = CONFIG["bwd_intra_split"]
+        chunk_kda_bwd_intra_kernel[(NT, H, CHUNK // SUB_CHUNK if split else 1)](
             q, k, beta, G, dq, dk, dG, dA, dAqk, db, dq_out, dk_out, dg,
             layout.cu_seqlens, layout.chunk_indices, scale,
-            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC=prec, num_warps=CONFIG["bwd_intra_warps"],
-            num_stages=CONFIG["bwd_intra_stages"],
+            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC=prec, SPLIT=split,
+            num_warps=CONFIG["bwd_intra_warps"], num_stages=CONFIG["bwd_intra_stages"],
         )
+        if split:
+            chunk_kda_bwd_dg_kernel[(NT, H)](dg, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BK=BK,
+                                             num_warps=4)
     return dq_out, dk_out, dv, dg, db, dh0
 
 
