@@ -1,17 +1,18 @@
 """Paper Fig. 4 at small scale: MQAR, Palindrome and Stack at 256-2048 tokens for KDA, GDN and Mamba2.
 
-Each (task, mixer, length, lr) is one ``kimi-linear synth`` run (``kimi_linear.train.synthetic.train_synthetic``):
-the paper's 2-layer, 2-head, head-dim-128 model, trained on freshly generated sequences and scored by answer
-accuracy on a held-out set; the best accuracy over the learning rates is the result of a (task, mixer, length).
+Each (task, mixer, length, lr) is one ``kimi-linear synth`` run
+(``kimi_linear.train.synthetic.train_synthetic``): the paper's 2-layer, 2-head, head-dim-128 model, trained on
+freshly generated sequences and scored by answer accuracy on a held-out set; the best accuracy over the
+learning rates is the result of a (task, mixer, length).
 
     PYTHONPATH=. python experiments/synthetic.py --smoke                       # CPU, tiny sizes, ~2 minutes
     PYTHONPATH=. python experiments/synthetic.py --device cuda --out DIR --time-budget 400
 
-Resumable: results go to ``DIR/synthetic.json`` after every run (written atomically); a run already there is not run
-again, so the same command continues an interrupted sweep. Runs go shortest length first, so a time budget cuts the
-longest lengths. Seeded: the same command gives the same data and the same initial weights.
-Writes ``synthetic.json``, ``synthetic.png`` (accuracy vs length per task; accuracy vs step at the curve length) and
-``synthetic_table.md`` (ours next to the paper's numbers).
+Resumable: results go to ``DIR/synthetic.json`` after every run (written atomically); a run already there is
+not run again, so the same command continues an interrupted sweep. Runs go shortest length first, so a time
+budget cuts the longest lengths. Seeded: the same command gives the same data and the same initial weights.
+Writes ``synthetic.json``, ``synthetic.png`` (accuracy vs length per task; accuracy vs step at the curve
+length) and ``synthetic_table.md`` (ours next to the paper's numbers).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kimi_linear.train.synthetic import MIXERS, TASKS, SynthConfig, train_synthetic  # noqa: E402
 
-# DESIGN.md §6 (paper Fig. 4): accuracy (%) at 256 / 512 / 1024 / 2048 tokens. Stack is reported as 100 for KDA and
-# GDN without a per-length breakdown; Mamba2 on Palindrome and Stack is not given in numbers.
+# DESIGN.md §6 (paper Fig. 4): accuracy (%) at 256 / 512 / 1024 / 2048 tokens. Stack is reported as 100 for
+# KDA and GDN without a per-length breakdown; Mamba2 on Palindrome and Stack is not given in numbers.
 PAPER = {
     ("mqar", "kda"): {256: 100, 512: 100, 1024: 100, 2048: 48},
     ("mqar", "gdn"): {256: 100, 512: 100, 1024: 79, 2048: 29},
@@ -41,10 +42,26 @@ PAPER = {
     ("stack", "kda"): {256: 100, 512: 100, 1024: 100, 2048: 100},
     ("stack", "gdn"): {256: 100, 512: 100, 1024: 100, 2048: 100},
 }
-FULL = dict(lengths=[256, 512, 1024, 2048], lrs=[1e-3, 3e-3], steps=300, batch_size=64, eval_examples=256,
-            eval_every=50, head_dim=128, curve_length=1024)
-SMOKE = dict(lengths=[32, 64], lrs=[1e-2], steps=6, batch_size=8, eval_examples=16, eval_every=3, head_dim=8,
-             curve_length=64)
+FULL = dict(
+    lengths=[256, 512, 1024, 2048],
+    lrs=[1e-3, 3e-3],
+    steps=300,
+    batch_size=64,
+    eval_examples=256,
+    eval_every=50,
+    head_dim=128,
+    curve_length=1024,
+)
+SMOKE = dict(
+    lengths=[32, 64],
+    lrs=[1e-2],
+    steps=6,
+    batch_size=8,
+    eval_examples=16,
+    eval_every=3,
+    head_dim=8,
+    curve_length=64,
+)
 
 
 def run_key(task: str, mixer: str, seq_len: int, lr: float) -> str:
@@ -65,7 +82,8 @@ def save(path: Path, data: dict) -> None:
 
 
 def force_kda_backend(backend: str) -> None:
-    """Make the KDA layer call ``chunk_kda(..., backend=backend)`` (an experiment knob; the library default is auto)."""
+    """Make the KDA layer call ``chunk_kda(..., backend=backend)`` (an experiment knob; the library default is
+    auto)."""
     import kimi_linear.layers.kda as kda_layer
     from kimi_linear.ops.kda import chunk_kda
 
@@ -103,7 +121,8 @@ def table(runs: dict, tasks, mixers, lengths) -> str:
 
 
 def plot(runs: dict, tasks, mixers, lengths, curve_length: int, path: Path) -> None:
-    """Fig. 4 style: top row accuracy vs length per task (best lr); bottom row accuracy vs step at curve_length."""
+    """Fig. 4 style: top row accuracy vs length per task (best lr); bottom row accuracy vs step at
+    curve_length."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,16 +133,29 @@ def plot(runs: dict, tasks, mixers, lengths, curve_length: int, path: Path) -> N
     for j, task in enumerate(tasks):
         top, bottom = axes[0, j], axes[1, j]
         for mixer in mixers:
-            pts = [(n, 100 * cells[(task, mixer, n)]["best_accuracy"]) for n in lengths if (task, mixer, n) in cells]
+            pts = [
+                (n, 100 * cells[(task, mixer, n)]["best_accuracy"])
+                for n in lengths
+                if (task, mixer, n) in cells
+            ]
             if pts:
-                line, = top.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mixer)
+                (line,) = top.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mixer)
                 paper = [(n, PAPER[(task, mixer)][n]) for n in lengths if n in PAPER.get((task, mixer), {})]
                 if paper:
-                    top.plot([p[0] for p in paper], [p[1] for p in paper], ls="--", marker="x",
-                             color=line.get_color(), alpha=0.6, label=f"{mixer} (paper)")
+                    top.plot(
+                        [p[0] for p in paper],
+                        [p[1] for p in paper],
+                        ls="--",
+                        marker="x",
+                        color=line.get_color(),
+                        alpha=0.6,
+                        label=f"{mixer} (paper)",
+                    )
             r = cells.get((task, mixer, curve_length))
             if r:
-                bottom.plot([c["step"] for c in r["curve"]], [100 * c["accuracy"] for c in r["curve"]], label=mixer)
+                bottom.plot(
+                    [c["step"] for c in r["curve"]], [100 * c["accuracy"] for c in r["curve"]], label=mixer
+                )
         top.set_xscale("log", base=2)
         top.set_xticks(lengths, [str(n) for n in lengths])
         top.set_ylim(-3, 103)
@@ -154,8 +186,18 @@ def main(argv=None) -> int:
     p.add_argument("--lrs", nargs="+", type=float, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; no run starts after this much time has passed (runs already started finish)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds; no run starts after this much time has passed (runs already started finish)",
+    )
+    p.add_argument(
+        "--run-seconds",
+        type=float,
+        default=None,
+        help="cap on one run's training time (it then evaluates and stops); steps_run says how far it got",
+    )
     p.add_argument("--kda-backend", choices=("auto", "torch", "triton"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-only", action="store_true", help="only redraw the plot and table from the JSON")
@@ -169,7 +211,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "synthetic.json"
     data = load(json_path)
-    # Runs are keyed by task, mixer, length and lr; the other sizes must match for a resumed sweep to be one sweep.
+    # Runs are keyed by task, mixer, length and lr; the other sizes must match for a resumed sweep to be one
+    # sweep.
     run_sizes = {k: sizes[k] for k in ("steps", "batch_size", "eval_examples", "eval_every", "head_dim")}
     recorded = data.get("meta", {}).get("run_sizes")
     if recorded is not None and recorded != run_sizes and not args.report_only:
@@ -185,8 +228,10 @@ def main(argv=None) -> int:
 
         data["meta"].update(
             device=(torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"),
-            torch=torch.__version__, smoke=args.smoke,
-            kda_triton_module=importlib.util.find_spec("kimi_linear.ops.kda.chunk_triton") is not None)
+            torch=torch.__version__,
+            smoke=args.smoke,
+            kda_triton_module=importlib.util.find_spec("kimi_linear.ops.kda.chunk_triton") is not None,
+        )
         # Every cell at the first lr, shortest length first; then the next lr only for cells not yet solved.
         # A time budget thus cuts the longest lengths and the extra learning rates first.
         cells = [(n, t, m) for n in sizes["lengths"] for t in args.tasks for m in args.mixers]
@@ -195,31 +240,47 @@ def main(argv=None) -> int:
             key = run_key(task, mixer, n, lr)
             if key in data["runs"]:
                 continue
-            solved = [r for r in data["runs"].values() if (r["config"]["task"], r["config"]["mixer"],
-                                                          r["config"]["seq_len"]) == (task, mixer, n)
-                      and r["best_accuracy"] >= r["config"]["stop_at"]]
+            solved = [
+                r
+                for r in data["runs"].values()
+                if (r["config"]["task"], r["config"]["mixer"], r["config"]["seq_len"]) == (task, mixer, n)
+                and r["best_accuracy"] >= r["config"]["stop_at"]
+            ]
             if solved:
                 continue
             if args.time_budget is not None and time.perf_counter() - start > args.time_budget:
                 skipped.append(key)
                 continue
-            cfg = SynthConfig(task=task, mixer=mixer, seq_len=n, steps=sizes["steps"], lr=lr,
-                              batch_size=sizes["batch_size"], eval_every=sizes["eval_every"],
-                              eval_examples=sizes["eval_examples"], head_dim=sizes["head_dim"], seed=args.seed,
-                              device=args.device)
+            cfg = SynthConfig(
+                task=task,
+                mixer=mixer,
+                seq_len=n,
+                steps=sizes["steps"],
+                lr=lr,
+                batch_size=sizes["batch_size"],
+                eval_every=sizes["eval_every"],
+                eval_examples=sizes["eval_examples"],
+                head_dim=sizes["head_dim"],
+                seed=args.seed,
+                device=args.device,
+                max_seconds=args.run_seconds,
+            )
             result = None
             for attempt in range(2):
                 try:
                     result = train_synthetic(cfg, log=lambda line: print("  " + line, flush=True))
                     break
-                except Exception as e:  # one broken run (a kernel, memory) must not lose the sweep; it is recorded
+                except (
+                    Exception
+                ) as e:  # one broken run (a kernel, memory) must not lose the sweep; it is recorded
                     data["failed"][key] = f"{type(e).__name__}: {e}"
                     print(f"{key}: FAILED {type(e).__name__}: {e}", flush=True)
                     traceback.print_exc()
                     save(json_path, data)
                     if attempt or mixer not in ("kda", "gdn") or args.kda_backend != "auto":
                         break
-                    # The fused kernels failed: continue the sweep on the PyTorch path of chunk_kda and say so.
+                    # The fused kernels failed: continue the sweep on the PyTorch path of chunk_kda and say
+                    # so.
                     print("retrying KDA/GDN runs with chunk_kda backend='torch'", flush=True)
                     force_kda_backend("torch")
                     args.kda_backend = "torch"
@@ -231,18 +292,26 @@ def main(argv=None) -> int:
             data["runs"][key] = result_dict
             data["failed"].pop(key, None)
             save(json_path, data)
-            print(f"{key}: accuracy {result.accuracy:.3f} (best {result.best_accuracy:.3f}), "
-                  f"{result.steps_run} steps, {result.seconds:.1f}s", flush=True)
-        data["meta"].setdefault("calls", []).append(dict(
-            command=" ".join(sys.argv), seconds=time.perf_counter() - start, skipped_for_time=skipped))
+            print(
+                f"{key}: accuracy {result.accuracy:.3f} (best {result.best_accuracy:.3f}), "
+                f"{result.steps_run} steps, {result.seconds:.1f}s",
+                flush=True,
+            )
+        data["meta"].setdefault("calls", []).append(
+            dict(command=" ".join(sys.argv), seconds=time.perf_counter() - start, skipped_for_time=skipped)
+        )
         save(json_path, data)
 
-    plot(data["runs"], args.tasks, args.mixers, sizes["lengths"], sizes["curve_length"], out / "synthetic.png")
+    plot(
+        data["runs"], args.tasks, args.mixers, sizes["lengths"], sizes["curve_length"], out / "synthetic.png"
+    )
     md = table(data["runs"], args.tasks, args.mixers, sizes["lengths"])
     (out / "synthetic_table.md").write_text(md + "\n")
     total = sum(r["seconds"] for r in data["runs"].values())
-    print(f"\n{len(data['runs'])} runs, {total:.0f}s of training in total; {len(data['failed'])} failed; "
-          f"{len(skipped)} not started (time budget)")
+    print(
+        f"\n{len(data['runs'])} runs, {total:.0f}s of training in total; {len(data['failed'])} failed; "
+        f"{len(skipped)} not started (time budget)"
+    )
     print(md)
     return 0
 

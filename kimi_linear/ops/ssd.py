@@ -1,8 +1,8 @@
-"""Mamba2's state-space duality (SSD) in plain PyTorch: the recurrence (the spec) and its chunkwise-parallel form.
+"""Mamba2's state-space duality (SSD) in plain PyTorch: the recurrence (the spec) and its chunked form.
 
-Mamba2 is the baseline the paper's synthetic tasks (§5.1, Fig. 4) compare KDA against. Per head h, token t, with a
-scalar step size dt_t > 0, a scalar decay rate A_h < 0, input x_t ∈ R^P, input/output projections B_t, C_t ∈ R^N
-(shared by the heads of one group) and a state S ∈ R^{N×P}:
+Mamba2 is the baseline the paper's synthetic tasks (§5.1, Fig. 4) compare KDA against. Per head h, token t,
+with a scalar step size dt_t > 0, a scalar decay rate A_h < 0, input x_t ∈ R^P, input/output projections B_t,
+C_t ∈ R^N (shared by the heads of one group) and a state S ∈ R^{N×P}:
 
     S_t = exp(dt_t A_h) · S_{t-1} + dt_t · B_t x_tᵀ
     y_t = S_tᵀ C_t + D_h · x_t
@@ -10,13 +10,13 @@ scalar step size dt_t > 0, a scalar decay rate A_h < 0, input x_t ∈ R^P, input
 It is linear attention with a scalar per-head decay and no delta rule: GDN's update without the
 (I − β k kᵀ) correction, which is why it cannot overwrite an association it has stored.
 
-Layouts: x ``[B, T, H, P]``, dt ``[B, T, H]`` (already positive: softplus applied by the caller), A ``[H]`` (< 0),
-B and C ``[B, T, G, N]`` with H divisible by G (head h reads group h // (H / G)), D ``[H]`` or None,
-states ``[B, H, N, P]`` fp32. Both forms compute in fp32 and return y in x's dtype; both are differentiable by
-autograd (the chunked form is the one to train with; the recurrence is for tests).
+Layouts: x ``[B, T, H, P]``, dt ``[B, T, H]`` (already positive: softplus applied by the caller),
+A ``[H]`` (< 0), B and C ``[B, T, G, N]`` with H divisible by G (head h reads group h // (H / G)),
+D ``[H]`` or None, states ``[B, H, N, P]`` fp32. Both forms compute in fp32 and return y in x's dtype; both
+are differentiable by autograd (the chunked form is the one to train with; the recurrence is for tests).
 
-Numerics of the chunked form: cumulative log-decays stay in fp32 and only differences measured forward in time are
-exponentiated, so every factor is ≤ 1 and a huge dt·|A| gives exact zeros rather than inf·0 = NaN.
+Numerics of the chunked form: cumulative log-decays stay in fp32 and only differences measured forward in time
+are exponentiated, so every factor is ≤ 1 and a huge dt·|A| gives exact zeros rather than inf·0 = NaN.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def naive_chunk_ssd(
     output_final_state: bool = False,
     chunk_size: int = CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunkwise-parallel SSD (Mamba2's "SSD algorithm"), fp32, any T (zero-padded to a multiple of chunk_size).
+    """Chunkwise-parallel SSD (Mamba2's "SSD algorithm"), fp32, any T (zero-padded to a multiple of
+    chunk_size).
 
     With a = dt·A and, inside a chunk, the cumulative log-decay Λ_t = a_1 + ... + a_t:
 
@@ -116,7 +117,9 @@ def naive_chunk_ssd(
     y_intra = scores @ x_dt  # [B, H, n, Cs, P]
 
     Lam_last = Lam[..., -1:]  # [B, H, n, 1]
-    B_dec = B_c * (Lam_last - Lam).exp()[..., None]  # decay from each row to the chunk's end: [B, H, n, Cs, N]
+    B_dec = (
+        B_c * (Lam_last - Lam).exp()[..., None]
+    )  # decay from each row to the chunk's end: [B, H, n, Cs, N]
     C_dec = C_c * Lam.exp()[..., None]  # decay from the chunk's start to each row: [B, H, n, Cs, N]
     chunk_decay = Lam_last.exp()  # [B, H, n, 1]
 
@@ -173,8 +176,9 @@ def chunk_ssd(
         ``(y [B, T, H, P] in x's dtype, final_state [B, H, N, P] float32 or None)``.
 
     Raises:
-        TypeError for non-tensors or non-float dtypes; ValueError naming the argument for wrong shapes, devices,
-        a non-positive chunk_size. The signs of dt and A are not checked (that would cost a device sync).
+        TypeError for non-tensors or non-float dtypes; ValueError naming the argument for wrong shapes,
+        devices, a non-positive chunk_size. The signs of dt and A are not checked (that would cost a device
+        sync).
     """
     _check_tensor("x", x, 4)
     batch, T, H, P = x.shape
@@ -187,10 +191,14 @@ def chunk_ssd(
     _check_tensor("B", B, 4)
     _check_tensor("C", C, 4)
     if B.shape[:2] != (batch, T) or B.shape != C.shape:
-        raise ValueError(f"B and C must both be [B, T, G, N] with B = {batch}, T = {T}; "
-                         f"got {list(B.shape)} and {list(C.shape)}")
+        raise ValueError(
+            f"B and C must both be [B, T, G, N] with B = {batch}, T = {T}; "
+            f"got {list(B.shape)} and {list(C.shape)}"
+        )
     if B.shape[2] == 0 or H % B.shape[2]:
-        raise ValueError(f"the number of heads H = {H} must be divisible by the number of groups G = {B.shape[2]}")
+        raise ValueError(
+            f"the number of heads H = {H} must be divisible by the number of groups G = {B.shape[2]}"
+        )
     N = B.shape[3]
     if D is not None:
         _check_tensor("D", D, 1)
@@ -199,8 +207,9 @@ def chunk_ssd(
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, 4)
         if initial_state.shape != (batch, H, N, P):
-            raise ValueError(f"initial_state must be [B, H, N, P] = {[batch, H, N, P]}, "
-                             f"got {list(initial_state.shape)}")
+            raise ValueError(
+                f"initial_state must be [B, H, N, P] = {[batch, H, N, P]}, got {list(initial_state.shape)}"
+            )
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     for name, t in (("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("initial_state", initial_state)):

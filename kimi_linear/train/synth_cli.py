@@ -1,4 +1,4 @@
-"""`kimi-linear synth`: train the paper's small model on one synthetic task (§5.1) and report answer accuracy."""
+"""`kimi-linear synth`: train the paper's small model on one synthetic task (§5.1), report answer accuracy."""
 
 from __future__ import annotations
 
@@ -13,23 +13,36 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "synth",
         help="train a 2-layer model on MQAR, Palindrome or Stack and report answer accuracy",
-        description="Trains the paper's synthetic-task model (2 layers, 2 heads of dim 128, no MoE) with the chosen "
-        "token mixer on freshly generated sequences, and reports the accuracy on the answer positions of a held-out "
-        f"set. Default vocabularies: {', '.join(f'{t} {v}' for t, v in DEFAULT_VOCAB.items())}.",
+        description="Trains the paper's synthetic-task model (2 layers, 2 heads of dim 128, no MoE) with the "
+        "chosen token mixer on freshly generated sequences, and reports the accuracy on the answer positions "
+        "of a held-out set. Default vocabularies: "
+        + ", ".join(f"{t} {v}" for t, v in DEFAULT_VOCAB.items())
+        + ".",
     )
     p.add_argument("--task", choices=TASKS, default=defaults.task)
-    p.add_argument("--mixer", choices=MIXERS, default=defaults.mixer,
-                   help="kda, gdn (scalar-gate KDA), mamba2, or attention (MLA in every layer)")
+    p.add_argument(
+        "--mixer",
+        choices=MIXERS,
+        default=defaults.mixer,
+        help="kda, gdn (scalar-gate KDA), mamba2, or attention (MLA in every layer)",
+    )
     p.add_argument("--seq-len", type=int, default=defaults.seq_len)
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--vocab-size", type=int, default=None, help="the task's default when not given")
-    p.add_argument("--num-kv-pairs", type=int, default=None, help="MQAR only; default seq-len / 16")
+    p.add_argument("--num-kv-pairs", type=int, default=None, help="MQAR only; default seq-len / 32")
     p.add_argument("--eval-every", type=int, default=defaults.eval_every)
     p.add_argument("--eval-examples", type=int, default=defaults.eval_examples)
-    p.add_argument("--stop-at", type=float, default=defaults.stop_at,
-                   help="stop once the held-out accuracy reaches this (1 = only at 100%%)")
+    p.add_argument(
+        "--stop-at",
+        type=float,
+        default=defaults.stop_at,
+        help="stop once the held-out accuracy reaches this (1 = only at 100%%)",
+    )
+    p.add_argument(
+        "--max-seconds", type=float, default=None, help="stop training after this long (then evaluate)"
+    )
     p.add_argument("--heads", type=int, default=defaults.num_heads)
     p.add_argument("--head-dim", type=int, default=defaults.head_dim)
     p.add_argument("--layers", type=int, default=defaults.num_layers)
@@ -43,14 +56,29 @@ def run(args: argparse.Namespace) -> int:
     from kimi_linear.train.synthetic import train_synthetic
 
     cfg = SynthConfig(
-        task=args.task, mixer=args.mixer, seq_len=args.seq_len, steps=args.steps, lr=args.lr,
-        batch_size=args.batch_size, vocab_size=args.vocab_size, num_kv_pairs=args.num_kv_pairs,
-        eval_every=args.eval_every, eval_examples=args.eval_examples, stop_at=args.stop_at, seed=args.seed,
-        device=args.device, num_layers=args.layers, num_heads=args.heads, head_dim=args.head_dim,
+        task=args.task,
+        mixer=args.mixer,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        vocab_size=args.vocab_size,
+        num_kv_pairs=args.num_kv_pairs,
+        eval_every=args.eval_every,
+        eval_examples=args.eval_examples,
+        stop_at=args.stop_at,
+        max_seconds=args.max_seconds,
+        seed=args.seed,
+        device=args.device,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        head_dim=args.head_dim,
     )
     result = train_synthetic(cfg, log=lambda line: print(line, flush=True))
-    print(f"{cfg.task} {cfg.mixer} seq-len {cfg.seq_len}: answer accuracy {result.accuracy:.4f} "
-          f"(best {result.best_accuracy:.4f}) after {result.steps_run} steps, {result.seconds:.1f}s")
+    print(
+        f"{cfg.task} {cfg.mixer} seq-len {cfg.seq_len}: answer accuracy {result.accuracy:.4f} "
+        f"(best {result.best_accuracy:.4f}) after {result.steps_run} steps, {result.seconds:.1f}s"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result.to_dict(), f, indent=1)

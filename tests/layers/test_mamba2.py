@@ -1,4 +1,5 @@
-"""Mamba2Mixer against a token-by-token reference built from its own parameters; varlen, padding, causality."""
+"""Mamba2Mixer against a token-by-token reference built from its own parameters; varlen, padding,
+causality."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from tests.utils import rel_err
 
 def make_mixer(hidden=24, heads=2, head_dim=8, seed=0) -> Mamba2Mixer:
     torch.manual_seed(seed)
-    config = SimpleNamespace(hidden_size=hidden, kda_num_heads=heads, kda_head_dim=head_dim, rms_norm_eps=1e-5)
+    config = SimpleNamespace(
+        hidden_size=hidden, kda_num_heads=heads, kda_head_dim=head_dim, rms_norm_eps=1e-5
+    )
     mixer = Mamba2Mixer(config, layer_idx=0)
     with torch.no_grad():  # move every parameter off its tidy initial value so that each one matters
         for p in mixer.parameters():
@@ -28,7 +31,7 @@ def reference_forward(m: Mamba2Mixer, h: torch.Tensor) -> torch.Tensor:
     batch, T, _ = h.shape
     H, P, N = m.num_heads, m.head_dim, m.state_size
     proj = h @ m.in_proj.weight.T
-    z, xBC, dt = proj[..., :H * P], proj[..., H * P:2 * H * P + 2 * N], proj[..., 2 * H * P + 2 * N:]
+    z, xBC, dt = proj[..., : H * P], proj[..., H * P : 2 * H * P + 2 * N], proj[..., 2 * H * P + 2 * N :]
     w = m.conv1d.weight[:, 0]  # [channels, kernel]; column -1 multiplies the current token
     conv = []
     for t in range(T):
@@ -38,9 +41,11 @@ def reference_forward(m: Mamba2Mixer, h: torch.Tensor) -> torch.Tensor:
                 acc = acc + w[:, CONV_KERNEL - 1 - j] * xBC[:, t - j]
         conv.append(acc)
     xBC = F.silu(torch.stack(conv, dim=1))
-    x, B, C = xBC[..., :H * P], xBC[..., H * P:H * P + N], xBC[..., H * P + N:]
+    x, B, C = xBC[..., : H * P], xBC[..., H * P : H * P + N], xBC[..., H * P + N :]
     dt = F.softplus(dt + m.dt_bias)
-    y, _ = naive_recurrent_ssd(x.reshape(batch, T, H, P), dt, -m.A_log.exp(), B[:, :, None], C[:, :, None], m.D)
+    y, _ = naive_recurrent_ssd(
+        x.reshape(batch, T, H, P), dt, -m.A_log.exp(), B[:, :, None], C[:, :, None], m.D
+    )
     y = y.reshape(batch, T, H * P) * F.silu(z)
     y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + m.norm.eps) * m.norm.weight
     return y @ m.out_proj.weight.T
@@ -107,14 +112,18 @@ def test_ssm_initialisation_ranges():
     assert mixer.norm.weight.shape == (32,)
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    (dict(hidden_states=torch.randn(2, 5, 23)), ValueError),
-    (dict(hidden_states=torch.randn(5, 24)), ValueError),
-    (dict(cu_seqlens=torch.tensor([0, 3, 4])), ValueError),
-    (dict(hidden_states=torch.randn(1, 5, 24), cu_seqlens=torch.tensor([0, 4, 2, 5])), ValueError),
-    (dict(attention_mask=torch.ones(2, 4)), ValueError),
-    (dict(cache=object()), NotImplementedError),
-], ids=["hidden-size", "2d", "cu-batch2", "cu-decreasing", "mask-shape", "cache"])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(hidden_states=torch.randn(2, 5, 23)), ValueError),
+        (dict(hidden_states=torch.randn(5, 24)), ValueError),
+        (dict(cu_seqlens=torch.tensor([0, 3, 4])), ValueError),
+        (dict(hidden_states=torch.randn(1, 5, 24), cu_seqlens=torch.tensor([0, 4, 2, 5])), ValueError),
+        (dict(attention_mask=torch.ones(2, 4)), ValueError),
+        (dict(cache=object()), NotImplementedError),
+    ],
+    ids=["hidden-size", "2d", "cu-batch2", "cu-decreasing", "mask-shape", "cache"],
+)
 def test_bad_input_raises(kwargs, error):
     mixer = make_mixer()
     args = dict(hidden_states=torch.randn(2, 5, 24)) | kwargs

@@ -40,8 +40,10 @@ def test_chunk_matches_recurrence_with_gradients(case, with_state):
     batch, T, H, G, N, P, chunk = case
     inputs = ssd_inputs(batch, T, H, G, N, P, with_state=with_state, seed=hash(case) % 1000)
     results = []
-    for fn in (lambda **a: chunk_ssd(**a, output_final_state=True, chunk_size=chunk),
-               lambda **a: naive_recurrent_ssd(**a, output_final_state=True)):
+    for fn in (
+        lambda **a: chunk_ssd(**a, output_final_state=True, chunk_size=chunk),
+        lambda **a: naive_recurrent_ssd(**a, output_final_state=True),
+    ):
         args = leaves(inputs)
         y, state = fn(**args)
         loss_of(y, state).backward()
@@ -101,21 +103,32 @@ def test_chunked_state_carries_across_calls():
     assert rel_err(s2, s_full) < 1e-5
 
 
-@pytest.mark.parametrize("change, error", [
-    (dict(x=torch.randn(2, 5, 2)), ValueError),
-    (dict(dt=torch.rand(2, 6, 2)), ValueError),
-    (dict(A=-torch.rand(3)), ValueError),
-    (dict(B=torch.randn(2, 5, 3, 4), C=torch.randn(2, 5, 3, 4)), ValueError),
-    (dict(C=torch.randn(2, 5, 1, 5)), ValueError),
-    (dict(D=torch.randn(1)), ValueError),
-    (dict(initial_state=torch.randn(2, 2, 4, 4)), ValueError),
-    (dict(x=torch.randint(0, 3, (2, 5, 2, 3))), TypeError),
-    (dict(A=[-1.0, -1.0]), TypeError),
-    (dict(chunk_size=0), ValueError),
-], ids=["x-3d", "dt-T", "A-H", "G-not-dividing-H", "C-N", "D-H", "state-P", "x-int", "A-list", "chunk-0"])
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (dict(x=torch.randn(2, 5, 2)), ValueError),
+        (dict(dt=torch.rand(2, 6, 2)), ValueError),
+        (dict(A=-torch.rand(3)), ValueError),
+        (dict(B=torch.randn(2, 5, 3, 4), C=torch.randn(2, 5, 3, 4)), ValueError),
+        (dict(C=torch.randn(2, 5, 1, 5)), ValueError),
+        (dict(D=torch.randn(1)), ValueError),
+        (dict(initial_state=torch.randn(2, 2, 4, 4)), ValueError),
+        (dict(x=torch.randint(0, 3, (2, 5, 2, 3))), TypeError),
+        (dict(A=[-1.0, -1.0]), TypeError),
+        (dict(chunk_size=0), ValueError),
+    ],
+    ids=["x-3d", "dt-T", "A-H", "G-not-dividing-H", "C-N", "D-H", "state-P", "x-int", "A-list", "chunk-0"],
+)
 def test_bad_arguments_raise(change, error):
-    args = dict(x=torch.randn(2, 5, 2, 3), dt=torch.rand(2, 5, 2), A=-torch.rand(2), B=torch.randn(2, 5, 1, 4),
-                C=torch.randn(2, 5, 1, 4), D=torch.randn(2), initial_state=torch.randn(2, 2, 4, 3))
+    args = dict(
+        x=torch.randn(2, 5, 2, 3),
+        dt=torch.rand(2, 5, 2),
+        A=-torch.rand(2),
+        B=torch.randn(2, 5, 1, 4),
+        C=torch.randn(2, 5, 1, 4),
+        D=torch.randn(2),
+        initial_state=torch.randn(2, 2, 4, 3),
+    )
     chunk_ssd(**args)
     args.update(change)
     with pytest.raises(error):
