@@ -210,3 +210,9 @@ def test_cli_reports_accuracy_and_rejects_bad_arguments(capsys, tmp_path):
     assert json.loads(out.read_text())["config"]["task"] == "stack"
     assert main(["synth", "--seq-len", "-5"]) == 2
     assert "seq_len must be a positive int" in capsys.readouterr().err
+
+
+def test_time_cap_stops_after_the_first_timed_step_and_evaluates():
+    result = train_synthetic(tiny_run(mixer="mamba2", steps=50, max_seconds=1e-6), log=None)
+    assert result.steps_run == 2 and [c["step"] for c in result.curve] == [2]
+    assert result.first_step_seconds > 0
