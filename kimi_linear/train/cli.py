@@ -19,7 +19,7 @@ MIXER_CHOICES = ("kda", "gdn", "mla")
 DEFAULTS = {
     "preset": "tiny",
     "mixer": "kda",
-    "max_steps": 200,
+    "max_steps": 160,
     "seq_len": 256,
     "batch_size": 8,
     "lr": 3e-3,
