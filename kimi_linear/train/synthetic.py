@@ -475,7 +475,9 @@ def train_synthetic(cfg: SynthConfig, log=print) -> SynthResult:
             # The first step compiles the kernels for these shapes; the time cap counts from after it.
             first_step_seconds = cap_start = time.perf_counter()
             first_step_seconds -= start
-        out_of_time = cfg.max_seconds is not None and time.perf_counter() - cap_start > cfg.max_seconds
+        out_of_time = (
+            cfg.max_seconds is not None and step > 1 and time.perf_counter() - cap_start > cfg.max_seconds
+        )
         if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
             acc, eval_loss = evaluate(model, eval_ids, eval_targets, cfg.batch_size, device)
             best = max(best, acc)
