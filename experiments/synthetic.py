@@ -44,7 +44,7 @@ PAPER = {
 }
 FULL = dict(
     lengths=[256, 512, 1024, 2048],
-    lrs=[1e-3, 3e-3],
+    lrs=[3e-3, 1e-3],
     steps=300,
     batch_size=64,
     eval_examples=256,
