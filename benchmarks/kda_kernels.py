@@ -186,7 +186,6 @@ def sweep_launch_settings(T: int) -> list[dict]:
     do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
     variants = [
         {},
-        {"fused_output": False},
         {"bwd_intra_split": True},
         {"bwd_intra_split": True, "bwd_intra_warps": 4},
     ]
