@@ -102,7 +102,7 @@ def main() -> None:
     base = rows[0]["tokens_per_s"]
     print(f"\npreset {args.preset} ({n_params / 1e6:.1f}M parameters), B={B}, T={T}, {torch.get_num_threads()} "
           f"threads, median of {args.steps} steps; first-step losses agree to 1e-4\n")
-    print(f"| implementation | s/step | tokens/s | vs transformers |\n|---|---|---|---|")
+    print("| implementation | s/step | tokens/s | vs transformers |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['implementation']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
               f"{r['tokens_per_s'] / base:.2f}x |")

@@ -39,14 +39,14 @@ def plot_loss_curve(metrics: str | Path, png: str | Path, baseline: float | None
     train, val = read_metrics(metrics)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     if train:
-        steps, losses = zip(*train)
+        steps, losses = zip(*train, strict=True)
         ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=0.8, label="train loss")
         window = 20
         if len(losses) >= window:
             avg = [sum(losses[i - window + 1: i + 1]) / window for i in range(window - 1, len(losses))]
             ax.plot(steps[window - 1:], avg, color="tab:blue", linewidth=1.6, label=f"train ({window}-step mean)")
     if val:
-        ax.plot(*zip(*val), "o-", color="tab:orange", label="validation loss")
+        ax.plot(*zip(*val, strict=True), "o-", color="tab:orange", label="validation loss")
     if baseline is not None:
         ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="unigram baseline")
     ax.set_xlabel("step")

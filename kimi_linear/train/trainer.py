@@ -25,7 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi_linear.train.checkpointing import agree_on_latest, latest_checkpoint, load_checkpoint, save_checkpoint
+from kimi_linear.train.checkpointing import (
+    agree_on_latest,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from kimi_linear.train.data import IGNORE_INDEX
 from kimi_linear.train.distributed import DistContext, all_reduce_sum, unwrap
 
@@ -232,7 +237,7 @@ class Trainer:
                  "tokens": total_inputs}
         if self.moe:
             imbalance = []
-            for m, load in zip(self.moe, loads):
+            for m, load in zip(self.moe, loads, strict=True):
                 load = all_reduce_sum(load, ctx).float()
                 if self.config.bias_update_rate > 0:
                     m.update_correction_bias(self.config.bias_update_rate, load=load)

@@ -132,3 +132,12 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys, case, 
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("kimi-linear train: error:"), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("mixer,expected", [("gdn", {"gdn", "mla"}), ("mla", {"mla"})])
+def test_baseline_mixers_train_and_save(tmp_path, capsys, mixer, expected):
+    data, out = write_corpus(tmp_path / "data", seed=3), tmp_path / "run"
+    assert main(["train", *SMALL_RUN, "--max-steps", "2", "--mixer", mixer, "--data", str(data), "--out", str(out),
+                 "--sample-tokens", "0"]) == 0
+    model = KimiLinearForCausalLM.from_pretrained(out / "checkpoint-0000002")
+    assert set(model.config.layer_types) == expected

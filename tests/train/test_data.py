@@ -62,7 +62,7 @@ def test_pack_windows_marks_documents_and_masks_cross_document_labels():
     assert ids.shape == labels.shape == (3 * T,) and cu.dtype == torch.int32
     expected_edges = {0, T, 2 * T, 3 * T} | set((ids == BOS_ID).nonzero().flatten().tolist())
     assert set(cu.tolist()) == expected_edges and cu.tolist() == sorted(cu.tolist())
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
         # Inside a segment every label is the next input token; a segment's last label never names a BOS.
         assert torch.equal(labels[a:b - 1], ids[a + 1:b])
         assert labels[b - 1] != BOS_ID
