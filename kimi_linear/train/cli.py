@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from kimi_linear.train.data import BOS_ID, EOS_ID
+from kimi_linear.train.data import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID
 from kimi_linear.train.trainer import AUTOCAST_DTYPES
 
 MIXER_CHOICES = ("kda", "gdn", "mla")
@@ -134,13 +134,13 @@ def run(args: argparse.Namespace) -> int:
     from kimi_linear.model import KimiLinearForCausalLM
     from kimi_linear.tokenizer import ByteTokenizer
     from kimi_linear.train.data import PackedBatches, build_corpus, eval_batches, unigram_loss
-    from kimi_linear.train.distributed import init_distributed, shutdown, wrap_model
-    from kimi_linear.train.trainer import TrainConfig, Trainer
+    from kimi_linear.train.distributed import all_reduce_sum, init_distributed, shutdown, wrap_model
+    from kimi_linear.train.trainer import TrainConfig, Trainer, describe_difference
 
     settings, out, saved = resolve_settings(args)
     validate_settings(settings, args)
     config = KimiLinearConfig.from_preset(settings["preset"], mixer=settings["mixer"])
-    if config.vocab_size != 259 or (config.bos_token_id, config.eos_token_id) != (BOS_ID, EOS_ID):
+    if (config.vocab_size, config.bos_token_id, config.eos_token_id) != (BYTE_VOCAB_SIZE, BOS_ID, EOS_ID):
         raise ValueError(f"preset {settings['preset']!r} has a {config.vocab_size}-token vocabulary; this command "
                          f"trains on byte-level tokens: use the debug, tiny or small preset")
     tokenizer = ByteTokenizer(config)
@@ -169,8 +169,6 @@ def run(args: argparse.Namespace) -> int:
         run_info = {"settings": {**settings, "data": settings["data"] and os.path.abspath(settings["data"])},
                     "model_config": config.to_dict(), "data_fingerprint": corpus.fingerprint}
         if saved is not None and saved != run_info:
-            from kimi_linear.train.trainer import describe_difference
-
             raise ValueError(f"--out {str(out)!r} holds a different run ({describe_difference(saved, run_info)}); "
                              f"pass the same settings to resume it, or another --out")
 
@@ -196,8 +194,6 @@ def run(args: argparse.Namespace) -> int:
 
         base_total, base_n = unigram_loss(corpus.train, val, tokenizer.vocab_size)
         counts = torch.tensor([base_total, float(base_n)], dtype=torch.float64, device=ctx.device)
-        from kimi_linear.train.distributed import all_reduce_sum
-
         base_total, base_n = all_reduce_sum(counts, ctx).tolist()
         if ctx.is_main:
             report(summary, base_total / base_n, out, settings, args, tokenizer)

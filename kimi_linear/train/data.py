@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = -100
-# Special ids of the byte-level presets (bytes are 0..255).
+# Special ids of the byte-level presets (bytes are 0..255, then BOS, EOS, PAD).
 BOS_ID, EOS_ID = 256, 257
+BYTE_VOCAB_SIZE = 259
 
 
 def stdlib_root() -> Path:
@@ -163,7 +164,7 @@ def tokenize_documents(docs: list[str], bos_token_id: int, eos_token_id: int) ->
 
 @dataclass
 class Corpus:
-    """Train and validation token streams (int16 ``[N]``) and where they came from."""
+    """Train and validation token streams (int16 ``[N]``), where they came from and how many distinct documents."""
 
     train: torch.Tensor
     val: torch.Tensor
@@ -172,7 +173,8 @@ class Corpus:
     fingerprint: str
 
     def describe(self) -> str:
-        return (f"{self.source}: {self.num_documents} documents, {self.train.numel():,} train / "
+        plural = "" if self.num_documents == 1 else "s"
+        return (f"{self.source}: {self.num_documents} distinct document{plural}, {self.train.numel():,} train / "
                 f"{self.val.numel():,} validation tokens")
 
 
@@ -196,7 +198,8 @@ def build_corpus(data: str | os.PathLike | None, bos_token_id: int = BOS_ID, eos
     digest = hashlib.sha256()
     for stream in (train, val):
         digest.update(stream.numpy().tobytes())
-    return Corpus(train, val, source, len(train_docs) + len(val_docs), digest.hexdigest()[:16])
+    unique = len({_content_hash(d) for d in docs})
+    return Corpus(train, val, source, unique, digest.hexdigest()[:16])
 
 
 def pack_windows(windows: list[torch.Tensor], bos_token_id: int) -> dict[str, torch.Tensor]:
