@@ -102,21 +102,21 @@ def best_by_cell(runs: dict) -> dict:
 
 
 def table(runs: dict, tasks, mixers, lengths) -> str:
-    """Markdown: one row per (task, mixer), ours (best lr) vs the paper at each length."""
+    """Markdown: a row per (task, mixer); per length "ours (steps@lr) / paper" in %, ours at the best lr."""
     cells = best_by_cell(runs)
-    head = "| task | mixer | " + " | ".join(f"{n} ours / paper" for n in lengths) + " | steps run, best lr |"
-    lines = [head, "|" + "---|" * (len(lengths) + 3)]
+    head = "| task | mixer | " + " | ".join(f"{n}: ours (steps@lr) / paper" for n in lengths) + " |"
+    lines = [head, "|" + "---|" * (len(lengths) + 2)]
     for task in tasks:
         for mixer in mixers:
             paper = PAPER.get((task, mixer), {})
-            row, notes = [], []
+            row = []
             for n in lengths:
                 r = cells.get((task, mixer, n))
-                ours = f"{100 * r['best_accuracy']:.1f}" if r else "—"
+                ours = (
+                    f"{100 * r['best_accuracy']:.1f} ({r['steps_run']}@{r['config']['lr']:g})" if r else "—"
+                )
                 row.append(f"{ours} / {paper.get(n, '—')}")
-                if r:
-                    notes.append(f"{r['steps_run']}@{r['config']['lr']:g}")
-            lines.append(f"| {task} | {mixer} | " + " | ".join(row) + f" | {', '.join(notes) or '—'} |")
+            lines.append(f"| {task} | {mixer} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -166,6 +166,10 @@ def plot(runs: dict, tasks, mixers, lengths, curve_length: int, path: Path) -> N
         bottom.set_title(f"{task}: training at {curve_length} tokens")
         bottom.set_xlabel("step")
         bottom.set_ylabel("answer accuracy (%)")
+        if not bottom.lines:
+            bottom.text(
+                0.5, 0.5, f"no run at {curve_length}", ha="center", va="center", transform=bottom.transAxes
+            )
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
             if ax.lines:
