@@ -9,10 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from kimi_linear.train.data import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID
-from kimi_linear.train.trainer import AUTOCAST_DTYPES
-
 MIXER_CHOICES = ("kda", "gdn", "mla")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")  # kimi_linear.train.trainer.AUTOCAST_DTYPES, kept light to import
 
 # Defaults of the settings a run is identified by; the CLI flags default to None so that a resumed run can tell
 # what the user asked for from what it should take from the saved run.
@@ -60,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run folder for checkpoints, metrics.jsonl and loss_curve.png; an existing run is "
                                  "resumed (default runs/PRESET-MIXER)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", choices=AUTOCAST_DTYPES, default="auto",
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="compute dtype under autocast; weights stay float32 (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per process (default 1: these models' ops are small, and on a busy machine "
@@ -133,7 +131,15 @@ def run(args: argparse.Namespace) -> int:
     from kimi_linear.config import KimiLinearConfig
     from kimi_linear.model import KimiLinearForCausalLM
     from kimi_linear.tokenizer import ByteTokenizer
-    from kimi_linear.train.data import PackedBatches, build_corpus, eval_batches, unigram_loss
+    from kimi_linear.train.data import (
+        BOS_ID,
+        BYTE_VOCAB_SIZE,
+        EOS_ID,
+        PackedBatches,
+        build_corpus,
+        eval_batches,
+        unigram_loss,
+    )
     from kimi_linear.train.distributed import all_reduce_sum, init_distributed, shutdown, wrap_model
     from kimi_linear.train.trainer import TrainConfig, Trainer, describe_difference
 

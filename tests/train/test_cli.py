@@ -141,3 +141,10 @@ def test_baseline_mixers_train_and_save(tmp_path, capsys, mixer, expected):
                  "--sample-tokens", "0"]) == 0
     model = KimiLinearForCausalLM.from_pretrained(out / "checkpoint-0000002")
     assert set(model.config.layer_types) == expected
+
+
+def test_cli_choices_follow_the_trainer():
+    from kimi_linear.train.cli import DTYPE_CHOICES
+    from kimi_linear.train.trainer import AUTOCAST_DTYPES
+
+    assert DTYPE_CHOICES == AUTOCAST_DTYPES
