@@ -88,10 +88,10 @@ MODEL = dict(hidden_size=384, num_hidden_layers=8, intermediate_size=1024, num_a
 SMOKE_MODEL = dict(hidden_size=64, num_hidden_layers=8, intermediate_size=128, num_attention_heads=2,
                    num_key_value_heads=2, kda_num_heads=2, kda_head_dim=32, kv_lora_rank=64,
                    qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
-FULL = dict(model=MODEL, seq_len=512, batch_size=32, steps=300, lr=2e-3, warmup_steps=30, eval_windows=48,
+FULL = dict(model=MODEL, seq_len=512, batch_size=32, steps=300, lr=2e-3, warmup_fraction=0.1, eval_windows=48,
             eval_micro_tokens=32768, log_every=10)
-SMOKE = dict(model=SMOKE_MODEL, seq_len=32, batch_size=4, steps=8, lr=3e-3, warmup_steps=2, eval_windows=2,
-             eval_micro_tokens=1024, log_every=2)
+SMOKE = dict(model=SMOKE_MODEL, seq_len=32, batch_size=4, steps=8, lr=3e-3, warmup_fraction=0.1,
+             eval_windows=2, eval_micro_tokens=1024, log_every=2)
 EXTRAPOLATION = (1, 2, 4)  # evaluation window lengths, in multiples of the training length
 
 
@@ -210,7 +210,7 @@ def evaluate(model, windows: torch.Tensor, seq_len: int, factors, micro_tokens: 
 
 
 def train_config(s: dict, steps: int) -> TrainConfig:
-    return TrainConfig(max_steps=steps, lr=s["lr"], warmup_steps=min(s["warmup_steps"], steps),
+    return TrainConfig(max_steps=steps, lr=s["lr"], warmup_steps=max(1, round(s["warmup_fraction"] * steps)),
                        min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, bias_update_rate=0.0, dtype="auto")
 
 
@@ -410,6 +410,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-auto-steps", type=int, default=600, help="upper bound of --steps auto")
     p.add_argument("--seq-len", type=int, default=None, help="training length T (default 512; smoke 32)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per step (default 32; smoke 4)")
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="validation windows of 4T tokens (default 48; smoke 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order")
     p.add_argument("--data", default=None, help="another corpus (as 'kimi-linear train --data'); default: "
                                                 "the embedded one, the Python standard library's source")
@@ -443,8 +445,9 @@ def main(argv=None) -> int:
     s = dict(SMOKE if args.smoke else FULL)
     s["seq_len"] = args.seq_len or s["seq_len"]
     s["batch_size"] = args.batch_size or s["batch_size"]
+    s["eval_windows"] = args.eval_windows or s["eval_windows"]
     settings = {"smoke": args.smoke, "seed": args.seed, "model": s["model"], "seq_len": s["seq_len"],
-                "batch_size": s["batch_size"], "lr": s["lr"], "warmup_steps": s["warmup_steps"],
+                "batch_size": s["batch_size"], "lr": s["lr"], "warmup_fraction": s["warmup_fraction"],
                 "eval_windows": s["eval_windows"], "data": args.data and os.path.abspath(args.data)}
     data = load(json_path)
     if data is not None:
@@ -474,7 +477,7 @@ def main(argv=None) -> int:
             # 15% on top for evaluation, model building and the variants slower than 3:1 (more KDA layers).
             fit = int(left / (len(todo) * per_step * 1.15))
             rounded = fit // 50 * 50 if fit >= 100 else fit
-            steps = max(s["warmup_steps"] + 10, min(args.max_auto_steps, rounded))
+            steps = max(20, min(args.max_auto_steps, rounded))
             chosen_by = (f"auto: {per_step * 1000:.1f} ms per 3:1 step on {device}, "
                          f"budget {args.time_budget:g} s")
             print(f"{chosen_by} -> {steps} steps per variant", flush=True)
