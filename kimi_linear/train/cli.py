@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
                    help="data-parallel engine under torchrun: DDP or FSDP2 fully_shard (default ddp)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints; 0 = only at the end")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between validation passes; 0 = only at the end")
+    p.add_argument("--eval-every", type=int, default=40,
+                   help="steps between validation passes; 0 = only at the end (default 40)")
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows per pass (default 64)")
     p.add_argument("--prompt", default="def ", help="prompt of the sample printed at the end")
     p.add_argument("--sample-tokens", type=int, default=200, help="length of that sample; 0 = no sample")
