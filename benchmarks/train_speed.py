@@ -1,9 +1,11 @@
-"""Training throughput: tokens/s of one optimizer step (forward, loss, backward, AdamW) of the same model with our
-implementation and with HF transformers' ``kimi_linear`` (its PyTorch fallback; FLA is not used on the CPU).
+"""Training throughput: tokens/s of one optimizer step (forward, loss, backward, AdamW) of the same model with
+our implementation and with HF transformers' ``kimi_linear`` (its PyTorch fallback; FLA is not used on the
+CPU).
 
-Both models hold identical weights: ours is saved with ``save_pretrained`` and loaded by transformers. The first
-step's losses are compared (they must agree) before anything is timed. Ours runs twice: on a ``[B, T]`` batch like
-transformers, and on the same tokens packed along one row with ``cu_seqlens`` (how ``kimi-linear train`` feeds it).
+Both models hold identical weights: ours is saved with ``save_pretrained`` and loaded by transformers. The
+first step's losses are compared (they must agree) before anything is timed. Ours runs twice: on a ``[B, T]``
+batch like transformers, and on the same tokens packed along one row with ``cu_seqlens`` (how ``kimi-linear
+train`` feeds it).
 
     python benchmarks/train_speed.py                      # small preset, B=4, T=256, CPU
     python benchmarks/train_speed.py --preset tiny --batch-size 8 --json out.json
@@ -85,23 +87,28 @@ def main() -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         seconds, loss = step_time(model, batch, optimizer, args.steps, args.warmup)
         model.load_state_dict(state)  # every row starts from the same weights
-        rows.append({"implementation": name, "step_s": seconds, "tokens_per_s": B * T / seconds, "first_loss": loss})
-        print(f"{name}: {seconds:.3f} s/step, {B * T / seconds:,.0f} tokens/s, first loss {loss:.6f}", flush=True)
+        rows.append({"implementation": name, "step_s": seconds, "tokens_per_s": B * T / seconds,
+                     "first_loss": loss})
+        print(f"{name}: {seconds:.3f} s/step, {B * T / seconds:,.0f} tokens/s, first loss {loss:.6f}",
+              flush=True)
     ref = rows[0]["first_loss"]
     for r in rows[1:]:
         if abs(r["first_loss"] - ref) > 1e-4 * abs(ref):
-            raise SystemExit(f"losses disagree: {r['implementation']} {r['first_loss']} vs transformers {ref}")
+            raise SystemExit(f"losses disagree: {r['implementation']} {r['first_loss']} vs "
+                             f"transformers {ref}")
 
     n_params = sum(p.numel() for p in ours.parameters())
     info = {"preset": args.preset, "parameters": n_params, "batch_size": B, "seq_len": T, "steps": args.steps,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpu": platform.processor() or platform.machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(info, indent=1))
     base = rows[0]["tokens_per_s"]
-    print(f"\npreset {args.preset} ({n_params / 1e6:.1f}M parameters), B={B}, T={T}, {torch.get_num_threads()} "
-          f"threads, median of {args.steps} steps; first-step losses agree to 1e-4\n")
+    print(f"\npreset {args.preset} ({n_params / 1e6:.1f}M parameters), B={B}, T={T}, "
+          f"{torch.get_num_threads()} threads, median of {args.steps} steps; first-step losses agree "
+          f"to 1e-4\n")
     print("| implementation | s/step | tokens/s | vs transformers |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['implementation']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "

@@ -1,4 +1,4 @@
-"""``python -m kimi_linear.train`` (and ``torchrun --nproc-per-node N -m kimi_linear.train``): `kimi-linear train`."""
+"""``python -m kimi_linear.train``, also under ``torchrun --nproc-per-node N``: `kimi-linear train`."""
 
 import sys
 

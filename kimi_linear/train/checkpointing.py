@@ -1,9 +1,9 @@
 """Training checkpoints: written atomically, resumed exactly.
 
 A checkpoint is a folder ``OUT/checkpoint-NNNNNNN`` holding
-  * the model in Hugging Face format (``config.json`` + safetensors, via ``save_pretrained``) when the model has
-    that method, so ``kimi-linear generate --checkpoint`` loads it as it is; otherwise ``model.safetensors``
-    of its state dict;
+  * the model in Hugging Face format (``config.json`` + safetensors, via ``save_pretrained``) when the
+    model has that method, so ``kimi-linear generate --checkpoint`` loads it as it is; otherwise
+    ``model.safetensors`` of its state dict;
   * ``trainer_state.pt``: optimizer and scheduler state, RNG states, the data position, the step and the run's
     identity (``run_info``), everything a resumed run needs to continue on the same loss curve.
 It is assembled in ``OUT/.tmp-checkpoint-*`` and renamed into place, so a kill at any moment leaves either the
@@ -138,9 +138,10 @@ def _read_model_state(folder: Path, model: nn.Module) -> dict[str, torch.Tensor]
     return loaded.state_dict()
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, scheduler, ctx: DistContext) -> dict:
-    """Restore model, optimizer, scheduler and RNG from a checkpoint folder (collective). Returns the rest of the
-    trainer state: ``step``, ``run_info``, ``data`` and whatever the caller stored."""
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, scheduler,
+                    ctx: DistContext) -> dict:
+    """Restore model, optimizer, scheduler and RNG from a checkpoint folder (collective). Returns the rest of
+    the trainer state: ``step``, ``run_info``, ``data`` and whatever the caller stored."""
     folder = Path(path)
     payload = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
     model_state = _read_model_state(folder, model)

@@ -1,5 +1,5 @@
-"""`kimi-linear train`: train a Kimi Linear model on the embedded corpus (or ``--data``), resumably, on one process
-or many (``torchrun --nproc-per-node N -m kimi_linear.train ...``)."""
+"""`kimi-linear train`: train a Kimi Linear model on the embedded corpus (or ``--data``), resumably, on one
+process or many (``torchrun --nproc-per-node N -m kimi_linear.train ...``)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 MIXER_CHOICES = ("kda", "gdn", "mla")
-DTYPE_CHOICES = ("auto", "float32", "bfloat16")  # kimi_linear.train.trainer.AUTOCAST_DTYPES, kept light to import
+# The trainer's AUTOCAST_DTYPES, repeated so that building the parser does not import the training stack.
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 
-# Defaults of the settings a run is identified by; the CLI flags default to None so that a resumed run can tell
-# what the user asked for from what it should take from the saved run.
+# Defaults of the settings a run is identified by; the CLI flags default to None so that a resumed run can
+# tell what the user asked for from what it should take from the saved run.
 DEFAULTS = {
     "preset": "tiny",
     "mixer": "kda",
@@ -35,52 +36,54 @@ RUN_FILE = "run.json"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
-    p.add_argument("--preset", help=f"model preset: debug, tiny, small, 48b-a3b (default {d['preset']})")
-    p.add_argument("--mixer", choices=MIXER_CHOICES,
-                   help="linear mixer of the hybrid (kda, or gdn for the scalar-gate baseline), or mla for full "
-                        f"attention in every layer (default {d['mixer']})")
-    p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {d['max_steps']})")
-    p.add_argument("--seq-len", type=int, help=f"tokens per training window (default {d['seq_len']})")
-    p.add_argument("--batch-size", type=int,
-                   help=f"global batch in windows, over all processes and accumulation steps (default "
-                        f"{d['batch_size']})")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (default 1)")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {d['lr']})")
-    p.add_argument("--min-lr-ratio", type=float, help=f"final lr / peak lr of the cosine (default {d['min_lr_ratio']})")
-    p.add_argument("--warmup-steps", type=int, help=f"linear warmup steps (default {d['warmup_steps']})")
-    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d['weight_decay']})")
-    p.add_argument("--grad-clip", type=float, help=f"gradient-norm clip, 0 = off (default {d['grad_clip']})")
-    p.add_argument("--bias-update-rate", type=float,
-                   help=f"MoE correction-bias step toward balanced load, 0 = off (default {d['bias_update_rate']})")
-    p.add_argument("--seed", type=int, help=f"seed of initialisation and data order (default {d['seed']})")
-    p.add_argument("--data", help="corpus: a folder of text files, a .txt or a .jsonl file (default: the Python "
-                                  "standard library's source on this machine)")
-    p.add_argument("--out", help="run folder for checkpoints, metrics.jsonl and loss_curve.png; an existing run is "
-                                 "resumed (default runs/PRESET-MIXER)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="compute dtype under autocast; weights stay float32 (auto: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads per process (default 1: these models' ops are small, and on a busy machine "
-                        "several threads per process run many times slower than one)")
-    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
-                   help="data-parallel engine under torchrun: DDP or FSDP2 fully_shard (default ddp)")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints; 0 = only at the end")
-    p.add_argument("--eval-every", type=int, default=40,
-                   help="steps between validation passes; 0 = only at the end (default 40)")
-    p.add_argument("--eval-windows", type=int, default=64, help="validation windows per pass (default 64)")
-    p.add_argument("--prompt", default="def ", help="prompt of the sample printed at the end")
-    p.add_argument("--sample-tokens", type=int, default=200, help="length of that sample; 0 = no sample")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
+    arg = p.add_argument
+    arg("--preset", help=f"model preset: debug, tiny, small, 48b-a3b (default {d['preset']})")
+    arg("--mixer", choices=MIXER_CHOICES,
+        help="linear mixer of the hybrid (kda, or gdn for the scalar-gate baseline), or mla for full "
+             f"attention in every layer (default {d['mixer']})")
+    arg("--max-steps", type=int, help=f"optimizer steps (default {d['max_steps']})")
+    arg("--seq-len", type=int, help=f"tokens per training window (default {d['seq_len']})")
+    arg("--batch-size", type=int,
+        help=f"global batch in windows, over all processes and accumulation steps "
+             f"(default {d['batch_size']})")
+    arg("--grad-accum", type=int, default=1, help="micro-batches per step and process (default 1)")
+    arg("--lr", type=float, help=f"peak learning rate (default {d['lr']})")
+    arg("--min-lr-ratio", type=float, help=f"final lr / peak lr of the cosine (default {d['min_lr_ratio']})")
+    arg("--warmup-steps", type=int, help=f"linear warmup steps (default {d['warmup_steps']})")
+    arg("--weight-decay", type=float, help=f"AdamW weight decay (default {d['weight_decay']})")
+    arg("--grad-clip", type=float, help=f"gradient-norm clip, 0 = off (default {d['grad_clip']})")
+    arg("--bias-update-rate", type=float,
+        help=f"MoE correction-bias step toward balanced load, 0 = off (default {d['bias_update_rate']})")
+    arg("--seed", type=int, help=f"seed of initialisation and data order (default {d['seed']})")
+    arg("--data", help="corpus: a folder of text files, a .txt or a .jsonl file (default: the Python "
+                       "standard library's source on this machine)")
+    arg("--out", help="run folder for checkpoints, metrics.jsonl and loss_curve.png; an existing run is "
+                      "resumed (default runs/PRESET-MIXER)")
+    arg("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    arg("--dtype", choices=DTYPE_CHOICES, default="auto",
+        help="compute dtype under autocast; weights stay float32 (auto: bfloat16 on CUDA, float32 on CPU)")
+    arg("--threads", type=int, default=1,
+        help="torch CPU threads per process (default 1: these models' ops are small, and on a busy machine "
+             "several threads per process run many times slower than one)")
+    arg("--strategy", choices=("ddp", "fsdp"), default="ddp",
+        help="data-parallel engine under torchrun: DDP or FSDP2 fully_shard (default ddp)")
+    arg("--checkpoint-every", type=int, default=50, help="steps between checkpoints; 0 = only at the end")
+    arg("--eval-every", type=int, default=40,
+        help="steps between validation passes; 0 = only at the end (default 40)")
+    arg("--eval-windows", type=int, default=64, help="validation windows per pass (default 64)")
+    arg("--prompt", default="def ", help="prompt of the sample printed at the end")
+    arg("--sample-tokens", type=int, default=200, help="length of that sample; 0 = no sample")
+    arg("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train a Kimi Linear model (default: the tiny preset on the Python standard library, a few CPU minutes)",
+        help="train a Kimi Linear model (default: the tiny preset on the Python standard library, a few "
+             "CPU minutes)",
         description="Trains a Kimi Linear model with AdamW (warmup + cosine), packed documents and MoE load "
-                    "balancing; checkpoints atomically and resumes a run whose --out folder already exists. Runs "
-                    "under torchrun for multi-process training.",
+                    "balancing; checkpoints atomically and resumes a run whose --out folder already exists. "
+                    "Runs under torchrun for multi-process training.",
     )
     add_arguments(p)
     p.set_defaults(func=run)
@@ -148,16 +151,17 @@ def run(args: argparse.Namespace) -> int:
     validate_settings(settings, args)
     config = KimiLinearConfig.from_preset(settings["preset"], mixer=settings["mixer"])
     if (config.vocab_size, config.bos_token_id, config.eos_token_id) != (BYTE_VOCAB_SIZE, BOS_ID, EOS_ID):
-        raise ValueError(f"preset {settings['preset']!r} has a {config.vocab_size}-token vocabulary; this command "
-                         f"trains on byte-level tokens: use the debug, tiny or small preset")
+        raise ValueError(f"preset {settings['preset']!r} has a {config.vocab_size}-token vocabulary; this "
+                         f"command trains on byte-level tokens: use the debug, tiny or small preset")
     tokenizer = ByteTokenizer(config)
     if settings["seq_len"] > config.model_max_length:
         raise ValueError(f"--seq-len {settings['seq_len']} is over the model's limit "
                          f"(model_max_length = {config.model_max_length} for preset {settings['preset']!r})")
     train_config = TrainConfig(
         max_steps=settings["max_steps"], lr=settings["lr"], min_lr_ratio=settings["min_lr_ratio"],
-        warmup_steps=min(settings["warmup_steps"], settings["max_steps"]), weight_decay=settings["weight_decay"],
-        grad_clip=settings["grad_clip"], grad_accum=args.grad_accum, bias_update_rate=settings["bias_update_rate"],
+        warmup_steps=min(settings["warmup_steps"], settings["max_steps"]),
+        weight_decay=settings["weight_decay"], grad_clip=settings["grad_clip"], grad_accum=args.grad_accum,
+        bias_update_rate=settings["bias_update_rate"],
         dtype=args.dtype, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
     )
     train_config.validate()
@@ -167,17 +171,18 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         corpus = build_corpus(settings["data"], BOS_ID, EOS_ID)
-        batches = PackedBatches(corpus.train, settings["seq_len"], settings["batch_size"], seed=settings["seed"],
-                                rank=ctx.rank, world_size=ctx.world_size, grad_accum=args.grad_accum,
-                                bos_token_id=BOS_ID)
+        batches = PackedBatches(corpus.train, settings["seq_len"], settings["batch_size"],
+                                seed=settings["seed"], rank=ctx.rank, world_size=ctx.world_size,
+                                grad_accum=args.grad_accum, bos_token_id=BOS_ID)
         micro = settings["batch_size"] // (ctx.world_size * args.grad_accum)
         val = eval_batches(corpus.val, settings["seq_len"], args.eval_windows, micro, rank=ctx.rank,
                            world_size=ctx.world_size, bos_token_id=BOS_ID)
         run_info = {"settings": {**settings, "data": settings["data"] and os.path.abspath(settings["data"])},
                     "model_config": config.to_dict(), "data_fingerprint": corpus.fingerprint}
         if saved is not None and saved != run_info:
-            raise ValueError(f"--out {str(out)!r} holds a different run ({describe_difference(saved, run_info)}); "
-                             f"pass the same settings to resume it, or another --out")
+            diff = describe_difference(saved, run_info)
+            raise ValueError(f"--out {str(out)!r} holds a different run ({diff}); pass the same settings to "
+                             f"resume it, or another --out")
 
         torch.manual_seed(settings["seed"])
         model = KimiLinearForCausalLM(config).to(ctx.device)
@@ -193,8 +198,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"model: preset {settings['preset']}, mixer {settings['mixer']}, {n_params / 1e6:.2f}M "
                   f"parameters, layers {config.layer_types}; {ctx.world_size} process(es) on {ctx.device}"
                   + (f" with {args.strategy.upper()}" if ctx.distributed else ""))
-            print(f"training: {settings['max_steps']} steps x {settings['batch_size']} x {settings['seq_len']} tokens,"
-                  f" lr {settings['lr']:g}, out {out}", flush=True)
+            steps, batch, seq = settings["max_steps"], settings["batch_size"], settings["seq_len"]
+            print(f"training: {steps} steps x {batch} x {seq} tokens, lr {settings['lr']:g}, out {out}",
+                  flush=True)
         trainer = Trainer(model, train_config, ctx=ctx, out_dir=out, run_info=run_info,
                           progress=not args.no_progress)
         summary = trainer.fit(batches, eval_data=val)
@@ -220,8 +226,8 @@ def report(summary: dict, unigram: float, out: Path, settings: dict, args, token
     if summary["start_step"] >= settings["max_steps"]:
         print(f"{out} is already trained to step {summary['step']} (of {settings['max_steps']}).")
     else:
-        print(f"trained steps {summary['start_step'] + 1}..{summary['step']} in {summary['elapsed_s']:.0f} s, "
-              f"{summary['tokens_per_s']:,.0f} tokens/s")
+        print(f"trained steps {summary['start_step'] + 1}..{summary['step']} in "
+              f"{summary['elapsed_s']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s")
     print(f"validation loss {val:.4f} nats/token ({val / math.log(2):.3f} bits/byte); unigram baseline "
           f"{unigram:.4f} nats/token ({unigram / math.log(2):.3f} bits/byte)")
     loads = [r["expert_load_max_over_mean"] for r in read_records(out / "metrics.jsonl")

@@ -1,14 +1,14 @@
 """Training data: the embedded corpus, user corpora, byte-level tokens and packed, resumable batches.
 
 The embedded corpus is the Python standard library's own source on this machine — always present, no download.
-Documents are deduplicated by content and split into train/validation by a hash of their content, so the split does
-not depend on file order and a document never lands on both sides.
+Documents are deduplicated by content and split into train/validation by a hash of their content, so the split
+does not depend on file order and a document never lands on both sides.
 
-Packing: every document becomes ``[BOS] bytes... [EOS]`` and all documents are concatenated into one token stream.
-A training window is ``seq_len`` consecutive tokens of that stream; a batch of windows is laid out along one row
-(``input_ids [1, B * seq_len]``) with ``cu_seqlens`` marking every window edge and every document start, so no token
-attends across a document boundary. Labels are the next token; a label that would be the first token of another
-document (a BOS) is ignored (-100).
+Packing: every document becomes ``[BOS] bytes... [EOS]`` and all documents are concatenated into one token
+stream. A training window is ``seq_len`` consecutive tokens of that stream; a batch of windows is laid out
+along one row (``input_ids [1, B * seq_len]``) with ``cu_seqlens`` marking every window edge and every
+document start, so no token attends across a document boundary. Labels are the next token; a label that would
+be the first token of another document (a BOS) is ignored (-100).
 """
 
 from __future__ import annotations
@@ -80,8 +80,9 @@ def _read_text_file(path: Path) -> str | None:
 
 
 def load_documents(path: str | os.PathLike) -> list[str]:
-    """Documents of a corpus: a folder (every UTF-8 text file below it, ``.jsonl`` files one document per line),
-    a ``.jsonl`` file (one JSON string or ``{"text": ...}`` object per line) or any other text file (one document).
+    """Documents of a corpus: a folder (every UTF-8 text file below it, ``.jsonl`` files one document per
+    line), a ``.jsonl`` file (one JSON string or ``{"text": ...}`` object per line) or any other text file
+    (one document).
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -128,9 +129,9 @@ def _content_hash(text: str) -> bytes:
 def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
     """Deduplicate ``docs`` and split them into (train, validation), deterministically.
 
-    A document goes to validation when the hash of its content falls in the lowest ``val_fraction`` of the hash
-    range. When that leaves either side empty (a corpus of a few documents), every document is cut instead: its
-    first ``1 - val_fraction`` of characters train, the rest validate.
+    A document goes to validation when the hash of its content falls in the lowest ``val_fraction`` of the
+    hash range. When that leaves either side empty (a corpus of a few documents), every document is cut
+    instead: its first ``1 - val_fraction`` of characters train, the rest validate.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -164,7 +165,8 @@ def tokenize_documents(docs: list[str], bos_token_id: int, eos_token_id: int) ->
 
 @dataclass
 class Corpus:
-    """Train and validation token streams (int16 ``[N]``), where they came from and how many distinct documents."""
+    """Train and validation token streams (int16 ``[N]``), where they came from and how many distinct
+    documents."""
 
     train: torch.Tensor
     val: torch.Tensor
@@ -174,15 +176,15 @@ class Corpus:
 
     def describe(self) -> str:
         plural = "" if self.num_documents == 1 else "s"
-        return (f"{self.source}: {self.num_documents} distinct document{plural}, {self.train.numel():,} train / "
-                f"{self.val.numel():,} validation tokens")
+        return (f"{self.source}: {self.num_documents} distinct document{plural}, "
+                f"{self.train.numel():,} train / {self.val.numel():,} validation tokens")
 
 
 def build_corpus(data: str | os.PathLike | None, bos_token_id: int = BOS_ID, eos_token_id: int = EOS_ID,
                  val_fraction: float = 0.02) -> Corpus:
-    """Read (``data`` = None: the standard library's source), deduplicate, split and tokenize a corpus into byte
-    tokens (``kimi_linear.tokenizer.ByteTokenizer``'s ids) with ``bos_token_id`` / ``eos_token_id`` around each
-    document.
+    """Read (``data`` = None: the standard library's source), deduplicate, split and tokenize a corpus into
+    byte tokens (``kimi_linear.tokenizer.ByteTokenizer``'s ids) with ``bos_token_id`` / ``eos_token_id``
+    around each document.
 
     The fingerprint hashes the token streams, so a resumed run can tell that its data changed.
     """
@@ -203,8 +205,8 @@ def build_corpus(data: str | os.PathLike | None, bos_token_id: int = BOS_ID, eos
 
 
 def pack_windows(windows: list[torch.Tensor], bos_token_id: int) -> dict[str, torch.Tensor]:
-    """Lay windows of ``T + 1`` tokens along one row: ``input_ids [1, sum T]``, ``labels [1, sum T]`` and int32
-    ``cu_seqlens`` at every window edge and every document start (a BOS inside a window)."""
+    """Lay windows of ``T + 1`` tokens along one row: ``input_ids [1, sum T]``, ``labels [1, sum T]`` and
+    int32 ``cu_seqlens`` at every window edge and every document start (a BOS inside a window)."""
     inputs = torch.cat([w[:-1] for w in windows]).long()
     labels = torch.cat([w[1:] for w in windows]).long()
     labels[labels == bos_token_id] = IGNORE_INDEX
@@ -223,9 +225,9 @@ class PackedBatches:
     """An endless, resumable stream of packed training batches from a token stream.
 
     The stream is cut into windows of ``seq_len + 1`` tokens (consecutive windows share one token, so every
-    position has a label). Each epoch visits the windows in a random order drawn from ``seed`` and the epoch number;
-    a step takes the next ``batch_size`` windows (the global batch; the remainder of an epoch is dropped). With
-    ``world_size`` processes and ``grad_accum`` micro-steps, process ``rank`` gets its
+    position has a label). Each epoch visits the windows in a random order drawn from ``seed`` and the epoch
+    number; a step takes the next ``batch_size`` windows (the global batch; the remainder of an epoch is
+    dropped). With ``world_size`` processes and ``grad_accum`` micro-steps, process ``rank`` gets its
     ``batch_size // world_size`` windows as ``grad_accum`` packed micro-batches. ``state_dict()`` is the data
     position: (epoch, index into the epoch's order).
     """
@@ -242,9 +244,9 @@ class PackedBatches:
         self.bos_token_id = bos_token_id
         self.num_windows = max(0, (tokens.numel() - 1) // seq_len)
         if self.num_windows < batch_size:
-            raise ValueError(f"the training corpus has {tokens.numel():,} tokens: {self.num_windows} windows of "
-                             f"{seq_len} tokens, fewer than the batch size {batch_size}; use more data or a "
-                             f"smaller --seq-len/--batch-size")
+            raise ValueError(f"the training corpus has {tokens.numel():,} tokens: {self.num_windows} windows "
+                             f"of {seq_len} tokens, fewer than the batch size {batch_size}; use more data or "
+                             f"a smaller --seq-len/--batch-size")
         self.epoch, self.index = 0, 0
         self._order = self._epoch_order(0)
 
@@ -296,8 +298,8 @@ def eval_batches(tokens: torch.Tensor, seq_len: int, max_windows: int, micro_bat
 
 
 def unigram_loss(train_tokens: torch.Tensor, batches: list[dict], vocab_size: int) -> tuple[float, int]:
-    """(sum of -log p(label), label count) over ``batches`` under the training stream's unigram distribution with
-    add-one smoothing: the loss of a model that ignores context."""
+    """(sum of -log p(label), label count) over ``batches`` under the training stream's unigram distribution
+    with add-one smoothing: the loss of a model that ignores context."""
     counts = torch.bincount(train_tokens.long(), minlength=vocab_size).double() + 1.0
     logp = (counts / counts.sum()).log()
     total, n = 0.0, 0

@@ -1,5 +1,5 @@
-"""Multi-process training through torch.distributed: process-group setup from torchrun's environment, and model
-wrapping with DDP or FSDP2 (``fully_shard``). Nothing here re-implements a parallel engine."""
+"""Multi-process training through torch.distributed: process-group setup from torchrun's environment, and
+model wrapping with DDP or FSDP2 (``fully_shard``). Nothing here re-implements a parallel engine."""
 
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def launched_by_torchrun() -> bool:
 def init_distributed(device: str | None = None) -> DistContext:
     """Join the process group when launched with several processes; pick this process's device.
 
-    ``device`` None picks ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU. The backend is NCCL on CUDA and
-    gloo on the CPU. A single process (no torchrun) gets rank 0 of 1 and no process group.
+    ``device`` None picks ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU. The backend is NCCL on
+    CUDA and gloo on the CPU. A single process (no torchrun) gets rank 0 of 1 and no process group.
 
     Raises:
         ValueError: the device is unknown or not available.
@@ -53,7 +53,7 @@ def init_distributed(device: str | None = None) -> DistContext:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device torch knows (cpu, cuda, cuda:1, ...)") from None
+        raise ValueError(f"--device {device!r} is not a device torch knows (cpu, cuda, cuda:1)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available on this machine")
@@ -71,10 +71,12 @@ def init_distributed(device: str | None = None) -> DistContext:
 
 def wrap_model(model: nn.Module, ctx: DistContext, strategy: str = "ddp") -> nn.Module:
     """The model ready for data-parallel training: unchanged for one process; ``DistributedDataParallel``, or
-    FSDP2 with every block of ``model.model.layers`` (when present) and then the root sharded by ``fully_shard``.
+    FSDP2 with every block of ``model.model.layers`` (when present) and then the root sharded by
+    ``fully_shard``.
 
-    DDP looks for unused parameters because an MoE expert that receives no token in a step has no gradient on that
-    process. The MoE correction biases (buffers) are updated identically on every process from all-reduced loads.
+    DDP looks for unused parameters because an MoE expert that receives no token in a step has no gradient on
+    that process. The MoE correction biases (buffers) are updated identically on every process from
+    all-reduced loads.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")

@@ -44,7 +44,8 @@ def plot_loss_curve(metrics: str | Path, png: str | Path, baseline: float | None
         window = 20
         if len(losses) >= window:
             avg = [sum(losses[i - window + 1: i + 1]) / window for i in range(window - 1, len(losses))]
-            ax.plot(steps[window - 1:], avg, color="tab:blue", linewidth=1.6, label=f"train ({window}-step mean)")
+            ax.plot(steps[window - 1:], avg, color="tab:blue", linewidth=1.6,
+                    label=f"train ({window}-step mean)")
     if val:
         ax.plot(*zip(*val, strict=True), "o-", color="tab:orange", label="validation loss")
     if baseline is not None:

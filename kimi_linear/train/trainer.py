@@ -1,10 +1,10 @@
 """The training loop: AdamW with warmup + cosine, gradient accumulation and clipping, bf16 autocast on GPU,
 auxiliary-loss-free MoE balancing, checkpoint/resume, progress bar and metrics.
 
-Any ``nn.Module`` trains: a batch is a dict with ``input_ids`` and ``labels`` (``IGNORE_INDEX`` where there is no
-target), optionally ``cu_seqlens``; ``loss_fn(model, batch)`` returns the *sum* of token losses and the number of
-counted tokens. Losses are normalised by the token count of the whole global batch (all micro-batches on all
-processes), so one process with accumulation and N processes compute the same update.
+Any ``nn.Module`` trains: a batch is a dict with ``input_ids`` and ``labels`` (``IGNORE_INDEX`` where there is
+no target), optionally ``cu_seqlens``; ``loss_fn(model, batch)`` returns the *sum* of token losses and the
+number of counted tokens. Losses are normalised by the token count of the whole global batch (all
+micro-batches on all processes), so one process with accumulation and N processes compute the same update.
 
 Batch sources: anything with ``next_step() -> list[micro-batch dict]`` (this process's micro-batches for one
 optimizer step); resuming additionally needs ``state_dict()`` / ``load_state_dict()`` (the data position).
@@ -40,8 +40,8 @@ NO_DECAY_NAMES = ("A_log", "dt_bias")
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings. ``dtype`` is the autocast compute dtype (weights stay float32): "auto" is bfloat16
-    on CUDA and float32 on the CPU."""
+    """Optimisation settings. ``dtype`` is the autocast compute dtype (weights stay float32): "auto" is
+    bfloat16 on CUDA and float32 on the CPU."""
 
     max_steps: int = 300
     lr: float = 3e-3
@@ -83,8 +83,8 @@ class TrainConfig:
 
 
 def causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross-entropies in float32, number of labelled tokens) for a batch whose ``labels`` are
-    already aligned with ``input_ids`` (label t is the target of position t)."""
+    """(sum of next-token cross-entropies in float32, number of labelled tokens) for a batch whose ``labels``
+    are already aligned with ``input_ids`` (label t is the target of position t)."""
     kwargs = {"cu_seqlens": batch["cu_seqlens"]} if batch.get("cu_seqlens") is not None else {}
     out = model(batch["input_ids"], **kwargs)
     logits = out.logits if hasattr(out, "logits") else out
@@ -95,7 +95,8 @@ def causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on A_log, dt_bias, norm weights and biases (or any vector)."""
+    """AdamW groups: weight decay on matrices, none on A_log, dt_bias, norm weights and biases (or any
+    vector)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -109,7 +110,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear from 1/warmup to 1 over ``warmup_steps``, then cosine down to ``min_lr_ratio``."""
+    """LR multiplier: linear from 1/warmup to 1 over ``warmup_steps``, then cosine down to
+    ``min_lr_ratio``."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -121,14 +123,14 @@ def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float) -> Cal
 
 
 def moe_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules that balance experts without an auxiliary loss: they expose ``last_expert_load [E]`` after a forward
-    and ``update_correction_bias(rate, load=[E])`` (``kimi_linear.layers.moe.MoE``)."""
+    """Modules that balance experts without an auxiliary loss: they expose ``last_expert_load [E]`` after a
+    forward and ``update_correction_bias(rate, load=[E])`` (``kimi_linear.layers.moe.MoE``)."""
     return [m for m in unwrap(model).modules() if hasattr(m, "update_correction_bias")]
 
 
 class MetricsLog:
-    """``metrics.jsonl`` on rank 0: one JSON object per line. On resume, lines past the resumed step are dropped so
-    the file follows the run that actually continues."""
+    """``metrics.jsonl`` on rank 0: one JSON object per line. On resume, lines past the resumed step are
+    dropped so the file follows the run that actually continues."""
 
     def __init__(self, path: Path | None, resume_step: int):
         self.path = path
@@ -160,8 +162,8 @@ class Trainer:
         ctx: process placement; a single CPU process by default.
         loss_fn: ``(model, batch) -> (loss_sum, token_count)``; next-token cross-entropy by default.
         out_dir: where checkpoints and ``metrics.jsonl`` go (None: nothing is written).
-        run_info: JSON-able identity of the run (model config, data, hyper-parameters); a checkpoint written with
-            different ``run_info`` is refused on resume.
+        run_info: JSON-able identity of the run (model config, data, hyper-parameters); a checkpoint
+            written with different ``run_info`` is refused on resume.
         progress: show a tqdm progress bar on rank 0.
     """
 
@@ -233,8 +235,8 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        stats = {"loss": all_reduce_sum(loss_sum, ctx).item() / total_labels, "grad_norm": grad_norm, "lr": lr,
-                 "tokens": total_inputs}
+        loss = all_reduce_sum(loss_sum, ctx).item() / total_labels
+        stats = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": total_inputs}
         if self.moe:
             imbalance = []
             for m, load in zip(self.moe, loads, strict=True):
@@ -291,8 +293,8 @@ class Trainer:
         saved = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ctx)
         if saved.get("run_info") != self.run_info:
             diff = describe_difference(saved.get("run_info"), self.run_info)
-            raise ValueError(f"{self.out_dir} holds a different run ({diff}); pass the same settings to resume it, "
-                             f"or another --out")
+            raise ValueError(f"{self.out_dir} holds a different run ({diff}); pass the same settings to "
+                             f"resume it, or another --out")
         if batches is not None and saved.get("data") is not None:
             batches.load_state_dict(saved["data"])
         self.step = int(saved["step"])
@@ -303,11 +305,12 @@ class Trainer:
             on_step: Callable[[int, dict], None] | None = None) -> dict:
         """Train until ``config.max_steps``, resuming from ``out_dir`` when it holds a checkpoint.
 
-        Evaluates ``eval_data`` every ``eval_every`` steps and at the end; checkpoints every ``checkpoint_every``
-        steps and at the end; logs every step to ``metrics.jsonl`` and the progress bar (rank 0 only).
-        ``on_step(step, stats)`` is called after each step.
+        Evaluates ``eval_data`` every ``eval_every`` steps and at the end; checkpoints every
+        ``checkpoint_every`` steps and at the end; logs every step to ``metrics.jsonl`` and the progress bar
+        (rank 0 only). ``on_step(step, stats)`` is called after each step.
 
-        Returns ``{"start_step", "step", "losses" (this call's steps), "val_loss", "tokens_per_s", "checkpoint"}``.
+        Returns ``{"start_step", "step", "losses" (this call's steps), "val_loss", "tokens_per_s",
+        "checkpoint"}``.
         """
         from tqdm.auto import tqdm
 
@@ -328,8 +331,8 @@ class Trainer:
                 now = time.perf_counter()
                 tok_s = (self.tokens_seen - tokens0) / max(now - t0, 1e-9)
                 losses.append(stats["loss"])
-                record = {"step": self.step, **stats, "tokens_seen": self.tokens_seen, "tokens_per_s": round(tok_s),
-                          "step_time_s": round(now - step_start, 4)}
+                record = {"step": self.step, **stats, "tokens_seen": self.tokens_seen,
+                          "tokens_per_s": round(tok_s), "step_time_s": round(now - step_start, 4)}
                 log.write(record)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                 bar.update(1)
@@ -373,7 +376,7 @@ def describe_difference(saved: dict | None, current: dict, prefix: str = "") -> 
 
 
 def train(model: nn.Module, batches, config: TrainConfig, **kwargs) -> dict:
-    """Train ``model`` on ``batches`` with ``config``; keyword arguments go to ``Trainer`` and ``fit`` (eval_data,
-    on_step). Returns ``Trainer.fit``'s summary."""
+    """Train ``model`` on ``batches`` with ``config``; keyword arguments go to ``Trainer`` and ``fit``
+    (eval_data, on_step). Returns ``Trainer.fit``'s summary."""
     fit_kwargs = {k: kwargs.pop(k) for k in ("eval_data", "on_step") if k in kwargs}
     return Trainer(model, config, **kwargs).fit(batches, **fit_kwargs)

@@ -1,4 +1,4 @@
-"""`kimi-linear train` end to end on the debug preset: results, checkpoint, resume after SIGKILL, bad input."""
+"""`kimi-linear train` end to end on the debug preset: results, checkpoint, SIGKILL + resume, bad input."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def write_corpus(folder: Path, seed: int) -> Path:
         lines = []
         for _ in range(int(torch.randint(3, 12, (1,), generator=gen))):
             a, b = (names[int(j)] for j in torch.randint(0, len(names), (2,), generator=gen))
-            lines.append(f"def {a}_{i}({b}):\n    return {b} + {int(torch.randint(0, 99, (1,), generator=gen))}\n")
+            number = int(torch.randint(0, 99, (1,), generator=gen))
+            lines.append(f"def {a}_{i}({b}):\n    return {b} + {number}\n")
         (folder / f"file_{i}.py").write_text("\n".join(lines))
     return folder
 
@@ -51,8 +52,9 @@ def losses(out: Path) -> dict[int, float]:
 
 def test_train_end_to_end(tmp_path, capsys):
     data, out = write_corpus(tmp_path / "data", seed=0), tmp_path / "run"
-    args = ["train", *SMALL_RUN, "--max-steps", "12", "--lr", "1e-2", "--warmup-steps", "2", "--data", str(data),
-            "--out", str(out), "--checkpoint-every", "5", "--eval-every", "6", "--sample-tokens", "8"]
+    args = ["train", *SMALL_RUN, "--max-steps", "12", "--lr", "1e-2", "--warmup-steps", "2",
+            "--data", str(data), "--out", str(out), "--checkpoint-every", "5", "--eval-every", "6",
+            "--sample-tokens", "8"]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "unigram baseline" in text and "sample (temperature 0.8)" in text
@@ -108,8 +110,8 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
     assert "resumed" in log
     got, want = losses(out), losses(reference)
     assert sorted(got) == list(range(1, 11))
-    assert torch.allclose(torch.tensor([got[s] for s in range(1, 11)]), torch.tensor([want[s] for s in range(1, 11)]),
-                          rtol=1e-6, atol=0)
+    got, want = (torch.tensor([d[s] for s in range(1, 11)]) for d in (got, want))
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("case,flags,message", [
@@ -137,8 +139,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys, case, 
 @pytest.mark.parametrize("mixer,expected", [("gdn", {"gdn", "mla"}), ("mla", {"mla"})])
 def test_baseline_mixers_train_and_save(tmp_path, capsys, mixer, expected):
     data, out = write_corpus(tmp_path / "data", seed=3), tmp_path / "run"
-    assert main(["train", *SMALL_RUN, "--max-steps", "2", "--mixer", mixer, "--data", str(data), "--out", str(out),
-                 "--sample-tokens", "0"]) == 0
+    assert main(["train", *SMALL_RUN, "--max-steps", "2", "--mixer", mixer, "--data", str(data),
+                 "--out", str(out), "--sample-tokens", "0"]) == 0
     model = KimiLinearForCausalLM.from_pretrained(out / "checkpoint-0000002")
     assert set(model.config.layer_types) == expected
 

@@ -113,11 +113,13 @@ def test_load_documents_formats(tmp_path):
     (tmp_path / "a.txt").write_text("first document")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.py").write_text("print('second')")
-    (tmp_path / "sub" / "c.jsonl").write_text(json.dumps({"text": "third"}) + "\n\n" + json.dumps("fourth") + "\n")
+    jsonl = json.dumps({"text": "third"}) + "\n\n" + json.dumps("fourth") + "\n"
+    (tmp_path / "sub" / "c.jsonl").write_text(jsonl)
     (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02binary")
     (tmp_path / ".hidden").mkdir()
     (tmp_path / ".hidden" / "x.txt").write_text("hidden")
-    assert sorted(load_documents(tmp_path)) == sorted(["first document", "print('second')", "third", "fourth"])
+    expected = ["first document", "print('second')", "third", "fourth"]
+    assert sorted(load_documents(tmp_path)) == sorted(expected)
     assert load_documents(tmp_path / "sub" / "c.jsonl") == ["third", "fourth"]
 
 

@@ -1,5 +1,5 @@
-"""torchrun with two gloo processes on the CPU trains like one process on the same global batch (DDP and FSDP2),
-and only rank 0 logs and checkpoints."""
+"""torchrun with two gloo processes on the CPU trains like one process on the same global batch (DDP and
+FSDP2), and only rank 0 logs and checkpoints."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def test_two_processes_match_one(tmp_path, reference, strategy):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     got, want = losses(out), losses(single)
     # Same data, same math; only the order of float32 sums differs between one and two processes.
-    assert torch.allclose(torch.tensor(list(got.values())), torch.tensor(list(want.values())), rtol=1e-5, atol=0)
+    got, want = torch.tensor(list(got.values())), torch.tensor(list(want.values()))
+    assert torch.allclose(got, want, rtol=1e-5, atol=0)
     assert [s for s, _ in list_checkpoints(out)] == [4]
     ours = KimiLinearForCausalLM.from_pretrained(out / "checkpoint-0000004").state_dict()
     theirs = KimiLinearForCausalLM.from_pretrained(single / "checkpoint-0000004").state_dict()

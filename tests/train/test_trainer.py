@@ -1,4 +1,4 @@
-"""The trainer on a stand-in model: optimizer groups, schedule, accumulation, MoE balancing, checkpoint/resume."""
+"""The trainer on a stand-in model: optimizer groups, schedule, accumulation, MoE balancing, resume."""
 
 from __future__ import annotations
 
@@ -59,9 +59,9 @@ def test_warmup_cosine_shape():
     assert all(f(s) >= f(s + 1) for s in range(10, 110))
 
 
-@pytest.mark.parametrize("field,value", [("lr", 0.0), ("lr", float("nan")), ("max_steps", 0), ("grad_accum", 0),
-                                         ("warmup_steps", 500), ("weight_decay", -0.1), ("beta2", 1.0),
-                                         ("dtype", "float16"), ("grad_clip", -1.0)])
+@pytest.mark.parametrize("field,value", [("lr", 0.0), ("lr", float("nan")), ("max_steps", 0),
+                                         ("grad_accum", 0), ("warmup_steps", 500), ("weight_decay", -0.1),
+                                         ("beta2", 1.0), ("dtype", "float16"), ("grad_clip", -1.0)])
 def test_config_out_of_range_raises(field, value):
     config = TrainConfig(max_steps=100, warmup_steps=10)
     setattr(config, field, value)
@@ -120,7 +120,8 @@ def test_resume_after_kill_follows_the_same_losses(tmp_path):
     resumed = Trainer(make_model(99), config, out_dir=tmp_path, progress=False)
     summary = resumed.fit(PackedBatches(tokens, 32, 8, seed=3))
     assert summary["start_step"] == 3
-    assert torch.allclose(torch.tensor(summary["losses"]), torch.tensor(full["losses"][3:]), rtol=1e-6, atol=0)
+    got, want = torch.tensor(summary["losses"]), torch.tensor(full["losses"][3:])
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [6, 7]
     assert not list(tmp_path.glob(TMP_PREFIX + "*"))
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

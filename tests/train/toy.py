@@ -1,6 +1,6 @@
-"""A small stand-in language model for trainer tests: embeddings, a causal mixer that respects ``cu_seqlens``, a
-top-1 MoE with auxiliary-loss-free balancing hooks, a norm and a head — the parameter kinds the trainer treats
-specially, at a size that trains in milliseconds."""
+"""A small stand-in language model for trainer tests: embeddings, a causal mixer that respects ``cu_seqlens``,
+a top-1 MoE with auxiliary-loss-free balancing hooks, a norm and a head — the parameter kinds the trainer
+treats specially, at a size that trains in milliseconds."""
 
 from __future__ import annotations
 
