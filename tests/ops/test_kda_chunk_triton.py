@@ -71,33 +71,39 @@ def reference(q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=None,
     return torch.cat(outs, dim=1), torch.cat(states)
 
 
-def check_fwd_bwd(x: dict, tol: float = FP32_TOL, chunk_budget: bool = False, **kwargs):
-    """Run the Triton op and the reference on copies of x (leaves), compare outputs, states and all gradients.
+def decay_tol(g: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> float:
+    """fp32 tolerance of a chunked form for these gates: FP32_TOL, or more where the cumulative log-decay G inside a
+    64-token chunk grows large (after g = -1000, or many strong gates): fp32 resolves G - G' only to ~2^-24 |G|,
+    and every exp(G_t - G_i) inherits that absolute error. The PyTorch chunked reference shows the same loss."""
+    g = g.detach().float().cpu()
+    if g.dim() == 3:
+        g = g[..., None]
+    bounds = [0, g.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
+    worst = 0.0
+    for s, e in zip(bounds, bounds[1:]):
+        for c in range(s, e, 64):
+            G = g[:, c:min(c + 64, e)].cumsum(dim=1)
+            worst = max(worst, G.abs().max().item() if G.numel() else 0.0)
+    return max(FP32_TOL, 6 * 2.0**-24 * worst)
 
-    With ``chunk_budget`` the tolerance of each tensor is the larger of ``tol`` and three times the departure of the
-    PyTorch chunked form (fp32) from the recurrence on the same input: for inputs where the chunk's (I + A) is
-    ill-conditioned, any chunked algorithm in fp32 departs from the token loop by more than ``tol``.
-    """
+
+def check_fwd_bwd(x: dict, **kwargs):
+    """Run the Triton op and the reference on copies of x (leaves), compare outputs, states and all gradients."""
     a = leaves({n: t.to(DEVICE) if t is not None else None for n, t in x.items()})
     b = leaves(x)
     o, ht = chunk_kda(**a, output_final_state=True, backend="triton", **kwargs)
     cu = kwargs.get("cu_seqlens")
-    o_ref, ht_ref = reference(**b, scale=kwargs.get("scale"), cu_seqlens=None if cu is None else cu.cpu())
+    cu = None if cu is None else cu.cpu()
+    o_ref, ht_ref = reference(**b, scale=kwargs.get("scale"), cu_seqlens=cu)
     assert o.shape == o_ref.shape and o.dtype == x["v"].dtype
     loss_of(o, ht).backward()
     loss_of(o_ref, ht_ref).backward()
     got = {"o": o, "ht": ht, **{"d" + n: t.grad for n, t in a.items() if t is not None}}
     want = {"o": o_ref, "ht": ht_ref, **{"d" + n: t.grad for n, t in b.items() if t is not None}}
-    tols = {n: tol for n in want}
-    if chunk_budget:
-        c = leaves(x)
-        o_c, ht_c = naive_chunk_kda(**c, scale=kwargs.get("scale"), output_final_state=True)
-        loss_of(o_c, ht_c).backward()
-        chunked = {"o": o_c, "ht": ht_c, **{"d" + n: t.grad for n, t in c.items() if t is not None}}
-        tols = {n: max(tol, 3 * rel_err(chunked[n], want[n])) for n in want}
+    tol = decay_tol(x["g"], cu)
     for n in want:
         assert got[n] is not None, f"no {n}"
-        assert rel_err(got[n].cpu(), want[n]) < tols[n], n
+        assert rel_err(got[n].cpu(), want[n]) < tol, n
 
 
 SHAPES = [(1, 70, 1, 16, 32, True), (2, 63, 2, 32, 16, False), (1, 1, 1, 16, 16, True)]
@@ -127,18 +133,18 @@ def test_unfused_output_and_split_backward(monkeypatch):
 
 
 def test_extreme_gates_are_exact_and_finite():
-    """g = -1000 (the state is wiped) next to gates near 0, across sub-block and chunk boundaries."""
+    """g = -1000 (the state is wiped) next to gates near 0, across sub-block and chunk boundaries (G reaches ~-1000
+    inside the chunk, so the tolerance is ~3.6e-4: see decay_tol; measured errors up to ~1.1e-4)."""
     x = kda_inputs(1, 80, 1, 16, 16, gate_scale=1e-3)
     g = x["g"]
     g[:, 5] = -1000.0
     g[:, 17:19, :, :8] = -1000.0
     g[:, 64] = -1000.0
-    check_fwd_bwd(x, chunk_budget=True)
+    check_fwd_bwd(x)
 
 
 def test_fused_activations_with_gate_gradients():
-    """L2 norm of q/k, the gate -exp(A_log) softplus(x + dt_bias) and the beta sigmoid in the op; the gate's
-    random decays can sit near 0, so the tolerance also admits 3x the PyTorch chunked form's own departure."""
+    """L2 norm of q/k, the gate -exp(A_log) softplus(x + dt_bias) and the beta sigmoid in the op."""
     B, T, H, K, V = 1, 40, 2, 16, 16
     x = kda_inputs(B, T, H, K, V)
     x["q"], x["k"] = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
@@ -157,15 +163,34 @@ def test_fused_activations_with_gate_gradients():
                 {n: t.to(DEVICE) for n, t in x.items()})
     want = grads(lambda lv: reference(lv["q"], lv["k"], lv["v"], lv["g"], lv["beta"], None, lv["initial_state"],
                                       l2norm_qk=True, A_log=lv["A_log"], dt_bias=lv["dt_bias"], beta_sigmoid=True), x)
-    chunked = grads(lambda lv: chunk_kda(**lv, output_final_state=True, backend="torch", **kw), x)
+    tol = decay_tol(kda_gate(x["g"], x["A_log"], x["dt_bias"]))
+    # dA_log and ddt_bias are sums over tokens of terms of both signs, so their relative error is the per-token
+    # error times the cancellation ||sum |c||| / ||sum c||, computed here from the reference's per-token terms:
+    # ddt_bias sums dx (x = the gate pre-activation), dA_log sums dx * softplus(x + b) / sigmoid(x + b).
+    dx = want["dg"]  # [B, T, H, K]
+    z = x["g"] + x["dt_bias"].reshape(H, K)
+    terms = {"ddt_bias": dx, "dA_log": dx * torch.nn.functional.softplus(z) / torch.sigmoid(z)}
+    sums = {"ddt_bias": (0, 1), "dA_log": (0, 1, 3)}
     for n in want:
-        tol = max(FP32_TOL, 3 * rel_err(chunked[n], want[n]))
-        assert rel_err(got[n].cpu(), want[n]) < tol, n
+        t = tol
+        if n in terms:
+            c = terms[n]
+            t = tol * (c.abs().sum(sums[n]).norm() / c.sum(sums[n]).norm()).item()
+        assert rel_err(got[n].cpu(), want[n]) < t, n
 
 
 def test_scalar_gate_gdn():
     x = kda_inputs(2, 50, 2, 16, 16, scalar_gate=True)
     check_fwd_bwd(x)
+
+
+def test_zero_length_passes_the_state_through():
+    x = leaves({n: t.to(DEVICE) for n, t in kda_inputs(2, 0, 1, 16, 16).items()})
+    o, ht = chunk_kda(**x, output_final_state=True, backend="triton")
+    assert o.shape == (2, 0, 1, 16) and torch.equal(ht, x["initial_state"])
+    ws = torch.randn(ht.shape, device=DEVICE)
+    (ht * ws).sum().backward()
+    assert torch.equal(x["initial_state"].grad, ws)
 
 
 def test_no_final_state_and_no_grad():

@@ -265,7 +265,7 @@ def chunk_kda_triton(
     dt = in_dtypes[0]
     for d in in_dtypes[1:]:
         dt = torch.promote_types(dt, d)
-    q, k, v = (x.to(dt).reshape(B * T, H, -1).contiguous() for x in (q, k, v))
+    q, k, v = (x.to(dt).reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v))
     g = g.float().reshape(B * T, H, K).contiguous()
     beta = beta.reshape(B * T, H).contiguous()
     layout = _Layout(cu_seqlens, B, T, q.device)
