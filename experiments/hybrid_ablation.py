@@ -1,10 +1,11 @@
 """Paper Table 1 at small scale: the KDA:MLA hybrid ratio, NoPE vs RoPE, the output gate and ShortConv.
 
-Eight byte-level LMs, each trained on the embedded corpus (the standard library's source,
+Nine byte-level LMs, each trained on the embedded corpus (the standard library's source,
 ``kimi_linear.train.data``) with the project's trainer (``kimi_linear.train.trainer.Trainer``: AdamW, warmup +
 cosine, bf16 autocast on CUDA), the same data order, steps and tokens, and the same parameter count:
 
-    mla          full attention (MLA) in every layer                  (the paper's "0:1")
+    mla          full attention (MLA) in every layer, NoPE            (the paper's "0:1")
+    mla-rope     the same with RoPE (a pure-NoPE stack has no position signal but the causal mask)
     1:1, 3:1, 7:1  KDA:MLA layer ratios; 3:1 is Kimi Linear
     kda          KDA in every layer, no full attention
     3:1-rope     3:1 with RoPE on the MLA layers' rope dims instead of NoPE
@@ -59,6 +60,7 @@ from kimi_linear.train.trainer import TrainConfig, Trainer  # noqa: E402
 VARIANTS: dict[str, dict] = {
     "3:1": dict(hybrid_ratio=3),
     "mla": dict(mixer="mla"),
+    "mla-rope": dict(mixer="mla", mla_use_nope=False),
     "kda": dict(hybrid_ratio=0),
     "1:1": dict(hybrid_ratio=1),
     "7:1": dict(hybrid_ratio=7),
@@ -69,10 +71,11 @@ VARIANTS: dict[str, dict] = {
 REFERENCE = "3:1"
 # Table order, and what the paper finds for each row relative to 3:1 (paper §5.2 and Table 1: training and
 # validation perplexity; NoPE vs RoPE: §5.2 and the long-context Table 5).
-TABLE_ORDER = ["3:1", "mla", "1:1", "7:1", "kda", "3:1-rope", "3:1-no-gate", "3:1-no-conv"]
+TABLE_ORDER = ["3:1", "mla", "mla-rope", "1:1", "7:1", "kda", "3:1-rope", "3:1-no-gate", "3:1-no-conv"]
 PAPER = {
     "3:1": "best train and validation PPL (the chosen design)",
     "mla": "worse than 3:1 (the hybrid beats full attention)",
+    "mla-rope": "worse than 3:1 (the hybrid beats full attention)",
     "1:1": "close to 3:1, no gain for twice the full-attention layers",
     "7:1": "worse than 3:1 on validation (hurts generalisation)",
     "kda": "not in Table 1 (pure linear)",
@@ -415,6 +418,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order")
     p.add_argument("--data", default=None, help="another corpus (as 'kimi-linear train --data'); default: "
                                                 "the embedded one, the Python standard library's source")
+    p.add_argument("--tag", default="", help="suffix of the result files: hybrid_ablation_TAG.json/.png")
     p.add_argument("--table", action="store_true", help="print the Markdown table of the existing JSON, exit")
     p.add_argument("--plot", action="store_true", help="draw hybrid_ablation.png from the JSON and exit")
     return p.parse_args(argv)
@@ -423,7 +427,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    json_path, png_path = out / "hybrid_ablation.json", out / "hybrid_ablation.png"
+    stem = "hybrid_ablation" + (f"_{args.tag}" if args.tag else "")
+    json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
     if args.table or args.plot:
         data = load(json_path)
         if data is None:

@@ -31,8 +31,9 @@ def corpus_dir(tmp_path):
 
 
 def test_layouts_and_matched_parameter_counts(ablation):
-    expected = {"mla": "MMMMMMMM", "1:1": "KMKMKMKM", "3:1": "KKKMKKKM", "7:1": "KKKKKKKM", "kda": "KKKKKKKK",
-                "3:1-rope": "KKKMKKKM", "3:1-no-gate": "KKKMKKKM", "3:1-no-conv": "KKKMKKKM"}
+    expected = {"mla": "MMMMMMMM", "mla-rope": "MMMMMMMM", "1:1": "KMKMKMKM", "3:1": "KKKMKKKM",
+                "7:1": "KKKKKKKM", "kda": "KKKKKKKK", "3:1-rope": "KKKMKKKM", "3:1-no-gate": "KKKMKKKM",
+                "3:1-no-conv": "KKKMKKKM"}
     assert set(expected) == set(ablation.VARIANTS)
     for model in (ablation.SMOKE_MODEL, ablation.MODEL):
         column = 3 * model["hidden_size"] * model["num_hidden_layers"]
