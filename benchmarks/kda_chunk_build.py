@@ -1,0 +1,78 @@
+"""Compile the chunk KDA kernels for the H200 (sm_90) on a machine without a GPU, and print their resources.
+
+For each kernel at the model's shape (H=32, K=V=128, bf16 operands, the launch settings of
+``chunk_triton.CONFIG``): registers per thread, stack frame (spills), dynamic shared memory (must stay under
+232448 bytes on the H200, or the launch fails), and how many wgmma (Hopper) / mma.sync instructions the PTX holds.
+Pointer arguments are declared 16-byte aligned, as PyTorch allocations are, so the build matches what runs.
+Needs only Triton (its bundled ptxas and cuobjdump). Usage: python benchmarks/kda_chunk_build.py
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kimi_linear.ops.kda import chunk_bwd, chunk_fwd
+from kimi_linear.ops.kda.chunk_triton import CHUNK, CONFIG, SUB_CHUNK
+
+H, K, V = 32, 128, 128
+SHARED_LIMIT = 232448
+FP32_PTRS = {"g", "beta", "G", "G_out", "Tinv", "Tinv_out", "h0", "ht", "dht", "dh0", "dq", "dk", "dG", "dA", "dAqk",
+             "dbeta", "dg_out", "dg"}
+INT_PTRS = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def build(fn, consts: dict, num_warps: int, num_stages: int, float_args=("scale",)) -> str:
+    names = [n for n in fn.arg_names if n not in consts]
+    sig = {}
+    for n in names:
+        sig[n] = "fp32" if n in float_args else "*i32" if n in INT_PTRS else "*fp32" if n in FP32_PTRS else "*bf16"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+    kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    regs, stack = (m.group(1), m.group(2)) if m else ("?", "?")
+    shared = kernel.metadata.shared
+    ptx = kernel.asm["ptx"]
+    flag = "  OVER THE SHARED-MEMORY LIMIT" if shared > SHARED_LIMIT else ""
+    return (f"{fn.__name__:34s} warps={num_warps} stages={num_stages} regs={regs:>3} stack={stack:>5} B "
+            f"shared={shared:>6} B wgmma={ptx.count('wgmma.mma_async'):>3} mma={ptx.count('mma.sync'):>3}{flag}")
+
+
+def main() -> None:
+    c = CONFIG
+    BK = max(16, triton.next_power_of_2(K))
+    common = dict(H=H, K=K, V=V, BT=CHUNK, BK=BK, DOT_PREC="tf32")
+    jobs = [
+        (chunk_fwd.chunk_kda_fwd_intra_kernel, dict(common, BC=SUB_CHUNK, BV=BK), c["intra_warps"],
+         c["intra_stages"]),
+        (chunk_fwd.chunk_kda_fwd_state_kernel, dict(common, BV=c["state_bv"], USE_H0=True, STORE_HT=True,
+                                                    STORE_O=c["fused_output"], STORE_H=not c["fused_output"],
+                                                    INTERPRET=False), c["state_warps"], c["state_stages"]),
+        (chunk_fwd.chunk_kda_fwd_output_kernel, dict(common, BV=c["output_bv"]), 4, 1),
+        (chunk_bwd.chunk_kda_bwd_dh_kernel, dict(common, BV=c["dh_bv"], USE_DHT=True, STORE_DH0=True,
+                                                 INTERPRET=False), c["dh_warps"], c["dh_stages"]),
+        (chunk_bwd.chunk_kda_bwd_inter_kernel, dict(common, BV=c["inter_bv"]), c["inter_warps"], c["inter_stages"]),
+        (chunk_bwd.chunk_kda_bwd_intra_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC="tf32",
+                                                    SPLIT=c["bwd_intra_split"]),
+         c["bwd_intra_warps"], c["bwd_intra_stages"]),
+        (chunk_bwd.chunk_kda_bwd_dg_kernel, dict(H=H, K=K, BT=CHUNK, BK=BK), 4, 1),
+    ]
+    for fn, consts, warps, stages in jobs:
+        floats = ("scale",) if "scale" in fn.arg_names else ()
+        print(build(fn, consts, warps, stages, floats), flush=True)
+
+
+if __name__ == "__main__":
+    main()
