@@ -294,8 +294,8 @@ class SynthConfig:
     mixer: str = "kda"
     seq_len: int = 256
     steps: int = 300
-    lr: float = 1e-3
-    batch_size: int = 32
+    lr: float = 3e-3
+    batch_size: int = 64
     vocab_size: int | None = None
     num_kv_pairs: int | None = None
     warmup_frac: float = 0.1
