@@ -1,15 +1,19 @@
 """Triton backend of ``chunk_kda``: the autograd.Function that drives the chunkwise kernels.
 
-Forward (``chunk_fwd.py``): an intra-chunk stage (cumulative decays, pair matrices, UT transform, WY factors),
-then a sequential state pass per (sequence, head, V block) that also writes the output.
-Backward (``chunk_bwd.py``): the state pass again, this time writing the state entering each chunk (recomputed,
-not kept from the forward), a reverse pass for the state gradients, then two per-chunk stages for dq, dk, dv, dg,
-dbeta. The optional activations (q/k L2 norm, the gate, the beta sigmoid) run in PyTorch around the kernels, so
-autograd differentiates them.
+Forward (``chunk_fwd.py``): an intra-chunk stage (cumulative decays, pair matrices, UT transform, WY factors, and the
+decayed q/k the state pass reads), then a sequential state pass per (sequence, head, V block) that also writes the
+output (or, with ``CONFIG["fused_output"] = False``, writes the states and a parallel pass computes the output).
+Backward (``chunk_bwd.py``): the state pass again, writing the state entering each chunk (recomputed, not kept from
+the forward), a reverse pass for the state gradients, then two per-chunk stages for dq, dk, dv, dg, dbeta. The
+forward keeps its per-token intermediates for the backward (G fp32, A_qk, T fp32, W, U, q~ exp(G), K exp(G_last - G):
+about seven tensors the size of q), but no per-chunk states. The optional activations (q/k L2 norm, the gate, the
+beta sigmoid) run in PyTorch around the kernels, so autograd differentiates them; a scalar (GDN) gate is broadcast
+over K and runs through the same kernels.
 
 Inside, batches are packed: ``[B, T, H, D]`` becomes ``[B * T, H, D]`` with sequence boundaries every T rows, the
 same path as ``cu_seqlens`` varlen input. Dot products take the inputs' dtype (bf16/fp16 on tensor cores, fp32
-accumulate); fp32 inputs run fp32 products throughout.
+accumulate); fp32 inputs run fp32 products throughout. ``benchmarks/kda_chunk_build.py`` builds the kernels for
+sm_90 offline and reports their registers, spills and shared memory.
 """
 
 from __future__ import annotations
