@@ -425,7 +425,10 @@ def train_synthetic(cfg: SynthConfig, log=print) -> SynthResult:
         ValueError: bad configuration (see ``SynthConfig.validate``) or device.
     """
     cfg.validate()
-    device = torch.device(cfg.device)
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError as e:
+        raise ValueError(f"device {cfg.device!r} is not a device torch knows ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
     vocab = DEFAULT_VOCAB[cfg.task] if cfg.vocab_size is None else cfg.vocab_size

@@ -125,6 +125,7 @@ def test_bad_sizes_raise(call, match):
         (dict(lr=float("nan")), "lr"),
         (dict(seq_len=3, task="mqar"), "too short"),
         (dict(stop_at=1.5), "stop_at"),
+        (dict(device="gpu0"), "device"),
     ],
 )
 def test_bad_run_config_raises(change, match):
