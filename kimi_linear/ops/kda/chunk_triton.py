@@ -107,7 +107,7 @@ def _bv(V: int, key: str) -> int:
     return min(_pad_dim(V), CONFIG[key])
 
 
-def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, need_bwd):
+def _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
     TT, H, K = q.shape
     V = v.shape[-1]
     BK, BVf = _pad_dim(K), _pad_dim(V)
@@ -216,7 +216,7 @@ class ChunkKDAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, layout):
         need_bwd = any(ctx.needs_input_grad[:6])
-        o, ht, saved = _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, need_bwd)
+        o, ht, saved = _fwd(q, k, v, g, beta, scale, h0, output_final_state, layout)
         if need_bwd:
             ctx.save_for_backward(q, k, v, beta, h0, *saved)
         ctx.scale, ctx.layout = scale, layout
