@@ -5,12 +5,13 @@ Each (task, mixer, length, lr) is one ``kimi-linear synth`` run
 freshly generated sequences and scored by answer accuracy on a held-out set; the best accuracy over the
 learning rates is the result of a (task, mixer, length).
 
-    PYTHONPATH=. python experiments/synthetic.py --smoke                       # CPU, tiny sizes, ~2 minutes
+    PYTHONPATH=. python experiments/synthetic.py --smoke                       # CPU, tiny sizes, a few minutes
     PYTHONPATH=. python experiments/synthetic.py --device cuda --out DIR --time-budget 400
 
 Resumable: results go to ``DIR/synthetic.json`` after every run (written atomically); a run already there is
-not run again, so the same command continues an interrupted sweep. Runs go shortest length first, so a time
-budget cuts the longest lengths. Seeded: the same command gives the same data and the same initial weights.
+not run again, so the same command continues an interrupted sweep. Every cell runs at the first learning rate,
+shortest length first, before any cell not yet solved tries the next one, so a time budget cuts the longest
+lengths and the extra learning rates. Seeded: the same command gives the same data and the same initial weights.
 Writes ``synthetic.json``, ``synthetic.png`` (accuracy vs length per task; accuracy vs step at the curve
 length) and ``synthetic_table.md`` (ours next to the paper's numbers).
 """
@@ -23,6 +24,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -183,7 +185,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes for a CPU check of the whole pipeline")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="experiments/results/synthetic", help="folder for JSON, PNG and table")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for JSON, PNG and table (default experiments/results/synthetic; with --smoke a temp folder)",
+    )
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     p.add_argument("--mixers", nargs="+", choices=MIXERS, default=["kda", "gdn", "mamba2"])
     p.add_argument("--lengths", nargs="+", type=int, default=None)
@@ -211,6 +217,9 @@ def main(argv=None) -> int:
     for name in ("lengths", "lrs", "steps", "batch_size"):
         if getattr(args, name) is not None:
             sizes[name] = getattr(args, name)
+    if args.out is None:
+        smoke_dir = Path(tempfile.gettempdir()) / "kimi_linear_synthetic_smoke"
+        args.out = str(smoke_dir) if args.smoke else "experiments/results/synthetic"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "synthetic.json"
