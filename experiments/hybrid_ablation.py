@@ -349,6 +349,34 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def seed_table(sweeps: list[dict]) -> str:
+    """Markdown over sweeps that differ only in the seed: mean ± sample standard deviation across seeds of the
+    validation loss at T and at 4T, and of each seed's difference to its own 3:1 run."""
+    seeds = [d["settings"]["seed"] for d in sweeps]
+    lines = ["| variant | val loss @T | Δ @T vs 3:1 | val loss @4T | @4T − @T | seeds |", "|---" * 6 + "|"]
+
+    def stats(values: list[float], sign: str = "") -> str:
+        t = torch.tensor(values, dtype=torch.float64)
+        mean = format(t.mean().item(), f"{sign}.4f")
+        return f"{mean} ± {t.std().item():.4f}" if len(values) > 1 else mean
+
+    for v in TABLE_ORDER:
+        done = [d for d in sweeps if v in d["runs"]]
+        if not done:
+            continue
+        at_t = [d["runs"][v]["val_loss"] for d in done]
+        at_4t = [d["runs"][v]["extrapolation"]["4x"]["loss"] for d in done]
+        paired = [d["runs"][v]["val_loss"] - d["runs"][REFERENCE]["val_loss"] for d in done
+                  if REFERENCE in d["runs"]]
+        delta = "—" if v == REFERENCE or not paired else stats(paired, "+")
+        growth = stats([b - a for a, b in zip(at_t, at_4t)], "+")
+        used = ", ".join(str(d["settings"]["seed"]) for d in done)
+        lines.append(f"| {v} | {stats(at_t)} | {delta} | {stats(at_4t)} | {growth} | {used} |")
+    if len(set(seeds)) != len(seeds):
+        lines.append(f"\n(warning: repeated seeds {seeds})")
+    return "\n".join(lines)
+
+
 def plot(data: dict, path: Path) -> None:
     """Training loss vs tokens; validation loss vs position in 4T windows; loss at T, 2T, 4T per variant."""
     import matplotlib
@@ -418,7 +446,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order")
     p.add_argument("--data", default=None, help="another corpus (as 'kimi-linear train --data'); default: "
                                                 "the embedded one, the Python standard library's source")
-    p.add_argument("--tag", default="", help="suffix of the result files: hybrid_ablation_TAG.json/.png")
+    p.add_argument("--tag", default="", help="suffix of the result files: hybrid_ablation_TAG.json/.png; "
+                                             "with --table, several (comma-separated seeds) give mean ± std")
     p.add_argument("--table", action="store_true", help="print the Markdown table of the existing JSON, exit")
     p.add_argument("--plot", action="store_true", help="draw hybrid_ablation.png from the JSON and exit")
     return p.parse_args(argv)
@@ -427,6 +456,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
+    tags = args.tag.split(",")
+    if len(tags) > 1:  # several sweeps (seeds) of the same settings: the table of means
+        if not args.table or args.plot:
+            raise SystemExit("several --tag values go with --table only")
+        paths = [out / f"hybrid_ablation_{t}.json" for t in tags]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise SystemExit(f"no results at {missing}")
+        sweeps = [load(p) for p in paths]
+        settings = [{k: v for k, v in d["settings"].items() if k not in ("seed", "steps_chosen_by")} for d in sweeps]
+        if any(x != settings[0] for x in settings):
+            raise SystemExit("those sweeps differ in more than the seed")
+        print(seed_table(sweeps))
+        return 0
     stem = "hybrid_ablation" + (f"_{args.tag}" if args.tag else "")
     json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
     if args.table or args.plot:

@@ -80,3 +80,13 @@ def test_tiny_sweep_resumes_and_tabulates(ablation, corpus_dir, tmp_path, monkey
         ablation.main([*argv, "--seed", "1"])
     assert ablation.main(["--table", "--out", str(out)]) == 0
     assert "| mla | — | — | not run |" in capsys.readouterr().out
+
+    # Seeds of one sweep: the table of means and spreads across them.
+    for seed, shift in ((0, 0.0), (1, 0.5)):
+        copy = json.loads(json.dumps(data))
+        copy["settings"]["seed"] = seed
+        copy["runs"]["3:1"]["val_loss"] += shift
+        (out / f"hybrid_ablation_s{seed}.json").write_text(json.dumps(copy))
+    assert ablation.main(["--table", "--tag", "s0,s1", "--out", str(out)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 3:1 |"))
+    assert f"{run['val_loss'] + 0.25:.4f} ± {0.5 / math.sqrt(2):.4f}" in row and row.endswith("| 0, 1 |")
