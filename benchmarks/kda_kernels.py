@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kimi_linear.ops.kda import chunk_kda
-from kimi_linear.ops.kda import chunk_triton
+from kimi_linear.ops.kda import chunk_kda, chunk_triton
 
 PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on this H200 (DESIGN.md §5)
 PEAK_TBPS = 4.8
@@ -134,8 +133,8 @@ def kernel_breakdown(T: int) -> dict:
 
 def time_decode(batches) -> list[dict]:
     try:
-        from kimi_linear.ops.kda import fused_recurrent_kda
         import kimi_linear.ops.kda.recurrent_triton  # noqa: F401 - is the Triton decode kernel there?
+        from kimi_linear.ops.kda import fused_recurrent_kda
     except Exception as e:  # noqa: BLE001
         print(f"decode kernel not available: {e!r}")
         return []

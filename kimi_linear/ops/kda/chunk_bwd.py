@@ -27,8 +27,8 @@ import triton.language as tl
 
 from kimi_linear.ops.kda.chunk_fwd import (
     _dot,
-    _load_G,
     _load_block,
+    _load_G,
     _load_last,
     _load_row,
     _load_rows,

@@ -187,7 +187,6 @@ def chunk_kda_fwd_intra_kernel(
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     t0 = bos + i_t * BT
     n_rows = tl.minimum(eos - t0, BT)
-    o_c = tl.arange(0, BC)
 
     # cumulative log-decay, sub-block by sub-block, carrying the running sum; padded rows add 0
     g0 = _load_rows(g, t0, 0, n_rows, i_h, H, K, BC, BK)

@@ -26,8 +26,8 @@ import triton
 from kimi_linear.ops.kda.chunk_bwd import (
     chunk_kda_bwd_dg_kernel,
     chunk_kda_bwd_dh_kernel,
-    chunk_kda_bwd_intra_kernel,
     chunk_kda_bwd_inter_kernel,
+    chunk_kda_bwd_intra_kernel,
 )
 from kimi_linear.ops.kda.chunk_fwd import (
     chunk_kda_fwd_intra_kernel,
