@@ -109,17 +109,25 @@ def time_chunk(T: int, fla_kda, fla_gdn) -> dict:
     return row
 
 
-def kernel_breakdown(T: int) -> dict:
-    """CUDA time per kernel (ms per call) of our forward+backward, from the torch profiler."""
-    xg = make_inputs(T, seed=7, requires_grad=True)
+def kernel_breakdown(T: int, op=None, backward: bool = True) -> dict:
+    """CUDA time per kernel (ms per call) of a forward(+backward) of ``op`` (ours by default), torch profiler."""
+    if op is None:
+        op = lambda **x: chunk_kda(**x, backend="triton")  # noqa: E731
+    xg = make_inputs(T, seed=7, requires_grad=backward)
     do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
+
+    def call():
+        o = op(**xg)[0]
+        if backward:
+            o.backward(do)
+
     for _ in range(3):
-        chunk_kda(**xg, backend="triton")[0].backward(do)
+        call()
     torch.cuda.synchronize()
     reps = 5
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            chunk_kda(**xg, backend="triton")[0].backward(do)
+            call()
         torch.cuda.synchronize()
     out = {}
     for ev in prof.key_averages():
@@ -127,7 +135,7 @@ def kernel_breakdown(T: int) -> dict:
         if t is None:
             t = ev.cuda_time_total
         if t > 0:
-            out[ev.key] = t / 1e3 / reps  # ms per forward+backward
+            out[ev.key] = t / 1e3 / reps  # ms per call
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
@@ -278,6 +286,17 @@ def main(argv=None) -> None:
             result["breakdown"][T] = kernel_breakdown(T)
         except Exception as e:  # noqa: BLE001
             print(f"breakdown T={T} failed: {e!r}"[:400])
+    if fla_kda is not None and args.breakdown:
+        T = args.breakdown[0]
+        for tag, bwd in (("fwd", False), ("fwdbwd", True)):
+            try:
+                result["breakdown"][f"FLA {tag} {T}"] = kernel_breakdown(T, fla_kda, backward=bwd)
+            except Exception as e:  # noqa: BLE001
+                print(f"FLA breakdown {tag} failed: {e!r}"[:400])
+        try:
+            result["breakdown"][f"ours fwd {T}"] = kernel_breakdown(T, backward=False)
+        except Exception as e:  # noqa: BLE001
+            print(f"breakdown fwd failed: {e!r}"[:400])
     try:
         result["decode"] = time_decode(args.decode_batches)
     except Exception as e:  # noqa: BLE001
@@ -288,7 +307,7 @@ def main(argv=None) -> None:
     plot(rows, os.path.join(args.out, "kda_kernels.png"))
 
     for T, br in result["breakdown"].items():
-        print(f"\nper-kernel ms per fwd+bwd at T={T}:")
+        print(f"\nper-kernel ms per call ({T}; plain T = ours fwd+bwd):")
         for name, ms in list(br.items())[:12]:
             print(f"  {ms:8.3f}  {name[:90]}")
     if result["decode"]:

@@ -22,6 +22,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import kimi_linear.ops.kda.chunk_common as chunk_common  # noqa: E402
 import kimi_linear.ops.kda.chunk_triton as chunk_triton  # noqa: E402
 from kimi_linear.ops.kda import beta_activation, chunk_kda, kda_gate, naive_chunk_kda, naive_recurrent_kda  # noqa: E402
 from kimi_linear.ops.norm import l2norm  # noqa: E402
@@ -38,7 +39,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.fixture(autouse=True)
 def poison_buffers(monkeypatch):
-    monkeypatch.setattr(chunk_triton, "POISON_BUFFERS", True)
+    monkeypatch.setattr(chunk_common, "POISON_BUFFERS", True)
 
 
 def reference(q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=None, *, l2norm_qk=False,

@@ -22,9 +22,20 @@ three stages run:
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from kimi_linear.ops.kda.chunk_common import (
+    CHUNK,
+    CONFIG,
+    SUB_CHUNK,
+    _bv,
+    _dot_precision,
+    _empty,
+    _interpreting,
+    _pad_dim,
+)
 from kimi_linear.ops.kda.chunk_fwd import (
     _dot,
     _load_block,
@@ -37,6 +48,7 @@ from kimi_linear.ops.kda.chunk_fwd import (
     _store_block,
     _store_rows,
     _tile,
+    chunk_kda_fwd_state_kernel,
 )
 
 
@@ -332,3 +344,65 @@ def chunk_kda_bwd_dg_kernel(dg, cu_seqlens, chunk_indices, H: tl.constexpr, K: t
     b_dG = _load_rows(dg, t0, 0, n_rows, i_h, H, K, BT, BK)  # [BT, BK], zero past the end
     b_dg = tl.sum(b_dG, 0)[None, :] - tl.cumsum(b_dG, 0) + b_dG
     _store_rows(dg, b_dg, t0, 0, n_rows, i_h, H, K, BT, BK)
+
+
+def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
+    """Backward launcher: the forward's inputs and saved intermediates, dO (and dS_T) -> dq, dk, dv, dg, dbeta, dh0."""
+    G, Aqk, Tinv, w, u, qg, kd = saved
+    TT, H, K = q.shape
+    V = v.shape[-1]
+    BK = _pad_dim(K)
+    dev, dt = q.device, q.dtype
+    prec = _dot_precision(dt)
+    NT = layout.NT
+    # states entering each chunk and the pseudo-values V_new, recomputed
+    h = _empty(NT, H, K, V, device=dev, dtype=dt)
+    vn = _empty(TT, H, V, device=dev, dtype=dt)
+    BV = _bv(V, "state_bv")
+    chunk_kda_fwd_state_kernel[(triton.cdiv(V, BV), layout.N * H)](
+        qg, kd, w, u, G, Aqk, vn, h0 if h0 is not None else vn, vn, h, vn,
+        layout.cu_seqlens, layout.chunk_offsets,
+        H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=False, STORE_O=False,
+        STORE_H=True, DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=CONFIG["state_warps"],
+        num_stages=CONFIG["state_stages"],
+    )
+    dh = _empty(NT, H, K, V, device=dev, dtype=dt)
+    dvn = _empty(TT, H, V, device=dev, dtype=dt)
+    dh0 = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if h0 is not None else None
+    BV = _bv(V, "dh_bv")
+    chunk_kda_bwd_dh_kernel[(triton.cdiv(V, BV), layout.N * H)](
+        qg, kd, w, G, Aqk, do, dht if dht is not None else do, dh, dvn, dh0 if dh0 is not None else do,
+        layout.cu_seqlens, layout.chunk_offsets,
+        H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_DHT=dht is not None, STORE_DH0=dh0 is not None,
+        DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=CONFIG["dh_warps"], num_stages=CONFIG["dh_stages"],
+    )
+    dv = _empty(TT, H, V, device=dev, dtype=v.dtype)
+    db = _empty(TT, H, device=dev, dtype=torch.float32)
+    dq_out = _empty(TT, H, K, device=dev, dtype=dt)
+    dk_out = _empty(TT, H, K, device=dev, dtype=dt)
+    dg = _empty(TT, H, K, device=dev, dtype=torch.float32)
+    if NT > 0:
+        dq = _empty(TT, H, K, device=dev, dtype=torch.float32)
+        dk = _empty(TT, H, K, device=dev, dtype=torch.float32)
+        dG = _empty(TT, H, K, device=dev, dtype=torch.float32)
+        dA = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
+        dAqk = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
+        # fp32 operands take twice the shared memory of 16-bit ones
+        inter_bv = _bv(V, "inter_bv") if dt != torch.float32 else min(_bv(V, "inter_bv"), 32)
+        chunk_kda_bwd_inter_kernel[(NT, H)](
+            q, k, v, beta, G, Tinv, h, dh, vn, dvn, do, dq, dk, dG, dA, dAqk, dv, db,
+            layout.cu_seqlens, layout.chunk_indices, scale,
+            H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=inter_bv, DOT_PREC=prec,
+            num_warps=CONFIG["inter_warps"], num_stages=CONFIG["inter_stages"],
+        )
+        split = CONFIG["bwd_intra_split"]
+        chunk_kda_bwd_intra_kernel[(NT, H, CHUNK // SUB_CHUNK if split else 1)](
+            q, k, beta, G, dq, dk, dG, dA, dAqk, db, dq_out, dk_out, dg,
+            layout.cu_seqlens, layout.chunk_indices, scale,
+            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC=prec, SPLIT=split,
+            num_warps=CONFIG["bwd_intra_warps"], num_stages=CONFIG["bwd_intra_stages"],
+        )
+        if split:
+            chunk_kda_bwd_dg_kernel[(NT, H)](dg, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BK=BK,
+                                             num_warps=4)
+    return dq_out, dk_out, dv, dg, db, dh0

@@ -23,8 +23,20 @@ Limits: K, V <= 256 (padded to powers of two >= 16 inside); BT = 64 and BC = 16 
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from kimi_linear.ops.kda.chunk_common import (
+    CHUNK,
+    CONFIG,
+    SUB_CHUNK,
+    _bv,
+    _dot_precision,
+    _empty,
+    _interpreting,
+    _pad_dim,
+)
 
 
 @triton.jit
@@ -442,3 +454,46 @@ def chunk_kda_fwd_output_kernel(
     b_vn = tl.load(_tile(vn, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0)
     b_o = _dot(b_qg, b_h, DOT_PREC) + _dot(b_A, b_vn, DOT_PREC)
     tl.store(_tile(o, t0, i_h, o_v, H, V, BT), b_o.to(o.dtype.element_ty), mask=m_tv)
+
+
+def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
+    """Forward launcher: packed q, k [TT, H, K], v [TT, H, V], g fp32, beta [TT, H] -> (o, final state or None,
+    the intermediates the backward reads: G, A_qk, T, W, U, q~ exp(G), K exp(G_last - G))."""
+    TT, H, K = q.shape
+    V = v.shape[-1]
+    BK, BVf = _pad_dim(K), _pad_dim(V)
+    dev, dt = q.device, q.dtype
+    prec = _dot_precision(dt)
+    G = _empty(TT, H, K, device=dev, dtype=torch.float32)
+    Aqk = _empty(TT, H, CHUNK, device=dev, dtype=dt)
+    Tinv = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)  # also the UT transform's scratch
+    w = _empty(TT, H, K, device=dev, dtype=dt)
+    u = _empty(TT, H, V, device=dev, dtype=dt)
+    qg = _empty(TT, H, K, device=dev, dtype=dt)
+    kd = _empty(TT, H, K, device=dev, dtype=dt)
+    if layout.NT > 0:
+        chunk_kda_fwd_intra_kernel[(layout.NT, H)](
+            q, k, v, g, beta, G, Aqk, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
+            H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BV=BVf, DOT_PREC=prec,
+            num_warps=CONFIG["intra_warps"], num_stages=CONFIG["intra_stages"],
+        )
+    o = _empty(TT, H, V, device=dev, dtype=dt)
+    ht = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
+    BV = _bv(V, "state_bv")
+    fused = CONFIG["fused_output"] or layout.NT == 0
+    h = o if fused else _empty(layout.NT, H, K, V, device=dev, dtype=dt)
+    vn = o if fused else _empty(TT, H, V, device=dev, dtype=dt)
+    chunk_kda_fwd_state_kernel[(triton.cdiv(V, BV), layout.N * H)](
+        qg, kd, w, u, G, Aqk, o, h0 if h0 is not None else o, ht if ht is not None else o, h, vn,
+        layout.cu_seqlens, layout.chunk_offsets,
+        H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None, STORE_O=fused,
+        STORE_H=not fused, DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=CONFIG["state_warps"],
+        num_stages=CONFIG["state_stages"],
+    )
+    if not fused:
+        BVo = _bv(V, "output_bv")
+        chunk_kda_fwd_output_kernel[(layout.NT, H, triton.cdiv(V, BVo))](
+            qg, Aqk, h, vn, o, layout.cu_seqlens, layout.chunk_indices,
+            H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BVo, DOT_PREC=prec, num_warps=4, num_stages=1,
+        )
+    return o, ht, (G, Aqk, Tinv, w, u, qg, kd)

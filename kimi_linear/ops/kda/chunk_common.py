@@ -1,0 +1,82 @@
+"""Host-side pieces shared by the chunk KDA launchers: the packed layout, buffer allocation, launch settings.
+
+Kept apart from the kernels (``chunk_fwd.py``, ``chunk_bwd.py``) and from the autograd wrapper
+(``chunk_triton.py``) so each of those imports it without cycles.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+CHUNK = 64
+SUB_CHUNK = 16
+
+# Tests set this to fill every buffer a kernel is meant to write with NaN first, so an element the kernels leave
+# unwritten shows up in the results instead of passing as stale memory.
+POISON_BUFFERS = False
+
+
+def _empty(*shape, device, dtype):
+    if POISON_BUFFERS:
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
+def _pad_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+class _Layout:
+    """Where each sequence and chunk lives in the packed ``[T_total, ...]`` tensors."""
+
+    def __init__(self, cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.device):
+        if cu_seqlens is None:
+            lengths = [T] * B
+        else:
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        counts = torch.tensor([-(-n // CHUNK) for n in lengths], dtype=torch.int64)
+        self.N = len(lengths)
+        self.NT = int(counts.sum())
+        starts = torch.cumsum(torch.tensor([0] + lengths), 0)
+        self.cu_seqlens = starts.to(device=device, dtype=torch.int32)
+        self.chunk_offsets = torch.cumsum(torch.cat([counts.new_zeros(1), counts]), 0).to(device, torch.int32)
+        seq = torch.repeat_interleave(torch.arange(self.N), counts)  # [NT]
+        within = torch.arange(self.NT) - torch.repeat_interleave(self.chunk_offsets.cpu()[:-1].long(), counts)
+        self.chunk_indices = torch.stack([seq, within], 1).to(device=device, dtype=torch.int32).contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs ask for fp32 products; for 16-bit inputs tf32 is already finer than the inputs themselves
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Launch settings per kernel; the V block of the sequential passes sets their parallelism (V / BV * N * H programs).
+CONFIG = {
+    "fused_output": True,  # O inside the sequential state pass, or a parallel pass over stored states
+    "output_bv": 64,
+    "intra_warps": 8,
+    "intra_stages": 1,
+    "state_bv": 32,
+    "state_warps": 4,
+    "state_stages": 2,
+    "dh_bv": 32,
+    "dh_warps": 4,
+    "dh_stages": 2,
+    "inter_bv": 64,
+    "inter_warps": 8,
+    "inter_stages": 1,  # the per-chunk backward holds many dot operands in shared memory; no room to pipeline
+    "bwd_intra_split": False,  # one program per sub-block (4x the programs) and a separate reverse cumsum
+    "bwd_intra_warps": 8,
+    "bwd_intra_stages": 1,
+}
+
+
+def _bv(V: int, key: str) -> int:
+    return min(_pad_dim(V), CONFIG[key])
