@@ -19,7 +19,6 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kimi_linear.ops.kda import chunk_bwd, chunk_fwd
-from kimi_linear.ops.kda.chunk_triton import CHUNK, CONFIG, SUB_CHUNK
 
 H, K, V = 32, 128, 128
 SHARED_LIMIT = 232448
@@ -51,24 +50,8 @@ def build(fn, consts: dict, num_warps: int, num_stages: int, float_args=("scale"
 
 
 def main() -> None:
-    c = CONFIG
-    BK = max(16, triton.next_power_of_2(K))
-    common = dict(H=H, K=K, V=V, BT=CHUNK, BK=BK, DOT_PREC="tf32")
-    jobs = [
-        (chunk_fwd.chunk_kda_fwd_intra_kernel, dict(common, BC=SUB_CHUNK, BV=BK), c["intra_warps"],
-         c["intra_stages"]),
-        (chunk_fwd.chunk_kda_fwd_state_kernel, dict(common, BV=c["state_bv"], USE_H0=True, STORE_HT=True,
-                                                    STORE_O=c["fused_output"], STORE_H=not c["fused_output"],
-                                                    INTERPRET=False), c["state_warps"], c["state_stages"]),
-        (chunk_fwd.chunk_kda_fwd_output_kernel, dict(common, BV=c["output_bv"]), 4, 1),
-        (chunk_bwd.chunk_kda_bwd_dh_kernel, dict(common, BV=c["dh_bv"], USE_DHT=True, STORE_DH0=True,
-                                                 INTERPRET=False), c["dh_warps"], c["dh_stages"]),
-        (chunk_bwd.chunk_kda_bwd_inter_kernel, dict(common, BV=c["inter_bv"]), c["inter_warps"], c["inter_stages"]),
-        (chunk_bwd.chunk_kda_bwd_intra_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC="tf32",
-                                                    SPLIT=c["bwd_intra_split"]),
-         c["bwd_intra_warps"], c["bwd_intra_stages"]),
-        (chunk_bwd.chunk_kda_bwd_dg_kernel, dict(H=H, K=K, BT=CHUNK, BK=BK), 4, 1),
-    ]
+    # each kernel module lists its kernels with the constants and launch settings the launcher uses
+    jobs = chunk_fwd.sm90_build_jobs(H, K, V) + chunk_bwd.sm90_build_jobs(H, K, V)
     for fn, consts, warps, stages in jobs:
         floats = ("scale",) if "scale" in fn.arg_names else ()
         print(build(fn, consts, warps, stages, floats), flush=True)

@@ -406,3 +406,18 @@ def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
             chunk_kda_bwd_dg_kernel[(NT, H)](dg, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BK=BK,
                                              num_warps=4)
     return dq_out, dk_out, dv, dg, db, dh0
+
+
+def sm90_build_jobs(H: int, K: int, V: int) -> list:
+    """(kernel, constexprs, num_warps, num_stages) as the launcher uses them, for ``benchmarks/kda_chunk_build.py``."""
+    c = CONFIG
+    BK, BVf = _pad_dim(K), _pad_dim(V)
+    common = dict(H=H, K=K, V=V, BT=CHUNK, BK=BK, DOT_PREC="tf32")
+    return [
+        (chunk_kda_bwd_dh_kernel, dict(common, BV=min(BVf, c["dh_bv"]), USE_DHT=True, STORE_DH0=True,
+                                       INTERPRET=False), c["dh_warps"], c["dh_stages"]),
+        (chunk_kda_bwd_inter_kernel, dict(common, BV=min(BVf, c["inter_bv"])), c["inter_warps"], c["inter_stages"]),
+        (chunk_kda_bwd_intra_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC="tf32",
+                                          SPLIT=c["bwd_intra_split"]), c["bwd_intra_warps"], c["bwd_intra_stages"]),
+        (chunk_kda_bwd_dg_kernel, dict(H=H, K=K, BT=CHUNK, BK=BK), 4, 1),
+    ]

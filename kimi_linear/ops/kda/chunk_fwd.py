@@ -497,3 +497,17 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
             H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BVo, DOT_PREC=prec, num_warps=4, num_stages=1,
         )
     return o, ht, (G, Aqk, Tinv, w, u, qg, kd)
+
+
+def sm90_build_jobs(H: int, K: int, V: int) -> list:
+    """(kernel, constexprs, num_warps, num_stages) as the launcher uses them, for ``benchmarks/kda_chunk_build.py``."""
+    c = CONFIG
+    BK, BVf = _pad_dim(K), _pad_dim(V)
+    common = dict(H=H, K=K, V=V, BT=CHUNK, BK=BK, DOT_PREC="tf32")
+    return [
+        (chunk_kda_fwd_intra_kernel, dict(common, BC=SUB_CHUNK, BV=BVf), c["intra_warps"], c["intra_stages"]),
+        (chunk_kda_fwd_state_kernel, dict(common, BV=min(BVf, c["state_bv"]), USE_H0=True, STORE_HT=True,
+                                          STORE_O=c["fused_output"], STORE_H=not c["fused_output"],
+                                          INTERPRET=False), c["state_warps"], c["state_stages"]),
+        (chunk_kda_fwd_output_kernel, dict(common, BV=min(BVf, c["output_bv"])), 4, 1),
+    ]
