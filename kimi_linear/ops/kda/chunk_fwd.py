@@ -1,20 +1,23 @@
 """Triton kernels of the chunkwise KDA forward (paper §3.1), and the block helpers the backward shares.
 
-Two stages, chunk size BT = 64 split into four sub-blocks of BC = 16 rows:
+Three stages, chunk size BT = 64 split into four sub-blocks of BC = 16 rows:
 
-* ``chunk_kda_fwd_intra_kernel`` — one program per (chunk, head), everything that stays inside the chunk:
-  the fp32 cumulative log-decay G, the pair matrices A_kk (strictly lower, times beta) and A_qk (lower, times
-  scale), the UT transform T = (I + A_kk)^-1 by forward substitution on the four 16x16 diagonal blocks and a
-  block merge, and the WY factors W = T (beta exp(G) K), U = T (beta V).
+* ``chunk_kda_fwd_pairs_kernel`` — one program per (chunk, head), walking K in slices of 16 columns: the fp32
+  cumulative log-decay G (stored), the pair matrices A_kk (strictly lower, times beta) and A_qk (lower, times
+  scale) — diagonal sub-blocks element-wise as [16, 16, 16] broadcasts, the others as tl.dot — then the UT transform
+  T = (I + A_kk)^-1 by forward substitution on the four 16x16 diagonal blocks and a block merge, in fp32.
+* ``chunk_kda_fwd_wy_kernel`` — one program per (chunk, head, 64-column block of K or V): the WY factors
+  W = T (beta exp(G) K), U = T (beta V), and the state pass's operands scale q exp(G) and K exp(G_last - G).
 * ``chunk_kda_fwd_state_kernel`` — one program per (V block, sequence, head), a sequential pass over the
   sequence's chunks carrying the fp32 state S [K, BV]: V_new = U - W S, O = (scale Q exp(G)) S + A_qk V_new,
   S <- exp(G_last) S + (K exp(G_last - G))^T V_new. With ``STORE_H`` it also writes the state entering each chunk
   and V_new (the backward recomputes them this way instead of keeping them from the forward).
 
 Numerics: G stays fp32; exponentials are taken only of differences that are <= 0 — for pairs of rows in different
-sub-blocks the decay is routed through the first row r of the later block, exp(G_t - G_i) = exp(G_t - G_r)
-exp(G_r - G_i), and inside a sub-block it is applied element-wise and clamped before masking. Rows past the end of
-a sequence read g = 0, so their G equals the last valid row's and no factor exceeds 1 (g = -1000 gives zeros).
+sub-blocks the decay is routed through c, the decay just before the later block (t in it, i earlier):
+exp(G_t - G_i) = exp(G_t - c) exp(c - G_i), and inside a sub-block it is applied element-wise and clamped before
+masking. Rows past the end of a sequence read g = 0 (G there is the last valid row's, or 0 in the WY kernel, where
+their k, q, v read 0), so no factor exceeds 1 (g = -1000 gives zeros).
 
 Layout: every sequence tensor is packed ``[T_total, H, D]`` (contiguous); sequences are delimited by ``cu_seqlens``
 and each program finds its sequence and chunk in ``chunk_indices`` ``[NT, 2]`` (sequence, chunk within it).
@@ -37,6 +40,16 @@ from kimi_linear.ops.kda.chunk_common import (
     _interpreting,
     _pad_dim,
 )
+
+# Launch settings of the per-chunk forward kernels (the state pass keeps chunk_common.CONFIG's).
+FWD_CONFIG = {
+    "pairs_bks": 16,  # K columns per step of the pair kernel; the diagonal blocks broadcast [16, 16, pairs_bks]
+    "pairs_warps": 4,
+    "pairs_stages": 1,
+    "wy_block": 64,  # K / V columns per program of the WY kernel
+    "wy_warps": 4,
+    "wy_stages": 1,
+}
 
 
 @triton.jit
@@ -187,11 +200,68 @@ def _dot_exact(a, b):
 
 
 @triton.jit
-def chunk_kda_fwd_intra_kernel(
-    q, k, v, g, beta, G_out, Aqk_out, Tinv_out, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, DOT_PREC: tl.constexpr,
+def _load_cols(ptr, t0, row0, col0, n_rows, i_h, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+               BD: tl.constexpr):
+    """Rows [row0, row0 + BR), columns [col0, col0 + BD) of a chunk of ``ptr`` [T_total, H, D], in the stored
+    dtype; rows at or past ``n_rows`` and columns past D read 0."""
+    o_r = row0 + tl.arange(0, BR)
+    o_d = col0 + tl.arange(0, BD)
+    m = (o_r < n_rows)[:, None] & (o_d < D)[None, :]
+    p = ptr + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _store_cols(ptr, x, t0, row0, col0, n_rows, i_h, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+                BD: tl.constexpr):
+    o_r = row0 + tl.arange(0, BR)
+    o_d = col0 + tl.arange(0, BD)
+    m = (o_r < n_rows)[:, None] & (o_d < D)[None, :]
+    p = ptr + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
+    tl.store(p, x.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _diag_slice(q_a, k_a, G_a):
+    """One K slice of a diagonal sub-block: sum_c k_t k_j exp(G_t - G_j) and sum_c q_t k_j exp(G_t - G_j) for every
+    pair (t, j) of the block, as [BC, BC] fp32, from [BC, BKS] fp32 tiles. The exponent is clamped at 0: pairs with
+    j > t would be positive (they are masked by the caller), every kept factor is <= 1."""
+    kE = k_a[None, :, :] * tl.exp(tl.minimum(G_a[:, None, :] - G_a[None, :, :], 0.0))  # [BC, BC, BKS]
+    return tl.sum(k_a[:, None, :] * kE, 2), tl.sum(q_a[:, None, :] * kE, 2)
+
+
+@triton.jit
+def _off_slice(x_a, y_a, k_b, G_b, c_a, dt, DOT_PREC: tl.constexpr):
+    """One K slice of the off-diagonal sub-block (a, b), b < a: x_a (K_a or Q_a already times exp(G_a - c_a))
+    against K_b exp(c_a - G_b), where c_a is the decay just before block a. Both factors are <= 1."""
+    kb = (k_b * tl.exp(c_a[None, :] - G_b)).to(dt)
+    kbT = tl.trans(kb)
+    return _dot(x_a, kbT, DOT_PREC), _dot(y_a, kbT, DOT_PREC)
+
+
+@triton.jit
+def _masked(A, BC: tl.constexpr, STRICT: tl.constexpr):
+    o_c = tl.arange(0, BC)
+    if STRICT:
+        return tl.where(o_c[:, None] > o_c[None, :], A, 0.0)
+    return tl.where(o_c[:, None] >= o_c[None, :], A, 0.0)
+
+
+@triton.jit
+def chunk_kda_fwd_pairs_kernel(
+    q, k, g, beta, G_out, Aqk_out, Tinv_out, cu_seqlens, chunk_indices, scale,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
+    """Per (chunk, head) — grid (NT, H): the cumulative decay G, the pair matrices and the UT transform.
+
+    Walks K in slices of BKS columns, each slice: G = chunk-local cumsum of g (stored), then its share of
+    A_kk[t, j] = sum_c k_t k_j exp(G_t - G_j) and A_qk[t, j] (q in place of k_t) for the ten sub-block pairs
+    (a, b), b <= a: element-wise on the diagonal blocks ([BC, BC, BKS] broadcasts), as tl.dot for b < a with the
+    decay routed through c_a, the decay just before block a. Then A_qk * scale (lower, with the diagonal) goes to
+    ``Aqk_out``; A = beta * A_kk (strictly lower) is inverted, T = (I + A)^-1, by forward substitution on the four
+    diagonal blocks and a block merge in fp32, into ``Tinv_out`` (which also serves as the substitution's scratch).
+    """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + 2 * i_c)
     i_t = tl.load(chunk_indices + 2 * i_c + 1)
@@ -199,105 +269,101 @@ def chunk_kda_fwd_intra_kernel(
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     t0 = bos + i_t * BT
     n_rows = tl.minimum(eos - t0, BT)
+    dt = q.dtype.element_ty
 
-    # cumulative log-decay, sub-block by sub-block, carrying the running sum; padded rows add 0
-    g0 = _load_rows(g, t0, 0, n_rows, i_h, H, K, BC, BK)
-    g1 = _load_rows(g, t0, BC, n_rows, i_h, H, K, BC, BK)
-    g2 = _load_rows(g, t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
-    g3 = _load_rows(g, t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
-    c1 = tl.sum(g0, 0)  # decay accumulated before each sub-block
-    c2 = c1 + tl.sum(g1, 0)
-    c3 = c2 + tl.sum(g2, 0)
-    G0 = tl.cumsum(g0, 0)
-    G1 = tl.cumsum(g1, 0) + c1[None, :]
-    G2 = tl.cumsum(g2, 0) + c2[None, :]
-    G3 = tl.cumsum(g3, 0) + c3[None, :]
-    _store_rows(G_out, G0, t0, 0, n_rows, i_h, H, K, BC, BK)
-    _store_rows(G_out, G1, t0, BC, n_rows, i_h, H, K, BC, BK)
-    _store_rows(G_out, G2, t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
-    _store_rows(G_out, G3, t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
-    G_last = c3 + tl.sum(g3, 0)  # padded rows add 0: the last valid row's decay
+    zero = tl.zeros([BC, BC], dtype=tl.float32)
+    Akk00, Akk11, Akk22, Akk33 = zero, zero, zero, zero
+    Akk10, Akk20, Akk21, Akk30, Akk31, Akk32 = zero, zero, zero, zero, zero, zero
+    Aqk00, Aqk11, Aqk22, Aqk33 = zero, zero, zero, zero
+    Aqk10, Aqk20, Aqk21, Aqk30, Aqk31, Aqk32 = zero, zero, zero, zero, zero, zero
+    for i_k in range(0, BK // BKS):
+        col0 = i_k * BKS
+        # cumulative log-decay of this slice, sub-block by sub-block; padded rows add 0
+        g0 = _load_cols(g, t0, 0, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        g1 = _load_cols(g, t0, BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        g2 = _load_cols(g, t0, 2 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        g3 = _load_cols(g, t0, 3 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        c1 = tl.sum(g0, 0)  # decay accumulated before each sub-block
+        c2 = c1 + tl.sum(g1, 0)
+        c3 = c2 + tl.sum(g2, 0)
+        G0 = tl.cumsum(g0, 0)
+        G1 = tl.cumsum(g1, 0) + c1[None, :]
+        G2 = tl.cumsum(g2, 0) + c2[None, :]
+        G3 = tl.cumsum(g3, 0) + c3[None, :]
+        _store_cols(G_out, G0, t0, 0, col0, n_rows, i_h, H, K, BC, BKS)
+        _store_cols(G_out, G1, t0, BC, col0, n_rows, i_h, H, K, BC, BKS)
+        _store_cols(G_out, G2, t0, 2 * BC, col0, n_rows, i_h, H, K, BC, BKS)
+        _store_cols(G_out, G3, t0, 3 * BC, col0, n_rows, i_h, H, K, BC, BKS)
 
-    k0 = _load_rows(k, t0, 0, n_rows, i_h, H, K, BC, BK)
-    k1 = _load_rows(k, t0, BC, n_rows, i_h, H, K, BC, BK)
-    k2 = _load_rows(k, t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
-    k3 = _load_rows(k, t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
-    q0 = _load_rows(q, t0, 0, n_rows, i_h, H, K, BC, BK) * scale
-    q1 = _load_rows(q, t0, BC, n_rows, i_h, H, K, BC, BK) * scale
-    q2 = _load_rows(q, t0, 2 * BC, n_rows, i_h, H, K, BC, BK) * scale
-    q3 = _load_rows(q, t0, 3 * BC, n_rows, i_h, H, K, BC, BK) * scale
+        k0 = _load_cols(k, t0, 0, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        k1 = _load_cols(k, t0, BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        k2 = _load_cols(k, t0, 2 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        k3 = _load_cols(k, t0, 3 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        q0 = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        q1 = _load_cols(q, t0, BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        q2 = _load_cols(q, t0, 2 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        q3 = _load_cols(q, t0, 3 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+
+        s_kk, s_qk = _diag_slice(q0, k0, G0)
+        Akk00 += s_kk
+        Aqk00 += s_qk
+        s_kk, s_qk = _diag_slice(q1, k1, G1)
+        Akk11 += s_kk
+        Aqk11 += s_qk
+        s_kk, s_qk = _diag_slice(q2, k2, G2)
+        Akk22 += s_kk
+        Aqk22 += s_qk
+        s_kk, s_qk = _diag_slice(q3, k3, G3)
+        Akk33 += s_kk
+        Aqk33 += s_qk
+
+        e1 = tl.exp(G1 - c1[None, :])
+        x1, y1 = (k1 * e1).to(dt), (q1 * e1).to(dt)
+        s_kk, s_qk = _off_slice(x1, y1, k0, G0, c1, dt, DOT_PREC)
+        Akk10 += s_kk
+        Aqk10 += s_qk
+        e2 = tl.exp(G2 - c2[None, :])
+        x2, y2 = (k2 * e2).to(dt), (q2 * e2).to(dt)
+        s_kk, s_qk = _off_slice(x2, y2, k0, G0, c2, dt, DOT_PREC)
+        Akk20 += s_kk
+        Aqk20 += s_qk
+        s_kk, s_qk = _off_slice(x2, y2, k1, G1, c2, dt, DOT_PREC)
+        Akk21 += s_kk
+        Aqk21 += s_qk
+        e3 = tl.exp(G3 - c3[None, :])
+        x3, y3 = (k3 * e3).to(dt), (q3 * e3).to(dt)
+        s_kk, s_qk = _off_slice(x3, y3, k0, G0, c3, dt, DOT_PREC)
+        Akk30 += s_kk
+        Aqk30 += s_qk
+        s_kk, s_qk = _off_slice(x3, y3, k1, G1, c3, dt, DOT_PREC)
+        Akk31 += s_kk
+        Aqk31 += s_qk
+        s_kk, s_qk = _off_slice(x3, y3, k2, G2, c3, dt, DOT_PREC)
+        Akk32 += s_kk
+        Aqk32 += s_qk
+
+    _store_block(Aqk_out, scale * _masked(Aqk00, BC, False), t0, 0, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, 0, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, 0, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, scale * Aqk10, t0, BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, scale * _masked(Aqk11, BC, False), t0, BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, scale * Aqk20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, scale * Aqk21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, scale * _masked(Aqk22, BC, False), t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, 2 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, scale * Aqk30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, scale * Aqk31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, scale * Aqk32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, scale * _masked(Aqk33, BC, False), t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+
+    # UT transform: A = beta * A_kk (row scale), T = (I + A)^-1 block by block
     b0 = _load_vec(beta, t0, 0, n_rows, i_h, H, BC)
     b1 = _load_vec(beta, t0, BC, n_rows, i_h, H, BC)
     b2 = _load_vec(beta, t0, 2 * BC, n_rows, i_h, H, BC)
     b3 = _load_vec(beta, t0, 3 * BC, n_rows, i_h, H, BC)
-
-    # the state pass's operands: q~ exp(G) reads the state, K exp(G_last - G) writes it
-    _store_rows(qg_out, q0 * tl.exp(G0), t0, 0, n_rows, i_h, H, K, BC, BK)
-    _store_rows(qg_out, q1 * tl.exp(G1), t0, BC, n_rows, i_h, H, K, BC, BK)
-    _store_rows(qg_out, q2 * tl.exp(G2), t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
-    _store_rows(qg_out, q3 * tl.exp(G3), t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
-    _store_rows(kd_out, k0 * tl.exp(G_last[None, :] - G0), t0, 0, n_rows, i_h, H, K, BC, BK)
-    _store_rows(kd_out, k1 * tl.exp(G_last[None, :] - G1), t0, BC, n_rows, i_h, H, K, BC, BK)
-    _store_rows(kd_out, k2 * tl.exp(G_last[None, :] - G2), t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
-    _store_rows(kd_out, k3 * tl.exp(G_last[None, :] - G3), t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
-
-    # diagonal sub-blocks, element-wise decay
-    Akk00, Aqk00 = _diag_pairs(q0, k0, G0, tl.zeros([BK], dtype=tl.float32), k, g, t0, 0, n_rows, i_h, H, K, BC, BK)
-    Akk11, Aqk11 = _diag_pairs(q1, k1, G1, c1, k, g, t0, BC, n_rows, i_h, H, K, BC, BK)
-    Akk22, Aqk22 = _diag_pairs(q2, k2, G2, c2, k, g, t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
-    Akk33, Aqk33 = _diag_pairs(q3, k3, G3, c3, k, g, t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
-
-    # off-diagonal sub-blocks (a > b): decay routed through the first row of block a, both factors <= 1
-    Gr1 = c1 + _load_row(g, t0, 1 * BC, n_rows, i_h, H, K, BK)
-    e1 = tl.exp(G1 - Gr1[None, :])
-    kb = k0 * tl.exp(Gr1[None, :] - G0)
-    Akk10 = _dot(k1 * e1, tl.trans(kb), DOT_PREC)
-    Aqk10 = _dot(q1 * e1, tl.trans(kb), DOT_PREC)
-
-    Gr2 = c2 + _load_row(g, t0, 2 * BC, n_rows, i_h, H, K, BK)
-    e2 = tl.exp(G2 - Gr2[None, :])
-    kb = k0 * tl.exp(Gr2[None, :] - G0)
-    Akk20 = _dot(k2 * e2, tl.trans(kb), DOT_PREC)
-    Aqk20 = _dot(q2 * e2, tl.trans(kb), DOT_PREC)
-    kb = k1 * tl.exp(Gr2[None, :] - G1)
-    Akk21 = _dot(k2 * e2, tl.trans(kb), DOT_PREC)
-    Aqk21 = _dot(q2 * e2, tl.trans(kb), DOT_PREC)
-
-    Gr3 = c3 + _load_row(g, t0, 3 * BC, n_rows, i_h, H, K, BK)
-    e3 = tl.exp(G3 - Gr3[None, :])
-    kb = k0 * tl.exp(Gr3[None, :] - G0)
-    Akk30 = _dot(k3 * e3, tl.trans(kb), DOT_PREC)
-    Aqk30 = _dot(q3 * e3, tl.trans(kb), DOT_PREC)
-    kb = k1 * tl.exp(Gr3[None, :] - G1)
-    Akk31 = _dot(k3 * e3, tl.trans(kb), DOT_PREC)
-    Aqk31 = _dot(q3 * e3, tl.trans(kb), DOT_PREC)
-    kb = k2 * tl.exp(Gr3[None, :] - G2)
-    Akk32 = _dot(k3 * e3, tl.trans(kb), DOT_PREC)
-    Aqk32 = _dot(q3 * e3, tl.trans(kb), DOT_PREC)
-
-    zero = tl.zeros([BC, BC], dtype=tl.float32)
-    _store_block(Aqk_out, Aqk00, t0, 0, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, zero, t0, 0, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, zero, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, zero, t0, 0, 3 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, Aqk10, t0, BC, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, Aqk11, t0, BC, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, zero, t0, BC, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, zero, t0, BC, 3 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, Aqk20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, Aqk21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, Aqk22, t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, zero, t0, 2 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, Aqk30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, Aqk31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, Aqk32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, Aqk33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
-
-    # UT transform: A = beta * A_kk (row scale), T = (I + A)^-1 block by block
-    A00 = b0[:, None] * Akk00
-    A11 = b1[:, None] * Akk11
-    A22 = b2[:, None] * Akk22
-    A33 = b3[:, None] * Akk33
     A10 = b1[:, None] * Akk10
     A20 = b2[:, None] * Akk20
     A21 = b2[:, None] * Akk21
@@ -305,10 +371,10 @@ def chunk_kda_fwd_intra_kernel(
     A31 = b3[:, None] * Akk31
     A32 = b3[:, None] * Akk32
     # the forward substitution reads rows of the diagonal blocks from memory (the T buffer, overwritten below)
-    _store_block(Tinv_out, A00, t0, 0, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, A11, t0, BC, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, A22, t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, A33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, b0[:, None] * _masked(Akk00, BC, True), t0, 0, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, b1[:, None] * _masked(Akk11, BC, True), t0, BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, b2[:, None] * _masked(Akk22, BC, True), t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, b3[:, None] * _masked(Akk33, BC, True), t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
     tl.debug_barrier()
     T00 = _inv_unit_lower(Tinv_out, t0, 0, n_rows, i_h, H, BT, BC)
     T11 = _inv_unit_lower(Tinv_out, t0, BC, n_rows, i_h, H, BT, BC)
@@ -340,27 +406,45 @@ def chunk_kda_fwd_intra_kernel(
     _store_block(Tinv_out, T32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
     _store_block(Tinv_out, T33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
 
-    # W = T (beta exp(G) K), U = T (beta V); exp(G) <= 1 (G measured from the chunk start)
-    x0 = b0[:, None] * k0 * tl.exp(G0)
-    x1 = b1[:, None] * k1 * tl.exp(G1)
-    x2 = b2[:, None] * k2 * tl.exp(G2)
-    x3 = b3[:, None] * k3 * tl.exp(G3)
-    _store_rows(w_out, _dot(T00, x0, DOT_PREC), t0, 0, n_rows, i_h, H, K, BC, BK)
-    _store_rows(w_out, _dot(T10, x0, DOT_PREC) + _dot(T11, x1, DOT_PREC), t0, BC, n_rows, i_h, H, K, BC, BK)
-    _store_rows(w_out, _dot(T20, x0, DOT_PREC) + _dot(T21, x1, DOT_PREC) + _dot(T22, x2, DOT_PREC),
-                t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
-    _store_rows(w_out, _dot(T30, x0, DOT_PREC) + _dot(T31, x1, DOT_PREC) + _dot(T32, x2, DOT_PREC)
-                + _dot(T33, x3, DOT_PREC), t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
-    y0 = b0[:, None] * _load_rows(v, t0, 0, n_rows, i_h, H, V, BC, BV)
-    y1 = b1[:, None] * _load_rows(v, t0, BC, n_rows, i_h, H, V, BC, BV)
-    y2 = b2[:, None] * _load_rows(v, t0, 2 * BC, n_rows, i_h, H, V, BC, BV)
-    y3 = b3[:, None] * _load_rows(v, t0, 3 * BC, n_rows, i_h, H, V, BC, BV)
-    _store_rows(u_out, _dot(T00, y0, DOT_PREC), t0, 0, n_rows, i_h, H, V, BC, BV)
-    _store_rows(u_out, _dot(T10, y0, DOT_PREC) + _dot(T11, y1, DOT_PREC), t0, BC, n_rows, i_h, H, V, BC, BV)
-    _store_rows(u_out, _dot(T20, y0, DOT_PREC) + _dot(T21, y1, DOT_PREC) + _dot(T22, y2, DOT_PREC),
-                t0, 2 * BC, n_rows, i_h, H, V, BC, BV)
-    _store_rows(u_out, _dot(T30, y0, DOT_PREC) + _dot(T31, y1, DOT_PREC) + _dot(T32, y2, DOT_PREC)
-                + _dot(T33, y3, DOT_PREC), t0, 3 * BC, n_rows, i_h, H, V, BC, BV)
+
+@triton.jit
+def chunk_kda_fwd_wy_kernel(
+    q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKW: tl.constexpr, BVW: tl.constexpr,
+    NKW: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Per (chunk, head, column block) — grid (NT, H, NKW + cdiv(V, BVW)): the WY factors and the state pass's
+    decayed operands from T (fp32, ``Tinv``) and G.
+
+    Column blocks i_b < NKW cover K columns [i_b BKW, +BKW): W = T (beta exp(G) K), q~ exp(G) = scale q exp(G) and
+    K exp(G_last - G); the others cover V columns: U = T (beta V). G is measured from the chunk start, so every
+    exponent is <= 0.
+    """
+    i_c, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(chunk_indices + 2 * i_c)
+    i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    t0 = bos + i_t * BT
+    n_rows = tl.minimum(eos - t0, BT)
+
+    b_T = _load_rows_raw(Tinv, t0, n_rows, i_h, H, BT, BT, BT)  # [BT, BT] fp32; rows past the end read 0
+    b_b = _load_vec(beta, t0, 0, n_rows, i_h, H, BT)
+    if i_b < NKW:
+        col0 = i_b * BKW
+        b_G = _load_cols(G, t0, 0, col0, n_rows, i_h, H, K, BT, BKW)  # [BT, BKW] fp32
+        b_k = _load_cols(k, t0, 0, col0, n_rows, i_h, H, K, BT, BKW).to(tl.float32)
+        b_w = _dot(b_T, b_b[:, None] * b_k * tl.exp(b_G), DOT_PREC)
+        _store_cols(w_out, b_w, t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
+        o_d = col0 + tl.arange(0, BKW)
+        G_last = tl.load(G + ((t0 + n_rows - 1) * H + i_h) * K + o_d, mask=o_d < K, other=0.0)
+        _store_cols(kd_out, b_k * tl.exp(G_last[None, :] - b_G), t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
+        b_q = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BT, BKW).to(tl.float32)
+        _store_cols(qg_out, scale * b_q * tl.exp(b_G), t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
+    else:
+        col0 = (i_b - NKW) * BVW
+        b_v = _load_cols(v, t0, 0, col0, n_rows, i_h, H, V, BT, BVW).to(tl.float32)
+        _store_cols(u_out, _dot(b_T, b_b[:, None] * b_v, DOT_PREC), t0, 0, col0, n_rows, i_h, H, V, BT, BVW)
 
 
 @triton.jit
@@ -472,10 +556,18 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
     qg = _empty(TT, H, K, device=dev, dtype=dt)
     kd = _empty(TT, H, K, device=dev, dtype=dt)
     if layout.NT > 0:
-        chunk_kda_fwd_intra_kernel[(layout.NT, H)](
-            q, k, v, g, beta, G, Aqk, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
-            H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BV=BVf, DOT_PREC=prec,
-            num_warps=CONFIG["intra_warps"], num_stages=CONFIG["intra_stages"],
+        c = FWD_CONFIG
+        chunk_kda_fwd_pairs_kernel[(layout.NT, H)](
+            q, k, g, beta, G, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
+            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["pairs_bks"]), DOT_PREC=prec,
+            num_warps=c["pairs_warps"], num_stages=c["pairs_stages"],
+        )
+        BKW, BVW = min(BK, c["wy_block"]), min(BVf, c["wy_block"])
+        NKW = triton.cdiv(K, BKW)
+        chunk_kda_fwd_wy_kernel[(layout.NT, H, NKW + triton.cdiv(V, BVW))](
+            q, k, v, beta, G, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
+            H=H, K=K, V=V, BT=CHUNK, BKW=BKW, BVW=BVW, NKW=NKW, DOT_PREC=prec,
+            num_warps=c["wy_warps"], num_stages=c["wy_stages"],
         )
     o = _empty(TT, H, V, device=dev, dtype=dt)
     ht = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
@@ -501,11 +593,15 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
 
 def sm90_build_jobs(H: int, K: int, V: int) -> list:
     """(kernel, constexprs, num_warps, num_stages) as the launcher uses them, for ``benchmarks/kda_chunk_build.py``."""
-    c = CONFIG
+    c, f = CONFIG, FWD_CONFIG
     BK, BVf = _pad_dim(K), _pad_dim(V)
     common = dict(H=H, K=K, V=V, BT=CHUNK, BK=BK, DOT_PREC="tf32")
+    BKW, BVW = min(BK, f["wy_block"]), min(BVf, f["wy_block"])
     return [
-        (chunk_kda_fwd_intra_kernel, dict(common, BC=SUB_CHUNK, BV=BVf), c["intra_warps"], c["intra_stages"]),
+        (chunk_kda_fwd_pairs_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, f["pairs_bks"]),
+                                          DOT_PREC="tf32"), f["pairs_warps"], f["pairs_stages"]),
+        (chunk_kda_fwd_wy_kernel, dict(H=H, K=K, V=V, BT=CHUNK, BKW=BKW, BVW=BVW, NKW=triton.cdiv(K, BKW),
+                                       DOT_PREC="tf32"), f["wy_warps"], f["wy_stages"]),
         (chunk_kda_fwd_state_kernel, dict(common, BV=min(BVf, c["state_bv"]), USE_H0=True, STORE_HT=True,
                                           STORE_O=c["fused_output"], STORE_H=not c["fused_output"],
                                           INTERPRET=False), c["state_warps"], c["state_stages"]),
