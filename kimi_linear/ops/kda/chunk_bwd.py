@@ -1,23 +1,30 @@
 """Triton kernels of the chunkwise KDA backward.
 
 With the per-chunk quantities of the forward (``chunk_fwd.py``; q~ = scale q, G the cumulative decay, gamma = G of
-the chunk's last row, T = (I + A)^-1, W, U, A_qk) and the recomputed states S (entering each chunk) and V_new:
+the chunk's last row, T = (I + A)^-1 with A = beta A_kk, W = T (beta K exp G), U = T (beta V), A_qk) and the
+recomputed states S (entering each chunk) and V_new:
 
     V_new = U - W S,   O = (q~ exp(G)) S + A_qk V_new,   S' = exp(gamma) S + (K exp(gamma - G))^T V_new
 
-three stages run:
+these stages run after the state recompute (``chunk_kda_fwd_state_kernel`` with ``STORE_H``):
 
 * ``chunk_kda_bwd_dh_kernel`` — per (V block, sequence, head), chunks in reverse: with dS' the gradient of the state
   leaving the chunk, dV_new = A_qk^T dO + (K exp(gamma - G)) dS' and
   dS = exp(gamma) dS' + (q~ exp(G))^T dO - W^T dV_new. Writes dS' per chunk, dV_new, and dS of the first chunk (dh0).
-* ``chunk_kda_bwd_inter_kernel`` — per (chunk, head), over V blocks: the parts that touch S, dS', V_new, dV_new:
-  d(q~ exp G) = dO S^T, dW = -dV_new S^T, d(K exp(gamma - G)) = V_new dS'^T, dA_qk = dO V_new^T,
-  dgamma += exp(gamma) sum_v S dS'; then the WY backward (dU = dV_new): d(beta V) = T^T dU,
-  d(beta K exp G) = T^T dW, dT = dW (beta K exp G)^T + dU (beta V)^T, dA = -T^T dT T^T (strictly lower).
-  Writes dv and partial dq~, dk, dG, dbeta (fp32), and dA, dA_qk for the next stage.
-* ``chunk_kda_bwd_intra_kernel`` — per (chunk, head), sub-block by sub-block from the last: the gradients through
-  the pair matrices A_kk (with A = beta A_kk) and A_qk — the same decay routing through a reference row as the
-  forward — then dg as the reverse cumulative sum of dG inside the chunk.
+* ``chunk_kda_bwd_inter_kernel`` — per (chunk, head, K block): the parts that touch S and dS', reduced over V:
+  d(q~ exp G) = dO S^T, dW = -dV_new S^T, d(K exp(gamma - G)) = V_new dS'^T, dgamma; then d(beta K exp G) = T^T dW.
+  Element-wise in K from there on, so it writes the partial dq~, dk, dG (fp32) of its K block and its share of dbeta.
+* ``chunk_kda_bwd_wy_kernel`` — per (chunk, head): the parts that reduce over V only: dA_qk = dO V_new^T,
+  d(beta V) = T^T dV_new (-> dv), and the UT-transform gradient in one product, dA = -T^T dV_new V_new^T (the two
+  WY factors' terms dU (beta V)^T + dW (beta K exp G)^T combine into dV_new ((I + A) V_new)^T; see the kernel).
+* ``chunk_kda_bwd_intra_kernel`` — per (chunk, head, sub-block) (or per (chunk, head) walking the sub-blocks from
+  the last): the gradients through the pair matrices A_kk and A_qk with the forward's decay routing through a
+  reference row, giving the final dq, dk, dbeta and dG; ``chunk_kda_bwd_dg_kernel`` then takes dg as the reverse
+  cumulative sum of dG inside the chunk (the unsplit launch does that itself).
+
+Products take 16-bit operands where the inputs are 16-bit (states, V_new, dV_new, dO) with fp32 accumulation; the
+products with T and the fp32 gradients take fp32 operands (tf32 for 16-bit inputs, full fp32 for fp32 inputs).
+Numerics as in the forward: G fp32, only differences <= 0 are exponentiated. Launch settings: ``BWD_CONFIG``.
 """
 
 from __future__ import annotations
@@ -45,11 +52,27 @@ from kimi_linear.ops.kda.chunk_fwd import (
     _load_rows,
     _load_rows_raw,
     _load_vec,
-    _store_block,
     _store_rows,
     _tile,
     chunk_kda_fwd_state_kernel,
 )
+
+# Launch settings of the backward's kernels (the state recompute uses the forward's ``CONFIG["state_*"]``).
+BWD_CONFIG = {
+    "dh_bv": 32,
+    "dh_warps": 4,
+    "dh_stages": 2,
+    "inter_bk": 64,  # K block of the state-gradient stage: one program per (chunk, head, K block)
+    "inter_bv": 64,  # halved for fp32 inputs (shared memory)
+    "inter_warps": 8,  # 4 warps spill
+    "inter_stages": 2,
+    "wy_bv": 64,
+    "wy_warps": 4,
+    "wy_stages": 2,
+    "intra_split": True,  # one program per sub-block (4x the programs) and a separate reverse cumsum
+    "intra_warps": 8,
+    "intra_stages": 1,
+}
 
 
 @triton.jit
@@ -114,90 +137,143 @@ def chunk_kda_bwd_dh_kernel(
 
 
 @triton.jit
-def chunk_kda_bwd_inter_kernel(
-    q, k, v, beta, G, Tinv, h, dh, vn, dvn, do, dq, dk, dG, dA, dAqk, dv, dbeta, cu_seqlens, chunk_indices, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+def _cols_tile(ptr, t0, n_rows, i_h, o_d, m_d, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr):
+    """Rows [0, BR) and columns o_d of a chunk of ``ptr`` [T_total, H, D], in the stored dtype; zero where the rows
+    pass the chunk's end or m_d is false."""
+    o_r = tl.arange(0, BR)
+    p = ptr + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
+    return tl.load(p, mask=(o_r < n_rows)[:, None] & m_d[None, :], other=0.0)
+
+
+@triton.jit
+def _put_cols_tile(ptr, x, t0, n_rows, i_h, o_d, m_d, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr):
+    o_r = tl.arange(0, BR)
+    p = ptr + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
+    tl.store(p, x.to(ptr.dtype.element_ty), mask=(o_r < n_rows)[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _chunk_bounds(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
+    """First packed row of chunk i_c and its number of valid rows."""
     i_n = tl.load(chunk_indices + 2 * i_c)
     i_t = tl.load(chunk_indices + 2 * i_c + 1)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     t0 = bos + i_t * BT
-    n_rows = tl.minimum(eos - t0, BT)
-    dt = v.dtype.element_ty
+    return t0, tl.minimum(eos - t0, BT)
 
+
+@triton.jit
+def chunk_kda_bwd_wy_kernel(
+    v, beta, Tinv, vn, dvn, do, dbk, dA, dAqk, dv, dbeta, cu_seqlens, chunk_indices,
+    H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """The parts that reduce over V, one program per (chunk, head), V in blocks of BV:
+    dA_qk = dO V_new^T (lower), d(beta V) = T^T dV_new (dv = beta d(beta V)), and the gradient of the strictly lower
+    A = beta A_kk through the UT transform, dA = -T^T dV_new V_new^T.
+
+    That last form folds the two WY factors into one product: with dW = -dV_new S^T and dU = dV_new,
+    dT = dU (beta V)^T + dW (beta K exp G)^T = dV_new (beta V - beta K exp(G) S)^T = dV_new ((I + A) V_new)^T, so
+    dA = -T^T dT T^T = -T^T dV_new V_new^T. dbeta = sum_v V d(beta V) plus the K-block partials
+    of ``chunk_kda_bwd_inter_kernel`` (which runs first), ``dbk`` [TT, H, NK].
+    """
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0, n_rows = _chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
     o_r = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
     m_r = o_r < n_rows
-    b_T = _load_block(Tinv, t0, 0, 0, n_rows, i_h, H, BT, BT)  # [BT, BT] unit lower
-    b_beta = _load_vec(beta, t0, 0, n_rows, i_h, H, BT)
+    o_t = tl.arange(0, BT)
+    b_T = _cols_tile(Tinv, t0, n_rows, i_h, o_t, o_t < BT, H, BT, BT)  # [BT, BT] fp32, unit lower
+    b_beta = tl.load(beta + (t0 + o_r).to(tl.int64) * H + i_h, mask=m_r, other=0.0).to(tl.float32)
+
+    b_dAqk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_do = _cols_tile(do, t0, n_rows, i_h, o_v, m_v, H, V, BT)  # [BT, BV]
+        b_vn = _cols_tile(vn, t0, n_rows, i_h, o_v, m_v, H, V, BT)
+        b_dvn = _cols_tile(dvn, t0, n_rows, i_h, o_v, m_v, H, V, BT).to(tl.float32)
+        b_v = _cols_tile(v, t0, n_rows, i_h, o_v, m_v, H, V, BT).to(tl.float32)
+        b_dAqk += _dot(b_do, tl.trans(b_vn), DOT_PREC)
+        b_dvb = _dot(tl.trans(b_T), b_dvn, DOT_PREC)  # [BT, BV], fp32 operands: T steers every row
+        b_dA -= _dot(b_dvb, tl.trans(b_vn.to(tl.float32)), DOT_PREC)
+        _put_cols_tile(dv, b_beta[:, None] * b_dvb, t0, n_rows, i_h, o_v, m_v, H, V, BT)
+        b_db += tl.sum(b_v * b_dvb, 1)
+    b_dA = tl.where(o_r[:, None] > o_t[None, :], b_dA, 0.0)
+    b_dAqk = tl.where(o_r[:, None] >= o_t[None, :], b_dAqk, 0.0)
+    _put_cols_tile(dA, b_dA, t0, n_rows, i_h, o_t, o_t < BT, H, BT, BT)
+    _put_cols_tile(dAqk, b_dAqk, t0, n_rows, i_h, o_t, o_t < BT, H, BT, BT)
+    p_b = (t0 + o_r).to(tl.int64) * H + i_h
+    for i_k in tl.static_range(NK):
+        b_db += tl.load(dbk + p_b * NK + i_k, mask=m_r, other=0.0)
+    tl.store(dbeta + p_b, b_db, mask=m_r)
+
+
+@triton.jit
+def chunk_kda_bwd_inter_kernel(
+    q, k, beta, G, Tinv, h, dh, vn, dvn, do, dq, dk, dG, dbk, cu_seqlens, chunk_indices, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """The parts that touch the state, one program per (chunk, head, K block of BK columns), V in blocks of BV:
+    d(q~ exp G) = dO S^T, dW = -dV_new S^T, d(K exp(gamma - G)) = V_new dS'^T, dgamma = exp(gamma) sum_v S dS' (+ the
+    K exp(gamma - G) term), and W = T (beta K exp G) backward: d(beta K exp G) = T^T dW. Everything here is
+    element-wise in K once the V reductions are done, so K blocks are independent. Writes the partial dq~, dk, dG
+    (fp32; the intra stage adds the pair-matrix terms) and this K block's share of dbeta into ``dbk`` [TT, H, NK].
+    """
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, n_rows = _chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
+    dt = vn.dtype.element_ty
+    o_r = tl.arange(0, BT)
+    m_r = o_r < n_rows
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
     h_base = (i_c.to(tl.int64) * H + i_h) * K * V
 
     b_dqg = tl.zeros([BT, BK], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_dkd = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dAqk = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_dgam = tl.zeros([BK], dtype=tl.float32)
-    b_db = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
-        m_tv = m_r[:, None] & m_v[None, :]
-        m_kv = (o_k < K)[:, None] & m_v[None, :]
         p_kv = h_base + o_k[:, None] * V + o_v[None, :]
-        b_h = tl.load(h + p_kv, mask=m_kv, other=0.0)  # [BK, BV], state entering the chunk
-        b_dh = tl.load(dh + p_kv, mask=m_kv, other=0.0)  # gradient of the state leaving it
-        b_vn = tl.load(_tile(vn, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0)
-        b_dvn = tl.load(_tile(dvn, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0)
-        b_do = tl.load(_tile(do, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0).to(dt)
-        b_v = tl.load(_tile(v, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0).to(tl.float32)
-
-        b_dqg += _dot(b_do, tl.trans(b_h.to(dt)), DOT_PREC)
-        b_dw -= _dot(b_dvn.to(dt), tl.trans(b_h.to(dt)), DOT_PREC)
-        b_dkd += _dot(b_vn.to(dt), tl.trans(b_dh.to(dt)), DOT_PREC)
-        b_dAqk += _dot(b_do, tl.trans(b_vn.to(dt)), DOT_PREC)
+        m_kv = m_k[:, None] & m_v[None, :]
+        b_h = tl.load(h + p_kv, mask=m_kv, other=0.0)  # [BK, BV], the state entering the chunk
+        b_dh = tl.load(dh + p_kv, mask=m_kv, other=0.0)  # the gradient of the state leaving it
+        b_do = _cols_tile(do, t0, n_rows, i_h, o_v, m_v, H, V, BT).to(dt)  # [BT, BV]
+        b_vn = _cols_tile(vn, t0, n_rows, i_h, o_v, m_v, H, V, BT)
+        b_dvn = _cols_tile(dvn, t0, n_rows, i_h, o_v, m_v, H, V, BT)
+        b_dqg += _dot(b_do, tl.trans(b_h), DOT_PREC)
+        b_dw -= _dot(b_dvn, tl.trans(b_h), DOT_PREC)
+        b_dkd += _dot(b_vn, tl.trans(b_dh), DOT_PREC)
         b_dgam += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
 
-        # U = T (beta V): d(beta V) = T^T dU with dU = dV_new
-        b_dvb = _dot(tl.trans(b_T), b_dvn.to(tl.float32), DOT_PREC)  # [BT, BV]
-        tl.store(_tile(dv, t0, i_h, o_v, H, V, BT), (b_beta[:, None] * b_dvb).to(dv.dtype.element_ty),
-                 mask=m_tv)
-        b_db += tl.sum(b_v * b_dvb, 1)
-        b_dT += _dot(b_dvn.to(tl.float32), tl.trans(b_beta[:, None] * b_v), DOT_PREC)
-
-    G_last = _load_last(G, t0, n_rows, i_h, H, K, BK)
-    b_G = _load_G(G, t0, 0, n_rows, G_last, i_h, H, K, BT, BK)
-    b_k = _load_rows(k, t0, 0, n_rows, i_h, H, K, BT, BK)
-    b_q = _load_rows(q, t0, 0, n_rows, i_h, H, K, BT, BK) * scale
-    b_eG = tl.exp(b_G)
+    o_t = tl.arange(0, BT)
+    b_T = _cols_tile(Tinv, t0, n_rows, i_h, o_t, o_t < BT, H, BT, BT)  # [BT, BT] fp32
+    b_beta = tl.load(beta + (t0 + o_r).to(tl.int64) * H + i_h, mask=m_r, other=0.0).to(tl.float32)
+    G_last = tl.load(G + ((t0 + n_rows - 1).to(tl.int64) * H + i_h) * K + o_k, mask=m_k, other=0.0)
+    # rows past the chunk's end take G_last, so exp(G_last - G) stays <= 1 there
+    b_G = tl.where(m_r[:, None], _cols_tile(G, t0, n_rows, i_h, o_k, m_k, H, K, BT), G_last[None, :])
+    b_k = _cols_tile(k, t0, n_rows, i_h, o_k, m_k, H, K, BT).to(tl.float32)
+    b_q = _cols_tile(q, t0, n_rows, i_h, o_k, m_k, H, K, BT).to(tl.float32) * scale
+    b_eG = tl.exp(b_G)  # G <= 0 from the chunk start
     b_ed = tl.exp(G_last[None, :] - b_G)
 
-    # W = T (beta K exp G)
-    b_x = b_beta[:, None] * b_k * b_eG
-    b_dx = _dot(tl.trans(b_T), b_dw, DOT_PREC)  # [BT, BK]
-    b_dT += _dot(b_dw, tl.trans(b_x), DOT_PREC)
-    b_dA = -_dot(_dot(tl.trans(b_T), b_dT, "ieee"), tl.trans(b_T), "ieee")
-    b_dA = tl.where(o_r[:, None] > o_r[None, :], b_dA, 0.0)
-    b_dAqk = tl.where(o_r[:, None] >= o_r[None, :], b_dAqk, 0.0)
-
+    b_dx = _dot(tl.trans(b_T), b_dw, DOT_PREC)  # [BT, BK], d(beta K exp G)
+    b_kd = b_k * b_ed
     b_dq = b_dqg * b_eG
     b_dk = b_dkd * b_ed + b_dx * b_beta[:, None] * b_eG
-    b_kd = b_k * b_ed
-    b_dG = b_dqg * b_q * b_eG - b_dkd * b_kd + b_dx * b_x
+    b_dG = b_dqg * b_q * b_eG - b_dkd * b_kd + b_dx * b_beta[:, None] * b_k * b_eG
     # gamma = G of the last valid row: exp(gamma) scales the carried state and every K exp(gamma - G) row
     b_dgam = b_dgam * tl.exp(G_last) + tl.sum(b_dkd * b_kd, 0)
     b_dG += tl.where(o_r[:, None] == n_rows - 1, b_dgam[None, :], 0.0)
-    b_db += tl.sum(b_dx * b_k * b_eG, 1)
-
-    _store_rows(dq, b_dq, t0, 0, n_rows, i_h, H, K, BT, BK)
-    _store_rows(dk, b_dk, t0, 0, n_rows, i_h, H, K, BT, BK)
-    _store_rows(dG, b_dG, t0, 0, n_rows, i_h, H, K, BT, BK)
-    _store_block(dA, b_dA, t0, 0, 0, n_rows, i_h, H, BT, BT)
-    _store_block(dAqk, b_dAqk, t0, 0, 0, n_rows, i_h, H, BT, BT)
-    tl.store(dbeta + (t0 + o_r).to(tl.int64) * H + i_h, b_db, mask=m_r)
+    _put_cols_tile(dq, b_dq, t0, n_rows, i_h, o_k, m_k, H, K, BT)
+    _put_cols_tile(dk, b_dk, t0, n_rows, i_h, o_k, m_k, H, K, BT)
+    _put_cols_tile(dG, b_dG, t0, n_rows, i_h, o_k, m_k, H, K, BT)
+    p_b = ((t0 + o_r).to(tl.int64) * H + i_h) * tl.num_programs(2) + i_k
+    tl.store(dbk + p_b, tl.sum(b_dx * b_k * b_eG, 1), mask=m_r)
 
 
 @triton.jit
@@ -355,6 +431,7 @@ def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
     dev, dt = q.device, q.dtype
     prec = _dot_precision(dt)
     NT = layout.NT
+    c = BWD_CONFIG
     # states entering each chunk and the pseudo-values V_new, recomputed
     h = _empty(NT, H, K, V, device=dev, dtype=dt)
     vn = _empty(TT, H, V, device=dev, dtype=dt)
@@ -369,12 +446,12 @@ def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
     dh = _empty(NT, H, K, V, device=dev, dtype=dt)
     dvn = _empty(TT, H, V, device=dev, dtype=dt)
     dh0 = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if h0 is not None else None
-    BV = _bv(V, "dh_bv")
+    BV = min(_pad_dim(V), c["dh_bv"])
     chunk_kda_bwd_dh_kernel[(triton.cdiv(V, BV), layout.N * H)](
         qg, kd, w, G, Aqk, do, dht if dht is not None else do, dh, dvn, dh0 if dh0 is not None else do,
         layout.cu_seqlens, layout.chunk_offsets,
         H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=CONFIG["dh_warps"], num_stages=CONFIG["dh_stages"],
+        DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=c["dh_warps"], num_stages=c["dh_stages"],
     )
     dv = _empty(TT, H, V, device=dev, dtype=v.dtype)
     db = _empty(TT, H, device=dev, dtype=torch.float32)
@@ -388,19 +465,26 @@ def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
         dA = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
         dAqk = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
         # fp32 operands take twice the shared memory of 16-bit ones
-        inter_bv = _bv(V, "inter_bv") if dt != torch.float32 else min(_bv(V, "inter_bv"), 32)
-        chunk_kda_bwd_inter_kernel[(NT, H)](
-            q, k, v, beta, G, Tinv, h, dh, vn, dvn, do, dq, dk, dG, dA, dAqk, dv, db,
-            layout.cu_seqlens, layout.chunk_indices, scale,
-            H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=inter_bv, DOT_PREC=prec,
-            num_warps=CONFIG["inter_warps"], num_stages=CONFIG["inter_stages"],
+        fp32 = dt == torch.float32
+        BKi = min(BK, c["inter_bk"])
+        NK = triton.cdiv(K, BKi)
+        dbk = _empty(TT, H, NK, device=dev, dtype=torch.float32)
+        chunk_kda_bwd_inter_kernel[(NT, H, NK)](
+            q, k, beta, G, Tinv, h, dh, vn, dvn, do, dq, dk, dG, dbk, layout.cu_seqlens, layout.chunk_indices,
+            scale, H=H, K=K, V=V, BT=CHUNK, BK=BKi, BV=min(_pad_dim(V), c["inter_bv"] // (2 if fp32 else 1)),
+            DOT_PREC=prec, num_warps=c["inter_warps"], num_stages=c["inter_stages"],
         )
-        split = CONFIG["bwd_intra_split"]
+        chunk_kda_bwd_wy_kernel[(NT, H)](
+            v, beta, Tinv, vn, dvn, do, dbk, dA, dAqk, dv, db, layout.cu_seqlens, layout.chunk_indices,
+            H=H, V=V, BT=CHUNK, BV=min(_pad_dim(V), c["wy_bv"] // (2 if fp32 else 1)), NK=NK, DOT_PREC=prec,
+            num_warps=c["wy_warps"], num_stages=c["wy_stages"],
+        )
+        split = c["intra_split"]
         chunk_kda_bwd_intra_kernel[(NT, H, CHUNK // SUB_CHUNK if split else 1)](
             q, k, beta, G, dq, dk, dG, dA, dAqk, db, dq_out, dk_out, dg,
             layout.cu_seqlens, layout.chunk_indices, scale,
             H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC=prec, SPLIT=split,
-            num_warps=CONFIG["bwd_intra_warps"], num_stages=CONFIG["bwd_intra_stages"],
+            num_warps=c["intra_warps"], num_stages=c["intra_stages"],
         )
         if split:
             chunk_kda_bwd_dg_kernel[(NT, H)](dg, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BK=BK,
@@ -410,14 +494,18 @@ def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
 
 def sm90_build_jobs(H: int, K: int, V: int) -> list:
     """(kernel, constexprs, num_warps, num_stages) as the launcher uses them, for ``benchmarks/kda_chunk_build.py``."""
-    c = CONFIG
+    c = BWD_CONFIG
     BK, BVf = _pad_dim(K), _pad_dim(V)
     common = dict(H=H, K=K, V=V, BT=CHUNK, BK=BK, DOT_PREC="tf32")
+    BKi = min(BK, c["inter_bk"])
     return [
         (chunk_kda_bwd_dh_kernel, dict(common, BV=min(BVf, c["dh_bv"]), USE_DHT=True, STORE_DH0=True,
                                        INTERPRET=False), c["dh_warps"], c["dh_stages"]),
-        (chunk_kda_bwd_inter_kernel, dict(common, BV=min(BVf, c["inter_bv"])), c["inter_warps"], c["inter_stages"]),
+        (chunk_kda_bwd_inter_kernel, dict(common, BK=BKi, BV=min(BVf, c["inter_bv"])), c["inter_warps"],
+         c["inter_stages"]),
+        (chunk_kda_bwd_wy_kernel, dict(H=H, V=V, BT=CHUNK, BV=min(BVf, c["wy_bv"]), NK=triton.cdiv(K, BKi),
+                                       DOT_PREC="tf32"), c["wy_warps"], c["wy_stages"]),
         (chunk_kda_bwd_intra_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC="tf32",
-                                          SPLIT=c["bwd_intra_split"]), c["bwd_intra_warps"], c["bwd_intra_stages"]),
+                                          SPLIT=c["intra_split"]), c["intra_warps"], c["intra_stages"]),
         (chunk_kda_bwd_dg_kernel, dict(H=H, K=K, BT=CHUNK, BK=BK), 4, 1),
     ]

@@ -1,0 +1,45 @@
+"""The chunk KDA backward's launch variants and block splits, against the token-by-token recurrence.
+
+``tests/ops/test_kda_chunk_triton.py`` covers the default launch at K <= 32, where the state-gradient stage runs one
+K block per chunk. Here: K above one K block (K = 96, a partial second block of the 64-column split), the intra-chunk
+stage with and without its split over sub-blocks, and a narrower K block, each with every gradient checked on
+NaN-poisoned buffers. Without CUDA the kernels run in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kimi_linear.ops.kda.chunk_bwd as chunk_bwd  # noqa: E402
+import kimi_linear.ops.kda.chunk_common as chunk_common  # noqa: E402
+from tests.ops.test_kda_chunk_triton import DEVICE, check_fwd_bwd  # noqa: E402
+from tests.utils import kda_inputs  # noqa: E402
+
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1: the Triton kernels cannot run", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def poison_buffers(monkeypatch):
+    monkeypatch.setattr(chunk_common, "POISON_BUFFERS", True)
+
+
+def test_two_k_blocks_varlen():
+    """K = 96: two K blocks of the state-gradient stage, the second one partial; a chunk shorter than 64."""
+    cu = torch.tensor([0, 70, 100], dtype=torch.int32)
+    check_fwd_bwd(kda_inputs(1, 100, 1, 96, 48, N=2), cu_seqlens=cu.to(DEVICE))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["intra-one-program", "intra-split"])
+def test_intra_variants_and_narrow_k_block(monkeypatch, split):
+    """Both launches of the intra-chunk stage, with the state-gradient stage in K blocks of 16 (K = 32: two)."""
+    monkeypatch.setitem(chunk_bwd.BWD_CONFIG, "intra_split", split)
+    monkeypatch.setitem(chunk_bwd.BWD_CONFIG, "inter_bk", 16)
+    cu = torch.tensor([0, 5, 5, 90], dtype=torch.int32)
+    check_fwd_bwd(kda_inputs(1, 90, 1, 32, 16, N=3), cu_seqlens=cu.to(DEVICE))
