@@ -2,12 +2,13 @@
 
 Three stages, chunk size BT = 64 split into four sub-blocks of BC = 16 rows:
 
-* ``chunk_kda_fwd_pairs_kernel`` — one program per (chunk, head), walking K in slices of 16 columns: the fp32
-  cumulative log-decay G (stored), the pair matrices A_kk (strictly lower, times beta) and A_qk (lower, times
-  scale) — diagonal sub-blocks element-wise as [16, 16, 16] broadcasts, the others as tl.dot — then the UT transform
-  T = (I + A_kk)^-1 by forward substitution on the four 16x16 diagonal blocks and a block merge, in fp32.
-* ``chunk_kda_fwd_wy_kernel`` — one program per (chunk, head, 64-column block of K or V): the WY factors
-  W = T (beta exp(G) K), U = T (beta V), and the state pass's operands scale q exp(G) and K exp(G_last - G).
+* ``chunk_kda_fwd_pairs_kernel`` — one program per (sub-block, chunk, head), walking K in slices of 16 columns:
+  the sub-block's rows of the fp32 cumulative log-decay G and of the pair matrices A_kk (strictly lower, times
+  beta) and A_qk (lower, times scale) — against earlier rows as one tl.dot, inside the sub-block element-wise as a
+  [16, 16, 16] broadcast. beta * A_kk goes to the T buffer.
+* ``chunk_kda_fwd_wy_kernel`` — one program per (chunk, head): the UT transform T = (I + beta A_kk)^-1 in fp32
+  (forward substitution on the four 16x16 diagonal blocks, then a block merge), then, 64 columns at a time, the WY
+  factors W = T (beta exp(G) K), U = T (beta V) and the state pass's operands scale q exp(G), K exp(G_last - G).
 * ``chunk_kda_fwd_state_kernel`` — one program per (V block, sequence, head), a sequential pass over the
   sequence's chunks carrying the fp32 state S [K, BV]: V_new = U - W S, O = (scale Q exp(G)) S + A_qk V_new,
   S <- exp(G_last) S + (K exp(G_last - G))^T V_new. With ``STORE_H`` it also writes the state entering each chunk
@@ -44,10 +45,10 @@ from kimi_linear.ops.kda.chunk_common import (
 # Launch settings of the per-chunk forward kernels (the state pass keeps chunk_common.CONFIG's).
 FWD_CONFIG = {
     "pairs_bks": 16,  # K columns per step of the pair kernel; the diagonal blocks broadcast [16, 16, pairs_bks]
-    "pairs_warps": 4,
+    "pairs_warps": 8,
     "pairs_stages": 1,
-    "wy_block": 64,  # K / V columns per program of the WY kernel
-    "wy_warps": 4,
+    "wy_block": 64,  # K / V columns per step of the WY kernel
+    "wy_warps": 8,
     "wy_stages": 1,
 }
 
@@ -231,36 +232,86 @@ def _diag_slice(q_a, k_a, G_a):
 
 
 @triton.jit
-def _off_slice(x_a, y_a, k_b, G_b, c_a, dt, DOT_PREC: tl.constexpr):
-    """One K slice of the off-diagonal sub-block (a, b), b < a: x_a (K_a or Q_a already times exp(G_a - c_a))
-    against K_b exp(c_a - G_b), where c_a is the decay just before block a. Both factors are <= 1."""
-    kb = (k_b * tl.exp(c_a[None, :] - G_b)).to(dt)
-    kbT = tl.trans(kb)
-    return _dot(x_a, kbT, DOT_PREC), _dot(y_a, kbT, DOT_PREC)
-
-
-@triton.jit
-def _masked(A, BC: tl.constexpr, STRICT: tl.constexpr):
-    o_c = tl.arange(0, BC)
-    if STRICT:
-        return tl.where(o_c[:, None] > o_c[None, :], A, 0.0)
-    return tl.where(o_c[:, None] >= o_c[None, :], A, 0.0)
-
-
-@triton.jit
 def chunk_kda_fwd_pairs_kernel(
-    q, k, g, beta, G_out, Aqk_out, Tinv_out, cu_seqlens, chunk_indices, scale,
+    q, k, g, beta, G_out, Aqk_out, A_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """Per (chunk, head) — grid (NT, H): the cumulative decay G, the pair matrices and the UT transform.
+    """Per (sub-block a, chunk, head) — grid (BT // BC, NT, H): rows [a BC, (a + 1) BC) of the cumulative decay G
+    and of the pair matrices.
 
-    Walks K in slices of BKS columns, each slice: G = chunk-local cumsum of g (stored), then its share of
-    A_kk[t, j] = sum_c k_t k_j exp(G_t - G_j) and A_qk[t, j] (q in place of k_t) for the ten sub-block pairs
-    (a, b), b <= a: element-wise on the diagonal blocks ([BC, BC, BKS] broadcasts), as tl.dot for b < a with the
-    decay routed through c_a, the decay just before block a. Then A_qk * scale (lower, with the diagonal) goes to
-    ``Aqk_out``; A = beta * A_kk (strictly lower) is inverted, T = (I + A)^-1, by forward substitution on the four
-    diagonal blocks and a block merge in fp32, into ``Tinv_out`` (which also serves as the substitution's scratch).
+    Walks K in slices of BKS columns. Each slice: G of the rows up to the block's end (a chunk-local cumsum of g;
+    the program stores its own BC rows), then the slice's share of A_kk[t, j] = sum_c k_t k_j exp(G_t - G_j) and of
+    A_qk[t, j] (q_t in place of k_t): against the earlier rows j < a BC as one tl.dot [BC, BKS] x [BKS, BT] with the
+    decay routed through c, the decay just before the block (exp(G_t - c) exp(c - G_j), both <= 1; later rows are
+    zeroed), and inside the block element-wise as a [BC, BC, BKS] broadcast. Writes the block's rows of
+    scale * A_qk (lower, with the diagonal) to ``Aqk_out`` and of beta * A_kk (strictly lower) to ``A_out`` (fp32;
+    the T buffer, which the solve kernel then overwrites), zeros above.
+    """
+    i_a, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(chunk_indices + 2 * i_c)
+    i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    t0 = bos + i_t * BT
+    n_rows = tl.minimum(eos - t0, BT)
+    n_prev = tl.minimum(n_rows, i_a * BC)  # valid rows before the block
+    r0 = i_a * BC
+    dt = q.dtype.element_ty
+
+    acc_kk = tl.zeros([BC, BT], dtype=tl.float32)  # against earlier rows; columns >= r0 stay 0
+    acc_qk = tl.zeros([BC, BT], dtype=tl.float32)
+    d_kk = tl.zeros([BC, BC], dtype=tl.float32)  # inside the block
+    d_qk = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(0, BK // BKS):
+        col0 = i_k * BKS
+        g_p = _load_cols(g, t0, 0, col0, n_prev, i_h, H, K, BT, BKS).to(tl.float32)  # [BT, BKS], 0 from r0 on
+        G_p = tl.cumsum(g_p, 0)
+        c = tl.sum(g_p, 0)  # [BKS] the decay before the block
+        g_a = _load_cols(g, t0, r0, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        G_a = c[None, :] + tl.cumsum(g_a, 0)  # [BC, BKS]; padded rows add 0
+        _store_cols(G_out, G_a, t0, r0, col0, n_rows, i_h, H, K, BC, BKS)
+
+        k_a = _load_cols(k, t0, r0, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        q_a = _load_cols(q, t0, r0, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        k_p = _load_cols(k, t0, 0, col0, n_prev, i_h, H, K, BT, BKS).to(tl.float32)  # [BT, BKS], 0 from r0 on
+        # the clamp only guards against positive gates: c - G_j <= 0 for every earlier row j
+        kbT = tl.trans((k_p * tl.exp(tl.minimum(c[None, :] - G_p, 0.0))).to(dt))  # [BKS, BT]
+        e_a = tl.exp(G_a - c[None, :])
+        acc_kk += _dot((k_a * e_a).to(dt), kbT, DOT_PREC)
+        acc_qk += _dot((q_a * e_a).to(dt), kbT, DOT_PREC)
+
+        s_kk, s_qk = _diag_slice(q_a, k_a, G_a)
+        d_kk += s_kk
+        d_qk += s_qk
+
+    o_c = tl.arange(0, BC)
+    o_r = r0 + o_c
+    o_t = tl.arange(0, BT)
+    m_row = (o_r < n_rows)[:, None]
+    m_out = m_row & ((o_t < r0) | (o_t >= r0 + BC))[None, :]  # the diagonal block is written separately
+    p_row = ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * BT
+    b_b = _load_vec(beta, t0, r0, n_rows, i_h, H, BC)
+    tl.store(Aqk_out + p_row + o_t[None, :], (scale * acc_qk).to(Aqk_out.dtype.element_ty), mask=m_out)
+    tl.store(A_out + p_row + o_t[None, :], b_b[:, None] * acc_kk, mask=m_out)
+    d_qk = tl.where(o_c[:, None] >= o_c[None, :], scale * d_qk, 0.0)
+    d_kk = tl.where(o_c[:, None] > o_c[None, :], b_b[:, None] * d_kk, 0.0)
+    tl.store(Aqk_out + p_row + r0 + o_c[None, :], d_qk.to(Aqk_out.dtype.element_ty), mask=m_row)
+    tl.store(A_out + p_row + r0 + o_c[None, :], d_kk, mask=m_row)
+
+
+@triton.jit
+def chunk_kda_fwd_wy_kernel(
+    q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BKW: tl.constexpr,
+    BVW: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Per (chunk, head) — grid (NT, H): the UT transform, the WY factors and the state pass's decayed operands.
+
+    ``Tinv`` holds A = beta * A_kk (strictly lower, fp32) from the pair kernel on entry and T = (I + A)^-1 on exit:
+    forward substitution on the four diagonal blocks, then the block merge, in fp32. Then, K in blocks of BKW:
+    W = T (beta exp(G) K), scale q exp(G), K exp(G_last - G); V in blocks of BVW: U = T (beta V). G is measured
+    from the chunk start, so every exponent is <= 0.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + 2 * i_c)
@@ -269,118 +320,18 @@ def chunk_kda_fwd_pairs_kernel(
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     t0 = bos + i_t * BT
     n_rows = tl.minimum(eos - t0, BT)
-    dt = q.dtype.element_ty
 
-    zero = tl.zeros([BC, BC], dtype=tl.float32)
-    Akk00, Akk11, Akk22, Akk33 = zero, zero, zero, zero
-    Akk10, Akk20, Akk21, Akk30, Akk31, Akk32 = zero, zero, zero, zero, zero, zero
-    Aqk00, Aqk11, Aqk22, Aqk33 = zero, zero, zero, zero
-    Aqk10, Aqk20, Aqk21, Aqk30, Aqk31, Aqk32 = zero, zero, zero, zero, zero, zero
-    for i_k in range(0, BK // BKS):
-        col0 = i_k * BKS
-        # cumulative log-decay of this slice, sub-block by sub-block; padded rows add 0
-        g0 = _load_cols(g, t0, 0, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
-        g1 = _load_cols(g, t0, BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
-        g2 = _load_cols(g, t0, 2 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
-        g3 = _load_cols(g, t0, 3 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
-        c1 = tl.sum(g0, 0)  # decay accumulated before each sub-block
-        c2 = c1 + tl.sum(g1, 0)
-        c3 = c2 + tl.sum(g2, 0)
-        G0 = tl.cumsum(g0, 0)
-        G1 = tl.cumsum(g1, 0) + c1[None, :]
-        G2 = tl.cumsum(g2, 0) + c2[None, :]
-        G3 = tl.cumsum(g3, 0) + c3[None, :]
-        _store_cols(G_out, G0, t0, 0, col0, n_rows, i_h, H, K, BC, BKS)
-        _store_cols(G_out, G1, t0, BC, col0, n_rows, i_h, H, K, BC, BKS)
-        _store_cols(G_out, G2, t0, 2 * BC, col0, n_rows, i_h, H, K, BC, BKS)
-        _store_cols(G_out, G3, t0, 3 * BC, col0, n_rows, i_h, H, K, BC, BKS)
-
-        k0 = _load_cols(k, t0, 0, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
-        k1 = _load_cols(k, t0, BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
-        k2 = _load_cols(k, t0, 2 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
-        k3 = _load_cols(k, t0, 3 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
-        q0 = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
-        q1 = _load_cols(q, t0, BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
-        q2 = _load_cols(q, t0, 2 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
-        q3 = _load_cols(q, t0, 3 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
-
-        s_kk, s_qk = _diag_slice(q0, k0, G0)
-        Akk00 += s_kk
-        Aqk00 += s_qk
-        s_kk, s_qk = _diag_slice(q1, k1, G1)
-        Akk11 += s_kk
-        Aqk11 += s_qk
-        s_kk, s_qk = _diag_slice(q2, k2, G2)
-        Akk22 += s_kk
-        Aqk22 += s_qk
-        s_kk, s_qk = _diag_slice(q3, k3, G3)
-        Akk33 += s_kk
-        Aqk33 += s_qk
-
-        e1 = tl.exp(G1 - c1[None, :])
-        x1, y1 = (k1 * e1).to(dt), (q1 * e1).to(dt)
-        s_kk, s_qk = _off_slice(x1, y1, k0, G0, c1, dt, DOT_PREC)
-        Akk10 += s_kk
-        Aqk10 += s_qk
-        e2 = tl.exp(G2 - c2[None, :])
-        x2, y2 = (k2 * e2).to(dt), (q2 * e2).to(dt)
-        s_kk, s_qk = _off_slice(x2, y2, k0, G0, c2, dt, DOT_PREC)
-        Akk20 += s_kk
-        Aqk20 += s_qk
-        s_kk, s_qk = _off_slice(x2, y2, k1, G1, c2, dt, DOT_PREC)
-        Akk21 += s_kk
-        Aqk21 += s_qk
-        e3 = tl.exp(G3 - c3[None, :])
-        x3, y3 = (k3 * e3).to(dt), (q3 * e3).to(dt)
-        s_kk, s_qk = _off_slice(x3, y3, k0, G0, c3, dt, DOT_PREC)
-        Akk30 += s_kk
-        Aqk30 += s_qk
-        s_kk, s_qk = _off_slice(x3, y3, k1, G1, c3, dt, DOT_PREC)
-        Akk31 += s_kk
-        Aqk31 += s_qk
-        s_kk, s_qk = _off_slice(x3, y3, k2, G2, c3, dt, DOT_PREC)
-        Akk32 += s_kk
-        Aqk32 += s_qk
-
-    _store_block(Aqk_out, scale * _masked(Aqk00, BC, False), t0, 0, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, zero, t0, 0, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, zero, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, zero, t0, 0, 3 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, scale * Aqk10, t0, BC, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, scale * _masked(Aqk11, BC, False), t0, BC, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, zero, t0, BC, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, zero, t0, BC, 3 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, scale * Aqk20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, scale * Aqk21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, scale * _masked(Aqk22, BC, False), t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, zero, t0, 2 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, scale * Aqk30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, scale * Aqk31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, scale * Aqk32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Aqk_out, scale * _masked(Aqk33, BC, False), t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
-
-    # UT transform: A = beta * A_kk (row scale), T = (I + A)^-1 block by block
-    b0 = _load_vec(beta, t0, 0, n_rows, i_h, H, BC)
-    b1 = _load_vec(beta, t0, BC, n_rows, i_h, H, BC)
-    b2 = _load_vec(beta, t0, 2 * BC, n_rows, i_h, H, BC)
-    b3 = _load_vec(beta, t0, 3 * BC, n_rows, i_h, H, BC)
-    A10 = b1[:, None] * Akk10
-    A20 = b2[:, None] * Akk20
-    A21 = b2[:, None] * Akk21
-    A30 = b3[:, None] * Akk30
-    A31 = b3[:, None] * Akk31
-    A32 = b3[:, None] * Akk32
-    # the forward substitution reads rows of the diagonal blocks from memory (the T buffer, overwritten below)
-    _store_block(Tinv_out, b0[:, None] * _masked(Akk00, BC, True), t0, 0, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, b1[:, None] * _masked(Akk11, BC, True), t0, BC, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, b2[:, None] * _masked(Akk22, BC, True), t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, b3[:, None] * _masked(Akk33, BC, True), t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
-    tl.debug_barrier()
-    T00 = _inv_unit_lower(Tinv_out, t0, 0, n_rows, i_h, H, BT, BC)
-    T11 = _inv_unit_lower(Tinv_out, t0, BC, n_rows, i_h, H, BT, BC)
-    T22 = _inv_unit_lower(Tinv_out, t0, 2 * BC, n_rows, i_h, H, BT, BC)
-    T33 = _inv_unit_lower(Tinv_out, t0, 3 * BC, n_rows, i_h, H, BT, BC)
-    tl.debug_barrier()
+    A10 = _load_block(Tinv, t0, BC, 0, n_rows, i_h, H, BT, BC)
+    A20 = _load_block(Tinv, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
+    A21 = _load_block(Tinv, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
+    A30 = _load_block(Tinv, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
+    A31 = _load_block(Tinv, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
+    A32 = _load_block(Tinv, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    T00 = _inv_unit_lower(Tinv, t0, 0, n_rows, i_h, H, BT, BC)
+    T11 = _inv_unit_lower(Tinv, t0, BC, n_rows, i_h, H, BT, BC)
+    T22 = _inv_unit_lower(Tinv, t0, 2 * BC, n_rows, i_h, H, BT, BC)
+    T33 = _inv_unit_lower(Tinv, t0, 3 * BC, n_rows, i_h, H, BT, BC)
+    tl.debug_barrier()  # every read of A is done before T overwrites it
     # T_ij = -T_ii sum_{j <= m < i} A_im T_mj
     T10 = -_dot_exact(T11, _dot_exact(A10, T00))
     T21 = -_dot_exact(T22, _dot_exact(A21, T11))
@@ -388,61 +339,34 @@ def chunk_kda_fwd_pairs_kernel(
     T32 = -_dot_exact(T33, _dot_exact(A32, T22))
     T31 = -_dot_exact(T33, _dot_exact(A31, T11) + _dot_exact(A32, T21))
     T30 = -_dot_exact(T33, _dot_exact(A30, T00) + _dot_exact(A31, T10) + _dot_exact(A32, T20))
-
-    _store_block(Tinv_out, T00, t0, 0, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, zero, t0, 0, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, zero, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, zero, t0, 0, 3 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T10, t0, BC, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T11, t0, BC, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, zero, t0, BC, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, zero, t0, BC, 3 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T22, t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, zero, t0, 2 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
-
-
-@triton.jit
-def chunk_kda_fwd_wy_kernel(
-    q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKW: tl.constexpr, BVW: tl.constexpr,
-    NKW: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """Per (chunk, head, column block) — grid (NT, H, NKW + cdiv(V, BVW)): the WY factors and the state pass's
-    decayed operands from T (fp32, ``Tinv``) and G.
-
-    Column blocks i_b < NKW cover K columns [i_b BKW, +BKW): W = T (beta exp(G) K), q~ exp(G) = scale q exp(G) and
-    K exp(G_last - G); the others cover V columns: U = T (beta V). G is measured from the chunk start, so every
-    exponent is <= 0.
-    """
-    i_c, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n = tl.load(chunk_indices + 2 * i_c)
-    i_t = tl.load(chunk_indices + 2 * i_c + 1)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    t0 = bos + i_t * BT
-    n_rows = tl.minimum(eos - t0, BT)
+    # the zeros above the diagonal blocks are already there (the pair kernel wrote them)
+    _store_block(Tinv, T00, t0, 0, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv, T10, t0, BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv, T11, t0, BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv, T20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv, T21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv, T22, t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv, T30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv, T31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv, T32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv, T33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    tl.debug_barrier()  # T is read back whole, across threads
 
     b_T = _load_rows_raw(Tinv, t0, n_rows, i_h, H, BT, BT, BT)  # [BT, BT] fp32; rows past the end read 0
     b_b = _load_vec(beta, t0, 0, n_rows, i_h, H, BT)
-    if i_b < NKW:
+    o_d = tl.arange(0, BKW)
+    for i_b in range(0, tl.cdiv(K, BKW)):
         col0 = i_b * BKW
-        b_G = _load_cols(G, t0, 0, col0, n_rows, i_h, H, K, BT, BKW)  # [BT, BKW] fp32
+        b_G = _load_cols(G, t0, 0, col0, n_rows, i_h, H, K, BT, BKW)  # [BT, BKW] fp32; 0 past the end
         b_k = _load_cols(k, t0, 0, col0, n_rows, i_h, H, K, BT, BKW).to(tl.float32)
         b_w = _dot(b_T, b_b[:, None] * b_k * tl.exp(b_G), DOT_PREC)
         _store_cols(w_out, b_w, t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
-        o_d = col0 + tl.arange(0, BKW)
-        G_last = tl.load(G + ((t0 + n_rows - 1) * H + i_h) * K + o_d, mask=o_d < K, other=0.0)
+        G_last = tl.load(G + ((t0 + n_rows - 1) * H + i_h) * K + col0 + o_d, mask=col0 + o_d < K, other=0.0)
         _store_cols(kd_out, b_k * tl.exp(G_last[None, :] - b_G), t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
         b_q = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BT, BKW).to(tl.float32)
         _store_cols(qg_out, scale * b_q * tl.exp(b_G), t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
-    else:
-        col0 = (i_b - NKW) * BVW
+    for i_b in range(0, tl.cdiv(V, BVW)):
+        col0 = i_b * BVW
         b_v = _load_cols(v, t0, 0, col0, n_rows, i_h, H, V, BT, BVW).to(tl.float32)
         _store_cols(u_out, _dot(b_T, b_b[:, None] * b_v, DOT_PREC), t0, 0, col0, n_rows, i_h, H, V, BT, BVW)
 
@@ -557,17 +481,15 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
     kd = _empty(TT, H, K, device=dev, dtype=dt)
     if layout.NT > 0:
         c = FWD_CONFIG
-        chunk_kda_fwd_pairs_kernel[(layout.NT, H)](
+        chunk_kda_fwd_pairs_kernel[(CHUNK // SUB_CHUNK, layout.NT, H)](
             q, k, g, beta, G, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
             H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["pairs_bks"]), DOT_PREC=prec,
             num_warps=c["pairs_warps"], num_stages=c["pairs_stages"],
         )
-        BKW, BVW = min(BK, c["wy_block"]), min(BVf, c["wy_block"])
-        NKW = triton.cdiv(K, BKW)
-        chunk_kda_fwd_wy_kernel[(layout.NT, H, NKW + triton.cdiv(V, BVW))](
+        chunk_kda_fwd_wy_kernel[(layout.NT, H)](
             q, k, v, beta, G, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
-            H=H, K=K, V=V, BT=CHUNK, BKW=BKW, BVW=BVW, NKW=NKW, DOT_PREC=prec,
-            num_warps=c["wy_warps"], num_stages=c["wy_stages"],
+            H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BKW=min(BK, c["wy_block"]), BVW=min(BVf, c["wy_block"]),
+            DOT_PREC=prec, num_warps=c["wy_warps"], num_stages=c["wy_stages"],
         )
     o = _empty(TT, H, V, device=dev, dtype=dt)
     ht = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
@@ -596,12 +518,11 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
     c, f = CONFIG, FWD_CONFIG
     BK, BVf = _pad_dim(K), _pad_dim(V)
     common = dict(H=H, K=K, V=V, BT=CHUNK, BK=BK, DOT_PREC="tf32")
-    BKW, BVW = min(BK, f["wy_block"]), min(BVf, f["wy_block"])
     return [
         (chunk_kda_fwd_pairs_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, f["pairs_bks"]),
                                           DOT_PREC="tf32"), f["pairs_warps"], f["pairs_stages"]),
-        (chunk_kda_fwd_wy_kernel, dict(H=H, K=K, V=V, BT=CHUNK, BKW=BKW, BVW=BVW, NKW=triton.cdiv(K, BKW),
-                                       DOT_PREC="tf32"), f["wy_warps"], f["wy_stages"]),
+        (chunk_kda_fwd_wy_kernel, dict(H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BKW=min(BK, f["wy_block"]),
+                                       BVW=min(BVf, f["wy_block"]), DOT_PREC="tf32"), f["wy_warps"], f["wy_stages"]),
         (chunk_kda_fwd_state_kernel, dict(common, BV=min(BVf, c["state_bv"]), USE_H0=True, STORE_HT=True,
                                           STORE_O=c["fused_output"], STORE_H=not c["fused_output"],
                                           INTERPRET=False), c["state_warps"], c["state_stages"]),
