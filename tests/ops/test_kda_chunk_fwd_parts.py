@@ -1,0 +1,143 @@
+"""The per-chunk stages of the Triton chunk KDA forward, one intermediate at a time, against a float64 reference.
+
+``chunk_fwd`` returns, besides the output, what the backward reads: G (chunk-local cumulative log-decay, fp32),
+A_qk, T = (I + A)^-1 (fp32), W, U, scale q exp(G) and K exp(G_last - G). Each is checked here against its definition
+(paper §3.1) computed per chunk in float64, so a fault points at the stage that made it rather than at the output.
+Without CUDA the kernels run through Triton's interpreter; every buffer is poisoned with NaN first.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kimi_linear.ops.kda.chunk_common as chunk_common  # noqa: E402
+from kimi_linear.ops.kda.chunk_common import CHUNK, _Layout  # noqa: E402
+from kimi_linear.ops.kda.chunk_fwd import chunk_fwd  # noqa: E402
+from tests.utils import kda_inputs, rel_err  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1: the Triton kernels cannot run", allow_module_level=True)
+
+NAMES = ("G", "Aqk", "Tinv", "w", "u", "qg", "kd")
+
+
+@pytest.fixture(autouse=True)
+def poison_buffers(monkeypatch):
+    monkeypatch.setattr(chunk_common, "POISON_BUFFERS", True)
+
+
+def reference_parts(q, k, v, g, beta, scale, bounds):
+    """The forward's intermediates by their definitions, chunk by chunk, in float64.
+
+    q, k ``[TT, H, K]``, v ``[TT, H, V]``, g ``[TT, H, K]``, beta ``[TT, H]`` packed; ``bounds`` the sequence
+    boundaries. Returns a dict of ``[TT, H, *]`` tensors (the matrices ``[TT, H, CHUNK]``, one row per token).
+    """
+    q, k, v, g, beta = (x.double() for x in (q, k, v, g, beta))
+    TT, H, K = q.shape
+    out = {n: torch.zeros(TT, H, CHUNK if n in ("Aqk", "Tinv") else (v.shape[-1] if n == "u" else K),
+                          dtype=torch.float64) for n in NAMES}
+    for s, e in zip(bounds, bounds[1:]):
+        for c in range(s, e, CHUNK):
+            n = min(CHUNK, e - c)
+            sl = slice(c, c + n)
+            qc, kc, vc, bc = (x[sl].transpose(0, 1) for x in (q, k, v, beta))  # [H, n, *]
+            G = g[sl].transpose(0, 1).cumsum(1)  # [H, n, K]
+            diff = G[:, :, None, :] - G[:, None, :, :]  # [H, t, j, K]
+            lower = torch.ones(n, n, dtype=torch.bool).tril()
+            decay = torch.where(lower[None, :, :, None], diff, -torch.inf).exp()  # exp(G_t - G_j), j <= t
+            Aqk = scale * torch.einsum("htc,hjc,htjc->htj", qc, kc, decay)
+            A = bc[..., None] * torch.einsum("htc,hjc,htjc->htj", kc, kc, decay).tril(-1)
+            T = torch.linalg.inv(torch.eye(n, dtype=torch.float64) + A)
+            parts = {
+                "G": G,
+                "Aqk": Aqk,
+                "Tinv": T,
+                "w": T @ (bc[..., None] * kc * G.exp()),
+                "u": T @ (bc[..., None] * vc),
+                "qg": scale * qc * G.exp(),
+                "kd": kc * (G[:, -1:] - G).exp(),
+            }
+            for name, x in parts.items():
+                x = x.transpose(0, 1)  # [n, H, *]
+                if name in ("Aqk", "Tinv"):
+                    x = torch.nn.functional.pad(x, (0, CHUNK - n))
+                out[name][sl] = x
+    return out
+
+
+def run_parts(x, scale, cu_seqlens=None):
+    B, T, H, K = x["q"].shape
+    q, k, v = (x[n].reshape(B * T, H, -1).contiguous().to(DEVICE) for n in ("q", "k", "v"))
+    g = x["g"].float().reshape(B * T, H, K).contiguous().to(DEVICE)
+    beta = x["beta"].reshape(B * T, H).contiguous().to(DEVICE)
+    layout = _Layout(None if cu_seqlens is None else cu_seqlens.to(DEVICE), B, T, q.device)
+    _, _, saved = chunk_fwd(q, k, v, g, beta, scale, None, False, layout)
+    bounds = layout.cu_seqlens.tolist()
+    want = reference_parts(q.cpu(), k.cpu(), v.cpu(), g.cpu(), beta.cpu(), scale, bounds)
+    got = dict(zip(NAMES, (t.cpu() for t in saved)))
+    assert got["G"].dtype == torch.float32 and got["Tinv"].dtype == torch.float32
+    assert all(got[n].dtype == q.dtype for n in ("Aqk", "w", "u", "qg", "kd"))
+    return got, want
+
+
+CASES = [  # B, T, H, K, V
+    (1, 64, 1, 16, 16),
+    (2, 63, 2, 32, 16),
+    (1, 130, 1, 48, 80),
+    (1, 1, 1, 16, 32),
+]
+
+
+@pytest.mark.parametrize("B,T,H,K,V", CASES, ids=[f"B{b}-T{t}-H{h}-K{k}-V{v}" for b, t, h, k, v in CASES])
+def test_parts_match_definitions_fp32(B, T, H, K, V):
+    x = kda_inputs(B, T, H, K, V, with_state=False)
+    got, want = run_parts(x, 0.3)
+    for n in NAMES:
+        assert rel_err(got[n], want[n]) < 2e-5, n
+
+
+def test_parts_varlen_and_extreme_gates():
+    """Packed sequences (one empty, one of a single token, chunks cut short) and g = -1000 inside sub-blocks, at
+    sub-block starts and across a chunk: every exponential stays finite and the wiped pairs are exact zeros."""
+    cu = torch.tensor([0, 0, 1, 70, 100], dtype=torch.int32)
+    x = kda_inputs(1, 100, 2, 32, 16, N=4, with_state=False)
+    g = x["g"]
+    g[:, 5] = -1000.0
+    g[:, 16, :, :8] = -1000.0
+    g[:, 40:42, 1] = -1000.0
+    g[:, 65] = -1000.0
+    got, want = run_parts(x, 0.25, cu)
+    for n in NAMES:
+        # G reaches ~-2000; fp32 resolves differences of G to ~2^-24 |G| (see decay_tol in test_kda_chunk_triton)
+        assert rel_err(got[n], want[n]) < 5e-4, n
+    # the sequence at packed rows 1..69 starts a chunk at row 1; g = -1000 at packed row 5 (chunk row 4) cuts every
+    # pair (t >= 4, j < 4) of that chunk: exact zeros in A_qk and in T
+    for n in ("Aqk", "Tinv"):
+        assert got[n][5:65, :, :4].eq(0).all(), n
+
+
+# Triton 3.6's interpreter multiplies bf16 tl.dot operands wrongly (errors ~1e10 on a plain 16x16 dot; fp16 and fp32
+# are right), so bf16 runs only compiled
+BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(DEVICE == "cpu", reason="interpreter's bf16 tl.dot"))
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float16], ids=["bf16", "fp16"])
+def test_parts_half_inputs(dtype):
+    """16-bit q, k, v, beta (g stays fp32): each intermediate within a small multiple of the inputs' own rounding,
+    measured as the error of the float64 definitions fed the rounded inputs against the unrounded ones."""
+    x32 = kda_inputs(1, 150, 2, 64, 32, with_state=False)
+    x16 = {n: (t if t is None or n == "g" else t.to(dtype)) for n, t in x32.items()}
+    got, want_lowp = run_parts(x16, 0.125)
+    _, exact = run_parts(x32, 0.125)
+    for n in NAMES:
+        e_kernel = rel_err(got[n], exact[n])
+        e_inputs = rel_err(want_lowp[n], exact[n])
+        eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # the unit roundoff of storing the result
+        assert e_kernel <= 2 * e_inputs + eps, f"{n}: {e_kernel:.2e} vs inputs' {e_inputs:.2e}"
