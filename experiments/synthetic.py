@@ -92,6 +92,27 @@ def force_kda_backend(backend: str) -> None:
     kda_layer.chunk_kda = functools.partial(chunk_kda, backend=backend)
 
 
+def share_kda_dt_per_head() -> None:
+    """Initialise every KDA layer's per-channel dt_bias with one draw per head, shared by the head's channels
+    (GDN's structure, keeping KDA's per-channel gate free to learn). An experiment knob for the init question of
+    the MQAR results; the library's initialisation is unchanged."""
+    import torch
+
+    from kimi_linear.layers.kda import KimiDeltaAttention
+
+    original = KimiDeltaAttention.reset_gate_parameters
+
+    @torch.no_grad()
+    def per_head(self) -> None:
+        original(self)
+        if self.scalar_gate or self.dt_bias.is_meta:
+            return
+        dt = self.dt_bias.view(self.num_heads, self.head_dim)
+        dt.copy_(dt[:, :1].expand_as(dt))
+
+    KimiDeltaAttention.reset_gate_parameters = per_head
+
+
 def best_by_cell(runs: dict) -> dict:
     """(task, mixer, seq_len) -> the run with the best final-or-best accuracy over learning rates."""
     cells: dict = {}
@@ -209,6 +230,8 @@ def main(argv=None) -> int:
         help="cap on one run's training time (it then evaluates and stops); steps_run says how far it got",
     )
     p.add_argument("--kda-backend", choices=("auto", "torch", "triton"), default="auto")
+    p.add_argument("--kda-dt-init", choices=("per-channel", "per-head"), default="per-channel",
+                   help="per-head: one dt draw shared by a KDA head's channels at init (an experiment knob)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-only", action="store_true", help="only redraw the plot and table from the JSON")
     args = p.parse_args(argv)
@@ -233,6 +256,8 @@ def main(argv=None) -> int:
     data.setdefault("meta", {})["run_sizes"] = run_sizes
     if args.kda_backend != "auto":
         force_kda_backend(args.kda_backend)
+    if args.kda_dt_init == "per-head":
+        share_kda_dt_per_head()
 
     start = time.perf_counter()
     skipped = []
