@@ -87,7 +87,12 @@ class MultiheadLatentAttention(nn.Module):
 
     Cache entries (allocated by ``kimi_linear.cache``): ``latent`` ``[N, L_max, kv_lora_rank]`` and ``k_pe``
     ``[N, L_max, qk_rope_head_dim]``, in the model's dtype; ``cache.lengths [N]`` says how many are filled.
+
+    ``decode_backend`` picks the one-token decode attention of ``kimi_linear.ops.mla_decode``: "auto" (the fused
+    Triton kernel on CUDA, the PyTorch reference elsewhere), "triton" or "torch".
     """
+
+    decode_backend: str = "auto"
 
     def __init__(self, config: KimiLinearConfig, layer_idx: int):
         super().__init__()
@@ -279,9 +284,14 @@ class MultiheadLatentAttention(nn.Module):
     def decode(self, hidden_states: torch.Tensor, cache) -> torch.Tensor:
         """One token per sequence, absorbed: attention over the cached latents without decompressing them.
 
-        Writes the new latent at ``cache.lengths`` and attends over the whole preallocated row with a length
-        mask, so shapes are static and nothing syncs with the host (CUDA-graph capturable).
+        Writes the new latent at ``cache.lengths`` and attends over positions ``<= cache.lengths`` of each row
+        (``ops.mla_decode``: on CUDA one split-K flash-decoding kernel that reads each cached latent once for all
+        heads, no score tensor; elsewhere the reference). Shapes are static and nothing syncs with the host
+        (CUDA-graph capturable).
         """
+        # Imported here, not with the model: Triton loads (and the kernels are defined) only once a decode runs.
+        from kimi_linear.ops.mla_decode import mla_decode_attention
+
         B = hidden_states.shape[0]
         entry = cache.layers[self.layer_idx]
         q = self._queries(hidden_states)[:, 0]  # [B, H, dn + dr]
@@ -299,11 +309,9 @@ class MultiheadLatentAttention(nn.Module):
         w_uk, w_uv = self.absorbed_weights()
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_latent = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)  # [B, H, r]
-        scores = torch.einsum("bhr,bsr->bhs", q_latent.to(cached_latent.dtype), cached_latent).float()
-        scores = scores + torch.einsum("bhd,bsd->bhs", q_pe.to(cached_pe.dtype), cached_pe).float()
-        key_pos = torch.arange(cached_latent.shape[1], device=q.device)
-        valid = key_pos[None, None, :] <= pos[:, None, None]  # [B, 1, L_max]
-        probs = torch.softmax((scores * self.scale).masked_fill(~valid, float("-inf")), dim=-1)
-        o_latent = torch.einsum("bhs,bsr->bhr", probs.to(cached_latent.dtype), cached_latent)  # [B, H, r]
+        # the valid prefix of each row: the pos cached tokens and the new one
+        o_latent = mla_decode_attention(
+            q_latent, q_pe, cached_latent, cached_pe, pos + 1, self.scale, backend=self.decode_backend
+        )  # [B, H, r]
         o = torch.einsum("bhr,hvr->bhv", o_latent.to(w_uv.dtype), w_uv)  # [B, H, dv]
         return self.o_proj(o.reshape(B, 1, self.num_heads * self.v_dim))
