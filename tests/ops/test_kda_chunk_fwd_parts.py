@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 import kimi_linear.ops.kda.chunk_common as chunk_common  # noqa: E402
 from kimi_linear.ops.kda.chunk_common import CHUNK, _Layout  # noqa: E402
-from kimi_linear.ops.kda.chunk_fwd import chunk_fwd  # noqa: E402
+from kimi_linear.ops.kda.chunk_fwd import FWD_CONFIG, chunk_fwd  # noqa: E402
 from tests.utils import kda_inputs, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -128,10 +128,13 @@ def test_parts_varlen_and_extreme_gates():
 BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(DEVICE == "cpu", reason="interpreter's bf16 tl.dot"))
 
 
+@pytest.mark.parametrize("ops_16bit", [True, False], ids=["ops16", "ops32"])
 @pytest.mark.parametrize("dtype", [BF16, torch.float16], ids=["bf16", "fp16"])
-def test_parts_half_inputs(dtype):
+def test_parts_half_inputs(dtype, ops_16bit, monkeypatch):
     """16-bit q, k, v, beta (g stays fp32): each intermediate within a small multiple of the inputs' own rounding,
-    measured as the error of the float64 definitions fed the rounded inputs against the unrounded ones."""
+    measured as the error of the float64 definitions fed the rounded inputs against the unrounded ones. Both ways
+    of feeding the pair kernel's dots (16-bit or fp32 operands)."""
+    monkeypatch.setitem(FWD_CONFIG, "pairs_ops_16bit", ops_16bit)
     x32 = kda_inputs(1, 150, 2, 64, 32, with_state=False)
     x16 = {n: (t if t is None or n == "g" else t.to(dtype)) for n, t in x32.items()}
     got, want_lowp = run_parts(x16, 0.125)

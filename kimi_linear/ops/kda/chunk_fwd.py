@@ -45,6 +45,7 @@ from kimi_linear.ops.kda.chunk_common import (
 # Launch settings of the per-chunk forward kernels (the state pass keeps chunk_common.CONFIG's).
 FWD_CONFIG = {
     "pairs_bks": 16,  # K columns per step of the pair kernel; the diagonal blocks broadcast [16, 16, pairs_bks]
+    "pairs_ops_16bit": True,  # off-diagonal pair dots on operands in the inputs' dtype (else fp32 / tf32)
     "pairs_warps": 8,
     "pairs_stages": 2,  # prefetches the next K slice
     "wy_block": 64,  # K / V columns per step of the WY kernel
@@ -237,7 +238,7 @@ def _diag_slice(q_a, k_a, G_a):
 def chunk_kda_fwd_pairs_kernel(
     q, k, g, beta, G_out, Aqk_out, A_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Per (sub-block a, chunk, head) — grid (BT // BC, NT, H): rows [a BC, (a + 1) BC) of the cumulative decay G
     and of the pair matrices.
@@ -248,7 +249,8 @@ def chunk_kda_fwd_pairs_kernel(
     decay routed through c, the decay just before the block (exp(G_t - c) exp(c - G_j), both <= 1; later rows are
     zeroed), and inside the block element-wise as a [BC, BC, BKS] broadcast. Writes the block's rows of
     scale * A_qk (lower, with the diagonal) to ``Aqk_out`` and of beta * A_kk (strictly lower) to ``A_out`` (fp32;
-    the T buffer, which the solve kernel then overwrites), zeros above.
+    the T buffer, which the solve kernel then overwrites), zeros above. With OPS_16BIT the dot operands (decayed
+    q, k, each factor <= 1) are rounded to the inputs' dtype, else they stay fp32 (tf32 products on 16-bit inputs).
     """
     i_a, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(chunk_indices + 2 * i_c)
@@ -259,7 +261,7 @@ def chunk_kda_fwd_pairs_kernel(
     n_rows = tl.minimum(eos - t0, BT)
     n_prev = tl.minimum(n_rows, i_a * BC)  # valid rows before the block
     r0 = i_a * BC
-    dt = q.dtype.element_ty
+    dt = q.dtype.element_ty if OPS_16BIT else tl.float32
 
     acc_kk = tl.zeros([BC, BT], dtype=tl.float32)  # against earlier rows; columns >= r0 stay 0
     acc_qk = tl.zeros([BC, BT], dtype=tl.float32)
@@ -485,8 +487,8 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
         c = FWD_CONFIG
         chunk_kda_fwd_pairs_kernel[(CHUNK // SUB_CHUNK, layout.NT, H)](
             q, k, g, beta, G, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
-            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["pairs_bks"]), DOT_PREC=prec,
-            num_warps=c["pairs_warps"], num_stages=c["pairs_stages"],
+            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["pairs_bks"]), OPS_16BIT=c["pairs_ops_16bit"],
+            DOT_PREC=prec, num_warps=c["pairs_warps"], num_stages=c["pairs_stages"],
         )
         chunk_kda_fwd_wy_kernel[(layout.NT, H)](
             q, k, v, beta, G, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
@@ -522,7 +524,8 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
     common = dict(H=H, K=K, V=V, BT=CHUNK, BK=BK, DOT_PREC="tf32")
     return [
         (chunk_kda_fwd_pairs_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, f["pairs_bks"]),
-                                          DOT_PREC="tf32"), f["pairs_warps"], f["pairs_stages"]),
+                                          OPS_16BIT=f["pairs_ops_16bit"], DOT_PREC="tf32"), f["pairs_warps"],
+         f["pairs_stages"]),
         (chunk_kda_fwd_wy_kernel, dict(H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BKW=min(BK, f["wy_block"]),
                                        BVW=min(BVf, f["wy_block"]), DOT_PREC="tf32"), f["wy_warps"], f["wy_stages"]),
         (chunk_kda_fwd_state_kernel, dict(common, BV=min(BVf, c["state_bv"]), USE_H0=True, STORE_HT=True,
