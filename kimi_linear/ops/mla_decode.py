@@ -42,6 +42,7 @@ Limits and caveats:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -187,7 +188,12 @@ def default_num_splits(B: int, L_max: int, num_sms: int) -> int:
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # the interpreter: a few pieces, so the tests exercise the merge
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _new_buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -321,9 +327,22 @@ if triton is not None:
             tl.store(lse_part + i_bj * H + o_h, b_lse, mask=m_h)
 
     @triton.jit
+    def _combine_block(b_acc, o_part, lse_part, b_norm, j, num_splits, i_b64, i_h, o_r, m_r,
+                       H: tl.constexpr, R: tl.constexpr, SB: tl.constexpr):
+        """b_acc + the weighted partial outputs of pieces [j, j + SB): one [SB, BLOCK_R] load in flight."""
+        o_jb = j + tl.arange(0, SB)
+        m_jb = o_jb < num_splits
+        i_bj = i_b64 * num_splits + o_jb
+        b_w = tl.exp2(tl.load(lse_part + i_bj * H + i_h, mask=m_jb, other=float("-inf")) - b_norm)  # [SB]
+        p_o = o_part + (i_bj[:, None] * H + i_h) * R + o_r[None, :]
+        b_o = tl.load(p_o, mask=m_jb[:, None] & m_r[None, :], other=0.0)  # [SB, BLOCK_R]
+        return b_acc + tl.sum(b_w[:, None] * b_o, 0)
+
+    @triton.jit
     def _mla_decode_combine_kernel(
         o_part, lse_part, o, num_splits,
         H: tl.constexpr, R: tl.constexpr, BSPLIT: tl.constexpr, BLOCK_R: tl.constexpr, SB: tl.constexpr,
+        INTERPRET: tl.constexpr,
     ):
         """Program (b * H + h, i_r): ``o[b, h, i_r-th BLOCK_R slice]`` = sum_j w_j o_part[b, j, h, slice] with
         w_j = exp2(lse_j - lse), lse = log2 sum_j exp2(lse_j): the softmax over all pieces. Empty pieces
@@ -342,16 +361,16 @@ if triton is not None:
         o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
         m_r = o_r < R
         b_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        j = 0
-        while j < num_splits:  # SB pieces at a time: one [SB, BLOCK_R] load in flight instead of SB small ones
-            o_jb = j + tl.arange(0, SB)
-            m_jb = o_jb < num_splits
-            i_bj = i_b64 * num_splits + o_jb
-            b_w = tl.exp2(tl.load(lse_part + i_bj * H + i_h, mask=m_jb, other=float("-inf")) - b_norm)  # [SB]
-            p_o = o_part + (i_bj[:, None] * H + i_h) * R + o_r[None, :]
-            b_o = tl.load(p_o, mask=m_jb[:, None] & m_r[None, :], other=0.0)  # [SB, BLOCK_R]
-            b_acc += tl.sum(b_w[:, None] * b_o, 0)
-            j += SB
+        if INTERPRET:  # the interpreter cannot take a run-time bound in range() (numpy 2)
+            j = 0
+            while j < num_splits:
+                b_acc = _combine_block(b_acc, o_part, lse_part, b_norm, j, num_splits, i_b64, i_h, o_r, m_r, H, R,
+                                       SB)
+                j += SB
+        else:  # a for loop, which the compiler pipelines
+            for j in range(0, num_splits, SB):
+                b_acc = _combine_block(b_acc, o_part, lse_part, b_norm, j, num_splits, i_b64, i_h, o_r, m_r, H, R,
+                                       SB)
         tl.store(o + (i_b64 * H + i_h) * R + o_r, b_acc.to(o.dtype.element_ty), mask=m_r)
 
 
@@ -407,7 +426,8 @@ def mla_decode_attention_triton(
         block_r = min(COMBINE_BLOCK_R, triton.next_power_of_2(R))
         _mla_decode_combine_kernel[(B * H, triton.cdiv(R, block_r))](
             o_part, lse_part, o, num_splits, H=H, R=R, BSPLIT=triton.next_power_of_2(num_splits),
-            BLOCK_R=block_r, SB=min(16, triton.next_power_of_2(num_splits)), num_warps=4,
+            BLOCK_R=block_r, SB=min(16, triton.next_power_of_2(num_splits)),
+            INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4, num_stages=2,
         )
     return o
 
@@ -420,10 +440,10 @@ def sm90_build_jobs(H: int, R: int, DR: int, num_splits: int = 132, element_size
                  SINGLE_SPLIT=False, DOT_PREC="ieee" if element_size == 4 else "tf32", INTERPRET=False)
     block_r = min(COMBINE_BLOCK_R, triton.next_power_of_2(R))
     combine = dict(H=H, R=R, BSPLIT=triton.next_power_of_2(num_splits), BLOCK_R=block_r,
-                   SB=min(16, triton.next_power_of_2(num_splits)))
+                   SB=min(16, triton.next_power_of_2(num_splits)), INTERPRET=False)
     warps, stages = config["num_warps"], config["num_stages"]
     return [
         (_mla_decode_split_kernel, split, warps, stages),
         (_mla_decode_split_kernel, dict(split, SINGLE_SPLIT=True), warps, stages),
-        (_mla_decode_combine_kernel, combine, 4, 1),
+        (_mla_decode_combine_kernel, combine, 4, 2),
     ]

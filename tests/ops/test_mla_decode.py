@@ -66,7 +66,7 @@ def run_triton(x, lengths, scale, **kw):
 
 
 CASES = [  # B, H, R, DR, lengths (L_max = the last one unless given), num_splits
-    (3, 2, 32, 16, [1, 37, 300], 300, [1, 2, 7]),
+    (3, 2, 32, 16, [1, 37, 300], 300, [1, 2, 7, 40]),  # 40: the merge loops over its pieces in blocks
     (5, 3, 40, 16, [0, 1, 37, 300, 450], 300, [1, 4, None]),
     (2, 4, 64, 16, [65, 128], 128, [3, 16]),
 ]
