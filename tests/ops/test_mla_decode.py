@@ -173,8 +173,9 @@ def test_validation_errors():
         mla_decode_attention(**{**x, "pe_cache": x["pe_cache"].double()}, lengths=lengths, scale=scale)
     with pytest.raises(ValueError, match="backend"):
         mla_decode_attention(**x, lengths=lengths, scale=scale, backend="cuda")
+    x_dev = {n: t.to(DEVICE) for n, t in x.items()}
     with pytest.raises(ValueError, match="num_splits"):
-        run_triton(x, lengths, scale, num_splits=0)
+        run_triton(x_dev, lengths.to(DEVICE), scale, num_splits=0)
 
 
 def test_default_num_splits_fills_the_sms():
