@@ -88,8 +88,8 @@ class MultiheadLatentAttention(nn.Module):
     Cache entries (allocated by ``kimi_linear.cache``): ``latent`` ``[N, L_max, kv_lora_rank]`` and ``k_pe``
     ``[N, L_max, qk_rope_head_dim]``, in the model's dtype; ``cache.lengths [N]`` says how many are filled.
 
-    ``decode_backend`` picks the one-token decode attention of ``kimi_linear.ops.mla_decode``: "auto" (the fused
-    Triton kernel on CUDA, the PyTorch reference elsewhere), "triton" or "torch".
+    ``decode_backend`` picks the one-token decode attention of ``kimi_linear.ops.mla_decode``: "auto" (the
+    fused Triton kernel on CUDA, the PyTorch reference elsewhere), "triton" or "torch".
     """
 
     decode_backend: str = "auto"
@@ -284,12 +284,12 @@ class MultiheadLatentAttention(nn.Module):
     def decode(self, hidden_states: torch.Tensor, cache) -> torch.Tensor:
         """One token per sequence, absorbed: attention over the cached latents without decompressing them.
 
-        Writes the new latent at ``cache.lengths`` and attends over positions ``<= cache.lengths`` of each row
-        (``ops.mla_decode``: on CUDA one split-K flash-decoding kernel that reads each cached latent once for all
-        heads, no score tensor; elsewhere the reference). Shapes are static and nothing syncs with the host
-        (CUDA-graph capturable).
+        Writes the new latent at ``cache.lengths`` and attends over positions ``<= cache.lengths`` of each
+        row (``ops.mla_decode``: on CUDA one split-K flash-decoding kernel that reads each cached latent once
+        for all heads, no score tensor; elsewhere the reference). Shapes are static and nothing syncs with the
+        host (CUDA-graph capturable).
         """
-        # Imported here, not with the model: Triton loads (and the kernels are defined) only once a decode runs.
+        # Imported here, not with the model: Triton loads (and the kernels are defined) once a decode runs.
         from kimi_linear.ops.mla_decode import mla_decode_attention
 
         B = hidden_states.shape[0]

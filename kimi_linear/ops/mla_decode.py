@@ -24,7 +24,8 @@ whose size depends on tensor values: CUDA-graph capturable once compiled):
    It writes its partial output, normalised by its own sum, and its log-sum-exp. A piece past the length
    writes lse = -inf and zeros. With num_splits = 1 the program writes the final output directly and the
    second launch is skipped.
-2. ``_mla_decode_combine_kernel``, grid ``(B * H, r / BLOCK_R)``: the log-sum-exp merge of the partial outputs.
+2. ``_mla_decode_combine_kernel``, grid ``(B * H, r / BLOCK_R)``: the log-sum-exp merge of the partial
+   outputs.
 
 Limits and caveats:
 
@@ -48,6 +49,8 @@ import os
 
 import torch
 
+from kimi_linear.ops.kda.chunk import resolve_backend
+
 try:
     import triton
     import triton.language as tl
@@ -55,8 +58,8 @@ except ImportError:  # the torch reference works without Triton
     triton = None
 
 LOG2E = math.log2(math.e)
-# Split-K only while each piece keeps at least this many positions (two 64-position tiles): a piece also writes
-# an [H, r] fp32 partial (64 KiB at the release shape) that the merge reads back.
+# Split-K only while each piece keeps at least this many positions (two 64-position tiles): a piece also
+# writes an [H, r] fp32 partial (64 KiB at the release shape) that the merge reads back.
 MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 512
 # Tests set this to fill every buffer the kernels write with NaN first, so an unwritten element shows.
@@ -73,10 +76,10 @@ def mla_decode_attention_reference(
 ) -> torch.Tensor:
     """The spec: absorbed MLA decode attention in plain PyTorch (DESIGN.md §3, "absorb kv_b_proj").
 
-    Same arguments and result as ``mla_decode_attention``. The dots run in the caches' dtype (the query is cast
-    to it), the softmax in fp32 over the whole ``L_max`` axis with positions ``>= lengths[b]`` masked out, and the
-    probabilities are cast back to the cache dtype for the value dot. Memory: an fp32 ``[B, H, L_max]`` score
-    tensor (and the softmax's copy of it).
+    Same arguments and result as ``mla_decode_attention``. The dots run in the caches' dtype (the query is
+    cast to it), the softmax in fp32 over the whole ``L_max`` axis with positions ``>= lengths[b]`` masked
+    out, and the probabilities are cast back to the cache dtype for the value dot. Memory: an fp32
+    ``[B, H, L_max]`` score tensor (and the softmax's copy of it).
     """
     scores = torch.einsum("bhr,bsr->bhs", q_latent.to(latent_cache.dtype), latent_cache).float()
     scores = scores + torch.einsum("bhd,bsd->bhs", q_pe.to(pe_cache.dtype), pe_cache).float()  # [B, H, L_max]
@@ -103,27 +106,27 @@ def mla_decode_attention(
     Args:
         q_latent: ``[B, H, r]`` — the no-rope query part already multiplied by W_uk (float dtype).
         q_pe: ``[B, H, dr]`` — the rope query part (NoPE: not rotated, but still part of the key).
-        latent_cache: ``[B, L_max, r]`` — the normalised latents of each sequence (bf16/fp16/fp32), unit stride
-            on the last dim.
+        latent_cache: ``[B, L_max, r]`` — the normalised latents of each sequence (bf16/fp16/fp32), unit
+            stride on the last dim.
         pe_cache: ``[B, L_max, dr]`` — the shared key part, same dtype as ``latent_cache``, unit last stride.
         lengths: int ``[B]`` — how many leading cache positions of each row are valid, the current token
-            included (``MLAttention.decode`` passes ``cache.lengths + 1`` after writing the new token). Values
-            outside ``[0, L_max]`` are clamped; a row of length 0 yields zeros.
+            included (``MultiheadLatentAttention.decode`` writes the new token at ``cache.lengths`` and passes
+            ``cache.lengths + 1``). Values outside ``[0, L_max]`` are clamped; a row of length 0 yields zeros.
         scale: softmax scale (``(dn + dr) ** -0.5`` in MLA).
-        backend: "auto" (Triton for CUDA tensors when Triton is installed, torch otherwise), "triton" (CUDA, or
-            CPU under TRITON_INTERPRET=1) or "torch" (the reference).
-        num_splits: Triton only — pieces each sequence is split into (default: from B, L_max and the SM count).
+        backend: "auto" (Triton for CUDA tensors when Triton is installed, torch otherwise), "triton" (CUDA,
+            or CPU under TRITON_INTERPRET=1) or "torch" (the reference).
+        num_splits: Triton only — pieces each sequence is split into (default: from B, L_max and the SM
+            count).
 
     Returns:
         ``o_latent [B, H, r]`` in the caches' dtype: the softmax-weighted sum of the latents per head.
 
     Raises:
-        ValueError: shapes that do not match, an unknown backend, or backend="triton" without CUDA/interpreter.
+        ValueError: shapes that do not match, an unknown backend, or backend="triton" without CUDA or the
+            interpreter.
         TypeError: non-float queries or caches, caches of different dtypes, or non-integer lengths.
     """
     _validate(q_latent, q_pe, latent_cache, pe_cache, lengths)
-    from kimi_linear.ops.kda.chunk import resolve_backend
-
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     backend = resolve_backend(backend, latent_cache)
@@ -149,11 +152,14 @@ def _validate(q_latent, q_pe, latent_cache, pe_cache, lengths) -> None:
         raise ValueError(f"pe_cache must be [B={B}, L_max={L_max}, dr={dr}], got {tuple(pe_cache.shape)}")
     if lengths.shape != (B,):
         raise ValueError(f"lengths must be [B={B}], got {tuple(lengths.shape)}")
-    for name, t in (("q_latent", q_latent), ("q_pe", q_pe), ("latent_cache", latent_cache), ("pe_cache", pe_cache)):
+    named = (("q_latent", q_latent), ("q_pe", q_pe), ("latent_cache", latent_cache), ("pe_cache", pe_cache))
+    for name, t in named:
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
     if pe_cache.dtype != latent_cache.dtype:
-        raise TypeError(f"pe_cache ({pe_cache.dtype}) and latent_cache ({latent_cache.dtype}) must share a dtype")
+        raise TypeError(
+            f"pe_cache ({pe_cache.dtype}) and latent_cache ({latent_cache.dtype}) must share a dtype"
+        )
     if lengths.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"lengths must be int32 or int64, got {lengths.dtype}")
     devices = {t.device for t in (q_latent, q_pe, latent_cache, pe_cache, lengths)}
@@ -207,10 +213,10 @@ def _pad(n: int) -> int:
 
 
 # Launch settings of the split kernel by cache element size, chosen with the offline sm_90 build report
-# (benchmarks/mla_decode.py --build-report) at H = 32, r = 512, dr = 64. 16-bit: 64-position tiles make every dot
-# a wgmma (M >= 64), two stages keep the next [64, 512] tile in flight during this one's math: 189 registers, no
-# spills, 188416 B of shared memory (three stages would need 262144, over the H200's 232448). fp32 caches (tests)
-# use exact fp32 dots without tensor cores: 16-position tiles fit in registers there.
+# (benchmarks/mla_decode.py --build-report) at H = 32, r = 512, dr = 64. 16-bit: 64-position tiles make every
+# dot a wgmma (M >= 64), two stages keep the next [64, 512] tile in flight during this one's math: 188
+# registers, no spills, 188416 B of shared memory (three stages would need 262144, over the H200's 232448).
+# fp32 caches (tests) use exact fp32 dots without tensor cores: 16-position tiles fit in registers there.
 CONFIG = {
     2: dict(block_s=64, num_warps=8, num_stages=2),
     4: dict(block_s=16, num_warps=8, num_stages=2),
@@ -222,9 +228,9 @@ if triton is not None:
 
     @triton.jit
     def _dot(a, b, acc, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
-        """acc + a @ b in fp32. Triton 3.6's interpreter multiplies bf16 operands as their raw 16-bit patterns,
-        so there the operands are widened to fp32 first: the same result, as bf16 x bf16 products are exact in
-        fp32 (the GPU's tensor cores accumulate them in fp32 too)."""
+        """acc + a @ b in fp32. Triton 3.6's interpreter multiplies bf16 operands as their raw 16-bit
+        patterns, so there the operands are widened to fp32 first: the same result, as bf16 x bf16 products
+        are exact in fp32 (the GPU's tensor cores accumulate them in fp32 too)."""
         if INTERPRET:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         return tl.dot(a, b, acc, input_precision=DOT_PREC)
@@ -232,9 +238,10 @@ if triton is not None:
     @triton.jit
     def _mla_decode_tile(
         b_m, b_l, b_accT, b_qT, b_qpT, latent_row, pe_row, s, end, o_r, o_d, m_r, m_d,
-        scale_log2, stride_ls, stride_ks, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+        scale_log2, stride_ls, stride_ks,
+        BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
     ):
-        """One online-softmax step over positions [s, min(s + BLOCK_S, end)) of one sequence, all heads at once.
+        """One online-softmax step over positions [s, min(s + BLOCK_S, end)) of a sequence, all heads at once.
 
         b_m, b_l: ``[BH]`` running max and sum (base 2); b_accT: ``[BR, BH]`` running output, transposed.
         """
@@ -364,13 +371,13 @@ if triton is not None:
         if INTERPRET:  # the interpreter cannot take a run-time bound in range() (numpy 2)
             j = 0
             while j < num_splits:
-                b_acc = _combine_block(b_acc, o_part, lse_part, b_norm, j, num_splits, i_b64, i_h, o_r, m_r, H, R,
-                                       SB)
+                b_acc = _combine_block(b_acc, o_part, lse_part, b_norm, j, num_splits, i_b64, i_h, o_r, m_r,
+                                       H, R, SB)
                 j += SB
         else:  # a for loop, which the compiler pipelines
             for j in range(0, num_splits, SB):
-                b_acc = _combine_block(b_acc, o_part, lse_part, b_norm, j, num_splits, i_b64, i_h, o_r, m_r, H, R,
-                                       SB)
+                b_acc = _combine_block(b_acc, o_part, lse_part, b_norm, j, num_splits, i_b64, i_h, o_r, m_r,
+                                       H, R, SB)
         tl.store(o + (i_b64 * H + i_h) * R + o_r, b_acc.to(o.dtype.element_ty), mask=m_r)
 
 
