@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kimi_linear.ops.kda import chunk_kda, chunk_triton
+from kimi_linear.ops.kda import chunk_bwd, chunk_fwd, chunk_kda, chunk_triton
 
 PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on this H200 (DESIGN.md §5)
 PEAK_TBPS = 4.8
@@ -185,20 +185,32 @@ def time_decode(batches) -> list[dict]:
 
 
 def sweep_launch_settings(T: int) -> list[dict]:
-    """Forward and forward+backward at one T for a few launch settings (chunk_triton.CONFIG overrides)."""
-    out = []
-    base = dict(chunk_triton.CONFIG)
+    """Forward and forward+backward at one T for a few launch settings (overrides of the kernels' config dicts)."""
+    configs = {"common": chunk_triton.CONFIG, "fwd": chunk_fwd.FWD_CONFIG, "bwd": chunk_bwd.BWD_CONFIG}
+    base = {name: dict(c) for name, c in configs.items()}
     x = make_inputs(T, seed=3)
     xg = make_inputs(T, seed=3, requires_grad=True)
     do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
     variants = [
         {},
-        {"bwd_intra_split": True},
-        {"bwd_intra_split": True, "bwd_intra_warps": 4},
+        {"fwd": {"pairs_bks": 32}},
+        {"fwd": {"pairs_warps": 4}},
+        {"fwd": {"pairs_stages": 1}},
+        {"fwd": {"wy_stages": 1}},
+        {"fwd": {"wy_block": 32}},
+        {"fwd": {"pairs_ops_16bit": False}},
+        {"bwd": {"intra_warps": 4}},
+        {"bwd": {"intra_stages": 1}},
+        {"bwd": {"wy_warps": 8}},
+        {"bwd": {"inter_bv": 32}},
+        {"bwd": {"inter_stages": 3}},
+        {"common": {"state_bv": 64}},
     ]
+    out = []
     for change in variants:
-        chunk_triton.CONFIG.clear()
-        chunk_triton.CONFIG.update(base, **change)
+        for name, c in configs.items():
+            c.clear()
+            c.update(base[name], **change.get(name, {}))
         try:
             with torch.no_grad():
                 f = bench(lambda: chunk_kda(**x, backend="triton"))
@@ -206,8 +218,9 @@ def sweep_launch_settings(T: int) -> list[dict]:
             out.append({"change": change, "fwd": f, "fwdbwd": fb})
         except Exception as e:  # noqa: BLE001
             out.append({"change": change, "error": repr(e)[:200]})
-    chunk_triton.CONFIG.clear()
-    chunk_triton.CONFIG.update(base)
+    for name, c in configs.items():
+        c.clear()
+        c.update(base[name])
     return out
 
 
@@ -257,6 +270,8 @@ def main(argv=None) -> None:
         "triton": triton.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "config": dict(chunk_triton.CONFIG),
+        "fwd_config": dict(chunk_fwd.FWD_CONFIG),
+        "bwd_config": dict(chunk_bwd.BWD_CONFIG),
         "shape": {"B": 1, "H": H, "K": K, "V": V, "dtype": "bf16 q/k/v/beta, fp32 g"},
     }
     try:

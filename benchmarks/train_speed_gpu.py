@@ -31,6 +31,7 @@ import torch
 
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.model import KimiLinearForCausalLM, count_parameters
+from kimi_linear.train.distributed import DistContext
 from kimi_linear.train.trainer import TrainConfig, Trainer
 
 PEAK_TFLOPS = 790.0
@@ -97,7 +98,8 @@ def measure(mixer: str, args) -> dict:
     torch.manual_seed(0)
     config = one_b_config(mixer, args.smoke)
     model = KimiLinearForCausalLM(config).to(args.device)
-    trainer = Trainer(model, TrainConfig(max_steps=10_000, lr=3e-4, warmup_steps=10), progress=False)
+    trainer = Trainer(model, TrainConfig(max_steps=10_000, lr=3e-4, warmup_steps=10),
+                      ctx=DistContext(device=torch.device(args.device)), progress=False)
     gen = torch.Generator().manual_seed(1)
     batches = [make_batch(args.docs, args.seq_len, config.vocab_size, gen) for _ in range(args.grad_accum)]
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)

@@ -124,11 +124,9 @@ def test_varlen_with_empty_and_single_token_segments():
     check_fwd_bwd(x, cu_seqlens=cu.to(DEVICE))
 
 
-def test_unfused_output_and_split_backward(monkeypatch):
-    """The alternative launch paths: O in a separate parallel pass over stored states, and the intra-chunk backward
-    with one program per sub-block plus a separate reverse cumulative sum."""
+def test_unfused_output(monkeypatch):
+    """The alternative forward launch path: O in a separate parallel pass over stored states."""
     monkeypatch.setitem(chunk_triton.CONFIG, "fused_output", False)
-    monkeypatch.setitem(chunk_triton.CONFIG, "bwd_intra_split", True)
     cu = torch.tensor([0, 5, 5, 90], dtype=torch.int32)
     check_fwd_bwd(kda_inputs(1, 90, 1, 16, 32, N=3), cu_seqlens=cu.to(DEVICE))
 

@@ -57,24 +57,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Launch settings per kernel; the V block of the sequential passes sets their parallelism (V / BV * N * H programs).
+# Launch settings of the forward's sequential state pass (also the backward's recompute of the states) and of the
+# optional separate output pass; the V block sets their parallelism (V / BV * N * H programs). The per-chunk
+# kernels' settings are FWD_CONFIG in chunk_fwd.py and BWD_CONFIG in chunk_bwd.py.
 CONFIG = {
     "fused_output": True,  # O inside the sequential state pass, or a parallel pass over stored states
     "output_bv": 64,
-    "intra_warps": 8,
-    "intra_stages": 1,
     "state_bv": 32,
     "state_warps": 4,
     "state_stages": 2,
-    "dh_bv": 32,
-    "dh_warps": 4,
-    "dh_stages": 2,
-    "inter_bv": 64,
-    "inter_warps": 8,
-    "inter_stages": 1,  # the per-chunk backward holds many dot operands in shared memory; no room to pipeline
-    "bwd_intra_split": False,  # one program per sub-block (4x the programs) and a separate reverse cumsum
-    "bwd_intra_warps": 8,
-    "bwd_intra_stages": 1,
 }
 
 
