@@ -1,9 +1,9 @@
 """The chunk KDA backward's launch variants and block splits, against the token-by-token recurrence.
 
 ``tests/ops/test_kda_chunk_triton.py`` covers the default launch at K <= 32, where the state-gradient stage runs one
-K block per chunk. Here: K above one K block (K = 96: a partial second block of the state-gradient stage's 64-column
-split, six 16-column slices of the intra-chunk stage), and narrower K blocks in both stages, each with every
-gradient checked on NaN-poisoned buffers. Without CUDA the kernels run in Triton's interpreter.
+K block per chunk. Here: K above one K block (K = 96, a partial second block of the 64-column split), the intra-chunk
+stage with and without its split over sub-blocks, and a narrower K block, each with every gradient checked on
+NaN-poisoned buffers. Without CUDA the kernels run in Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -36,12 +36,10 @@ def test_two_k_blocks_varlen():
     check_fwd_bwd(kda_inputs(1, 100, 1, 96, 48, N=2), cu_seqlens=cu.to(DEVICE))
 
 
-@pytest.mark.parametrize("inter_bk,intra_bks", [(16, 16), (32, 16), (16, 32)],
-                         ids=["inter16-intra16", "inter32-intra16", "inter16-intra32"])
-def test_k_blocks(monkeypatch, inter_bk, intra_bks):
-    """K = 32 in one or two K blocks of the state-gradient stage and one or two K slices of the intra-chunk stage;
-    varlen with an empty and a short sequence."""
-    monkeypatch.setitem(chunk_bwd.BWD_CONFIG, "inter_bk", inter_bk)
-    monkeypatch.setitem(chunk_bwd.BWD_CONFIG, "intra_bks", intra_bks)
+@pytest.mark.parametrize("split", [False, True], ids=["intra-one-program", "intra-split"])
+def test_intra_variants_and_narrow_k_block(monkeypatch, split):
+    """Both launches of the intra-chunk stage, with the state-gradient stage in K blocks of 16 (K = 32: two)."""
+    monkeypatch.setitem(chunk_bwd.BWD_CONFIG, "intra_split", split)
+    monkeypatch.setitem(chunk_bwd.BWD_CONFIG, "inter_bk", 16)
     cu = torch.tensor([0, 5, 5, 90], dtype=torch.int32)
     check_fwd_bwd(kda_inputs(1, 90, 1, 32, 16, N=3), cu_seqlens=cu.to(DEVICE))

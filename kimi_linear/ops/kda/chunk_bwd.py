@@ -17,11 +17,10 @@ these stages run after the state recompute (``chunk_kda_fwd_state_kernel`` with 
 * ``chunk_kda_bwd_wy_kernel`` — per (chunk, head): the parts that reduce over V only: dA_qk = dO V_new^T,
   d(beta V) = T^T dV_new (-> dv), and the UT-transform gradient in one product, dA = -T^T dV_new V_new^T (the two
   WY factors' terms dU (beta V)^T + dW (beta K exp G)^T combine into dV_new ((I + A) V_new)^T; see the kernel).
-* ``chunk_kda_bwd_intra_kernel`` — per (chunk, head, sub-block of 16 rows), K in 16-column slices: the gradients
-  through the pair matrices A_kk and A_qk, added to the inter stage's partials, giving the final dq, dk, dbeta and
-  dG. Against the chunk's other rows the decay is routed through a reference row (one tl.dot each side), inside the
-  sub-block it is a [16, 16, 16] broadcast; ``chunk_kda_bwd_dg_kernel`` then takes dg as the reverse cumulative sum
-  of dG inside the chunk.
+* ``chunk_kda_bwd_intra_kernel`` — per (chunk, head, sub-block) (or per (chunk, head) walking the sub-blocks from
+  the last): the gradients through the pair matrices A_kk and A_qk with the forward's decay routing through a
+  reference row, giving the final dq, dk, dbeta and dG; ``chunk_kda_bwd_dg_kernel`` then takes dg as the reverse
+  cumulative sum of dG inside the chunk (the unsplit launch does that itself).
 
 Products take 16-bit operands where the inputs are 16-bit (states, V_new, dV_new, dO) with fp32 accumulation; the
 products with T and the fp32 gradients take fp32 operands (tf32 for 16-bit inputs, full fp32 for fp32 inputs).
@@ -46,8 +45,14 @@ from kimi_linear.ops.kda.chunk_common import (
 )
 from kimi_linear.ops.kda.chunk_fwd import (
     _dot,
+    _load_block,
+    _load_G,
     _load_last,
+    _load_row,
+    _load_rows,
     _load_rows_raw,
+    _load_vec,
+    _store_rows,
     _tile,
     chunk_kda_fwd_state_kernel,
 )
@@ -64,9 +69,9 @@ BWD_CONFIG = {
     "wy_bv": 64,
     "wy_warps": 4,
     "wy_stages": 2,
-    "intra_bks": 16,  # K slice of the intra-chunk stage's loop
+    "intra_split": True,  # one program per sub-block (4x the programs) and a separate reverse cumsum
     "intra_warps": 8,
-    "intra_stages": 2,
+    "intra_stages": 1,
 }
 
 
@@ -272,134 +277,133 @@ def chunk_kda_bwd_inter_kernel(
 
 
 @triton.jit
-def _sub_rows(ptr, t0, row0, n_rows, i_h, o_d, m_d, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr):
-    """Rows [row0, row0 + BR) and columns o_d of a chunk of ``ptr`` [T_total, H, D] as fp32; zero past the
-    chunk's end and where m_d is false."""
-    o_r = row0 + tl.arange(0, BR)
-    p = ptr + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
-    return tl.load(p, mask=(o_r < n_rows)[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+def _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows, G_last, i_h, scale,
+                     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+    """Sub-block a of a chunk: its final dq~, dk, dbeta and dG (before the reverse cumulative sum).
 
-
-@triton.jit
-def _put_sub_rows(ptr, x, t0, row0, n_rows, i_h, o_d, m_d, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr):
-    o_r = row0 + tl.arange(0, BR)
-    p = ptr + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
-    tl.store(p, x.to(ptr.dtype.element_ty), mask=(o_r < n_rows)[:, None] & m_d[None, :])
-
-
-@triton.jit
-def _sub_G(G, t0, row0, n_rows, G_last, i_h, o_k, m_k, H: tl.constexpr, K: tl.constexpr, BR: tl.constexpr):
-    """Cumulative decays of rows [row0, row0 + BR); rows past the chunk's end take the last valid row's, so every
-    difference exponentiated against them stays <= 0."""
-    o_r = row0 + tl.arange(0, BR)
-    return tl.where((o_r < n_rows)[:, None], _sub_rows(G, t0, row0, n_rows, i_h, o_k, m_k, H, K, BR),
-                    G_last[None, :])
-
-
-@triton.jit
-def _pair_block(ptr, t0, row0, col0, n_rows, i_h, H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """Sub-block [BC, BC] at (row0, col0) of a per-chunk matrix ``ptr`` [T_total, H, BT] (fp32), zero past the end."""
+    Sub-blocks past the chunk's end read zeros, their G is the last valid row's, and produce zeros.
+    """
     o_c = tl.arange(0, BC)
-    return _sub_rows(ptr, t0, row0, n_rows, i_h, col0 + o_c, o_c < BC, H, BT, BC)
+    r_a = a * BC
+    q_a = _load_rows(q, t0, r_a, n_rows, i_h, H, K, BC, BK) * scale
+    k_a = _load_rows(k, t0, r_a, n_rows, i_h, H, K, BC, BK)
+    G_a = _load_G(G, t0, r_a, n_rows, G_last, i_h, H, K, BC, BK)
+    b_a = _load_vec(beta, t0, r_a, n_rows, i_h, H, BC)
+    Gr_a = tl.where(r_a < n_rows, _load_row(G, t0, r_a, n_rows, i_h, H, K, BK), G_last)  # block a's first row
 
+    # rows of block a against columns of earlier blocks b, through the reference row of a
+    acc_q = tl.zeros([BC, BK], dtype=tl.float32)
+    acc_r = tl.zeros([BC, BK], dtype=tl.float32)  # sum_i dA[t, i] k_i exp(G_t - G_i), before the beta_t factor
+    for b in tl.static_range(3):
+        if b < a:
+            k_b = _load_rows(k, t0, b * BC, n_rows, i_h, H, K, BC, BK)
+            G_b = _load_G(G, t0, b * BC, n_rows, G_last, i_h, H, K, BC, BK)
+            kb = k_b * tl.exp(Gr_a[None, :] - G_b)
+            acc_q += _dot(_load_block(dAqk, t0, r_a, b * BC, n_rows, i_h, H, BT, BC), kb, DOT_PREC)
+            acc_r += _dot(_load_block(dA, t0, r_a, b * BC, n_rows, i_h, H, BT, BC), kb, DOT_PREC)
+    e_a = tl.exp(G_a - Gr_a[None, :])
+    acc_q *= e_a
+    acc_r *= e_a
 
-@triton.jit
-def _intra_slice(q, k, G, b_dqk_r, b_dkk_r, b_dqk_c, b_dkk_c, dqk_aa, dkk_aa, b_b, b_a, t0, r0, n_rows, i_h,
-                 o_k, m_k, scale, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
-    """One K slice (columns o_k) of the pair-matrix terms of the sub-block at rows r0 .. r0 + BC: returns the terms
-    of dq~, dk and dG ([BC, BKS] fp32) and dbeta's share ([BC]). See ``chunk_kda_bwd_intra_kernel``."""
-    o_c = tl.arange(0, BC)
-    G_last = tl.load(G + ((t0 + n_rows - 1).to(tl.int64) * H + i_h) * K + o_k, mask=m_k, other=0.0)
-    G_all = _sub_G(G, t0, 0, n_rows, G_last, i_h, o_k, m_k, H, K, BT)  # [BT, BKS]
-    k_all = _sub_rows(k, t0, 0, n_rows, i_h, o_k, m_k, H, K, BT)
-    q_all = _sub_rows(q, t0, 0, n_rows, i_h, o_k, m_k, H, K, BT) * scale
-    G_a = _sub_G(G, t0, r0, n_rows, G_last, i_h, o_k, m_k, H, K, BC)  # [BC, BKS]
-    k_a = _sub_rows(k, t0, r0, n_rows, i_h, o_k, m_k, H, K, BC)
-    q_a = _sub_rows(q, t0, r0, n_rows, i_h, o_k, m_k, H, K, BC) * scale
-    # reference rows: c1 the row just before the block (0 at the chunk start), c2 the block's last row (or the last
-    # valid one). Earlier rows j have G_j >= c1 >= G_t for t in the block; later rows t have G_t <= c2 <= G_j.
-    p_c1 = ((t0 + tl.minimum(r0, n_rows) - 1).to(tl.int64) * H + i_h) * K + o_k
-    c1 = tl.load(G + p_c1, mask=m_k & (r0 > 0), other=0.0)
-    c2 = tl.sum(tl.where(o_c[:, None] == BC - 1, G_a, 0.0), 0)
+    # columns of block a against rows of later blocks c (A = beta A_kk, so the key side carries beta_t)
+    acc_c = tl.zeros([BC, BK], dtype=tl.float32)
+    for c in tl.static_range(1, 4):
+        if c > a:
+            q_c = _load_rows(q, t0, c * BC, n_rows, i_h, H, K, BC, BK) * scale
+            k_c = _load_rows(k, t0, c * BC, n_rows, i_h, H, K, BC, BK)
+            b_c = _load_vec(beta, t0, c * BC, n_rows, i_h, H, BC)
+            G_c = _load_G(G, t0, c * BC, n_rows, G_last, i_h, H, K, BC, BK)
+            Gr_c = tl.where(c * BC < n_rows, _load_row(G, t0, c * BC, n_rows, i_h, H, K, BK), G_last)
+            e_c = tl.exp(G_c - Gr_c[None, :])
+            part = _dot(tl.trans(_load_block(dA, t0, c * BC, r_a, n_rows, i_h, H, BT, BC)),
+                        b_c[:, None] * k_c * e_c, DOT_PREC)
+            dAqk_ca = _load_block(dAqk, t0, c * BC, r_a, n_rows, i_h, H, BT, BC)
+            part += _dot(tl.trans(dAqk_ca), q_c * e_c, DOT_PREC)
+            acc_c += part * tl.exp(Gr_c[None, :] - G_a)
 
-    # the block's rows against earlier columns (the dA rows come masked to columns < r0; the clamp keeps the
-    # unused later rows finite)
-    kb = k_all * tl.exp(tl.minimum(c1[None, :] - G_all, 0.0))
-    e_a = tl.exp(G_a - c1[None, :])
-    acc_q = _dot(b_dqk_r, kb, DOT_PREC) * e_a
-    acc_r = _dot(b_dkk_r, kb, DOT_PREC) * e_a  # r_t before the beta_t factor
-    # the block's columns against later rows (the dA columns come masked to rows >= r0 + BC)
-    e_l = tl.exp(tl.minimum(G_all - c2[None, :], 0.0))
-    acc_c = _dot(tl.trans(b_dkk_c), b_b[:, None] * k_all * e_l, DOT_PREC)
-    acc_c += _dot(tl.trans(b_dqk_c), q_all * e_l, DOT_PREC)
-    acc_c *= tl.exp(tl.minimum(c2[None, :] - G_a, 0.0))
-
-    # inside the block: E[t, j, :] = exp(G_t - G_j) for t >= j, all pairs at once (clamped before the mask)
-    causal = o_c[:, None, None] >= o_c[None, :, None]
-    E = tl.where(causal, tl.exp(tl.minimum(G_a[:, None, :] - G_a[None, :, :], 0.0)), 0.0)  # [BC, BC, BKS]
-    kE = k_a[None, :, :] * E
-    acc_q += tl.sum(dqk_aa[:, :, None] * kE, 1)
-    acc_r += tl.sum(dkk_aa[:, :, None] * kE, 1)
-    src = (dkk_aa * b_a[:, None])[:, :, None] * k_a[:, None, :] + dqk_aa[:, :, None] * q_a[:, None, :]
-    acc_c += tl.sum(src * E, 0)
+    # inside block a, element-wise. Two loops, each reading one row (or column) of the operands from memory
+    # per step and updating whole [BC, BK] tiles, so that nothing is reduced across rows.
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    for j in range(BC):  # columns j: the row side, dq~_t and r_t for t >= j
+        m_j = m_k & (r_a + j < n_rows)
+        p_j = ((t0 + r_a + j).to(tl.int64) * H + i_h) * K + o_k
+        k_j = tl.load(k + p_j, mask=m_j, other=0.0).to(tl.float32)
+        G_j = tl.load(G + p_j, mask=m_j, other=0.0)
+        E = tl.where(o_c[:, None] >= j, tl.exp(tl.minimum(G_a - G_j[None, :], 0.0)), 0.0)  # [BC, BK]
+        p_col = ((t0 + r_a + o_c).to(tl.int64) * H + i_h) * BT + r_a + j
+        dqk_j = tl.load(dAqk + p_col, mask=r_a + o_c < n_rows, other=0.0)  # dA_qk[t, j] over t
+        dkk_j = tl.load(dA + p_col, mask=r_a + o_c < n_rows, other=0.0)
+        acc_q += dqk_j[:, None] * k_j[None, :] * E
+        acc_r += dkk_j[:, None] * k_j[None, :] * E
+    for t in range(BC):  # rows t: the column side, for keys j <= t
+        m_t = m_k & (r_a + t < n_rows)
+        p_t = ((t0 + r_a + t).to(tl.int64) * H + i_h) * K + o_k
+        q_t = tl.load(q + p_t, mask=m_t, other=0.0).to(tl.float32) * scale
+        bk_t = tl.load(k + p_t, mask=m_t, other=0.0).to(tl.float32) * tl.load(
+            beta + (t0 + r_a + t).to(tl.int64) * H + i_h, mask=r_a + t < n_rows, other=0.0).to(tl.float32)
+        G_t = tl.load(G + p_t, mask=m_t, other=0.0)
+        E = tl.where(o_c[:, None] <= t, tl.exp(tl.minimum(G_t[None, :] - G_a, 0.0)), 0.0)  # [BC(j), BK]
+        p_row = ((t0 + r_a + t).to(tl.int64) * H + i_h) * BT + r_a + o_c
+        dqk_t = tl.load(dAqk + p_row, mask=(o_c < BC) & (r_a + t < n_rows), other=0.0)  # dA_qk[t, j] over j
+        dkk_t = tl.load(dA + p_row, mask=(o_c < BC) & (r_a + t < n_rows), other=0.0)
+        acc_c += (dkk_t[:, None] * bk_t[None, :] + dqk_t[:, None] * q_t[None, :]) * E
 
     dk_row = b_a[:, None] * acc_r
-    return acc_q, dk_row + acc_c, q_a * acc_q + k_a * (dk_row - acc_c), tl.sum(k_a * acc_r, 1)
+    b_dq = _load_rows(dq, t0, r_a, n_rows, i_h, H, K, BC, BK) + acc_q
+    b_dk = _load_rows(dk, t0, r_a, n_rows, i_h, H, K, BC, BK) + dk_row + acc_c
+    b_dG = _load_rows(dG, t0, r_a, n_rows, i_h, H, K, BC, BK) + q_a * acc_q + k_a * (dk_row - acc_c)
+    b_db = _load_vec(dbeta, t0, r_a, n_rows, i_h, H, BC) + tl.sum(k_a * acc_r, 1)
+    return b_dq, b_dk, b_dG, b_db
 
 
 @triton.jit
 def chunk_kda_bwd_intra_kernel(
     q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, dq_out, dk_out, dg_out, cu_seqlens, chunk_indices, scale,
-    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """The gradients through the pair matrices, one program per (chunk, head, sub-block of BC rows), K in slices
-    of BKS columns (a run-time loop; dbeta's share adds up across the slices in registers).
-
-    A_qk[t, j] = q~_t . (k_j exp(G_t - G_j)) (j <= t) and A[t, j] = beta_t k_t . (k_j exp(G_t - G_j)) (j < t), so
-    with r_t = sum_j dA[t, j] k_j exp(G_t - G_j): dq~_t gets sum_j dA_qk[t, j] k_j exp(G_t - G_j), dk_t gets
-    beta_t r_t (row side) plus sum_s (dA[s, t] beta_s k_s + dA_qk[s, t] q~_s) exp(G_s - G_t) (column side), dbeta_t
-    gets k_t . r_t, and dG_t = q~_t dq~_t + k_t (row side - column side). Against the chunk's earlier rows the
-    decay is routed through the row just before the block, against its later rows through the block's last row
-    (one tl.dot each, every factor <= 1); inside the block it is taken element-wise as a [BC, BC, BKS] broadcast.
-    Adds these to the inter stage's partial dq~, dk, dG, dbeta; writes dq (scaled), dk, dbeta, and dG into
-    ``dg_out``, which ``chunk_kda_bwd_dg_kernel`` then turns into dg.
-    """
-    i_c, i_h, i_a = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, n_rows = _chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
-    r0 = i_a * BC
+    """Without SPLIT: one program per (chunk, head) walks the four sub-blocks from the last, carrying the reverse
+    cumulative sum, and writes dg. With SPLIT: one program per (chunk, head, sub-block), four times the
+    parallelism; it writes dG, and ``chunk_kda_bwd_dg_kernel`` turns it into dg."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + 2 * i_c)
+    i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    t0 = bos + i_t * BT
+    n_rows = tl.minimum(eos - t0, BT)
     o_c = tl.arange(0, BC)
-    o_t = tl.arange(0, BT)
-    o_r = r0 + o_c
-    m_r = o_r < n_rows
-    m_t = o_t < n_rows
-    # the block's rows of dA and dA_qk against earlier columns [BC, BT], its columns against later rows [BT, BC]
-    b_dqk_r = _sub_rows(dAqk, t0, r0, n_rows, i_h, o_t, o_t < r0, H, BT, BC)
-    b_dkk_r = _sub_rows(dA, t0, r0, n_rows, i_h, o_t, o_t < r0, H, BT, BC)
-    m_later = (o_t >= r0 + BC) & m_t
-    p_c = ((t0 + o_t).to(tl.int64)[:, None] * H + i_h) * BT + o_r[None, :]
-    b_dqk_c = tl.load(dAqk + p_c, mask=m_later[:, None], other=0.0)
-    b_dkk_c = tl.load(dA + p_c, mask=m_later[:, None], other=0.0)
-    dqk_aa = _pair_block(dAqk, t0, r0, r0, n_rows, i_h, H, BT, BC)  # [BC(t), BC(j)]
-    dkk_aa = _pair_block(dA, t0, r0, r0, n_rows, i_h, H, BT, BC)
-    b_b = tl.load(beta + (t0 + o_t).to(tl.int64) * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-    b_a = tl.load(beta + (t0 + o_r).to(tl.int64) * H + i_h, mask=m_r, other=0.0).to(tl.float32)  # [BC]
+    G_last = _load_last(G, t0, n_rows, i_h, H, K, BK)
 
-    b_db = tl.load(dbeta + (t0 + o_r).to(tl.int64) * H + i_h, mask=m_r, other=0.0)
-    for i_k in range(0, BK // BKS):
-        o_k = i_k * BKS + tl.arange(0, BKS)
-        m_k = o_k < K
-        s_dq, s_dk, s_dG, s_db = _intra_slice(q, k, G, b_dqk_r, b_dkk_r, b_dqk_c, b_dkk_c, dqk_aa, dkk_aa, b_b, b_a,
-                                              t0, r0, n_rows, i_h, o_k, m_k, scale, H, K, BT, BC, DOT_PREC)
-        s_dq += _sub_rows(dq, t0, r0, n_rows, i_h, o_k, m_k, H, K, BC)
-        s_dk += _sub_rows(dk, t0, r0, n_rows, i_h, o_k, m_k, H, K, BC)
-        s_dG += _sub_rows(dG, t0, r0, n_rows, i_h, o_k, m_k, H, K, BC)
-        _put_sub_rows(dq_out, s_dq * scale, t0, r0, n_rows, i_h, o_k, m_k, H, K, BC)
-        _put_sub_rows(dk_out, s_dk, t0, r0, n_rows, i_h, o_k, m_k, H, K, BC)
-        _put_sub_rows(dg_out, s_dG, t0, r0, n_rows, i_h, o_k, m_k, H, K, BC)
-        b_db += s_db
-    tl.store(dbeta + (t0 + o_r).to(tl.int64) * H + i_h, b_db, mask=m_r)
+    if SPLIT:
+        a = tl.program_id(2)
+        b_dq, b_dk, b_dG, b_db = _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows,
+                                                  G_last, i_h, scale, H, K, BT, BC, BK, DOT_PREC)
+        r_a = a * BC
+        _store_rows(dq_out, b_dq * scale, t0, r_a, n_rows, i_h, H, K, BC, BK)
+        _store_rows(dk_out, b_dk, t0, r_a, n_rows, i_h, H, K, BC, BK)
+        _store_rows(dg_out, b_dG, t0, r_a, n_rows, i_h, H, K, BC, BK)
+        o_a = r_a + o_c
+        tl.store(dbeta + (t0 + o_a).to(tl.int64) * H + i_h, b_db, mask=o_a < n_rows)
+    else:
+        carry = tl.zeros([BK], dtype=tl.float32)  # sum of dG over the later sub-blocks of the chunk
+        # static bounds: BT = 4 BC, and the interpreter rejects run-time bounds in range()
+        for i in tl.static_range(4):
+            a = 3 - i
+            b_dq, b_dk, b_dG, b_db = _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows,
+                                                      G_last, i_h, scale, H, K, BT, BC, BK, DOT_PREC)
+            r_a = a * BC
+            # g_t contributes to every G_s with s >= t in the chunk
+            tot = tl.sum(b_dG, 0)
+            b_dg = tot[None, :] - tl.cumsum(b_dG, 0) + b_dG + carry[None, :]
+            carry += tot
+            _store_rows(dq_out, b_dq * scale, t0, r_a, n_rows, i_h, H, K, BC, BK)
+            _store_rows(dk_out, b_dk, t0, r_a, n_rows, i_h, H, K, BC, BK)
+            _store_rows(dg_out, b_dg, t0, r_a, n_rows, i_h, H, K, BC, BK)
+            o_a = r_a + o_c
+            tl.store(dbeta + (t0 + o_a).to(tl.int64) * H + i_h, b_db, mask=o_a < n_rows)
 
 
 @triton.jit
@@ -407,12 +411,15 @@ def chunk_kda_bwd_dg_kernel(dg, cu_seqlens, chunk_indices, H: tl.constexpr, K: t
                             BK: tl.constexpr):
     """In place: dg_t = sum over s >= t in the chunk of dG_s (g_t enters every later cumulative decay)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    t0, n_rows = _chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    b_dG = _sub_rows(dg, t0, 0, n_rows, i_h, o_k, m_k, H, K, BT)  # [BT, BK], zero past the end
+    i_n = tl.load(chunk_indices + 2 * i_c)
+    i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    t0 = bos + i_t * BT
+    n_rows = tl.minimum(eos - t0, BT)
+    b_dG = _load_rows(dg, t0, 0, n_rows, i_h, H, K, BT, BK)  # [BT, BK], zero past the end
     b_dg = tl.sum(b_dG, 0)[None, :] - tl.cumsum(b_dG, 0) + b_dG
-    _put_sub_rows(dg, b_dg, t0, 0, n_rows, i_h, o_k, m_k, H, K, BT)
+    _store_rows(dg, b_dg, t0, 0, n_rows, i_h, H, K, BT, BK)
 
 
 def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
@@ -472,13 +479,16 @@ def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
             H=H, V=V, BT=CHUNK, BV=min(_pad_dim(V), c["wy_bv"] // (2 if fp32 else 1)), NK=NK, DOT_PREC=prec,
             num_warps=c["wy_warps"], num_stages=c["wy_stages"],
         )
-        chunk_kda_bwd_intra_kernel[(NT, H, CHUNK // SUB_CHUNK)](
-            q, k, beta, G, dq, dk, dG, dA, dAqk, db, dq_out, dk_out, dg, layout.cu_seqlens, layout.chunk_indices,
-            scale, H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["intra_bks"]), DOT_PREC=prec,
+        split = c["intra_split"]
+        chunk_kda_bwd_intra_kernel[(NT, H, CHUNK // SUB_CHUNK if split else 1)](
+            q, k, beta, G, dq, dk, dG, dA, dAqk, db, dq_out, dk_out, dg,
+            layout.cu_seqlens, layout.chunk_indices, scale,
+            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC=prec, SPLIT=split,
             num_warps=c["intra_warps"], num_stages=c["intra_stages"],
         )
-        chunk_kda_bwd_dg_kernel[(NT, H)](dg, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BK=BK,
-                                         num_warps=4)
+        if split:
+            chunk_kda_bwd_dg_kernel[(NT, H)](dg, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BK=BK,
+                                             num_warps=4)
     return dq_out, dk_out, dv, dg, db, dh0
 
 
@@ -495,7 +505,7 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
          c["inter_stages"]),
         (chunk_kda_bwd_wy_kernel, dict(H=H, V=V, BT=CHUNK, BV=min(BVf, c["wy_bv"]), NK=triton.cdiv(K, BKi),
                                        DOT_PREC="tf32"), c["wy_warps"], c["wy_stages"]),
-        (chunk_kda_bwd_intra_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["intra_bks"]),
-                                          DOT_PREC="tf32"), c["intra_warps"], c["intra_stages"]),
+        (chunk_kda_bwd_intra_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC="tf32",
+                                          SPLIT=c["intra_split"]), c["intra_warps"], c["intra_stages"]),
         (chunk_kda_bwd_dg_kernel, dict(H=H, K=K, BT=CHUNK, BK=BK), 4, 1),
     ]
