@@ -103,9 +103,11 @@ def test_parts_match_definitions_fp32(B, T, H, K, V):
         assert rel_err(got[n], want[n]) < 2e-5, n
 
 
-def test_parts_varlen_and_extreme_gates():
-    """Packed sequences (one empty, one of a single token, chunks cut short) and g = -1000 inside sub-blocks, at
+@pytest.mark.parametrize("diag_rows", [True, False], ids=["diag-rows", "diag-broadcast"])
+def test_parts_varlen_and_extreme_gates(diag_rows, monkeypatch):
+    """Both ways of computing the diagonal pair blocks. Packed sequences (one empty, one of a single token, chunks cut short) and g = -1000 inside sub-blocks, at
     sub-block starts and across a chunk: every exponential stays finite and the wiped pairs are exact zeros."""
+    monkeypatch.setitem(FWD_CONFIG, "pairs_diag_rows", diag_rows)
     cu = torch.tensor([0, 0, 1, 70, 100], dtype=torch.int32)
     x = kda_inputs(1, 100, 2, 32, 16, N=4, with_state=False)
     g = x["g"]

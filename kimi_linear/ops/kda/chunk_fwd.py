@@ -45,7 +45,8 @@ from kimi_linear.ops.kda.chunk_common import (
 # Launch settings of the per-chunk forward kernels (the state pass keeps chunk_common.CONFIG's).
 FWD_CONFIG = {
     "pairs_bks": 16,  # K columns per step of the pair kernel; the diagonal blocks broadcast [16, 16, pairs_bks]
-    "pairs_ops_16bit": True,  # off-diagonal pair dots on operands in the inputs' dtype (else fp32 / tf32)
+    "pairs_ops_16bit": True,
+    "pairs_diag_rows": True,  # diagonal blocks one column per step over the whole K (else a 3D broadcast per slice)  # off-diagonal pair dots on operands in the inputs' dtype (else fp32 / tf32)
     "pairs_warps": 8,
     "pairs_stages": 2,  # prefetches the next K slice
     "wy_block": 64,  # K / V columns per step of the WY kernel
@@ -235,10 +236,34 @@ def _diag_slice(q_a, k_a, G_a):
 
 
 @triton.jit
+def _diag_rows(q, k, G, t0, r0, n_rows, i_h, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr,
+               BK: tl.constexpr):
+    """The diagonal sub-block at rows/columns [r0, r0 + BC) of a chunk over the whole K at once: column j of
+    A_kk[t, j] = sum_c k_t k_j exp(G_t - G_j) and of A_qk (q_t for k_t) per step, from row j of k and of the stored
+    G (fp32 [T_total, H, K]). The BC steps are independent (no carried value but the assembled tile), so their
+    loads and [BC, BK] exponentials pipeline. Exponents are clamped at 0 (pairs j > t, masked by the caller);
+    rows past the chunk's end read k = 0 and G = 0."""
+    q_a = _load_rows(q, t0, r0, n_rows, i_h, H, K, BC, BK)
+    k_a = _load_rows(k, t0, r0, n_rows, i_h, H, K, BC, BK)
+    L_a = _load_rows(G, t0, r0, n_rows, i_h, H, K, BC, BK) * 1.4426950408889634  # log2(e) G
+    o_c = tl.arange(0, BC)
+    A_kk = tl.zeros([BC, BC], dtype=tl.float32)
+    A_qk = tl.zeros([BC, BC], dtype=tl.float32)
+    for j in range(BC):
+        k_j = _load_row(k, t0, r0 + j, n_rows, i_h, H, K, BK)
+        L_j = _load_row(G, t0, r0 + j, n_rows, i_h, H, K, BK) * 1.4426950408889634
+        kE = k_j[None, :] * tl.exp2(tl.minimum(L_a - L_j[None, :], 0.0))  # [BC, BK]
+        sel = o_c[None, :] == j
+        A_kk = tl.where(sel, tl.sum(k_a * kE, 1)[:, None], A_kk)
+        A_qk = tl.where(sel, tl.sum(q_a * kE, 1)[:, None], A_qk)
+    return A_kk, A_qk
+
+
+@triton.jit
 def chunk_kda_fwd_pairs_kernel(
     q, k, g, beta, G_out, Aqk_out, A_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
-    OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    OPS_16BIT: tl.constexpr, DIAG_ROWS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Per (sub-block a, chunk, head) — grid (BT // BC, NT, H): rows [a BC, (a + 1) BC) of the cumulative decay G
     and of the pair matrices.
@@ -247,7 +272,8 @@ def chunk_kda_fwd_pairs_kernel(
     the program stores its own BC rows), then the slice's share of A_kk[t, j] = sum_c k_t k_j exp(G_t - G_j) and of
     A_qk[t, j] (q_t in place of k_t): against the earlier rows j < a BC as one tl.dot [BC, BKS] x [BKS, BT] with the
     decay routed through c, the decay just before the block (exp(G_t - c) exp(c - G_j), both <= 1; later rows are
-    zeroed), and inside the block element-wise as a [BC, BC, BKS] broadcast. Writes the block's rows of
+    zeroed), and inside the block element-wise: with DIAG_ROWS after the slices, one column per step over the whole K
+from the stored G (``_diag_rows``), else per slice as a [BC, BC, BKS] broadcast. Writes the block's rows of
     scale * A_qk (lower, with the diagonal) to ``Aqk_out`` and of beta * A_kk (strictly lower) to ``A_out`` (fp32;
     the T buffer, which the solve kernel then overwrites), zeros above. With OPS_16BIT the dot operands (decayed
     q, k, each factor <= 1) are rounded to the inputs' dtype, else they stay fp32 (tf32 products on 16-bit inputs).
@@ -285,9 +311,13 @@ def chunk_kda_fwd_pairs_kernel(
         acc_kk += _dot((k_a * e_a).to(dt), kbT, DOT_PREC)
         acc_qk += _dot((q_a * e_a).to(dt), kbT, DOT_PREC)
 
-        s_kk, s_qk = _diag_slice(q_a, k_a, G_a)
-        d_kk += s_kk
-        d_qk += s_qk
+        if not DIAG_ROWS:
+            s_kk, s_qk = _diag_slice(q_a, k_a, G_a)
+            d_kk += s_kk
+            d_qk += s_qk
+    if DIAG_ROWS:
+        tl.debug_barrier()  # this program's rows of G are stored; read them back whole across threads
+        d_kk, d_qk = _diag_rows(q, k, G_out, t0, r0, n_rows, i_h, H, K, BC, BK)
 
     o_c = tl.arange(0, BC)
     o_r = r0 + o_c
@@ -488,6 +518,7 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
         chunk_kda_fwd_pairs_kernel[(CHUNK // SUB_CHUNK, layout.NT, H)](
             q, k, g, beta, G, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
             H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["pairs_bks"]), OPS_16BIT=c["pairs_ops_16bit"],
+            DIAG_ROWS=c["pairs_diag_rows"],
             DOT_PREC=prec, num_warps=c["pairs_warps"], num_stages=c["pairs_stages"],
         )
         chunk_kda_fwd_wy_kernel[(layout.NT, H)](
@@ -524,7 +555,8 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
     common = dict(H=H, K=K, V=V, BT=CHUNK, BK=BK, DOT_PREC="tf32")
     return [
         (chunk_kda_fwd_pairs_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, f["pairs_bks"]),
-                                          OPS_16BIT=f["pairs_ops_16bit"], DOT_PREC="tf32"), f["pairs_warps"],
+                                          OPS_16BIT=f["pairs_ops_16bit"], DIAG_ROWS=f["pairs_diag_rows"],
+                                          DOT_PREC="tf32"), f["pairs_warps"],
          f["pairs_stages"]),
         (chunk_kda_fwd_wy_kernel, dict(H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BKW=min(BK, f["wy_block"]),
                                        BVW=min(BVf, f["wy_block"]), DOT_PREC="tf32"), f["wy_warps"], f["wy_stages"]),
