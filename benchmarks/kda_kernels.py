@@ -193,16 +193,13 @@ def sweep_launch_settings(T: int) -> list[dict]:
     do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
     variants = [
         {},
+        {"fwd": {"pairs_diag_rows": False}},
         {"fwd": {"pairs_bks": 32}},
         {"fwd": {"pairs_warps": 4}},
-        {"fwd": {"pairs_stages": 1}},
         {"fwd": {"wy_stages": 1}},
-        {"fwd": {"wy_block": 32}},
-        {"fwd": {"pairs_ops_16bit": False}},
+        {"fwd": {"wy_warps": 4}},
         {"bwd": {"intra_warps": 4}},
-        {"bwd": {"intra_stages": 1}},
         {"bwd": {"wy_warps": 8}},
-        {"bwd": {"inter_bv": 32}},
         {"bwd": {"inter_stages": 3}},
         {"common": {"state_bv": 64}},
     ]
