@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU runs of this project, in parts that each fit one 10-minute device call. Every part writes its logs and
+# results under /tmp/gpu_session/<part>/; at the end they are packed into OUT/<parts>.tgz (the device tool returns at
+# most 8 files) next to OUT/summary.txt, which is also printed last.
+#
+#   bash benchmarks/gpu_session.sh OUT tests             # GPU tests of kernels, layers and generation (~6 min)
+#   bash benchmarks/gpu_session.sh OUT kernels           # chunk/decode kernel benchmark vs FLA with the sweep (~6 min)
+#   bash benchmarks/gpu_session.sh OUT model             # MLA decode, model efficiency, training throughput (~8 min)
+#   bash benchmarks/gpu_session.sh OUT experiments       # synthetic tasks and hybrid ablation (~9 min)
+#
+# Installs FLA 0.6.0 from .whl/ when it is there (the peer in the kernel benchmark; DESIGN.md §5).
+set -uo pipefail
+OUT=${1:?usage: gpu_session.sh OUT PART...}
+shift
+WORK=/tmp/gpu_session
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=/tmp/site:.
+fi
+export PYTHONPATH=${PYTHONPATH:-.}
+mkdir -p "$OUT" "$WORK"
+touch "$OUT/summary.txt"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
+
+step() {  # step PART NAME SECONDS COMMAND...: run with a time limit, log to WORK/PART/NAME.log, report the status
+    local part=$1 name=$2 limit=$3
+    shift 3
+    mkdir -p "$WORK/$part"
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$WORK/$part/$name.log" 2>&1
+    local rc=$?
+    echo "[$part/$name] rc=$rc $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+    grep -E "passed|failed|error" "$WORK/$part/$name.log" | tail -2
+}
+
+for part in "$@"; do
+    case $part in
+    tests)
+        step tests kda 240 python -m pytest -q -p no:cacheprovider -rf -m gpu tests/ops/test_kda_chunk_triton.py \
+            tests/ops/test_kda_recurrent_triton.py
+        step tests kda_parts 200 python -m pytest -q -p no:cacheprovider -rf tests/ops/test_kda_chunk_fwd_parts.py \
+            tests/ops/test_kda_chunk_bwd_parts.py
+        step tests model 150 python -m pytest -q -p no:cacheprovider -rf -m gpu tests/ops/test_mla_decode.py \
+            tests/layers tests/test_generate.py tests/test_model.py
+        ;;
+    kernels)
+        step kernels kda_kernels 420 python benchmarks/kda_kernels.py --out "$WORK/kernels" --sweep
+        tail -8 "$WORK/kernels/kda_kernels.log"
+        ;;
+    model)
+        step model mla_decode 90 python benchmarks/mla_decode.py --sweep --out "$WORK/model/mla_decode.json"
+        step model efficiency 280 python benchmarks/model_efficiency.py --out "$WORK/model" --budget-s 240
+        step model train_speed 140 python benchmarks/train_speed_gpu.py --out "$WORK/model"
+        tail -4 "$WORK/model/train_speed.log"
+        ;;
+    experiments)
+        step experiments synthetic 300 python experiments/synthetic.py --device cuda --out "$WORK/experiments/synthetic" \
+            --tasks mqar palindrome --mixers kda gdn --lengths 1024 2048 --lrs 1e-3 --steps 3000 --run-seconds 35 \
+            --time-budget 260
+        step experiments hybrid_ablation 280 python experiments/hybrid_ablation.py --device cuda --steps auto \
+            --time-budget 200 --out "$WORK/experiments" --tag h200_seed1 --seed 1
+        ;;
+    *)
+        echo "unknown part $part (tests, kernels, model, experiments)" >&2
+        ;;
+    esac
+done
+tar czf "$OUT/$(IFS=_; echo "$*").tgz" -C "$WORK" .
+echo
+cat "$OUT/summary.txt"
