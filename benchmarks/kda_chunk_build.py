@@ -28,12 +28,8 @@ INT_PTRS = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def build(fn, consts: dict, num_warps: int, num_stages: int, float_args=("scale",)) -> str:
-    names = [n for n in fn.arg_names if n not in consts]
-    sig = {}
-    for n in names:
-        sig[n] = "fp32" if n in float_args else "*i32" if n in INT_PTRS else "*fp32" if n in FP32_PTRS else "*bf16"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+def sm90_resources(fn, sig: dict, consts: dict, attrs: dict, num_warps: int, num_stages: int) -> dict:
+    """Compile ``fn`` for sm_90 with the given signature and read its resources from the cubin and the PTX."""
     kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -41,12 +37,25 @@ def build(fn, consts: dict, num_warps: int, num_stages: int, float_args=("scale"
         f.flush()
         usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    regs, stack = (m.group(1), m.group(2)) if m else ("?", "?")
-    shared = kernel.metadata.shared
     ptx = kernel.asm["ptx"]
-    flag = "  OVER THE SHARED-MEMORY LIMIT" if shared > SHARED_LIMIT else ""
-    return (f"{fn.__name__:34s} warps={num_warps} stages={num_stages} regs={regs:>3} stack={stack:>5} B "
-            f"shared={shared:>6} B wgmma={ptx.count('wgmma.mma_async'):>3} mma={ptx.count('mma.sync'):>3}{flag}")
+    return {"regs": m.group(1) if m else "?", "stack": m.group(2) if m else "?", "shared": kernel.metadata.shared,
+            "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync")}
+
+
+def resource_line(r: dict, num_warps: int, num_stages: int) -> str:
+    flag = "  OVER THE SHARED-MEMORY LIMIT" if r["shared"] > SHARED_LIMIT else ""
+    return (f"warps={num_warps} stages={num_stages} regs={r['regs']:>3} stack={r['stack']:>5} B "
+            f"shared={r['shared']:>6} B wgmma={r['wgmma']:>3} mma={r['mma']:>3}{flag}")
+
+
+def build(fn, consts: dict, num_warps: int, num_stages: int, float_args=("scale",)) -> str:
+    names = [n for n in fn.arg_names if n not in consts]
+    sig = {}
+    for n in names:
+        sig[n] = "fp32" if n in float_args else "*i32" if n in INT_PTRS else "*fp32" if n in FP32_PTRS else "*bf16"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+    r = sm90_resources(fn, sig, consts, attrs, num_warps, num_stages)
+    return f"{fn.__name__:34s} {resource_line(r, num_warps, num_stages)}"
 
 
 def main() -> None:

@@ -22,9 +22,6 @@ import argparse
 import json
 import math
 import os
-import re
-import subprocess
-import tempfile
 import time
 
 import torch
@@ -48,16 +45,13 @@ SWEEP_CONFIGS = [(64, 8, 2), (64, 4, 2)]  # (BLOCK_S, num_warps, num_stages) tha
 
 # ---- offline sm_90 build -----------------------------------------------------------------------------------
 
-SHARED_LIMIT = 232448
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
 def build_line(fn, consts: dict, num_warps: int, num_stages: int, cache_ty: str) -> str:
     """Compile ``fn`` for sm_90 with these constants and report its resources. Integer arguments named stride*
     (and pointers) are declared divisible by 16, as Triton's JIT specialises them at the release shape (every
     stride is a multiple of 16 there); without that the tile loads could not be vectorised or pipelined."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from kda_chunk_build import resource_line, sm90_resources  # this folder's sm_90 build helpers
 
     names = [n for n in fn.arg_names if n not in consts]
     sig = {}
@@ -74,22 +68,10 @@ def build_line(fn, consts: dict, num_warps: int, num_stages: int, cache_ty: str)
             sig[n] = cache_ty
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sig[n].startswith("*") or n.startswith("stride")}
-    kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    regs, stack = (m.group(1), m.group(2)) if m else ("?", "?")
-    shared = kernel.metadata.shared
-    ptx = kernel.asm["ptx"]
-    flag = "  OVER THE SHARED-MEMORY LIMIT" if shared > SHARED_LIMIT else ""
+    r = sm90_resources(fn, sig, consts, attrs, num_warps, num_stages)
     variant = " single" if consts.get("SINGLE_SPLIT") else ""
     tile = f" BLOCK_S={consts['BLOCK_S']}" if "BLOCK_S" in consts else ""
-    return (f"{fn.__name__ + variant:32s} {cache_ty[1:]:5s}{tile:12s} warps={num_warps} stages={num_stages} "
-            f"regs={regs:>3} stack={stack:>5} B shared={shared:>6} B wgmma={ptx.count('wgmma.mma_async'):>3} "
-            f"mma={ptx.count('mma.sync'):>3}{flag}")
+    return f"{fn.__name__ + variant:32s} {cache_ty[1:]:5s}{tile:12s} {resource_line(r, num_warps, num_stages)}"
 
 
 def build_report() -> list[str]:
