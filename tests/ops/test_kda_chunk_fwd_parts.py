@@ -3,7 +3,10 @@
 ``chunk_fwd`` returns, besides the output, what the backward reads: G (chunk-local cumulative log-decay, fp32),
 A_qk, T = (I + A)^-1 (fp32), W, U, scale q exp(G) and K exp(G_last - G). Each is checked here against its definition
 (paper §3.1) computed per chunk in float64, so a fault points at the stage that made it rather than at the output.
-Without CUDA the kernels run through Triton's interpreter; every buffer is poisoned with NaN first.
+Without CUDA the kernels run through Triton's interpreter; every buffer is poisoned with NaN first. Every case runs
+for both ways of building G and the pair matrices (``FWD_CONFIG["pairs_impl"]``: "subblock", one kernel per
+sub-block; "chunk", a cumsum kernel, a diagonal-block kernel and an off-diagonal kernel per chunk), and the "chunk"
+way also end to end (forward and every gradient) against the token-by-token recurrence.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ if not torch.cuda.is_available():
 import kimi_linear.ops.kda.chunk_common as chunk_common  # noqa: E402
 from kimi_linear.ops.kda.chunk_common import CHUNK, _Layout  # noqa: E402
 from kimi_linear.ops.kda.chunk_fwd import FWD_CONFIG, chunk_fwd  # noqa: E402
+from tests.ops.test_kda_chunk_triton import check_fwd_bwd  # noqa: E402
 from tests.utils import kda_inputs, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,6 +35,13 @@ NAMES = ("G", "Aqk", "Tinv", "w", "u", "qg", "kd")
 @pytest.fixture(autouse=True)
 def poison_buffers(monkeypatch):
     monkeypatch.setattr(chunk_common, "POISON_BUFFERS", True)
+
+
+@pytest.fixture(autouse=True, params=["subblock", "chunk"])
+def pairs_impl(request, monkeypatch):
+    """Every test of this file runs with each implementation of the pair-matrix stage."""
+    monkeypatch.setitem(FWD_CONFIG, "pairs_impl", request.param)
+    return request.param
 
 
 def reference_parts(q, k, v, g, beta, scale, bounds):
@@ -104,9 +115,11 @@ def test_parts_match_definitions_fp32(B, T, H, K, V):
 
 
 @pytest.mark.parametrize("diag_rows", [True, False], ids=["diag-rows", "diag-broadcast"])
-def test_parts_varlen_and_extreme_gates(diag_rows, monkeypatch):
-    """Both ways of computing the diagonal pair blocks. Packed sequences (one empty, one of a single token, chunks cut short) and g = -1000 inside sub-blocks, at
+def test_parts_varlen_and_extreme_gates(diag_rows, pairs_impl, monkeypatch):
+    """Both ways of computing the diagonal pair blocks (of pairs_impl "subblock"; "chunk" has one). Packed sequences (one empty, one of a single token, chunks cut short) and g = -1000 inside sub-blocks, at
     sub-block starts and across a chunk: every exponential stays finite and the wiped pairs are exact zeros."""
+    if pairs_impl == "chunk" and not diag_rows:
+        pytest.skip("pairs_diag_rows is a setting of the subblock kernel only")
     monkeypatch.setitem(FWD_CONFIG, "pairs_diag_rows", diag_rows)
     cu = torch.tensor([0, 0, 1, 70, 100], dtype=torch.int32)
     x = kda_inputs(1, 100, 2, 32, 16, N=4, with_state=False)
@@ -146,3 +159,41 @@ def test_parts_half_inputs(dtype, ops_16bit, monkeypatch):
         e_inputs = rel_err(want_lowp[n], exact[n])
         eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # the unit roundoff of storing the result
         assert e_kernel <= 2 * e_inputs + eps, f"{n}: {e_kernel:.2e} vs inputs' {e_inputs:.2e}"
+
+
+def test_pairs_impl_is_validated(pairs_impl, monkeypatch):
+    monkeypatch.setitem(FWD_CONFIG, "pairs_impl", "blocks")
+    with pytest.raises(ValueError, match="pairs_impl"):
+        run_parts(kda_inputs(1, 8, 1, 16, 16, with_state=False), 0.5)
+
+
+E2E = [  # B, T, H, K, V, initial state, cu_seqlens
+    (1, 70, 1, 16, 32, True, None),
+    (2, 63, 2, 32, 16, False, None),
+    (1, 100, 1, 16, 16, True, (0, 0, 1, 66, 100)),
+]
+
+
+@pytest.mark.parametrize("B,T,H,K,V,with_state,cu", E2E,
+                         ids=[f"B{b}-T{t}-H{h}-K{k}-V{v}-{'h0' if s else 'no-h0'}{'-varlen' if c else ''}"
+                              for b, t, h, k, v, s, c in E2E])
+def test_end_to_end_matches_recurrence(B, T, H, K, V, with_state, cu, pairs_impl):
+    """chunk_kda forward and every gradient against autograd through naive_recurrent_kda (the checks of
+    test_kda_chunk_triton.py), with this pair-matrix stage; varlen with an empty and a one-token segment."""
+    if pairs_impl == "subblock":
+        pytest.skip("the default path runs end to end in test_kda_chunk_triton.py")
+    x = kda_inputs(B, T, H, K, V, with_state=with_state, N=None if cu is None else len(cu) - 1)
+    kwargs = {} if cu is None else {"cu_seqlens": torch.tensor(cu, dtype=torch.int32, device=DEVICE)}
+    check_fwd_bwd(x, scale=0.3 if K == 32 else None, **kwargs)
+
+
+def test_end_to_end_extreme_gates(pairs_impl):
+    """g = -1000 next to gates near 0, across sub-block and chunk boundaries, end to end."""
+    if pairs_impl == "subblock":
+        pytest.skip("the default path runs end to end in test_kda_chunk_triton.py")
+    x = kda_inputs(1, 80, 1, 16, 16, gate_scale=1e-3)
+    g = x["g"]
+    g[:, 5] = -1000.0
+    g[:, 17:19, :, :8] = -1000.0
+    g[:, 64] = -1000.0
+    check_fwd_bwd(x)

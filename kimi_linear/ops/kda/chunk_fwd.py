@@ -44,11 +44,19 @@ from kimi_linear.ops.kda.chunk_common import (
 
 # Launch settings of the per-chunk forward kernels (the state pass keeps chunk_common.CONFIG's).
 FWD_CONFIG = {
+    # "subblock": one pair kernel per (sub-block, chunk, head) doing G, the off-diagonal rows and the diagonal block;
+    # "chunk": three kernels — chunk-local cumsum, diagonal blocks per sub-block, off-diagonal blocks per chunk
+    "pairs_impl": "subblock",
     "pairs_bks": 32,  # K columns per step of the pair kernel (16: fwd 2.44 vs 2.10 ms at T = 8192 with stages 1)
     "pairs_ops_16bit": True,  # off-diagonal pair dots on operands in the inputs' dtype (else fp32 / tf32)
     "pairs_diag_rows": True,  # diagonal blocks one column per step over the whole K (else a 3D broadcast per slice)
     "pairs_warps": 4,  # 8 warps: fwd 2.68 vs 2.45 ms at T = 8192 on the H200
     "pairs_stages": 1,  # 2 (prefetch the next K slice) measured slower at bks 32
+    "cumsum_block": 64,  # pairs_impl "chunk": K columns per program of the cumsum kernel
+    "diag_warps": 4,
+    "offdiag_bks": 32,  # K columns per step of the off-diagonal kernel
+    "offdiag_warps": 4,  # one warpgroup: the [64, BKS] x [BKS, 64] dots are one wgmma tile
+    "offdiag_stages": 2,
     "wy_block": 64,  # K / V columns per step of the WY kernel
     "wy_warps": 8,
     "wy_stages": 2,  # prefetches the next column block
@@ -335,6 +343,137 @@ from the stored G (``_diag_rows``), else per slice as a [BC, BC, BKS] broadcast.
 
 
 @triton.jit
+def _chunk_rows(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
+    """The packed row where chunk i_c starts and its number of valid rows (<= BT)."""
+    i_n = tl.load(chunk_indices + 2 * i_c)
+    i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    t0 = bos + i_t * BT
+    return t0, tl.minimum(eos - t0, BT)
+
+
+@triton.jit
+def chunk_kda_fwd_cumsum_kernel(
+    g, G_out, cu_seqlens, chunk_indices,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BKG: tl.constexpr,
+):
+    """Per (chunk, head, K block) — grid (NT, H, cdiv(K, BKG)): G = the chunk-local cumulative sum of g over the
+    chunk's rows (fp32), columns [i_k BKG, (i_k + 1) BKG). Rows past the chunk's end are not written."""
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    b_g = _load_cols(g, t0, 0, i_k * BKG, n_rows, i_h, H, K, BT, BKG).to(tl.float32)  # [BT, BKG]
+    _store_cols(G_out, tl.cumsum(b_g, 0), t0, 0, i_k * BKG, n_rows, i_h, H, K, BT, BKG)
+
+
+@triton.jit
+def chunk_kda_fwd_diag_kernel(
+    q, k, G, beta, Aqk_out, Tinv_out, cu_seqlens, chunk_indices, scale,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+):
+    """Per (sub-block a, chunk, head) — grid (BT // BC, NT, H): the diagonal [BC, BC] block at rows/columns
+    [a BC, (a + 1) BC) of the pair matrices, from the stored G (``chunk_kda_fwd_cumsum_kernel``).
+
+    The block's q, k and G rows [BC, BK] are loaded once; step j builds column j, A_kk[t, j] = sum_c k_t k_j
+    exp(G_t - G_j) and A_qk[t, j] (q_t for k_t), for all t at once as [BC, BK] element-wise products reduced
+    along K (``_diag_rows``): 2D only, each exponent clamped at 0 (the pairs j > t, zeroed here). Writes
+    scale * A_qk (with the diagonal) to ``Aqk_out`` and beta * A_kk (strictly lower) to ``Tinv_out`` (fp32),
+    zeros above the diagonal; the rest of those rows is ``chunk_kda_fwd_offdiag_kernel``'s.
+    """
+    i_a, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    r0 = i_a * BC
+    d_kk, d_qk = _diag_rows(q, k, G, t0, r0, n_rows, i_h, H, K, BC, BK)
+    o_c = tl.arange(0, BC)
+    o_r = r0 + o_c
+    m_row = (o_r < n_rows)[:, None]
+    p = ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * BT + r0 + o_c[None, :]
+    b_b = _load_vec(beta, t0, r0, n_rows, i_h, H, BC)
+    d_qk = tl.where(o_c[:, None] >= o_c[None, :], scale * d_qk, 0.0)
+    d_kk = tl.where(o_c[:, None] > o_c[None, :], b_b[:, None] * d_kk, 0.0)
+    tl.store(Aqk_out + p, d_qk.to(Aqk_out.dtype.element_ty), mask=m_row)
+    tl.store(Tinv_out + p, d_kk, mask=m_row)
+
+
+@triton.jit
+def chunk_kda_fwd_offdiag_kernel(
+    q, k, G, beta, Aqk_out, Tinv_out, cu_seqlens, chunk_indices, scale,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
+    OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Per (chunk, head) — grid (NT, H): the off-diagonal blocks (i, j), i > j, of the pair matrices
+    A_kk[t, s] = sum_c k_t k_s exp(G_t - G_s) and A_qk[t, s] (q_t for k_t), from the stored G, over the whole chunk.
+
+    Decay routing. Let d_j be G at the last row of sub-block j (j = 0, 1, 2; the chunk's last valid row if the
+    chunk ends sooner). For t in block i > j and s in block j, G_t <= d_{i-1} <= d_j <= G_s, so
+        exp(G_t - G_s) = exp(G_t - d_{i-1}) * exp(d_{i-1} - d_j) * exp(d_j - G_s),
+    three factors with exponents <= 0 each (a single reference row per chunk cannot do this: rows before it would
+    need positive exponents). The first is one [BT, BKS] exponential per row (its block's entry reference), the
+    last one per column (its own block's exit reference), the middle one a [BKS] vector per block pair. Column
+    block j then needs the left rows scaled by the middle factor of their block against j, and zero in blocks
+    <= j: L_j = x exp(G - d_{blk-1}) * where(blk > j, exp(d_{blk-1} - d_j), 0), R_j = where(blk == j,
+    k exp(d_j - G), 0), and A = sum_{j<3} L_j R_j^T — per K slice three [BT, BKS] x [BKS, BT] dots per matrix
+    accumulating into one [BT, BT] tile (one wgmma tile of 64 rows; equivalently one dot over 3 BKS inner
+    columns), whose diagonal blocks and upper part come out exactly 0. Exponents are clamped at 0 (they only
+    matter where they are masked or for positive gates), so g = -1000 gives exact zeros and nothing overflows.
+
+    Writes scale * A_qk to ``Aqk_out`` and beta * A_kk to ``Tinv_out`` (fp32) for every column outside the
+    diagonal blocks (zeros above them); the diagonal blocks are ``chunk_kda_fwd_diag_kernel``'s. With OPS_16BIT
+    the dot operands (each factor <= 1) are rounded to the inputs' dtype, else fp32 (tf32 on 16-bit inputs).
+    """
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    dt = q.dtype.element_ty if OPS_16BIT else tl.float32
+    o_t = tl.arange(0, BT)
+    r = (o_t // BC)[:, None]  # [BT, 1] each row's sub-block
+    # the exit rows of sub-blocks 0, 1, 2 (always valid rows)
+    p_d0 = ((t0 + tl.minimum(BC - 1, n_rows - 1)) * H + i_h) * K
+    p_d1 = ((t0 + tl.minimum(2 * BC - 1, n_rows - 1)) * H + i_h) * K
+    p_d2 = ((t0 + tl.minimum(3 * BC - 1, n_rows - 1)) * H + i_h) * K
+    acc_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    acc_qk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, BK // BKS):
+        col0 = i_k * BKS
+        o_d = col0 + tl.arange(0, BKS)
+        m_d = o_d < K
+        d0 = tl.load(G + p_d0 + o_d, mask=m_d, other=0.0)  # [BKS]
+        d1 = tl.load(G + p_d1 + o_d, mask=m_d, other=0.0)
+        d2 = tl.load(G + p_d2 + o_d, mask=m_d, other=0.0)
+        b_G = _load_cols(G, t0, 0, col0, n_rows, i_h, H, K, BT, BKS)  # [BT, BKS] fp32; 0 past the end
+        b_k = _load_cols(k, t0, 0, col0, n_rows, i_h, H, K, BT, BKS).to(tl.float32)
+        b_q = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BT, BKS).to(tl.float32)
+        # column side: each row's own exit reference (block 3 is never a column block here)
+        d_own = tl.where(r == 0, d0[None, :], tl.where(r == 1, d1[None, :], d2[None, :]))
+        kR = b_k * tl.exp(tl.minimum(d_own - b_G, 0.0))
+        # row side: the exit reference of the block before (block 0 is never a row block here)
+        d_prev = tl.where(r == 1, d0[None, :], tl.where(r == 2, d1[None, :], d2[None, :]))
+        e_L = tl.exp(tl.minimum(b_G - d_prev, 0.0))
+        kL = b_k * e_L
+        qL = b_q * e_L
+        f20 = tl.exp(tl.minimum(d1 - d0, 0.0))[None, :]  # exp(d_{i-1} - d_j) for (i, j) = (2, 0), (3, 0), (3, 1)
+        f30 = tl.exp(tl.minimum(d2 - d0, 0.0))[None, :]
+        f31 = tl.exp(tl.minimum(d2 - d1, 0.0))[None, :]
+        s0 = tl.where(r == 1, 1.0, tl.where(r == 2, f20, tl.where(r == 3, f30, 0.0)))  # [BT, BKS]
+        s1 = tl.where(r == 2, 1.0, tl.where(r == 3, f31, 0.0))
+        s2 = tl.where(r == 3, 1.0, 0.0)  # [BT, 1]
+        R0 = tl.trans(tl.where(r == 0, kR, 0.0).to(dt))  # [BKS, BT]
+        acc_kk += _dot((kL * s0).to(dt), R0, DOT_PREC)
+        acc_qk += _dot((qL * s0).to(dt), R0, DOT_PREC)
+        R1 = tl.trans(tl.where(r == 1, kR, 0.0).to(dt))
+        acc_kk += _dot((kL * s1).to(dt), R1, DOT_PREC)
+        acc_qk += _dot((qL * s1).to(dt), R1, DOT_PREC)
+        R2 = tl.trans(tl.where(r == 2, kR, 0.0).to(dt))
+        acc_kk += _dot((kL * s2).to(dt), R2, DOT_PREC)
+        acc_qk += _dot((qL * s2).to(dt), R2, DOT_PREC)
+
+    m = (o_t < n_rows)[:, None] & (r != (o_t // BC)[None, :])  # the diagonal blocks are written separately
+    p = ((t0 + o_t).to(tl.int64)[:, None] * H + i_h) * BT + o_t[None, :]
+    b_b = _load_vec(beta, t0, 0, n_rows, i_h, H, BT)
+    tl.store(Aqk_out + p, (scale * acc_qk).to(Aqk_out.dtype.element_ty), mask=m)
+    tl.store(Tinv_out + p, b_b[:, None] * acc_kk, mask=m)
+
+
+@triton.jit
 def chunk_kda_fwd_wy_kernel(
     q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BKW: tl.constexpr,
@@ -515,12 +654,30 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
     kd = _empty(TT, H, K, device=dev, dtype=dt)
     if layout.NT > 0:
         c = FWD_CONFIG
-        chunk_kda_fwd_pairs_kernel[(CHUNK // SUB_CHUNK, layout.NT, H)](
-            q, k, g, beta, G, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
-            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["pairs_bks"]), OPS_16BIT=c["pairs_ops_16bit"],
-            DIAG_ROWS=c["pairs_diag_rows"],
-            DOT_PREC=prec, num_warps=c["pairs_warps"], num_stages=c["pairs_stages"],
-        )
+        if c["pairs_impl"] == "subblock":
+            chunk_kda_fwd_pairs_kernel[(CHUNK // SUB_CHUNK, layout.NT, H)](
+                q, k, g, beta, G, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
+                H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["pairs_bks"]),
+                OPS_16BIT=c["pairs_ops_16bit"], DIAG_ROWS=c["pairs_diag_rows"],
+                DOT_PREC=prec, num_warps=c["pairs_warps"], num_stages=c["pairs_stages"],
+            )
+        elif c["pairs_impl"] == "chunk":
+            BKG = min(BK, c["cumsum_block"])
+            chunk_kda_fwd_cumsum_kernel[(layout.NT, H, triton.cdiv(K, BKG))](
+                g, G, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BKG=BKG, num_warps=4,
+            )
+            chunk_kda_fwd_diag_kernel[(CHUNK // SUB_CHUNK, layout.NT, H)](
+                q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
+                H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, num_warps=c["diag_warps"], num_stages=1,
+            )
+            chunk_kda_fwd_offdiag_kernel[(layout.NT, H)](
+                q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
+                H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["offdiag_bks"]),
+                OPS_16BIT=c["pairs_ops_16bit"], DOT_PREC=prec, num_warps=c["offdiag_warps"],
+                num_stages=c["offdiag_stages"],
+            )
+        else:
+            raise ValueError(f"FWD_CONFIG['pairs_impl'] must be 'subblock' or 'chunk', got {c['pairs_impl']!r}")
         chunk_kda_fwd_wy_kernel[(layout.NT, H)](
             q, k, v, beta, G, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
             H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BKW=min(BK, c["wy_block"]), BVW=min(BVf, c["wy_block"]),
@@ -558,6 +715,11 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
                                           OPS_16BIT=f["pairs_ops_16bit"], DIAG_ROWS=f["pairs_diag_rows"],
                                           DOT_PREC="tf32"), f["pairs_warps"],
          f["pairs_stages"]),
+        (chunk_kda_fwd_cumsum_kernel, dict(H=H, K=K, BT=CHUNK, BKG=min(BK, f["cumsum_block"])), 4, 1),
+        (chunk_kda_fwd_diag_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK), f["diag_warps"], 1),
+        (chunk_kda_fwd_offdiag_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, f["offdiag_bks"]),
+                                            OPS_16BIT=f["pairs_ops_16bit"], DOT_PREC="tf32"),
+         f["offdiag_warps"], f["offdiag_stages"]),
         (chunk_kda_fwd_wy_kernel, dict(H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BKW=min(BK, f["wy_block"]),
                                        BVW=min(BVf, f["wy_block"]), DOT_PREC="tf32"), f["wy_warps"], f["wy_stages"]),
         (chunk_kda_fwd_state_kernel, dict(common, BV=min(BVf, c["state_bv"]), USE_H0=True, STORE_HT=True,
