@@ -5,6 +5,10 @@ y[t, c] = act(sum_{j=0}^{W-1} w[c, j] * x[t - (W-1) + j, c])
 Inputs before the start of a sequence come from ``initial_state`` (the last W-1 inputs of what came before,
 oldest first) or are zero. With ``cu_seqlens`` several sequences are packed along T (B = 1) and no input
 crosses a boundary. Computed in fp32, returned in x's dtype.
+
+Two backends compute ``causal_conv1d``: "torch" (the code below, also the reference) and "triton"
+(``conv_triton``: fused forward and backward kernels). "auto" picks ``DEFAULT_BACKEND``, which stays "torch"
+until the Triton kernels have been measured faster on the GPU.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = (None, "silu")
+BACKENDS = ("auto", "torch", "triton")
+# What backend="auto" uses on CUDA; CPU always uses "torch". Stays "torch" until the Triton kernels are measured
+# faster on the GPU (benchmarks/conv_speed.py).
+DEFAULT_BACKEND = "torch"
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -52,6 +60,7 @@ def causal_conv1d(
     cu_seqlens: torch.Tensor | None = None,
     activation: str | None = "silu",
     output_final_state: bool = False,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Depthwise causal convolution over whole sequences; differentiable.
 
@@ -63,6 +72,9 @@ def causal_conv1d(
         activation: "silu" or None.
         output_final_state: also return the last W-1 inputs of each sequence (what ``initial_state`` of a
             continuation needs), ``[N, C, W-1]`` in x's dtype.
+        backend: "torch" (this module's PyTorch code), "triton" (``conv_triton``; W <= 8; on CPU only through
+            Triton's interpreter), or "auto": ``DEFAULT_BACKEND`` on CUDA tensors ("torch" until the lead flips it
+            after measuring), "torch" elsewhere.
 
     Returns:
         ``(y [B, T, C] in x's dtype, final_state [N, C, W-1] or None)``.
@@ -82,6 +94,14 @@ def causal_conv1d(
         raise ValueError(
             f"initial_state must be [N, C, W-1] = [{N}, {C}, {W - 1}], got {tuple(initial_state.shape)}"
         )
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = DEFAULT_BACKEND if x.is_cuda else "torch"
+    if backend == "triton":
+        from kimi_linear.ops.conv_triton import causal_conv1d_triton
+
+        return causal_conv1d_triton(x, weight, initial_state, cu_seqlens, activation, output_final_state)
 
     # Bulk: one depthwise convolution with zero history (a fused kernel, in x's dtype, fp32 accumulation).
     y = F.conv1d(x.transpose(1, 2), weight.to(x.dtype)[:, None, :], padding=W - 1, groups=C)[..., :T]
