@@ -197,6 +197,9 @@ def sweep_launch_settings(T: int) -> list[dict]:
         {},
         {"fwd": {"pairs_bks": 32}},
         {"fwd": {"pairs_bks": 32, "pairs_stages": 1}},
+        {"fwd": {"pairs_impl": "chunk"}},
+        {"fwd": {"pairs_impl": "chunk", "diag_warps": 8}},
+        {"fwd": {"pairs_impl": "chunk", "offdiag_cumsum": True, "offdiag_warps": 8}},
     ]
     out = []
     for change in variants:

@@ -4,9 +4,10 @@
 A_qk, T = (I + A)^-1 (fp32), W, U, scale q exp(G) and K exp(G_last - G). Each is checked here against its definition
 (paper §3.1) computed per chunk in float64, so a fault points at the stage that made it rather than at the output.
 Without CUDA the kernels run through Triton's interpreter; every buffer is poisoned with NaN first. Every case runs
-for both ways of building G and the pair matrices (``FWD_CONFIG["pairs_impl"]``: "subblock", one kernel per
-sub-block; "chunk", a cumsum kernel, a diagonal-block kernel and an off-diagonal kernel per chunk), and the "chunk"
-way also end to end (forward and every gradient) against the token-by-token recurrence.
+for each way of building G and the pair matrices (``FWD_CONFIG["pairs_impl"]``: "subblock", one kernel per
+sub-block; "chunk", a cumsum kernel, a diagonal-block kernel and an off-diagonal kernel per chunk, also with the
+cumsum fused into the off-diagonal kernel), and the "chunk" ways also end to end (forward and every gradient)
+against the token-by-token recurrence.
 """
 
 from __future__ import annotations
@@ -37,11 +38,15 @@ def poison_buffers(monkeypatch):
     monkeypatch.setattr(chunk_common, "POISON_BUFFERS", True)
 
 
-@pytest.fixture(autouse=True, params=["subblock", "chunk"])
+@pytest.fixture(autouse=True, params=[("subblock", False), ("chunk", False), ("chunk", True)],
+                ids=["subblock", "chunk", "chunk-fused-cumsum"])
 def pairs_impl(request, monkeypatch):
-    """Every test of this file runs with each implementation of the pair-matrix stage."""
-    monkeypatch.setitem(FWD_CONFIG, "pairs_impl", request.param)
-    return request.param
+    """Every test of this file runs with each implementation of the pair-matrix stage ("chunk" with G from the
+    cumsum kernel, or from the off-diagonal kernel)."""
+    impl, fused_cumsum = request.param
+    monkeypatch.setitem(FWD_CONFIG, "pairs_impl", impl)
+    monkeypatch.setitem(FWD_CONFIG, "offdiag_cumsum", fused_cumsum)
+    return impl
 
 
 def reference_parts(q, k, v, g, beta, scale, bounds):

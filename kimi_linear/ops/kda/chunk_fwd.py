@@ -2,10 +2,16 @@
 
 Three stages, chunk size BT = 64 split into four sub-blocks of BC = 16 rows:
 
-* ``chunk_kda_fwd_pairs_kernel`` — one program per (sub-block, chunk, head), walking K in slices of 16 columns:
-  the sub-block's rows of the fp32 cumulative log-decay G and of the pair matrices A_kk (strictly lower, times
-  beta) and A_qk (lower, times scale) — against earlier rows as one tl.dot, inside the sub-block element-wise as a
-  [16, 16, 16] broadcast. beta * A_kk goes to the T buffer.
+* ``chunk_kda_fwd_pairs_kernel`` — one program per (sub-block, chunk, head), walking K in slices of
+  ``pairs_bks`` columns: the sub-block's rows of the fp32 cumulative log-decay G and of the pair matrices A_kk
+  (strictly lower, times beta) and A_qk (lower, times scale) — against earlier rows as one tl.dot, inside the
+  sub-block element-wise (one column per step over the whole K, or a [16, 16, BKS] broadcast per slice).
+  beta * A_kk goes to the T buffer.
+  Alternatively (``FWD_CONFIG["pairs_impl"] = "chunk"``), the same outputs from three kernels:
+  ``chunk_kda_fwd_cumsum_kernel`` (G per (chunk, head, K block)), ``chunk_kda_fwd_diag_kernel`` (the diagonal
+  16x16 blocks per (sub-block, chunk, head), 2D element-wise) and ``chunk_kda_fwd_offdiag_kernel`` (all
+  off-diagonal blocks per (chunk, head) as [64, BKS] x [BKS, 64] dots, the decay routed through the sub-blocks'
+  last rows); with ``offdiag_cumsum`` the off-diagonal kernel computes and stores G itself.
 * ``chunk_kda_fwd_wy_kernel`` — one program per (chunk, head): the UT transform T = (I + beta A_kk)^-1 in fp32
   (forward substitution on the four 16x16 diagonal blocks, then a block merge), then, 64 columns at a time, the WY
   factors W = T (beta exp(G) K), U = T (beta V) and the state pass's operands scale q exp(G), K exp(G_last - G).
@@ -53,6 +59,7 @@ FWD_CONFIG = {
     "pairs_warps": 4,  # 8 warps: fwd 2.68 vs 2.45 ms at T = 8192 on the H200
     "pairs_stages": 1,  # 2 (prefetch the next K slice) measured slower at bks 32
     "cumsum_block": 64,  # pairs_impl "chunk": K columns per program of the cumsum kernel
+    "offdiag_cumsum": False,  # pairs_impl "chunk": the off-diagonal kernel computes and stores G (no cumsum kernel)
     "diag_warps": 4,
     "offdiag_bks": 32,  # K columns per step of the off-diagonal kernel
     "offdiag_warps": 4,  # one warpgroup: the [64, BKS] x [BKS, 64] dots are one wgmma tile
@@ -397,12 +404,14 @@ def chunk_kda_fwd_diag_kernel(
 
 @triton.jit
 def chunk_kda_fwd_offdiag_kernel(
-    q, k, G, beta, Aqk_out, Tinv_out, cu_seqlens, chunk_indices, scale,
+    q, k, g, G, beta, Aqk_out, Tinv_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
-    OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    CUMSUM: tl.constexpr, OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Per (chunk, head) — grid (NT, H): the off-diagonal blocks (i, j), i > j, of the pair matrices
-    A_kk[t, s] = sum_c k_t k_s exp(G_t - G_s) and A_qk[t, s] (q_t for k_t), from the stored G, over the whole chunk.
+    A_kk[t, s] = sum_c k_t k_s exp(G_t - G_s) and A_qk[t, s] (q_t for k_t), over the whole chunk, from the stored
+    G — or, with CUMSUM, computing G from g per K slice (a cumsum over the chunk's rows) and storing it, in place
+    of ``chunk_kda_fwd_cumsum_kernel`` (the diagonal kernel then runs after this one).
 
     Decay routing. Let d_j be G at the last row of sub-block j (j = 0, 1, 2; the chunk's last valid row if the
     chunk ends sooner). For t in block i > j and s in block j, G_t <= d_{i-1} <= d_j <= G_s, so
@@ -427,19 +436,27 @@ def chunk_kda_fwd_offdiag_kernel(
     o_t = tl.arange(0, BT)
     r = (o_t // BC)[:, None]  # [BT, 1] each row's sub-block
     # the exit rows of sub-blocks 0, 1, 2 (always valid rows)
-    p_d0 = ((t0 + tl.minimum(BC - 1, n_rows - 1)) * H + i_h) * K
-    p_d1 = ((t0 + tl.minimum(2 * BC - 1, n_rows - 1)) * H + i_h) * K
-    p_d2 = ((t0 + tl.minimum(3 * BC - 1, n_rows - 1)) * H + i_h) * K
+    e0 = tl.minimum(BC - 1, n_rows - 1)
+    e1 = tl.minimum(2 * BC - 1, n_rows - 1)
+    e2 = tl.minimum(3 * BC - 1, n_rows - 1)
     acc_kk = tl.zeros([BT, BT], dtype=tl.float32)
     acc_qk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, BK // BKS):
         col0 = i_k * BKS
         o_d = col0 + tl.arange(0, BKS)
         m_d = o_d < K
-        d0 = tl.load(G + p_d0 + o_d, mask=m_d, other=0.0)  # [BKS]
-        d1 = tl.load(G + p_d1 + o_d, mask=m_d, other=0.0)
-        d2 = tl.load(G + p_d2 + o_d, mask=m_d, other=0.0)
-        b_G = _load_cols(G, t0, 0, col0, n_rows, i_h, H, K, BT, BKS)  # [BT, BKS] fp32; 0 past the end
+        if CUMSUM:
+            b_G = tl.cumsum(_load_cols(g, t0, 0, col0, n_rows, i_h, H, K, BT, BKS).to(tl.float32), 0)  # [BT, BKS]
+            _store_cols(G, b_G, t0, 0, col0, n_rows, i_h, H, K, BT, BKS)
+            # the exit rows, picked out of the tile (a reduction over rows with one nonzero term: exact)
+            d0 = tl.sum(tl.where(o_t[:, None] == e0, b_G, 0.0), 0)  # [BKS]
+            d1 = tl.sum(tl.where(o_t[:, None] == e1, b_G, 0.0), 0)
+            d2 = tl.sum(tl.where(o_t[:, None] == e2, b_G, 0.0), 0)
+        else:
+            d0 = tl.load(G + ((t0 + e0) * H + i_h) * K + o_d, mask=m_d, other=0.0)  # [BKS]
+            d1 = tl.load(G + ((t0 + e1) * H + i_h) * K + o_d, mask=m_d, other=0.0)
+            d2 = tl.load(G + ((t0 + e2) * H + i_h) * K + o_d, mask=m_d, other=0.0)
+            b_G = _load_cols(G, t0, 0, col0, n_rows, i_h, H, K, BT, BKS)  # [BT, BKS] fp32; 0 past the end
         b_k = _load_cols(k, t0, 0, col0, n_rows, i_h, H, K, BT, BKS).to(tl.float32)
         b_q = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BT, BKS).to(tl.float32)
         # column side: each row's own exit reference (block 3 is never a column block here)
@@ -662,19 +679,20 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
                 DOT_PREC=prec, num_warps=c["pairs_warps"], num_stages=c["pairs_stages"],
             )
         elif c["pairs_impl"] == "chunk":
-            BKG = min(BK, c["cumsum_block"])
-            chunk_kda_fwd_cumsum_kernel[(layout.NT, H, triton.cdiv(K, BKG))](
-                g, G, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BKG=BKG, num_warps=4,
+            if not c["offdiag_cumsum"]:
+                BKG = min(BK, c["cumsum_block"])
+                chunk_kda_fwd_cumsum_kernel[(layout.NT, H, triton.cdiv(K, BKG))](
+                    g, G, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BKG=BKG, num_warps=4,
+                )
+            chunk_kda_fwd_offdiag_kernel[(layout.NT, H)](
+                q, k, g, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
+                H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["offdiag_bks"]), CUMSUM=c["offdiag_cumsum"],
+                OPS_16BIT=c["pairs_ops_16bit"], DOT_PREC=prec, num_warps=c["offdiag_warps"],
+                num_stages=c["offdiag_stages"],
             )
             chunk_kda_fwd_diag_kernel[(CHUNK // SUB_CHUNK, layout.NT, H)](
                 q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
                 H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, num_warps=c["diag_warps"], num_stages=1,
-            )
-            chunk_kda_fwd_offdiag_kernel[(layout.NT, H)](
-                q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
-                H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["offdiag_bks"]),
-                OPS_16BIT=c["pairs_ops_16bit"], DOT_PREC=prec, num_warps=c["offdiag_warps"],
-                num_stages=c["offdiag_stages"],
             )
         else:
             raise ValueError(f"FWD_CONFIG['pairs_impl'] must be 'subblock' or 'chunk', got {c['pairs_impl']!r}")
@@ -718,8 +736,8 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
         (chunk_kda_fwd_cumsum_kernel, dict(H=H, K=K, BT=CHUNK, BKG=min(BK, f["cumsum_block"])), 4, 1),
         (chunk_kda_fwd_diag_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK), f["diag_warps"], 1),
         (chunk_kda_fwd_offdiag_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, f["offdiag_bks"]),
-                                            OPS_16BIT=f["pairs_ops_16bit"], DOT_PREC="tf32"),
-         f["offdiag_warps"], f["offdiag_stages"]),
+                                            CUMSUM=f["offdiag_cumsum"], OPS_16BIT=f["pairs_ops_16bit"],
+                                            DOT_PREC="tf32"), f["offdiag_warps"], f["offdiag_stages"]),
         (chunk_kda_fwd_wy_kernel, dict(H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BKW=min(BK, f["wy_block"]),
                                        BVW=min(BVf, f["wy_block"]), DOT_PREC="tf32"), f["wy_warps"], f["wy_stages"]),
         (chunk_kda_fwd_state_kernel, dict(common, BV=min(BVf, c["state_bv"]), USE_H0=True, STORE_HT=True,
