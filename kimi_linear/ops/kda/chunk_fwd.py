@@ -423,8 +423,11 @@ def chunk_kda_fwd_offdiag_kernel(
     <= j: L_j = x exp(G - d_{blk-1}) * where(blk > j, exp(d_{blk-1} - d_j), 0), R_j = where(blk == j,
     k exp(d_j - G), 0), and A = sum_{j<3} L_j R_j^T — per K slice three [BT, BKS] x [BKS, BT] dots per matrix
     accumulating into one [BT, BT] tile (one wgmma tile of 64 rows; equivalently one dot over 3 BKS inner
-    columns), whose diagonal blocks and upper part come out exactly 0. Exponents are clamped at 0 (they only
-    matter where they are masked or for positive gates), so g = -1000 gives exact zeros and nothing overflows.
+    columns), whose diagonal blocks and upper part come out exactly 0. The per-row-block alternative (reference
+    d_{i-1} on both sides, [16, BKS] x [BKS, 16 i] per block row) has M = 16: mma.sync, not wgmma; this way does 4x
+    the (idle) tensor-core work of the useful blocks but every dot is M = 64. Exponents are clamped at 0 (the
+    clamp acts only on entries that are masked, or on positive gates), so g = -1000 gives exact zeros and
+    nothing overflows.
 
     Writes scale * A_qk to ``Aqk_out`` and beta * A_kk to ``Tinv_out`` (fp32) for every column outside the
     diagonal blocks (zeros above them); the diagonal blocks are ``chunk_kda_fwd_diag_kernel``'s. With OPS_16BIT
