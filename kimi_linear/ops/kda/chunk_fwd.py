@@ -424,7 +424,7 @@ def chunk_kda_fwd_offdiag_kernel(
     k exp(d_j - G), 0), and A = sum_{j<3} L_j R_j^T — per K slice three [BT, BKS] x [BKS, BT] dots per matrix
     accumulating into one [BT, BT] tile (one wgmma tile of 64 rows; equivalently one dot over 3 BKS inner
     columns), whose diagonal blocks and upper part come out exactly 0. The per-row-block alternative (reference
-    d_{i-1} on both sides, [16, BKS] x [BKS, 16 i] per block row) has M = 16: mma.sync, not wgmma; this way does 4x
+    d_{i-1} on both sides, [16, BKS] x [BKS, 16 i] per block row) has M = 16: mma.sync, not wgmma; this way does 8x
     the (idle) tensor-core work of the useful blocks but every dot is M = 64. Exponents are clamped at 0 (the
     clamp acts only on entries that are masked, or on positive gates), so g = -1000 gives exact zeros and
     nothing overflows.
