@@ -16,6 +16,8 @@ Kernels (all accumulate in fp32; ``x``, ``y``, ``dy``, ``dx`` are in x's dtype, 
                             dpre = dy * act'(pre), pre recomputed from x, nothing saved from the forward), plus the
                             final state's gradient; and this block's partial dweight [W, BC] (summed over blocks
                             afterwards in a fixed order: deterministic).
+    conv_bwd_dpre_kernel,   the same in two passes (CONFIG["bwd_mode"] = "two_pass"): dpre in fp32 with the partial
+    conv_bwd_dx_kernel      dweight, then dx from dpre; same grids.
     conv_bwd_h0_kernel      grid (N, cdiv(C, BC)): d initial_state, from the first W-1 rows of each sequence and
                             from the final state's gradient where a sequence is shorter than W-1.
 
@@ -32,9 +34,12 @@ import triton
 import triton.language as tl
 
 MAX_WIDTH = 8
-BLOCK_T = 64
-BLOCK_C = 128
-NUM_WARPS = 4
+# Launch settings. Rows x channels per program are kept at 8-16 elements per thread: the backward's W-fold
+# recompute holds W^2 loaded tiles and spills at 64 x 128 (see `conv_speed.py --build-report`).
+# bwd_mode: "fused" recomputes pre at the W shifts each dx row needs (6 bytes of traffic per element, W sigmoids);
+# "two_pass" stores dpre in fp32 and convolves it in a second kernel (14 bytes per element, one sigmoid).
+# With initial states every tap also gathers from the state: fwd_bt_h0 rows per program then.
+CONFIG = dict(fwd_bt=16, fwd_bt_h0=8, bwd_bt=8, bc=128, warps=4, bwd_mode="fused")
 POISON_BUFFERS = False  # tests set it: every buffer a kernel writes starts as NaN, so a missed store shows
 
 
@@ -85,8 +90,8 @@ def _tap(x, h0, o_t, start, n, o_c, m_t, m_c, C, SHIFT: tl.constexpr, W: tl.cons
     if HAS_H0:
         # x[t - SHIFT] lies SHIFT - pos rows before the start: state index W-1 - (SHIFT - pos), oldest first
         m_h = (m_t & ~inside)[:, None] & m_c[None, :]
-        p_h = h0 + (n * C)[:, None] * (W - 1) + o_c[None, :] * (W - 1) + (W - 1 - SHIFT + pos)[:, None]
-        b += tl.load(p_h, mask=m_h, other=0.0).to(tl.float32)
+        o_h = n * C * (W - 1) + (W - 1 - SHIFT) + pos  # [BT] row part of the state offset
+        b += tl.load(h0 + o_h[:, None] + (o_c * (W - 1))[None, :], mask=m_h, other=0.0).to(tl.float32)
     return b
 
 
@@ -180,6 +185,58 @@ def conv_bwd_kernel(x, w, h0, dy, dfinal, dx, dw_part, cu_seqlens, seq_idx, T_to
 
 
 @triton.jit
+def conv_bwd_dpre_kernel(x, w, h0, dy, dpre, dw_part, cu_seqlens, seq_idx, T_total, T_seq, C,
+                         W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr,
+                         HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """First pass of the two-pass backward: dpre[t] = dy[t] act'(pre[t]) (fp32, pre recomputed) for BT rows x BC
+    channels, and dw_part[i_t, j, c] = sum_{t in block} dpre[t, c] x[t - (W-1) + j, c]. Grid (cdiv(T_total, BT),
+    cdiv(C, BC))."""
+    i_t, i_c = tl.program_id(0), tl.program_id(1)
+    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_t, m_c = o_t < T_total, o_c < C
+    m_tc = m_t[:, None] & m_c[None, :]
+    n, start, _ = _row_bounds(cu_seqlens, seq_idx, o_t, m_t, T_seq, IS_VARLEN)
+    b_dpre = tl.load(dy + o_t[:, None] * C + o_c[None, :], mask=m_tc, other=0.0).to(tl.float32)
+    if ACT == 1:
+        b_pre = tl.zeros([BT, BC], dtype=tl.float32)
+        for j in tl.static_range(W):
+            b_wj = tl.load(w + o_c * W + j, mask=m_c, other=0.0).to(tl.float32)
+            b_pre += _tap(x, h0, o_t, start, n, o_c, m_t, m_c, C, W - 1 - j, W, HAS_H0) * b_wj[None, :]
+        b_dpre = b_dpre * _silu_grad(b_pre)
+    tl.store(dpre + o_t[:, None] * C + o_c[None, :], b_dpre, mask=m_tc)
+    for j in tl.static_range(W):
+        b_src = _tap(x, h0, o_t, start, n, o_c, m_t, m_c, C, W - 1 - j, W, HAS_H0)
+        tl.store(dw_part + (i_t * W + j).to(tl.int64) * C + o_c, tl.sum(b_dpre * b_src, axis=0), mask=m_c)
+
+
+@triton.jit
+def conv_bwd_dx_kernel(dpre, w, dfinal, dx, cu_seqlens, seq_idx, T_total, T_seq, C,
+                       W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_DFINAL: tl.constexpr,
+                       IS_VARLEN: tl.constexpr, INTERPRET: tl.constexpr):
+    """Second pass: dx[u] = sum_s w[W-1-s] dpre[u + s] over rows u + s of u's sequence, plus dfinal[n, :, j] where
+    u is the sequence's row end - (W-1) + j. Grid (cdiv(T_total, BT), cdiv(C, BC))."""
+    i_t, i_c = tl.program_id(0), tl.program_id(1)
+    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_t, m_c = o_t < T_total, o_c < C
+    n, _, end = _row_bounds(cu_seqlens, seq_idx, o_t, m_t, T_seq, IS_VARLEN)
+    b_dx = tl.zeros([BT, BC], dtype=tl.float32)
+    for s in tl.static_range(W):
+        o_r = o_t + s
+        m_r = (m_t & (o_r < end))[:, None] & m_c[None, :]
+        b_w = tl.load(w + o_c * W + (W - 1 - s), mask=m_c, other=0.0).to(tl.float32)
+        b_dx += tl.load(dpre + o_r[:, None] * C + o_c[None, :], mask=m_r, other=0.0) * b_w[None, :]
+    if HAS_DFINAL:
+        j_f = o_t - (end - (W - 1))
+        m_f = (m_t & (j_f >= 0))[:, None] & m_c[None, :]
+        b_dx += tl.load(dfinal + (n * C)[:, None] * (W - 1) + o_c[None, :] * (W - 1) + j_f[:, None], mask=m_f,
+                        other=0.0).to(tl.float32)
+    tl.store(dx + o_t[:, None] * C + o_c[None, :], _cast_to(b_dx, dx, INTERPRET),
+             mask=m_t[:, None] & m_c[None, :])
+
+
+@triton.jit
 def conv_bwd_h0_kernel(x, w, h0, dy, dfinal, dh0, cu_seqlens, T_seq, C,
                        W: tl.constexpr, BC: tl.constexpr, BW: tl.constexpr, ACT: tl.constexpr,
                        HAS_DFINAL: tl.constexpr, IS_VARLEN: tl.constexpr):
@@ -239,7 +296,7 @@ def _layout(x: torch.Tensor, cu_seqlens: torch.Tensor | None):
 
 
 def _blocks(C: int) -> int:
-    return min(BLOCK_C, triton.next_power_of_2(C))
+    return min(CONFIG["bc"], triton.next_power_of_2(C))
 
 
 def conv_fwd(x, weight, initial_state, cu_seqlens, act: int, output_final_state: bool):
@@ -254,10 +311,11 @@ def conv_fwd(x, weight, initial_state, cu_seqlens, act: int, output_final_state:
     BC = _blocks(C)
     varlen = cu is not None
     if T_total > 0:
-        grid = (triton.cdiv(T_total, BLOCK_T), triton.cdiv(C, BC))
-        conv_fwd_kernel[grid](x2, w, h0, y, cu, seq_idx, T_total, max(T, 1), C, W=W, BT=BLOCK_T, BC=BC, ACT=act,
+        BT = CONFIG["fwd_bt"] if h0 is None else CONFIG["fwd_bt_h0"]
+        grid = (triton.cdiv(T_total, BT), triton.cdiv(C, BC))
+        conv_fwd_kernel[grid](x2, w, h0, y, cu, seq_idx, T_total, max(T, 1), C, W=W, BT=BT, BC=BC, ACT=act,
                               HAS_H0=h0 is not None, IS_VARLEN=varlen, INTERPRET=_interpreting(),
-                              num_warps=NUM_WARPS)
+                              num_warps=CONFIG["warps"])
     final = None
     if output_final_state:
         final = _out(torch.empty(N, C, W - 1, dtype=x.dtype, device=x.device))
@@ -280,14 +338,21 @@ def conv_bwd(x, weight, initial_state, cu_seqlens, act: int, dy, dfinal):
     T_total = x2.shape[0]
     BC = _blocks(C)
     varlen = cu is not None
-    NT = triton.cdiv(T_total, BLOCK_T)
+    BT = CONFIG["bwd_bt"]
+    NT = triton.cdiv(T_total, BT)
     dx = _out(torch.empty_like(x2))
     dw_part = _out(torch.empty(NT, W, C, dtype=torch.float32, device=x.device))
-    if T_total > 0:
-        conv_bwd_kernel[(NT, triton.cdiv(C, BC))](
-            x2, w, h0, dy2, df, dx, dw_part, cu, seq_idx, T_total, max(T, 1), C, W=W, BT=BLOCK_T, BC=BC, ACT=act,
-            HAS_H0=h0 is not None, HAS_DFINAL=df is not None, IS_VARLEN=varlen, INTERPRET=_interpreting(),
-            num_warps=NUM_WARPS)
+    grid = (NT, triton.cdiv(C, BC))
+    flags = dict(W=W, BT=BT, BC=BC, IS_VARLEN=varlen, num_warps=CONFIG["warps"])
+    if T_total > 0 and CONFIG["bwd_mode"] == "two_pass":
+        dpre = _out(torch.empty(T_total, C, dtype=torch.float32, device=x.device))
+        conv_bwd_dpre_kernel[grid](x2, w, h0, dy2, dpre, dw_part, cu, seq_idx, T_total, max(T, 1), C, ACT=act,
+                                   HAS_H0=h0 is not None, **flags)
+        conv_bwd_dx_kernel[grid](dpre, w, df, dx, cu, seq_idx, T_total, max(T, 1), C, HAS_DFINAL=df is not None,
+                                 INTERPRET=_interpreting(), **flags)
+    elif T_total > 0:
+        conv_bwd_kernel[grid](x2, w, h0, dy2, df, dx, dw_part, cu, seq_idx, T_total, max(T, 1), C, ACT=act,
+                              HAS_H0=h0 is not None, HAS_DFINAL=df is not None, INTERPRET=_interpreting(), **flags)
     dweight = dw_part.sum(0).t()  # [C, W], a fixed-order reduction over blocks
     dh0 = None
     if h0 is not None:

@@ -3,7 +3,7 @@
 Without CUDA the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set below before Triton is imported)
 at small sizes: W in {2, 3, 4, 8}, C not a multiple of the channel block, batches without cu_seqlens, varlen batches
 with empty, 1-token and shorter-than-W segments and blocks straddling boundaries, initial state on/off, SiLU and
-no activation, the final state and its gradient. Every buffer the kernels write is poisoned with NaN first.
+no activation, the final state and its gradient, both backward schemes (CONFIG["bwd_mode"]). Every buffer the kernels write is poisoned with NaN first.
 
 fp32: the kernels and the reference differ only in summation order, rel. RMS error <= 1e-6 on y, final state, dx,
 dweight and d initial_state. 16-bit inputs: each output and gradient of the kernels, measured against the reference
@@ -37,6 +37,12 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.fixture(autouse=True)
 def poison_buffers(monkeypatch):
     monkeypatch.setattr(conv_triton, "POISON_BUFFERS", True)
+
+
+@pytest.fixture(params=["fused", "two_pass"])
+def bwd_mode(request, monkeypatch):
+    """Both backward schemes: pre recomputed at W shifts, or dpre stored and convolved in a second kernel."""
+    monkeypatch.setitem(conv_triton.CONFIG, "bwd_mode", request.param)
 
 
 def make_inputs(B, T, C, W, lengths, with_state, dtype, seed, weight_3d=False):
@@ -92,7 +98,7 @@ IDS = [
 
 
 @pytest.mark.parametrize("B,T,C,W,lengths,with_state,activation", CASES, ids=IDS)
-def test_fp32_matches_torch_path(B, T, C, W, lengths, with_state, activation):
+def test_fp32_matches_torch_path(B, T, C, W, lengths, with_state, activation, bwd_mode):
     x, w, h0, cu, gy, gf = make_inputs(B, T, C, W, lengths, with_state, torch.float32, seed=W * 100 + C)
     ours = run("triton", x, w, h0, cu, gy, gf, activation)
     ref = run("torch", x, w, h0, cu, gy, gf, activation)
@@ -136,7 +142,7 @@ def test_checkpoint_weight_layout_and_no_final_state():
     [(None, 4, True, "silu"), ([5, 0, 1, 2, 70], 4, True, "silu"), ([3, 40, 1], 3, False, None)],
     ids=["B2-T80-W4-h0", "varlen-W4-h0", "varlen-W3-noact"],
 )
-def test_16bit_within_twice_the_torch_path_error(dtype, lengths, W, with_state, activation):
+def test_16bit_within_twice_the_torch_path_error(dtype, lengths, W, with_state, activation, bwd_mode):
     x, w, h0, cu, gy, gf = make_inputs(2, 80, 20, W, lengths, with_state, dtype, seed=7 + W)
     w = w.to(dtype)  # the model's filters are in the model's dtype
     exact = run("torch", x, w, h0, cu, gy, gf, activation, dtype=torch.float64)
@@ -168,7 +174,7 @@ def test_auto_is_the_torch_path_on_cpu_and_by_default():
 
 
 @gpu
-def test_layer_shape_bf16_on_gpu():
+def test_layer_shape_bf16_on_gpu(bwd_mode):
     """T = 32k packed as 4 sequences with initial states, C = 4096, bf16: kernels within 2x the torch path's error
     against the fp32 torch path, for y, the final state and every gradient."""
     lengths = [1, 3, 12284, 20480]

@@ -1,0 +1,150 @@
+"""The KDA layer's ShortConv (causal depthwise conv1d + SiLU): PyTorch path vs Triton kernels on the GPU.
+
+For T in {4k, 32k} and C in {4096 (one of q/k/v), 12288 (q, k, v stacked, the layer's single call)}, bf16, filter
+width 4: forward, and forward + backward (dx, dweight), both backends in one run, medians by
+``triton.testing.do_bench``; the backward is timed in both schemes of ``conv_triton.CONFIG["bwd_mode"]``. Cases:
+one sequence without state (training), and the same tokens packed as 8 varlen sequences with initial states and
+the final state (prefill into a cache). The floor is memory traffic: forward
+reads x and writes y, backward also reads x and dy and writes dx (2 bytes each per element); the table gives the
+achieved GB/s and its fraction of a measured device-to-device copy. Prints the table last; JSON to --out.
+
+Usage (GPU):   PYTHONPATH=. python benchmarks/conv_speed.py --out benchmarks/results/conv_speed.json
+Offline sm_90 resources of the kernels (no GPU needed): PYTHONPATH=. python benchmarks/conv_speed.py --build-report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+W = 4
+
+
+def build_report() -> None:
+    """Each kernel at the launch settings of ``conv_triton.CONFIG``, in the variants the model runs: plain (one
+    sequence per batch row), varlen without state (packed training), varlen with states and the final state
+    (prefill into a cache)."""
+    from kda_chunk_build import resource_line, sm90_resources
+
+    from kimi_linear.ops import conv_triton as ct
+
+    c = ct.CONFIG
+    fp32 = {"dw_part", "dh0", "dpre"}
+    ints = {"T_total", "T_seq", "C"}
+    variants = {"plain": (False, False), "varlen": (False, True), "varlen+h0": (True, True)}
+    jobs = []
+    for act in (1, 0):
+        for tag, (h0, varlen) in variants.items():
+            flags = dict(W=W, BC=c["bc"], ACT=act, HAS_H0=h0, IS_VARLEN=varlen)
+            label = f"{'silu' if act else 'none'} {tag}"
+            fwd_bt = c["fwd_bt_h0"] if h0 else c["fwd_bt"]
+            jobs.append((ct.conv_fwd_kernel, dict(flags, BT=fwd_bt, INTERPRET=False), label))
+            jobs.append((ct.conv_bwd_kernel, dict(flags, BT=c["bwd_bt"], HAS_DFINAL=h0, INTERPRET=False), label))
+            jobs.append((ct.conv_bwd_dpre_kernel, dict(flags, BT=c["bwd_bt"]), label))
+        jobs.append((ct.conv_bwd_h0_kernel, dict(W=W, BC=c["bc"], BW=4, ACT=act, HAS_DFINAL=True, IS_VARLEN=True),
+                     f"{'silu' if act else 'none'} varlen"))
+    for tag, (_, varlen) in variants.items():
+        jobs.append((ct.conv_bwd_dx_kernel, dict(W=W, BT=c["bwd_bt"], BC=c["bc"], HAS_DFINAL=varlen,
+                                                 IS_VARLEN=varlen, INTERPRET=False), tag))
+    jobs.append((ct.conv_final_state_kernel, dict(W=W, BC=c["bc"], HAS_H0=True, IS_VARLEN=True, INTERPRET=False),
+                 "varlen+h0"))
+    print(f"sm_90 build, W={W}, bf16 x, CONFIG={c}")
+    for fn, consts, label in jobs:
+        names = [n for n in fn.arg_names if n not in consts]
+        sig = {n: "i32" if n in ints else "*i32" if n in ("cu_seqlens", "seq_idx") else "*fp32" if n in fp32
+               else "*bf16" for n in names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+        r = sm90_resources(fn, sig, consts, attrs, c["warps"], 1)
+        print(f"{fn.__name__:24s} {label:15s} {resource_line(r, c['warps'], 1)}", flush=True)
+
+
+def copy_gbps() -> float:
+    from triton.testing import do_bench
+
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a))
+    return 2 * a.numel() / ms / 1e6
+
+
+def bench_case(T: int, C: int, varlen: bool) -> dict:
+    from triton.testing import do_bench
+
+    from kimi_linear.ops import conv_triton as ct
+    from kimi_linear.ops.conv import causal_conv1d
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, T, C, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    w = (torch.randn(C, W, device="cuda", generator=gen) / 2).to(torch.bfloat16).requires_grad_()
+    gy = torch.randn(1, T, C, device="cuda", dtype=torch.bfloat16, generator=gen)
+    kw = {}
+    if varlen:
+        N = 8
+        cuts = torch.sort(torch.randint(1, T, (N - 1,), device="cuda", generator=gen)).values
+        cu = torch.cat([cuts.new_zeros(1), cuts, cuts.new_full((1,), T)]).to(torch.int32)
+        h0 = torch.randn(N, C, W - 1, device="cuda", dtype=torch.bfloat16, generator=gen)
+        kw = dict(cu_seqlens=cu, initial_state=h0, output_final_state=True)
+    row = {"T": T, "C": C, "case": "varlen8+h0" if varlen else "plain"}
+    elems = T * C
+    for backend in ("torch", "triton"):
+        def fwd(backend=backend):
+            with torch.no_grad():
+                return causal_conv1d(x, w, backend=backend, **kw)
+
+        def fwd_bwd(backend=backend):
+            y, _ = causal_conv1d(x, w, backend=backend, **kw)
+            return torch.autograd.grad(y, (x, w), gy)
+
+        row[f"{backend}_fwd_ms"] = do_bench(fwd)
+        row[f"{backend}_fwdbwd_ms"] = do_bench(fwd_bwd)
+        if backend == "triton":  # the other backward scheme
+            mode = ct.CONFIG["bwd_mode"]
+            other = "two_pass" if mode == "fused" else "fused"
+            ct.CONFIG["bwd_mode"] = other
+            try:
+                row[f"triton_{other}_fwdbwd_ms"] = do_bench(fwd_bwd)
+            finally:
+                ct.CONFIG["bwd_mode"] = mode
+            row[f"triton_{mode}_fwdbwd_ms"] = row["triton_fwdbwd_ms"]
+    row["fwd_gbps"] = 2 * elems * 2 / row["triton_fwd_ms"] / 1e6
+    row["fwdbwd_gbps"] = 5 * elems * 2 / row["triton_fwdbwd_ms"] / 1e6
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--build-report", action="store_true", help="print the kernels' sm_90 resources and exit")
+    parser.add_argument("--tokens", default="4096,32768")
+    parser.add_argument("--channels", default="4096,12288")
+    args = parser.parse_args()
+    if args.build_report:
+        build_report()
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("conv_speed.py times GPU kernels: needs CUDA (or use --build-report)")
+    ceiling = copy_gbps()
+    rows = [bench_case(T, C, varlen) for T in map(int, args.tokens.split(","))
+            for C in map(int, args.channels.split(",")) for varlen in (False, True)]
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": ceiling, "W": W,
+            "dtype": "bf16"}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"{meta['gpu']}, torch {meta['torch']}, bf16, W={W}, copy ceiling {ceiling:.0f} GB/s")
+    print(f"{'T':>6} {'C':>6} {'case':>11} | {'fwd torch':>9} {'triton':>7} {'x':>5} {'GB/s':>5} {'%':>4} | "
+          f"{'f+b torch':>9} {'fused':>7} {'2-pass':>7} {'x':>5} {'GB/s':>5} {'%':>4}")
+    for r in rows:
+        print(f"{r['T']:>6} {r['C']:>6} {r['case']:>11} | {r['torch_fwd_ms']:9.3f} {r['triton_fwd_ms']:7.3f} "
+              f"{r['torch_fwd_ms'] / r['triton_fwd_ms']:5.2f} {r['fwd_gbps']:5.0f} {100 * r['fwd_gbps'] / ceiling:4.0f} | "
+              f"{r['torch_fwdbwd_ms']:9.3f} {r['triton_fused_fwdbwd_ms']:7.3f} {r['triton_two_pass_fwdbwd_ms']:7.3f} "
+              f"{r['torch_fwdbwd_ms'] / r['triton_fwdbwd_ms']:5.2f} {r['fwdbwd_gbps']:5.0f} "
+              f"{100 * r['fwdbwd_gbps'] / ceiling:4.0f}")
+    print("x = torch / triton (default CONFIG); GB/s and % of the copy ceiling for triton with the default CONFIG; "
+          "fwd traffic 4 B/element, fwd+bwd 10 B/element")
+
+
+if __name__ == "__main__":
+    main()
