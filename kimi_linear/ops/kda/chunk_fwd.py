@@ -161,34 +161,6 @@ def _store_block(ptr, x, t0, row0, col0, n_rows, i_h, H: tl.constexpr, BT: tl.co
 
 
 @triton.jit
-def _diag_pairs(q_a, k_a, G_a, G_prev, k, g, t0, r_a, n_rows, i_h, H: tl.constexpr, K: tl.constexpr,
-                BC: tl.constexpr, BK: tl.constexpr):
-    """Inside one sub-block: A_kk[t, j] = sum_c k_t k_j exp(G_t - G_j) for j < t, A_qk likewise for j <= t.
-
-    Row j of k is read from memory and G_j is rebuilt as a running sum from G_prev (the decay before the block),
-    so that the loop needs no row extraction across threads; the reductions run along K only.
-    """
-    o_c = tl.arange(0, BC)
-    o_k = tl.arange(0, BK)
-    A_kk = tl.zeros([BC, BC], dtype=tl.float32)
-    A_qk = tl.zeros([BC, BC], dtype=tl.float32)
-    G_j = G_prev
-    for j in range(BC):
-        m_j = (o_k < K) & (r_a + j < n_rows)
-        p_j = ((t0 + r_a + j).to(tl.int64) * H + i_h) * K + o_k
-        k_j = tl.load(k + p_j, mask=m_j, other=0.0).to(tl.float32)
-        G_j += tl.load(g + p_j, mask=m_j, other=0.0).to(tl.float32)
-        # rows above j would give positive exponents; they are masked, the clamp keeps them finite
-        kE = k_j[None, :] * tl.exp(tl.minimum(G_a - G_j[None, :], 0.0))  # [BC, BK]
-        kk_j = tl.sum(k_a * kE, 1)
-        qk_j = tl.sum(q_a * kE, 1)
-        sel = o_c[None, :] == j
-        A_kk = tl.where(sel & (o_c[:, None] > j), kk_j[:, None], A_kk)
-        A_qk = tl.where(sel & (o_c[:, None] >= j), qk_j[:, None], A_qk)
-    return A_kk, A_qk
-
-
-@triton.jit
 def _inv_unit_lower(A_ptr, t0, r_a, n_rows, i_h, H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """(I + A)^-1 for the strictly lower [BC, BC] diagonal block of A stored at rows/columns r_a.. of ``A_ptr``
     [T_total, H, BT], by forward substitution: x_i = e_i - sum_{j<i} A[i, j] x_j.
