@@ -5,6 +5,8 @@ Validation happens once, here, at the public boundary; backends trust their inpu
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -134,6 +136,17 @@ def validate_kda_args(
     return N
 
 
+# Which implementation runs the optional in-op activations of ``preprocess``: "torch" (PyTorch, fp32, autograd keeps
+# fp32 [T, H, K] temporaries) or "triton" (``preprocess_triton``: one fused kernel each way, recomputing in backward).
+# "triton" applies to CUDA tensors and, on CPU, only under Triton's interpreter (TRITON_INTERPRET=1); elsewhere the
+# PyTorch path runs. Stays "torch" until the fused kernels are measured on the GPU.
+PREPROCESS_BACKEND = "torch"
+
+
+def _fused_preprocess_available(x: torch.Tensor) -> bool:
+    return PREPROCESS_BACKEND == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def preprocess(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -145,14 +158,30 @@ def preprocess(
     dt_bias: torch.Tensor | None,
     use_beta_sigmoid_in_kernel: bool,
     head_dim: int,
+    operand_dtype: torch.dtype | None = None,
 ):
-    """The optional in-op activations done in PyTorch (fp32), and the scalar gate broadcast over K."""
-    if use_qk_l2norm_in_kernel:
-        q, k = l2norm(q), l2norm(k)
-    if use_gate_in_kernel:
-        g = kda_gate(g, A_log, dt_bias)
-    if use_beta_sigmoid_in_kernel:
-        beta = beta_activation(beta)
+    """The optional in-op activations (fp32 math), and the scalar gate broadcast over K.
+
+    l2norm of q and k, the forget gate ``kda_gate`` and the beta sigmoid, each when its flag is set; on the
+    backend chosen by ``PREPROCESS_BACKEND``. Normalised q, k come back in ``operand_dtype`` (fp32 when None);
+    g and beta, when activated, in fp32. A scalar gate ``[B, T, H]`` comes back as a fp32 ``[B, T, H, K]`` view.
+    """
+    if (use_qk_l2norm_in_kernel or use_gate_in_kernel or use_beta_sigmoid_in_kernel) and (
+        _fused_preprocess_available(q)
+    ):
+        from kimi_linear.ops.kda.preprocess_triton import preprocess_fused
+
+        q, k, g, beta = preprocess_fused(q, k, g, beta, use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias,
+                                         use_beta_sigmoid_in_kernel, operand_dtype)
+    else:
+        if use_qk_l2norm_in_kernel:
+            q, k = l2norm(q), l2norm(k)
+            if operand_dtype is not None:
+                q, k = q.to(operand_dtype), k.to(operand_dtype)
+        if use_gate_in_kernel:
+            g = kda_gate(g, A_log, dt_bias)
+        if use_beta_sigmoid_in_kernel:
+            beta = beta_activation(beta)
     if g.dim() == 3:
         g = g.float()[..., None].expand(*g.shape, head_dim)
     return q, k, g, beta
