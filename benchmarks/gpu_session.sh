@@ -39,15 +39,18 @@ for part in "$@"; do
         step tests kda 240 python -m pytest -q -p no:cacheprovider -rf -m gpu tests/ops/test_kda_chunk_triton.py \
             tests/ops/test_kda_recurrent_triton.py
         step tests kda_parts 200 python -m pytest -q -p no:cacheprovider -rf tests/ops/test_kda_chunk_fwd_parts.py \
-            tests/ops/test_kda_chunk_bwd_parts.py tests/ops/test_conv_triton.py
+            tests/ops/test_kda_chunk_bwd_parts.py tests/ops/test_conv_triton.py \
+            tests/ops/test_kda_preprocess_triton.py
         step tests model 150 python -m pytest -q -p no:cacheprovider -rf -m gpu tests/ops/test_mla_decode.py \
             tests/layers tests/test_generate.py tests/test_model.py
         ;;
     kernels)
-        step kernels kda_kernels 420 python benchmarks/kda_kernels.py --out "$WORK/kernels" --sweep
+        step kernels kda_kernels 380 python benchmarks/kda_kernels.py --out "$WORK/kernels" --sweep
         tail -8 "$WORK/kernels/kda_kernels.log"
         step kernels conv_speed 90 python benchmarks/conv_speed.py --out "$WORK/kernels/conv_speed.json"
         tail -12 "$WORK/kernels/conv_speed.log"
+        step kernels preprocess_speed 60 python benchmarks/kda_preprocess_speed.py --out "$WORK/kernels/kda_preprocess.json"
+        tail -8 "$WORK/kernels/preprocess_speed.log"
         ;;
     model)
         step model mla_decode 90 python benchmarks/mla_decode.py --sweep --out "$WORK/model/mla_decode.json"

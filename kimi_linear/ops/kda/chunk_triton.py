@@ -80,14 +80,14 @@ def chunk_kda_triton(
     V = v.shape[-1]
     out_dtype = v.dtype
     scale = K**-0.5 if scale is None else float(scale)
-    in_dtypes = (q.dtype, k.dtype, v.dtype)
-    q, k, g, beta = preprocess(
-        q, k, g, beta, use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, K
-    )
     # one operand dtype for the dot products: the widest of the inputs (the L2 norm's fp32 result is not an input)
-    dt = in_dtypes[0]
-    for d in in_dtypes[1:]:
+    dt = q.dtype
+    for d in (k.dtype, v.dtype):
         dt = torch.promote_types(dt, d)
+    q, k, g, beta = preprocess(
+        q, k, g, beta, use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, K,
+        operand_dtype=dt,
+    )
     q, k, v = (x.to(dt).reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v))
     g = g.float().reshape(B * T, H, K).contiguous()
     beta = beta.reshape(B * T, H).contiguous()
