@@ -4,8 +4,10 @@
 # most 8 files) next to OUT/summary.txt, which is also printed last.
 #
 #   bash benchmarks/gpu_session.sh OUT tests             # GPU tests of kernels, layers and generation (~6 min)
+#   bash benchmarks/gpu_session.sh OUT kda_tests         # only the end-to-end chunk/recurrent KDA GPU tests (~2 min)
 #   bash benchmarks/gpu_session.sh OUT kernels           # chunk/decode kernel benchmark vs FLA with the sweep (~6 min)
 #   bash benchmarks/gpu_session.sh OUT fused             # the off-by-default conv / preprocessing kernels: tests, speed
+#   bash benchmarks/gpu_session.sh OUT speed             # whole-model prefill/decode vs HF transformers + FLA (~7 min)
 #   bash benchmarks/gpu_session.sh OUT model             # MLA decode, model efficiency, training throughput (~8 min)
 #   bash benchmarks/gpu_session.sh OUT experiments       # synthetic tasks and hybrid ablation (~9 min)
 #
@@ -36,10 +38,11 @@ step() {  # step PART NAME SECONDS COMMAND...: run with a time limit, log to WOR
 
 for part in "$@"; do
     case $part in
-    tests)
+    tests | kda_tests)
         step tests kda 240 python -m pytest -q -p no:cacheprovider -rf -m gpu tests/ops/test_kda_chunk_triton.py \
             tests/ops/test_kda_recurrent_triton.py
-        step tests kda_parts 200 python -m pytest -q -p no:cacheprovider -rf tests/ops/test_kda_chunk_fwd_parts.py \
+        [ "$part" = kda_tests ] && continue
+        step tests kda_parts 300 python -m pytest -q -p no:cacheprovider -rf tests/ops/test_kda_chunk_fwd_parts.py \
             tests/ops/test_kda_chunk_bwd_parts.py
         step tests model 150 python -m pytest -q -p no:cacheprovider -rf -m gpu tests/ops/test_mla_decode.py \
             tests/layers tests/test_generate.py tests/test_model.py
@@ -49,12 +52,17 @@ for part in "$@"; do
         tail -8 "$WORK/kernels/kda_kernels.log"
         ;;
     fused)
-        step fused tests 300 python -m pytest -q -p no:cacheprovider -rf tests/ops/test_conv_triton.py \
-            tests/ops/test_kda_preprocess_triton.py
         step fused conv_speed 120 python benchmarks/conv_speed.py --out "$WORK/fused/conv_speed.json"
         tail -12 "$WORK/fused/conv_speed.log"
         step fused preprocess_speed 90 python benchmarks/kda_preprocess_speed.py --out "$WORK/fused/kda_preprocess.json"
         tail -8 "$WORK/fused/preprocess_speed.log"
+        step fused tests 300 python -m pytest -q -p no:cacheprovider -rf tests/ops/test_conv_triton.py \
+            tests/ops/test_kda_preprocess_triton.py
+        ;;
+    speed)
+        python -c "import transformers; print('transformers', transformers.__version__)" || echo "no transformers"
+        step speed model_speed 420 python benchmarks/model_speed.py --out "$WORK/speed" --compare-backends
+        tail -16 "$WORK/speed/model_speed.log"
         ;;
     model)
         step model mla_decode 90 python benchmarks/mla_decode.py --sweep --out "$WORK/model/mla_decode.json"
@@ -70,7 +78,7 @@ for part in "$@"; do
             --time-budget 200 --out "$WORK/experiments" --tag h200_seed1 --seed 1
         ;;
     *)
-        echo "unknown part $part (tests, kernels, fused, model, experiments)" >&2
+        echo "unknown part $part (tests, kda_tests, kernels, fused, speed, model, experiments)" >&2
         ;;
     esac
 done

@@ -193,13 +193,15 @@ def sweep_launch_settings(T: int) -> list[dict]:
     do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
     # (the session's earlier sweep — diagonal as a 3D broadcast, pair/WY/backward warps and stages, state_bv — is
     # in benchmarks/RESULTS.md; these are the settings still open)
+    # the committed setting is timed first and again last: the first entry of a run also pays for warm-up
     variants = [
         {},
-        {"fwd": {"pairs_bks": 32}},
-        {"fwd": {"pairs_bks": 32, "pairs_stages": 1}},
-        {"fwd": {"pairs_impl": "chunk"}},
-        {"fwd": {"pairs_impl": "chunk", "diag_warps": 8}},
-        {"fwd": {"pairs_impl": "chunk", "offdiag_cumsum": True, "offdiag_warps": 8}},
+        {"fwd": {"pairs_impl": "subblock"}},
+        {"fwd": {"offdiag_bks": 64}},
+        {"fwd": {"offdiag_warps": 8}},
+        {"fwd": {"diag_warps": 2}},
+        {"fwd": {"wy_warps": 4}},
+        {},
     ]
     out = []
     for change in variants:

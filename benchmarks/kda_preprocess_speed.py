@@ -85,7 +85,7 @@ def bench_case(T: int) -> dict:
     leaves = (q, k, g, beta, A_log, dt_bias)
 
     def forward():
-        return common.preprocess(q, k, g, beta, True, True, A_log, dt_bias, True, K, operand_dtype=bf16)
+        return common.preprocess(q, k, g, beta, True, True, A_log, dt_bias, True, K, operand_dtype=bf16, fused=True)
 
     def fwd():
         with torch.no_grad():

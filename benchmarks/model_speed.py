@@ -14,6 +14,7 @@ ours replays one CUDA graph per token (recurrent KDA kernel, absorbed MLA), HF s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -24,6 +25,9 @@ import torch
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.generate import CudaGraphDecoder, decode_step, prefill
 from kimi_linear.model import KimiLinearForCausalLM
+from kimi_linear.ops import conv
+from kimi_linear.ops.kda import common as kda_common
+from kimi_linear.ops.kda.chunk_fwd import FWD_CONFIG
 
 CONFIGS = {
     "small": lambda: KimiLinearConfig.from_preset("small", model_max_length=1 << 18),
@@ -64,6 +68,17 @@ def cuda_time(fn, reps: int, warmup: int = 1) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def kernel_backends(fused: bool):
+    """Our ShortConv and chunk_kda's in-op activations on the fused Triton kernels (``fused``) or on PyTorch."""
+    saved = conv.DEFAULT_BACKEND, kda_common.PREPROCESS_BACKEND
+    conv.DEFAULT_BACKEND = kda_common.PREPROCESS_BACKEND = "triton" if fused else "torch"
+    try:
+        yield
+    finally:
+        conv.DEFAULT_BACKEND, kda_common.PREPROCESS_BACKEND = saved
 
 
 def ours_prefill(model, T: int, reps: int) -> float:
@@ -142,6 +157,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument(
+        "--compare-backends",
+        action="store_true",
+        help="also time our prefill with the other setting of the fused conv / preprocessing kernels",
+    )
+    parser.add_argument(
         "--profile",
         default=None,
         metavar="CONFIG:T",
@@ -196,11 +216,16 @@ def main() -> None:
             reps = 3 if T <= 32768 else 1
             t0 = time.time()
             ms = ours_prefill(ours, T, reps)
-            hf_ms = hf_prefill(theirs, T, reps) if theirs is not None and T <= args.hf_prefill_max else None
-            rows.append(dict(config=name, params=params, phase="prefill", B=1, T=T, ours_ms=ms, hf_ms=hf_ms))
-            print(
-                f"{name} prefill T={T}: ours {ms:.1f} ms, HF {hf_ms} ms ({time.time() - t0:.0f}s)", flush=True
+            row = dict(config=name, params=params, phase="prefill", B=1, T=T, ours_ms=ms)
+            if args.compare_backends:
+                other = conv.DEFAULT_BACKEND != "triton"
+                with kernel_backends(fused=other):
+                    row["ours_fused_ms" if other else "ours_unfused_ms"] = ours_prefill(ours, T, reps)
+            row["hf_ms"] = (
+                hf_prefill(theirs, T, reps) if theirs is not None and T <= args.hf_prefill_max else None
             )
+            rows.append(row)
+            print(f"{name} prefill T={T}: {row} ({time.time() - t0:.0f}s)", flush=True)
             torch.cuda.empty_cache()
         for pair in args.decode.split(","):
             B, C = (int(x) for x in pair.split(":"))
@@ -231,13 +256,19 @@ def main() -> None:
         gpu=torch.cuda.get_device_name(),
         torch=torch.__version__,
         hf_kernels=hf_kernels,
+        conv_backend=conv.DEFAULT_BACKEND,
+        preprocess_backend=kda_common.PREPROCESS_BACKEND,
+        pairs_impl=FWD_CONFIG["pairs_impl"],
         date=time.strftime("%Y-%m-%d"),
     )
     with open(os.path.join(args.out, "model_speed.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
     print(f"\n{meta}")
+    alt = next((k for r in rows for k in ("ours_fused_ms", "ours_unfused_ms") if k in r), None)
+    alt_head = f" {'alt ms':>9}" if alt else ""
+    print(f"(alt ms = {alt})" if alt else "")
     print(
-        f"{'config':7} {'phase':8} {'B':>3} {'T/ctx':>7} {'ours ms':>9} {'ours tok/s':>11} {'HF ms':>9} "
+        f"{'config':7} {'phase':8} {'B':>3} {'T/ctx':>7} {'ours ms':>9}{alt_head} {'ours tok/s':>11} {'HF ms':>9} "
         f"{'HF tok/s':>10} {'speed-up':>8}"
     )
     for r in rows:
@@ -246,10 +277,11 @@ def main() -> None:
         hf_cols = (
             ("-", "-", "-")
             if hf is None
-            else (f"{hf:.3f}", f"{tokens / hf * 1e3:.0f}", f"{hf / ours_ms:.1f}x")
+            else (f"{hf:.3f}", f"{tokens / hf * 1e3:.0f}", f"{hf / ours_ms:.2f}x")
         )
+        alt_col = (f" {r[alt]:>9.3f}" if alt in r else f" {'-':>9}") if alt else ""
         print(
-            f"{r['config']:7} {r['phase']:8} {r['B']:>3} {r['T']:>7} {ours_ms:>9.3f} "
+            f"{r['config']:7} {r['phase']:8} {r['B']:>3} {r['T']:>7} {ours_ms:>9.3f}{alt_col} "
             f"{tokens / ours_ms * 1e3:>11.0f} {hf_cols[0]:>9} {hf_cols[1]:>10} {hf_cols[2]:>8}"
         )
 

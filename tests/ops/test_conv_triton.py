@@ -164,10 +164,7 @@ def test_rejects_unknown_backend_and_wide_filters():
         causal_conv1d(x, torch.randn(6, 9, device=DEVICE), backend="triton")
 
 
-def test_auto_is_the_torch_path_on_cpu_and_by_default():
-    import kimi_linear.ops.conv as conv
-
-    assert conv.DEFAULT_BACKEND == "torch"
+def test_auto_is_the_torch_path_on_cpu():
     x = torch.randn(1, 5, 4, requires_grad=True)
     y, _ = causal_conv1d(x, torch.randn(4, 4))
     assert "CausalConv1dFunction" not in type(y.grad_fn).__name__

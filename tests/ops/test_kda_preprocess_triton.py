@@ -8,9 +8,10 @@ into softplus' overflow and underflow ranges, all-zero q and k rows (the eps ins
 small enough that the sums over t for dA_log and ddt_bias span many blocks. Every buffer the kernels write is
 poisoned with NaN first.
 
-fp32: rel. RMS error <= 1e-6 against the PyTorch path. 16-bit inputs: each output and gradient, measured against a
-float64 reference on the same rounded inputs, within 2x the error of the PyTorch path on those inputs (with q_n, k_n
-cast to the same operand dtype). End to end: chunk_kda(backend="triton") with all three flags gives the same output,
+fp32: rel. RMS error <= 1e-6 against the PyTorch path (for the sums dA_log and ddt_bias: times their cancellation
+factor, see ``cancellation``). 16-bit inputs: each output and gradient, measured against a float64 reference on the
+same rounded inputs, within 2x the error of the PyTorch path on those inputs (with q_n, k_n cast to the same operand
+dtype), or for fp32 results within the fp32 bound. End to end: chunk_kda(backend="triton") with all three flags gives the same output,
 final state and gradients with the fused activations as with the PyTorch ones.
 With CUDA: the layer's shape, T = 32k, H = 32, K = 128, bf16.
 """
@@ -90,7 +91,7 @@ def run(backend, inputs, upstream, flags, operand_dtype=None, dtype=None, param_
     common.PREPROCESS_BACKEND = backend
     try:
         outs = common.preprocess(x["q"], x["k"], x["g"], x["beta"], norm, gate, x["A_log"], x["dt_bias"], sig, K,
-                                 operand_dtype=operand_dtype)
+                                 operand_dtype=operand_dtype, fused=True)
     finally:
         common.PREPROCESS_BACKEND = old
     loss = sum((o.double() * w.double()).sum() for o, w in zip(outs, upstream, strict=True))
@@ -133,14 +134,30 @@ def exact(inputs, upstream, flags, dtype=None, param_dtype=None):
     return outs + grads
 
 
-def assert_fp32_match(ours, ref):
+def cancellation(inputs, ref):
+    """dA_log and ddt_bias are sums over tokens of terms of both signs; an fp32 sum's relative error is the per-term
+    one times ||sum |c||| / ||sum c||. The factors, from the float64 reference ``ref`` (outputs of ``exact``):
+    ddt_bias sums dx (x = the gate pre-activation), dA_log sums dx * softplus(x) / sigmoid(x). Empty without the
+    gate."""
+    dx = ref[NAMES.index("dg")]
+    if ref[NAMES.index("dA_log")] is None:
+        return {}
+    g = inputs["g"].double()
+    z = g if inputs["dt_bias"] is None else g + inputs["dt_bias"].double().reshape(g.shape[2:])
+    terms = {"ddt_bias": (dx, (0, 1)), "dA_log": (dx * F.softplus(z) / torch.sigmoid(z), (0, 1, *range(3, g.dim())))}
+    return {n: (c.abs().sum(d).norm() / c.sum(d).norm()).item() for n, (c, d) in terms.items()}
+
+
+def assert_fp32_match(ours, ref, factors=None):
+    """Every output and gradient within FP32_TOL of ``ref``, the sums within FP32_TOL times their cancellation."""
+    factors = factors or {}
     for name, a, b in zip(NAMES, ours, ref, strict=True):
         if b is None:
             assert a is None, name
             continue
         assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
-        err = rel_err(a, b)
-        assert err <= FP32_TOL, f"{name}: {err:.2e}"
+        err, tol = rel_err(a, b), FP32_TOL * max(1.0, factors.get(name, 1.0))
+        assert err <= tol, f"{name}: {err:.2e} > {tol:.2e}"
 
 
 FLAGS = list(itertools.product((False, True), repeat=3))
@@ -175,11 +192,10 @@ def test_fp32_extreme_gate_preactivations(gate_range, scalar_gate):
     inputs, up = make_inputs(2, 33, 3, 16, scalar_gate=scalar_gate, gate_range=gate_range, seed=11)
     inputs["dt_bias"] = inputs["dt_bias"].clamp(-1, 1)
     ours = run("triton", inputs, up, flags)
-    assert_fp32_match(ours, run("torch", inputs, up, flags))
     ref64 = exact(inputs, up, flags)
-    for name, a, b in zip(NAMES, ours, ref64, strict=True):
-        if name in ("g", "dg", "dA_log", "ddt_bias"):
-            assert rel_err(a, b) <= FP32_TOL, f"{name} vs float64: {rel_err(a, b):.2e}"
+    factors = cancellation(inputs, ref64)
+    assert_fp32_match(ours, run("torch", inputs, up, flags), factors)
+    assert_fp32_match(ours, [r if r is None else r.float() for r in ref64], factors)
 
 
 @pytest.mark.parametrize("flags", [(True, True, True), (True, False, True), (False, True, False)],
@@ -219,10 +235,13 @@ def test_16bit_within_twice_the_torch_path_error(dtype, operand, param_dtype):
     ref = exact(inputs, up, flags, dtype=dtype, param_dtype=pdt)
     ours = run("triton", inputs, up, flags, operand_dtype=operand_dtype, dtype=dtype, param_dtype=pdt)
     torch16 = run("torch", inputs, up, flags, operand_dtype=operand_dtype, dtype=dtype, param_dtype=pdt)
+    factors = cancellation({n: t if t is None else t.to(dtype) for n, t in inputs.items()}, ref)
     for name, a, t, e in zip(NAMES, ours, torch16, ref, strict=True):
         assert a.dtype == t.dtype and a.shape == t.shape, name
         err, err_torch = rel_err(a, e), rel_err(t, e)
-        assert err <= 2 * err_torch, f"{name}: {err:.2e} vs the torch path's {err_torch:.2e}"
+        # an fp32 result (dA_log, ddt_bias with fp32 parameters) may also be at fp32 rounding level, where "2x" is noise
+        floor = FP32_TOL * max(1.0, factors.get(name, 1.0)) if a.dtype == torch.float32 else 0.0
+        assert err <= max(2 * err_torch, floor), f"{name}: {err:.2e} vs the torch path's {err_torch:.2e}"
 
 
 def _fused(t: torch.Tensor) -> bool:
@@ -232,18 +251,23 @@ def _fused(t: torch.Tensor) -> bool:
     return any("PreprocessFunction" in n for n in names)
 
 
-def test_off_is_the_default_and_cpu_without_interpreter_is_torch(monkeypatch):
-    assert common.PREPROCESS_BACKEND == "torch"
-    q = torch.randn(1, 3, 2, 16, requires_grad=True)
+def test_fused_only_where_allowed_and_runnable(monkeypatch):
+    """On by default, but only for callers that allow it (the Triton chunk backend; the PyTorch reference paths do
+    not), and on CPU tensors only under the interpreter."""
+    assert common.PREPROCESS_BACKEND == "triton"
+    q = torch.randn(1, 3, 2, 16, requires_grad=True, device=DEVICE)
     out = common.preprocess(q, q, q, q[..., 0], True, False, None, None, False, 16)
+    assert not _fused(out[0])
+    monkeypatch.setattr(common, "PREPROCESS_BACKEND", "torch")
+    out = common.preprocess(q, q, q, q[..., 0], True, False, None, None, False, 16, fused=True)
     assert not _fused(out[0])
     monkeypatch.setattr(common, "PREPROCESS_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    out = common.preprocess(q, q, q, q[..., 0], True, False, None, None, False, 16)
-    assert not _fused(out[0])
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    out = common.preprocess(q, q, q, q[..., 0], True, False, None, None, False, 16)
+    out = common.preprocess(q, q, q, q[..., 0], True, False, None, None, False, 16, fused=True)
     assert _fused(out[0])
+    if DEVICE == "cpu":  # (the interpreter is chosen when Triton is imported: only then can CPU tensors run)
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        out = common.preprocess(q, q, q, q[..., 0], True, False, None, None, False, 16, fused=True)
+        assert not _fused(out[0])
 
 
 def chunk_run(switch, seed=0):

@@ -86,7 +86,7 @@ def chunk_kda_triton(
         dt = torch.promote_types(dt, d)
     q, k, g, beta = preprocess(
         q, k, g, beta, use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, K,
-        operand_dtype=dt,
+        operand_dtype=dt, fused=True,
     )
     q, k, v = (x.to(dt).reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v))
     g = g.float().reshape(B * T, H, K).contiguous()
