@@ -61,7 +61,7 @@ for part in "$@"; do
         ;;
     speed)
         python -c "import transformers; print('transformers', transformers.__version__)" || echo "no transformers"
-        step speed model_speed 420 python benchmarks/model_speed.py --out "$WORK/speed" --compare-backends
+        step speed model_speed 390 python benchmarks/model_speed.py --out "$WORK/speed" --compare-backends
         tail -16 "$WORK/speed/model_speed.log"
         ;;
     model)
