@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu_session.sh OUT fused             # the off-by-default conv / preprocessing kernels: tests, speed
 #   bash benchmarks/gpu_session.sh OUT speed             # whole-model prefill/decode vs HF transformers + FLA (~7 min)
 #   bash benchmarks/gpu_session.sh OUT model             # MLA decode, model efficiency, training throughput (~8 min)
-#   bash benchmarks/gpu_session.sh OUT experiments       # synthetic tasks and hybrid ablation (~9 min)
+#   bash benchmarks/gpu_session.sh OUT experiments       # synthetic tasks: the cells still missing (~9 min)
+#   bash benchmarks/gpu_session.sh OUT ablation          # hybrid ablation, second seed (~5 min)
 #
 # Installs FLA 0.6.0 from .whl/ when it is there (the peer in the kernel benchmark; DESIGN.md §5).
 set -uo pipefail
@@ -71,14 +72,23 @@ for part in "$@"; do
         tail -4 "$WORK/model/train_speed.log"
         ;;
     experiments)
-        step experiments synthetic 300 python experiments/synthetic.py --device cuda --out "$WORK/experiments/synthetic" \
-            --tasks mqar palindrome --mixers kda gdn --lengths 1024 2048 --lrs 1e-3 --steps 3000 --run-seconds 35 \
-            --time-budget 260
-        step experiments hybrid_ablation 280 python experiments/hybrid_ablation.py --device cuda --steps auto \
-            --time-budget 200 --out "$WORK/experiments" --tag h200_seed1 --seed 1
+        # what the synthetic table still lacks: per-head dt init on Palindrome, Mamba2 beyond 256, a second lr
+        step experiments palindrome_dt_per_head 150 python experiments/synthetic.py --device cuda \
+            --out "$WORK/experiments/palindrome_dt_per_head" --tasks palindrome --mixers kda --lengths 1024 2048 \
+            --lrs 1e-3 --steps 3000 --run-seconds 28 --kda-dt-init per-head
+        step experiments mamba2 220 python experiments/synthetic.py --device cuda --out "$WORK/experiments/mamba2" \
+            --tasks mqar palindrome stack --mixers mamba2 --lengths 1024 2048 --lrs 1e-3 --steps 3000 \
+            --run-seconds 25 --time-budget 170
+        step experiments lr_sweep 200 python experiments/synthetic.py --device cuda --out "$WORK/experiments/lr_sweep" \
+            --tasks palindrome --mixers kda gdn --lengths 1024 --lrs 3e-3 3e-4 --steps 3000 --run-seconds 28 \
+            --time-budget 150
+        ;;
+    ablation)
+        step ablation hybrid_ablation 280 python experiments/hybrid_ablation.py --device cuda --steps auto \
+            --time-budget 200 --out "$WORK/ablation" --tag h200_seed1 --seed 1
         ;;
     *)
-        echo "unknown part $part (tests, kda_tests, kernels, fused, speed, model, experiments)" >&2
+        echo "unknown part $part (tests, kda_tests, kernels, fused, speed, model, experiments, ablation)" >&2
         ;;
     esac
 done
