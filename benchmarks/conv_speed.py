@@ -113,12 +113,38 @@ def bench_case(T: int, C: int, varlen: bool) -> dict:
     return row
 
 
+def sweep_backward(T: int = 32768, C: int = 12288) -> list[dict]:
+    """Forward + backward of the plain case at a few launch settings of the backward (overrides of CONFIG). At the
+    committed 8 x 128 tiles the fused backward already holds 168-255 registers per thread (``--build-report``), so
+    smaller channel blocks and more warps are the candidates, not longer row blocks."""
+    from kimi_linear.ops import conv_triton as ct
+
+    variants = [{}, {"bc": 64}, {"bc": 32}, {"warps": 8}, {"bc": 64, "warps": 2}, {"bwd_mode": "two_pass", "bc": 64},
+                {}]
+    base = dict(ct.CONFIG)
+    out = []
+    for change in variants:
+        ct.CONFIG.clear()
+        ct.CONFIG.update(base, **change)
+        try:
+            row = bench_case(T, C, varlen=False)
+            out.append({"change": change, "fwd_ms": row["triton_fwd_ms"], "fwdbwd_ms": row["triton_fwdbwd_ms"]})
+        except Exception as e:  # noqa: BLE001
+            out.append({"change": change, "error": repr(e)[:200]})
+        finally:
+            ct.CONFIG.clear()
+            ct.CONFIG.update(base)
+        print("sweep:", json.dumps(out[-1]), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--build-report", action="store_true", help="print the kernels' sm_90 resources and exit")
     parser.add_argument("--tokens", default="4096,32768")
     parser.add_argument("--channels", default="4096,12288")
+    parser.add_argument("--sweep", action="store_true", help="also time backward launch settings at 32k x 12288")
     args = parser.parse_args()
     if args.build_report:
         build_report()
@@ -130,9 +156,12 @@ def main() -> None:
             for C in map(int, args.channels.split(",")) for varlen in (False, True)]
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": ceiling, "W": W,
             "dtype": "bf16"}
+    result = {"meta": meta, "rows": rows}
+    if args.sweep:
+        result["sweep"] = sweep_backward()
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump(result, f, indent=1)
     print(f"{meta['gpu']}, torch {meta['torch']}, bf16, W={W}, copy ceiling {ceiling:.0f} GB/s")
     print(f"{'T':>6} {'C':>6} {'case':>11} | {'fwd torch':>9} {'triton':>7} {'x':>5} {'GB/s':>5} {'%':>4} | "
           f"{'f+b torch':>9} {'fused':>7} {'2-pass':>7} {'x':>5} {'GB/s':>5} {'%':>4}")

@@ -53,7 +53,7 @@ for part in "$@"; do
         tail -8 "$WORK/kernels/kda_kernels.log"
         ;;
     fused)
-        step fused conv_speed 120 python benchmarks/conv_speed.py --out "$WORK/fused/conv_speed.json"
+        step fused conv_speed 180 python benchmarks/conv_speed.py --sweep --out "$WORK/fused/conv_speed.json"
         tail -12 "$WORK/fused/conv_speed.log"
         step fused preprocess_speed 90 python benchmarks/kda_preprocess_speed.py --out "$WORK/fused/kda_preprocess.json"
         tail -8 "$WORK/fused/preprocess_speed.log"

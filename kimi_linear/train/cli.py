@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         eval_batches,
         unigram_loss,
     )
-    from kimi_linear.train.distributed import all_reduce_sum, init_distributed, shutdown, wrap_model
+    from kimi_linear.train.distributed import all_reduce_sum, barrier, init_distributed, shutdown, wrap_model
     from kimi_linear.train.trainer import TrainConfig, Trainer, describe_difference
 
     settings, out, saved = resolve_settings(args)
@@ -210,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
         base_total, base_n = all_reduce_sum(counts, ctx).tolist()
         if ctx.is_main:
             report(summary, base_total / base_n, out, settings, args, tokenizer)
+        # every process waits for rank 0's report: tearing down a gloo group while a peer still holds it can abort
+        barrier(ctx)
     finally:
         shutdown(ctx)
     return 0
