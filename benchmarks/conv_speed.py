@@ -114,27 +114,31 @@ def bench_case(T: int, C: int, varlen: bool) -> dict:
 
 
 def sweep_backward(T: int = 32768, C: int = 12288) -> list[dict]:
-    """Forward + backward of the plain case at a few launch settings of the backward (overrides of CONFIG). At the
-    committed 8 x 128 tiles the fused backward already holds 168-255 registers per thread (``--build-report``), so
-    smaller channel blocks and more warps are the candidates, not longer row blocks."""
+    """Forward + backward at a few launch settings (overrides of CONFIG), both backward schemes, without and with
+    packed sequences and initial states. At the committed 8 x 128 tiles the fused backward already holds 168-255
+    registers per thread (``--build-report``), so smaller channel blocks and more warps are the candidates, not
+    longer row blocks."""
     from kimi_linear.ops import conv_triton as ct
 
-    variants = [{}, {"bc": 64}, {"bc": 32}, {"warps": 8}, {"bc": 64, "warps": 2}, {"bwd_mode": "two_pass", "bc": 64},
-                {}]
+    variants = [{}, {"bc": 64}, {"bc": 32}, {"warps": 8}, {"bc": 64, "warps": 2}, {}]
     base = dict(ct.CONFIG)
     out = []
     for change in variants:
-        ct.CONFIG.clear()
-        ct.CONFIG.update(base, **change)
-        try:
-            row = bench_case(T, C, varlen=False)
-            out.append({"change": change, "fwd_ms": row["triton_fwd_ms"], "fwdbwd_ms": row["triton_fwdbwd_ms"]})
-        except Exception as e:  # noqa: BLE001
-            out.append({"change": change, "error": repr(e)[:200]})
-        finally:
+        for varlen in (False, True):
             ct.CONFIG.clear()
-            ct.CONFIG.update(base)
-        print("sweep:", json.dumps(out[-1]), flush=True)
+            ct.CONFIG.update(base, **change)
+            entry = {"change": change, "case": "varlen8+h0" if varlen else "plain"}
+            try:
+                row = bench_case(T, C, varlen=varlen)
+                entry.update(fwd_ms=row["triton_fwd_ms"], fused_fwdbwd_ms=row["triton_fused_fwdbwd_ms"],
+                             two_pass_fwdbwd_ms=row["triton_two_pass_fwdbwd_ms"])
+            except Exception as e:  # noqa: BLE001
+                entry["error"] = repr(e)[:200]
+            finally:
+                ct.CONFIG.clear()
+                ct.CONFIG.update(base)
+            out.append(entry)
+            print("sweep:", json.dumps(entry), flush=True)
     return out
 
 

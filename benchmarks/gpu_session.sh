@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_session.sh OUT tests             # GPU tests of kernels, layers and generation (~6 min)
 #   bash benchmarks/gpu_session.sh OUT kda_tests         # only the end-to-end chunk/recurrent KDA GPU tests (~2 min)
 #   bash benchmarks/gpu_session.sh OUT kernels           # chunk/decode kernel benchmark vs FLA with the sweep (~6 min)
-#   bash benchmarks/gpu_session.sh OUT fused             # the off-by-default conv / preprocessing kernels: tests, speed
+#   bash benchmarks/gpu_session.sh OUT fused             # the fused conv / preprocessing kernels: speed (+ sweep), tests
 #   bash benchmarks/gpu_session.sh OUT speed             # whole-model prefill/decode vs HF transformers + FLA (~7 min)
 #   bash benchmarks/gpu_session.sh OUT model             # MLA decode, model efficiency, training throughput (~8 min)
 #   bash benchmarks/gpu_session.sh OUT experiments       # synthetic tasks: the cells still missing (~9 min)

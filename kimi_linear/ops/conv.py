@@ -72,8 +72,7 @@ def causal_conv1d(
         output_final_state: also return the last W-1 inputs of each sequence (what ``initial_state`` of a
             continuation needs), ``[N, C, W-1]`` in x's dtype.
         backend: "torch" (this module's PyTorch code), "triton" (``conv_triton``; W <= 8; on CPU only through
-            Triton's interpreter), or "auto": ``DEFAULT_BACKEND`` on CUDA tensors ("torch" until the lead flips it
-            after measuring), "torch" elsewhere.
+            Triton's interpreter), or "auto": ``DEFAULT_BACKEND`` ("triton") on CUDA tensors, "torch" elsewhere.
 
     Returns:
         ``(y [B, T, C] in x's dtype, final_state [N, C, W-1] or None)``.

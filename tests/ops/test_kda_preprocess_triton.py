@@ -148,6 +148,20 @@ def cancellation(inputs, ref):
     return {n: (c.abs().sum(d).norm() / c.sum(d).norm()).item() for n, (c, d) in terms.items()}
 
 
+def assert_within_twice_torch(ours, torch16, ref, factors):
+    """16-bit inputs: each result within 2x the torch path's error against the float64 reference ``ref``. An fp32
+    result (g, beta, and dA_log, ddt_bias with fp32 parameters) may instead sit at the fp32 bound, where both paths
+    are at rounding level and "2x" is noise."""
+    for name, a, t, e in zip(NAMES, ours, torch16, ref, strict=True):
+        if e is None:
+            assert a is None and t is None, name
+            continue
+        assert a.dtype == t.dtype and a.shape == t.shape, name
+        err, err_torch = rel_err(a, e), rel_err(t, e)
+        floor = FP32_TOL * max(1.0, factors.get(name, 1.0)) if a.dtype == torch.float32 else 0.0
+        assert err <= max(2 * err_torch, floor), f"{name}: {err:.2e} vs the torch path's {err_torch:.2e}"
+
+
 def assert_fp32_match(ours, ref, factors=None):
     """Every output and gradient within FP32_TOL of ``ref``, the sums within FP32_TOL times their cancellation."""
     factors = factors or {}
@@ -235,13 +249,7 @@ def test_16bit_within_twice_the_torch_path_error(dtype, operand, param_dtype):
     ref = exact(inputs, up, flags, dtype=dtype, param_dtype=pdt)
     ours = run("triton", inputs, up, flags, operand_dtype=operand_dtype, dtype=dtype, param_dtype=pdt)
     torch16 = run("torch", inputs, up, flags, operand_dtype=operand_dtype, dtype=dtype, param_dtype=pdt)
-    factors = cancellation({n: t if t is None else t.to(dtype) for n, t in inputs.items()}, ref)
-    for name, a, t, e in zip(NAMES, ours, torch16, ref, strict=True):
-        assert a.dtype == t.dtype and a.shape == t.shape, name
-        err, err_torch = rel_err(a, e), rel_err(t, e)
-        # an fp32 result (dA_log, ddt_bias with fp32 parameters) may also be at fp32 rounding level, where "2x" is noise
-        floor = FP32_TOL * max(1.0, factors.get(name, 1.0)) if a.dtype == torch.float32 else 0.0
-        assert err <= max(2 * err_torch, floor), f"{name}: {err:.2e} vs the torch path's {err_torch:.2e}"
+    assert_within_twice_torch(ours, torch16, ref, cancellation(inputs, ref))
 
 
 def _fused(t: torch.Tensor) -> bool:
@@ -320,12 +328,10 @@ def test_chunk_kda_end_to_end_switch_on_matches_off():
 @gpu
 def test_layer_shape_bf16_on_gpu():
     """T = 32k, H = 32, K = 128, bf16 inputs and q_n/k_n, fp32 A_log/dt_bias: every output and gradient within 2x
-    the torch path's error against the float64 reference."""
+    the torch path's error against the float64 reference (fp32 results: or the fp32 bound)."""
     flags = (True, True, True)
     inputs, up = make_inputs(1, 32768, 32, 128, seed=0)
     ref = exact(inputs, up, flags, dtype=torch.bfloat16)
     ours = run("triton", inputs, up, flags, operand_dtype=torch.bfloat16, dtype=torch.bfloat16)
     torch16 = run("torch", inputs, up, flags, operand_dtype=torch.bfloat16, dtype=torch.bfloat16)
-    for name, a, t, e in zip(NAMES, ours, torch16, ref, strict=True):
-        err, err_torch = rel_err(a, e), rel_err(t, e)
-        assert err <= 2 * err_torch, f"{name}: {err:.2e} vs the torch path's {err_torch:.2e}"
+    assert_within_twice_torch(ours, torch16, ref, cancellation(inputs, ref))

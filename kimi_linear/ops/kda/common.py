@@ -166,8 +166,9 @@ def preprocess(
     """The optional in-op activations (fp32 math), and the scalar gate broadcast over K.
 
     l2norm of q and k, the forget gate ``kda_gate`` and the beta sigmoid, each when its flag is set; on the
-    backend chosen by ``PREPROCESS_BACKEND`` when ``fused`` allows the fused kernels (else PyTorch). Normalised q, k come back in ``operand_dtype`` (fp32 when None);
-    g and beta, when activated, in fp32. A scalar gate ``[B, T, H]`` comes back as a fp32 ``[B, T, H, K]`` view.
+    backend chosen by ``PREPROCESS_BACKEND`` when ``fused`` allows the fused kernels (else PyTorch). Normalised q,
+    k come back in ``operand_dtype`` (fp32 when None); g and beta, when activated, in fp32. A scalar gate
+    ``[B, T, H]`` comes back as a fp32 ``[B, T, H, K]`` view.
     """
     if (use_qk_l2norm_in_kernel or use_gate_in_kernel or use_beta_sigmoid_in_kernel) and (
         fused and _fused_preprocess_available(q)
