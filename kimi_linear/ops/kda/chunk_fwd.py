@@ -2,16 +2,16 @@
 
 Three stages, chunk size BT = 64 split into four sub-blocks of BC = 16 rows:
 
-* ``chunk_kda_fwd_pairs_kernel`` — one program per (sub-block, chunk, head), walking K in slices of
-  ``pairs_bks`` columns: the sub-block's rows of the fp32 cumulative log-decay G and of the pair matrices A_kk
-  (strictly lower, times beta) and A_qk (lower, times scale) — against earlier rows as one tl.dot, inside the
-  sub-block element-wise (one column per step over the whole K, or a [16, 16, BKS] broadcast per slice).
-  beta * A_kk goes to the T buffer.
-  Alternatively (``FWD_CONFIG["pairs_impl"] = "chunk"``), the same outputs from three kernels:
+* The pair stage: the fp32 cumulative log-decay G and the pair matrices A_kk (strictly lower, times beta; to the
+  T buffer) and A_qk (lower, times scale). By default (``FWD_CONFIG["pairs_impl"] = "chunk"``) three kernels:
   ``chunk_kda_fwd_cumsum_kernel`` (G per (chunk, head, K block)), ``chunk_kda_fwd_diag_kernel`` (the diagonal
   16x16 blocks per (sub-block, chunk, head), 2D element-wise) and ``chunk_kda_fwd_offdiag_kernel`` (all
   off-diagonal blocks per (chunk, head) as [64, BKS] x [BKS, 64] dots, the decay routed through the sub-blocks'
   last rows); with ``offdiag_cumsum`` the off-diagonal kernel computes and stores G itself.
+  Alternatively (``"subblock"``), ``chunk_kda_fwd_pairs_kernel`` — one program per (sub-block, chunk, head),
+  walking K in slices of ``pairs_bks`` columns: the sub-block's rows of G, A_kk and A_qk — against earlier rows as
+  one tl.dot, inside the sub-block element-wise (one column per step over the whole K, or a [16, 16, BKS]
+  broadcast per slice).
 * ``chunk_kda_fwd_wy_kernel`` — one program per (chunk, head): the UT transform T = (I + beta A_kk)^-1 in fp32
   (forward substitution on the four 16x16 diagonal blocks, then a block merge), then, 64 columns at a time, the WY
   factors W = T (beta exp(G) K), U = T (beta V) and the state pass's operands scale q exp(G), K exp(G_last - G).
@@ -50,8 +50,8 @@ from kimi_linear.ops.kda.chunk_common import (
 
 # Launch settings of the per-chunk forward kernels (the state pass keeps chunk_common.CONFIG's).
 FWD_CONFIG = {
-    # "subblock": one pair kernel per (sub-block, chunk, head) doing G, the off-diagonal rows and the diagonal block;
-    # "chunk": three kernels — chunk-local cumsum, diagonal blocks per sub-block, off-diagonal blocks per chunk
+    # "chunk": three kernels — chunk-local cumsum, diagonal blocks per sub-block, off-diagonal blocks per chunk;
+    # "subblock": one pair kernel per (sub-block, chunk, head) doing G, the off-diagonal rows and the diagonal block
     "pairs_impl": "chunk",  # 8k fwd 1.94 vs 2.05 ms (subblock), fwd+bwd 5.58 vs 5.76 ms (H200, 2026-11-26)
     "pairs_bks": 32,  # K columns per step of the pair kernel (16: fwd 2.44 vs 2.10 ms at T = 8192 with stages 1)
     "pairs_ops_16bit": True,  # off-diagonal pair dots on operands in the inputs' dtype (else fp32 / tf32)
