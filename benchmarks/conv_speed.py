@@ -61,6 +61,7 @@ def build_report() -> None:
 
 
 def copy_gbps() -> float:
+    """GB/s of a 1 GiB device-to-device copy (read + write): the ceiling the element-wise kernels are held to."""
     from triton.testing import do_bench
 
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")

@@ -57,15 +57,6 @@ def build_report() -> None:
             print(f"{fn.__name__:22s} {tag:19s} BT={consts['BT']:<3d} {resource_line(r, c['warps'], 1)}", flush=True)
 
 
-def copy_gbps() -> float:
-    from triton.testing import do_bench
-
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = do_bench(lambda: b.copy_(a))
-    return 2 * a.numel() / ms / 1e6
-
-
 def bench_case(T: int) -> dict:
     from triton.testing import do_bench
 
@@ -129,6 +120,9 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         raise SystemExit("kda_preprocess_speed.py times GPU kernels: needs CUDA (or use --build-report)")
+    sys.path.insert(0, os.path.dirname(__file__))
+    from conv_speed import copy_gbps
+
     ceiling = copy_gbps()
     rows = [bench_case(T) for T in map(int, args.tokens.split(","))]
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": ceiling, "H": H, "K": K,
