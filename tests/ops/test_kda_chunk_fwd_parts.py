@@ -6,7 +6,8 @@ A_qk, T = (I + A)^-1 (fp32), W, U, scale q exp(G) and K exp(G_last - G). Each is
 Without CUDA the kernels run through Triton's interpreter; every buffer is poisoned with NaN first. Every case runs
 for each way of building G and the pair matrices (``FWD_CONFIG["pairs_impl"]``: "subblock", one kernel per
 sub-block; "chunk", a cumsum kernel, a diagonal-block kernel and an off-diagonal kernel per chunk, also with the
-cumsum fused into the off-diagonal kernel), and the "chunk" ways also end to end (forward and every gradient)
+cumsum fused into the off-diagonal kernel; "fused", one kernel per chunk for the pair matrices, the UT transform and
+the WY factors), and the "chunk" and "fused" ways also end to end (forward and every gradient)
 against the token-by-token recurrence.
 """
 
@@ -38,8 +39,8 @@ def poison_buffers(monkeypatch):
     monkeypatch.setattr(chunk_common, "POISON_BUFFERS", True)
 
 
-@pytest.fixture(autouse=True, params=[("subblock", False), ("chunk", False), ("chunk", True)],
-                ids=["subblock", "chunk", "chunk-fused-cumsum"])
+@pytest.fixture(autouse=True, params=[("subblock", False), ("chunk", False), ("chunk", True), ("fused", False)],
+                ids=["subblock", "chunk", "chunk-fused-cumsum", "fused"])
 def pairs_impl(request, monkeypatch):
     """Every test of this file runs with each implementation of the pair-matrix stage ("chunk" with G from the
     cumsum kernel, or from the off-diagonal kernel)."""

@@ -12,6 +12,10 @@ Three stages, chunk size BT = 64 split into four sub-blocks of BC = 16 rows:
   walking K in slices of ``pairs_bks`` columns: the sub-block's rows of G, A_kk and A_qk — against earlier rows as
   one tl.dot, inside the sub-block element-wise (one column per step over the whole K, or a [16, 16, BKS]
   broadcast per slice).
+  Or (``"fused"``) ``chunk_kda_fwd_intra_kernel`` — one program per (chunk, head) doing this stage and the next
+  one together: G, the off-diagonal blocks as [16, BKS] x [BKS, 16] dots per block pair, the diagonal blocks, the
+  UT transform on the blocks in registers, then the WY factors (no round trip of the pair matrices through memory,
+  one launch instead of four).
 * ``chunk_kda_fwd_wy_kernel`` — one program per (chunk, head): the UT transform T = (I + beta A_kk)^-1 in fp32
   (forward substitution on the four 16x16 diagonal blocks, then a block merge), then, 64 columns at a time, the WY
   factors W = T (beta exp(G) K), U = T (beta V) and the state pass's operands scale q exp(G), K exp(G_last - G).
@@ -64,7 +68,10 @@ FWD_CONFIG = {
     "offdiag_bks": 32,  # K columns per step of the off-diagonal kernel
     "offdiag_warps": 4,  # one warpgroup: the [64, BKS] x [BKS, 64] dots are one wgmma tile
     "offdiag_stages": 2,
-    "wy_block": 64,  # K / V columns per step of the WY kernel
+    "intra_bks": 32,  # pairs_impl "fused": K columns per step of the off-diagonal blocks
+    "intra_warps": 4,
+    "intra_stages": 1,
+    "wy_block": 64,  # K / V columns per step of the WY kernel (and of the fused kernel's WY part)
     "wy_warps": 8,
     "wy_stages": 2,  # prefetches the next column block
 }
@@ -517,6 +524,16 @@ def chunk_kda_fwd_wy_kernel(
     _store_block(Tinv, T33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
     tl.debug_barrier()  # T is read back whole, across threads
 
+    _wy_factors(q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, t0, n_rows, i_h, scale,
+                H, K, V, BT, BKW, BVW, DOT_PREC)
+
+
+@triton.jit
+def _wy_factors(q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, t0, n_rows, i_h, scale,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKW: tl.constexpr,
+                BVW: tl.constexpr, DOT_PREC: tl.constexpr):
+    """With T = (I + A)^-1 stored in ``Tinv`` and G in ``G`` for this chunk: W = T (beta exp(G) K) and the state
+    pass's operands scale q exp(G), K exp(G_last - G), K in blocks of BKW; U = T (beta V), V in blocks of BVW."""
     b_T = _load_rows_raw(Tinv, t0, n_rows, i_h, H, BT, BT, BT)  # [BT, BT] fp32; rows past the end read 0
     b_b = _load_vec(beta, t0, 0, n_rows, i_h, H, BT)
     o_d = tl.arange(0, BKW)
@@ -534,6 +551,189 @@ def chunk_kda_fwd_wy_kernel(
         col0 = i_b * BVW
         b_v = _load_cols(v, t0, 0, col0, n_rows, i_h, H, V, BT, BVW).to(tl.float32)
         _store_cols(u_out, _dot(b_T, b_b[:, None] * b_v, DOT_PREC), t0, 0, col0, n_rows, i_h, H, V, BT, BVW)
+
+
+@triton.jit
+def _inv_unit_lower_regs(A, BC: tl.constexpr):
+    """(I + A)^-1 of a strictly lower [BC, BC] block held in registers (BC = 16), as the finite Neumann product
+    (I - A)(I + A^2)(I + A^4)(I + A^8): A is nilpotent (A^16 = 0), so the product is exact in exact arithmetic.
+    Six independent-of-data fp32 products instead of sixteen dependent substitution steps."""
+    o_c = tl.arange(0, BC)
+    eye = tl.where(o_c[:, None] == o_c[None, :], 1.0, 0.0)
+    A2 = _dot_exact(A, A)
+    A4 = _dot_exact(A2, A2)
+    A8 = _dot_exact(A4, A4)
+    X = eye - A
+    X += _dot_exact(X, A2)
+    X += _dot_exact(X, A4)
+    X += _dot_exact(X, A8)
+    return X
+
+
+@triton.jit
+def chunk_kda_fwd_intra_kernel(
+    q, k, v, g, beta, G_out, Aqk_out, Tinv_out, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    BKS: tl.constexpr, BKW: tl.constexpr, BVW: tl.constexpr, OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Per (chunk, head) — grid (NT, H): the whole per-chunk forward in one program (``pairs_impl = "fused"``):
+    G, the pair matrices, the UT transform and the WY factors, with the pair matrices kept in registers as
+    [BC, BC] blocks (a 64-row chunk is four sub-blocks 0..3; block (i, j) holds rows of sub-block i against
+    columns of sub-block j).
+
+    1. K in slices of BKS columns: G per sub-block as a cumsum of g plus the carry c_i = G at the last row of
+       sub-block i (stored to ``G_out``); the six off-diagonal blocks (i > j) of A_kk and A_qk as [BC, BKS] x
+       [BKS, BC] dots, the decay routed through the exit rows: exp(G_t - G_s) = exp(G_t - c_{i-1})
+       exp(c_{i-1} - c_j) exp(c_j - G_s) for t in block i, s in block j (each exponent <= 0).
+    2. The four diagonal blocks element-wise from the stored G (``_diag_rows``).
+    3. With A = beta A_kk: T_ii = (I + A_ii)^-1 (``_inv_unit_lower_regs``), then the block merge
+       T_ij = -T_ii sum_{j <= m < i} A_im T_mj, in fp32; T and scale A_qk are stored whole (zeros above).
+    4. W, U, scale q exp(G), K exp(G_last - G) from the stored T and G (``_wy_factors``).
+    Writes the same tensors as the split kernels, so the backward is shared.
+    """
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    dt = q.dtype.element_ty if OPS_16BIT else tl.float32
+    qk10 = tl.zeros([BC, BC], dtype=tl.float32)
+    kk10 = tl.zeros([BC, BC], dtype=tl.float32)
+    qk20 = tl.zeros([BC, BC], dtype=tl.float32)
+    kk20 = tl.zeros([BC, BC], dtype=tl.float32)
+    qk21 = tl.zeros([BC, BC], dtype=tl.float32)
+    kk21 = tl.zeros([BC, BC], dtype=tl.float32)
+    qk30 = tl.zeros([BC, BC], dtype=tl.float32)
+    kk30 = tl.zeros([BC, BC], dtype=tl.float32)
+    qk31 = tl.zeros([BC, BC], dtype=tl.float32)
+    kk31 = tl.zeros([BC, BC], dtype=tl.float32)
+    qk32 = tl.zeros([BC, BC], dtype=tl.float32)
+    kk32 = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(0, BK // BKS):
+        col0 = i_k * BKS
+        # [BC, BKS] per sub-block; rows past the chunk's end read g = 0, so G there repeats the last valid row
+        g0 = _load_cols(g, t0, 0, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        g1 = _load_cols(g, t0, BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        g2 = _load_cols(g, t0, 2 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        g3 = _load_cols(g, t0, 3 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        c0 = tl.sum(g0, 0)  # [BKS] G at the last row of each sub-block
+        c1 = c0 + tl.sum(g1, 0)
+        c2 = c1 + tl.sum(g2, 0)
+        G0 = tl.cumsum(g0, 0)
+        G1 = c0[None, :] + tl.cumsum(g1, 0)
+        G2 = c1[None, :] + tl.cumsum(g2, 0)
+        G3 = c2[None, :] + tl.cumsum(g3, 0)
+        _store_cols(G_out, G0, t0, 0, col0, n_rows, i_h, H, K, BC, BKS)
+        _store_cols(G_out, G1, t0, BC, col0, n_rows, i_h, H, K, BC, BKS)
+        _store_cols(G_out, G2, t0, 2 * BC, col0, n_rows, i_h, H, K, BC, BKS)
+        _store_cols(G_out, G3, t0, 3 * BC, col0, n_rows, i_h, H, K, BC, BKS)
+        k0 = _load_cols(k, t0, 0, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        k1 = _load_cols(k, t0, BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        k2 = _load_cols(k, t0, 2 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        k3 = _load_cols(k, t0, 3 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        q1 = _load_cols(q, t0, BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        q2 = _load_cols(q, t0, 2 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        q3 = _load_cols(q, t0, 3 * BC, col0, n_rows, i_h, H, K, BC, BKS).to(tl.float32)
+        # the clamps only guard against positive gates; for g <= 0 every exponent here is <= 0 already
+        R0 = k0 * tl.exp(tl.minimum(c0[None, :] - G0, 0.0))  # column side: own block's exit row
+        R1 = k1 * tl.exp(tl.minimum(c1[None, :] - G1, 0.0))
+        R2 = k2 * tl.exp(tl.minimum(c2[None, :] - G2, 0.0))
+        e1 = tl.exp(tl.minimum(G1 - c0[None, :], 0.0))  # row side: the block before's exit row
+        e2 = tl.exp(tl.minimum(G2 - c1[None, :], 0.0))
+        e3 = tl.exp(tl.minimum(G3 - c2[None, :], 0.0))
+        f20 = tl.exp(tl.minimum(c1 - c0, 0.0))[None, :]  # exp(c_{i-1} - c_j) for (i, j) = (2, 0), (3, 0), (3, 1)
+        f30 = tl.exp(tl.minimum(c2 - c0, 0.0))[None, :]
+        f31 = tl.exp(tl.minimum(c2 - c1, 0.0))[None, :]
+        R0t = tl.trans(R0.to(dt))  # [BKS, BC]
+        R1t = tl.trans(R1.to(dt))
+        R2t = tl.trans(R2.to(dt))
+        R20t = tl.trans((R0 * f20).to(dt))
+        R30t = tl.trans((R0 * f30).to(dt))
+        R31t = tl.trans((R1 * f31).to(dt))
+        Lq = (q1 * e1).to(dt)
+        Lk = (k1 * e1).to(dt)
+        qk10 = tl.dot(Lq, R0t, qk10, input_precision=DOT_PREC)
+        kk10 = tl.dot(Lk, R0t, kk10, input_precision=DOT_PREC)
+        Lq = (q2 * e2).to(dt)
+        Lk = (k2 * e2).to(dt)
+        qk20 = tl.dot(Lq, R20t, qk20, input_precision=DOT_PREC)
+        kk20 = tl.dot(Lk, R20t, kk20, input_precision=DOT_PREC)
+        qk21 = tl.dot(Lq, R1t, qk21, input_precision=DOT_PREC)
+        kk21 = tl.dot(Lk, R1t, kk21, input_precision=DOT_PREC)
+        Lq = (q3 * e3).to(dt)
+        Lk = (k3 * e3).to(dt)
+        qk30 = tl.dot(Lq, R30t, qk30, input_precision=DOT_PREC)
+        kk30 = tl.dot(Lk, R30t, kk30, input_precision=DOT_PREC)
+        qk31 = tl.dot(Lq, R31t, qk31, input_precision=DOT_PREC)
+        kk31 = tl.dot(Lk, R31t, kk31, input_precision=DOT_PREC)
+        qk32 = tl.dot(Lq, R2t, qk32, input_precision=DOT_PREC)
+        kk32 = tl.dot(Lk, R2t, kk32, input_precision=DOT_PREC)
+    tl.debug_barrier()  # G is stored; the diagonal blocks read it back row by row, across threads
+
+    o_c = tl.arange(0, BC)
+    m_le = o_c[:, None] >= o_c[None, :]
+    m_lt = o_c[:, None] > o_c[None, :]
+    b0 = _load_vec(beta, t0, 0, n_rows, i_h, H, BC)[:, None]
+    b1 = _load_vec(beta, t0, BC, n_rows, i_h, H, BC)[:, None]
+    b2 = _load_vec(beta, t0, 2 * BC, n_rows, i_h, H, BC)[:, None]
+    b3 = _load_vec(beta, t0, 3 * BC, n_rows, i_h, H, BC)[:, None]
+    zero = tl.zeros([BC, BC], dtype=tl.float32)
+
+    # A_qk: scale, lower with the diagonal, zeros above
+    kk00, qk00 = _diag_rows(q, k, G_out, t0, 0, n_rows, i_h, H, K, BC, BK)
+    _store_block(Aqk_out, tl.where(m_le, scale * qk00, 0.0), t0, 0, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, 0, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, 0, 3 * BC, n_rows, i_h, H, BT, BC)
+    kk11, qk11 = _diag_rows(q, k, G_out, t0, BC, n_rows, i_h, H, K, BC, BK)
+    _store_block(Aqk_out, scale * qk10, t0, BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, tl.where(m_le, scale * qk11, 0.0), t0, BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    kk22, qk22 = _diag_rows(q, k, G_out, t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
+    _store_block(Aqk_out, scale * qk20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, scale * qk21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, tl.where(m_le, scale * qk22, 0.0), t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, zero, t0, 2 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    kk33, qk33 = _diag_rows(q, k, G_out, t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
+    _store_block(Aqk_out, scale * qk30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, scale * qk31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, scale * qk32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Aqk_out, tl.where(m_le, scale * qk33, 0.0), t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+
+    # the UT transform on A = beta A_kk (strictly lower)
+    T00 = _inv_unit_lower_regs(tl.where(m_lt, b0 * kk00, 0.0), BC)
+    T11 = _inv_unit_lower_regs(tl.where(m_lt, b1 * kk11, 0.0), BC)
+    T22 = _inv_unit_lower_regs(tl.where(m_lt, b2 * kk22, 0.0), BC)
+    T33 = _inv_unit_lower_regs(tl.where(m_lt, b3 * kk33, 0.0), BC)
+    A10 = b1 * kk10
+    A20 = b2 * kk20
+    A21 = b2 * kk21
+    A30 = b3 * kk30
+    A31 = b3 * kk31
+    A32 = b3 * kk32
+    T10 = -_dot_exact(T11, _dot_exact(A10, T00))
+    T21 = -_dot_exact(T22, _dot_exact(A21, T11))
+    T20 = -_dot_exact(T22, _dot_exact(A20, T00) + _dot_exact(A21, T10))
+    T32 = -_dot_exact(T33, _dot_exact(A32, T22))
+    T31 = -_dot_exact(T33, _dot_exact(A31, T11) + _dot_exact(A32, T21))
+    T30 = -_dot_exact(T33, _dot_exact(A30, T00) + _dot_exact(A31, T10) + _dot_exact(A32, T20))
+    _store_block(Tinv_out, T00, t0, 0, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, zero, t0, 0, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, zero, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, zero, t0, 0, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T10, t0, BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T11, t0, BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, zero, t0, BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, zero, t0, BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T22, t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, zero, t0, 2 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(Tinv_out, T33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    tl.debug_barrier()  # T is read back whole, across threads
+    _wy_factors(q, k, v, beta, G_out, Tinv_out, w_out, u_out, qg_out, kd_out, t0, n_rows, i_h, scale,
+                H, K, V, BT, BKW, BVW, DOT_PREC)
 
 
 @triton.jit
@@ -669,13 +869,22 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
                 q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
                 H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, num_warps=c["diag_warps"], num_stages=1,
             )
+        elif c["pairs_impl"] != "fused":
+            raise ValueError(f"FWD_CONFIG['pairs_impl'] must be 'subblock', 'chunk' or 'fused', "
+                             f"got {c['pairs_impl']!r}")
+        if c["pairs_impl"] == "fused":
+            chunk_kda_fwd_intra_kernel[(layout.NT, H)](
+                q, k, v, g, beta, G, Aqk, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
+                H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["intra_bks"]),
+                BKW=min(BK, c["wy_block"]), BVW=min(BVf, c["wy_block"]), OPS_16BIT=c["pairs_ops_16bit"],
+                DOT_PREC=prec, num_warps=c["intra_warps"], num_stages=c["intra_stages"],
+            )
         else:
-            raise ValueError(f"FWD_CONFIG['pairs_impl'] must be 'subblock' or 'chunk', got {c['pairs_impl']!r}")
-        chunk_kda_fwd_wy_kernel[(layout.NT, H)](
-            q, k, v, beta, G, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
-            H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BKW=min(BK, c["wy_block"]), BVW=min(BVf, c["wy_block"]),
-            DOT_PREC=prec, num_warps=c["wy_warps"], num_stages=c["wy_stages"],
-        )
+            chunk_kda_fwd_wy_kernel[(layout.NT, H)](
+                q, k, v, beta, G, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
+                H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BKW=min(BK, c["wy_block"]), BVW=min(BVf, c["wy_block"]),
+                DOT_PREC=prec, num_warps=c["wy_warps"], num_stages=c["wy_stages"],
+            )
     o = _empty(TT, H, V, device=dev, dtype=dt)
     ht = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     BV = _bv(V, "state_bv")
