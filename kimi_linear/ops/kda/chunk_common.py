@@ -6,6 +6,7 @@ Kept apart from the kernels (``chunk_fwd.py``, ``chunk_bwd.py``) and from the au
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -46,6 +47,21 @@ class _Layout:
         seq = torch.repeat_interleave(torch.arange(self.N), counts)  # [NT]
         within = torch.arange(self.NT) - torch.repeat_interleave(self.chunk_offsets.cpu()[:-1].long(), counts)
         self.chunk_indices = torch.stack([seq, within], 1).to(device=device, dtype=torch.int32).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_layout(B: int, T: int, device: torch.device) -> _Layout:
+    return _Layout(None, B, T, device)
+
+
+def layout_for(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.device) -> _Layout:
+    """The packed layout of a call. Equal-length batches reuse one cached layout per (B, T, device): building it
+    copies small host tensors to the device, and each such copy from pageable memory waits for the stream to
+    drain (so every call would stall the GPU while the host launches the next kernels). Varlen layouts read
+    ``cu_seqlens`` on the host and are built per call."""
+    if cu_seqlens is None:
+        return _fixed_layout(B, T, device)
+    return _Layout(cu_seqlens, B, T, device)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

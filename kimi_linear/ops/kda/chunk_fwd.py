@@ -56,7 +56,8 @@ from kimi_linear.ops.kda.chunk_common import (
 FWD_CONFIG = {
     # "chunk": three kernels — chunk-local cumsum, diagonal blocks per sub-block, off-diagonal blocks per chunk;
     # "subblock": one pair kernel per (sub-block, chunk, head) doing G, the off-diagonal rows and the diagonal block
-    "pairs_impl": "chunk",  # 8k fwd 1.94 vs 2.05 ms (subblock), fwd+bwd 5.58 vs 5.76 ms (H200, 2026-11-26)
+    # "fused": one kernel per chunk for G, the pair matrices, the UT transform and the WY factors
+    "pairs_impl": "fused",  # chunk: 8k fwd 1.94 vs 2.05 ms (subblock), fwd+bwd 5.58 vs 5.76 ms (H200, 2026-11-26)
     "pairs_bks": 32,  # K columns per step of the pair kernel (16: fwd 2.44 vs 2.10 ms at T = 8192 with stages 1)
     "pairs_ops_16bit": True,  # off-diagonal pair dots on operands in the inputs' dtype (else fp32 / tf32)
     "pairs_diag_rows": True,  # diagonal blocks one column per step over the whole K (else a 3D broadcast per slice)

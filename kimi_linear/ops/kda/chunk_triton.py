@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from kimi_linear.ops.kda.chunk_bwd import chunk_bwd
-from kimi_linear.ops.kda.chunk_common import CHUNK, CONFIG, SUB_CHUNK, _Layout
+from kimi_linear.ops.kda.chunk_common import CHUNK, CONFIG, SUB_CHUNK, layout_for
 from kimi_linear.ops.kda.chunk_fwd import chunk_fwd
 from kimi_linear.ops.kda.common import preprocess
 
@@ -91,7 +91,7 @@ def chunk_kda_triton(
     q, k, v = (x.to(dt).reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v))
     g = g.float().reshape(B * T, H, K).contiguous()
     beta = beta.reshape(B * T, H).contiguous()
-    layout = _Layout(cu_seqlens, B, T, q.device)
+    layout = layout_for(cu_seqlens, B, T, q.device)
     h0 = None if initial_state is None else initial_state.contiguous()
     o, ht = ChunkKDAFunction.apply(q, k, v, g, beta, h0, scale, output_final_state, layout)
     return o.reshape(B, T, H, V).to(out_dtype), ht
