@@ -204,6 +204,9 @@ def sweep_launch_settings(T: int) -> list[dict]:
         {"fwd": {"intra_stages": 2}},
         {"fwd": {"wy_block": 32}},
         {"fwd": {"pairs_ops_16bit": False}},
+        {"fwd": {"intra_diag_levels": False}},
+        {"common": {"state_bv": 16}},
+        {"common": {"fused_output": False}},
         {},
     ]
     out = []

@@ -39,14 +39,17 @@ def poison_buffers(monkeypatch):
     monkeypatch.setattr(chunk_common, "POISON_BUFFERS", True)
 
 
-@pytest.fixture(autouse=True, params=[("subblock", False), ("chunk", False), ("chunk", True), ("fused", False)],
-                ids=["subblock", "chunk", "chunk-fused-cumsum", "fused"])
+@pytest.fixture(autouse=True, params=[("subblock", False, True), ("chunk", False, True), ("chunk", True, True),
+                                      ("fused", False, True), ("fused", False, False)],
+                ids=["subblock", "chunk", "chunk-fused-cumsum", "fused", "fused-diag-rows"])
 def pairs_impl(request, monkeypatch):
     """Every test of this file runs with each implementation of the pair-matrix stage ("chunk" with G from the
-    cumsum kernel, or from the off-diagonal kernel)."""
-    impl, fused_cumsum = request.param
+    cumsum kernel, or from the off-diagonal kernel; "fused" with the diagonal blocks by levels on the tensor cores,
+    or one column per step)."""
+    impl, fused_cumsum, diag_levels = request.param
     monkeypatch.setitem(FWD_CONFIG, "pairs_impl", impl)
     monkeypatch.setitem(FWD_CONFIG, "offdiag_cumsum", fused_cumsum)
+    monkeypatch.setitem(FWD_CONFIG, "intra_diag_levels", diag_levels)
     return impl
 
 

@@ -72,6 +72,7 @@ FWD_CONFIG = {
     "intra_bks": 32,  # pairs_impl "fused": K columns per step of the off-diagonal blocks
     "intra_warps": 4,
     "intra_stages": 1,
+    "intra_diag_levels": True,  # diagonal blocks as tensor-core dots by pair level (else one column per step)
     "wy_block": 64,  # K / V columns per step of the WY kernel (and of the fused kernel's WY part)
     "wy_warps": 8,
     "wy_stages": 2,  # prefetches the next column block
@@ -251,6 +252,51 @@ def _diag_rows(q, k, G, t0, r0, n_rows, i_h, H: tl.constexpr, K: tl.constexpr, B
         sel = o_c[None, :] == j
         A_kk = tl.where(sel, tl.sum(k_a * kE, 1)[:, None], A_kk)
         A_qk = tl.where(sel, tl.sum(q_a * kE, 1)[:, None], A_qk)
+    return A_kk, A_qk
+
+
+@triton.jit
+def _load_rows_at(ptr, t0, rows, m_rows, i_h, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """Rows ``rows`` [BR] (chunk-relative) of ``ptr`` [T_total, H, D] as fp32 [BR, BD]; rows where ``m_rows`` is
+    False and columns past D read 0."""
+    o_d = tl.arange(0, BD)
+    m = m_rows[:, None] & (o_d < D)[None, :]
+    p = ptr + ((t0 + rows).to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
+    return tl.load(p, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _diag_levels(q, k, G, t0, r0, n_rows, i_h, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr,
+                 BK: tl.constexpr, dt: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The diagonal sub-block at rows/columns [r0, r0 + BC) of a chunk (same contract as ``_diag_rows``) on the
+    tensor cores: the block's pairs t > s split by the highest bit where t and s differ, level l (block size
+    2^l, l = 3..0): t sits in the upper half of an aligned group of 2^(l+1) rows and s in its lower half, so the
+    last row of the lower half, m = (t >> l << l) - 1, lies between them and routes the decay,
+    exp(G_t - G_s) = exp(G_t - G_m) exp(G_m - G_s), both exponents <= 0. One [BC, BK] x [BK, BC] dot per level
+    and matrix gives every pair of that level (entries of other levels are discarded); the diagonal of A_qk is
+    q_t . k_t. G comes from memory (this chunk's rows are stored); rows past the chunk's end read k = q = 0."""
+    o_c = tl.arange(0, BC)
+    o_r = r0 + o_c
+    m_valid = o_r < n_rows
+    q_a = _load_rows(q, t0, r0, n_rows, i_h, H, K, BC, BK)
+    k_a = _load_rows(k, t0, r0, n_rows, i_h, H, K, BC, BK)
+    G_a = _load_rows(G, t0, r0, n_rows, i_h, H, K, BC, BK)
+    x = o_c[:, None] ^ o_c[None, :]  # [BC, BC] pair (t, s) belongs to level l iff 2^l <= t ^ s < 2^(l + 1)
+    A_kk = tl.zeros([BC, BC], dtype=tl.float32)
+    A_qk = tl.where(o_c[:, None] == o_c[None, :], tl.sum(q_a * k_a, 1)[:, None], 0.0)
+    for lvl in tl.static_range(4):
+        half = 1 << lvl
+        upper = ((o_c >> lvl) & 1) == 1  # rows that are the later side of a level-l pair
+        ref_l = (o_c >> lvl << lvl) - 1  # for an upper row: the last row of the lower half before it
+        ref_r = (o_c >> lvl << lvl) + half - 1  # for a lower row: the last row of its own half
+        G_l = _load_rows_at(G, t0, r0 + ref_l, upper & m_valid, i_h, H, K, BK)
+        G_r = _load_rows_at(G, t0, r0 + ref_r, (~upper) & (r0 + ref_r < n_rows), i_h, H, K, BK)
+        e_l = tl.where((upper & m_valid)[:, None], tl.exp(tl.minimum(G_a - G_l, 0.0)), 0.0)
+        kR = tl.where(((~upper) & (r0 + ref_r < n_rows))[:, None], k_a * tl.exp(tl.minimum(G_r - G_a, 0.0)), 0.0)
+        kRt = tl.trans(kR.to(dt))
+        sel = (x >= half) & (x < 2 * half)
+        A_kk += tl.where(sel, tl.dot((k_a * e_l).to(dt), kRt, input_precision=DOT_PREC), 0.0)
+        A_qk += tl.where(sel, tl.dot((q_a * e_l).to(dt), kRt, input_precision=DOT_PREC), 0.0)
     return A_kk, A_qk
 
 
@@ -575,7 +621,8 @@ def _inv_unit_lower_regs(A, BC: tl.constexpr):
 def chunk_kda_fwd_intra_kernel(
     q, k, v, g, beta, G_out, Aqk_out, Tinv_out, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BKS: tl.constexpr, BKW: tl.constexpr, BVW: tl.constexpr, OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BKS: tl.constexpr, BKW: tl.constexpr, BVW: tl.constexpr, OPS_16BIT: tl.constexpr, DIAG_LEVELS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """Per (chunk, head) — grid (NT, H): the whole per-chunk forward in one program (``pairs_impl = "fused"``):
     G, the pair matrices, the UT transform and the WY factors, with the pair matrices kept in registers as
@@ -586,7 +633,8 @@ def chunk_kda_fwd_intra_kernel(
        sub-block i (stored to ``G_out``); the six off-diagonal blocks (i > j) of A_kk and A_qk as [BC, BKS] x
        [BKS, BC] dots, the decay routed through the exit rows: exp(G_t - G_s) = exp(G_t - c_{i-1})
        exp(c_{i-1} - c_j) exp(c_j - G_s) for t in block i, s in block j (each exponent <= 0).
-    2. The four diagonal blocks element-wise from the stored G (``_diag_rows``).
+    2. The four diagonal blocks from the stored G: with DIAG_LEVELS on the tensor cores by levels of the pair
+       index (``_diag_levels``), else element-wise one column per step (``_diag_rows``).
     3. With A = beta A_kk: T_ii = (I + A_ii)^-1 (``_inv_unit_lower_regs``), then the block merge
        T_ij = -T_ii sum_{j <= m < i} A_im T_mj, in fp32; T and scale A_qk are stored whole (zeros above).
     4. W, U, scale q exp(G), K exp(G_last - G) from the stored T and G (``_wy_factors``).
@@ -678,22 +726,34 @@ def chunk_kda_fwd_intra_kernel(
     zero = tl.zeros([BC, BC], dtype=tl.float32)
 
     # A_qk: scale, lower with the diagonal, zeros above
-    kk00, qk00 = _diag_rows(q, k, G_out, t0, 0, n_rows, i_h, H, K, BC, BK)
+    if DIAG_LEVELS:
+        kk00, qk00 = _diag_levels(q, k, G_out, t0, 0, n_rows, i_h, H, K, BC, BK, dt, DOT_PREC)
+    else:
+        kk00, qk00 = _diag_rows(q, k, G_out, t0, 0, n_rows, i_h, H, K, BC, BK)
     _store_block(Aqk_out, tl.where(m_le, scale * qk00, 0.0), t0, 0, 0, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, zero, t0, 0, BC, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, zero, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, zero, t0, 0, 3 * BC, n_rows, i_h, H, BT, BC)
-    kk11, qk11 = _diag_rows(q, k, G_out, t0, BC, n_rows, i_h, H, K, BC, BK)
+    if DIAG_LEVELS:
+        kk11, qk11 = _diag_levels(q, k, G_out, t0, BC, n_rows, i_h, H, K, BC, BK, dt, DOT_PREC)
+    else:
+        kk11, qk11 = _diag_rows(q, k, G_out, t0, BC, n_rows, i_h, H, K, BC, BK)
     _store_block(Aqk_out, scale * qk10, t0, BC, 0, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, tl.where(m_le, scale * qk11, 0.0), t0, BC, BC, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, zero, t0, BC, 2 * BC, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, zero, t0, BC, 3 * BC, n_rows, i_h, H, BT, BC)
-    kk22, qk22 = _diag_rows(q, k, G_out, t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
+    if DIAG_LEVELS:
+        kk22, qk22 = _diag_levels(q, k, G_out, t0, 2 * BC, n_rows, i_h, H, K, BC, BK, dt, DOT_PREC)
+    else:
+        kk22, qk22 = _diag_rows(q, k, G_out, t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
     _store_block(Aqk_out, scale * qk20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, scale * qk21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, tl.where(m_le, scale * qk22, 0.0), t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, zero, t0, 2 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
-    kk33, qk33 = _diag_rows(q, k, G_out, t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
+    if DIAG_LEVELS:
+        kk33, qk33 = _diag_levels(q, k, G_out, t0, 3 * BC, n_rows, i_h, H, K, BC, BK, dt, DOT_PREC)
+    else:
+        kk33, qk33 = _diag_rows(q, k, G_out, t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
     _store_block(Aqk_out, scale * qk30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, scale * qk31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, scale * qk32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
@@ -878,7 +938,7 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
                 q, k, v, g, beta, G, Aqk, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
                 H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["intra_bks"]),
                 BKW=min(BK, c["wy_block"]), BVW=min(BVf, c["wy_block"]), OPS_16BIT=c["pairs_ops_16bit"],
-                DOT_PREC=prec, num_warps=c["intra_warps"], num_stages=c["intra_stages"],
+                DIAG_LEVELS=c["intra_diag_levels"], DOT_PREC=prec, num_warps=c["intra_warps"], num_stages=c["intra_stages"],
             )
         else:
             chunk_kda_fwd_wy_kernel[(layout.NT, H)](
