@@ -56,8 +56,10 @@ from kimi_linear.ops.kda.chunk_common import (
 FWD_CONFIG = {
     # "chunk": three kernels — chunk-local cumsum, diagonal blocks per sub-block, off-diagonal blocks per chunk;
     # "subblock": one pair kernel per (sub-block, chunk, head) doing G, the off-diagonal rows and the diagonal block
-    # "fused": one kernel per chunk for G, the pair matrices, the UT transform and the WY factors
-    "pairs_impl": "fused",  # chunk: 8k fwd 1.94 vs 2.05 ms (subblock), fwd+bwd 5.58 vs 5.76 ms (H200, 2026-11-26)
+    # "fused": one kernel per chunk for G, the pair matrices, the UT transform and the WY factors.
+    # H200, 8k fwd / fwd+bwd: chunk 1.45 / 5.01 ms, fused 1.68 / 5.25 (diagonal by rows), 2.22 / 5.78 (by levels)
+    # (2026-12-03); subblock 2.05 / 5.76 (2026-11-26, before the layout cache)
+    "pairs_impl": "chunk",
     "pairs_bks": 32,  # K columns per step of the pair kernel (16: fwd 2.44 vs 2.10 ms at T = 8192 with stages 1)
     "pairs_ops_16bit": True,  # off-diagonal pair dots on operands in the inputs' dtype (else fp32 / tf32)
     "pairs_diag_rows": True,  # diagonal blocks one column per step over the whole K (else a 3D broadcast per slice)
@@ -72,7 +74,7 @@ FWD_CONFIG = {
     "intra_bks": 32,  # pairs_impl "fused": K columns per step of the off-diagonal blocks
     "intra_warps": 4,
     "intra_stages": 1,
-    "intra_diag_levels": True,  # diagonal blocks as tensor-core dots by pair level (else one column per step)
+    "intra_diag_levels": False,  # diagonal blocks as tensor-core dots by pair level: 8k fwd 2.22 vs 1.68 ms
     "wy_block": 64,  # K / V columns per step of the WY kernel (and of the fused kernel's WY part)
     "wy_warps": 8,
     "wy_stages": 2,  # prefetches the next column block
