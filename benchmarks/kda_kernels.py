@@ -199,6 +199,7 @@ def sweep_launch_settings(T: int) -> list[dict]:
         {"fwd": {"pairs_impl": "fused"}},
         {"fwd": {"pairs_impl": "fused", "intra_warps": 8}},
         {"common": {"state_bv": 64}},
+        {"fwd": {"diag_levels": True}},
         {"fwd": {"wy_warps": 4}},
         {},
     ]

@@ -39,17 +39,17 @@ def poison_buffers(monkeypatch):
     monkeypatch.setattr(chunk_common, "POISON_BUFFERS", True)
 
 
-@pytest.fixture(autouse=True, params=[("subblock", False, True), ("chunk", False, True), ("chunk", True, True),
-                                      ("fused", False, True), ("fused", False, False)],
-                ids=["subblock", "chunk", "chunk-fused-cumsum", "fused", "fused-diag-rows"])
+@pytest.fixture(autouse=True, params=[("subblock", False, False), ("chunk", False, False), ("chunk", True, False),
+                                      ("chunk", False, True), ("fused", False, True), ("fused", False, False)],
+                ids=["subblock", "chunk", "chunk-fused-cumsum", "chunk-diag-levels", "fused-diag-levels", "fused"])
 def pairs_impl(request, monkeypatch):
     """Every test of this file runs with each implementation of the pair-matrix stage ("chunk" with G from the
-    cumsum kernel, or from the off-diagonal kernel; "fused" with the diagonal blocks by levels on the tensor cores,
-    or one column per step)."""
+    cumsum kernel, or from the off-diagonal kernel; "chunk" and "fused" with the diagonal blocks one column per
+    step, or by levels on the tensor cores)."""
     impl, fused_cumsum, diag_levels = request.param
     monkeypatch.setitem(FWD_CONFIG, "pairs_impl", impl)
     monkeypatch.setitem(FWD_CONFIG, "offdiag_cumsum", fused_cumsum)
-    monkeypatch.setitem(FWD_CONFIG, "intra_diag_levels", diag_levels)
+    monkeypatch.setitem(FWD_CONFIG, "diag_levels", diag_levels)
     return impl
 
 

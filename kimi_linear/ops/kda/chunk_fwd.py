@@ -74,7 +74,9 @@ FWD_CONFIG = {
     "intra_bks": 32,  # pairs_impl "fused": K columns per step of the off-diagonal blocks
     "intra_warps": 4,
     "intra_stages": 1,
-    "intra_diag_levels": False,  # diagonal blocks as tensor-core dots by pair level: 8k fwd 2.22 vs 1.68 ms
+    # diagonal blocks as tensor-core dots by pair level (fused and chunk kernels), else one column per step;
+    # in the fused kernel 8k fwd 2.22 vs 1.68 ms (H200, 2026-12-03)
+    "diag_levels": False,
     "wy_block": 64,  # K / V columns per step of the WY kernel (and of the fused kernel's WY part)
     "wy_warps": 8,
     "wy_stages": 2,  # prefetches the next column block
@@ -405,6 +407,7 @@ def chunk_kda_fwd_cumsum_kernel(
 def chunk_kda_fwd_diag_kernel(
     q, k, G, beta, Aqk_out, Tinv_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    LEVELS: tl.constexpr, OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Per (sub-block a, chunk, head) — grid (BT // BC, NT, H): the diagonal [BC, BC] block at rows/columns
     [a BC, (a + 1) BC) of the pair matrices, from the stored G (``chunk_kda_fwd_cumsum_kernel``).
@@ -413,12 +416,17 @@ def chunk_kda_fwd_diag_kernel(
     exp(G_t - G_j) and A_qk[t, j] (q_t for k_t), for all t at once as [BC, BK] element-wise products reduced
     along K (``_diag_rows``): 2D only, each exponent clamped at 0 (the pairs j > t, zeroed here). Writes
     scale * A_qk (with the diagonal) to ``Aqk_out`` and beta * A_kk (strictly lower) to ``Tinv_out`` (fp32),
-    zeros above the diagonal; the rest of those rows is ``chunk_kda_fwd_offdiag_kernel``'s.
+    zeros above the diagonal; the rest of those rows is ``chunk_kda_fwd_offdiag_kernel``'s. With LEVELS the block
+    is built on the tensor cores instead (``_diag_levels``).
     """
     i_a, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     r0 = i_a * BC
-    d_kk, d_qk = _diag_rows(q, k, G, t0, r0, n_rows, i_h, H, K, BC, BK)
+    if LEVELS:
+        d_kk, d_qk = _diag_levels(q, k, G, t0, r0, n_rows, i_h, H, K, BC, BK,
+                                  q.dtype.element_ty if OPS_16BIT else tl.float32, DOT_PREC)
+    else:
+        d_kk, d_qk = _diag_rows(q, k, G, t0, r0, n_rows, i_h, H, K, BC, BK)
     o_c = tl.arange(0, BC)
     o_r = r0 + o_c
     m_row = (o_r < n_rows)[:, None]
@@ -930,7 +938,8 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
             )
             chunk_kda_fwd_diag_kernel[(CHUNK // SUB_CHUNK, layout.NT, H)](
                 q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
-                H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, num_warps=c["diag_warps"], num_stages=1,
+                H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, LEVELS=c["diag_levels"], OPS_16BIT=c["pairs_ops_16bit"],
+                DOT_PREC=prec, num_warps=c["diag_warps"], num_stages=1,
             )
         elif c["pairs_impl"] != "fused":
             raise ValueError(f"FWD_CONFIG['pairs_impl'] must be 'subblock', 'chunk' or 'fused', "
@@ -940,7 +949,7 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
                 q, k, v, g, beta, G, Aqk, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
                 H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["intra_bks"]),
                 BKW=min(BK, c["wy_block"]), BVW=min(BVf, c["wy_block"]), OPS_16BIT=c["pairs_ops_16bit"],
-                DIAG_LEVELS=c["intra_diag_levels"], DOT_PREC=prec, num_warps=c["intra_warps"], num_stages=c["intra_stages"],
+                DIAG_LEVELS=c["diag_levels"], DOT_PREC=prec, num_warps=c["intra_warps"], num_stages=c["intra_stages"],
             )
         else:
             chunk_kda_fwd_wy_kernel[(layout.NT, H)](
@@ -981,10 +990,15 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
                                           DOT_PREC="tf32"), f["pairs_warps"],
          f["pairs_stages"]),
         (chunk_kda_fwd_cumsum_kernel, dict(H=H, K=K, BT=CHUNK, BKG=min(BK, f["cumsum_block"])), 4, 1),
-        (chunk_kda_fwd_diag_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK), f["diag_warps"], 1),
+        (chunk_kda_fwd_diag_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, LEVELS=f["diag_levels"],
+                                         OPS_16BIT=f["pairs_ops_16bit"], DOT_PREC="tf32"), f["diag_warps"], 1),
         (chunk_kda_fwd_offdiag_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, f["offdiag_bks"]),
                                             CUMSUM=f["offdiag_cumsum"], OPS_16BIT=f["pairs_ops_16bit"],
                                             DOT_PREC="tf32"), f["offdiag_warps"], f["offdiag_stages"]),
+        (chunk_kda_fwd_intra_kernel, dict(H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, f["intra_bks"]),
+                                          BKW=min(BK, f["wy_block"]), BVW=min(BVf, f["wy_block"]),
+                                          OPS_16BIT=f["pairs_ops_16bit"], DIAG_LEVELS=f["diag_levels"],
+                                          DOT_PREC="tf32"), f["intra_warps"], f["intra_stages"]),
         (chunk_kda_fwd_wy_kernel, dict(H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BKW=min(BK, f["wy_block"]),
                                        BVW=min(BVf, f["wy_block"]), DOT_PREC="tf32"), f["wy_warps"], f["wy_stages"]),
         (chunk_kda_fwd_state_kernel, dict(common, BV=min(BVf, c["state_bv"]), USE_H0=True, STORE_HT=True,
