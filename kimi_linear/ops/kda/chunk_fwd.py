@@ -79,6 +79,9 @@ FWD_CONFIG = {
     "diag_levels": False,
     "wy_block": 64,  # K / V columns per step of the WY kernel (and of the fused kernel's WY part)
     "wy_warps": 8,
+    # diagonal blocks of the UT transform inverted from registers (Neumann product) instead of by forward
+    # substitution over rows read from memory; interpreter-tested, not yet timed on the GPU, so off
+    "wy_solve_regs": False,
     "wy_stages": 2,  # prefetches the next column block
 }
 
@@ -533,22 +536,18 @@ def chunk_kda_fwd_offdiag_kernel(
 def chunk_kda_fwd_wy_kernel(
     q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BKW: tl.constexpr,
-    BVW: tl.constexpr, DOT_PREC: tl.constexpr,
+    BVW: tl.constexpr, SOLVE_REGS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Per (chunk, head) — grid (NT, H): the UT transform, the WY factors and the state pass's decayed operands.
 
     ``Tinv`` holds A = beta * A_kk (strictly lower, fp32) from the pair kernel on entry and T = (I + A)^-1 on exit:
-    forward substitution on the four diagonal blocks, then the block merge, in fp32. Then, K in blocks of BKW:
-    W = T (beta exp(G) K), scale q exp(G), K exp(G_last - G); V in blocks of BVW: U = T (beta V). G is measured
-    from the chunk start, so every exponent is <= 0.
+    the inverses of the four diagonal blocks — by forward substitution reading A's rows from memory, or with
+    SOLVE_REGS from the blocks loaded whole, as the Neumann product (``_inv_unit_lower_regs``) — then the block
+    merge, in fp32. Then, K in blocks of BKW: W = T (beta exp(G) K), scale q exp(G), K exp(G_last - G); V in blocks
+    of BVW: U = T (beta V). G is measured from the chunk start, so every exponent is <= 0.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunk_indices + 2 * i_c)
-    i_t = tl.load(chunk_indices + 2 * i_c + 1)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    t0 = bos + i_t * BT
-    n_rows = tl.minimum(eos - t0, BT)
+    t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
 
     A10 = _load_block(Tinv, t0, BC, 0, n_rows, i_h, H, BT, BC)
     A20 = _load_block(Tinv, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
@@ -556,10 +555,16 @@ def chunk_kda_fwd_wy_kernel(
     A30 = _load_block(Tinv, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
     A31 = _load_block(Tinv, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
     A32 = _load_block(Tinv, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
-    T00 = _inv_unit_lower(Tinv, t0, 0, n_rows, i_h, H, BT, BC)
-    T11 = _inv_unit_lower(Tinv, t0, BC, n_rows, i_h, H, BT, BC)
-    T22 = _inv_unit_lower(Tinv, t0, 2 * BC, n_rows, i_h, H, BT, BC)
-    T33 = _inv_unit_lower(Tinv, t0, 3 * BC, n_rows, i_h, H, BT, BC)
+    if SOLVE_REGS:
+        T00 = _inv_unit_lower_regs(_load_block(Tinv, t0, 0, 0, n_rows, i_h, H, BT, BC), BC)
+        T11 = _inv_unit_lower_regs(_load_block(Tinv, t0, BC, BC, n_rows, i_h, H, BT, BC), BC)
+        T22 = _inv_unit_lower_regs(_load_block(Tinv, t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC), BC)
+        T33 = _inv_unit_lower_regs(_load_block(Tinv, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC), BC)
+    else:
+        T00 = _inv_unit_lower(Tinv, t0, 0, n_rows, i_h, H, BT, BC)
+        T11 = _inv_unit_lower(Tinv, t0, BC, n_rows, i_h, H, BT, BC)
+        T22 = _inv_unit_lower(Tinv, t0, 2 * BC, n_rows, i_h, H, BT, BC)
+        T33 = _inv_unit_lower(Tinv, t0, 3 * BC, n_rows, i_h, H, BT, BC)
     tl.debug_barrier()  # every read of A is done before T overwrites it
     # T_ij = -T_ii sum_{j <= m < i} A_im T_mj
     T10 = -_dot_exact(T11, _dot_exact(A10, T00))
@@ -955,7 +960,7 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
             chunk_kda_fwd_wy_kernel[(layout.NT, H)](
                 q, k, v, beta, G, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
                 H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BKW=min(BK, c["wy_block"]), BVW=min(BVf, c["wy_block"]),
-                DOT_PREC=prec, num_warps=c["wy_warps"], num_stages=c["wy_stages"],
+                SOLVE_REGS=c["wy_solve_regs"], DOT_PREC=prec, num_warps=c["wy_warps"], num_stages=c["wy_stages"],
             )
     o = _empty(TT, H, V, device=dev, dtype=dt)
     ht = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
@@ -1000,7 +1005,8 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
                                           OPS_16BIT=f["pairs_ops_16bit"], DIAG_LEVELS=f["diag_levels"],
                                           DOT_PREC="tf32"), f["intra_warps"], f["intra_stages"]),
         (chunk_kda_fwd_wy_kernel, dict(H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BKW=min(BK, f["wy_block"]),
-                                       BVW=min(BVf, f["wy_block"]), DOT_PREC="tf32"), f["wy_warps"], f["wy_stages"]),
+                                       BVW=min(BVf, f["wy_block"]), SOLVE_REGS=f["wy_solve_regs"], DOT_PREC="tf32"),
+         f["wy_warps"], f["wy_stages"]),
         (chunk_kda_fwd_state_kernel, dict(common, BV=min(BVf, c["state_bv"]), USE_H0=True, STORE_HT=True,
                                           STORE_O=c["fused_output"], STORE_H=not c["fused_output"],
                                           INTERPRET=False), c["state_warps"], c["state_stages"]),
