@@ -5,6 +5,9 @@
 #
 #   bash benchmarks/gpu_session.sh OUT tests             # GPU tests of kernels, layers and generation (~6 min)
 #   bash benchmarks/gpu_session.sh OUT kda_tests         # only the end-to-end chunk/recurrent KDA GPU tests (~2 min)
+#   bash benchmarks/gpu_session.sh OUT kda_candidates    # compiled part tests of the off-by-default forward options
+#                                                        # the kernels sweep times (WY solve from registers, diagonal
+#                                                        # by levels), bf16 included (~4 min)
 #   bash benchmarks/gpu_session.sh OUT kernels           # chunk/decode kernel benchmark vs FLA with the sweep (~6 min)
 #   bash benchmarks/gpu_session.sh OUT fused             # the fused conv / preprocessing kernels: speed (+ sweep), tests
 #   bash benchmarks/gpu_session.sh OUT speed             # whole-model prefill/decode vs HF transformers + FLA (~7 min)
@@ -48,6 +51,10 @@ for part in "$@"; do
         step tests model 150 python -m pytest -q -p no:cacheprovider -rf -m gpu tests/ops/test_mla_decode.py \
             tests/layers tests/test_generate.py tests/test_model.py
         ;;
+    kda_candidates)
+        step tests kda_candidates 260 python -m pytest -q -p no:cacheprovider -rf \
+            tests/ops/test_kda_chunk_fwd_parts.py -k "chunk-solve-regs or chunk-diag-levels"
+        ;;
     kernels)
         step kernels kda_kernels 380 python benchmarks/kda_kernels.py --out "$WORK/kernels" --sweep
         tail -8 "$WORK/kernels/kda_kernels.log"
@@ -88,7 +95,7 @@ for part in "$@"; do
             --time-budget 200 --out "$WORK/ablation" --tag h200_seed1 --seed 1
         ;;
     *)
-        echo "unknown part $part (tests, kda_tests, kernels, fused, speed, model, experiments, ablation)" >&2
+        echo "unknown part $part (tests, kda_tests, kda_candidates, kernels, fused, speed, model, experiments, ablation)" >&2
         ;;
     esac
 done
