@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_session.sh OUT kda_tests         # only the end-to-end chunk/recurrent KDA GPU tests (~2 min)
 #   bash benchmarks/gpu_session.sh OUT kda_candidates    # compiled part tests of the off-by-default forward options
 #                                                        # the kernels sweep times (WY solve from registers, diagonal
-#                                                        # by levels), bf16 included (~4 min)
+#                                                        # by levels or per row), bf16 included (~5 min)
 #   bash benchmarks/gpu_session.sh OUT kernels           # chunk/decode kernel benchmark vs FLA with the sweep (~6 min)
 #   bash benchmarks/gpu_session.sh OUT fused             # the fused conv / preprocessing kernels: speed (+ sweep), tests
 #   bash benchmarks/gpu_session.sh OUT speed             # whole-model prefill/decode vs HF transformers + FLA (~7 min)
@@ -52,8 +52,8 @@ for part in "$@"; do
             tests/layers tests/test_generate.py tests/test_model.py
         ;;
     kda_candidates)
-        step tests kda_candidates 260 python -m pytest -q -p no:cacheprovider -rf \
-            tests/ops/test_kda_chunk_fwd_parts.py -k "chunk-solve-regs or chunk-diag-levels"
+        step tests kda_candidates 330 python -m pytest -q -p no:cacheprovider -rf \
+            tests/ops/test_kda_chunk_fwd_parts.py -k "chunk-solve-regs or chunk-diag-levels or chunk-diag-tokens"
         ;;
     kernels)
         step kernels kda_kernels 380 python benchmarks/kda_kernels.py --out "$WORK/kernels" --sweep

@@ -199,7 +199,9 @@ def sweep_launch_settings(T: int) -> list[dict]:
         {"fwd": {"wy_solve_regs": True}},
         {"fwd": {"wy_solve_regs": True, "wy_warps": 4}},
         {"fwd": {"diag_levels": True}},
-        {"fwd": {"diag_warps": 2}},
+        {"fwd": {"diag_impl": "tokens"}},
+        {"fwd": {"diag_impl": "tokens", "diag_heads": 8, "diag_token_warps": 4}},
+        {"fwd": {"diag_impl": "tokens", "wy_solve_regs": True}},
         {"fwd": {"pairs_impl": "fused"}},
         {},
     ]

@@ -68,6 +68,11 @@ FWD_CONFIG = {
     "cumsum_block": 64,  # pairs_impl "chunk": K columns per program of the cumsum kernel
     "offdiag_cumsum": False,  # pairs_impl "chunk": the off-diagonal kernel computes and stores G (no cumsum kernel)
     "diag_warps": 4,
+    # pairs_impl "chunk": diagonal blocks per sub-block ("blocks") or per row and group of heads, lower triangle
+    # only ("tokens"; interpreter-tested, not yet timed on the GPU)
+    "diag_impl": "blocks",
+    "diag_heads": 4,  # diag_impl "tokens": heads per program
+    "diag_token_warps": 2,
     "offdiag_bks": 32,  # K columns per step of the off-diagonal kernel
     "offdiag_warps": 4,  # one warpgroup: the [64, BKS] x [BKS, 64] dots are one wgmma tile
     "offdiag_stages": 2,
@@ -439,6 +444,48 @@ def chunk_kda_fwd_diag_kernel(
     d_kk = tl.where(o_c[:, None] > o_c[None, :], b_b[:, None] * d_kk, 0.0)
     tl.store(Aqk_out + p, d_qk.to(Aqk_out.dtype.element_ty), mask=m_row)
     tl.store(Tinv_out + p, d_kk, mask=m_row)
+
+
+@triton.jit
+def chunk_kda_fwd_diag_token_kernel(
+    q, k, G, beta, Aqk_out, Tinv_out, cu_seqlens, chunk_indices, scale,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
+):
+    """Per (row of a chunk, group of BH heads) — grid (NT * BT, cdiv(H, BH)): row t's share of the diagonal
+    [BC, BC] block of the pair matrices (``diag_impl = "tokens"``), only the pairs s <= t: A_kk[t, s] and
+    A_qk[t, s] = sum_c x_t k_s exp(G_t - G_s) for the earlier rows s of t's sub-block, one [BH, BK] step each
+    (nothing is spent on the upper triangle, which gets zeros). Same outputs as ``chunk_kda_fwd_diag_kernel``:
+    scale * A_qk (with the diagonal) in ``Aqk_out``, beta * A_kk (strictly lower) in ``Tinv_out``."""
+    i_tc, i_hb = tl.program_id(0), tl.program_id(1)
+    i_c = i_tc // BT
+    row = i_tc % BT
+    t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    if row >= n_rows:
+        return
+    r0 = row // BC * BC
+    o_h = i_hb * BH + tl.arange(0, BH)
+    o_k = tl.arange(0, BK)
+    m_h = o_h < H
+    m = m_h[:, None] & (o_k < K)[None, :]
+    p_t = ((t0 + row) * H + o_h).to(tl.int64)  # [BH] row t of each head
+    b_q = tl.load(q + p_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+    b_G = tl.load(G + p_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+    b_b = tl.load(beta + p_t, mask=m_h, other=0.0).to(tl.float32)
+    for j in range(BC):
+        s = r0 + j
+        if s <= row:
+            p_s = ((t0 + s) * H + o_h).to(tl.int64)
+            k_s = tl.load(k + p_s[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            G_s = tl.load(G + p_s[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            kE = k_s * tl.exp(tl.minimum(b_G - G_s, 0.0))  # [BH, BK]; the clamp only guards positive gates
+            a_qk = scale * tl.sum(b_q * kE, 1)
+            a_kk = tl.where(s < row, b_b * tl.sum(b_k * kE, 1), 0.0)
+        else:
+            a_qk = tl.zeros([BH], dtype=tl.float32)
+            a_kk = tl.zeros([BH], dtype=tl.float32)
+        tl.store(Aqk_out + p_t * BT + s, a_qk.to(Aqk_out.dtype.element_ty), mask=m_h)
+        tl.store(Tinv_out + p_t * BT + s, a_kk, mask=m_h)
 
 
 @triton.jit
@@ -941,11 +988,20 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
                 OPS_16BIT=c["pairs_ops_16bit"], DOT_PREC=prec, num_warps=c["offdiag_warps"],
                 num_stages=c["offdiag_stages"],
             )
-            chunk_kda_fwd_diag_kernel[(CHUNK // SUB_CHUNK, layout.NT, H)](
-                q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
-                H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, LEVELS=c["diag_levels"], OPS_16BIT=c["pairs_ops_16bit"],
-                DOT_PREC=prec, num_warps=c["diag_warps"], num_stages=1,
-            )
+            if c["diag_impl"] == "tokens":
+                BH = min(triton.next_power_of_2(H), c["diag_heads"])
+                chunk_kda_fwd_diag_token_kernel[(layout.NT * CHUNK, triton.cdiv(H, BH))](
+                    q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
+                    H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BH=BH, num_warps=c["diag_token_warps"], num_stages=1,
+                )
+            elif c["diag_impl"] == "blocks":
+                chunk_kda_fwd_diag_kernel[(CHUNK // SUB_CHUNK, layout.NT, H)](
+                    q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
+                    H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, LEVELS=c["diag_levels"],
+                    OPS_16BIT=c["pairs_ops_16bit"], DOT_PREC=prec, num_warps=c["diag_warps"], num_stages=1,
+                )
+            else:
+                raise ValueError(f"FWD_CONFIG['diag_impl'] must be 'blocks' or 'tokens', got {c['diag_impl']!r}")
         elif c["pairs_impl"] != "fused":
             raise ValueError(f"FWD_CONFIG['pairs_impl'] must be 'subblock', 'chunk' or 'fused', "
                              f"got {c['pairs_impl']!r}")
@@ -997,6 +1053,9 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
         (chunk_kda_fwd_cumsum_kernel, dict(H=H, K=K, BT=CHUNK, BKG=min(BK, f["cumsum_block"])), 4, 1),
         (chunk_kda_fwd_diag_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, LEVELS=f["diag_levels"],
                                          OPS_16BIT=f["pairs_ops_16bit"], DOT_PREC="tf32"), f["diag_warps"], 1),
+        (chunk_kda_fwd_diag_token_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK,
+                                               BH=min(triton.next_power_of_2(H), f["diag_heads"])),
+         f["diag_token_warps"], 1),
         (chunk_kda_fwd_offdiag_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, f["offdiag_bks"]),
                                             CUMSUM=f["offdiag_cumsum"], OPS_16BIT=f["pairs_ops_16bit"],
                                             DOT_PREC="tf32"), f["offdiag_warps"], f["offdiag_stages"]),
