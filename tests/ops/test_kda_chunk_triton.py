@@ -124,6 +124,20 @@ def test_varlen_with_empty_and_single_token_segments():
     check_fwd_bwd(x, cu_seqlens=cu.to(DEVICE))
 
 
+def test_equal_length_layout_is_cached_and_right():
+    """Equal-length batches reuse one device layout per (B, T, device) (building one stalls the stream); it must
+    describe the same packing as cu_seqlens would, and varlen layouts are built per call."""
+    dev = torch.device(DEVICE)
+    a = chunk_common.layout_for(None, 3, 130, dev)
+    assert chunk_common.layout_for(None, 3, 130, dev) is a
+    cu = torch.tensor([0, 130, 260, 390], dtype=torch.int32, device=DEVICE)
+    b = chunk_common.layout_for(cu, 1, 390, dev)
+    assert b is not chunk_common.layout_for(cu, 1, 390, dev)
+    assert (a.N, a.NT) == (b.N, b.NT) == (3, 9)
+    for name in ("cu_seqlens", "chunk_offsets", "chunk_indices"):
+        assert torch.equal(getattr(a, name).cpu(), getattr(b, name).cpu()), name
+
+
 def test_unfused_output(monkeypatch):
     """The alternative forward launch path: O in a separate parallel pass over stored states."""
     monkeypatch.setitem(chunk_triton.CONFIG, "fused_output", False)
