@@ -313,6 +313,18 @@ def _diag_levels(q, k, G, t0, r0, n_rows, i_h, H: tl.constexpr, K: tl.constexpr,
 
 
 @triton.jit
+def _diag_block(q, k, G, t0, r0, n_rows, i_h, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                dt: tl.constexpr, LEVELS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The diagonal sub-block at r0: by levels on the tensor cores (``_diag_levels``) or one column per step
+    (``_diag_rows``)."""
+    if LEVELS:
+        A_kk, A_qk = _diag_levels(q, k, G, t0, r0, n_rows, i_h, H, K, BC, BK, dt, DOT_PREC)
+    else:
+        A_kk, A_qk = _diag_rows(q, k, G, t0, r0, n_rows, i_h, H, K, BC, BK)
+    return A_kk, A_qk
+
+
+@triton.jit
 def chunk_kda_fwd_pairs_kernel(
     q, k, g, beta, G_out, Aqk_out, A_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
@@ -430,11 +442,8 @@ def chunk_kda_fwd_diag_kernel(
     i_a, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     r0 = i_a * BC
-    if LEVELS:
-        d_kk, d_qk = _diag_levels(q, k, G, t0, r0, n_rows, i_h, H, K, BC, BK,
-                                  q.dtype.element_ty if OPS_16BIT else tl.float32, DOT_PREC)
-    else:
-        d_kk, d_qk = _diag_rows(q, k, G, t0, r0, n_rows, i_h, H, K, BC, BK)
+    d_kk, d_qk = _diag_block(q, k, G, t0, r0, n_rows, i_h, H, K, BC, BK,
+                             q.dtype.element_ty if OPS_16BIT else tl.float32, LEVELS, DOT_PREC)
     o_c = tl.arange(0, BC)
     o_r = r0 + o_c
     m_row = (o_r < n_rows)[:, None]
@@ -788,34 +797,22 @@ def chunk_kda_fwd_intra_kernel(
     zero = tl.zeros([BC, BC], dtype=tl.float32)
 
     # A_qk: scale, lower with the diagonal, zeros above
-    if DIAG_LEVELS:
-        kk00, qk00 = _diag_levels(q, k, G_out, t0, 0, n_rows, i_h, H, K, BC, BK, dt, DOT_PREC)
-    else:
-        kk00, qk00 = _diag_rows(q, k, G_out, t0, 0, n_rows, i_h, H, K, BC, BK)
+    kk00, qk00 = _diag_block(q, k, G_out, t0, 0, n_rows, i_h, H, K, BC, BK, dt, DIAG_LEVELS, DOT_PREC)
     _store_block(Aqk_out, tl.where(m_le, scale * qk00, 0.0), t0, 0, 0, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, zero, t0, 0, BC, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, zero, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, zero, t0, 0, 3 * BC, n_rows, i_h, H, BT, BC)
-    if DIAG_LEVELS:
-        kk11, qk11 = _diag_levels(q, k, G_out, t0, BC, n_rows, i_h, H, K, BC, BK, dt, DOT_PREC)
-    else:
-        kk11, qk11 = _diag_rows(q, k, G_out, t0, BC, n_rows, i_h, H, K, BC, BK)
+    kk11, qk11 = _diag_block(q, k, G_out, t0, BC, n_rows, i_h, H, K, BC, BK, dt, DIAG_LEVELS, DOT_PREC)
     _store_block(Aqk_out, scale * qk10, t0, BC, 0, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, tl.where(m_le, scale * qk11, 0.0), t0, BC, BC, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, zero, t0, BC, 2 * BC, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, zero, t0, BC, 3 * BC, n_rows, i_h, H, BT, BC)
-    if DIAG_LEVELS:
-        kk22, qk22 = _diag_levels(q, k, G_out, t0, 2 * BC, n_rows, i_h, H, K, BC, BK, dt, DOT_PREC)
-    else:
-        kk22, qk22 = _diag_rows(q, k, G_out, t0, 2 * BC, n_rows, i_h, H, K, BC, BK)
+    kk22, qk22 = _diag_block(q, k, G_out, t0, 2 * BC, n_rows, i_h, H, K, BC, BK, dt, DIAG_LEVELS, DOT_PREC)
     _store_block(Aqk_out, scale * qk20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, scale * qk21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, tl.where(m_le, scale * qk22, 0.0), t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, zero, t0, 2 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
-    if DIAG_LEVELS:
-        kk33, qk33 = _diag_levels(q, k, G_out, t0, 3 * BC, n_rows, i_h, H, K, BC, BK, dt, DOT_PREC)
-    else:
-        kk33, qk33 = _diag_rows(q, k, G_out, t0, 3 * BC, n_rows, i_h, H, K, BC, BK)
+    kk33, qk33 = _diag_block(q, k, G_out, t0, 3 * BC, n_rows, i_h, H, K, BC, BK, dt, DIAG_LEVELS, DOT_PREC)
     _store_block(Aqk_out, scale * qk30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, scale * qk31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
     _store_block(Aqk_out, scale * qk32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
