@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs of this project, in parts that each fit one 10-minute device call. Every part writes its logs and
-# results under /tmp/gpu_session/<part>/; at the end they are packed into OUT/<parts>.tgz (the device tool returns at
+# results under /tmp/gpu_session/<part>/; after every step they are packed into OUT/logs.tgz (the device tool returns at
 # most 8 files) next to OUT/summary.txt, which is also printed last.
 #
 #   bash benchmarks/gpu_session.sh OUT tests             # GPU tests of kernels, layers and generation (~6 min)
@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh OUT kda_candidates    # compiled part tests of the off-by-default forward options
 #                                                        # the kernels sweep times (WY solve from registers, diagonal
 #                                                        # by levels or per row), bf16 included (~5 min)
+#   bash benchmarks/gpu_session.sh OUT sweep8k           # the forward candidates' sweep at T = 8192 only, FLA beside (~3 min)
 #   bash benchmarks/gpu_session.sh OUT kernels           # chunk/decode kernel benchmark vs FLA with the sweep (~6 min)
 #   bash benchmarks/gpu_session.sh OUT fused             # the fused conv / preprocessing kernels: speed (+ sweep), tests
 #   bash benchmarks/gpu_session.sh OUT speed             # whole-model prefill/decode vs HF transformers + FLA (~7 min)
@@ -38,6 +39,7 @@ step() {  # step PART NAME SECONDS COMMAND...: run with a time limit, log to WOR
     local rc=$?
     echo "[$part/$name] rc=$rc $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
     grep -E "passed|failed|error" "$WORK/$part/$name.log" | tail -2
+    tar czf "$OUT/logs.tgz" -C "$WORK" .  # after every step, so a call cut off at its limit still returns the logs
 }
 
 for part in "$@"; do
@@ -53,7 +55,12 @@ for part in "$@"; do
         ;;
     kda_candidates)
         step tests kda_candidates 330 python -m pytest -q -p no:cacheprovider -rf \
-            tests/ops/test_kda_chunk_fwd_parts.py -k "chunk-solve-regs or chunk-diag-levels or chunk-diag-tokens"
+            tests/ops/test_kda_chunk_fwd_parts.py -k "${CANDIDATES:-chunk-solve-regs or chunk-diag-levels or chunk-diag-tokens}"
+        ;;
+    sweep8k)
+        step kernels sweep8k 240 python benchmarks/kda_kernels.py --out "$WORK/kernels" --sweep --T 8192 \
+            --decode-batches 1 --breakdown
+        grep -E "sweep 8k|^\{" "$WORK/kernels/sweep8k.log"
         ;;
     kernels)
         step kernels kda_kernels 380 python benchmarks/kda_kernels.py --out "$WORK/kernels" --sweep
@@ -99,6 +106,6 @@ for part in "$@"; do
         ;;
     esac
 done
-tar czf "$OUT/$(IFS=_; echo "$*").tgz" -C "$WORK" .
+tar czf "$OUT/logs.tgz" -C "$WORK" .
 echo
 cat "$OUT/summary.txt"

@@ -198,11 +198,11 @@ def sweep_launch_settings(T: int) -> list[dict]:
         {},
         {"fwd": {"wy_solve_regs": True}},
         {"fwd": {"wy_solve_regs": True, "wy_warps": 4}},
-        {"fwd": {"diag_levels": True}},
         {"fwd": {"diag_impl": "tokens"}},
         {"fwd": {"diag_impl": "tokens", "diag_heads": 8, "diag_token_warps": 4}},
+        {"fwd": {"diag_impl": "tokens", "diag_heads": 2, "diag_token_warps": 1}},
         {"fwd": {"diag_impl": "tokens", "wy_solve_regs": True}},
-        {"fwd": {"pairs_impl": "fused"}},
+        {"fwd": {"diag_impl": "tokens", "wy_solve_regs": True, "offdiag_cumsum": True}},
         {},
     ]
     out = []
