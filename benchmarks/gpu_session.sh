@@ -54,7 +54,7 @@ for part in "$@"; do
             tests/layers tests/test_generate.py tests/test_model.py
         ;;
     kda_candidates)
-        step tests kda_candidates 330 python -m pytest -q -p no:cacheprovider -rf \
+        step tests kda_candidates "${CANDIDATES_LIMIT:-330}" python -m pytest -q -p no:cacheprovider -rf \
             tests/ops/test_kda_chunk_fwd_parts.py -k "${CANDIDATES:-chunk-solve-regs or chunk-diag-levels or chunk-diag-tokens}"
         ;;
     sweep8k)
