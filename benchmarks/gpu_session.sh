@@ -55,7 +55,7 @@ for part in "$@"; do
         ;;
     kda_candidates)
         step tests kda_candidates "${CANDIDATES_LIMIT:-330}" python -m pytest -q -p no:cacheprovider -rf \
-            tests/ops/test_kda_chunk_fwd_parts.py -k "${CANDIDATES:-chunk-solve-regs or chunk-diag-levels or chunk-diag-tokens}"
+            tests/ops/test_kda_chunk_fwd_parts.py -k "${CANDIDATES:-chunk-solve-regs or chunk-diag-levels or chunk-default}"
         ;;
     sweep8k)
         step kernels sweep8k 240 python benchmarks/kda_kernels.py --out "$WORK/kernels" --sweep --T 8192 \

@@ -41,15 +41,16 @@ def poison_buffers(monkeypatch):
 
 @pytest.fixture(autouse=True, params=[("subblock", False, False, False), ("chunk", False, False, False),
                                       ("chunk", True, False, False), ("chunk", False, True, False),
-                                      ("chunk", False, False, True), ("chunk", False, "tokens", False),
+                                      ("chunk", False, False, True), ("chunk", False, "tokens", True),
                                       ("fused", False, False, False)],
                 ids=["subblock", "chunk", "chunk-fused-cumsum", "chunk-diag-levels", "chunk-solve-regs",
-                     "chunk-diag-tokens", "fused"])
+                     "chunk-default", "fused"])
 def pairs_impl(request, monkeypatch):
     """Every test of this file runs with each implementation of the pair-matrix stage: "subblock"; "chunk" with G
-    from the cumsum kernel or from the off-diagonal kernel, with the diagonal blocks one column per step, by levels
-    on the tensor cores (the helper the fused kernel also takes) or per row (lower triangle only), and with the WY
-    kernel's diagonal inverses from registers; "fused"."""
+    from the cumsum kernel or from the off-diagonal kernel, with the diagonal blocks one column per step or by
+    levels on the tensor cores (the helper the fused kernel also takes), and with the WY kernel's diagonal inverses
+    by forward substitution or from registers; "chunk-default", the shipped setting: diagonal blocks per row (lower
+    triangle only) and inverses from registers; "fused"."""
     impl, fused_cumsum, diag_levels, solve_regs = request.param
     monkeypatch.setitem(FWD_CONFIG, "wy_solve_regs", solve_regs)
     monkeypatch.setitem(FWD_CONFIG, "pairs_impl", impl)

@@ -4,8 +4,9 @@ Three stages, chunk size BT = 64 split into four sub-blocks of BC = 16 rows:
 
 * The pair stage: the fp32 cumulative log-decay G and the pair matrices A_kk (strictly lower, times beta; to the
   T buffer) and A_qk (lower, times scale). By default (``FWD_CONFIG["pairs_impl"] = "chunk"``) three kernels:
-  ``chunk_kda_fwd_cumsum_kernel`` (G per (chunk, head, K block)), ``chunk_kda_fwd_diag_kernel`` (the diagonal
-  16x16 blocks per (sub-block, chunk, head), 2D element-wise) and ``chunk_kda_fwd_offdiag_kernel`` (all
+  ``chunk_kda_fwd_cumsum_kernel`` (G per (chunk, head, K block)), ``chunk_kda_fwd_diag_token_kernel`` (the
+  lower triangles of the diagonal 16x16 blocks, one program per row and group of heads; ``diag_impl = "blocks"``:
+  ``chunk_kda_fwd_diag_kernel``, whole blocks per (sub-block, chunk, head)) and ``chunk_kda_fwd_offdiag_kernel`` (all
   off-diagonal blocks per (chunk, head) as [64, BKS] x [BKS, 64] dots, the decay routed through the sub-blocks'
   last rows); with ``offdiag_cumsum`` the off-diagonal kernel computes and stores G itself.
   Alternatively (``"subblock"``), ``chunk_kda_fwd_pairs_kernel`` — one program per (sub-block, chunk, head),
@@ -17,7 +18,8 @@ Three stages, chunk size BT = 64 split into four sub-blocks of BC = 16 rows:
   UT transform on the blocks in registers, then the WY factors (no round trip of the pair matrices through memory,
   one launch instead of four).
 * ``chunk_kda_fwd_wy_kernel`` — one program per (chunk, head): the UT transform T = (I + beta A_kk)^-1 in fp32
-  (forward substitution on the four 16x16 diagonal blocks, then a block merge), then, 64 columns at a time, the WY
+  (the four 16x16 diagonal blocks inverted in registers as a Neumann product, or with ``wy_solve_regs`` off by
+  forward substitution over rows read from memory; then a block merge), then, 64 columns at a time, the WY
   factors W = T (beta exp(G) K), U = T (beta V) and the state pass's operands scale q exp(G), K exp(G_last - G).
 * ``chunk_kda_fwd_state_kernel`` — one program per (V block, sequence, head), a sequential pass over the
   sequence's chunks carrying the fp32 state S [K, BV]: V_new = U - W S, O = (scale Q exp(G)) S + A_qk V_new,
@@ -66,11 +68,13 @@ FWD_CONFIG = {
     "pairs_warps": 4,  # 8 warps: fwd 2.68 vs 2.45 ms at T = 8192 on the H200
     "pairs_stages": 1,  # 2 (prefetch the next K slice) measured slower at bks 32
     "cumsum_block": 64,  # pairs_impl "chunk": K columns per program of the cumsum kernel
-    "offdiag_cumsum": False,  # pairs_impl "chunk": the off-diagonal kernel computes and stores G (no cumsum kernel)
+    # pairs_impl "chunk": the off-diagonal kernel computes and stores G (no cumsum kernel); 8k fwd 1.409 vs 1.301 ms
+    "offdiag_cumsum": False,
     "diag_warps": 4,
     # pairs_impl "chunk": diagonal blocks per sub-block ("blocks") or per row and group of heads, lower triangle
-    # only ("tokens"; interpreter-tested, not yet timed on the GPU)
-    "diag_impl": "blocks",
+    # only ("tokens"). H200, 8k fwd / fwd+bwd, register solve off: blocks 1.445 / 4.980 ms, tokens 1.368 / 4.911
+    # (heads 8, warps 4: 1.369 / 4.910; heads 2, warps 1: 1.359 / 4.904) (2026-12-03)
+    "diag_impl": "tokens",
     "diag_heads": 4,  # diag_impl "tokens": heads per program
     "diag_token_warps": 2,
     "offdiag_bks": 32,  # K columns per step of the off-diagonal kernel
@@ -85,8 +89,9 @@ FWD_CONFIG = {
     "wy_block": 64,  # K / V columns per step of the WY kernel (and of the fused kernel's WY part)
     "wy_warps": 8,
     # diagonal blocks of the UT transform inverted from registers (Neumann product) instead of by forward
-    # substitution over rows read from memory; interpreter-tested, not yet timed on the GPU, so off
-    "wy_solve_regs": False,
+    # substitution over rows read from memory. H200, 8k fwd / fwd+bwd: diag blocks 1.374 vs 1.445 / 4.914 vs 4.980
+    # ms (4 warps 1.372 / 4.912); with diag tokens 1.301 / 4.843, the best setting measured (2026-12-03)
+    "wy_solve_regs": True,
     "wy_stages": 2,  # prefetches the next column block
 }
 
