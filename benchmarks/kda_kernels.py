@@ -196,9 +196,12 @@ def sweep_launch_settings(T: int) -> list[dict]:
     # the committed setting is timed first and again last: the first entry of a run also pays for warm-up
     variants = [
         {},
-        {"fwd": {"diag_heads": 2, "diag_token_warps": 1}},
-        {"fwd": {"wy_warps": 4}},
-        {"fwd": {"diag_impl": "blocks", "wy_solve_regs": False}},  # the setting before 2026-12-03
+        {"fwd": {"solve_impl": "kernel"}},
+        {"fwd": {"solve_impl": "kernel", "solve_warps": 1}},
+        {"fwd": {"solve_impl": "kernel", "solve_warps": 4}},
+        {"fwd": {"solve_impl": "kernel", "wy_warps": 4}},
+        {"fwd": {"solve_impl": "offdiag"}},
+        {"fwd": {"solve_impl": "offdiag", "offdiag_warps": 8}},
         {},
     ]
     out = []
@@ -210,7 +213,8 @@ def sweep_launch_settings(T: int) -> list[dict]:
             with torch.no_grad():
                 f = bench(lambda: chunk_kda(**x, backend="triton"))
             fb = bench(lambda: chunk_kda(**xg, backend="triton")[0].backward(do), list(xg.values()))
-            out.append({"change": change, "fwd": f, "fwdbwd": fb})
+            kernels = {name: round(ms, 4) for name, ms in list(kernel_breakdown(T, backward=False).items())[:6]}
+            out.append({"change": change, "fwd": f, "fwdbwd": fb, "fwd_kernels_ms": kernels})
         except Exception as e:  # noqa: BLE001
             out.append({"change": change, "error": repr(e)[:200]})
     for name, c in configs.items():

@@ -39,25 +39,32 @@ def poison_buffers(monkeypatch):
     monkeypatch.setattr(chunk_common, "POISON_BUFFERS", True)
 
 
-@pytest.fixture(autouse=True, params=[("subblock", False, False, False), ("chunk", False, False, False),
-                                      ("chunk", True, False, False), ("chunk", False, True, False),
-                                      ("chunk", False, False, True), ("chunk", False, "tokens", True),
-                                      ("fused", False, False, False)],
-                ids=["subblock", "chunk", "chunk-fused-cumsum", "chunk-diag-levels", "chunk-solve-regs",
-                     "chunk-default", "fused"])
+_VARIANTS = {  # FWD_CONFIG overrides on top of a neutral base (see the fixture)
+    "subblock": {"pairs_impl": "subblock"},
+    "chunk": {},
+    "chunk-fused-cumsum": {"offdiag_cumsum": True},
+    "chunk-diag-levels": {"diag_levels": True},
+    "chunk-solve-regs": {"wy_solve_regs": True},
+    "chunk-default": {"diag_impl": "tokens", "wy_solve_regs": True},
+    "chunk-solve-kernel": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel"},
+    "chunk-solve-offdiag": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "offdiag"},
+    "fused": {"pairs_impl": "fused"},
+}
+
+
+@pytest.fixture(autouse=True, params=list(_VARIANTS), ids=list(_VARIANTS))
 def pairs_impl(request, monkeypatch):
     """Every test of this file runs with each implementation of the pair-matrix stage: "subblock"; "chunk" with G
     from the cumsum kernel or from the off-diagonal kernel, with the diagonal blocks one column per step or by
     levels on the tensor cores (the helper the fused kernel also takes), and with the WY kernel's diagonal inverses
     by forward substitution or from registers; "chunk-default", the shipped setting: diagonal blocks per row (lower
-    triangle only) and inverses from registers; "fused"."""
-    impl, fused_cumsum, diag_levels, solve_regs = request.param
-    monkeypatch.setitem(FWD_CONFIG, "wy_solve_regs", solve_regs)
-    monkeypatch.setitem(FWD_CONFIG, "pairs_impl", impl)
-    monkeypatch.setitem(FWD_CONFIG, "offdiag_cumsum", fused_cumsum)
-    monkeypatch.setitem(FWD_CONFIG, "diag_impl", "tokens" if diag_levels == "tokens" else "blocks")
-    monkeypatch.setitem(FWD_CONFIG, "diag_levels", diag_levels is True)
-    return impl
+    triangle only) and inverses from registers; the same with the UT transform in a kernel of its own or at the end
+    of the off-diagonal kernel; "fused"."""
+    base = {"pairs_impl": "chunk", "offdiag_cumsum": False, "diag_impl": "blocks", "diag_levels": False,
+            "wy_solve_regs": False, "solve_impl": "wy"}
+    for key, value in {**base, **_VARIANTS[request.param]}.items():
+        monkeypatch.setitem(FWD_CONFIG, key, value)
+    return FWD_CONFIG["pairs_impl"]
 
 
 def reference_parts(q, k, v, g, beta, scale, bounds):
@@ -132,7 +139,8 @@ def test_parts_match_definitions_fp32(B, T, H, K, V):
 
 @pytest.mark.parametrize("diag_rows", [True, False], ids=["diag-rows", "diag-broadcast"])
 def test_parts_varlen_and_extreme_gates(diag_rows, pairs_impl, monkeypatch):
-    """Both ways of computing the diagonal pair blocks (of pairs_impl "subblock"; "chunk" has one). Packed sequences (one empty, one of a single token, chunks cut short) and g = -1000 inside sub-blocks, at
+    """Both ways of computing the diagonal pair blocks (of pairs_impl "subblock"; "chunk" has one). Packed
+    sequences (one empty, one of a single token, chunks cut short) and g = -1000 inside sub-blocks, at
     sub-block starts and across a chunk: every exponential stays finite and the wiped pairs are exact zeros."""
     if pairs_impl == "chunk" and not diag_rows:
         pytest.skip("pairs_diag_rows is a setting of the subblock kernel only")
@@ -213,3 +221,17 @@ def test_end_to_end_extreme_gates(pairs_impl):
     g[:, 17:19, :, :8] = -1000.0
     g[:, 64] = -1000.0
     check_fwd_bwd(x)
+
+
+def test_solve_impl_is_validated(pairs_impl, monkeypatch):
+    """A misspelt UT-transform placement, and the one combination that cannot be ordered, are refused by name."""
+    if pairs_impl != "chunk":
+        pytest.skip("solve_impl is a setting of pairs_impl 'chunk'")
+    x = kda_inputs(1, 8, 1, 16, 16, with_state=False)
+    monkeypatch.setitem(FWD_CONFIG, "solve_impl", "registers")
+    with pytest.raises(ValueError, match="solve_impl"):
+        run_parts(x, 0.5)
+    monkeypatch.setitem(FWD_CONFIG, "solve_impl", "offdiag")
+    monkeypatch.setitem(FWD_CONFIG, "offdiag_cumsum", True)
+    with pytest.raises(ValueError, match="offdiag_cumsum"):
+        run_parts(x, 0.5)

@@ -21,6 +21,8 @@ Three stages, chunk size BT = 64 split into four sub-blocks of BC = 16 rows:
   (the four 16x16 diagonal blocks inverted in registers as a Neumann product, or with ``wy_solve_regs`` off by
   forward substitution over rows read from memory; then a block merge), then, 64 columns at a time, the WY
   factors W = T (beta exp(G) K), U = T (beta V) and the state pass's operands scale q exp(G), K exp(G_last - G).
+  Where the UT transform runs is ``FWD_CONFIG["solve_impl"]``: here ("wy"), in ``chunk_kda_fwd_solve_kernel`` of
+  its own ("kernel"), or at the end of the off-diagonal kernel ("offdiag"); the WY kernel then only streams.
 * ``chunk_kda_fwd_state_kernel`` — one program per (V block, sequence, head), a sequential pass over the
   sequence's chunks carrying the fp32 state S [K, BV]: V_new = U - W S, O = (scale Q exp(G)) S + A_qk V_new,
   S <- exp(G_last) S + (K exp(G_last - G))^T V_new. With ``STORE_H`` it also writes the state entering each chunk
@@ -93,6 +95,11 @@ FWD_CONFIG = {
     # ms (4 warps 1.372 / 4.912); with diag tokens 1.301 / 4.843, the best setting measured (2026-12-03)
     "wy_solve_regs": True,
     "wy_stages": 2,  # prefetches the next column block
+    # pairs_impl "chunk": where the UT transform runs — at the start of the WY kernel ("wy"), in its own kernel
+    # ("kernel", solve_warps warps: many small programs per SM), or at the end of the off-diagonal kernel
+    # ("offdiag"; the diagonal kernel then runs first). Interpreter-tested, not yet timed on the GPU
+    "solve_impl": "wy",
+    "solve_warps": 2,
 }
 
 
@@ -506,7 +513,8 @@ def chunk_kda_fwd_diag_token_kernel(
 def chunk_kda_fwd_offdiag_kernel(
     q, k, g, G, beta, Aqk_out, Tinv_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
-    CUMSUM: tl.constexpr, OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    CUMSUM: tl.constexpr, OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr, SOLVE: tl.constexpr = False,
+    SOLVE_REGS: tl.constexpr = True,
 ):
     """Per (chunk, head) — grid (NT, H): the off-diagonal blocks (i, j), i > j, of the pair matrices
     A_kk[t, s] = sum_c k_t k_s exp(G_t - G_s) and A_qk[t, s] (q_t for k_t), over the whole chunk, from the stored
@@ -532,6 +540,8 @@ def chunk_kda_fwd_offdiag_kernel(
     Writes scale * A_qk to ``Aqk_out`` and beta * A_kk to ``Tinv_out`` (fp32) for every column outside the
     diagonal blocks (zeros above them); the diagonal blocks are ``chunk_kda_fwd_diag_kernel``'s. With OPS_16BIT
     the dot operands (each factor <= 1) are rounded to the inputs' dtype, else fp32 (tf32 on 16-bit inputs).
+    With SOLVE (``solve_impl = "offdiag"``; the diagonal kernel has run before and written its blocks) the program
+    then turns its chunk of ``Tinv`` into T = (I + A)^-1 (``_ut_solve``), so the WY kernel only streams.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
@@ -591,25 +601,19 @@ def chunk_kda_fwd_offdiag_kernel(
     b_b = _load_vec(beta, t0, 0, n_rows, i_h, H, BT)
     tl.store(Aqk_out + p, (scale * acc_qk).to(Aqk_out.dtype.element_ty), mask=m)
     tl.store(Tinv_out + p, b_b[:, None] * acc_kk, mask=m)
+    if SOLVE:
+        tl.debug_barrier()  # the blocks just stored are read back as 16x16 tiles, across threads
+        _ut_solve(Tinv_out, t0, n_rows, i_h, H, BT, BC, SOLVE_REGS)
 
 
 @triton.jit
-def chunk_kda_fwd_wy_kernel(
-    q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BKW: tl.constexpr,
-    BVW: tl.constexpr, SOLVE_REGS: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """Per (chunk, head) — grid (NT, H): the UT transform, the WY factors and the state pass's decayed operands.
-
-    ``Tinv`` holds A = beta * A_kk (strictly lower, fp32) from the pair kernel on entry and T = (I + A)^-1 on exit:
-    the inverses of the four diagonal blocks — by forward substitution reading A's rows from memory, or with
-    SOLVE_REGS from the blocks loaded whole, as the Neumann product (``_inv_unit_lower_regs``) — then the block
-    merge, in fp32. Then, K in blocks of BKW: W = T (beta exp(G) K), scale q exp(G), K exp(G_last - G); V in blocks
-    of BVW: U = T (beta V). G is measured from the chunk start, so every exponent is <= 0.
-    """
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
-
+def _ut_solve(Tinv, t0, n_rows, i_h, H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+              SOLVE_REGS: tl.constexpr):
+    """In place on one chunk of ``Tinv``: A = beta * A_kk (strictly lower, fp32, every block written) on entry,
+    T = (I + A)^-1 on exit. The four diagonal blocks are inverted by forward substitution reading A's rows from
+    memory, or with SOLVE_REGS from the blocks loaded whole, as the Neumann product (``_inv_unit_lower_regs``);
+    then the block merge T_ij = -T_ii sum_{j <= m < i} A_im T_mj, in fp32. The zeros above the diagonal blocks are
+    left as they are."""
     A10 = _load_block(Tinv, t0, BC, 0, n_rows, i_h, H, BT, BC)
     A20 = _load_block(Tinv, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
     A21 = _load_block(Tinv, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
@@ -627,14 +631,12 @@ def chunk_kda_fwd_wy_kernel(
         T22 = _inv_unit_lower(Tinv, t0, 2 * BC, n_rows, i_h, H, BT, BC)
         T33 = _inv_unit_lower(Tinv, t0, 3 * BC, n_rows, i_h, H, BT, BC)
     tl.debug_barrier()  # every read of A is done before T overwrites it
-    # T_ij = -T_ii sum_{j <= m < i} A_im T_mj
     T10 = -_dot_exact(T11, _dot_exact(A10, T00))
     T21 = -_dot_exact(T22, _dot_exact(A21, T11))
     T20 = -_dot_exact(T22, _dot_exact(A20, T00) + _dot_exact(A21, T10))
     T32 = -_dot_exact(T33, _dot_exact(A32, T22))
     T31 = -_dot_exact(T33, _dot_exact(A31, T11) + _dot_exact(A32, T21))
     T30 = -_dot_exact(T33, _dot_exact(A30, T00) + _dot_exact(A31, T10) + _dot_exact(A32, T20))
-    # the zeros above the diagonal blocks are already there (the pair kernel wrote them)
     _store_block(Tinv, T00, t0, 0, 0, n_rows, i_h, H, BT, BC)
     _store_block(Tinv, T10, t0, BC, 0, n_rows, i_h, H, BT, BC)
     _store_block(Tinv, T11, t0, BC, BC, n_rows, i_h, H, BT, BC)
@@ -645,8 +647,38 @@ def chunk_kda_fwd_wy_kernel(
     _store_block(Tinv, T31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
     _store_block(Tinv, T32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
     _store_block(Tinv, T33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
-    tl.debug_barrier()  # T is read back whole, across threads
 
+
+@triton.jit
+def chunk_kda_fwd_solve_kernel(Tinv, cu_seqlens, chunk_indices, H: tl.constexpr, BT: tl.constexpr,
+                               BC: tl.constexpr, SOLVE_REGS: tl.constexpr):
+    """Per (chunk, head) — grid (NT, H): only the UT transform (``_ut_solve``), for ``solve_impl = "kernel"``. A
+    short dependent chain of small products with little memory traffic, so it is launched with few warps and
+    many programs per SM hide each other's latency; the WY kernel after it is then a pure streaming pass."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    _ut_solve(Tinv, t0, n_rows, i_h, H, BT, BC, SOLVE_REGS)
+
+
+@triton.jit
+def chunk_kda_fwd_wy_kernel(
+    q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BKW: tl.constexpr,
+    BVW: tl.constexpr, SOLVE: tl.constexpr, SOLVE_REGS: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Per (chunk, head) — grid (NT, H): the UT transform (with SOLVE; else ``Tinv`` already holds T), the WY
+    factors and the state pass's decayed operands.
+
+    With SOLVE, ``Tinv`` holds A = beta * A_kk (strictly lower, fp32) from the pair kernels on entry and
+    T = (I + A)^-1 on exit (``_ut_solve``). Then, K in blocks of BKW: W = T (beta exp(G) K), scale q exp(G),
+    K exp(G_last - G); V in blocks of BVW: U = T (beta V). G is measured from the chunk start, so every exponent
+    is <= 0.
+    """
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    if SOLVE:
+        _ut_solve(Tinv, t0, n_rows, i_h, H, BT, BC, SOLVE_REGS)
+        tl.debug_barrier()  # T is read back whole, across threads
     _wy_factors(q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, t0, n_rows, i_h, scale,
                 H, K, V, BT, BKW, BVW, DOT_PREC)
 
@@ -954,6 +986,23 @@ def chunk_kda_fwd_output_kernel(
     tl.store(_tile(o, t0, i_h, o_v, H, V, BT), b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
+def _launch_diag(q, k, G, beta, Aqk, Tinv, scale, layout, H, K, BK, prec):
+    """The diagonal pair blocks of ``pairs_impl = "chunk"`` (``FWD_CONFIG["diag_impl"]``), from the stored G."""
+    c = FWD_CONFIG
+    if c["diag_impl"] == "tokens":
+        BH = min(triton.next_power_of_2(H), c["diag_heads"])
+        chunk_kda_fwd_diag_token_kernel[(layout.NT * CHUNK, triton.cdiv(H, BH))](
+            q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
+            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BH=BH, num_warps=c["diag_token_warps"], num_stages=1,
+        )
+    else:
+        chunk_kda_fwd_diag_kernel[(CHUNK // SUB_CHUNK, layout.NT, H)](
+            q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
+            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, LEVELS=c["diag_levels"],
+            OPS_16BIT=c["pairs_ops_16bit"], DOT_PREC=prec, num_warps=c["diag_warps"], num_stages=1,
+        )
+
+
 def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
     """Forward launcher: packed q, k [TT, H, K], v [TT, H, V], g fp32, beta [TT, H] -> (o, final state or None,
     the intermediates the backward reads: G, A_qk, T, W, U, q~ exp(G), K exp(G_last - G))."""
@@ -979,31 +1028,34 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
                 DOT_PREC=prec, num_warps=c["pairs_warps"], num_stages=c["pairs_stages"],
             )
         elif c["pairs_impl"] == "chunk":
+            solve = c["solve_impl"]
+            if solve not in ("wy", "kernel", "offdiag"):
+                raise ValueError(f"FWD_CONFIG['solve_impl'] must be 'wy', 'kernel' or 'offdiag', got {solve!r}")
+            if c["diag_impl"] not in ("blocks", "tokens"):
+                raise ValueError(f"FWD_CONFIG['diag_impl'] must be 'blocks' or 'tokens', got {c['diag_impl']!r}")
+            if solve == "offdiag" and c["offdiag_cumsum"]:
+                raise ValueError("FWD_CONFIG: solve_impl 'offdiag' needs the diagonal blocks before the off-diagonal "
+                                 "kernel, offdiag_cumsum needs them after it; set one of them otherwise")
             if not c["offdiag_cumsum"]:
                 BKG = min(BK, c["cumsum_block"])
                 chunk_kda_fwd_cumsum_kernel[(layout.NT, H, triton.cdiv(K, BKG))](
                     g, G, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BKG=BKG, num_warps=4,
                 )
+            if solve == "offdiag":
+                _launch_diag(q, k, G, beta, Aqk, Tinv, scale, layout, H, K, BK, prec)
             chunk_kda_fwd_offdiag_kernel[(layout.NT, H)](
                 q, k, g, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
                 H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["offdiag_bks"]), CUMSUM=c["offdiag_cumsum"],
-                OPS_16BIT=c["pairs_ops_16bit"], DOT_PREC=prec, num_warps=c["offdiag_warps"],
-                num_stages=c["offdiag_stages"],
+                OPS_16BIT=c["pairs_ops_16bit"], DOT_PREC=prec, SOLVE=solve == "offdiag",
+                SOLVE_REGS=c["wy_solve_regs"], num_warps=c["offdiag_warps"], num_stages=c["offdiag_stages"],
             )
-            if c["diag_impl"] == "tokens":
-                BH = min(triton.next_power_of_2(H), c["diag_heads"])
-                chunk_kda_fwd_diag_token_kernel[(layout.NT * CHUNK, triton.cdiv(H, BH))](
-                    q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
-                    H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BH=BH, num_warps=c["diag_token_warps"], num_stages=1,
+            if solve != "offdiag":
+                _launch_diag(q, k, G, beta, Aqk, Tinv, scale, layout, H, K, BK, prec)
+            if solve == "kernel":
+                chunk_kda_fwd_solve_kernel[(layout.NT, H)](
+                    Tinv, layout.cu_seqlens, layout.chunk_indices, H=H, BT=CHUNK, BC=SUB_CHUNK,
+                    SOLVE_REGS=c["wy_solve_regs"], num_warps=c["solve_warps"], num_stages=1,
                 )
-            elif c["diag_impl"] == "blocks":
-                chunk_kda_fwd_diag_kernel[(CHUNK // SUB_CHUNK, layout.NT, H)](
-                    q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
-                    H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, LEVELS=c["diag_levels"],
-                    OPS_16BIT=c["pairs_ops_16bit"], DOT_PREC=prec, num_warps=c["diag_warps"], num_stages=1,
-                )
-            else:
-                raise ValueError(f"FWD_CONFIG['diag_impl'] must be 'blocks' or 'tokens', got {c['diag_impl']!r}")
         elif c["pairs_impl"] != "fused":
             raise ValueError(f"FWD_CONFIG['pairs_impl'] must be 'subblock', 'chunk' or 'fused', "
                              f"got {c['pairs_impl']!r}")
@@ -1018,7 +1070,8 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
             chunk_kda_fwd_wy_kernel[(layout.NT, H)](
                 q, k, v, beta, G, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
                 H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BKW=min(BK, c["wy_block"]), BVW=min(BVf, c["wy_block"]),
-                SOLVE_REGS=c["wy_solve_regs"], DOT_PREC=prec, num_warps=c["wy_warps"], num_stages=c["wy_stages"],
+                SOLVE=c["pairs_impl"] != "chunk" or c["solve_impl"] == "wy", SOLVE_REGS=c["wy_solve_regs"],
+                DOT_PREC=prec, num_warps=c["wy_warps"], num_stages=c["wy_stages"],
             )
     o = _empty(TT, H, V, device=dev, dtype=dt)
     ht = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
@@ -1060,13 +1113,17 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
          f["diag_token_warps"], 1),
         (chunk_kda_fwd_offdiag_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, f["offdiag_bks"]),
                                             CUMSUM=f["offdiag_cumsum"], OPS_16BIT=f["pairs_ops_16bit"],
-                                            DOT_PREC="tf32"), f["offdiag_warps"], f["offdiag_stages"]),
+                                            DOT_PREC="tf32", SOLVE=f["solve_impl"] == "offdiag",
+                                            SOLVE_REGS=f["wy_solve_regs"]), f["offdiag_warps"], f["offdiag_stages"]),
+        (chunk_kda_fwd_solve_kernel, dict(H=H, BT=CHUNK, BC=SUB_CHUNK, SOLVE_REGS=f["wy_solve_regs"]),
+         f["solve_warps"], 1),
         (chunk_kda_fwd_intra_kernel, dict(H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, f["intra_bks"]),
                                           BKW=min(BK, f["wy_block"]), BVW=min(BVf, f["wy_block"]),
                                           OPS_16BIT=f["pairs_ops_16bit"], DIAG_LEVELS=f["diag_levels"],
                                           DOT_PREC="tf32"), f["intra_warps"], f["intra_stages"]),
         (chunk_kda_fwd_wy_kernel, dict(H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BKW=min(BK, f["wy_block"]),
-                                       BVW=min(BVf, f["wy_block"]), SOLVE_REGS=f["wy_solve_regs"], DOT_PREC="tf32"),
+                                       BVW=min(BVf, f["wy_block"]), SOLVE=f["solve_impl"] == "wy",
+                                       SOLVE_REGS=f["wy_solve_regs"], DOT_PREC="tf32"),
          f["wy_warps"], f["wy_stages"]),
         (chunk_kda_fwd_state_kernel, dict(common, BV=min(BVf, c["state_bv"]), USE_H0=True, STORE_HT=True,
                                           STORE_O=c["fused_output"], STORE_H=not c["fused_output"],
