@@ -5,16 +5,16 @@
 #
 #   bash benchmarks/gpu_session.sh OUT tests             # GPU tests of kernels, layers and generation (~6 min)
 #   bash benchmarks/gpu_session.sh OUT kda_tests         # only the end-to-end chunk/recurrent KDA GPU tests (~2 min)
-#   bash benchmarks/gpu_session.sh OUT kda_candidates    # compiled part tests of the off-by-default forward options
-#                                                        # the kernels sweep times (WY solve from registers, diagonal
-#                                                        # by levels or per row), bf16 included (~5 min)
+#   bash benchmarks/gpu_session.sh OUT kda_candidates    # compiled part tests of the shipped forward setting and
+#                                                        # the UT-transform placements the sweep times, bf16
+#                                                        # included (~3 min; CANDIDATES=-k expression to choose)
 #   bash benchmarks/gpu_session.sh OUT sweep8k           # the forward candidates' sweep at T = 8192 only, FLA beside (~3 min)
 #   bash benchmarks/gpu_session.sh OUT kernels           # chunk/decode kernel benchmark vs FLA with the sweep (~6 min)
 #   bash benchmarks/gpu_session.sh OUT fused             # the fused conv / preprocessing kernels: speed (+ sweep), tests
 #   bash benchmarks/gpu_session.sh OUT speed             # whole-model prefill/decode vs HF transformers + FLA (~7 min)
 #   bash benchmarks/gpu_session.sh OUT model             # MLA decode, model efficiency, training throughput (~8 min)
-#   bash benchmarks/gpu_session.sh OUT experiments       # synthetic tasks: the cells still missing (~9 min)
-#   bash benchmarks/gpu_session.sh OUT ablation          # hybrid ablation, second seed (~5 min)
+#   bash benchmarks/gpu_session.sh OUT experiments       # synthetic tasks: the 2026-12-03 cells (~6 min)
+#   bash benchmarks/gpu_session.sh OUT ablation          # hybrid ablation, seed 1 (~3 min)
 #
 # Installs FLA 0.6.0 from .whl/ when it is there (the peer in the kernel benchmark; DESIGN.md §5).
 set -uo pipefail
@@ -55,7 +55,7 @@ for part in "$@"; do
         ;;
     kda_candidates)
         step tests kda_candidates "${CANDIDATES_LIMIT:-330}" python -m pytest -q -p no:cacheprovider -rf \
-            tests/ops/test_kda_chunk_fwd_parts.py -k "${CANDIDATES:-chunk-solve-regs or chunk-diag-levels or chunk-default}"
+            tests/ops/test_kda_chunk_fwd_parts.py -k "${CANDIDATES:-chunk-default or chunk-solve-wy or chunk-solve-offdiag}"
         ;;
     sweep8k)
         step kernels sweep8k 240 python benchmarks/kda_kernels.py --out "$WORK/kernels" --sweep --T 8192 \
@@ -86,7 +86,8 @@ for part in "$@"; do
         tail -4 "$WORK/model/train_speed.log"
         ;;
     experiments)
-        # what the synthetic table still lacks: per-head dt init on Palindrome, Mamba2 beyond 256, a second lr
+        # the cells run on 2026-12-03 (experiments/RESULTS.md): per-head dt init on Palindrome, Mamba2 beyond 256,
+        # a second lr at 1024
         step experiments palindrome_dt_per_head 150 python experiments/synthetic.py --device cuda \
             --out "$WORK/experiments/palindrome_dt_per_head" --tasks palindrome --mixers kda --lengths 1024 2048 \
             --lrs 1e-3 --steps 3000 --run-seconds 28 --kda-dt-init per-head

@@ -200,12 +200,9 @@ def sweep_launch_settings(T: int, variants: list[dict] | None = None) -> list[di
     # the committed setting is timed first and again last: the first entry of a run also pays for warm-up
     variants = variants or [
         {},
-        {"fwd": {"solve_impl": "kernel"}},
-        {"fwd": {"solve_impl": "kernel", "solve_warps": 1}},
-        {"fwd": {"solve_impl": "kernel", "solve_warps": 4}},
-        {"fwd": {"solve_impl": "kernel", "wy_warps": 4}},
-        {"fwd": {"solve_impl": "offdiag"}},
+        {"fwd": {"wy_block": 32}},
         {"fwd": {"solve_impl": "offdiag", "offdiag_warps": 8}},
+        {"fwd": {"solve_impl": "wy", "wy_stages": 2}},  # the default of 2026-12-03 15:13
         {},
     ]
     out = []
@@ -219,7 +216,8 @@ def sweep_launch_settings(T: int, variants: list[dict] | None = None) -> list[di
                 t.grad = None
             o = chunk_kda(**xg, backend="triton")[0]
             o.backward(do)
-            got = [o.detach().float()] + [t.grad.float() for t in xg.values()]
+            # copies: the timing below accumulates into these .grad tensors in place
+            got = [o.detach().float().clone()] + [t.grad.float().clone() for t in xg.values()]
             first = first or got
             diff = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(got, first))
             with torch.no_grad():

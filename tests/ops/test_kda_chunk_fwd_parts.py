@@ -45,8 +45,8 @@ _VARIANTS = {  # FWD_CONFIG overrides on top of a neutral base (see the fixture)
     "chunk-fused-cumsum": {"offdiag_cumsum": True},
     "chunk-diag-levels": {"diag_levels": True},
     "chunk-solve-regs": {"wy_solve_regs": True},
-    "chunk-default": {"diag_impl": "tokens", "wy_solve_regs": True},
-    "chunk-solve-kernel": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel"},
+    "chunk-default": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel"},
+    "chunk-solve-wy": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "wy"},
     "chunk-solve-offdiag": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "offdiag"},
     "fused": {"pairs_impl": "fused"},
 }
@@ -58,8 +58,8 @@ def pairs_impl(request, monkeypatch):
     from the cumsum kernel or from the off-diagonal kernel, with the diagonal blocks one column per step or by
     levels on the tensor cores (the helper the fused kernel also takes), and with the WY kernel's diagonal inverses
     by forward substitution or from registers; "chunk-default", the shipped setting: diagonal blocks per row (lower
-    triangle only) and inverses from registers; the same with the UT transform in a kernel of its own or at the end
-    of the off-diagonal kernel; "fused"."""
+    triangle only), inverses from registers, the UT transform in a kernel of its own; the same with the transform at
+    the start of the WY kernel or at the end of the off-diagonal kernel; "fused"."""
     base = {"pairs_impl": "chunk", "offdiag_cumsum": False, "diag_impl": "blocks", "diag_levels": False,
             "wy_solve_regs": False, "solve_impl": "wy"}
     for key, value in {**base, **_VARIANTS[request.param]}.items():

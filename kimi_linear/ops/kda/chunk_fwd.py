@@ -94,12 +94,15 @@ FWD_CONFIG = {
     # substitution over rows read from memory. H200, 8k fwd / fwd+bwd: diag blocks 1.374 vs 1.445 / 4.914 vs 4.980
     # ms (4 warps 1.372 / 4.912); with diag tokens 1.301 / 4.843, the best setting measured (2026-12-03)
     "wy_solve_regs": True,
-    "wy_stages": 2,  # prefetches the next column block
+    # prefetch depth over the column blocks; with solve_impl "kernel", 8k fwd 1.244 (3) vs 1.266 (2) vs 1.247 (4)
+    "wy_stages": 3,
     # pairs_impl "chunk": where the UT transform runs — at the start of the WY kernel ("wy"), in its own kernel
-    # ("kernel", solve_warps warps: many small programs per SM), or at the end of the off-diagonal kernel
-    # ("offdiag"; the diagonal kernel then runs first). Interpreter-tested, not yet timed on the GPU
-    "solve_impl": "wy",
-    "solve_warps": 2,
+    # ("kernel", solve_warps warps: many small programs per SM, the WY kernel then only streams), or at the end of
+    # the off-diagonal kernel ("offdiag"; the diagonal kernel then runs first). H200, 8k fwd / fwd+bwd at wy_stages
+    # 2: wy 1.301 / 4.845, kernel 1.264 / 4.805 (solve 0.096 + WY 0.287 ms instead of WY 0.419), offdiag 1.287 /
+    # 4.833 (off-diagonal kernel 0.347 instead of 0.227); outputs and gradients bit-identical (2026-12-03)
+    "solve_impl": "kernel",
+    "solve_warps": 2,  # 1: 1.280, 4: 1.295 ms
 }
 
 
