@@ -610,6 +610,19 @@ def chunk_kda_fwd_offdiag_kernel(
 
 
 @triton.jit
+def _ut_merge(T00, T11, T22, T33, A10, A20, A21, A30, A31, A32):
+    """The blocks below the diagonal of T = (I + A)^-1 from its inverted diagonal blocks T_ii and A's blocks below
+    the diagonal: T_ij = -T_ii sum_{j <= m < i} A_im T_mj, in fp32."""
+    T10 = -_dot_exact(T11, _dot_exact(A10, T00))
+    T21 = -_dot_exact(T22, _dot_exact(A21, T11))
+    T20 = -_dot_exact(T22, _dot_exact(A20, T00) + _dot_exact(A21, T10))
+    T32 = -_dot_exact(T33, _dot_exact(A32, T22))
+    T31 = -_dot_exact(T33, _dot_exact(A31, T11) + _dot_exact(A32, T21))
+    T30 = -_dot_exact(T33, _dot_exact(A30, T00) + _dot_exact(A31, T10) + _dot_exact(A32, T20))
+    return T10, T20, T21, T30, T31, T32
+
+
+@triton.jit
 def _ut_solve(Tinv, t0, n_rows, i_h, H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
               SOLVE_REGS: tl.constexpr):
     """In place on one chunk of ``Tinv``: A = beta * A_kk (strictly lower, fp32, every block written) on entry,
@@ -634,12 +647,7 @@ def _ut_solve(Tinv, t0, n_rows, i_h, H: tl.constexpr, BT: tl.constexpr, BC: tl.c
         T22 = _inv_unit_lower(Tinv, t0, 2 * BC, n_rows, i_h, H, BT, BC)
         T33 = _inv_unit_lower(Tinv, t0, 3 * BC, n_rows, i_h, H, BT, BC)
     tl.debug_barrier()  # every read of A is done before T overwrites it
-    T10 = -_dot_exact(T11, _dot_exact(A10, T00))
-    T21 = -_dot_exact(T22, _dot_exact(A21, T11))
-    T20 = -_dot_exact(T22, _dot_exact(A20, T00) + _dot_exact(A21, T10))
-    T32 = -_dot_exact(T33, _dot_exact(A32, T22))
-    T31 = -_dot_exact(T33, _dot_exact(A31, T11) + _dot_exact(A32, T21))
-    T30 = -_dot_exact(T33, _dot_exact(A30, T00) + _dot_exact(A31, T10) + _dot_exact(A32, T20))
+    T10, T20, T21, T30, T31, T32 = _ut_merge(T00, T11, T22, T33, A10, A20, A21, A30, A31, A32)
     _store_block(Tinv, T00, t0, 0, 0, n_rows, i_h, H, BT, BC)
     _store_block(Tinv, T10, t0, BC, 0, n_rows, i_h, H, BT, BC)
     _store_block(Tinv, T11, t0, BC, BC, n_rows, i_h, H, BT, BC)
@@ -869,12 +877,7 @@ def chunk_kda_fwd_intra_kernel(
     A30 = b3 * kk30
     A31 = b3 * kk31
     A32 = b3 * kk32
-    T10 = -_dot_exact(T11, _dot_exact(A10, T00))
-    T21 = -_dot_exact(T22, _dot_exact(A21, T11))
-    T20 = -_dot_exact(T22, _dot_exact(A20, T00) + _dot_exact(A21, T10))
-    T32 = -_dot_exact(T33, _dot_exact(A32, T22))
-    T31 = -_dot_exact(T33, _dot_exact(A31, T11) + _dot_exact(A32, T21))
-    T30 = -_dot_exact(T33, _dot_exact(A30, T00) + _dot_exact(A31, T10) + _dot_exact(A32, T20))
+    T10, T20, T21, T30, T31, T32 = _ut_merge(T00, T11, T22, T33, A10, A20, A21, A30, A31, A32)
     _store_block(Tinv_out, T00, t0, 0, 0, n_rows, i_h, H, BT, BC)
     _store_block(Tinv_out, zero, t0, 0, BC, n_rows, i_h, H, BT, BC)
     _store_block(Tinv_out, zero, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
