@@ -22,7 +22,8 @@ Three stages, chunk size BT = 64 split into four sub-blocks of BC = 16 rows:
   forward substitution over rows read from memory; then a block merge), then, 64 columns at a time, the WY
   factors W = T (beta exp(G) K), U = T (beta V) and the state pass's operands scale q exp(G), K exp(G_last - G).
   Where the UT transform runs is ``FWD_CONFIG["solve_impl"]``: here ("wy"), in ``chunk_kda_fwd_solve_kernel`` of
-  its own ("kernel"), or at the end of the off-diagonal kernel ("offdiag"); the WY kernel then only streams.
+  its own ("kernel", the default), or at the end of the off-diagonal kernel ("offdiag"); the WY kernel then only
+  streams.
 * ``chunk_kda_fwd_state_kernel`` — one program per (V block, sequence, head), a sequential pass over the
   sequence's chunks carrying the fp32 state S [K, BV]: V_new = U - W S, O = (scale Q exp(G)) S + A_qk V_new,
   S <- exp(G_last) S + (K exp(G_last - G))^T V_new. With ``STORE_H`` it also writes the state entering each chunk
