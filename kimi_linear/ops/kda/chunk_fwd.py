@@ -83,6 +83,7 @@ FWD_CONFIG = {
     "offdiag_bks": 32,  # K columns per step of the off-diagonal kernel
     "offdiag_warps": 4,  # one warpgroup: the [64, BKS] x [BKS, 64] dots are one wgmma tile
     "offdiag_stages": 2,
+    "offdiag_split": False,  # A_kk and A_qk in separate programs of the off-diagonal kernel (one accumulator each)
     "intra_bks": 32,  # pairs_impl "fused": K columns per step of the off-diagonal blocks
     "intra_warps": 4,
     "intra_stages": 1,
@@ -104,6 +105,11 @@ FWD_CONFIG = {
     # 4.833 (off-diagonal kernel 0.347 instead of 0.227); outputs and gradients bit-identical (2026-12-03)
     "solve_impl": "kernel",
     "solve_warps": 2,  # 1: 1.280, 4: 1.295 ms
+    # the WY factors by one program per (column block, chunk, head) (``chunk_kda_fwd_wy_block_kernel``; needs T
+    # stored first: solve_impl "kernel" or "offdiag") instead of one per (chunk, head)
+    "wy_split": False,
+    "wy_split_warps": 4,
+    "wy_ops_16bit": False,  # wy_split: the W / U products on T and operands rounded to the inputs' dtype
 }
 
 
@@ -518,9 +524,9 @@ def chunk_kda_fwd_offdiag_kernel(
     q, k, g, G, beta, Aqk_out, Tinv_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
     CUMSUM: tl.constexpr, OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr, SOLVE: tl.constexpr = False,
-    SOLVE_REGS: tl.constexpr = True,
+    SOLVE_REGS: tl.constexpr = True, SPLIT: tl.constexpr = False,
 ):
-    """Per (chunk, head) — grid (NT, H): the off-diagonal blocks (i, j), i > j, of the pair matrices
+    """Per (chunk, head) — grid (NT, H), or (NT, H, 2) with SPLIT: the off-diagonal blocks (i, j), i > j, of the pair matrices
     A_kk[t, s] = sum_c k_t k_s exp(G_t - G_s) and A_qk[t, s] (q_t for k_t), over the whole chunk, from the stored
     G — or, with CUMSUM, computing G from g per K slice (a cumsum over the chunk's rows) and storing it, in place
     of ``chunk_kda_fwd_cumsum_kernel`` (the diagonal kernel then runs after this one).
@@ -546,8 +552,11 @@ def chunk_kda_fwd_offdiag_kernel(
     the dot operands (each factor <= 1) are rounded to the inputs' dtype, else fp32 (tf32 on 16-bit inputs).
     With SOLVE (``solve_impl = "offdiag"``; the diagonal kernel has run before and written its blocks) the program
     then turns its chunk of ``Tinv`` into T = (I + A)^-1 (``_ut_solve``), so the WY kernel only streams.
+    With SPLIT (``offdiag_split``) each program builds one of the two matrices (A_kk for program_id(2) = 0, else
+    A_qk): one [BT, BT] accumulator instead of two, twice the programs.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_m = tl.program_id(2)
     t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     dt = q.dtype.element_ty if OPS_16BIT else tl.float32
     o_t = tl.arange(0, BT)
@@ -575,7 +584,13 @@ def chunk_kda_fwd_offdiag_kernel(
             d2 = tl.load(G + ((t0 + e2) * H + i_h) * K + o_d, mask=m_d, other=0.0)
             b_G = _load_cols(G, t0, 0, col0, n_rows, i_h, H, K, BT, BKS)  # [BT, BKS] fp32; 0 past the end
         b_k = _load_cols(k, t0, 0, col0, n_rows, i_h, H, K, BT, BKS).to(tl.float32)
-        b_q = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BT, BKS).to(tl.float32)
+        if SPLIT:  # one matrix per program: A_kk (i_m = 0) or A_qk; its left rows in b_q
+            if i_m == 0:
+                b_q = b_k
+            else:
+                b_q = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BT, BKS).to(tl.float32)
+        else:
+            b_q = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BT, BKS).to(tl.float32)
         # column side: each row's own exit reference (block 3 is never a column block here)
         d_own = tl.where(r == 0, d0[None, :], tl.where(r == 1, d1[None, :], d2[None, :]))
         kR = b_k * tl.exp(tl.minimum(d_own - b_G, 0.0))
@@ -591,20 +606,27 @@ def chunk_kda_fwd_offdiag_kernel(
         s1 = tl.where(r == 2, 1.0, tl.where(r == 3, f31, 0.0))
         s2 = tl.where(r == 3, 1.0, 0.0)  # [BT, 1]
         R0 = tl.trans(tl.where(r == 0, kR, 0.0).to(dt))  # [BKS, BT]
-        acc_kk += _dot((kL * s0).to(dt), R0, DOT_PREC)
-        acc_qk += _dot((qL * s0).to(dt), R0, DOT_PREC)
         R1 = tl.trans(tl.where(r == 1, kR, 0.0).to(dt))
-        acc_kk += _dot((kL * s1).to(dt), R1, DOT_PREC)
-        acc_qk += _dot((qL * s1).to(dt), R1, DOT_PREC)
         R2 = tl.trans(tl.where(r == 2, kR, 0.0).to(dt))
-        acc_kk += _dot((kL * s2).to(dt), R2, DOT_PREC)
+        acc_qk += _dot((qL * s0).to(dt), R0, DOT_PREC)
+        acc_qk += _dot((qL * s1).to(dt), R1, DOT_PREC)
         acc_qk += _dot((qL * s2).to(dt), R2, DOT_PREC)
+        if not SPLIT:
+            acc_kk += _dot((kL * s0).to(dt), R0, DOT_PREC)
+            acc_kk += _dot((kL * s1).to(dt), R1, DOT_PREC)
+            acc_kk += _dot((kL * s2).to(dt), R2, DOT_PREC)
 
     m = (o_t < n_rows)[:, None] & (r != (o_t // BC)[None, :])  # the diagonal blocks are written separately
     p = ((t0 + o_t).to(tl.int64)[:, None] * H + i_h) * BT + o_t[None, :]
     b_b = _load_vec(beta, t0, 0, n_rows, i_h, H, BT)
-    tl.store(Aqk_out + p, (scale * acc_qk).to(Aqk_out.dtype.element_ty), mask=m)
-    tl.store(Tinv_out + p, b_b[:, None] * acc_kk, mask=m)
+    if SPLIT:
+        if i_m == 0:
+            tl.store(Tinv_out + p, b_b[:, None] * acc_qk, mask=m)
+        else:
+            tl.store(Aqk_out + p, (scale * acc_qk).to(Aqk_out.dtype.element_ty), mask=m)
+    else:
+        tl.store(Aqk_out + p, (scale * acc_qk).to(Aqk_out.dtype.element_ty), mask=m)
+        tl.store(Tinv_out + p, b_b[:, None] * acc_kk, mask=m)
     if SOLVE:
         tl.debug_barrier()  # the blocks just stored are read back as 16x16 tiles, across threads
         _ut_solve(Tinv_out, t0, n_rows, i_h, H, BT, BC, SOLVE_REGS)
@@ -696,28 +718,68 @@ def chunk_kda_fwd_wy_kernel(
 
 
 @triton.jit
+def _wy_k_block(q, k, beta, G, b_T, w_out, qg_out, kd_out, t0, n_rows, i_h, col0, scale,
+                H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BKW: tl.constexpr, DOT_PREC: tl.constexpr):
+    """K columns [col0, col0 + BKW) of W = T (beta exp(G) K), scale q exp(G) and K exp(G_last - G), with T
+    [BT, BT] already loaded (fp32, or the inputs' dtype for 16-bit dots)."""
+    o_d = tl.arange(0, BKW)
+    b_b = _load_vec(beta, t0, 0, n_rows, i_h, H, BT)
+    b_G = _load_cols(G, t0, 0, col0, n_rows, i_h, H, K, BT, BKW)  # [BT, BKW] fp32; 0 past the end
+    b_k = _load_cols(k, t0, 0, col0, n_rows, i_h, H, K, BT, BKW).to(tl.float32)
+    b_w = _dot(b_T, (b_b[:, None] * b_k * tl.exp(b_G)).to(b_T.dtype), DOT_PREC)
+    _store_cols(w_out, b_w, t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
+    G_last = tl.load(G + ((t0 + n_rows - 1) * H + i_h) * K + col0 + o_d, mask=col0 + o_d < K, other=0.0)
+    _store_cols(kd_out, b_k * tl.exp(G_last[None, :] - b_G), t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
+    b_q = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BT, BKW).to(tl.float32)
+    _store_cols(qg_out, scale * b_q * tl.exp(b_G), t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
+
+
+@triton.jit
+def _wy_v_block(v, beta, b_T, u_out, t0, n_rows, i_h, col0, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                BVW: tl.constexpr, DOT_PREC: tl.constexpr):
+    """V columns [col0, col0 + BVW) of U = T (beta V), with T [BT, BT] already loaded."""
+    b_b = _load_vec(beta, t0, 0, n_rows, i_h, H, BT)
+    b_v = _load_cols(v, t0, 0, col0, n_rows, i_h, H, V, BT, BVW).to(tl.float32)
+    b_u = _dot(b_T, (b_b[:, None] * b_v).to(b_T.dtype), DOT_PREC)
+    _store_cols(u_out, b_u, t0, 0, col0, n_rows, i_h, H, V, BT, BVW)
+
+
+@triton.jit
 def _wy_factors(q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, t0, n_rows, i_h, scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKW: tl.constexpr,
                 BVW: tl.constexpr, DOT_PREC: tl.constexpr):
     """With T = (I + A)^-1 stored in ``Tinv`` and G in ``G`` for this chunk: W = T (beta exp(G) K) and the state
     pass's operands scale q exp(G), K exp(G_last - G), K in blocks of BKW; U = T (beta V), V in blocks of BVW."""
     b_T = _load_rows_raw(Tinv, t0, n_rows, i_h, H, BT, BT, BT)  # [BT, BT] fp32; rows past the end read 0
-    b_b = _load_vec(beta, t0, 0, n_rows, i_h, H, BT)
-    o_d = tl.arange(0, BKW)
     for i_b in range(0, tl.cdiv(K, BKW)):
-        col0 = i_b * BKW
-        b_G = _load_cols(G, t0, 0, col0, n_rows, i_h, H, K, BT, BKW)  # [BT, BKW] fp32; 0 past the end
-        b_k = _load_cols(k, t0, 0, col0, n_rows, i_h, H, K, BT, BKW).to(tl.float32)
-        b_w = _dot(b_T, b_b[:, None] * b_k * tl.exp(b_G), DOT_PREC)
-        _store_cols(w_out, b_w, t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
-        G_last = tl.load(G + ((t0 + n_rows - 1) * H + i_h) * K + col0 + o_d, mask=col0 + o_d < K, other=0.0)
-        _store_cols(kd_out, b_k * tl.exp(G_last[None, :] - b_G), t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
-        b_q = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BT, BKW).to(tl.float32)
-        _store_cols(qg_out, scale * b_q * tl.exp(b_G), t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
+        _wy_k_block(q, k, beta, G, b_T, w_out, qg_out, kd_out, t0, n_rows, i_h, i_b * BKW, scale,
+                    H, K, BT, BKW, DOT_PREC)
     for i_b in range(0, tl.cdiv(V, BVW)):
-        col0 = i_b * BVW
-        b_v = _load_cols(v, t0, 0, col0, n_rows, i_h, H, V, BT, BVW).to(tl.float32)
-        _store_cols(u_out, _dot(b_T, b_b[:, None] * b_v, DOT_PREC), t0, 0, col0, n_rows, i_h, H, V, BT, BVW)
+        _wy_v_block(v, beta, b_T, u_out, t0, n_rows, i_h, i_b * BVW, H, V, BT, BVW, DOT_PREC)
+
+
+@triton.jit
+def chunk_kda_fwd_wy_block_kernel(
+    q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKW: tl.constexpr, BVW: tl.constexpr,
+    OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Per (column block, chunk, head) — grid (cdiv(K, BKW) + cdiv(V, BVW), NT, H): one block of the WY
+    kernel's columns (``wy_split``): K blocks first (W, scale q exp(G), K exp(G_last - G)), then V blocks (U),
+    from T already in ``Tinv``. Each program reloads the chunk's T (from L2: the column blocks of one chunk are
+    neighbours in the grid), for several times the programs in flight of the per-chunk kernel. With OPS_16BIT
+    T and the right-hand operands are rounded to the inputs' dtype for the products (fp32 accumulation)."""
+    i_b, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+    b_T = _load_rows_raw(Tinv, t0, n_rows, i_h, H, BT, BT, BT)  # [BT, BT] fp32; rows past the end read 0
+    if OPS_16BIT:
+        b_T = b_T.to(q.dtype.element_ty)
+    NKB: tl.constexpr = (K + BKW - 1) // BKW
+    if i_b < NKB:
+        _wy_k_block(q, k, beta, G, b_T, w_out, qg_out, kd_out, t0, n_rows, i_h, i_b * BKW, scale,
+                    H, K, BT, BKW, DOT_PREC)
+    else:
+        _wy_v_block(v, beta, b_T, u_out, t0, n_rows, i_h, (i_b - NKB) * BVW, H, V, BT, BVW, DOT_PREC)
 
 
 @triton.jit
@@ -1050,11 +1112,15 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
                 )
             if solve == "offdiag":
                 _launch_diag(q, k, G, beta, Aqk, Tinv, scale, layout, H, K, BK, prec)
-            chunk_kda_fwd_offdiag_kernel[(layout.NT, H)](
+            if solve == "offdiag" and c["offdiag_split"]:
+                raise ValueError("FWD_CONFIG: offdiag_split builds A_kk and A_qk in different programs; "
+                                 "solve_impl 'offdiag' needs the whole A_kk in one, set one of them otherwise")
+            chunk_kda_fwd_offdiag_kernel[(layout.NT, H, 2 if c["offdiag_split"] else 1)](
                 q, k, g, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
                 H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["offdiag_bks"]), CUMSUM=c["offdiag_cumsum"],
                 OPS_16BIT=c["pairs_ops_16bit"], DOT_PREC=prec, SOLVE=solve == "offdiag",
-                SOLVE_REGS=c["wy_solve_regs"], num_warps=c["offdiag_warps"], num_stages=c["offdiag_stages"],
+                SOLVE_REGS=c["wy_solve_regs"], SPLIT=c["offdiag_split"], num_warps=c["offdiag_warps"],
+                num_stages=c["offdiag_stages"],
             )
             if solve != "offdiag":
                 _launch_diag(q, k, G, beta, Aqk, Tinv, scale, layout, H, K, BK, prec)
@@ -1072,6 +1138,16 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
                 H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["intra_bks"]),
                 BKW=min(BK, c["wy_block"]), BVW=min(BVf, c["wy_block"]), OPS_16BIT=c["pairs_ops_16bit"],
                 DIAG_LEVELS=c["diag_levels"], DOT_PREC=prec, num_warps=c["intra_warps"], num_stages=c["intra_stages"],
+            )
+        elif c["wy_split"]:
+            if c["pairs_impl"] != "chunk" or c["solve_impl"] == "wy":
+                raise ValueError("FWD_CONFIG: wy_split needs T stored before the WY factors: pairs_impl 'chunk' "
+                                 "with solve_impl 'kernel' or 'offdiag'")
+            BKW, BVW = min(BK, c["wy_block"]), min(BVf, c["wy_block"])
+            chunk_kda_fwd_wy_block_kernel[(triton.cdiv(K, BKW) + triton.cdiv(V, BVW), layout.NT, H)](
+                q, k, v, beta, G, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
+                H=H, K=K, V=V, BT=CHUNK, BKW=BKW, BVW=BVW, OPS_16BIT=c["wy_ops_16bit"] and dt != torch.float32,
+                DOT_PREC=prec, num_warps=c["wy_split_warps"], num_stages=1,
             )
         else:
             chunk_kda_fwd_wy_kernel[(layout.NT, H)](
@@ -1121,7 +1197,8 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
         (chunk_kda_fwd_offdiag_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, f["offdiag_bks"]),
                                             CUMSUM=f["offdiag_cumsum"], OPS_16BIT=f["pairs_ops_16bit"],
                                             DOT_PREC="tf32", SOLVE=f["solve_impl"] == "offdiag",
-                                            SOLVE_REGS=f["wy_solve_regs"]), f["offdiag_warps"], f["offdiag_stages"]),
+                                            SOLVE_REGS=f["wy_solve_regs"], SPLIT=f["offdiag_split"]),
+         f["offdiag_warps"], f["offdiag_stages"]),
         (chunk_kda_fwd_solve_kernel, dict(H=H, BT=CHUNK, BC=SUB_CHUNK, SOLVE_REGS=f["wy_solve_regs"]),
          f["solve_warps"], 1),
         (chunk_kda_fwd_intra_kernel, dict(H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, f["intra_bks"]),
@@ -1132,6 +1209,9 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
                                        BVW=min(BVf, f["wy_block"]), SOLVE=f["solve_impl"] == "wy",
                                        SOLVE_REGS=f["wy_solve_regs"], DOT_PREC="tf32"),
          f["wy_warps"], f["wy_stages"]),
+        (chunk_kda_fwd_wy_block_kernel, dict(H=H, K=K, V=V, BT=CHUNK, BKW=min(BK, f["wy_block"]),
+                                             BVW=min(BVf, f["wy_block"]), OPS_16BIT=f["wy_ops_16bit"],
+                                             DOT_PREC="tf32"), f["wy_split_warps"], 1),
         (chunk_kda_fwd_state_kernel, dict(common, BV=min(BVf, c["state_bv"]), USE_H0=True, STORE_HT=True,
                                           STORE_O=c["fused_output"], STORE_H=not c["fused_output"],
                                           INTERPRET=False), c["state_warps"], c["state_stages"]),
