@@ -200,9 +200,10 @@ def sweep_launch_settings(T: int, variants: list[dict] | None = None) -> list[di
     # the committed setting is timed first and again last: the first entry of a run also pays for warm-up
     variants = variants or [
         {},
-        {"fwd": {"wy_block": 32}},
-        {"fwd": {"solve_impl": "offdiag", "offdiag_warps": 8}},
-        {"fwd": {"solve_impl": "wy", "wy_stages": 2}},  # the default of 2026-12-03 15:13
+        {"fwd": {"wy_split": False}},  # the default of 2026-12-03 16:30: one WY program per chunk
+        {"fwd": {"wy_split_block": 16}},
+        {"fwd": {"wy_split_warps": 2}},
+        {"fwd": {"diag_heads": 2, "diag_token_warps": 1}},
         {},
     ]
     out = []

@@ -45,10 +45,10 @@ _VARIANTS = {  # FWD_CONFIG overrides on top of a neutral base (see the fixture)
     "chunk-fused-cumsum": {"offdiag_cumsum": True},
     "chunk-diag-levels": {"diag_levels": True},
     "chunk-solve-regs": {"wy_solve_regs": True},
-    "chunk-default": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel"},
+    "chunk-default": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel", "wy_split": True},
+    "chunk-wy-per-chunk": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel"},
     "chunk-solve-wy": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "wy"},
     "chunk-solve-offdiag": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "offdiag"},
-    "chunk-wy-split": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel", "wy_split": True},
     "chunk-wy-split-16bit": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel", "wy_split": True,
                              "wy_ops_16bit": True},
     "chunk-offdiag-split": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel",
@@ -63,9 +63,9 @@ def pairs_impl(request, monkeypatch):
     from the cumsum kernel or from the off-diagonal kernel, with the diagonal blocks one column per step or by
     levels on the tensor cores (the helper the fused kernel also takes), and with the WY kernel's diagonal inverses
     by forward substitution or from registers; "chunk-default", the shipped setting: diagonal blocks per row (lower
-    triangle only), inverses from registers, the UT transform in a kernel of its own; the same with the transform at
-    the start of the WY kernel or at the end of the off-diagonal kernel; the shipped setting with the WY factors one
-    program per column block, with fp32 or 16-bit products; with A_kk and A_qk in separate off-diagonal programs;
+    triangle only), inverses from registers, the UT transform in a kernel of its own, the WY factors one program per
+    column block; the same with one WY program per chunk, with the transform at the start of the WY kernel or at the
+    end of the off-diagonal kernel, with 16-bit W / U products; with A_kk and A_qk in separate off-diagonal programs;
     "fused"."""
     base = {"pairs_impl": "chunk", "offdiag_cumsum": False, "diag_impl": "blocks", "diag_levels": False,
             "wy_solve_regs": False, "solve_impl": "wy", "wy_split": False, "wy_ops_16bit": False,
@@ -244,11 +244,6 @@ def test_solve_impl_is_validated(pairs_impl, monkeypatch):
     with pytest.raises(ValueError, match="offdiag_cumsum"):
         run_parts(x, 0.5)
     monkeypatch.setitem(FWD_CONFIG, "offdiag_cumsum", False)
-    monkeypatch.setitem(FWD_CONFIG, "solve_impl", "wy")
-    monkeypatch.setitem(FWD_CONFIG, "wy_split", True)
-    with pytest.raises(ValueError, match="wy_split"):
-        run_parts(x, 0.5)
-    monkeypatch.setitem(FWD_CONFIG, "wy_split", False)
     monkeypatch.setitem(FWD_CONFIG, "solve_impl", "offdiag")
     monkeypatch.setitem(FWD_CONFIG, "offdiag_split", True)
     with pytest.raises(ValueError, match="offdiag_split"):

@@ -23,7 +23,7 @@ Three stages, chunk size BT = 64 split into four sub-blocks of BC = 16 rows:
   factors W = T (beta exp(G) K), U = T (beta V) and the state pass's operands scale q exp(G), K exp(G_last - G).
   Where the UT transform runs is ``FWD_CONFIG["solve_impl"]``: here ("wy"), in ``chunk_kda_fwd_solve_kernel`` of
   its own ("kernel", the default), or at the end of the off-diagonal kernel ("offdiag"); the WY kernel then only
-  streams.
+  streams, and by default (``wy_split``) as ``chunk_kda_fwd_wy_block_kernel``, one program per column block.
 * ``chunk_kda_fwd_state_kernel`` — one program per (V block, sequence, head), a sequential pass over the
   sequence's chunks carrying the fp32 state S [K, BV]: V_new = U - W S, O = (scale Q exp(G)) S + A_qk V_new,
   S <- exp(G_last) S + (K exp(G_last - G))^T V_new. With ``STORE_H`` it also writes the state entering each chunk
@@ -105,9 +105,13 @@ FWD_CONFIG = {
     # 4.833 (off-diagonal kernel 0.347 instead of 0.227); outputs and gradients bit-identical (2026-12-03)
     "solve_impl": "kernel",
     "solve_warps": 2,  # 1: 1.280, 4: 1.295 ms
-    # the WY factors by one program per (column block, chunk, head) (``chunk_kda_fwd_wy_block_kernel``; needs T
-    # stored first: solve_impl "kernel" or "offdiag") instead of one per (chunk, head)
-    "wy_split": False,
+    # the WY factors by one program per (column block of wy_split_block, chunk, head) (``chunk_kda_fwd_wy_block_
+    # kernel``) instead of one per (chunk, head), where T is stored before the WY stage (pairs_impl "chunk" with
+    # solve_impl "kernel" or "offdiag"; otherwise the per-chunk kernel, which runs the UT transform). H200, 8k
+    # fwd / fwd+bwd: per chunk 1.259 / 4.841 ms (WY 0.268), split by 64 columns 1.234 / 4.812 (0.245), by 32
+    # 1.222 / 4.800 (0.232); 8 warps 1.274; outputs and gradients bit-identical (2026-12-03)
+    "wy_split": True,
+    "wy_split_block": 32,
     "wy_split_warps": 4,
     "wy_ops_16bit": False,  # wy_split: the W / U products on T and operands rounded to the inputs' dtype
 }
@@ -1139,11 +1143,8 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
                 BKW=min(BK, c["wy_block"]), BVW=min(BVf, c["wy_block"]), OPS_16BIT=c["pairs_ops_16bit"],
                 DIAG_LEVELS=c["diag_levels"], DOT_PREC=prec, num_warps=c["intra_warps"], num_stages=c["intra_stages"],
             )
-        elif c["wy_split"]:
-            if c["pairs_impl"] != "chunk" or c["solve_impl"] == "wy":
-                raise ValueError("FWD_CONFIG: wy_split needs T stored before the WY factors: pairs_impl 'chunk' "
-                                 "with solve_impl 'kernel' or 'offdiag'")
-            BKW, BVW = min(BK, c["wy_block"]), min(BVf, c["wy_block"])
+        elif c["wy_split"] and c["pairs_impl"] == "chunk" and c["solve_impl"] != "wy":
+            BKW, BVW = min(BK, c["wy_split_block"]), min(BVf, c["wy_split_block"])
             chunk_kda_fwd_wy_block_kernel[(triton.cdiv(K, BKW) + triton.cdiv(V, BVW), layout.NT, H)](
                 q, k, v, beta, G, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
                 H=H, K=K, V=V, BT=CHUNK, BKW=BKW, BVW=BVW, OPS_16BIT=c["wy_ops_16bit"] and dt != torch.float32,
@@ -1209,8 +1210,8 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
                                        BVW=min(BVf, f["wy_block"]), SOLVE=f["solve_impl"] == "wy",
                                        SOLVE_REGS=f["wy_solve_regs"], DOT_PREC="tf32"),
          f["wy_warps"], f["wy_stages"]),
-        (chunk_kda_fwd_wy_block_kernel, dict(H=H, K=K, V=V, BT=CHUNK, BKW=min(BK, f["wy_block"]),
-                                             BVW=min(BVf, f["wy_block"]), OPS_16BIT=f["wy_ops_16bit"],
+        (chunk_kda_fwd_wy_block_kernel, dict(H=H, K=K, V=V, BT=CHUNK, BKW=min(BK, f["wy_split_block"]),
+                                             BVW=min(BVf, f["wy_split_block"]), OPS_16BIT=f["wy_ops_16bit"],
                                              DOT_PREC="tf32"), f["wy_split_warps"], 1),
         (chunk_kda_fwd_state_kernel, dict(common, BV=min(BVf, c["state_bv"]), USE_H0=True, STORE_HT=True,
                                           STORE_O=c["fused_output"], STORE_H=not c["fused_output"],
