@@ -30,6 +30,7 @@ import triton
 
 from kimi_linear.ops.kda import fused_recurrent_kda
 from kimi_linear.ops.kda.recurrent_triton import (
+    DECODE_CONFIG,
     _default_block_v,
     _default_num_warps,
     fused_recurrent_kda_triton,
@@ -152,6 +153,14 @@ def bench_batch(B, H, K, V, fla, sweep: bool) -> dict:
                 for i in range(layers)
             ]
             row["sweep"][f"BV{BV}-w{warps}"] = time_graph(fns, 30)
+        # the default launch with the state's cache hints switched (DECODE_CONFIG)
+        hints = DECODE_CONFIG["state_cache_hints"]
+        DECODE_CONFIG["state_cache_hints"] = not hints
+        try:
+            row["sweep"][f"BV{default_bv}-w{row['default_warps']}-hints{int(not hints)}"] = time_graph(
+                [ours_pool(i) for i in range(layers)], 30)
+        finally:
+            DECODE_CONFIG["state_cache_hints"] = hints
     return row
 
 
