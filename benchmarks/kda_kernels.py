@@ -200,9 +200,11 @@ def sweep_launch_settings(T: int, variants: list[dict] | None = None) -> list[di
     # the committed setting is timed first and again last: the first entry of a run also pays for warm-up
     variants = variants or [
         {},
-        {"fwd": {"wy_split": False}},  # the default of 2026-12-03 16:30: one WY program per chunk
-        {"fwd": {"wy_split_block": 16}},
-        {"fwd": {"wy_split_warps": 2}},
+        {"fwd": {"offdiag_stages": 3}},
+        {"common": {"state_stages": 4}},
+        {"bwd": {"dh_stages": 3}},
+        {"bwd": {"intra_stages": 2}},
+        {"bwd": {"inter_stages": 3}},
         {"fwd": {"diag_heads": 2, "diag_token_warps": 1}},
         {},
     ]

@@ -45,7 +45,8 @@ _VARIANTS = {  # FWD_CONFIG overrides on top of a neutral base (see the fixture)
     "chunk-fused-cumsum": {"offdiag_cumsum": True},
     "chunk-diag-levels": {"diag_levels": True},
     "chunk-solve-regs": {"wy_solve_regs": True},
-    "chunk-default": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel", "wy_split": True},
+    "chunk-default": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel", "wy_split": True,
+                      "offdiag_bks": 64},
     "chunk-wy-per-chunk": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel"},
     "chunk-solve-wy": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "wy"},
     "chunk-solve-offdiag": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "offdiag"},
@@ -69,7 +70,7 @@ def pairs_impl(request, monkeypatch):
     "fused"."""
     base = {"pairs_impl": "chunk", "offdiag_cumsum": False, "diag_impl": "blocks", "diag_levels": False,
             "wy_solve_regs": False, "solve_impl": "wy", "wy_split": False, "wy_ops_16bit": False,
-            "offdiag_split": False}
+            "offdiag_split": False, "offdiag_bks": 16}  # several K slices per off-diagonal program from K = 32
     for key, value in {**base, **_VARIANTS[request.param]}.items():
         monkeypatch.setitem(FWD_CONFIG, key, value)
     return FWD_CONFIG["pairs_impl"]

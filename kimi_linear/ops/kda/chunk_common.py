@@ -81,7 +81,9 @@ CONFIG = {
     "output_bv": 64,
     "state_bv": 32,
     "state_warps": 4,
-    "state_stages": 2,
+    # prefetch depth of the chunk loop; H200 8k fwd 1.121 (3) vs 1.215 ms (2), state kernel 0.217 vs 0.313
+    # (2026-12-03). 1 stage hit an illegal memory access in the same sweep: see benchmarks/RESULTS.md
+    "state_stages": 3,
 }
 
 
