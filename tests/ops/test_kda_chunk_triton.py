@@ -145,6 +145,17 @@ def test_unfused_output(monkeypatch):
     check_fwd_bwd(kda_inputs(1, 90, 1, 16, 32, N=3), cu_seqlens=cu.to(DEVICE))
 
 
+@pytest.mark.parametrize("key,dtype", [("state_stages", torch.float16), ("state_stages_fp32", torch.float32)])
+def test_state_stages_below_two_are_refused(key, dtype, monkeypatch):
+    """The state pass's prefetch depth per input dtype; 1 stage is refused by name (it faulted on the H200)."""
+    assert chunk_common.state_stages(dtype) >= 2
+    monkeypatch.setitem(chunk_common.CONFIG, key, 1)
+    x = kda_inputs(1, 8, 1, 16, 16, with_state=False)
+    x = {n: (t if t is None or n == "g" else t.to(dtype)) for n, t in x.items()}
+    with pytest.raises(ValueError, match=key):
+        chunk_kda(**{n: t.to(DEVICE) for n, t in x.items() if t is not None}, backend="triton")
+
+
 def test_extreme_gates_are_exact_and_finite():
     """g = -1000 (the state is wiped) next to gates near 0, across sub-block and chunk boundaries (G reaches ~-1000
     inside the chunk, so the tolerance is ~3.6e-4: see decay_tol; measured errors up to ~1.1e-4)."""

@@ -42,6 +42,7 @@ from kimi_linear.ops.kda.chunk_common import (
     _empty,
     _interpreting,
     _pad_dim,
+    state_stages,
 )
 from kimi_linear.ops.kda.chunk_fwd import (
     _dot,
@@ -441,7 +442,7 @@ def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
         layout.cu_seqlens, layout.chunk_offsets,
         H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=False, STORE_O=False,
         STORE_H=True, DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=CONFIG["state_warps"],
-        num_stages=CONFIG["state_stages"],
+        num_stages=state_stages(dt),
     )
     dh = _empty(NT, H, K, V, device=dev, dtype=dt)
     dvn = _empty(TT, H, V, device=dev, dtype=dt)

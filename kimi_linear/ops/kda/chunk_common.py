@@ -81,10 +81,28 @@ CONFIG = {
     "output_bv": 64,
     "state_bv": 32,
     "state_warps": 4,
-    # prefetch depth of the chunk loop; H200 8k fwd 1.121 (3) vs 1.215 ms (2), state kernel 0.217 vs 0.313
-    # (2026-12-03). 1 stage hit an illegal memory access in the same sweep: see benchmarks/RESULTS.md
+    # prefetch depth of the chunk loop for 16-bit inputs; H200 8k fwd 1.121 (3) vs 1.215 ms (2), state kernel
+    # 0.217 vs 0.313 (2026-12-03); 4 needs 244 KB of shared memory (the H200 has 227). fp32 inputs take
+    # state_stages_fp32 (3 needs 256 KB). 1 stage hit an illegal memory access on the H200: refused, see
+    # state_stages() and benchmarks/RESULTS.md
     "state_stages": 3,
+    "state_stages_fp32": 2,
 }
+
+
+def state_stages(dtype: torch.dtype) -> int:
+    """num_stages of the sequential state pass (``chunk_kda_fwd_state_kernel``) for inputs of ``dtype``.
+
+    Raises:
+        ValueError: a setting below 2. One stage (no software pipelining of the chunk loop) hit an illegal memory
+            access at T = 8192, H = 32, K = V = 128 on the H200 with Triton 3.6, not yet explained.
+    """
+    stages = CONFIG["state_stages_fp32"] if dtype == torch.float32 else CONFIG["state_stages"]
+    if stages < 2:
+        key = "state_stages_fp32" if dtype == torch.float32 else "state_stages"
+        raise ValueError(f"CONFIG[{key!r}] must be >= 2, got {stages}: the state pass at 1 stage hit an illegal "
+                         "memory access on the H200 (Triton 3.6)")
+    return stages
 
 
 def _bv(V: int, key: str) -> int:

@@ -55,6 +55,7 @@ from kimi_linear.ops.kda.chunk_common import (
     _empty,
     _interpreting,
     _pad_dim,
+    state_stages,
 )
 
 # Launch settings of the per-chunk forward kernels (the state pass keeps chunk_common.CONFIG's).
@@ -1169,7 +1170,7 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
         layout.cu_seqlens, layout.chunk_offsets,
         H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None, STORE_O=fused,
         STORE_H=not fused, DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=CONFIG["state_warps"],
-        num_stages=CONFIG["state_stages"],
+        num_stages=state_stages(dt),
     )
     if not fused:
         BVo = _bv(V, "output_bv")
