@@ -201,11 +201,11 @@ def sweep_launch_settings(T: int, variants: list[dict] | None = None) -> list[di
     variants = variants or [
         {},
         {"fwd": {"offdiag_stages": 3}},
-        {"common": {"state_stages": 4}},
         {"bwd": {"dh_stages": 3}},
-        {"bwd": {"intra_stages": 2}},
         {"bwd": {"inter_stages": 3}},
         {"fwd": {"diag_heads": 2, "diag_token_warps": 1}},
+        {"fwd": {"offdiag_stages": 3, "diag_heads": 2, "diag_token_warps": 1}, "bwd": {"dh_stages": 3}},
+        {"fwd": {"offdiag_cumsum": True}},  # G inside the off-diagonal kernel, last timed at 32-column slices
         {},
     ]
     out = []
