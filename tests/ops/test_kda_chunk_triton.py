@@ -156,6 +156,41 @@ def test_state_stages_below_two_are_refused(key, dtype, monkeypatch):
         chunk_kda(**{n: t.to(DEVICE) for n, t in x.items() if t is not None}, backend="triton")
 
 
+class _SharedMemoryBound:
+    """Stands in for a Triton kernel whose build needs more shared memory than the GPU has above ``fits`` stages."""
+
+    __name__ = "shared_memory_bound"
+
+    def __init__(self, fits):
+        self.fits, self.tried = fits, []
+
+    def __getitem__(self, grid):
+        def launch(*args, num_stages, **kwargs):
+            self.tried.append(num_stages)
+            if num_stages > self.fits:
+                from triton.runtime.errors import OutOfResources
+
+                raise OutOfResources(100_000 * num_stages, 232_448, "shared memory")
+            return num_stages
+
+        return launch
+
+
+def test_stage_fallback_steps_down_to_what_fits_and_remembers(monkeypatch):
+    monkeypatch.setattr(chunk_common, "_STAGES_THAT_FIT", {})
+    kernel = _SharedMemoryBound(fits=2)
+    assert chunk_common.launch_with_stage_fallback(kernel, (1,), 4, dtype=torch.bfloat16, K=256) == 2
+    assert kernel.tried == [4, 3, 2]
+    assert chunk_common.launch_with_stage_fallback(kernel, (1,), 4, dtype=torch.bfloat16, K=256) == 2
+    assert kernel.tried[3:] == [2]  # the depth that fits is remembered per constexprs ...
+    assert chunk_common.launch_with_stage_fallback(kernel, (1,), 2, dtype=torch.bfloat16, K=128) == 2
+    # ... and below 2 stages it is not tried: the error reaches the caller
+    from triton.runtime.errors import OutOfResources
+
+    with pytest.raises(OutOfResources):
+        chunk_common.launch_with_stage_fallback(_SharedMemoryBound(fits=1), (1,), 3, dtype=torch.float32, K=256)
+
+
 def test_extreme_gates_are_exact_and_finite():
     """g = -1000 (the state is wiped) next to gates near 0, across sub-block and chunk boundaries (G reaches ~-1000
     inside the chunk, so the tolerance is ~3.6e-4: see decay_tol; measured errors up to ~1.1e-4)."""

@@ -42,6 +42,7 @@ from kimi_linear.ops.kda.chunk_common import (
     _empty,
     _interpreting,
     _pad_dim,
+    launch_with_stage_fallback,
     state_stages,
 )
 from kimi_linear.ops.kda.chunk_fwd import (
@@ -437,12 +438,12 @@ def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
     h = _empty(NT, H, K, V, device=dev, dtype=dt)
     vn = _empty(TT, H, V, device=dev, dtype=dt)
     BV = _bv(V, "state_bv")
-    chunk_kda_fwd_state_kernel[(triton.cdiv(V, BV), layout.N * H)](
+    launch_with_stage_fallback(
+        chunk_kda_fwd_state_kernel, (triton.cdiv(V, BV), layout.N * H), state_stages(dt),
         qg, kd, w, u, G, Aqk, vn, h0 if h0 is not None else vn, vn, h, vn,
-        layout.cu_seqlens, layout.chunk_offsets,
+        layout.cu_seqlens, layout.chunk_offsets, dtype=dt,
         H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=False, STORE_O=False,
         STORE_H=True, DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=CONFIG["state_warps"],
-        num_stages=state_stages(dt),
     )
     dh = _empty(NT, H, K, V, device=dev, dtype=dt)
     dvn = _empty(TT, H, V, device=dev, dtype=dt)

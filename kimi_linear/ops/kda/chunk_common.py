@@ -84,7 +84,8 @@ CONFIG = {
     # prefetch depth of the chunk loop for 16-bit inputs; H200 8k fwd 1.121 (3) vs 1.215 ms (2), state kernel
     # 0.217 vs 0.313 (2026-12-03); 4 needs 244 KB of shared memory (the H200 has 227). fp32 inputs take
     # state_stages_fp32 (3 needs 256 KB). 1 stage hit an illegal memory access on the H200: refused, see
-    # state_stages() and benchmarks/RESULTS.md
+    # state_stages() and benchmarks/RESULTS.md. A depth that does not fit (K = 256) falls back to one that does
+    # (launch_with_stage_fallback)
     "state_stages": 3,
     "state_stages_fp32": 2,
 }
@@ -103,6 +104,29 @@ def state_stages(dtype: torch.dtype) -> int:
         raise ValueError(f"CONFIG[{key!r}] must be >= 2, got {stages}: the state pass at 1 stage hit an illegal "
                          "memory access on the H200 (Triton 3.6)")
     return stages
+
+
+# (kernel, input dtype, constexprs) -> the num_stages that fit in shared memory, once a deeper one did not
+_STAGES_THAT_FIT: dict = {}
+
+
+def launch_with_stage_fallback(kernel, grid, stages: int, *args, dtype: torch.dtype, **kwargs):
+    """``kernel[grid](*args, num_stages=stages, **kwargs)``, retried one stage shallower (down to 2) while the
+    compiled kernel needs more shared memory than the GPU has — larger head sizes (K = 256) or fp32 operands at the
+    16-bit settings. Triton raises OutOfResources when the kernel is loaded, before anything runs, so a retry
+    repeats no work; the depth that fits is remembered per (kernel, dtype, constexprs)."""
+    from triton.runtime.errors import OutOfResources
+
+    key = (getattr(kernel, "__name__", repr(kernel)), dtype, tuple(sorted(kwargs.items())))
+    stages = min(stages, _STAGES_THAT_FIT.get(key, stages))
+    while True:
+        try:
+            return kernel[grid](*args, num_stages=stages, **kwargs)
+        except OutOfResources:
+            if stages <= 2:
+                raise
+            stages -= 1
+            _STAGES_THAT_FIT[key] = stages
 
 
 def _bv(V: int, key: str) -> int:

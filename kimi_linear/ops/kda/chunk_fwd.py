@@ -55,6 +55,7 @@ from kimi_linear.ops.kda.chunk_common import (
     _empty,
     _interpreting,
     _pad_dim,
+    launch_with_stage_fallback,
     state_stages,
 )
 
@@ -1165,12 +1166,12 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
     fused = CONFIG["fused_output"] or layout.NT == 0
     h = o if fused else _empty(layout.NT, H, K, V, device=dev, dtype=dt)
     vn = o if fused else _empty(TT, H, V, device=dev, dtype=dt)
-    chunk_kda_fwd_state_kernel[(triton.cdiv(V, BV), layout.N * H)](
+    launch_with_stage_fallback(
+        chunk_kda_fwd_state_kernel, (triton.cdiv(V, BV), layout.N * H), state_stages(dt),
         qg, kd, w, u, G, Aqk, o, h0 if h0 is not None else o, ht if ht is not None else o, h, vn,
-        layout.cu_seqlens, layout.chunk_offsets,
+        layout.cu_seqlens, layout.chunk_offsets, dtype=dt,
         H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None, STORE_O=fused,
         STORE_H=not fused, DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=CONFIG["state_warps"],
-        num_stages=state_stages(dt),
     )
     if not fused:
         BVo = _bv(V, "output_bv")
