@@ -533,7 +533,8 @@ def chunk_kda_fwd_offdiag_kernel(
     CUMSUM: tl.constexpr, OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr, SOLVE: tl.constexpr = False,
     SOLVE_REGS: tl.constexpr = True, SPLIT: tl.constexpr = False,
 ):
-    """Per (chunk, head) — grid (NT, H), or (NT, H, 2) with SPLIT: the off-diagonal blocks (i, j), i > j, of the pair matrices
+    """Per (chunk, head) — grid (NT, H), or (NT, H, 2) with SPLIT: the off-diagonal blocks (i, j), i > j, of the
+    pair matrices
     A_kk[t, s] = sum_c k_t k_s exp(G_t - G_s) and A_qk[t, s] (q_t for k_t), over the whole chunk, from the stored
     G — or, with CUMSUM, computing G from g per K slice (a cumsum over the chunk's rows) and storing it, in place
     of ``chunk_kda_fwd_cumsum_kernel`` (the diagonal kernel then runs after this one).
@@ -626,7 +627,7 @@ def chunk_kda_fwd_offdiag_kernel(
     m = (o_t < n_rows)[:, None] & (r != (o_t // BC)[None, :])  # the diagonal blocks are written separately
     p = ((t0 + o_t).to(tl.int64)[:, None] * H + i_h) * BT + o_t[None, :]
     b_b = _load_vec(beta, t0, 0, n_rows, i_h, H, BT)
-    if SPLIT:
+    if SPLIT:  # acc_qk holds this program's matrix
         if i_m == 0:
             tl.store(Tinv_out + p, b_b[:, None] * acc_qk, mask=m)
         else:
