@@ -340,3 +340,24 @@ def test_gpu_real_size_varlen_fp32():
     loss_of(o_ref, ht_ref).backward()
     for n in a:
         assert rel_err(a[n].grad, b[n].grad) < 1e-4, f"d{n}"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_largest_head_dim(dtype):
+    """K = V = 256, the op's limit: the kernels whose shared memory grows with K (the state pass falls back to a
+    shallower prefetch when its default does not fit) build and stay within the budgets of the 128 cases."""
+    x = {n: (t.cuda() if t is not None else None) for n, t in kda_inputs(1, 300, 2, 256, 256).items()}
+    if dtype == torch.bfloat16:
+        assert_half_budget(half_budget(x, dtype))
+        return
+    a, b = leaves(dict(x)), leaves(dict(x))
+    o, ht = chunk_kda(**a, output_final_state=True, backend="triton")
+    o_ref, ht_ref = reference(**b)
+    assert rel_err(o, o_ref) < 1e-4 and rel_err(ht, ht_ref) < 1e-4
+    loss_of(o, ht).backward()
+    loss_of(o_ref, ht_ref).backward()
+    for n in a:
+        if a[n] is not None:
+            assert rel_err(a[n].grad, b[n].grad) < 1e-4, f"d{n}"
