@@ -117,8 +117,11 @@ def launch_with_stage_fallback(kernel, grid, stages: int, *args, dtype: torch.dt
     repeats no work; the depth that fits is remembered per (kernel, dtype, constexprs)."""
     from triton.runtime.errors import OutOfResources
 
-    key = (getattr(kernel, "__name__", repr(kernel)), dtype, tuple(sorted(kwargs.items())))
-    stages = min(stages, _STAGES_THAT_FIT.get(key, stages))
+    def key():  # built only once some build has not fit: the common launch pays nothing for it
+        return getattr(kernel, "__name__", repr(kernel)), dtype, tuple(sorted(kwargs.items()))
+
+    if _STAGES_THAT_FIT:
+        stages = min(stages, _STAGES_THAT_FIT.get(key(), stages))
     while True:
         try:
             return kernel[grid](*args, num_stages=stages, **kwargs)
@@ -126,7 +129,7 @@ def launch_with_stage_fallback(kernel, grid, stages: int, *args, dtype: torch.dt
             if stages <= 2:
                 raise
             stages -= 1
-            _STAGES_THAT_FIT[key] = stages
+            _STAGES_THAT_FIT[key()] = stages
 
 
 def _bv(V: int, key: str) -> int:
