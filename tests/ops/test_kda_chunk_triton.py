@@ -15,6 +15,8 @@ returned in the 16-bit dtype), and below an absolute bound per tensor (BF16_ABS)
 from __future__ import annotations
 
 import os
+import pathlib
+import re
 
 import pytest
 import torch
@@ -145,11 +147,13 @@ def test_unfused_output(monkeypatch):
     check_fwd_bwd(kda_inputs(1, 90, 1, 16, 32, N=3), cu_seqlens=cu.to(DEVICE))
 
 
-@pytest.mark.parametrize("key,dtype", [("state_stages", torch.float16), ("state_stages_fp32", torch.float32)])
-def test_state_stages_below_two_are_refused(key, dtype, monkeypatch):
-    """The state pass's prefetch depth per input dtype; 1 stage is refused by name (it faulted on the H200)."""
-    assert chunk_common.state_stages(dtype) >= 2
-    monkeypatch.setitem(chunk_common.CONFIG, key, 1)
+@pytest.mark.parametrize("key,dtype,depth", [("state_stages", torch.float16, 1),
+                                             ("state_stages_fp32", torch.float32, 0)])
+def test_state_stages_below_the_minimum_are_refused(key, dtype, depth, monkeypatch):
+    """The state pass's prefetch depth per input dtype; below min_stages (1 stage faulted for 16-bit inputs on the
+    H200) it is refused by name."""
+    assert chunk_common.state_stages(dtype) >= chunk_common.min_stages(dtype)
+    monkeypatch.setitem(chunk_common.CONFIG, key, depth)
     x = kda_inputs(1, 8, 1, 16, 16, with_state=False)
     x = {n: (t if t is None or n == "g" else t.to(dtype)) for n, t in x.items()}
     with pytest.raises(ValueError, match=key):
@@ -157,38 +161,69 @@ def test_state_stages_below_two_are_refused(key, dtype, monkeypatch):
 
 
 class _SharedMemoryBound:
-    """Stands in for a Triton kernel whose build needs more shared memory than the GPU has above ``fits`` stages."""
+    """Stands in for a Triton kernel whose build needs more shared memory than the GPU has: ``BV * num_stages``
+    units, of which ``fits`` are there. Records the settings tried and the grids launched."""
 
     __name__ = "shared_memory_bound"
 
     def __init__(self, fits):
-        self.fits, self.tried = fits, []
+        self.fits, self.tried, self.grids = fits, [], []
 
     def __getitem__(self, grid):
-        def launch(*args, num_stages, **kwargs):
-            self.tried.append(num_stages)
-            if num_stages > self.fits:
+        def launch(*args, BV, num_stages, **kwargs):
+            self.tried.append((BV, num_stages))
+            if BV * num_stages > self.fits:
                 from triton.runtime.errors import OutOfResources
 
-                raise OutOfResources(100_000 * num_stages, 232_448, "shared memory")
-            return num_stages
+                raise OutOfResources(1000 * BV * num_stages, 1000 * self.fits, "shared memory")
+            self.grids.append(grid)
+            return BV, num_stages
 
         return launch
 
 
-def test_stage_fallback_steps_down_to_what_fits_and_remembers(monkeypatch):
-    monkeypatch.setattr(chunk_common, "_STAGES_THAT_FIT", {})
-    kernel = _SharedMemoryBound(fits=2)
-    assert chunk_common.launch_with_stage_fallback(kernel, (1,), 4, dtype=torch.bfloat16, K=256) == 2
-    assert kernel.tried == [4, 3, 2]
-    assert chunk_common.launch_with_stage_fallback(kernel, (1,), 4, dtype=torch.bfloat16, K=256) == 2
-    assert kernel.tried[3:] == [2]  # the depth that fits is remembered per constexprs ...
-    assert chunk_common.launch_with_stage_fallback(kernel, (1,), 2, dtype=torch.bfloat16, K=128) == 2
-    # ... and below 2 stages it is not tried: the error reaches the caller
+def test_fitting_launch_steps_down_to_what_fits_and_remembers(monkeypatch):
+    monkeypatch.setattr(chunk_common, "_FITTING", {})
+
+    def grid(bv):
+        return (256 // bv, 4)
+
+    # 16-bit: depth 3, 2, then the V block halved (depth back at 3, then 2)
+    kernel = _SharedMemoryBound(fits=40)
+    assert chunk_common.launch_fitting(kernel, grid, 32, 3, dtype=torch.bfloat16, K=256) == (16, 2)
+    assert kernel.tried == [(32, 3), (32, 2), (16, 3), (16, 2)]
+    assert kernel.grids == [(16, 4)]  # the grid follows the V block
+    # the setting that fits is remembered per constexprs ...
+    assert chunk_common.launch_fitting(kernel, grid, 32, 3, dtype=torch.bfloat16, K=256) == (16, 2)
+    assert kernel.tried[4:] == [(16, 2)]
+    kernel.tried.clear()
+    assert chunk_common.launch_fitting(kernel, grid, 32, 1, dtype=torch.bfloat16, K=128) == (32, 1)
+    assert kernel.tried == [(32, 1)]  # ... a launch that fits as configured is not changed
+    # fp32 may go down to one stage before the V block is narrowed
+    kernel = _SharedMemoryBound(fits=32)
+    assert chunk_common.launch_fitting(kernel, grid, 32, 2, dtype=torch.float32, K=256) == (32, 1)
+    # 16-bit never goes below two stages; the error reaches the caller when nothing fits
     from triton.runtime.errors import OutOfResources
 
+    kernel = _SharedMemoryBound(fits=16)
     with pytest.raises(OutOfResources):
-        chunk_common.launch_with_stage_fallback(_SharedMemoryBound(fits=1), (1,), 3, dtype=torch.float32, K=256)
+        chunk_common.launch_fitting(kernel, grid, 32, 3, dtype=torch.bfloat16, K=512)
+    assert kernel.tried == [(32, 3), (32, 2), (16, 3), (16, 2)]
+
+
+def test_kernels_fit_the_h200_at_the_largest_head_size():
+    """Every kernel of a forward + backward at K = V = 256, bf16 and fp32, compiled for sm_90 offline (Triton's
+    compiler and ptxas, no GPU) as the launchers would launch it, fits in the H200's shared memory."""
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET"} | {"PYTHONPATH": str(root)}
+    for dtype in ("bf16", "fp32"):
+        p = subprocess.run([sys.executable, str(root / "benchmarks" / "kda_chunk_build.py"), "--K", "256",
+                            "--dtype", dtype, "--check"], capture_output=True, text=True, env=env, cwd=root)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert re.search(r"^\d+ builds, 0 over the shared-memory limit$", p.stdout, re.M), p.stdout[-3000:]
 
 
 def test_extreme_gates_are_exact_and_finite():

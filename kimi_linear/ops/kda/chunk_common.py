@@ -83,53 +83,77 @@ CONFIG = {
     "state_warps": 4,
     # prefetch depth of the chunk loop for 16-bit inputs; H200 8k fwd 1.121 (3) vs 1.215 ms (2), state kernel
     # 0.217 vs 0.313 (2026-12-03); 4 needs 244 KB of shared memory (the H200 has 227). fp32 inputs take
-    # state_stages_fp32 (3 needs 256 KB). 1 stage hit an illegal memory access on the H200: refused, see
-    # state_stages() and benchmarks/RESULTS.md. A depth that does not fit (K = 256) falls back to one that does
-    # (launch_with_stage_fallback)
+    # state_stages_fp32 (3 needs 256 KB). 1 stage faults for 16-bit inputs on the H200 (min_stages()). A setting
+    # that does not fit (K = 256) falls back to a shallower depth or a narrower V block that does (launch_fitting)
     "state_stages": 3,
     "state_stages_fp32": 2,
 }
+
+
+def min_stages(dtype: torch.dtype) -> int:
+    """The shallowest prefetch depth the sequential passes may take for inputs of ``dtype``: 2 for 16-bit inputs
+    (their products run on wgmma; 1 stage hit an illegal memory access on the H200 with Triton 3.6, at K = V = 128
+    and 256, not yet explained), 1 for fp32 ones (no tensor cores; on the H200 1 stage gave results bit-identical to
+    2 at K = V = 128, T = 8192, and matched the reference to 1e-6 at K = V = 256)."""
+    return 1 if dtype == torch.float32 else 2
 
 
 def state_stages(dtype: torch.dtype) -> int:
     """num_stages of the sequential state pass (``chunk_kda_fwd_state_kernel``) for inputs of ``dtype``.
 
     Raises:
-        ValueError: a setting below 2. One stage (no software pipelining of the chunk loop) hit an illegal memory
-            access at T = 8192, H = 32, K = V = 128 on the H200 with Triton 3.6, not yet explained.
+        ValueError: a setting below ``min_stages(dtype)``.
     """
-    stages = CONFIG["state_stages_fp32"] if dtype == torch.float32 else CONFIG["state_stages"]
-    if stages < 2:
-        key = "state_stages_fp32" if dtype == torch.float32 else "state_stages"
-        raise ValueError(f"CONFIG[{key!r}] must be >= 2, got {stages}: the state pass at 1 stage hit an illegal "
-                         "memory access on the H200 (Triton 3.6)")
+    key = "state_stages_fp32" if dtype == torch.float32 else "state_stages"
+    stages = CONFIG[key]
+    if stages < min_stages(dtype):
+        raise ValueError(f"CONFIG[{key!r}] must be >= {min_stages(dtype)}, got {stages}: see min_stages()")
     return stages
 
 
-# (kernel, input dtype, constexprs) -> the num_stages that fit in shared memory, once a deeper one did not
-_STAGES_THAT_FIT: dict = {}
+def fitting_candidates(bv: int, stages: int, dtype: torch.dtype) -> list[tuple[int, int]]:
+    """The (V block, num_stages) settings ``launch_fitting`` tries, in order: the depth from ``stages`` down to
+    ``min_stages(dtype)``, then the same with the V block halved, down to 16."""
+    depths = range(stages, min(stages, min_stages(dtype)) - 1, -1)
+    blocks = [bv]
+    while blocks[-1] > 16:
+        blocks.append(blocks[-1] // 2)
+    return [(b, s) for b in blocks for s in depths]
 
 
-def launch_with_stage_fallback(kernel, grid, stages: int, *args, dtype: torch.dtype, **kwargs):
-    """``kernel[grid](*args, num_stages=stages, **kwargs)``, retried one stage shallower (down to 2) while the
-    compiled kernel needs more shared memory than the GPU has — larger head sizes (K = 256) or fp32 operands at the
-    16-bit settings. Triton raises OutOfResources when the kernel is loaded, before anything runs, so a retry
-    repeats no work; the depth that fits is remembered per (kernel, dtype, constexprs)."""
+# (kernel, input dtype, configured BV and depth, other constexprs) -> index into fitting_candidates of the setting
+# that fits, once the configured one did not
+_FITTING: dict = {}
+
+
+def launch_fitting(kernel, grid, bv: int, stages: int, *args, dtype: torch.dtype, **kwargs):
+    """``kernel[grid(BV)](*args, BV=BV, num_stages=s, **kwargs)`` at the first of ``fitting_candidates`` whose build
+    fits in the GPU's shared memory. The sequential passes hold [BT, K] tiles of three or four operands per prefetch
+    stage, so at K = 256 (and with fp32 operands) the configured depth may not fit; a shallower one or a narrower V
+    block (more programs, each re-reading the K-wide tiles) does. Triton raises OutOfResources when the kernel is
+    loaded, before anything runs, so a retry repeats no work; the setting that fits is remembered per kernel,
+    dtype and constexprs. ``benchmarks/kda_chunk_build.py`` shows what each shape builds to, offline.
+
+    Raises:
+        OutOfResources: when no candidate fits.
+    """
     from triton.runtime.errors import OutOfResources
 
     def key():  # built only once some build has not fit: the common launch pays nothing for it
-        return getattr(kernel, "__name__", repr(kernel)), dtype, tuple(sorted(kwargs.items()))
+        return getattr(kernel, "__name__", repr(kernel)), dtype, bv, stages, tuple(sorted(kwargs.items()))
 
-    if _STAGES_THAT_FIT:
-        stages = min(stages, _STAGES_THAT_FIT.get(key(), stages))
-    while True:
+    candidates = fitting_candidates(bv, stages, dtype)
+    first = _FITTING.get(key(), 0) if _FITTING else 0
+    for n, (b, s) in enumerate(candidates[first:], first):
         try:
-            return kernel[grid](*args, num_stages=stages, **kwargs)
+            out = kernel[grid(b)](*args, BV=b, num_stages=s, **kwargs)
         except OutOfResources:
-            if stages <= 2:
+            if n + 1 == len(candidates):
                 raise
-            stages -= 1
-            _STAGES_THAT_FIT[key()] = stages
+            continue
+        if n:
+            _FITTING[key()] = n
+        return out
 
 
 def _bv(V: int, key: str) -> int:

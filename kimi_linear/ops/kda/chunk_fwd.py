@@ -55,7 +55,7 @@ from kimi_linear.ops.kda.chunk_common import (
     _empty,
     _interpreting,
     _pad_dim,
-    launch_with_stage_fallback,
+    launch_fitting,
     state_stages,
 )
 
@@ -78,14 +78,15 @@ FWD_CONFIG = {
     "diag_warps": 4,
     # pairs_impl "chunk": diagonal blocks per sub-block ("blocks") or per row and group of heads, lower triangle
     # only ("tokens"). H200, 8k fwd / fwd+bwd, register solve off: blocks 1.445 / 4.980 ms, tokens 1.368 / 4.911
-    # (heads 8, warps 4: 1.369 / 4.910; heads 2, warps 1: 1.359 / 4.904) (2026-12-03)
+    # (heads 8, warps 4: 1.369 / 4.910; heads 2, warps 1: 1.359 / 4.904) (2026-12-03). Heads per program and
+    # warps: 2 and 1 vs 4 and 2, diag kernel 0.261 vs 0.270 ms at 8k (2026-12-03, 23:10 UTC)
     "diag_impl": "tokens",
-    "diag_heads": 4,  # diag_impl "tokens": heads per program
-    "diag_token_warps": 2,
+    "diag_heads": 2,  # diag_impl "tokens": heads per program
+    "diag_token_warps": 1,
     # K columns per step of the off-diagonal kernel; H200 8k fwd 1.156 (64) vs 1.215 ms (32), kernel 0.176 vs 0.233
     "offdiag_bks": 64,
     "offdiag_warps": 4,  # one warpgroup: the [64, BKS] x [BKS, 64] dots are one wgmma tile
-    "offdiag_stages": 2,
+    "offdiag_stages": 3,  # vs 2: kernel 0.168 vs 0.176 ms at 8k (2026-12-03, 23:10 UTC)
     "offdiag_split": False,  # A_kk and A_qk in separate programs of the off-diagonal kernel (one accumulator each)
     "intra_bks": 32,  # pairs_impl "fused": K columns per step of the off-diagonal blocks
     "intra_warps": 4,
@@ -1167,11 +1168,11 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
     fused = CONFIG["fused_output"] or layout.NT == 0
     h = o if fused else _empty(layout.NT, H, K, V, device=dev, dtype=dt)
     vn = o if fused else _empty(TT, H, V, device=dev, dtype=dt)
-    launch_with_stage_fallback(
-        chunk_kda_fwd_state_kernel, (triton.cdiv(V, BV), layout.N * H), state_stages(dt),
+    launch_fitting(
+        chunk_kda_fwd_state_kernel, lambda bv: (triton.cdiv(V, bv), layout.N * H), BV, state_stages(dt),
         qg, kd, w, u, G, Aqk, o, h0 if h0 is not None else o, ht if ht is not None else o, h, vn,
         layout.cu_seqlens, layout.chunk_offsets, dtype=dt,
-        H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None, STORE_O=fused,
+        H=H, K=K, V=V, BT=CHUNK, BK=BK, USE_H0=h0 is not None, STORE_HT=ht is not None, STORE_O=fused,
         STORE_H=not fused, DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=CONFIG["state_warps"],
     )
     if not fused:
