@@ -4,7 +4,7 @@
 # most 8 files) next to OUT/summary.txt, which is also printed last.
 #
 #   bash benchmarks/gpu_session.sh OUT tests             # GPU tests of kernels, layers and generation (~6 min)
-#   bash benchmarks/gpu_session.sh OUT kda_tests         # only the end-to-end chunk/recurrent KDA GPU tests (~2 min)
+#   bash benchmarks/gpu_session.sh OUT kda_tests         # only the end-to-end chunk/recurrent KDA GPU tests (~4 min)
 #   bash benchmarks/gpu_session.sh OUT kda_candidates    # compiled part tests of the shipped forward setting and
 #                                                        # the UT-transform placements the sweep times, bf16
 #                                                        # included (~3 min; CANDIDATES=-k expression to choose)
@@ -45,7 +45,7 @@ step() {  # step PART NAME SECONDS COMMAND...: run with a time limit, log to WOR
 for part in "$@"; do
     case $part in
     tests | kda_tests)
-        step tests kda 240 python -m pytest -q -p no:cacheprovider -rf -m gpu tests/ops/test_kda_chunk_triton.py \
+        step tests kda 360 python -m pytest -q -p no:cacheprovider -rf -m gpu tests/ops/test_kda_chunk_triton.py \
             tests/ops/test_kda_recurrent_triton.py
         [ "$part" = kda_tests ] && continue
         step tests kda_parts 300 python -m pytest -q -p no:cacheprovider -rf tests/ops/test_kda_chunk_fwd_parts.py \
