@@ -200,8 +200,8 @@ def sweep_launch_settings(T: int, variants: list[dict] | None = None) -> list[di
     # the committed setting is timed first and again last: the first entry of a run also pays for warm-up
     variants = variants or [
         {},
-        # the settings shipped before 2026-12-03 23:30 UTC, for the record of what changed
-        {"fwd": {"offdiag_stages": 2, "diag_heads": 4, "diag_token_warps": 2}, "bwd": {"dh_stages": 2}},
+        # the WY setting shipped before 2026-12-04 (fp32 T and tf32 products, 32 columns per program)
+        {"fwd": {"wy_ops_16bit": False, "wy_split_block": 32}},
         {"bwd": {"inter_stages": 3}},
         {},
     ]

@@ -52,6 +52,10 @@ _VARIANTS = {  # FWD_CONFIG overrides on top of a neutral base (see the fixture)
     "chunk-solve-offdiag": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "offdiag"},
     "chunk-wy-split-16bit": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel", "wy_split": True,
                              "wy_ops_16bit": True},
+    "chunk-wy-split-16bit-regs": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel",
+                                  "wy_split": True, "wy_ops_16bit": True, "wy_t16": False},
+    "chunk-wy-per-chunk-16bit": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel",
+                                 "wy_ops_16bit": True},
     "chunk-offdiag-split": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel",
                             "offdiag_split": True},
     "fused": {"pairs_impl": "fused"},
@@ -60,7 +64,8 @@ _VARIANTS = {  # FWD_CONFIG overrides on top of a neutral base (see the fixture)
 
 # Forward launch options that differ from their neighbours only in launch geometry: the half-input test runs
 # them with 16-bit pair-dot operands only.
-_PARTS_ONLY = {"chunk-wy-per-chunk", "chunk-wy-split-16bit", "chunk-offdiag-split"}
+_PARTS_ONLY = {"chunk-wy-per-chunk", "chunk-wy-split-16bit", "chunk-wy-split-16bit-regs", "chunk-wy-per-chunk-16bit",
+               "chunk-offdiag-split"}
 # The variants that also run end to end (every gradient against the recurrence): the shipped setting and the fused
 # kernel. The others write the same intermediates, each checked against its definition by the part tests here, and
 # the backward reads nothing else, so their end-to-end runs would repeat the shipped one (interpreter time in CI).
@@ -84,7 +89,7 @@ def pairs_impl(request, monkeypatch):
     "fused"."""
     base = {"pairs_impl": "chunk", "offdiag_cumsum": False, "diag_impl": "blocks", "diag_levels": False,
             "wy_solve_regs": False, "solve_impl": "wy", "wy_split": False, "wy_ops_16bit": False,
-            "offdiag_split": False, "offdiag_bks": 32}  # two K slices per off-diagonal program at K = 64
+            "offdiag_split": False, "offdiag_bks": 32, "wy_t16": True}  # two K slices per off-diagonal program at K = 64
     for key, value in {**base, **_VARIANTS[request.param]}.items():
         monkeypatch.setitem(FWD_CONFIG, key, value)
     return FWD_CONFIG["pairs_impl"]

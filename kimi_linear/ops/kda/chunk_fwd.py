@@ -79,7 +79,11 @@ FWD_CONFIG = {
     # pairs_impl "chunk": diagonal blocks per sub-block ("blocks") or per row and group of heads, lower triangle
     # only ("tokens"). H200, 8k fwd / fwd+bwd, register solve off: blocks 1.445 / 4.980 ms, tokens 1.368 / 4.911
     # (heads 8, warps 4: 1.369 / 4.910; heads 2, warps 1: 1.359 / 4.904) (2026-12-03). Heads per program and
-    # warps: 2 and 1 vs 4 and 2, diag kernel 0.261 vs 0.270 ms at 8k (2026-12-03, 23:10 UTC)
+    # warps: 2 and 1 vs 4 and 2, diag kernel 0.261 vs 0.270 ms at 8k (2026-12-03, 23:10 UTC). The loop running to
+    # row t only, no clamp, base 2, no zero stores: 0.227 ms (heads 4: 0.249, 1: 0.295) (2026-12-04). Measured and
+    # dropped (2026-12-04): the diagonal blocks by pair levels inside the off-diagonal kernel (batched 16x16 dots;
+    # off-diagonal kernel 0.470-0.618 ms instead of 0.168 + 0.262), and carried row by row from the raw gates
+    # (F <- F exp(g_t), one exponential per row and column; 0.341 ms at 1 warp, 0.484 at 4)
     "diag_impl": "tokens",
     "diag_heads": 2,  # diag_impl "tokens": heads per program
     "diag_token_warps": 1,
@@ -115,9 +119,13 @@ FWD_CONFIG = {
     # fwd / fwd+bwd: per chunk 1.259 / 4.841 ms (WY 0.268), split by 64 columns 1.234 / 4.812 (0.245), by 32
     # 1.222 / 4.800 (0.232); 8 warps 1.274; outputs and gradients bit-identical (2026-12-03)
     "wy_split": True,
-    "wy_split_block": 32,
+    # 64 with wy_ops_16bit: WY 0.211 vs 0.232 ms at 32 (2026-12-04)
+    "wy_split_block": 64,
     "wy_split_warps": 4,
-    "wy_ops_16bit": False,  # wy_split: the W / U products on T and operands rounded to the inputs' dtype
+    # the W / U products on T and operands rounded to the inputs' dtype (wy_split, or after the solve kernel), as
+    # FLA does; H200 8k fwd 1.022 (with wy_split_block 64) vs 1.035 ms, fwd+bwd 4.451 vs 4.467 (2026-12-04)
+    "wy_ops_16bit": True,
+    "wy_t16": True,  # wy_ops_16bit with solve_impl "kernel": the solve kernel also stores T in that dtype
 }
 
 
@@ -486,15 +494,34 @@ def chunk_kda_fwd_diag_kernel(
 
 
 @triton.jit
+def _diag_token_pair(b_q, b_kb, b_L, k, G, Aqk_out, Tinv_out, t0, s, row, p_t, o_h, o_k, m, m_h, scale,
+                     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr):
+    """Pair (t, s), s <= t, of ``chunk_kda_fwd_diag_token_kernel`` for its BH heads: row s of k and G against row
+    t's q, beta k and log2(e) G, stored as scale A_qk[t, s] and beta_t A_kk[t, s] (0 at s = t)."""
+    p_s = ((t0 + s) * H + o_h).to(tl.int64)[:, None] * K + o_k[None, :]
+    k_s = tl.load(k + p_s, mask=m, other=0.0).to(tl.float32)
+    G_s = tl.load(G + p_s, mask=m, other=0.0)
+    kE = k_s * tl.exp2(b_L - G_s * 1.4426950408889634)  # [BH, BK]
+    a_qk = scale * tl.sum(b_q * kE, 1)
+    a_kk = tl.sum(b_kb * kE, 1) * tl.where(s < row, 1.0, 0.0)
+    tl.store(Aqk_out + p_t * BT + s, a_qk.to(Aqk_out.dtype.element_ty), mask=m_h)
+    tl.store(Tinv_out + p_t * BT + s, a_kk, mask=m_h)
+
+
+@triton.jit
 def chunk_kda_fwd_diag_token_kernel(
     q, k, G, beta, Aqk_out, Tinv_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
+    INTERPRET: tl.constexpr = False,
 ):
     """Per (row of a chunk, group of BH heads) — grid (NT * BT, cdiv(H, BH)): row t's share of the diagonal
     [BC, BC] block of the pair matrices (``diag_impl = "tokens"``), only the pairs s <= t: A_kk[t, s] and
-    A_qk[t, s] = sum_c x_t k_s exp(G_t - G_s) for the earlier rows s of t's sub-block, one [BH, BK] step each
-    (nothing is spent on the upper triangle, which gets zeros). Same outputs as ``chunk_kda_fwd_diag_kernel``:
-    scale * A_qk (with the diagonal) in ``Aqk_out``, beta * A_kk (strictly lower) in ``Tinv_out``."""
+    A_qk[t, s] = sum_c x_t k_s exp(G_t - G_s) for the earlier rows s of t's sub-block, one [BH, BK] step each,
+    the loop running to t only. Writes scale * A_qk[t, s] (s <= t) to ``Aqk_out`` and beta_t * A_kk[t, s]
+    (0 at s = t) to ``Tinv_out``; the zeros above the diagonal are the off-diagonal kernel's (its accumulators
+    are exactly 0 there). s <= t within one sequence, so G_t <= G_s for decaying gates and the exponent needs no
+    clamp (fp32 rounding is monotone: the cumsum of terms <= 0 never rises). Base 2 on log2(e) G, with beta
+    folded into row t's k."""
     i_tc, i_hb = tl.program_id(0), tl.program_id(1)
     i_c = i_tc // BT
     row = i_tc % BT
@@ -507,24 +534,20 @@ def chunk_kda_fwd_diag_token_kernel(
     m_h = o_h < H
     m = m_h[:, None] & (o_k < K)[None, :]
     p_t = ((t0 + row) * H + o_h).to(tl.int64)  # [BH] row t of each head
-    b_q = tl.load(q + p_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-    b_G = tl.load(G + p_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+    p_tk = p_t[:, None] * K + o_k[None, :]
+    b_q = tl.load(q + p_tk, mask=m, other=0.0).to(tl.float32)
     b_b = tl.load(beta + p_t, mask=m_h, other=0.0).to(tl.float32)
-    for j in range(BC):
-        s = r0 + j
-        if s <= row:
-            p_s = ((t0 + s) * H + o_h).to(tl.int64)
-            k_s = tl.load(k + p_s[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-            G_s = tl.load(G + p_s[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            kE = k_s * tl.exp(tl.minimum(b_G - G_s, 0.0))  # [BH, BK]; the clamp only guards positive gates
-            a_qk = scale * tl.sum(b_q * kE, 1)
-            a_kk = tl.where(s < row, b_b * tl.sum(b_k * kE, 1), 0.0)
-        else:
-            a_qk = tl.zeros([BH], dtype=tl.float32)
-            a_kk = tl.zeros([BH], dtype=tl.float32)
-        tl.store(Aqk_out + p_t * BT + s, a_qk.to(Aqk_out.dtype.element_ty), mask=m_h)
-        tl.store(Tinv_out + p_t * BT + s, a_kk, mask=m_h)
+    b_kb = tl.load(k + p_tk, mask=m, other=0.0).to(tl.float32) * b_b[:, None]
+    b_L = tl.load(G + p_tk, mask=m, other=0.0) * 1.4426950408889634  # log2(e) G_t
+    if INTERPRET:  # the interpreter cannot take a run-time bound in range()
+        for j in range(0, BC):
+            if r0 + j <= row:
+                _diag_token_pair(b_q, b_kb, b_L, k, G, Aqk_out, Tinv_out, t0, r0 + j, row, p_t, o_h, o_k, m, m_h,
+                                 scale, H, K, BT)
+    else:
+        for j in range(0, row - r0 + 1):
+            _diag_token_pair(b_q, b_kb, b_L, k, G, Aqk_out, Tinv_out, t0, r0 + j, row, p_t, o_h, o_k, m, m_h, scale,
+                             H, K, BT)
 
 
 @triton.jit
@@ -532,7 +555,7 @@ def chunk_kda_fwd_offdiag_kernel(
     q, k, g, G, beta, Aqk_out, Tinv_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
     CUMSUM: tl.constexpr, OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr, SOLVE: tl.constexpr = False,
-    SOLVE_REGS: tl.constexpr = True, SPLIT: tl.constexpr = False,
+    SOLVE_REGS: tl.constexpr = True, SPLIT: tl.constexpr = False, ZERO_DIAG: tl.constexpr = False,
 ):
     """Per (chunk, head) — grid (NT, H), or (NT, H, 2) with SPLIT: the off-diagonal blocks (i, j), i > j, of the
     pair matrices
@@ -557,7 +580,10 @@ def chunk_kda_fwd_offdiag_kernel(
     nothing overflows.
 
     Writes scale * A_qk to ``Aqk_out`` and beta * A_kk to ``Tinv_out`` (fp32) for every column outside the
-    diagonal blocks (zeros above them); the diagonal blocks are ``chunk_kda_fwd_diag_kernel``'s. With OPS_16BIT
+    diagonal blocks (zeros above them) and the zeros above the diagonal inside them; the diagonal blocks' lower
+    triangles are the diagonal kernel's. With ZERO_DIAG (the diagonal kernel runs after this one) the whole tile
+    is stored, exact zeros in the diagonal blocks, which the diagonal kernel then overwrites: a store masked by
+    rows only. With OPS_16BIT
     the dot operands (each factor <= 1) are rounded to the inputs' dtype, else fp32 (tf32 on 16-bit inputs).
     With SOLVE (``solve_impl = "offdiag"``; the diagonal kernel has run before and written its blocks) the program
     then turns its chunk of ``Tinv`` into T = (I + A)^-1 (``_ut_solve``), so the WY kernel only streams.
@@ -625,7 +651,11 @@ def chunk_kda_fwd_offdiag_kernel(
             acc_kk += _dot((kL * s1).to(dt), R1, DOT_PREC)
             acc_kk += _dot((kL * s2).to(dt), R2, DOT_PREC)
 
-    m = (o_t < n_rows)[:, None] & (r != (o_t // BC)[None, :])  # the diagonal blocks are written separately
+    # the lower triangles of the diagonal blocks are written separately; their upper parts are 0 here (exactly)
+    if ZERO_DIAG:
+        m = (o_t < n_rows)[:, None] & (o_t < BT)[None, :]
+    else:
+        m = (o_t < n_rows)[:, None] & ((r != (o_t // BC)[None, :]) | (o_t[:, None] < o_t[None, :]))
     p = ((t0 + o_t).to(tl.int64)[:, None] * H + i_h) * BT + o_t[None, :]
     b_b = _load_vec(beta, t0, 0, n_rows, i_h, H, BT)
     if SPLIT:  # acc_qk holds this program's matrix
@@ -656,12 +686,13 @@ def _ut_merge(T00, T11, T22, T33, A10, A20, A21, A30, A31, A32):
 
 @triton.jit
 def _ut_solve(Tinv, t0, n_rows, i_h, H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-              SOLVE_REGS: tl.constexpr):
+              SOLVE_REGS: tl.constexpr, T16=None, STORE16: tl.constexpr = False):
     """In place on one chunk of ``Tinv``: A = beta * A_kk (strictly lower, fp32, every block written) on entry,
     T = (I + A)^-1 on exit. The four diagonal blocks are inverted by forward substitution reading A's rows from
     memory, or with SOLVE_REGS from the blocks loaded whole, as the Neumann product (``_inv_unit_lower_regs``);
     then the block merge T_ij = -T_ii sum_{j <= m < i} A_im T_mj, in fp32. The zeros above the diagonal blocks are
-    left as they are."""
+    left as they are. With STORE16 T is also written, rounded to T16's dtype, to ``T16`` (every block, the zeros
+    above the diagonal included)."""
     A10 = _load_block(Tinv, t0, BC, 0, n_rows, i_h, H, BT, BC)
     A20 = _load_block(Tinv, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
     A21 = _load_block(Tinv, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
@@ -690,24 +721,44 @@ def _ut_solve(Tinv, t0, n_rows, i_h, H: tl.constexpr, BT: tl.constexpr, BC: tl.c
     _store_block(Tinv, T31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
     _store_block(Tinv, T32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
     _store_block(Tinv, T33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    if STORE16:
+        Z = tl.zeros([BC, BC], dtype=tl.float32)
+        _store_block(T16, T00, t0, 0, 0, n_rows, i_h, H, BT, BC)
+        _store_block(T16, Z, t0, 0, BC, n_rows, i_h, H, BT, BC)
+        _store_block(T16, Z, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
+        _store_block(T16, Z, t0, 0, 3 * BC, n_rows, i_h, H, BT, BC)
+        _store_block(T16, T10, t0, BC, 0, n_rows, i_h, H, BT, BC)
+        _store_block(T16, T11, t0, BC, BC, n_rows, i_h, H, BT, BC)
+        _store_block(T16, Z, t0, BC, 2 * BC, n_rows, i_h, H, BT, BC)
+        _store_block(T16, Z, t0, BC, 3 * BC, n_rows, i_h, H, BT, BC)
+        _store_block(T16, T20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
+        _store_block(T16, T21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
+        _store_block(T16, T22, t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+        _store_block(T16, Z, t0, 2 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+        _store_block(T16, T30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
+        _store_block(T16, T31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
+        _store_block(T16, T32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+        _store_block(T16, T33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
 
 
 @triton.jit
-def chunk_kda_fwd_solve_kernel(Tinv, cu_seqlens, chunk_indices, H: tl.constexpr, BT: tl.constexpr,
-                               BC: tl.constexpr, SOLVE_REGS: tl.constexpr):
+def chunk_kda_fwd_solve_kernel(Tinv, T16, cu_seqlens, chunk_indices, H: tl.constexpr, BT: tl.constexpr,
+                               BC: tl.constexpr, SOLVE_REGS: tl.constexpr, STORE16: tl.constexpr = False):
     """Per (chunk, head) — grid (NT, H): only the UT transform (``_ut_solve``), for ``solve_impl = "kernel"``. A
     short dependent chain of small products with little memory traffic, so it is launched with few warps and
-    many programs per SM hide each other's latency; the WY kernel after it is then a pure streaming pass."""
+    many programs per SM hide each other's latency; the WY kernel after it is then a pure streaming pass. With
+    STORE16 also T in the inputs' dtype to ``T16``, for the WY kernel's 16-bit products (``wy_ops_16bit``)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
-    _ut_solve(Tinv, t0, n_rows, i_h, H, BT, BC, SOLVE_REGS)
+    _ut_solve(Tinv, t0, n_rows, i_h, H, BT, BC, SOLVE_REGS, T16, STORE16)
 
 
 @triton.jit
 def chunk_kda_fwd_wy_kernel(
-    q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
+    q, k, v, beta, G, Tinv, T16, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BKW: tl.constexpr,
     BVW: tl.constexpr, SOLVE: tl.constexpr, SOLVE_REGS: tl.constexpr, DOT_PREC: tl.constexpr,
+    LOAD16: tl.constexpr = False,
 ):
     """Per (chunk, head) — grid (NT, H): the UT transform (with SOLVE; else ``Tinv`` already holds T), the WY
     factors and the state pass's decayed operands.
@@ -715,14 +766,15 @@ def chunk_kda_fwd_wy_kernel(
     With SOLVE, ``Tinv`` holds A = beta * A_kk (strictly lower, fp32) from the pair kernels on entry and
     T = (I + A)^-1 on exit (``_ut_solve``). Then, K in blocks of BKW: W = T (beta exp(G) K), scale q exp(G),
     K exp(G_last - G); V in blocks of BVW: U = T (beta V). G is measured from the chunk start, so every exponent
-    is <= 0.
+    is <= 0. With LOAD16 (the solve kernel has run and stored T rounded to the inputs' dtype in ``T16``) the
+    products take T from there, on 16-bit operands.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     if SOLVE:
         _ut_solve(Tinv, t0, n_rows, i_h, H, BT, BC, SOLVE_REGS)
         tl.debug_barrier()  # T is read back whole, across threads
-    _wy_factors(q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, t0, n_rows, i_h, scale,
+    _wy_factors(q, k, v, beta, G, T16 if LOAD16 else Tinv, w_out, u_out, qg_out, kd_out, t0, n_rows, i_h, scale,
                 H, K, V, BT, BKW, BVW, DOT_PREC)
 
 
@@ -759,7 +811,7 @@ def _wy_factors(q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, t0, n_rows
                 BVW: tl.constexpr, DOT_PREC: tl.constexpr):
     """With T = (I + A)^-1 stored in ``Tinv`` and G in ``G`` for this chunk: W = T (beta exp(G) K) and the state
     pass's operands scale q exp(G), K exp(G_last - G), K in blocks of BKW; U = T (beta V), V in blocks of BVW."""
-    b_T = _load_rows_raw(Tinv, t0, n_rows, i_h, H, BT, BT, BT)  # [BT, BT] fp32; rows past the end read 0
+    b_T = _load_rows_raw(Tinv, t0, n_rows, i_h, H, BT, BT, BT)  # [BT, BT] as stored; rows past the end read 0
     for i_b in range(0, tl.cdiv(K, BKW)):
         _wy_k_block(q, k, beta, G, b_T, w_out, qg_out, kd_out, t0, n_rows, i_h, i_b * BKW, scale,
                     H, K, BT, BKW, DOT_PREC)
@@ -769,20 +821,24 @@ def _wy_factors(q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, t0, n_rows
 
 @triton.jit
 def chunk_kda_fwd_wy_block_kernel(
-    q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
+    q, k, v, beta, G, Tinv, T16, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKW: tl.constexpr, BVW: tl.constexpr,
-    OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr, LOAD16: tl.constexpr = False,
 ):
     """Per (column block, chunk, head) — grid (cdiv(K, BKW) + cdiv(V, BVW), NT, H): one block of the WY
     kernel's columns (``wy_split``): K blocks first (W, scale q exp(G), K exp(G_last - G)), then V blocks (U),
     from T already in ``Tinv``. Each program reloads the chunk's T (from L2: the column blocks of one chunk are
     neighbours in the grid), for several times the programs in flight of the per-chunk kernel. With OPS_16BIT
-    T and the right-hand operands are rounded to the inputs' dtype for the products (fp32 accumulation)."""
+    T and the right-hand operands are rounded to the inputs' dtype for the products (fp32 accumulation); T is then
+    read from ``T16`` when LOAD16 (the solve kernel's 16-bit copy: half the bytes each program loads)."""
     i_b, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
-    b_T = _load_rows_raw(Tinv, t0, n_rows, i_h, H, BT, BT, BT)  # [BT, BT] fp32; rows past the end read 0
-    if OPS_16BIT:
-        b_T = b_T.to(q.dtype.element_ty)
+    if LOAD16:
+        b_T = _load_rows_raw(T16, t0, n_rows, i_h, H, BT, BT, BT)  # [BT, BT] in the inputs' dtype
+    else:
+        b_T = _load_rows_raw(Tinv, t0, n_rows, i_h, H, BT, BT, BT)  # [BT, BT] fp32; rows past the end read 0
+        if OPS_16BIT:
+            b_T = b_T.to(q.dtype.element_ty)
     NKB: tl.constexpr = (K + BKW - 1) // BKW
     if i_b < NKB:
         _wy_k_block(q, k, beta, G, b_T, w_out, qg_out, kd_out, t0, n_rows, i_h, i_b * BKW, scale,
@@ -1071,7 +1127,8 @@ def _launch_diag(q, k, G, beta, Aqk, Tinv, scale, layout, H, K, BK, prec):
         BH = min(triton.next_power_of_2(H), c["diag_heads"])
         chunk_kda_fwd_diag_token_kernel[(layout.NT * CHUNK, triton.cdiv(H, BH))](
             q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
-            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BH=BH, num_warps=c["diag_token_warps"], num_stages=1,
+            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BH=BH, INTERPRET=_interpreting(),
+            num_warps=c["diag_token_warps"], num_stages=1,
         )
     else:
         chunk_kda_fwd_diag_kernel[(CHUNK // SUB_CHUNK, layout.NT, H)](
@@ -1098,6 +1155,10 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
     kd = _empty(TT, H, K, device=dev, dtype=dt)
     if layout.NT > 0:
         c = FWD_CONFIG
+        # with 16-bit W / U products after the solve kernel, T rounded to the inputs' dtype is stored by it once
+        ops16 = c["wy_ops_16bit"] and dt != torch.float32
+        T16 = (_empty(TT, H, CHUNK, device=dev, dtype=dt)
+               if ops16 and c["wy_t16"] and c["pairs_impl"] == "chunk" and c["solve_impl"] == "kernel" else None)
         if c["pairs_impl"] == "subblock":
             chunk_kda_fwd_pairs_kernel[(CHUNK // SUB_CHUNK, layout.NT, H)](
                 q, k, g, beta, G, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
@@ -1128,15 +1189,17 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
                 q, k, g, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
                 H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["offdiag_bks"]), CUMSUM=c["offdiag_cumsum"],
                 OPS_16BIT=c["pairs_ops_16bit"], DOT_PREC=prec, SOLVE=solve == "offdiag",
-                SOLVE_REGS=c["wy_solve_regs"], SPLIT=c["offdiag_split"], num_warps=c["offdiag_warps"],
+                SOLVE_REGS=c["wy_solve_regs"], SPLIT=c["offdiag_split"], ZERO_DIAG=solve != "offdiag",
+                num_warps=c["offdiag_warps"],
                 num_stages=c["offdiag_stages"],
             )
             if solve != "offdiag":
                 _launch_diag(q, k, G, beta, Aqk, Tinv, scale, layout, H, K, BK, prec)
             if solve == "kernel":
                 chunk_kda_fwd_solve_kernel[(layout.NT, H)](
-                    Tinv, layout.cu_seqlens, layout.chunk_indices, H=H, BT=CHUNK, BC=SUB_CHUNK,
-                    SOLVE_REGS=c["wy_solve_regs"], num_warps=c["solve_warps"], num_stages=1,
+                    Tinv, T16 if T16 is not None else Tinv, layout.cu_seqlens, layout.chunk_indices, H=H, BT=CHUNK,
+                    BC=SUB_CHUNK, SOLVE_REGS=c["wy_solve_regs"], STORE16=T16 is not None,
+                    num_warps=c["solve_warps"], num_stages=1,
                 )
         elif c["pairs_impl"] != "fused":
             raise ValueError(f"FWD_CONFIG['pairs_impl'] must be 'subblock', 'chunk' or 'fused', "
@@ -1151,16 +1214,17 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
         elif c["wy_split"] and c["pairs_impl"] == "chunk" and c["solve_impl"] != "wy":
             BKW, BVW = min(BK, c["wy_split_block"]), min(BVf, c["wy_split_block"])
             chunk_kda_fwd_wy_block_kernel[(triton.cdiv(K, BKW) + triton.cdiv(V, BVW), layout.NT, H)](
-                q, k, v, beta, G, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
-                H=H, K=K, V=V, BT=CHUNK, BKW=BKW, BVW=BVW, OPS_16BIT=c["wy_ops_16bit"] and dt != torch.float32,
-                DOT_PREC=prec, num_warps=c["wy_split_warps"], num_stages=1,
+                q, k, v, beta, G, Tinv, T16 if T16 is not None else Tinv, w, u, qg, kd, layout.cu_seqlens,
+                layout.chunk_indices, scale, H=H, K=K, V=V, BT=CHUNK, BKW=BKW, BVW=BVW, OPS_16BIT=ops16,
+                DOT_PREC=prec, LOAD16=T16 is not None, num_warps=c["wy_split_warps"], num_stages=1,
             )
         else:
             chunk_kda_fwd_wy_kernel[(layout.NT, H)](
-                q, k, v, beta, G, Tinv, w, u, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
+                q, k, v, beta, G, Tinv, T16 if T16 is not None else Tinv, w, u, qg, kd, layout.cu_seqlens,
+                layout.chunk_indices, scale,
                 H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BKW=min(BK, c["wy_block"]), BVW=min(BVf, c["wy_block"]),
                 SOLVE=c["pairs_impl"] != "chunk" or c["solve_impl"] == "wy", SOLVE_REGS=c["wy_solve_regs"],
-                DOT_PREC=prec, num_warps=c["wy_warps"], num_stages=c["wy_stages"],
+                DOT_PREC=prec, LOAD16=T16 is not None, num_warps=c["wy_warps"], num_stages=c["wy_stages"],
             )
     o = _empty(TT, H, V, device=dev, dtype=dt)
     ht = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
@@ -1203,7 +1267,8 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
         (chunk_kda_fwd_offdiag_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, f["offdiag_bks"]),
                                             CUMSUM=f["offdiag_cumsum"], OPS_16BIT=f["pairs_ops_16bit"],
                                             DOT_PREC="tf32", SOLVE=f["solve_impl"] == "offdiag",
-                                            SOLVE_REGS=f["wy_solve_regs"], SPLIT=f["offdiag_split"]),
+                                            SOLVE_REGS=f["wy_solve_regs"], SPLIT=f["offdiag_split"],
+                                            ZERO_DIAG=f["solve_impl"] != "offdiag"),
          f["offdiag_warps"], f["offdiag_stages"]),
         (chunk_kda_fwd_solve_kernel, dict(H=H, BT=CHUNK, BC=SUB_CHUNK, SOLVE_REGS=f["wy_solve_regs"]),
          f["solve_warps"], 1),
