@@ -685,6 +685,30 @@ def _ut_merge(T00, T11, T22, T33, A10, A20, A21, A30, A31, A32):
 
 
 @triton.jit
+def _store_ut(ptr, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, t0, n_rows, i_h, H: tl.constexpr,
+              BT: tl.constexpr, BC: tl.constexpr):
+    """One chunk of T = (I + A)^-1 into ``ptr`` [T_total, H, BT] from its ten lower [BC, BC] blocks: all sixteen
+    blocks, the zeros above the diagonal included, rounded to ptr's dtype."""
+    zero = tl.zeros([BC, BC], dtype=tl.float32)
+    _store_block(ptr, T00, t0, 0, 0, n_rows, i_h, H, BT, BC)
+    _store_block(ptr, zero, t0, 0, BC, n_rows, i_h, H, BT, BC)
+    _store_block(ptr, zero, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(ptr, zero, t0, 0, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(ptr, T10, t0, BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(ptr, T11, t0, BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(ptr, zero, t0, BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(ptr, zero, t0, BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(ptr, T20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(ptr, T21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(ptr, T22, t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(ptr, zero, t0, 2 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(ptr, T30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
+    _store_block(ptr, T31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
+    _store_block(ptr, T32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
+    _store_block(ptr, T33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+
+
+@triton.jit
 def _ut_solve(Tinv, t0, n_rows, i_h, H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
               SOLVE_REGS: tl.constexpr, T16=None, STORE16: tl.constexpr = False):
     """In place on one chunk of ``Tinv``: A = beta * A_kk (strictly lower, fp32, every block written) on entry,
@@ -722,23 +746,7 @@ def _ut_solve(Tinv, t0, n_rows, i_h, H: tl.constexpr, BT: tl.constexpr, BC: tl.c
     _store_block(Tinv, T32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
     _store_block(Tinv, T33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
     if STORE16:
-        Z = tl.zeros([BC, BC], dtype=tl.float32)
-        _store_block(T16, T00, t0, 0, 0, n_rows, i_h, H, BT, BC)
-        _store_block(T16, Z, t0, 0, BC, n_rows, i_h, H, BT, BC)
-        _store_block(T16, Z, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
-        _store_block(T16, Z, t0, 0, 3 * BC, n_rows, i_h, H, BT, BC)
-        _store_block(T16, T10, t0, BC, 0, n_rows, i_h, H, BT, BC)
-        _store_block(T16, T11, t0, BC, BC, n_rows, i_h, H, BT, BC)
-        _store_block(T16, Z, t0, BC, 2 * BC, n_rows, i_h, H, BT, BC)
-        _store_block(T16, Z, t0, BC, 3 * BC, n_rows, i_h, H, BT, BC)
-        _store_block(T16, T20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
-        _store_block(T16, T21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
-        _store_block(T16, T22, t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
-        _store_block(T16, Z, t0, 2 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
-        _store_block(T16, T30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
-        _store_block(T16, T31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
-        _store_block(T16, T32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
-        _store_block(T16, T33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+        _store_ut(T16, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, t0, n_rows, i_h, H, BT, BC)
 
 
 @triton.jit
@@ -1006,22 +1014,7 @@ def chunk_kda_fwd_intra_kernel(
     A31 = b3 * kk31
     A32 = b3 * kk32
     T10, T20, T21, T30, T31, T32 = _ut_merge(T00, T11, T22, T33, A10, A20, A21, A30, A31, A32)
-    _store_block(Tinv_out, T00, t0, 0, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, zero, t0, 0, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, zero, t0, 0, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, zero, t0, 0, 3 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T10, t0, BC, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T11, t0, BC, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, zero, t0, BC, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, zero, t0, BC, 3 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T20, t0, 2 * BC, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T21, t0, 2 * BC, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T22, t0, 2 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, zero, t0, 2 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T30, t0, 3 * BC, 0, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T31, t0, 3 * BC, BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T32, t0, 3 * BC, 2 * BC, n_rows, i_h, H, BT, BC)
-    _store_block(Tinv_out, T33, t0, 3 * BC, 3 * BC, n_rows, i_h, H, BT, BC)
+    _store_ut(Tinv_out, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, t0, n_rows, i_h, H, BT, BC)
     tl.debug_barrier()  # T is read back whole, across threads
     _wy_factors(q, k, v, beta, G_out, Tinv_out, w_out, u_out, qg_out, kd_out, t0, n_rows, i_h, scale,
                 H, K, V, BT, BKW, BVW, DOT_PREC)
