@@ -37,7 +37,7 @@ H, K, V = 32, 128, 128
 SHARED_LIMIT = 232448
 FP32_PTRS = {"g", "beta", "G", "G_out", "Tinv", "Tinv_out", "h0", "ht", "dht", "dh0", "dq", "dk", "dG", "dA", "dAqk",
              "dbeta", "dg_out", "dg", "dbk"}
-INT_PTRS = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
+INT_PTRS = {"cu_seqlens", "chunk_indices", "chunk_offsets", "diag_unsafe"}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 

@@ -56,6 +56,7 @@ _VARIANTS = {  # FWD_CONFIG overrides on top of a neutral base (see the fixture)
                                   "wy_split": True, "wy_ops_16bit": True, "wy_t16": False},
     "chunk-wy-per-chunk-16bit": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel",
                                  "wy_ops_16bit": True},
+    "chunk-diag-dots": {"diag_impl": "dots", "wy_solve_regs": True, "solve_impl": "kernel", "wy_split": True},
     "chunk-offdiag-split": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel",
                             "offdiag_split": True},
     "fused": {"pairs_impl": "fused"},
@@ -199,6 +200,33 @@ def test_parts_varlen_and_extreme_gates(diag_rows, pairs_impl, monkeypatch):
     # pair (t >= 4, j < 4) of that chunk: exact zeros in A_qk and in T
     for n in ("Aqk", "Tinv"):
         assert got[n][5:65, :, :4].eq(0).all(), n
+
+
+def test_diag_dots_fast_path_and_fallback(pairs_impl, monkeypatch, request):
+    """diag_impl "dots": the diagonal blocks from the off-diagonal kernel's dots, the element-wise kernel only for
+    the blocks whose decay range passes the cap. Steep gates just under the cap (-3.8 per step: a range of 57 < 60
+    over a block's fifteen steps) are right with the element-wise kernel switched off, so the dots did them; one
+    gate of -100 flags its block, which is then wrong without the element-wise kernel and right with it."""
+    if request.node.callspec.params["pairs_impl"] != "chunk-diag-dots":
+        pytest.skip("a setting of diag_impl 'dots' only")
+    from kimi_linear.ops.kda import chunk_fwd as chunk_fwd_module
+
+    launch_diag = chunk_fwd_module._launch_diag
+    x = kda_inputs(1, 130, 2, 32, 16, with_state=False)
+    x["g"][:, :, 0, :4] = -3.8
+    monkeypatch.setattr(chunk_fwd_module, "_launch_diag", lambda *args: None)
+    got, want = run_parts(x, 0.3)
+    for n in NAMES:
+        # G reaches ~-250 in the steep channels; fp32 resolves its differences to ~2^-24 |G|
+        assert rel_err(got[n], want[n]) < 5e-5, n
+    x["g"][:, 20, 1, 7] = -100.0  # chunk 0, block 1, head 1: range > 60
+    got, want = run_parts(x, 0.3)
+    assert rel_err(got["Aqk"][16:32, 1], want["Aqk"][16:32, 1]) > 1e-2
+    assert rel_err(got["Aqk"][:16], want["Aqk"][:16]) < 5e-5  # the blocks not flagged stay right
+    monkeypatch.setattr(chunk_fwd_module, "_launch_diag", launch_diag)
+    got, want = run_parts(x, 0.3)
+    for n in NAMES:
+        assert rel_err(got[n], want[n]) < 5e-5, n
 
 
 # Triton 3.6's interpreter multiplies bf16 tl.dot operands wrongly (errors ~1e10 on a plain 16x16 dot; fp16 and fp32

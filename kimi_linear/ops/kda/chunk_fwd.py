@@ -494,14 +494,11 @@ def chunk_kda_fwd_diag_kernel(
 
 
 @triton.jit
-def _diag_token_pair(b_q, b_kb, b_L, k, G, Aqk_out, Tinv_out, t0, s, row, p_t, o_h, o_k, m, m_h, scale,
-                     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr):
-    """Pair (t, s), s <= t, of ``chunk_kda_fwd_diag_token_kernel`` for its BH heads: row s of k and G against row
-    t's q, beta k and log2(e) G, stored as scale A_qk[t, s] and beta_t A_kk[t, s] (0 at s = t)."""
-    p_s = ((t0 + s) * H + o_h).to(tl.int64)[:, None] * K + o_k[None, :]
-    k_s = tl.load(k + p_s, mask=m, other=0.0).to(tl.float32)
-    G_s = tl.load(G + p_s, mask=m, other=0.0)
-    kE = k_s * tl.exp2(b_L - G_s * 1.4426950408889634)  # [BH, BK]
+def _diag_token_pair(b_q, b_kb, b_L, k_s, G_s, Aqk_out, Tinv_out, s, row, p_t, m_h, scale, BT: tl.constexpr):
+    """Pair (t, s), s <= t, of ``chunk_kda_fwd_diag_token_kernel`` for its BH heads: row s of k and G (loaded,
+    [BH, BK]) against row t's q, beta k and log2(e) G, stored as scale A_qk[t, s] and beta_t A_kk[t, s] (0 at
+    s = t)."""
+    kE = k_s.to(tl.float32) * tl.exp2(b_L - G_s * 1.4426950408889634)  # [BH, BK]
     a_qk = scale * tl.sum(b_q * kE, 1)
     a_kk = tl.sum(b_kb * kE, 1) * tl.where(s < row, 1.0, 0.0)
     tl.store(Aqk_out + p_t * BT + s, a_qk.to(Aqk_out.dtype.element_ty), mask=m_h)
@@ -509,30 +506,17 @@ def _diag_token_pair(b_q, b_kb, b_L, k, G, Aqk_out, Tinv_out, t0, s, row, p_t, o
 
 
 @triton.jit
-def chunk_kda_fwd_diag_token_kernel(
-    q, k, G, beta, Aqk_out, Tinv_out, cu_seqlens, chunk_indices, scale,
-    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
-    INTERPRET: tl.constexpr = False,
-):
-    """Per (row of a chunk, group of BH heads) — grid (NT * BT, cdiv(H, BH)): row t's share of the diagonal
-    [BC, BC] block of the pair matrices (``diag_impl = "tokens"``), only the pairs s <= t: A_kk[t, s] and
-    A_qk[t, s] = sum_c x_t k_s exp(G_t - G_s) for the earlier rows s of t's sub-block, one [BH, BK] step each,
-    the loop running to t only. Writes scale * A_qk[t, s] (s <= t) to ``Aqk_out`` and beta_t * A_kk[t, s]
-    (0 at s = t) to ``Tinv_out``; the zeros above the diagonal are the off-diagonal kernel's (its accumulators
-    are exactly 0 there). s <= t within one sequence, so G_t <= G_s for decaying gates and the exponent needs no
-    clamp (fp32 rounding is monotone: the cumsum of terms <= 0 never rises). Base 2 on log2(e) G, with beta
-    folded into row t's k."""
-    i_tc, i_hb = tl.program_id(0), tl.program_id(1)
-    i_c = i_tc // BT
-    row = i_tc % BT
-    t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
-    if row >= n_rows:
-        return
-    r0 = row // BC * BC
-    o_h = i_hb * BH + tl.arange(0, BH)
-    o_k = tl.arange(0, BK)
-    m_h = o_h < H
-    m = m_h[:, None] & (o_k < K)[None, :]
+def _diag_token_row(k, G, t0, s, o_h, o_k, m, H: tl.constexpr, K: tl.constexpr):
+    """Row s of k (as stored) and G for the BH heads o_h, [BH, BK]."""
+    p_s = ((t0 + s) * H + o_h).to(tl.int64)[:, None] * K + o_k[None, :]
+    return tl.load(k + p_s, mask=m, other=0.0), tl.load(G + p_s, mask=m, other=0.0)
+
+
+@triton.jit
+def _diag_token_row_pairs(q, k, G, beta, Aqk_out, Tinv_out, t0, row, r0, o_h, o_k, m, m_h, scale,
+                          H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                          INTERPRET: tl.constexpr):
+    """Row t = ``row`` of its diagonal block (rows from r0) for the BH heads o_h: the pairs s = r0 .. t."""
     p_t = ((t0 + row) * H + o_h).to(tl.int64)  # [BH] row t of each head
     p_tk = p_t[:, None] * K + o_k[None, :]
     b_q = tl.load(q + p_tk, mask=m, other=0.0).to(tl.float32)
@@ -542,12 +526,105 @@ def chunk_kda_fwd_diag_token_kernel(
     if INTERPRET:  # the interpreter cannot take a run-time bound in range()
         for j in range(0, BC):
             if r0 + j <= row:
-                _diag_token_pair(b_q, b_kb, b_L, k, G, Aqk_out, Tinv_out, t0, r0 + j, row, p_t, o_h, o_k, m, m_h,
-                                 scale, H, K, BT)
+                k_s, G_s = _diag_token_row(k, G, t0, r0 + j, o_h, o_k, m, H, K)
+                _diag_token_pair(b_q, b_kb, b_L, k_s, G_s, Aqk_out, Tinv_out, r0 + j, row, p_t, m_h, scale, BT)
     else:
         for j in range(0, row - r0 + 1):
-            _diag_token_pair(b_q, b_kb, b_L, k, G, Aqk_out, Tinv_out, t0, r0 + j, row, p_t, o_h, o_k, m, m_h, scale,
-                             H, K, BT)
+            k_s, G_s = _diag_token_row(k, G, t0, r0 + j, o_h, o_k, m, H, K)
+            _diag_token_pair(b_q, b_kb, b_L, k_s, G_s, Aqk_out, Tinv_out, r0 + j, row, p_t, m_h, scale, BT)
+
+
+@triton.jit
+def chunk_kda_fwd_diag_token_kernel(
+    q, k, G, beta, Aqk_out, Tinv_out, cu_seqlens, chunk_indices, scale,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
+    INTERPRET: tl.constexpr = False, UNSAFE_ONLY: tl.constexpr = False, diag_unsafe=None,
+):
+    """Per (row of a chunk, group of BH heads) — grid (NT * BT, cdiv(H, BH)): row t's share of the diagonal
+    [BC, BC] block of the pair matrices (``diag_impl = "tokens"``), only the pairs s <= t: A_kk[t, s] and
+    A_qk[t, s] = sum_c x_t k_s exp(G_t - G_s) for the earlier rows s of t's sub-block, one [BH, BK] step each,
+    the loop running to t only. Writes scale * A_qk[t, s] (s <= t) to ``Aqk_out`` and beta_t * A_kk[t, s]
+    (0 at s = t) to ``Tinv_out``; the zeros above the diagonal are the off-diagonal kernel's (its accumulators
+    are exactly 0 there). s <= t within one sequence, so G_t <= G_s for decaying gates and the exponent needs no
+    clamp (fp32 rounding is monotone: the cumsum of terms <= 0 never rises). Base 2 on log2(e) G, with beta
+    folded into row t's k.
+
+    With UNSAFE_ONLY (``diag_impl = "dots"``, the fallback of the off-diagonal kernel's diagonal blocks) the grid
+    is (NT * BT // BC, cdiv(H, BH)), one program per diagonal block, and only the blocks flagged in
+    ``diag_unsafe`` [NT, H, BT // BC] for one of the program's heads are written, row by row; the others return
+    after one load (a per-row grid would spend ~0.08 ms at T = 8k, H = 32 only starting programs that return)."""
+    i_p, i_hb = tl.program_id(0), tl.program_id(1)
+    o_h = i_hb * BH + tl.arange(0, BH)
+    o_k = tl.arange(0, BK)
+    m_h = o_h < H
+    m = m_h[:, None] & (o_k < K)[None, :]
+    if UNSAFE_ONLY:
+        i_c = i_p // (BT // BC)
+        r0 = i_p % (BT // BC) * BC
+        flagged = tl.load(diag_unsafe + (i_c * H + o_h) * (BT // BC) + r0 // BC, mask=m_h, other=0)
+        if tl.max(flagged, 0) == 0:
+            return
+        t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+        if INTERPRET:
+            for i in range(0, BC):
+                if r0 + i < n_rows:
+                    _diag_token_row_pairs(q, k, G, beta, Aqk_out, Tinv_out, t0, r0 + i, r0, o_h, o_k, m, m_h, scale,
+                                          H, K, BT, BC, INTERPRET)
+        else:
+            for row in range(r0, tl.minimum(r0 + BC, n_rows)):
+                _diag_token_row_pairs(q, k, G, beta, Aqk_out, Tinv_out, t0, row, r0, o_h, o_k, m, m_h, scale,
+                                      H, K, BT, BC, INTERPRET)
+    else:
+        i_c = i_p // BT
+        row = i_p % BT
+        t0, n_rows = _chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
+        if row < n_rows:
+            _diag_token_row_pairs(q, k, G, beta, Aqk_out, Tinv_out, t0, row, row // BC * BC, o_h, o_k, m, m_h, scale,
+                                  H, K, BT, BC, INTERPRET)
+
+
+@triton.jit
+def _offdiag_routed(acc_qk, acc_kk, b_q, b_k, b_G, r, d0, d1, d2, dt: tl.constexpr, DOT_PREC: tl.constexpr,
+                    SPLIT: tl.constexpr):
+    """One K slice of ``chunk_kda_fwd_offdiag_kernel``'s blocks below the diagonal blocks, the decay routed through
+    the exit rows d0, d1, d2 ([BKS] each): three dots per matrix (only acc_qk with SPLIT)."""
+    # column side: each row's own exit reference (block 3 is never a column block here)
+    d_own = tl.where(r == 0, d0[None, :], tl.where(r == 1, d1[None, :], d2[None, :]))
+    kR = b_k * tl.exp(tl.minimum(d_own - b_G, 0.0))
+    # row side: the exit reference of the block before (block 0 is never a row block here)
+    d_prev = tl.where(r == 1, d0[None, :], tl.where(r == 2, d1[None, :], d2[None, :]))
+    e_L = tl.exp(tl.minimum(b_G - d_prev, 0.0))
+    kL = b_k * e_L
+    qL = b_q * e_L
+    f20 = tl.exp(tl.minimum(d1 - d0, 0.0))[None, :]  # exp(d_{i-1} - d_j) for (i, j) = (2, 0), (3, 0), (3, 1)
+    f30 = tl.exp(tl.minimum(d2 - d0, 0.0))[None, :]
+    f31 = tl.exp(tl.minimum(d2 - d1, 0.0))[None, :]
+    s0 = tl.where(r == 1, 1.0, tl.where(r == 2, f20, tl.where(r == 3, f30, 0.0)))  # [BT, BKS]
+    s1 = tl.where(r == 2, 1.0, tl.where(r == 3, f31, 0.0))
+    s2 = tl.where(r == 3, 1.0, 0.0)  # [BT, 1]
+    R0 = tl.trans(tl.where(r == 0, kR, 0.0).to(dt))  # [BKS, BT]
+    R1 = tl.trans(tl.where(r == 1, kR, 0.0).to(dt))
+    R2 = tl.trans(tl.where(r == 2, kR, 0.0).to(dt))
+    acc_qk += _dot((qL * s0).to(dt), R0, DOT_PREC)
+    acc_qk += _dot((qL * s1).to(dt), R1, DOT_PREC)
+    acc_qk += _dot((qL * s2).to(dt), R2, DOT_PREC)
+    if not SPLIT:
+        acc_kk += _dot((kL * s0).to(dt), R0, DOT_PREC)
+        acc_kk += _dot((kL * s1).to(dt), R1, DOT_PREC)
+        acc_kk += _dot((kL * s2).to(dt), R2, DOT_PREC)
+    return acc_qk, acc_kk
+
+
+@triton.jit
+def _diag_dots_column(acc_qk, acc_kk, b_q, b_k, b_G, kR, r, d_j, j: tl.constexpr, DIAG_CAP: tl.constexpr,
+                      dt: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Column block j of ``chunk_kda_fwd_offdiag_kernel`` with DIAG_DOTS, one K slice: rows in blocks >= j times
+    exp(G - d_j) (<= 1 below block j, capped in it), against kR = k exp(d_own - G) in block j's columns."""
+    e = tl.exp(tl.minimum(b_G - d_j[None, :], DIAG_CAP))
+    R = tl.trans(tl.where(r == j, kR, 0.0).to(dt))  # [BKS, BT]
+    acc_qk += _dot(tl.where(r >= j, b_q * e, 0.0).to(dt), R, DOT_PREC)
+    acc_kk += _dot(tl.where(r >= j, b_k * e, 0.0).to(dt), R, DOT_PREC)
+    return acc_qk, acc_kk
 
 
 @triton.jit
@@ -556,6 +633,7 @@ def chunk_kda_fwd_offdiag_kernel(
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
     CUMSUM: tl.constexpr, OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr, SOLVE: tl.constexpr = False,
     SOLVE_REGS: tl.constexpr = True, SPLIT: tl.constexpr = False, ZERO_DIAG: tl.constexpr = False,
+    DIAG_DOTS: tl.constexpr = False, diag_unsafe=None, DIAG_CAP: tl.constexpr = 60.0,
 ):
     """Per (chunk, head) — grid (NT, H), or (NT, H, 2) with SPLIT: the off-diagonal blocks (i, j), i > j, of the
     pair matrices
@@ -589,6 +667,19 @@ def chunk_kda_fwd_offdiag_kernel(
     then turns its chunk of ``Tinv`` into T = (I + A)^-1 (``_ut_solve``), so the WY kernel only streams.
     With SPLIT (``offdiag_split``) each program builds one of the two matrices (A_kk for program_id(2) = 0, else
     A_qk): one [BT, BT] accumulator instead of two, twice the programs.
+
+    With DIAG_DOTS (``diag_impl = "dots"``) the diagonal blocks come out of the dots too, and the decay takes one
+    reference per column block instead of the routing: with d_j the exit row of block j (d_3 the chunk's last
+    valid row), exp(G_t - G_s) = exp(G_t - d_j) * exp(d_j - G_s) for s in block j and t at or below it, so column
+    block j is one dot per matrix (``_diag_dots_column``), four in all. The column factor's exponent is <= 0, and
+    so is the row factor's below block j; inside block j it is >= 0, at most the block's decay range a_j = max over
+    its rows and K of G_t - d_j, and it is capped at DIAG_CAP (``_diag_cap``: e^60 ~ 1e26, so no factor, product
+    or garbage entry above the diagonal can overflow fp32 or bf16; e^6 for fp16 operands). Where a_j <= DIAG_CAP
+    (every block of moderate gates) the block is exact up to the operands' rounding, as the blocks below it are;
+    where a_j > DIAG_CAP the cap made it wrong, and the program
+    writes 1 to ``diag_unsafe`` [NT, H, BT // BC] (else 0) so that ``chunk_kda_fwd_diag_token_kernel`` with
+    UNSAFE_ONLY recomputes exactly those blocks element-wise. The entries above the diagonal are masked to 0 at
+    the store.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_m = tl.program_id(2)
@@ -600,6 +691,9 @@ def chunk_kda_fwd_offdiag_kernel(
     e0 = tl.minimum(BC - 1, n_rows - 1)
     e1 = tl.minimum(2 * BC - 1, n_rows - 1)
     e2 = tl.minimum(3 * BC - 1, n_rows - 1)
+    e3 = n_rows - 1
+    m_valid = (o_t < n_rows)[:, None]
+    rng = tl.zeros([BT], dtype=tl.float32)  # DIAG_DOTS: each row's largest G_t - d_own over K
     acc_kk = tl.zeros([BT, BT], dtype=tl.float32)
     acc_qk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, BK // BKS):
@@ -613,10 +707,14 @@ def chunk_kda_fwd_offdiag_kernel(
             d0 = tl.sum(tl.where(o_t[:, None] == e0, b_G, 0.0), 0)  # [BKS]
             d1 = tl.sum(tl.where(o_t[:, None] == e1, b_G, 0.0), 0)
             d2 = tl.sum(tl.where(o_t[:, None] == e2, b_G, 0.0), 0)
+            if DIAG_DOTS:
+                d3 = tl.sum(tl.where(o_t[:, None] == e3, b_G, 0.0), 0)
         else:
             d0 = tl.load(G + ((t0 + e0) * H + i_h) * K + o_d, mask=m_d, other=0.0)  # [BKS]
             d1 = tl.load(G + ((t0 + e1) * H + i_h) * K + o_d, mask=m_d, other=0.0)
             d2 = tl.load(G + ((t0 + e2) * H + i_h) * K + o_d, mask=m_d, other=0.0)
+            if DIAG_DOTS:
+                d3 = tl.load(G + ((t0 + e3) * H + i_h) * K + o_d, mask=m_d, other=0.0)
             b_G = _load_cols(G, t0, 0, col0, n_rows, i_h, H, K, BT, BKS)  # [BT, BKS] fp32; 0 past the end
         b_k = _load_cols(k, t0, 0, col0, n_rows, i_h, H, K, BT, BKS).to(tl.float32)
         if SPLIT:  # one matrix per program: A_kk (i_m = 0) or A_qk; its left rows in b_q
@@ -626,33 +724,26 @@ def chunk_kda_fwd_offdiag_kernel(
                 b_q = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BT, BKS).to(tl.float32)
         else:
             b_q = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BT, BKS).to(tl.float32)
-        # column side: each row's own exit reference (block 3 is never a column block here)
-        d_own = tl.where(r == 0, d0[None, :], tl.where(r == 1, d1[None, :], d2[None, :]))
-        kR = b_k * tl.exp(tl.minimum(d_own - b_G, 0.0))
-        # row side: the exit reference of the block before (block 0 is never a row block here)
-        d_prev = tl.where(r == 1, d0[None, :], tl.where(r == 2, d1[None, :], d2[None, :]))
-        e_L = tl.exp(tl.minimum(b_G - d_prev, 0.0))
-        kL = b_k * e_L
-        qL = b_q * e_L
-        f20 = tl.exp(tl.minimum(d1 - d0, 0.0))[None, :]  # exp(d_{i-1} - d_j) for (i, j) = (2, 0), (3, 0), (3, 1)
-        f30 = tl.exp(tl.minimum(d2 - d0, 0.0))[None, :]
-        f31 = tl.exp(tl.minimum(d2 - d1, 0.0))[None, :]
-        s0 = tl.where(r == 1, 1.0, tl.where(r == 2, f20, tl.where(r == 3, f30, 0.0)))  # [BT, BKS]
-        s1 = tl.where(r == 2, 1.0, tl.where(r == 3, f31, 0.0))
-        s2 = tl.where(r == 3, 1.0, 0.0)  # [BT, 1]
-        R0 = tl.trans(tl.where(r == 0, kR, 0.0).to(dt))  # [BKS, BT]
-        R1 = tl.trans(tl.where(r == 1, kR, 0.0).to(dt))
-        R2 = tl.trans(tl.where(r == 2, kR, 0.0).to(dt))
-        acc_qk += _dot((qL * s0).to(dt), R0, DOT_PREC)
-        acc_qk += _dot((qL * s1).to(dt), R1, DOT_PREC)
-        acc_qk += _dot((qL * s2).to(dt), R2, DOT_PREC)
-        if not SPLIT:
-            acc_kk += _dot((kL * s0).to(dt), R0, DOT_PREC)
-            acc_kk += _dot((kL * s1).to(dt), R1, DOT_PREC)
-            acc_kk += _dot((kL * s2).to(dt), R2, DOT_PREC)
+        if DIAG_DOTS:  # column block j against every row at or below it, with the reference d_j on both sides
+            d_own = tl.where(r == 0, d0[None, :], tl.where(r == 1, d1[None, :],
+                                                            tl.where(r == 2, d2[None, :], d3[None, :])))
+            a_own = b_G - d_own
+            rng = tl.maximum(rng, tl.max(tl.where(m_valid, a_own, 0.0), 1))
+            kR = b_k * tl.exp(tl.minimum(-a_own, 0.0))
+            acc_qk, acc_kk = _diag_dots_column(acc_qk, acc_kk, b_q, b_k, b_G, kR, r, d0, 0, DIAG_CAP, dt, DOT_PREC)
+            acc_qk, acc_kk = _diag_dots_column(acc_qk, acc_kk, b_q, b_k, b_G, kR, r, d1, 1, DIAG_CAP, dt, DOT_PREC)
+            acc_qk, acc_kk = _diag_dots_column(acc_qk, acc_kk, b_q, b_k, b_G, kR, r, d2, 2, DIAG_CAP, dt, DOT_PREC)
+            acc_qk, acc_kk = _diag_dots_column(acc_qk, acc_kk, b_q, b_k, b_G, kR, r, d3, 3, DIAG_CAP, dt, DOT_PREC)
+        else:
+            acc_qk, acc_kk = _offdiag_routed(acc_qk, acc_kk, b_q, b_k, b_G, r, d0, d1, d2, dt, DOT_PREC, SPLIT)
 
     # the lower triangles of the diagonal blocks are written separately; their upper parts are 0 here (exactly)
-    if ZERO_DIAG:
+    if DIAG_DOTS:  # every block from the dots: the entries above the diagonal (garbage, finite) are masked
+        acc_qk = tl.where(o_t[None, :] <= o_t[:, None], acc_qk, 0.0)
+        acc_kk = tl.where(o_t[None, :] < o_t[:, None], acc_kk, 0.0)
+        unsafe = tl.max(tl.reshape(rng, [BT // BC, BC]), 1) > DIAG_CAP  # [BT // BC] per diagonal block
+        tl.store(diag_unsafe + (i_c * H + i_h) * (BT // BC) + tl.arange(0, BT // BC), unsafe.to(tl.int32))
+    if ZERO_DIAG or DIAG_DOTS:
         m = (o_t < n_rows)[:, None] & (o_t < BT)[None, :]
     else:
         m = (o_t < n_rows)[:, None] & ((r != (o_t // BC)[None, :]) | (o_t[:, None] < o_t[None, :]))
@@ -1113,15 +1204,25 @@ def chunk_kda_fwd_output_kernel(
     tl.store(_tile(o, t0, i_h, o_v, H, V, BT), b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
-def _launch_diag(q, k, G, beta, Aqk, Tinv, scale, layout, H, K, BK, prec):
-    """The diagonal pair blocks of ``pairs_impl = "chunk"`` (``FWD_CONFIG["diag_impl"]``), from the stored G."""
+def _diag_cap(dtype: torch.dtype, ops_16bit: bool) -> float:
+    """The largest exponent of a diagonal block's row factor in the off-diagonal kernel's dots (``diag_impl =
+    "dots"``): e^60 ~ 1e26 leaves fp32 and bf16 room for any product and sum of them; fp16 operands (largest
+    65504) take e^6 ~ 403, so more of their blocks go to the element-wise fallback."""
+    return 6.0 if ops_16bit and dtype == torch.float16 else 60.0
+
+
+def _launch_diag(q, k, G, beta, Aqk, Tinv, scale, layout, H, K, BK, prec, diag_unsafe=None):
+    """The diagonal pair blocks of ``pairs_impl = "chunk"`` (``FWD_CONFIG["diag_impl"]``), from the stored G; for
+    "dots" only the blocks the off-diagonal kernel flagged in ``diag_unsafe``."""
     c = FWD_CONFIG
-    if c["diag_impl"] == "tokens":
+    if c["diag_impl"] in ("tokens", "dots"):
         BH = min(triton.next_power_of_2(H), c["diag_heads"])
-        chunk_kda_fwd_diag_token_kernel[(layout.NT * CHUNK, triton.cdiv(H, BH))](
+        rows = CHUNK // SUB_CHUNK if diag_unsafe is not None else CHUNK  # programs per chunk
+        chunk_kda_fwd_diag_token_kernel[(layout.NT * rows, triton.cdiv(H, BH))](
             q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
             H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BH=BH, INTERPRET=_interpreting(),
-            num_warps=c["diag_token_warps"], num_stages=1,
+            UNSAFE_ONLY=diag_unsafe is not None, diag_unsafe=diag_unsafe, num_warps=c["diag_token_warps"],
+            num_stages=1,
         )
     else:
         chunk_kda_fwd_diag_kernel[(CHUNK // SUB_CHUNK, layout.NT, H)](
@@ -1163,8 +1264,12 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
             solve = c["solve_impl"]
             if solve not in ("wy", "kernel", "offdiag"):
                 raise ValueError(f"FWD_CONFIG['solve_impl'] must be 'wy', 'kernel' or 'offdiag', got {solve!r}")
-            if c["diag_impl"] not in ("blocks", "tokens"):
-                raise ValueError(f"FWD_CONFIG['diag_impl'] must be 'blocks' or 'tokens', got {c['diag_impl']!r}")
+            if c["diag_impl"] not in ("blocks", "tokens", "dots"):
+                raise ValueError(f"FWD_CONFIG['diag_impl'] must be 'blocks', 'tokens' or 'dots', "
+                                 f"got {c['diag_impl']!r}")
+            dots = c["diag_impl"] == "dots"
+            diag_unsafe = (torch.empty(layout.NT, H, CHUNK // SUB_CHUNK, device=dev, dtype=torch.int32)
+                           if dots else None)
             if solve == "offdiag" and c["offdiag_cumsum"]:
                 raise ValueError("FWD_CONFIG: solve_impl 'offdiag' needs the diagonal blocks before the off-diagonal "
                                  "kernel, offdiag_cumsum needs them after it; set one of them otherwise")
@@ -1178,16 +1283,21 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
             if solve == "offdiag" and c["offdiag_split"]:
                 raise ValueError("FWD_CONFIG: offdiag_split builds A_kk and A_qk in different programs; "
                                  "solve_impl 'offdiag' needs the whole A_kk in one, set one of them otherwise")
+            if dots and (solve == "offdiag" or c["offdiag_split"]):
+                raise ValueError("FWD_CONFIG: diag_impl 'dots' builds the diagonal blocks in the off-diagonal kernel "
+                                 "with both matrices in one program, before the diagonal fallback; it cannot take "
+                                 "solve_impl 'offdiag' or offdiag_split")
             chunk_kda_fwd_offdiag_kernel[(layout.NT, H, 2 if c["offdiag_split"] else 1)](
                 q, k, g, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
                 H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, c["offdiag_bks"]), CUMSUM=c["offdiag_cumsum"],
                 OPS_16BIT=c["pairs_ops_16bit"], DOT_PREC=prec, SOLVE=solve == "offdiag",
                 SOLVE_REGS=c["wy_solve_regs"], SPLIT=c["offdiag_split"], ZERO_DIAG=solve != "offdiag",
+                DIAG_DOTS=dots, diag_unsafe=diag_unsafe, DIAG_CAP=_diag_cap(dt, c["pairs_ops_16bit"]),
                 num_warps=c["offdiag_warps"],
                 num_stages=c["offdiag_stages"],
             )
             if solve != "offdiag":
-                _launch_diag(q, k, G, beta, Aqk, Tinv, scale, layout, H, K, BK, prec)
+                _launch_diag(q, k, G, beta, Aqk, Tinv, scale, layout, H, K, BK, prec, diag_unsafe)
             if solve == "kernel":
                 chunk_kda_fwd_solve_kernel[(layout.NT, H)](
                     Tinv, T16 if T16 is not None else Tinv, layout.cu_seqlens, layout.chunk_indices, H=H, BT=CHUNK,
@@ -1255,13 +1365,15 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
         (chunk_kda_fwd_diag_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, LEVELS=f["diag_levels"],
                                          OPS_16BIT=f["pairs_ops_16bit"], DOT_PREC="tf32"), f["diag_warps"], 1),
         (chunk_kda_fwd_diag_token_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK,
-                                               BH=min(triton.next_power_of_2(H), f["diag_heads"])),
+                                               BH=min(triton.next_power_of_2(H), f["diag_heads"]),
+                                               UNSAFE_ONLY=f["diag_impl"] == "dots"),
          f["diag_token_warps"], 1),
         (chunk_kda_fwd_offdiag_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, f["offdiag_bks"]),
                                             CUMSUM=f["offdiag_cumsum"], OPS_16BIT=f["pairs_ops_16bit"],
                                             DOT_PREC="tf32", SOLVE=f["solve_impl"] == "offdiag",
                                             SOLVE_REGS=f["wy_solve_regs"], SPLIT=f["offdiag_split"],
-                                            ZERO_DIAG=f["solve_impl"] != "offdiag"),
+                                            ZERO_DIAG=f["solve_impl"] != "offdiag",
+                                            DIAG_DOTS=f["diag_impl"] == "dots"),
          f["offdiag_warps"], f["offdiag_stages"]),
         (chunk_kda_fwd_solve_kernel, dict(H=H, BT=CHUNK, BC=SUB_CHUNK, SOLVE_REGS=f["wy_solve_regs"]),
          f["solve_warps"], 1),
