@@ -45,8 +45,10 @@ _VARIANTS = {  # FWD_CONFIG overrides on top of a neutral base (see the fixture)
     "chunk-fused-cumsum": {"offdiag_cumsum": True},
     "chunk-diag-levels": {"diag_levels": True},
     "chunk-solve-regs": {"wy_solve_regs": True},
-    "chunk-default": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel", "wy_split": True,
-                      "offdiag_bks": 64},
+    "chunk-default": {"diag_impl": "dots", "wy_solve_regs": True, "solve_impl": "kernel", "wy_split": True,
+                      "offdiag_bks": 64, "offdiag_qgkd": True},
+    "chunk-tokens": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel", "wy_split": True,
+                     "offdiag_bks": 64},
     "chunk-wy-per-chunk": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel"},
     "chunk-solve-wy": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "wy"},
     "chunk-solve-offdiag": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "offdiag"},
@@ -57,6 +59,7 @@ _VARIANTS = {  # FWD_CONFIG overrides on top of a neutral base (see the fixture)
     "chunk-wy-per-chunk-16bit": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel",
                                  "wy_ops_16bit": True},
     "chunk-diag-dots": {"diag_impl": "dots", "wy_solve_regs": True, "solve_impl": "kernel", "wy_split": True},
+    "chunk-qgkd-offdiag-cumsum-split": {"offdiag_qgkd": True, "offdiag_cumsum": True, "offdiag_split": True},
     "chunk-offdiag-split": {"diag_impl": "tokens", "wy_solve_regs": True, "solve_impl": "kernel",
                             "offdiag_split": True},
     "fused": {"pairs_impl": "fused"},
@@ -83,14 +86,17 @@ def pairs_impl(request, monkeypatch):
     """Every test of this file runs with each implementation of the pair-matrix stage: "subblock"; "chunk" with G
     from the cumsum kernel or from the off-diagonal kernel, with the diagonal blocks one column per step or by
     levels on the tensor cores (the helper the fused kernel also takes), and with the WY kernel's diagonal inverses
-    by forward substitution or from registers; "chunk-default", the shipped setting: diagonal blocks per row (lower
-    triangle only), inverses from registers, the UT transform in a kernel of its own, the WY factors one program per
-    column block; the same with one WY program per chunk, with the transform at the start of the WY kernel or at the
-    end of the off-diagonal kernel, with 16-bit W / U products; with A_kk and A_qk in separate off-diagonal programs;
-    "fused"."""
+    by forward substitution or from registers; "chunk-default", the shipped setting: diagonal blocks from the
+    off-diagonal kernel's dots (the element-wise fallback for flagged blocks), scale q exp(G) and K exp(G_last - G)
+    from the off-diagonal kernel, inverses from registers, the UT transform in a kernel of its own, the WY factors
+    one program per column block; "chunk-tokens", the same with the diagonal blocks per row (lower triangle only);
+    with one WY program per chunk, with the transform at the start of the WY kernel or at the end of the
+    off-diagonal kernel, with 16-bit W / U products; with A_kk and A_qk in separate off-diagonal programs (also
+    with G and the state pass's operands from that kernel); "chunk-diag-dots" over two K slices; "fused"."""
     base = {"pairs_impl": "chunk", "offdiag_cumsum": False, "diag_impl": "blocks", "diag_levels": False,
             "wy_solve_regs": False, "solve_impl": "wy", "wy_split": False, "wy_ops_16bit": False,
-            "offdiag_split": False, "offdiag_bks": 32, "wy_t16": True}  # two K slices per off-diagonal program at K = 64
+            "offdiag_split": False, "offdiag_bks": 32,  # two K slices per off-diagonal program at K = 64
+            "wy_t16": True, "offdiag_qgkd": False}
     for key, value in {**base, **_VARIANTS[request.param]}.items():
         monkeypatch.setitem(FWD_CONFIG, key, value)
     return FWD_CONFIG["pairs_impl"]

@@ -83,15 +83,29 @@ FWD_CONFIG = {
     # row t only, no clamp, base 2, no zero stores: 0.227 ms (heads 4: 0.249, 1: 0.295) (2026-12-04). Measured and
     # dropped (2026-12-04): the diagonal blocks by pair levels inside the off-diagonal kernel (batched 16x16 dots;
     # off-diagonal kernel 0.470-0.618 ms instead of 0.168 + 0.262), and carried row by row from the raw gates
-    # (F <- F exp(g_t), one exponential per row and column; 0.341 ms at 1 warp, 0.484 at 4)
-    "diag_impl": "tokens",
+    # (F <- F exp(g_t), one exponential per row and column; 0.341 ms at 1 warp, 0.484 at 4). "dots": the diagonal
+    # blocks from the off-diagonal kernel's dots, the element-wise kernel (one program per block) only for blocks
+    # whose decay range passes the cap: 8k fwd 0.994 -> 0.828 ms (off-diagonal kernel 0.167 -> 0.204, diagonal
+    # 0.218 -> 0.011 with no block flagged); with every block of about half the heads flagged (--gates steep)
+    # 0.965 vs 0.994 (2026-12-04)
+    "diag_impl": "dots",
     "diag_heads": 2,  # diag_impl "tokens": heads per program
     "diag_token_warps": 1,
+    # diag_impl "dots": heads per program of the element-wise fallback (one program per block and group of heads).
+    # H200, 8k fwd with every block of about half the heads flagged (benchmarks/kda_kernels.py --gates steep):
+    # fallback kernel 0.182 ms with 1 head, 0.385 with 2 (2026-12-04)
+    "diag_fallback_heads": 1,
     # K columns per step of the off-diagonal kernel; H200 8k fwd 1.156 (64) vs 1.215 ms (32), kernel 0.176 vs 0.233
     "offdiag_bks": 64,
     "offdiag_warps": 4,  # one warpgroup: the [64, BKS] x [BKS, 64] dots are one wgmma tile
-    "offdiag_stages": 3,  # vs 2: kernel 0.168 vs 0.176 ms at 8k (2026-12-03, 23:10 UTC)
+    # vs 2: kernel 0.168 vs 0.176 ms at 8k (2026-12-03, 23:10 UTC); with diag_impl "dots" and offdiag_qgkd,
+    # 1: 0.251, 2: 0.262, 3: 0.305 ms (2026-12-04)
+    "offdiag_stages": 1,
     "offdiag_split": False,  # A_kk and A_qk in separate programs of the off-diagonal kernel (one accumulator each)
+    # scale q exp(G) and K exp(G_last - G) stored by the off-diagonal kernel (it holds q, k, G) instead of the WY
+    # kernel, which then reads no q: 8k fwd 0.828 -> 0.785 ms (WY 0.213 -> 0.119, off-diagonal 0.204 -> 0.251 at
+    # offdiag_stages 1) (2026-12-04)
+    "offdiag_qgkd": True,
     "intra_bks": 32,  # pairs_impl "fused": K columns per step of the off-diagonal blocks
     "intra_warps": 4,
     "intra_stages": 1,
@@ -634,6 +648,7 @@ def chunk_kda_fwd_offdiag_kernel(
     CUMSUM: tl.constexpr, OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr, SOLVE: tl.constexpr = False,
     SOLVE_REGS: tl.constexpr = True, SPLIT: tl.constexpr = False, ZERO_DIAG: tl.constexpr = False,
     DIAG_DOTS: tl.constexpr = False, diag_unsafe=None, DIAG_CAP: tl.constexpr = 60.0,
+    STORE_QGKD: tl.constexpr = False, qg_out=None, kd_out=None,
 ):
     """Per (chunk, head) — grid (NT, H), or (NT, H, 2) with SPLIT: the off-diagonal blocks (i, j), i > j, of the
     pair matrices
@@ -665,6 +680,8 @@ def chunk_kda_fwd_offdiag_kernel(
     the dot operands (each factor <= 1) are rounded to the inputs' dtype, else fp32 (tf32 on 16-bit inputs).
     With SOLVE (``solve_impl = "offdiag"``; the diagonal kernel has run before and written its blocks) the program
     then turns its chunk of ``Tinv`` into T = (I + A)^-1 (``_ut_solve``), so the WY kernel only streams.
+    With STORE_QGKD (``offdiag_qgkd``) the program also writes the state pass's operands scale q exp(G) and
+    K exp(G_last - G) from the tiles it holds (G_last = d_3), so the WY kernel reads neither q nor writes them.
     With SPLIT (``offdiag_split``) each program builds one of the two matrices (A_kk for program_id(2) = 0, else
     A_qk): one [BT, BT] accumulator instead of two, twice the programs.
 
@@ -707,13 +724,13 @@ def chunk_kda_fwd_offdiag_kernel(
             d0 = tl.sum(tl.where(o_t[:, None] == e0, b_G, 0.0), 0)  # [BKS]
             d1 = tl.sum(tl.where(o_t[:, None] == e1, b_G, 0.0), 0)
             d2 = tl.sum(tl.where(o_t[:, None] == e2, b_G, 0.0), 0)
-            if DIAG_DOTS:
+            if DIAG_DOTS or STORE_QGKD:
                 d3 = tl.sum(tl.where(o_t[:, None] == e3, b_G, 0.0), 0)
         else:
             d0 = tl.load(G + ((t0 + e0) * H + i_h) * K + o_d, mask=m_d, other=0.0)  # [BKS]
             d1 = tl.load(G + ((t0 + e1) * H + i_h) * K + o_d, mask=m_d, other=0.0)
             d2 = tl.load(G + ((t0 + e2) * H + i_h) * K + o_d, mask=m_d, other=0.0)
-            if DIAG_DOTS:
+            if DIAG_DOTS or STORE_QGKD:
                 d3 = tl.load(G + ((t0 + e3) * H + i_h) * K + o_d, mask=m_d, other=0.0)
             b_G = _load_cols(G, t0, 0, col0, n_rows, i_h, H, K, BT, BKS)  # [BT, BKS] fp32; 0 past the end
         b_k = _load_cols(k, t0, 0, col0, n_rows, i_h, H, K, BT, BKS).to(tl.float32)
@@ -724,6 +741,9 @@ def chunk_kda_fwd_offdiag_kernel(
                 b_q = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BT, BKS).to(tl.float32)
         else:
             b_q = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BT, BKS).to(tl.float32)
+        if STORE_QGKD and (not SPLIT or i_m == 1):  # the state pass's operands, in place of the WY kernel
+            _store_cols(kd_out, b_k * tl.exp(d3[None, :] - b_G), t0, 0, col0, n_rows, i_h, H, K, BT, BKS)
+            _store_cols(qg_out, scale * b_q * tl.exp(b_G), t0, 0, col0, n_rows, i_h, H, K, BT, BKS)
         if DIAG_DOTS:  # column block j against every row at or below it, with the reference d_j on both sides
             d_own = tl.where(r == 0, d0[None, :], tl.where(r == 1, d1[None, :],
                                                             tl.where(r == 2, d2[None, :], d3[None, :])))
@@ -857,7 +877,7 @@ def chunk_kda_fwd_wy_kernel(
     q, k, v, beta, G, Tinv, T16, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BKW: tl.constexpr,
     BVW: tl.constexpr, SOLVE: tl.constexpr, SOLVE_REGS: tl.constexpr, DOT_PREC: tl.constexpr,
-    LOAD16: tl.constexpr = False,
+    LOAD16: tl.constexpr = False, STORE_QGKD: tl.constexpr = True,
 ):
     """Per (chunk, head) — grid (NT, H): the UT transform (with SOLVE; else ``Tinv`` already holds T), the WY
     factors and the state pass's decayed operands.
@@ -874,12 +894,13 @@ def chunk_kda_fwd_wy_kernel(
         _ut_solve(Tinv, t0, n_rows, i_h, H, BT, BC, SOLVE_REGS)
         tl.debug_barrier()  # T is read back whole, across threads
     _wy_factors(q, k, v, beta, G, T16 if LOAD16 else Tinv, w_out, u_out, qg_out, kd_out, t0, n_rows, i_h, scale,
-                H, K, V, BT, BKW, BVW, DOT_PREC)
+                H, K, V, BT, BKW, BVW, DOT_PREC, STORE_QGKD)
 
 
 @triton.jit
 def _wy_k_block(q, k, beta, G, b_T, w_out, qg_out, kd_out, t0, n_rows, i_h, col0, scale,
-                H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BKW: tl.constexpr, DOT_PREC: tl.constexpr):
+                H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BKW: tl.constexpr, DOT_PREC: tl.constexpr,
+                STORE_QGKD: tl.constexpr = True):
     """K columns [col0, col0 + BKW) of W = T (beta exp(G) K), scale q exp(G) and K exp(G_last - G), with T
     [BT, BT] already loaded (fp32, or the inputs' dtype for 16-bit dots)."""
     o_d = tl.arange(0, BKW)
@@ -888,10 +909,11 @@ def _wy_k_block(q, k, beta, G, b_T, w_out, qg_out, kd_out, t0, n_rows, i_h, col0
     b_k = _load_cols(k, t0, 0, col0, n_rows, i_h, H, K, BT, BKW).to(tl.float32)
     b_w = _dot(b_T, (b_b[:, None] * b_k * tl.exp(b_G)).to(b_T.dtype), DOT_PREC)
     _store_cols(w_out, b_w, t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
-    G_last = tl.load(G + ((t0 + n_rows - 1) * H + i_h) * K + col0 + o_d, mask=col0 + o_d < K, other=0.0)
-    _store_cols(kd_out, b_k * tl.exp(G_last[None, :] - b_G), t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
-    b_q = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BT, BKW).to(tl.float32)
-    _store_cols(qg_out, scale * b_q * tl.exp(b_G), t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
+    if STORE_QGKD:  # else the off-diagonal kernel has stored them (``offdiag_qgkd``)
+        G_last = tl.load(G + ((t0 + n_rows - 1) * H + i_h) * K + col0 + o_d, mask=col0 + o_d < K, other=0.0)
+        _store_cols(kd_out, b_k * tl.exp(G_last[None, :] - b_G), t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
+        b_q = _load_cols(q, t0, 0, col0, n_rows, i_h, H, K, BT, BKW).to(tl.float32)
+        _store_cols(qg_out, scale * b_q * tl.exp(b_G), t0, 0, col0, n_rows, i_h, H, K, BT, BKW)
 
 
 @triton.jit
@@ -907,13 +929,13 @@ def _wy_v_block(v, beta, b_T, u_out, t0, n_rows, i_h, col0, H: tl.constexpr, V: 
 @triton.jit
 def _wy_factors(q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, t0, n_rows, i_h, scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKW: tl.constexpr,
-                BVW: tl.constexpr, DOT_PREC: tl.constexpr):
+                BVW: tl.constexpr, DOT_PREC: tl.constexpr, STORE_QGKD: tl.constexpr = True):
     """With T = (I + A)^-1 stored in ``Tinv`` and G in ``G`` for this chunk: W = T (beta exp(G) K) and the state
     pass's operands scale q exp(G), K exp(G_last - G), K in blocks of BKW; U = T (beta V), V in blocks of BVW."""
     b_T = _load_rows_raw(Tinv, t0, n_rows, i_h, H, BT, BT, BT)  # [BT, BT] as stored; rows past the end read 0
     for i_b in range(0, tl.cdiv(K, BKW)):
         _wy_k_block(q, k, beta, G, b_T, w_out, qg_out, kd_out, t0, n_rows, i_h, i_b * BKW, scale,
-                    H, K, BT, BKW, DOT_PREC)
+                    H, K, BT, BKW, DOT_PREC, STORE_QGKD)
     for i_b in range(0, tl.cdiv(V, BVW)):
         _wy_v_block(v, beta, b_T, u_out, t0, n_rows, i_h, i_b * BVW, H, V, BT, BVW, DOT_PREC)
 
@@ -922,7 +944,7 @@ def _wy_factors(q, k, v, beta, G, Tinv, w_out, u_out, qg_out, kd_out, t0, n_rows
 def chunk_kda_fwd_wy_block_kernel(
     q, k, v, beta, G, Tinv, T16, w_out, u_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKW: tl.constexpr, BVW: tl.constexpr,
-    OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr, LOAD16: tl.constexpr = False,
+    OPS_16BIT: tl.constexpr, DOT_PREC: tl.constexpr, LOAD16: tl.constexpr = False, STORE_QGKD: tl.constexpr = True,
 ):
     """Per (column block, chunk, head) — grid (cdiv(K, BKW) + cdiv(V, BVW), NT, H): one block of the WY
     kernel's columns (``wy_split``): K blocks first (W, scale q exp(G), K exp(G_last - G)), then V blocks (U),
@@ -941,7 +963,7 @@ def chunk_kda_fwd_wy_block_kernel(
     NKB: tl.constexpr = (K + BKW - 1) // BKW
     if i_b < NKB:
         _wy_k_block(q, k, beta, G, b_T, w_out, qg_out, kd_out, t0, n_rows, i_h, i_b * BKW, scale,
-                    H, K, BT, BKW, DOT_PREC)
+                    H, K, BT, BKW, DOT_PREC, STORE_QGKD)
     else:
         _wy_v_block(v, beta, b_T, u_out, t0, n_rows, i_h, (i_b - NKB) * BVW, H, V, BT, BVW, DOT_PREC)
 
@@ -1216,7 +1238,7 @@ def _launch_diag(q, k, G, beta, Aqk, Tinv, scale, layout, H, K, BK, prec, diag_u
     "dots" only the blocks the off-diagonal kernel flagged in ``diag_unsafe``."""
     c = FWD_CONFIG
     if c["diag_impl"] in ("tokens", "dots"):
-        BH = min(triton.next_power_of_2(H), c["diag_heads"])
+        BH = min(triton.next_power_of_2(H), c["diag_heads"] if diag_unsafe is None else c["diag_fallback_heads"])
         rows = CHUNK // SUB_CHUNK if diag_unsafe is not None else CHUNK  # programs per chunk
         chunk_kda_fwd_diag_token_kernel[(layout.NT * rows, triton.cdiv(H, BH))](
             q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
@@ -1253,6 +1275,7 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
         ops16 = c["wy_ops_16bit"] and dt != torch.float32
         T16 = (_empty(TT, H, CHUNK, device=dev, dtype=dt)
                if ops16 and c["wy_t16"] and c["pairs_impl"] == "chunk" and c["solve_impl"] == "kernel" else None)
+        qgkd_done = c["pairs_impl"] == "chunk" and c["offdiag_qgkd"]  # the off-diagonal kernel stores qg, kd
         if c["pairs_impl"] == "subblock":
             chunk_kda_fwd_pairs_kernel[(CHUNK // SUB_CHUNK, layout.NT, H)](
                 q, k, g, beta, G, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
@@ -1293,6 +1316,7 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
                 OPS_16BIT=c["pairs_ops_16bit"], DOT_PREC=prec, SOLVE=solve == "offdiag",
                 SOLVE_REGS=c["wy_solve_regs"], SPLIT=c["offdiag_split"], ZERO_DIAG=solve != "offdiag",
                 DIAG_DOTS=dots, diag_unsafe=diag_unsafe, DIAG_CAP=_diag_cap(dt, c["pairs_ops_16bit"]),
+                STORE_QGKD=c["offdiag_qgkd"], qg_out=qg, kd_out=kd,
                 num_warps=c["offdiag_warps"],
                 num_stages=c["offdiag_stages"],
             )
@@ -1319,7 +1343,8 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
             chunk_kda_fwd_wy_block_kernel[(triton.cdiv(K, BKW) + triton.cdiv(V, BVW), layout.NT, H)](
                 q, k, v, beta, G, Tinv, T16 if T16 is not None else Tinv, w, u, qg, kd, layout.cu_seqlens,
                 layout.chunk_indices, scale, H=H, K=K, V=V, BT=CHUNK, BKW=BKW, BVW=BVW, OPS_16BIT=ops16,
-                DOT_PREC=prec, LOAD16=T16 is not None, num_warps=c["wy_split_warps"], num_stages=1,
+                DOT_PREC=prec, LOAD16=T16 is not None, STORE_QGKD=not qgkd_done, num_warps=c["wy_split_warps"],
+                num_stages=1,
             )
         else:
             chunk_kda_fwd_wy_kernel[(layout.NT, H)](
@@ -1327,7 +1352,8 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
                 layout.chunk_indices, scale,
                 H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BKW=min(BK, c["wy_block"]), BVW=min(BVf, c["wy_block"]),
                 SOLVE=c["pairs_impl"] != "chunk" or c["solve_impl"] == "wy", SOLVE_REGS=c["wy_solve_regs"],
-                DOT_PREC=prec, LOAD16=T16 is not None, num_warps=c["wy_warps"], num_stages=c["wy_stages"],
+                DOT_PREC=prec, LOAD16=T16 is not None, STORE_QGKD=not qgkd_done, num_warps=c["wy_warps"],
+                num_stages=c["wy_stages"],
             )
     o = _empty(TT, H, V, device=dev, dtype=dt)
     ht = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
@@ -1373,7 +1399,7 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
                                             DOT_PREC="tf32", SOLVE=f["solve_impl"] == "offdiag",
                                             SOLVE_REGS=f["wy_solve_regs"], SPLIT=f["offdiag_split"],
                                             ZERO_DIAG=f["solve_impl"] != "offdiag",
-                                            DIAG_DOTS=f["diag_impl"] == "dots"),
+                                            DIAG_DOTS=f["diag_impl"] == "dots", STORE_QGKD=f["offdiag_qgkd"]),
          f["offdiag_warps"], f["offdiag_stages"]),
         (chunk_kda_fwd_solve_kernel, dict(H=H, BT=CHUNK, BC=SUB_CHUNK, SOLVE_REGS=f["wy_solve_regs"]),
          f["solve_warps"], 1),
