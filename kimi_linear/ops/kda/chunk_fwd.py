@@ -3,12 +3,16 @@
 Three stages, chunk size BT = 64 split into four sub-blocks of BC = 16 rows:
 
 * The pair stage: the fp32 cumulative log-decay G and the pair matrices A_kk (strictly lower, times beta; to the
-  T buffer) and A_qk (lower, times scale). By default (``FWD_CONFIG["pairs_impl"] = "chunk"``) three kernels:
-  ``chunk_kda_fwd_cumsum_kernel`` (G per (chunk, head, K block)), ``chunk_kda_fwd_diag_token_kernel`` (the
-  lower triangles of the diagonal 16x16 blocks, one program per row and group of heads; ``diag_impl = "blocks"``:
-  ``chunk_kda_fwd_diag_kernel``, whole blocks per (sub-block, chunk, head)) and ``chunk_kda_fwd_offdiag_kernel`` (all
-  off-diagonal blocks per (chunk, head) as [64, BKS] x [BKS, 64] dots, the decay routed through the sub-blocks'
-  last rows); with ``offdiag_cumsum`` the off-diagonal kernel computes and stores G itself.
+  T buffer) and A_qk (lower, times scale). By default (``FWD_CONFIG["pairs_impl"] = "chunk"``,
+  ``diag_impl = "dots"``) ``chunk_kda_fwd_cumsum_kernel`` (G per (chunk, head, K block)), then
+  ``chunk_kda_fwd_offdiag_kernel``: every block of both matrices per (chunk, head) as [64, BKS] x [BKS, 64] dots,
+  one decay reference per column block (the diagonal blocks' row factors capped; a block whose decay range passes
+  the cap is flagged), and, with ``offdiag_qgkd``, the state pass's operands scale q exp(G), K exp(G_last - G);
+  then ``chunk_kda_fwd_diag_token_kernel`` recomputes the flagged diagonal blocks element-wise. With
+  ``diag_impl = "tokens"`` that kernel builds the lower triangles of all diagonal 16x16 blocks (one program per row
+  and group of heads) and the off-diagonal kernel only the blocks below them, the decay routed through the
+  sub-blocks' last rows; ``"blocks"``: ``chunk_kda_fwd_diag_kernel``, whole blocks per (sub-block, chunk, head).
+  With ``offdiag_cumsum`` the off-diagonal kernel computes and stores G itself.
   Alternatively (``"subblock"``), ``chunk_kda_fwd_pairs_kernel`` — one program per (sub-block, chunk, head),
   walking K in slices of ``pairs_bks`` columns: the sub-block's rows of G, A_kk and A_qk — against earlier rows as
   one tl.dot, inside the sub-block element-wise (one column per step over the whole K, or a [16, 16, BKS]
@@ -20,7 +24,8 @@ Three stages, chunk size BT = 64 split into four sub-blocks of BC = 16 rows:
 * ``chunk_kda_fwd_wy_kernel`` — one program per (chunk, head): the UT transform T = (I + beta A_kk)^-1 in fp32
   (the four 16x16 diagonal blocks inverted in registers as a Neumann product, or with ``wy_solve_regs`` off by
   forward substitution over rows read from memory; then a block merge), then, 64 columns at a time, the WY
-  factors W = T (beta exp(G) K), U = T (beta V) and the state pass's operands scale q exp(G), K exp(G_last - G).
+  factors W = T (beta exp(G) K), U = T (beta V) and (unless the off-diagonal kernel has, ``offdiag_qgkd``) the
+  state pass's operands scale q exp(G), K exp(G_last - G).
   Where the UT transform runs is ``FWD_CONFIG["solve_impl"]``: here ("wy"), in ``chunk_kda_fwd_solve_kernel`` of
   its own ("kernel", the default), or at the end of the off-diagonal kernel ("offdiag"); the WY kernel then only
   streams, and by default (``wy_split``) as ``chunk_kda_fwd_wy_block_kernel``, one program per column block.
@@ -29,11 +34,13 @@ Three stages, chunk size BT = 64 split into four sub-blocks of BC = 16 rows:
   S <- exp(G_last) S + (K exp(G_last - G))^T V_new. With ``STORE_H`` it also writes the state entering each chunk
   and V_new (the backward recomputes them this way instead of keeping them from the forward).
 
-Numerics: G stays fp32; exponentials are taken only of differences that are <= 0 — for pairs of rows in different
-sub-blocks the decay is routed through c, the decay just before the later block (t in it, i earlier):
-exp(G_t - G_i) = exp(G_t - c) exp(c - G_i), and inside a sub-block it is applied element-wise and clamped before
-masking. Rows past the end of a sequence read g = 0 (G there is the last valid row's, or 0 in the WY kernel, where
-their k, q, v read 0), so no factor exceeds 1 (g = -1000 gives zeros).
+Numerics: G stays fp32. Outside the diagonal blocks exponentials are taken only of differences that are <= 0 —
+for pairs of rows in different sub-blocks the decay goes through a row c between them: exp(G_t - G_i) =
+exp(G_t - c) exp(c - G_i) (c the exit row of i's block with diag_impl "dots", else the row just before t's
+block). Inside a diagonal block the element-wise kernels take exp(G_t - G_s), s <= t, directly; the dots of
+diag_impl "dots" take exp(G_t - c) >= 1 for the rows of the block, capped at e^60 (e^6 for fp16 operands), so no
+value can overflow, and a block that needed more is recomputed element-wise (g = -1000 always is). Rows past the
+end of a sequence read g = 0 and their k, q, v read 0 (g = -1000 gives zeros).
 
 Layout: every sequence tensor is packed ``[T_total, H, D]`` (contiguous); sequences are delimited by ``cu_seqlens``
 and each program finds its sequence and chunk in ``chunk_indices`` ``[NT, 2]`` (sequence, chunk within it).
