@@ -10,8 +10,12 @@ B=1, H=32, K=V=128, bf16 q/k/v/beta, fp32 gates, T in {4k, 8k, 16k, 32k, 64k}:
   * one decode step through the public ``fused_recurrent_kda`` (T=1, state pool in place) at B in {1,16,64,256},
     eager (host wall-clock per call) and replayed in a CUDA graph, with the effective state bandwidth.
 
+Gates are logsigmoid(N(3, 1)) (decays mostly near 1); ``--gates steep`` draws -r softplus(N(0, 1)) with a rate r in
+[1, 16] per head instead, large decays that send many diagonal blocks of the forward to its element-wise fallback
+(``FWD_CONFIG["diag_impl"] = "dots"``).
+
 Writes ``kda_kernels.json`` and ``kda_kernels.png`` (log-log ms vs T) into --out and prints the table last.
-Usage (H200): python benchmarks/kda_kernels.py --out benchmarks/results
+Usage (H200): python benchmarks/kda_kernels.py --out benchmarks/results [--gates steep]
 """
 
 from __future__ import annotations
