@@ -113,7 +113,7 @@ def launch_build(kernel, args: tuple, kwargs: dict) -> tuple:
     values = dict(zip(kernel.arg_names, args)) | kwargs
     sig, consts, attrs = {}, {}, {}
     for i, param in enumerate(kernel.params):
-        v = values[param.name]
+        v = values[param.name] if param.name in values else param.default  # a parameter left at its default
         if param.is_constexpr or v is None:
             sig[param.name], consts[param.name] = "constexpr", v
         elif isinstance(v, torch.Tensor):

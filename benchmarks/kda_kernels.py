@@ -218,6 +218,9 @@ def sweep_launch_settings(T: int, variants: list[dict] | None = None) -> list[di
         # from the WY kernel)
         {"fwd": {"diag_impl": "tokens", "offdiag_qgkd": False, "offdiag_stages": 3}},
         {"bwd": {"inter_stages": 3}},
+        # the backward's in-block pairs by small products where the decay range allows (not yet timed)
+        {"bwd": {"intra_diag_dots": True}},
+        {"bwd": {"intra_diag_dots": True, "intra_warps": 4}},
         {},
     ]
     out = []

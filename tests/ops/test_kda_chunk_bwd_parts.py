@@ -43,3 +43,47 @@ def test_intra_variants_and_narrow_k_block(monkeypatch, split):
     monkeypatch.setitem(chunk_bwd.BWD_CONFIG, "inter_bk", 16)
     cu = torch.tensor([0, 5, 5, 90], dtype=torch.int32)
     check_fwd_bwd(kda_inputs(1, 90, 1, 32, 16, N=3), cu_seqlens=cu.to(DEVICE))
+
+
+def _grads(x, **kwargs):
+    from tests.utils import leaves, loss_of
+    from kimi_linear.ops.kda import chunk_kda
+
+    xs = leaves({n: t.to(DEVICE) if t is not None else None for n, t in x.items()})
+    o, state = chunk_kda(xs["q"], xs["k"], xs["v"], xs["g"], xs["beta"], initial_state=xs["initial_state"],
+                         output_final_state=True, backend="triton", **kwargs)
+    loss_of(o, state).backward()
+    return {n: t.grad for n, t in xs.items() if t is not None}
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["intra-one-program", "intra-split"])
+def test_intra_diag_dots(monkeypatch, split):
+    """BWD_CONFIG["intra_diag_dots"]: the pairs inside a sub-block by small products where its decay range allows,
+    element-wise where it does not. Every gradient against the recurrence with moderate gates, g = -1000 in some
+    blocks (those take the element-wise branch) and a varlen cut; then, on moderate gates, the products really ran:
+    the gradients are not bit-identical to the element-wise branch's (cap -1 forces it), though both are right."""
+    monkeypatch.setitem(chunk_bwd.BWD_CONFIG, "intra_split", split)
+    monkeypatch.setitem(chunk_bwd.BWD_CONFIG, "intra_diag_dots", True)
+    cu = torch.tensor([0, 5, 90], dtype=torch.int32)
+    x = kda_inputs(1, 90, 2, 32, 16, N=2)
+    x["g"][:, 20, 0, :3] = -1000.0
+    x["g"][:, 70, 1] = -1000.0
+    check_fwd_bwd(x, cu_seqlens=cu.to(DEVICE))
+    y = kda_inputs(1, 70, 1, 16, 16)
+    dots = _grads(y)
+    check_fwd_bwd(y)
+    real_cap = chunk_bwd.chunk_kda_bwd_intra_kernel
+    monkeypatch.setattr(chunk_bwd, "chunk_kda_bwd_intra_kernel", _with_cap(real_cap, -1.0))
+    loops = _grads(y)
+    assert any(not torch.equal(dots[n], loops[n]) for n in ("q", "k", "g", "beta"))
+
+
+class _with_cap:
+    """The intra kernel launched with a given DIAG_CAP (a negative one sends every block to the element-wise loops)."""
+
+    def __init__(self, kernel, cap):
+        self.kernel, self.cap = kernel, cap
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        return lambda *args, **kwargs: launch(*args, **{**kwargs, "DIAG_CAP": self.cap})

@@ -76,6 +76,9 @@ BWD_CONFIG = {
     "intra_split": True,  # one program per sub-block (4x the programs) and a separate reverse cumsum
     "intra_warps": 8,
     "intra_stages": 1,
+    # the pairs inside each sub-block by small fp32 products where the block's decay range is at most e^60 (as the
+    # forward's diag_impl "dots"), else element-wise. Checked in the interpreter only: not yet timed on the H200
+    "intra_diag_dots": False,
 }
 
 
@@ -281,9 +284,67 @@ def chunk_kda_bwd_inter_kernel(
 
 
 @triton.jit
+def _bwd_intra_diag_loops(acc_q, acc_r, acc_c, q, k, beta, G, dA, dAqk, G_a, t0, r_a, n_rows, i_h, scale,
+                          H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """The pairs inside sub-block a (rows r_a..) of ``_bwd_intra_block``, element-wise: adds to dq~ (acc_q), to
+    r (acc_r, before beta) and to the column side (acc_c). Each exponent is clamped at 0, so any g is safe."""
+    # two loops, each reading one row (or column) of the operands from memory per step and updating whole [BC, BK]
+    # tiles, so that nothing is reduced across rows
+    o_c = tl.arange(0, BC)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    for j in range(BC):  # columns j: the row side, dq~_t and r_t for t >= j
+        m_j = m_k & (r_a + j < n_rows)
+        p_j = ((t0 + r_a + j).to(tl.int64) * H + i_h) * K + o_k
+        k_j = tl.load(k + p_j, mask=m_j, other=0.0).to(tl.float32)
+        G_j = tl.load(G + p_j, mask=m_j, other=0.0)
+        E = tl.where(o_c[:, None] >= j, tl.exp(tl.minimum(G_a - G_j[None, :], 0.0)), 0.0)  # [BC, BK]
+        p_col = ((t0 + r_a + o_c).to(tl.int64) * H + i_h) * BT + r_a + j
+        dqk_j = tl.load(dAqk + p_col, mask=r_a + o_c < n_rows, other=0.0)  # dA_qk[t, j] over t
+        dkk_j = tl.load(dA + p_col, mask=r_a + o_c < n_rows, other=0.0)
+        acc_q += dqk_j[:, None] * k_j[None, :] * E
+        acc_r += dkk_j[:, None] * k_j[None, :] * E
+    for t in range(BC):  # rows t: the column side, for keys j <= t
+        m_t = m_k & (r_a + t < n_rows)
+        p_t = ((t0 + r_a + t).to(tl.int64) * H + i_h) * K + o_k
+        q_t = tl.load(q + p_t, mask=m_t, other=0.0).to(tl.float32) * scale
+        bk_t = tl.load(k + p_t, mask=m_t, other=0.0).to(tl.float32) * tl.load(
+            beta + (t0 + r_a + t).to(tl.int64) * H + i_h, mask=r_a + t < n_rows, other=0.0).to(tl.float32)
+        G_t = tl.load(G + p_t, mask=m_t, other=0.0)
+        E = tl.where(o_c[:, None] <= t, tl.exp(tl.minimum(G_t[None, :] - G_a, 0.0)), 0.0)  # [BC(j), BK]
+        p_row = ((t0 + r_a + t).to(tl.int64) * H + i_h) * BT + r_a + o_c
+        dqk_t = tl.load(dAqk + p_row, mask=(o_c < BC) & (r_a + t < n_rows), other=0.0)  # dA_qk[t, j] over j
+        dkk_t = tl.load(dA + p_row, mask=(o_c < BC) & (r_a + t < n_rows), other=0.0)
+        acc_c += (dkk_t[:, None] * bk_t[None, :] + dqk_t[:, None] * q_t[None, :]) * E
+    return acc_q, acc_r, acc_c
+
+
+@triton.jit
+def _bwd_intra_diag_dots(acc_q, acc_r, acc_c, q_a, k_a, b_a, G_a, d, dA, dAqk, t0, r_a, n_rows, i_h,
+                         H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, DIAG_CAP: tl.constexpr):
+    """The same pairs as ``_bwd_intra_diag_loops`` by [BC, BC] x [BC, BK] products, for a block whose decay range
+    max(G_t - d) over its rows and K is at most DIAG_CAP (d its exit row): exp(G_t - G_j) = exp(G_t - d)
+    exp(d - G_j), the first factor in [1, e^DIAG_CAP], the second <= 1. The products are fp32 ("ieee"), as the
+    loops' sums are; q_a is already scaled."""
+    o_c = tl.arange(0, BC)
+    low = o_c[:, None] >= o_c[None, :]  # pairs (t, j), j <= t, as the loops take them
+    dqk = tl.where(low, _load_block(dAqk, t0, r_a, r_a, n_rows, i_h, H, BT, BC), 0.0)
+    dkk = tl.where(low, _load_block(dA, t0, r_a, r_a, n_rows, i_h, H, BT, BC), 0.0)
+    a_own = G_a - d[None, :]
+    eU = tl.exp(tl.minimum(a_own, DIAG_CAP))
+    eD = tl.exp(tl.minimum(-a_own, 0.0))
+    kD = k_a * eD
+    acc_q += eU * tl.dot(dqk, kD, input_precision="ieee")
+    acc_r += eU * tl.dot(dkk, kD, input_precision="ieee")
+    acc_c += eD * (tl.dot(tl.trans(dkk), b_a[:, None] * k_a * eU, input_precision="ieee")
+                   + tl.dot(tl.trans(dqk), q_a * eU, input_precision="ieee"))
+    return acc_q, acc_r, acc_c
+
+
+@triton.jit
 def _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows, G_last, i_h, scale,
                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
+                     DOT_PREC: tl.constexpr, DIAG_DOTS: tl.constexpr = False, DIAG_CAP: tl.constexpr = 60.0):
     """Sub-block a of a chunk: its final dq~, dk, dbeta and dG (before the reverse cumulative sum).
 
     Sub-blocks past the chunk's end read zeros, their G is the last valid row's, and produce zeros.
@@ -326,33 +387,19 @@ def _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows, 
             part += _dot(tl.trans(dAqk_ca), q_c * e_c, DOT_PREC)
             acc_c += part * tl.exp(Gr_c[None, :] - G_a)
 
-    # inside block a, element-wise. Two loops, each reading one row (or column) of the operands from memory
-    # per step and updating whole [BC, BK] tiles, so that nothing is reduced across rows.
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    for j in range(BC):  # columns j: the row side, dq~_t and r_t for t >= j
-        m_j = m_k & (r_a + j < n_rows)
-        p_j = ((t0 + r_a + j).to(tl.int64) * H + i_h) * K + o_k
-        k_j = tl.load(k + p_j, mask=m_j, other=0.0).to(tl.float32)
-        G_j = tl.load(G + p_j, mask=m_j, other=0.0)
-        E = tl.where(o_c[:, None] >= j, tl.exp(tl.minimum(G_a - G_j[None, :], 0.0)), 0.0)  # [BC, BK]
-        p_col = ((t0 + r_a + o_c).to(tl.int64) * H + i_h) * BT + r_a + j
-        dqk_j = tl.load(dAqk + p_col, mask=r_a + o_c < n_rows, other=0.0)  # dA_qk[t, j] over t
-        dkk_j = tl.load(dA + p_col, mask=r_a + o_c < n_rows, other=0.0)
-        acc_q += dqk_j[:, None] * k_j[None, :] * E
-        acc_r += dkk_j[:, None] * k_j[None, :] * E
-    for t in range(BC):  # rows t: the column side, for keys j <= t
-        m_t = m_k & (r_a + t < n_rows)
-        p_t = ((t0 + r_a + t).to(tl.int64) * H + i_h) * K + o_k
-        q_t = tl.load(q + p_t, mask=m_t, other=0.0).to(tl.float32) * scale
-        bk_t = tl.load(k + p_t, mask=m_t, other=0.0).to(tl.float32) * tl.load(
-            beta + (t0 + r_a + t).to(tl.int64) * H + i_h, mask=r_a + t < n_rows, other=0.0).to(tl.float32)
-        G_t = tl.load(G + p_t, mask=m_t, other=0.0)
-        E = tl.where(o_c[:, None] <= t, tl.exp(tl.minimum(G_t[None, :] - G_a, 0.0)), 0.0)  # [BC(j), BK]
-        p_row = ((t0 + r_a + t).to(tl.int64) * H + i_h) * BT + r_a + o_c
-        dqk_t = tl.load(dAqk + p_row, mask=(o_c < BC) & (r_a + t < n_rows), other=0.0)  # dA_qk[t, j] over j
-        dkk_t = tl.load(dA + p_row, mask=(o_c < BC) & (r_a + t < n_rows), other=0.0)
-        acc_c += (dkk_t[:, None] * bk_t[None, :] + dqk_t[:, None] * q_t[None, :]) * E
+    # inside block a: element-wise, or (DIAG_DOTS, where the block's decay range allows) by small dots
+    if DIAG_DOTS:
+        # the block's exit row (its last valid row; G_last for a block that is cut short or past the end)
+        d = tl.where(r_a + BC - 1 < n_rows, _load_row(G, t0, r_a + BC - 1, n_rows, i_h, H, K, BK), G_last)
+        if tl.max(tl.max(G_a - d[None, :], 1), 0) <= DIAG_CAP:
+            acc_q, acc_r, acc_c = _bwd_intra_diag_dots(acc_q, acc_r, acc_c, q_a, k_a, b_a, G_a, d, dA, dAqk, t0, r_a,
+                                                       n_rows, i_h, H, BT, BC, DIAG_CAP)
+        else:
+            acc_q, acc_r, acc_c = _bwd_intra_diag_loops(acc_q, acc_r, acc_c, q, k, beta, G, dA, dAqk, G_a, t0, r_a,
+                                                        n_rows, i_h, scale, H, K, BT, BC, BK)
+    else:
+        acc_q, acc_r, acc_c = _bwd_intra_diag_loops(acc_q, acc_r, acc_c, q, k, beta, G, dA, dAqk, G_a, t0, r_a,
+                                                    n_rows, i_h, scale, H, K, BT, BC, BK)
 
     dk_row = b_a[:, None] * acc_r
     b_dq = _load_rows(dq, t0, r_a, n_rows, i_h, H, K, BC, BK) + acc_q
@@ -366,11 +413,13 @@ def _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows, 
 def chunk_kda_bwd_intra_kernel(
     q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, dq_out, dk_out, dg_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, DIAG_DOTS: tl.constexpr = False, DIAG_CAP: tl.constexpr = 60.0,
 ):
     """Without SPLIT: one program per (chunk, head) walks the four sub-blocks from the last, carrying the reverse
     cumulative sum, and writes dg. With SPLIT: one program per (chunk, head, sub-block), four times the
-    parallelism; it writes dG, and ``chunk_kda_bwd_dg_kernel`` turns it into dg."""
+    parallelism; it writes dG, and ``chunk_kda_bwd_dg_kernel`` turns it into dg. With DIAG_DOTS
+    (``BWD_CONFIG["intra_diag_dots"]``) the pairs inside a sub-block are small fp32 products where its decay range
+    is at most DIAG_CAP (``_bwd_intra_diag_dots``), element-wise otherwise."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + 2 * i_c)
     i_t = tl.load(chunk_indices + 2 * i_c + 1)
@@ -384,7 +433,8 @@ def chunk_kda_bwd_intra_kernel(
     if SPLIT:
         a = tl.program_id(2)
         b_dq, b_dk, b_dG, b_db = _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows,
-                                                  G_last, i_h, scale, H, K, BT, BC, BK, DOT_PREC)
+                                                  G_last, i_h, scale, H, K, BT, BC, BK, DOT_PREC, DIAG_DOTS,
+                                                  DIAG_CAP)
         r_a = a * BC
         _store_rows(dq_out, b_dq * scale, t0, r_a, n_rows, i_h, H, K, BC, BK)
         _store_rows(dk_out, b_dk, t0, r_a, n_rows, i_h, H, K, BC, BK)
@@ -397,7 +447,8 @@ def chunk_kda_bwd_intra_kernel(
         for i in tl.static_range(4):
             a = 3 - i
             b_dq, b_dk, b_dG, b_db = _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows,
-                                                      G_last, i_h, scale, H, K, BT, BC, BK, DOT_PREC)
+                                                      G_last, i_h, scale, H, K, BT, BC, BK, DOT_PREC, DIAG_DOTS,
+                                                      DIAG_CAP)
             r_a = a * BC
             # g_t contributes to every G_s with s >= t in the chunk
             tot = tl.sum(b_dG, 0)
@@ -488,7 +539,7 @@ def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
         chunk_kda_bwd_intra_kernel[(NT, H, CHUNK // SUB_CHUNK if split else 1)](
             q, k, beta, G, dq, dk, dG, dA, dAqk, db, dq_out, dk_out, dg,
             layout.cu_seqlens, layout.chunk_indices, scale,
-            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC=prec, SPLIT=split,
+            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC=prec, SPLIT=split, DIAG_DOTS=c["intra_diag_dots"],
             num_warps=c["intra_warps"], num_stages=c["intra_stages"],
         )
         if split:
@@ -511,6 +562,7 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
         (chunk_kda_bwd_wy_kernel, dict(H=H, V=V, BT=CHUNK, BV=min(BVf, c["wy_bv"]), NK=triton.cdiv(K, BKi),
                                        DOT_PREC="tf32"), c["wy_warps"], c["wy_stages"]),
         (chunk_kda_bwd_intra_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC="tf32",
-                                          SPLIT=c["intra_split"]), c["intra_warps"], c["intra_stages"]),
+                                          SPLIT=c["intra_split"], DIAG_DOTS=c["intra_diag_dots"]), c["intra_warps"],
+         c["intra_stages"]),
         (chunk_kda_bwd_dg_kernel, dict(H=H, K=K, BT=CHUNK, BK=BK), 4, 1),
     ]
