@@ -19,7 +19,8 @@ if not torch.cuda.is_available():
 import kimi_linear.ops.kda.chunk_bwd as chunk_bwd  # noqa: E402
 import kimi_linear.ops.kda.chunk_common as chunk_common  # noqa: E402
 from tests.ops.test_kda_chunk_triton import DEVICE, check_fwd_bwd  # noqa: E402
-from tests.utils import kda_inputs  # noqa: E402
+from kimi_linear.ops.kda import chunk_kda  # noqa: E402
+from tests.utils import kda_inputs, leaves, loss_of  # noqa: E402
 
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1: the Triton kernels cannot run", allow_module_level=True)
@@ -46,9 +47,6 @@ def test_intra_variants_and_narrow_k_block(monkeypatch, split):
 
 
 def _grads(x, **kwargs):
-    from tests.utils import leaves, loss_of
-    from kimi_linear.ops.kda import chunk_kda
-
     xs = leaves({n: t.to(DEVICE) if t is not None else None for n, t in x.items()})
     o, state = chunk_kda(xs["q"], xs["k"], xs["v"], xs["g"], xs["beta"], initial_state=xs["initial_state"],
                          output_final_state=True, backend="triton", **kwargs)
