@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from kimi_linear.config import KimiLinearConfig
+from kimi_linear.layers import mixer_class
 
 LINEAR_TYPES = ("kda", "gdn")
 
@@ -77,9 +78,7 @@ class KimiLinearCache:
                 "latent": torch.zeros(N, self.max_length, c.kv_lora_rank, dtype=self.dtype, device=dev),
                 "k_pe": torch.zeros(N, self.max_length, c.qk_rope_head_dim, dtype=self.dtype, device=dev),
             }
-        from kimi_linear.model import get_mixer_class
-
-        cls = get_mixer_class(layer_type)
+        cls = mixer_class(layer_type)
         if not hasattr(cls, "allocate_cache"):
             raise ValueError(
                 f"layer type {layer_type!r} ({cls.__name__}) has no allocate_cache(); it cannot decode"

@@ -1,7 +1,7 @@
 """The Kimi Linear hybrid causal LM, top to bottom: embed → blocks (mixer + MLP/MoE, pre-norm) → norm → head.
 
 Each block is ``x + mixer(input_layernorm(x))`` then ``x + mlp(post_attention_layernorm(x))``. The mixer is
-chosen per layer from ``config.layer_types`` through ``MIXER_REGISTRY`` (KDA / GDN / MLA / Mamba2); the MLP is
+chosen per layer from ``config.layer_types`` through ``layers.MIXERS`` (KDA / GDN / MLA / Mamba2); the MLP is
 the dense SwiGLU for layers < ``first_k_dense_replace`` and the MoE after. Attribute names are the released
 checkpoint's (``model.layers.N.self_attn``, ``.mlp`` or ``.block_sparse_moe``, ``lm_head``), so the state dict
 is the release's apart from the MoE experts, which are stacked here (``kimi_linear.checkpoint`` maps them).
@@ -9,7 +9,6 @@ is the release's apart from the MoE experts, which are stacked here (``kimi_line
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 
@@ -17,36 +16,12 @@ import torch
 import torch.nn as nn
 
 from kimi_linear.cache import KimiLinearCache
+from kimi_linear.checkpoint import load_pretrained, save_pretrained
 from kimi_linear.config import KimiLinearConfig
-from kimi_linear.layers.mla import RMSNorm
-
-# layer type -> mixer class, or "module:Class" resolved on first use (so optional mixers cost nothing to
-# import). Each is constructed as cls(config, layer_idx) and called as mixer(hidden_states [B, T, D],
-# cache=None, cu_seqlens=None, attention_mask=None) -> [B, T, D].
-MIXER_REGISTRY: dict[str, type | str] = {
-    "kda": "kimi_linear.layers.kda:KimiDeltaAttention",
-    "gdn": "kimi_linear.layers.kda:KimiDeltaAttention",
-    "mla": "kimi_linear.layers.mla:MultiheadLatentAttention",
-    "mamba2": "kimi_linear.layers.mamba2:Mamba2Mixer",
-}
-
-
-def get_mixer_class(layer_type: str) -> type:
-    """The mixer class registered for ``layer_type`` (imported on first use). Raises ValueError if unknown."""
-    if layer_type not in MIXER_REGISTRY:
-        raise ValueError(f"unknown layer type {layer_type!r}; registered: {sorted(MIXER_REGISTRY)}")
-    entry = MIXER_REGISTRY[layer_type]
-    if isinstance(entry, str):
-        module, name = entry.split(":")
-        entry = getattr(importlib.import_module(module), name)
-        MIXER_REGISTRY[layer_type] = entry
-    return entry
-
-
-def register_mixer(layer_type: str, cls: type | str) -> None:
-    """Register (or replace) the mixer used for ``layer_type``."""
-    MIXER_REGISTRY[layer_type] = cls
-
+from kimi_linear.layers import mixer_class
+from kimi_linear.layers.mlp import SwiGLUMLP
+from kimi_linear.layers.moe import MoE
+from kimi_linear.layers.norm import RMSNorm
 
 def count_parameters(config: KimiLinearConfig) -> tuple[int, int]:
     """(total, active-per-token) parameter counts from the config alone (no model is built).
@@ -74,7 +49,7 @@ def count_parameters(config: KimiLinearConfig) -> tuple[int, int]:
             mixer += c.kv_lora_rank * Hq * (c.qk_nope_head_dim + c.v_head_dim) + Hq * c.v_head_dim * D
         else:
             with torch.device("meta"):
-                mixer = sum(p.numel() for p in get_mixer_class(layer_type)(c, i).parameters())
+                mixer = sum(p.numel() for p in mixer_class(layer_type)(c, i).parameters())
         norms = 2 * D
         if c.is_moe_layer(i):
             expert = 3 * D * c.moe_intermediate_size
@@ -105,16 +80,12 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = get_mixer_class(self.layer_type)(config, layer_idx)
+        self.self_attn = mixer_class(self.layer_type)(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer_idx)
         if self.is_moe:
-            from kimi_linear.layers.moe import MoE
-
             self.block_sparse_moe = MoE(config)
         else:
-            from kimi_linear.layers.mlp import SwiGLUMLP
-
             self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, cache=None, cu_seqlens=None, attention_mask=None):
@@ -279,12 +250,6 @@ class KimiLinearForCausalLM(nn.Module):
             cache.lengths += new_tokens
         return hidden
 
-    def generate(self, prompts, **kwargs) -> list[list[int]]:
-        """Continue token-id prompts; see ``kimi_linear.generate.generate`` for the arguments."""
-        from kimi_linear.generate import generate
-
-        return generate(self, prompts, **kwargs)
-
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count; ``active=True`` counts only the routed experts a token uses (top-k of E)."""
         total, act = count_parameters(self.config)
@@ -299,8 +264,6 @@ class KimiLinearForCausalLM(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         """Write ``config.json`` and sharded safetensors in the release format (kimi_linear.checkpoint)."""
-        from kimi_linear.checkpoint import save_pretrained
-
         save_pretrained(self, save_directory, max_shard_size=max_shard_size, dtype=dtype)
 
     @classmethod
@@ -313,6 +276,4 @@ class KimiLinearForCausalLM(nn.Module):
         """Load a checkpoint folder (config.json + safetensors): built on the meta device, tensors read
         straight from the files onto ``device`` (default CPU) in ``dtype`` (default: as stored; A_log, dt_bias
         and the router stay fp32)."""
-        from kimi_linear.checkpoint import load_pretrained
-
         return load_pretrained(cls, directory, dtype=dtype, device=device)

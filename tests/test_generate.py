@@ -43,7 +43,7 @@ def test_batched_equals_one_by_one_and_streaming(model):
     batched = generate(
         model, PROMPTS, max_new_tokens=9, stop_tokens=[], on_token=lambda i, t: streamed.append((i, t))
     )
-    alone = [model.generate([p], max_new_tokens=9, stop_tokens=[])[0] for p in PROMPTS]
+    alone = [generate(model, [p], max_new_tokens=9, stop_tokens=[])[0] for p in PROMPTS]
     assert batched == alone and all(len(out) == 9 for out in batched)
     for i, out in enumerate(batched):
         assert [t for j, t in streamed if j == i] == out

@@ -167,9 +167,9 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="holds 5 tokens"):
         model(ids, cache=model.allocate_cache(2, 5))
     with pytest.raises(ValueError, match="unknown layer type"):
-        from kimi_linear.model import get_mixer_class
+        from kimi_linear.layers import mixer_class
 
-        get_mixer_class("lstm")
+        mixer_class("lstm")
 
 
 @pytest.mark.gpu

@@ -23,25 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kimi_linear.config import KimiLinearConfig
-from kimi_linear.ops.norm import rms_norm
+from kimi_linear.layers.norm import RMSNorm
 
 # Packed documents up to this many are attended one by one (causal kernels); more use one block-diagonal mask.
 MAX_SEGMENT_LOOP = 16
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm over the last dim, fp32 inside, with a learned weight (initialised to ones)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype == self.weight.dtype:
-            # one fused kernel (fp32 statistics inside) instead of the reference's chain of element-wise ops
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return rms_norm(x, self.weight, self.eps)
 
 
 def token_positions(

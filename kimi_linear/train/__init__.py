@@ -1,7 +1,7 @@
 """Training: the trainer loop, data (embedded corpus, packing), checkpoint/resume and multi-process setup.
 
 ``from kimi_linear.train import Trainer, TrainConfig, train`` to train any module on dict batches; the
-``kimi-linear train`` command (``kimi_linear.train.cli``) wires it to the Kimi Linear model and the corpus.
+``kimi-linear train`` command (``kimi_linear.cli.train``) wires it to the Kimi Linear model and the corpus.
 The names are imported on first use, so the CLI starts without loading the training stack.
 """
 

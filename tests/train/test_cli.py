@@ -146,7 +146,7 @@ def test_baseline_mixers_train_and_save(tmp_path, capsys, mixer, expected):
 
 
 def test_cli_choices_follow_the_trainer():
-    from kimi_linear.train.cli import DTYPE_CHOICES
+    from kimi_linear.cli.train import DTYPE_CHOICES
     from kimi_linear.train.trainer import AUTOCAST_DTYPES
 
     assert DTYPE_CHOICES == AUTOCAST_DTYPES

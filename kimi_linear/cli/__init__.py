@@ -1,7 +1,7 @@
 """`kimi-linear <subcommand>`: the command-line entry point.
 
-Each subcommand lives in its own module, which exposes ``add_parser(subparsers)``; the module registers a handler
-with ``parser.set_defaults(func=...)``. Modules are listed here and imported only when the CLI starts.
+Each subcommand lives in its own module of this package, which exposes ``add_parser(subparsers)`` and
+registers its handler with ``parser.set_defaults(func=...)``. The modules are imported when the CLI starts.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import importlib
 import sys
 
 SUBCOMMAND_MODULES = (
-    "kimi_linear.ops.kda.cli",
-    "kimi_linear.train.synth_cli",
-    "kimi_linear.train.cli",
-    "kimi_linear.generate_cli",
-    "kimi_linear.info_cli",
+    "kimi_linear.cli.train",
+    "kimi_linear.cli.generate",
+    "kimi_linear.cli.info",
+    "kimi_linear.cli.synth",
 )
 
 

@@ -1,0 +1,24 @@
+"""RMSNorm as a module (the learned-weight norm of every block, the final norm and MLA's latent norm)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kimi_linear.ops.norm import rms_norm
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, fp32 inside, with a learned weight (initialised to ones)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype == self.weight.dtype:
+            # one fused kernel (fp32 statistics inside) instead of the reference's chain of element-wise ops
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
