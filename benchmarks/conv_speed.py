@@ -1,23 +1,24 @@
-"""The KDA layer's ShortConv (causal depthwise conv1d + SiLU): PyTorch path vs Triton kernels on the GPU.
+"""ShortConv (causal depthwise conv1d + SiLU): PyTorch path vs Triton kernels, forward and backward (GPU).
 
 For T in {4k, 32k} and C in {4096 (one of q/k/v), 12288 (q, k, v stacked, the layer's single call)}, bf16, filter
 width 4: forward, and forward + backward (dx, dweight), both backends in one run, medians by
 ``triton.testing.do_bench``; the backward is timed in both schemes of ``conv_triton.CONFIG["bwd_mode"]``. Cases:
 one sequence without state (training), and the same tokens packed as 8 varlen sequences with initial states and
-the final state (prefill into a cache). The floor is memory traffic: forward
-reads x and writes y, backward also reads x and dy and writes dx (2 bytes each per element); the table gives the
-achieved GB/s and its fraction of a measured device-to-device copy. Prints the table last; JSON to --out.
+the final state (prefill into a cache). The floor is memory traffic: forward reads x and writes y, backward also reads x and dy and writes dx (2 bytes each per element); the table gives the
+achieved GB/s and its fraction of the measured ceiling (``benchmarks.common.ceiling_gbps``: an element-wise kernel
+reading and writing 1 GiB). Prints the table last; writes conv_speed.json into --out.
 
-Usage (GPU):   PYTHONPATH=. python benchmarks/conv_speed.py --out benchmarks/results/conv_speed.json
-Offline sm_90 resources of the kernels (no GPU needed): PYTHONPATH=. python benchmarks/conv_speed.py --build-report
+Usage (GPU):   python -m benchmarks conv_speed [--sweep]
+Offline sm_90 resources of the kernels (no GPU needed): python -m benchmarks conv_speed --build-report
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
+
+from benchmarks.common import SuiteParser, bench_ms, ceiling_gbps, environment, resource_line, sm90_resources, write_json
 
 W = 4
 
@@ -26,8 +27,6 @@ def build_report() -> None:
     """Each kernel at the launch settings of ``conv_triton.CONFIG``, in the variants the model runs: plain (one
     sequence per batch row), varlen without state (packed training), varlen with states and the final state
     (prefill into a cache)."""
-    from kda_chunk_build import resource_line, sm90_resources
-
     from kimi_linear.ops import conv_triton as ct
 
     c = ct.CONFIG
@@ -60,19 +59,7 @@ def build_report() -> None:
         print(f"{fn.__name__:24s} {label:15s} {resource_line(r, c['warps'], 1)}", flush=True)
 
 
-def copy_gbps() -> float:
-    """GB/s of a 1 GiB device-to-device copy (read + write): the ceiling the element-wise kernels are held to."""
-    from triton.testing import do_bench
-
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = do_bench(lambda: b.copy_(a))
-    return 2 * a.numel() / ms / 1e6
-
-
 def bench_case(T: int, C: int, varlen: bool) -> dict:
-    from triton.testing import do_bench
-
     from kimi_linear.ops import conv_triton as ct
     from kimi_linear.ops.conv import causal_conv1d
 
@@ -98,14 +85,14 @@ def bench_case(T: int, C: int, varlen: bool) -> dict:
             y, _ = causal_conv1d(x, w, backend=backend, **kw)
             return torch.autograd.grad(y, (x, w), gy)
 
-        row[f"{backend}_fwd_ms"] = do_bench(fwd)
-        row[f"{backend}_fwdbwd_ms"] = do_bench(fwd_bwd)
+        row[f"{backend}_fwd_ms"] = bench_ms(fwd)
+        row[f"{backend}_fwdbwd_ms"] = bench_ms(fwd_bwd)
         if backend == "triton":  # the other backward scheme
             mode = ct.CONFIG["bwd_mode"]
             other = "two_pass" if mode == "fused" else "fused"
             ct.CONFIG["bwd_mode"] = other
             try:
-                row[f"triton_{other}_fwdbwd_ms"] = do_bench(fwd_bwd)
+                row[f"triton_{other}_fwdbwd_ms"] = bench_ms(fwd_bwd)
             finally:
                 ct.CONFIG["bwd_mode"] = mode
             row[f"triton_{mode}_fwdbwd_ms"] = row["triton_fwdbwd_ms"]
@@ -143,30 +130,26 @@ def sweep_backward(T: int = 32768, C: int = 12288) -> list[dict]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+def main(argv=None) -> None:
+    parser = SuiteParser(__name__, __doc__)
     parser.add_argument("--build-report", action="store_true", help="print the kernels' sm_90 resources and exit")
     parser.add_argument("--tokens", default="4096,32768")
     parser.add_argument("--channels", default="4096,12288")
     parser.add_argument("--sweep", action="store_true", help="also time backward launch settings at 32k x 12288")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.build_report:
         build_report()
         return
     if not torch.cuda.is_available():
-        raise SystemExit("conv_speed.py times GPU kernels: needs CUDA (or use --build-report)")
-    ceiling = copy_gbps()
+        raise SystemExit("conv_speed times GPU kernels: needs CUDA (or use --build-report)")
+    ceiling = ceiling_gbps()
     rows = [bench_case(T, C, varlen) for T in map(int, args.tokens.split(","))
             for C in map(int, args.channels.split(",")) for varlen in (False, True)]
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": ceiling, "W": W,
-            "dtype": "bf16"}
+    meta = environment(args, copy_gbps=ceiling, W=W, dtype="bf16")
     result = {"meta": meta, "rows": rows}
     if args.sweep:
         result["sweep"] = sweep_backward()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, "conv_speed.json", result)
     print(f"{meta['gpu']}, torch {meta['torch']}, bf16, W={W}, copy ceiling {ceiling:.0f} GB/s")
     print(f"{'T':>6} {'C':>6} {'case':>11} | {'fwd torch':>9} {'triton':>7} {'x':>5} {'GB/s':>5} {'%':>4} | "
           f"{'f+b torch':>9} {'fused':>7} {'2-pass':>7} {'x':>5} {'GB/s':>5} {'%':>4}")
@@ -179,6 +162,3 @@ def main() -> None:
     print("x = torch / triton (default CONFIG); GB/s and % of the copy ceiling for triton with the default CONFIG; "
           "fwd traffic 4 B/element, fwd+bwd 10 B/element")
 
-
-if __name__ == "__main__":
-    main()

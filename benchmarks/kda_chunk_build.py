@@ -1,4 +1,4 @@
-"""Compile the chunk KDA kernels for the H200 (sm_90) on a machine without a GPU, and print their resources.
+"""Offline sm_90 build of the chunk KDA kernels as launched: registers, spills, shared memory (no GPU needed).
 
 Default: the kernels exactly as ``chunk_kda`` launches them. The op's forward and backward run on small CPU tensors
 with every Triton launch recorded instead of run (so nothing is computed), and each recorded launch is compiled for
@@ -10,55 +10,30 @@ prefetch, then a narrower V block) in order, until a build fits. ``--variants`` 
 not shipped included) at bf16. Pointer arguments are declared 16-byte aligned, as PyTorch allocations are.
 Needs only Triton (its bundled ptxas and cuobjdump).
 
-    python benchmarks/kda_chunk_build.py                       # K = V = 128, bf16, as the model runs
-    python benchmarks/kda_chunk_build.py --K 256 --dtype fp32  # the op's largest head size
-    python benchmarks/kda_chunk_build.py --K 256 --check       # exit 1 when a launch cannot fit
+    python -m benchmarks kda_chunk_build                       # K = V = 128, bf16, as the model runs
+    python -m benchmarks kda_chunk_build --K 256 --dtype fp32  # the op's largest head size
+    python -m benchmarks kda_chunk_build --K 256 --check       # exit 1 when a launch cannot fit
+
+Prints only (``--out`` is unused).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import torch
-import triton
 from triton.runtime.jit import JITFunction
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
+from benchmarks.common import SM90_SHARED_LIMIT as SHARED_LIMIT
+from benchmarks.common import SuiteParser, resource_line, sm90_resources
 from kimi_linear.ops.kda import chunk_bwd, chunk_common, chunk_fwd
 
 H, K, V = 32, 128, 128
-SHARED_LIMIT = 232448
 FP32_PTRS = {"g", "beta", "G", "G_out", "Tinv", "Tinv_out", "h0", "ht", "dht", "dh0", "dq", "dk", "dG", "dA", "dAqk",
              "dbeta", "dg_out", "dg", "dbk"}
 INT_PTRS = {"cu_seqlens", "chunk_indices", "chunk_offsets", "diag_unsafe"}
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-
-def sm90_resources(fn, sig: dict, consts: dict, attrs: dict, num_warps: int, num_stages: int) -> dict:
-    """Compile ``fn`` for sm_90 with the given signature and read its resources from the cubin and the PTX."""
-    kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    ptx = kernel.asm["ptx"]
-    return {"regs": m.group(1) if m else "?", "stack": m.group(2) if m else "?", "shared": kernel.metadata.shared,
-            "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync")}
-
-
-def resource_line(r: dict, num_warps: int, num_stages: int) -> str:
-    flag = "  OVER THE SHARED-MEMORY LIMIT" if r["shared"] > SHARED_LIMIT else ""
-    return (f"warps={num_warps} stages={num_stages} regs={r['regs']:>3} stack={r['stack']:>5} B "
-            f"shared={r['shared']:>6} B wgmma={r['wgmma']:>3} mma={r['mma']:>3}{flag}")
 
 
 def build(fn, consts: dict, num_warps: int, num_stages: int, float_args=("scale",)) -> str:
@@ -172,8 +147,8 @@ def launched_main(B: int, T: int, H_: int, K_: int, V_: int, dtype: torch.dtype,
     return over if check else 0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    ap = SuiteParser(__name__, __doc__)
     ap.add_argument("--K", type=int, default=K)
     ap.add_argument("--V", type=int, default=None, help="default: K")
     ap.add_argument("--H", type=int, default=2, help="heads of the recorded run (the builds depend on H only where "
@@ -184,15 +159,12 @@ def main() -> None:
                                                          "H200 has")
     ap.add_argument("--variants", action="store_true", help="every listed kernel and setting instead, at H=32, "
                                                             "K=V=128, bf16")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.variants:
         variants_main()
-        return
+        return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the builds need Triton's compiler, not its interpreter")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
-    sys.exit(1 if launched_main(1, a.T, a.H, a.K, a.V or a.K, dtype, a.check) else 0)
+    return 1 if launched_main(1, a.T, a.H, a.K, a.V or a.K, dtype, a.check) else 0
 
-
-if __name__ == "__main__":
-    main()

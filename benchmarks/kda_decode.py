@@ -1,4 +1,4 @@
-"""Decode-step benchmark of the recurrent KDA kernel: ours vs FLA 0.6.0, eager and inside a CUDA graph.
+"""Recurrent KDA decode step: ours (and FLA with --compare fla), eager and in a CUDA graph (GPU).
 
 One decode step of one layer: one token per sequence, H heads, K x V fp32 state per (sequence, head), bf16
 inputs. The step is bound by the state traffic (read + write K*V*4 bytes per head), so the figure of merit is
@@ -8,26 +8,25 @@ same bytes.
 Modes:
   pool   ours, serving path: the state pool is updated in place through ``state_indices``.
   h0     ours, FLA's calling convention: ``initial_state`` in, a new final state out.
-  fla    ``fla.ops.kda.fused_recurrent_kda`` with ``initial_state`` and ``output_final_state=True``.
+  fla    ``fla.ops.kda.fused_recurrent_kda`` with ``initial_state`` and ``output_final_state=True``
+         (``--compare fla``).
 
 Timing: "eager" is host wall-clock per call over back-to-back calls (what a Python decode loop pays, launch
 overhead included); "graph" is one CUDA graph holding L consecutive layer-steps, each on its own state, timed
-with CUDA events over replays and divided by L (L is chosen so the states of one replay far exceed the L2, as
+by ``triton.testing.do_bench_cudagraph`` (median) and divided by L (L is chosen so the states of one replay far exceed the L2, as
 across a real model). ``--sweep`` also times every (BV, num_warps) launch configuration in graph mode.
 
-Usage (H200): python benchmarks/kda_decode.py --json $OUT/kda_decode.json [--sweep] [--batches 1 16 64 256]
+Usage (GPU): python -m benchmarks kda_decode --compare fla [--sweep] [--batches 1 16 64 256]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import time
 
 import torch
 import triton
 
+from benchmarks.common import SuiteParser, copy_us, environment, graph_ms, host_us, load_fla, write_json
 from kimi_linear.ops.kda import fused_recurrent_kda
 from kimi_linear.ops.kda.recurrent_triton import (
     DECODE_CONFIG,
@@ -51,58 +50,9 @@ def make_inputs(B: int, H: int, K: int, V: int, device: str, seed: int) -> dict:
     return dict(q=q, k=k, v=v, g=g, beta=beta)
 
 
-def time_eager(fn, iters: int) -> float:
-    """Microseconds per call, host wall-clock over back-to-back calls (launch overhead included)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters * 1e6
-
-
-def time_graph(fns, replays: int) -> float:
-    """Microseconds per layer-step: one graph runs every fn in ``fns`` once; median over timed replays."""
-    for fn in fns:
-        fn()  # compile and warm up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(fns))
-    times.sort()
-    return times[len(times) // 2]
-
-
-def copy_us(nbytes: int) -> float:
-    """Microseconds for an element-wise kernel that reads nbytes and writes nbytes: the bandwidth ceiling.
-
-    A kernel rather than ``copy_``: a plain copy may go to the copy engines, which are slower than the SMs.
-    """
-    src = torch.randn(nbytes // 4, device="cuda")
-    dst = torch.empty_like(src)
-    return time_graph([lambda: torch.neg(src, out=dst)], 50)
-
-
-def load_fla():
-    try:
-        from fla.ops.kda import fused_recurrent_kda as fla_fused_recurrent_kda
-    except Exception as e:  # noqa: BLE001 - any import failure means "no peer"
-        print(f"FLA not available: {e!r}")
-        return None
-    return fla_fused_recurrent_kda
+def time_graph(fns, rep_ms: int) -> float:
+    """Microseconds per layer-step: one graph runs every fn in ``fns`` once (median over ``rep_ms`` ms of replays)."""
+    return graph_ms(lambda: [fn() for fn in fns], calls=len(fns), rep=rep_ms) * 1e3
 
 
 def bench_batch(B, H, K, V, fla, sweep: bool) -> dict:
@@ -122,9 +72,9 @@ def bench_batch(B, H, K, V, fla, sweep: bool) -> dict:
         return lambda: fused_recurrent_kda(**x, initial_state=pools[i], output_final_state=True)
 
     iters = 200 if B <= 64 else 50
-    row["pool_eager_us"] = time_eager(ours_pool(0), iters)
+    row["pool_eager_us"] = host_us(ours_pool(0), iters)
     row["pool_graph_us"] = time_graph([ours_pool(i) for i in range(layers)], 50)
-    row["h0_eager_us"] = time_eager(ours_h0(0), iters)
+    row["h0_eager_us"] = host_us(ours_h0(0), iters)
     row["h0_graph_us"] = time_graph([ours_h0(i) for i in range(layers)], 50)
     row["copy_us"] = copy_us(state_bytes)
 
@@ -134,7 +84,7 @@ def bench_batch(B, H, K, V, fla, sweep: bool) -> dict:
         def fla_h0(i):
             return lambda: fla(**x, initial_state=pools[i], output_final_state=True)
 
-        row["fla_eager_us"] = time_eager(fla_h0(0), iters)
+        row["fla_eager_us"] = host_us(fla_h0(0), iters)
         try:
             row["fla_graph_us"] = time_graph([fla_h0(i) for i in range(layers)], 50)
         except Exception as e:  # noqa: BLE001 - report, keep benchmarking
@@ -169,26 +119,20 @@ def gbps(state_bytes: float, us: float) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = SuiteParser(__name__, __doc__, peers=("fla",))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--sweep", action="store_true", help="also time every (BV, num_warps) configuration")
-    parser.add_argument("--no-fla", action="store_true")
-    parser.add_argument("--json", default=None, help="write all numbers here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
 
     H, D = args.heads, args.head_dim
-    fla = None if args.no_fla else load_fla()
+    fla = load_fla().fused_recurrent_kda if "fla" in args.compare else None
     rows = [bench_batch(B, H, D, D, fla, args.sweep) for B in args.batches]
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                fla=None if fla is None else __import__("fla").__version__,
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    meta = environment(args)
+    write_json(args.out, "kda_decode.json", dict(meta=meta, rows=rows))
 
     if args.sweep:
         print("\nGraph-mode us per layer-step by launch configuration (pool mode):")
@@ -212,6 +156,3 @@ def main(argv=None) -> None:
               f"{gbps(sb, r['copy_us']):.0f} | {fla_g / r['h0_graph_us']:.2f} | "
               f"{r.get('o_rel_diff_vs_fla', float('nan')):.1e} |")
 
-
-if __name__ == "__main__":
-    main()

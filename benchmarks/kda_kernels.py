@@ -1,4 +1,4 @@
-"""Chunkwise KDA kernels on the GPU: ours vs FLA 0.6.0 vs torch SDPA causal attention, plus GDN and decode.
+"""Chunk KDA forward and forward+backward vs FLA and SDPA, GDN, per-kernel times, decode (GPU).
 
 B=1, H=32, K=V=128, bf16 q/k/v/beta, fp32 gates, T in {4k, 8k, 16k, 32k, 64k}:
   * forward and forward+backward in ms (``triton.testing.do_bench`` median, after warm-up, random inputs);
@@ -10,29 +10,25 @@ B=1, H=32, K=V=128, bf16 q/k/v/beta, fp32 gates, T in {4k, 8k, 16k, 32k, 64k}:
   * one decode step through the public ``fused_recurrent_kda`` (T=1, state pool in place) at B in {1,16,64,256},
     eager (host wall-clock per call) and replayed in a CUDA graph, with the effective state bandwidth.
 
-Gates are logsigmoid(N(3, 1)) (decays mostly near 1); ``--gates steep`` draws -r softplus(N(0, 1)) with a rate r in
+FLA's numbers (``--compare fla``) sit beside ours in every table. Gates are logsigmoid(N(3, 1)) (decays mostly near 1); ``--gates steep`` draws -r softplus(N(0, 1)) with a rate r in
 [1, 16] per head instead, large decays that send many diagonal blocks of the forward to its element-wise fallback
 (``FWD_CONFIG["diag_impl"] = "dots"``).
 
 Writes ``kda_kernels.json`` and ``kda_kernels.png`` (log-log ms vs T) into --out and prints the table last.
-Usage (H200): python benchmarks/kda_kernels.py --out benchmarks/results [--gates steep]
+Usage (GPU): python -m benchmarks kda_kernels --compare fla [--gates steep] [--sweep]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import time
 
 import torch
 import torch.nn.functional as F
-import triton
 
+from benchmarks.common import SuiteParser, bench_ms, environment, graph_ms, host_us, load_fla, pyplot, write_json
 from kimi_linear.ops.kda import chunk_bwd, chunk_fwd, chunk_kda, chunk_triton
 
-PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on this H200 (DESIGN.md §5)
-PEAK_TBPS = 4.8
 H, K, V, C = 32, 128, 128, 64
 
 
@@ -45,19 +41,16 @@ def attn_flops(T: int, B: int = 1) -> float:
     return B * H * 2 * T * T * K
 
 
-# --gates: "mild" (the default, every run so far) or "steep" (large decays: every diagonal block of the forward's
-# diag_impl "dots" goes to its element-wise fallback)
-GATES = {"kind": "mild"}
-
-
-def make_inputs(T: int, seed: int, scalar_gate: bool = False, requires_grad: bool = False) -> dict:
+def make_inputs(T: int, seed: int, scalar_gate: bool = False, requires_grad: bool = False, gates: str = "mild") -> dict:
+    """Random inputs at the benchmark's shape. ``gates``: "mild" (logsigmoid(N(3, 1))) or "steep" (large decays:
+    every diagonal block of the forward's diag_impl "dots" goes to its element-wise fallback)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(1, T, H, K, device="cuda", generator=gen)
     k = F.normalize(torch.randn(1, T, H, K, device="cuda", generator=gen), dim=-1)
     q = F.normalize(q, dim=-1)
     v = torch.randn(1, T, H, V, device="cuda", generator=gen)
     g_shape = (1, T, H) if scalar_gate else (1, T, H, K)
-    if GATES["kind"] == "steep":  # per head a rate in [1, 16] times softplus of a standard normal: ~-6 per step
+    if gates == "steep":  # per head a rate in [1, 16] times softplus of a standard normal: ~-6 per step
         rate = torch.empty(1, 1, H, *[1] * len(g_shape[3:]), device="cuda")
         rate = rate.uniform_(0.0, math.log(16.0), generator=gen).exp()
         g = -rate * F.softplus(torch.randn(*g_shape, device="cuda", generator=gen))
@@ -71,29 +64,17 @@ def make_inputs(T: int, seed: int, scalar_gate: bool = False, requires_grad: boo
     return x
 
 
-def bench(fn, grad_to_none=None) -> float:
-    return triton.testing.do_bench(fn, warmup=100, rep=400, grad_to_none=grad_to_none, return_mode="median")
+bench = bench_ms  # do_bench median, 100 ms warm-up, 400 ms of calls
 
 
-def load_fla():
-    try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-        from fla.ops.kda import chunk_kda as fla_chunk_kda
-
-        return fla_chunk_kda, chunk_gated_delta_rule
-    except Exception as e:  # noqa: BLE001 - the peer is optional
-        print(f"FLA not available: {e!r}")
-        return None, None
-
-
-def time_chunk(T: int, fla_kda, fla_gdn) -> dict:
+def time_chunk(T: int, fla_kda, fla_gdn, gates: str = "mild") -> dict:
     row = {"T": T}
-    x = make_inputs(T, seed=T)
+    x = make_inputs(T, seed=T, gates=gates)
     with torch.no_grad():
         row["ours_fwd"] = bench(lambda: chunk_kda(**x, backend="triton"))
         if fla_kda is not None:
             row["fla_fwd"] = bench(lambda: fla_kda(**x))
-    xg = make_inputs(T, seed=T, requires_grad=True)
+    xg = make_inputs(T, seed=T, requires_grad=True, gates=gates)
     do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
     leaves = list(xg.values())
     row["ours_fwdbwd"] = bench(lambda: chunk_kda(**xg, backend="triton")[0].backward(do), leaves)
@@ -101,7 +82,7 @@ def time_chunk(T: int, fla_kda, fla_gdn) -> dict:
         row["fla_fwdbwd"] = bench(lambda: fla_kda(**xg)[0].backward(do), leaves)
 
     # GDN: one scalar gate per head, same kernels
-    xs = make_inputs(T, seed=T + 1, scalar_gate=True)
+    xs = make_inputs(T, seed=T + 1, scalar_gate=True, gates=gates)
     with torch.no_grad():
         row["ours_gdn_fwd"] = bench(lambda: chunk_kda(**xs, backend="triton"))
         if fla_gdn is not None:
@@ -123,11 +104,11 @@ def time_chunk(T: int, fla_kda, fla_gdn) -> dict:
     return row
 
 
-def kernel_breakdown(T: int, op=None, backward: bool = True) -> dict:
+def kernel_breakdown(T: int, op=None, backward: bool = True, gates: str = "mild") -> dict:
     """CUDA time per kernel (ms per call) of a forward(+backward) of ``op`` (ours by default), torch profiler."""
     if op is None:
         op = lambda **x: chunk_kda(**x, backend="triton")  # noqa: E731
-    xg = make_inputs(T, seed=7, requires_grad=backward)
+    xg = make_inputs(T, seed=7, requires_grad=backward, gates=gates)
     do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
 
     def call():
@@ -174,31 +155,15 @@ def time_decode(batches) -> list[dict]:
         def step():
             return fused_recurrent_kda(q, k, v, g, beta, initial_state=pool, state_indices=slots, backend="triton")
 
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-        iters = 200
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            step()
-        torch.cuda.synchronize()
-        eager_us = (time.perf_counter() - t0) / iters * 1e6
-        graph = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            step()
-        torch.cuda.current_stream().wait_stream(s)
-        with torch.cuda.graph(graph):
-            step()
-        graph_us = bench(graph.replay) * 1e3
+        eager_us = host_us(step, iters=200, warmup=5)
+        graph_us = graph_ms(step) * 1e3
         state_bytes = 2 * B * H * K * V * 4
         rows.append({"B": B, "eager_us": eager_us, "graph_us": graph_us,
                      "graph_GBps": state_bytes / (graph_us * 1e-6) / 1e9})
     return rows
 
 
-def sweep_launch_settings(T: int, variants: list[dict] | None = None) -> list[dict]:
+def sweep_launch_settings(T: int, variants: list[dict] | None = None, gates: str = "mild") -> list[dict]:
     """Forward and forward+backward at one T for a few launch settings (overrides of the kernels' config dicts).
 
     Each setting's output and input gradients are also compared with the first setting's (the committed one):
@@ -206,8 +171,8 @@ def sweep_launch_settings(T: int, variants: list[dict] | None = None) -> list[di
     sit at the bf16 rounding level (~1e-2 at most) and a broken variant shows as O(1)."""
     configs = {"common": chunk_triton.CONFIG, "fwd": chunk_fwd.FWD_CONFIG, "bwd": chunk_bwd.BWD_CONFIG}
     base = {name: dict(c) for name, c in configs.items()}
-    x = make_inputs(T, seed=3)
-    xg = make_inputs(T, seed=3, requires_grad=True)
+    x = make_inputs(T, seed=3, gates=gates)
+    xg = make_inputs(T, seed=3, requires_grad=True, gates=gates)
     do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
     # (earlier sweeps — diagonal as a 3D broadcast, pair/WY/backward warps and stages, state_bv, the fused
     # per-chunk kernel's settings — are in benchmarks/RESULTS.md; these are the settings still open)
@@ -241,7 +206,8 @@ def sweep_launch_settings(T: int, variants: list[dict] | None = None) -> list[di
             with torch.no_grad():
                 f = bench(lambda: chunk_kda(**x, backend="triton"))
             fb = bench(lambda: chunk_kda(**xg, backend="triton")[0].backward(do), list(xg.values()))
-            kernels = {name: round(ms, 4) for name, ms in list(kernel_breakdown(T, backward=False).items())[:6]}
+            kernels = {name: round(ms, 4)
+                       for name, ms in list(kernel_breakdown(T, backward=False, gates=gates).items())[:6]}
             out.append({"change": change, "fwd": f, "fwdbwd": fb, "max_rel_diff": diff, "fwd_kernels_ms": kernels})
         except Exception as e:  # noqa: BLE001
             out.append({"change": change, "error": repr(e)[:200]})
@@ -252,14 +218,7 @@ def sweep_launch_settings(T: int, variants: list[dict] | None = None) -> list[di
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as e:  # noqa: BLE001
-        print(f"no plot: {e!r}")
-        return
+    plt = pyplot()
     Ts = [r["T"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 5))
     for key, label, style in [
@@ -277,11 +236,11 @@ def plot(rows, path):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="benchmarks/results")
+    ap = SuiteParser(__name__, __doc__, peers=("fla",))
     ap.add_argument("--T", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
     ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--sweep", action="store_true", help="also time launch settings of the sequential passes")
@@ -291,40 +250,27 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep-only", metavar="JSON", nargs="?", const="[]",
                     help="only the 8k sweep, of these settings (a JSON list of overrides; default the built-in list)")
     args = ap.parse_args(argv)
-    GATES["kind"] = args.gates
-    import os
-
-    os.makedirs(args.out, exist_ok=True)
-    fla_kda, fla_gdn = load_fla()
-    result = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "config": dict(chunk_triton.CONFIG),
-        "gates": args.gates,
-        "fwd_config": dict(chunk_fwd.FWD_CONFIG),
-        "bwd_config": dict(chunk_bwd.BWD_CONFIG),
-        "shape": {"B": 1, "H": H, "K": K, "V": V, "dtype": "bf16 q/k/v/beta, fp32 g"},
-    }
-    try:
-        import fla
-
-        result["fla"] = fla.__version__
-    except Exception:  # noqa: BLE001
-        result["fla"] = None
+    fla = load_fla() if "fla" in args.compare else None
+    fla_kda, fla_gdn = (fla.chunk_kda, fla.chunk_gated_delta_rule) if fla else (None, None)
+    result = environment(
+        args,
+        config=dict(chunk_triton.CONFIG),
+        gates=args.gates,
+        fwd_config=dict(chunk_fwd.FWD_CONFIG),
+        bwd_config=dict(chunk_bwd.BWD_CONFIG),
+        shape={"B": 1, "H": H, "K": K, "V": V, "dtype": "bf16 q/k/v/beta, fp32 g"},
+    )
     if args.sweep or args.sweep_only is not None:
-        result["sweep_8k"] = sweep_launch_settings(8192, json.loads(args.sweep_only or "[]"))
+        result["sweep_8k"] = sweep_launch_settings(8192, json.loads(args.sweep_only or "[]"), gates=args.gates)
         for r in result["sweep_8k"]:
             print("sweep 8k:", json.dumps(r), flush=True)
     if args.sweep_only is not None:
-        with open(os.path.join(args.out, "kda_kernels_sweep.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, "kda_kernels_sweep.json", result)
         return
     rows = []
     for T in args.T:
         try:
-            row = time_chunk(T, fla_kda, fla_gdn)
+            row = time_chunk(T, fla_kda, fla_gdn, gates=args.gates)
         except Exception as e:  # noqa: BLE001 - report and go on to the next size
             print(f"T={T}: failed: {e!r}"[:400])
             torch.cuda.empty_cache()
@@ -335,18 +281,18 @@ def main(argv=None) -> None:
     result["breakdown"] = {}
     for T in args.breakdown:
         try:
-            result["breakdown"][T] = kernel_breakdown(T)
+            result["breakdown"][T] = kernel_breakdown(T, gates=args.gates)
         except Exception as e:  # noqa: BLE001
             print(f"breakdown T={T} failed: {e!r}"[:400])
     if fla_kda is not None and args.breakdown:
         T = args.breakdown[0]
         for tag, bwd in (("fwd", False), ("fwdbwd", True)):
             try:
-                result["breakdown"][f"FLA {tag} {T}"] = kernel_breakdown(T, fla_kda, backward=bwd)
+                result["breakdown"][f"FLA {tag} {T}"] = kernel_breakdown(T, fla_kda, backward=bwd, gates=args.gates)
             except Exception as e:  # noqa: BLE001
                 print(f"FLA breakdown {tag} failed: {e!r}"[:400])
         try:
-            result["breakdown"][f"ours fwd {T}"] = kernel_breakdown(T, backward=False)
+            result["breakdown"][f"ours fwd {T}"] = kernel_breakdown(T, backward=False, gates=args.gates)
         except Exception as e:  # noqa: BLE001
             print(f"breakdown fwd failed: {e!r}"[:400])
     try:
@@ -354,9 +300,8 @@ def main(argv=None) -> None:
     except Exception as e:  # noqa: BLE001
         print(f"decode failed: {e!r}"[:400])
         result["decode"] = []
-    with open(os.path.join(args.out, "kda_kernels.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    plot(rows, os.path.join(args.out, "kda_kernels.png"))
+    write_json(args.out, "kda_kernels.json", result)
+    plot(rows, args.out / "kda_kernels.png")
 
     for T, br in result["breakdown"].items():
         print(f"\nper-kernel ms per call ({T}; plain T = ours fwd+bwd):")
@@ -367,7 +312,8 @@ def main(argv=None) -> None:
         print(f"{'B':>5} {'eager us':>9} {'graph us':>9} {'GB/s':>8}")
         for d in result["decode"]:
             print(f"{d['B']:5d} {d['eager_us']:9.1f} {d['graph_us']:9.1f} {d['graph_GBps']:8.0f}")
-    print(f"\n{result['gpu']}, torch {result['torch']}, triton {result['triton']}, FLA {result['fla']}")
+    print(f"\n{result.get('gpu')}, torch {result['torch']}, triton {result['triton']}, FLA {result['fla']}, "
+          f"commit {result['commit']}")
     hdr = (f"{'T':>6} | {'ours fwd':>8} {'FLA fwd':>8} {'ratio':>6} {'TF/s':>6} | {'ours f+b':>8} {'FLA f+b':>8} "
            f"{'ratio':>6} {'TF/s':>6} | {'GDN ours':>8} {'GDN FLA':>8} | {'SDPA f':>7} {'SDPA f+b':>8}")
     print(hdr)
@@ -379,6 +325,3 @@ def main(argv=None) -> None:
               f"{f('ours_fwdbwd') / f('fla_fwdbwd'):6.2f} {3 * kda_flops(T) / f('ours_fwdbwd') / 1e9:6.1f} | "
               f"{f('ours_gdn_fwd'):8.3f} {f('fla_gdn_fwd'):8.3f} | {f('sdpa_fwd'):7.3f} {f('sdpa_fwdbwd'):8.3f}")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,29 +1,24 @@
-"""chunk_kda's in-op activations (l2norm of q and k, the forget gate, the beta sigmoid): PyTorch vs the fused Triton
-kernels of ``kda/preprocess_triton.py``, on the GPU.
+"""chunk_kda's in-op activations (q/k L2 norm, gate, beta sigmoid): PyTorch vs the fused Triton kernels (GPU).
 
-At H = 32, K = 128 (the model's KDA heads), bf16 raw inputs (q, k, gate pre-activation, beta logits), fp32 A_log and
+Kernels of ``kda/preprocess_triton.py``. At H = 32, K = 128 (the model's KDA heads), bf16 raw inputs (q, k, gate pre-activation, beta logits), fp32 A_log and
 dt_bias, q_n/k_n produced in bf16 (the chunk kernel's operands; the PyTorch path casts its fp32 result), g and beta
 in fp32, T in {8k, 32k} tokens: forward (no autograd) and forward + backward (all six gradients), medians by
 ``triton.testing.do_bench``, both backends in one run. Memory: ``saved`` is what the forward leaves allocated for
 backward beyond its inputs (outputs + autograd's saved tensors), ``peak`` the peak over forward + backward above the
 inputs and upstream gradients. The floor is memory traffic, per element of [T, H, K] in bf16 with an fp32 gate:
 forward reads q, k, g (6 B) and writes q_n, k_n, g (8 B); backward also reads q, k, g, dq_n, dk_n, dg (14 B) and
-writes dq, dk, dg (6 B). The table gives the fused kernels' achieved GB/s against a measured device-to-device copy.
-Prints the table last; JSON to --out.
+writes dq, dk, dg (6 B). The table gives the fused kernels' achieved GB/s against the measured ceiling
+(``benchmarks.common.ceiling_gbps``). Prints the table last; writes kda_preprocess_speed.json into --out.
 
-Usage (GPU):   PYTHONPATH=. python benchmarks/kda_preprocess_speed.py --out benchmarks/results/kda_preprocess.json
-Offline sm_90 resources of the kernels (no GPU needed):
-               PYTHONPATH=. python benchmarks/kda_preprocess_speed.py --build-report
+Usage (GPU):   python -m benchmarks kda_preprocess_speed
+Offline sm_90 resources of the kernels (no GPU needed): python -m benchmarks kda_preprocess_speed --build-report
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-
 import torch
+
+from benchmarks.common import SuiteParser, bench_ms, ceiling_gbps, environment, resource_line, sm90_resources, write_json
 
 H, K = 32, 128
 DEVICE = "cuda"
@@ -33,9 +28,7 @@ FWD_BYTES, FWDBWD_BYTES = 14, 14 + 20  # per element of [T, H, K], see the modul
 def build_report() -> None:
     """Both kernels at the launch settings of ``preprocess_triton.CONFIG``: all three parts with the per-channel
     gate and dt_bias (the model), the scalar (GDN) gate, and l2norm alone."""
-    sys.path.insert(0, os.path.dirname(__file__))
     import triton
-    from kda_chunk_build import resource_line, sm90_resources
 
     from kimi_linear.ops.kda import preprocess_triton as pt
     from kimi_linear.ops.norm import L2NORM_EPS
@@ -58,8 +51,6 @@ def build_report() -> None:
 
 
 def bench_case(T: int) -> dict:
-    from triton.testing import do_bench
-
     import kimi_linear.ops.kda.common as common
 
     dev, bf16 = DEVICE, torch.bfloat16
@@ -90,8 +81,8 @@ def bench_case(T: int) -> dict:
     try:
         for backend in ("torch", "triton"):
             common.PREPROCESS_BACKEND = backend
-            row[f"{backend}_fwd_ms"] = do_bench(fwd)
-            row[f"{backend}_fwdbwd_ms"] = do_bench(fwd_bwd)
+            row[f"{backend}_fwd_ms"] = bench_ms(fwd)
+            row[f"{backend}_fwdbwd_ms"] = bench_ms(fwd_bwd)
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
@@ -109,27 +100,20 @@ def bench_case(T: int) -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+def main(argv=None) -> None:
+    parser = SuiteParser(__name__, __doc__)
     parser.add_argument("--build-report", action="store_true", help="print the kernels' sm_90 resources and exit")
     parser.add_argument("--tokens", default="8192,32768")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.build_report:
         build_report()
         return
     if not torch.cuda.is_available():
-        raise SystemExit("kda_preprocess_speed.py times GPU kernels: needs CUDA (or use --build-report)")
-    sys.path.insert(0, os.path.dirname(__file__))
-    from conv_speed import copy_gbps
-
-    ceiling = copy_gbps()
+        raise SystemExit("kda_preprocess_speed times GPU kernels: needs CUDA (or use --build-report)")
+    ceiling = ceiling_gbps()
     rows = [bench_case(T) for T in map(int, args.tokens.split(","))]
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": ceiling, "H": H, "K": K,
-            "dtype": "bf16"}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    meta = environment(args, copy_gbps=ceiling, H=H, K=K, dtype="bf16")
+    write_json(args.out, "kda_preprocess_speed.json", {"meta": meta, "rows": rows})
     print(f"{meta['gpu']}, torch {meta['torch']}, bf16, H={H}, K={K}, copy ceiling {ceiling:.0f} GB/s")
     print(f"{'T':>6} | {'fwd torch':>9} {'fused':>7} {'x':>5} {'GB/s':>5} {'%':>4} | {'f+b torch':>9} {'fused':>7} "
           f"{'x':>5} {'GB/s':>5} {'%':>4} | {'saved MiB torch':>15} {'fused':>7} | {'peak MiB torch':>14} {'fused':>7}")
@@ -142,6 +126,3 @@ def main() -> None:
     print(f"x = torch / fused; GB/s and % of the copy ceiling for the fused kernels; traffic {FWD_BYTES} B/element "
           f"forward, {FWDBWD_BYTES} B/element forward + backward; memory above the inputs")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Absorbed MLA decode attention, one layer, one step: our split-K Triton kernel vs the einsum reference path.
+"""Absorbed MLA decode attention, one layer-step: our split-K Triton kernel vs the einsum reference (GPU).
 
 The release shape (H = 32 heads, kv_lora_rank r = 512, rope dim 64, bf16 caches, softmax scale 192^-0.5); every
 row of the cache is full (lengths = L). The step is bound by reading the latent cache, B * L * 576 * 2 bytes,
@@ -11,22 +11,19 @@ be) that the set exceeds the L2, and the time is divided by their number. "einsu
 builds fp32 scores ``[B, H, L]``; it is skipped where its workspace would not fit. ``--sweep`` also times the
 split count and launch settings at a few shapes.
 
-Usage (H200, ~40 s):   python benchmarks/mla_decode.py --out $OUT/mla_decode.json [--sweep]
+Usage (GPU, ~40 s):   python -m benchmarks mla_decode [--sweep]
 Offline sm_90 build report (no GPU needed; registers, spills, shared memory of each kernel):
-                       python benchmarks/mla_decode.py --build-report
+                      python -m benchmarks mla_decode --build-report
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import time
 
 import torch
-import triton
 
+from benchmarks.common import H200_HBM_TBPS, SuiteParser, environment, graph_ms, resource_line, sm90_resources, write_json
 from kimi_linear.ops import mla_decode
 from kimi_linear.ops.mla_decode import (
     default_num_splits,
@@ -36,7 +33,7 @@ from kimi_linear.ops.mla_decode import (
 
 H, R, DR = 32, 512, 64
 SCALE = 192**-0.5
-HBM_TBPS = 4.8
+HBM_TBPS = H200_HBM_TBPS
 L2_DEFEAT_BYTES = 256 * 2**20
 SHAPES = [(1, 4096), (8, 4096), (64, 4096), (1, 131072), (8, 131072), (64, 131072), (1, 1048576)]
 SWEEP_SHAPES = [(1, 131072), (8, 131072), (64, 131072)]
@@ -46,13 +43,10 @@ SWEEP_CONFIGS = [(64, 8, 2), (64, 4, 2)]  # (BLOCK_S, num_warps, num_stages) tha
 # ---- offline sm_90 build -----------------------------------------------------------------------------------
 
 
-
 def build_line(fn, consts: dict, num_warps: int, num_stages: int, cache_ty: str) -> str:
     """Compile ``fn`` for sm_90 with these constants and report its resources. Integer arguments named stride*
     (and pointers) are declared divisible by 16, as Triton's JIT specialises them at the release shape (every
     stride is a multiple of 16 there); without that the tile loads could not be vectorised or pipelined."""
-    from kda_chunk_build import resource_line, sm90_resources  # this folder's sm_90 build helpers
-
     names = [n for n in fn.arg_names if n not in consts]
     sig = {}
     for n in names:
@@ -101,7 +95,7 @@ def make_caches(B: int, L: int, copies: int, seed: int):
 
 def time_us(fn, copies: int) -> float:
     """Median microseconds per call inside a CUDA graph, one call = ``copies`` kernel calls."""
-    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3 / copies
+    return graph_ms(fn, calls=copies) * 1e3
 
 
 def einsum_fits(B: int, L: int) -> bool:
@@ -154,15 +148,12 @@ def bench_shape(B: int, L: int, configs=None, splits_list=None) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=None, help="write the JSON here (a file, or a folder for mla_decode.json)")
+    parser = SuiteParser(__name__, __doc__)
     parser.add_argument("--sweep", action="store_true", help="also time split counts and launch settings")
     parser.add_argument("--build-report", action="store_true", help="offline sm_90 build of the kernels, no GPU")
     args = parser.parse_args(argv)
     if args.build_report:
-        lines = build_report()
-        if args.out:
-            _write(args.out, dict(build_report=lines))
+        build_report()
         return
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (--build-report does not)")
@@ -175,11 +166,8 @@ def main(argv=None) -> None:
             d = default_num_splits(B, L, sms)
             splits = sorted({max(1, d // 2), d, 2 * d})
             rows.append(dict(bench_shape(B, L, SWEEP_CONFIGS, splits), sweep_only=True))
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), H=H, r=R, dr=DR,
-                seconds=round(time.time() - t0, 1))
-    if args.out:
-        _write(args.out, dict(meta=meta, rows=rows))
+    meta = environment(args, H=H, r=R, dr=DR, seconds=round(time.time() - t0, 1))
+    print(f"wrote {write_json(args.out, 'mla_decode.json', dict(meta=meta, rows=rows))}")
 
     for r in rows:
         if "sweep" in r:
@@ -197,15 +185,3 @@ def main(argv=None) -> None:
         print(f"| {r['B']} | {r['L']} | {r['cache_MB']:.0f} | {r['default_splits']} | {r['ours_us']:.1f} | "
               f"{r['ours_TBps']:.2f} | {100 * r['ours_TBps'] / HBM_TBPS:.0f} % | {r['einsum_us']:.1f} | "
               f"{r['speedup']:.1f}x | {r.get('rel_err_vs_fp32', float('nan')):.1e} |")
-
-
-def _write(out: str, payload: dict) -> None:
-    path = os.path.join(out, "mla_decode.json") if os.path.isdir(out) or not out.endswith(".json") else out
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1)
-    print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Model-level efficiency of Kimi Linear against full attention (the paper's Fig. 1 and Fig. 7), in one run.
+"""Prefill, TPOT, memory-filling batch and cache of Kimi Linear vs MLA-only vs GDN hybrid (paper Fig. 1, 7).
 
 Three models of the same width and depth, random weights, bf16, built from one config that differs only in
 ``mixer``: Kimi Linear (3 KDA:1 MLA), MLA-only (``mixer="mla"``) and the GDN hybrid (``mixer="gdn"``, 3 GDN:1
@@ -31,9 +31,9 @@ Measured:
   or the MLA attention call) and MLP; decode by one CUDA graph per layer part, plus the eager step (launch
   overhead).
 
-    PYTHONPATH=. python benchmarks/model_efficiency.py --out DIR             # the H200 run (~7 minutes)
-    PYTHONPATH=. python benchmarks/model_efficiency.py --smoke --out DIR     # tiny config on CPU, seconds
-    PYTHONPATH=. python benchmarks/model_efficiency.py --plot-only DIR/model_efficiency.json
+    python -m benchmarks model_efficiency --budget-s 240                    # the GPU run (~5 minutes)
+    python -m benchmarks model_efficiency --smoke --out DIR                 # tiny config on CPU, seconds
+    python -m benchmarks model_efficiency --plot-only benchmarks/results/model_efficiency.json --markdown
 
 Writes ``model_efficiency.json`` after every measurement (a timeout keeps what was done), then the plots
 ``model_efficiency.png`` (Fig. 7 style) and ``model_efficiency_speedup.png`` (Fig. 1 style); prints the table
@@ -43,16 +43,24 @@ run of seconds).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
-import statistics
-import sys
 import time
+from pathlib import Path
 
 import torch
 
+from benchmarks.common import (
+    H200_BF16_TFLOPS,
+    H200_HBM_TBPS,
+    SuiteParser,
+    capture_graph,
+    environment,
+    median_ms,
+    pyplot,
+    write_json,
+)
 from kimi_linear.cache import LINEAR_TYPES, cache_bytes_per_sequence
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.model import KimiLinearForCausalLM
@@ -67,9 +75,8 @@ CONTEXTS = (4096, 32768, 131072, 262144, 524288, 1048576)
 BATCH_CONTEXTS = (131072, 524288, 1048576)
 SMOKE_CONTEXTS = (64, 160, 320)
 SMOKE_BATCH_CONTEXTS = (160, 320)
-# Floors measured on the H200 (DESIGN.md §5).
-HBM_BYTES_PER_S = 4.8e12
-BF16_FLOP_PER_S = 790e12
+HBM_BYTES_PER_S = H200_HBM_TBPS * 1e12
+BF16_FLOP_PER_S = H200_BF16_TFLOPS * 1e12
 GIB = 1 << 30
 
 
@@ -193,35 +200,10 @@ def instrumented(spans: Spans):
         kda_layer.chunk_kda, MultiheadLatentAttention._attend = chunk_kda, attend
 
 
-def median_ms(fn, device: torch.device, reps: int, warmup: int = 1) -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        spans = Spans(device)
-        with spans.span("run"):
-            fn()
-        times.append(spans.totals()["run"])
-    return statistics.median(times)
-
-
 def graph_ms(fn, device: torch.device, reps: int) -> float:
     """Median milliseconds of one replay of ``fn`` captured in a CUDA graph (plain calls on CPU)."""
-    if device.type != "cuda":
-        return median_ms(fn, device, reps)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    ms = median_ms(graph.replay, device, reps, warmup=2)
-    del graph
-    return ms
+    cuda = device.type == "cuda"
+    return median_ms(capture_graph(fn) if cuda else fn, reps, warmup=2 if cuda else 1, cuda=cuda)
 
 
 # ---- prefill -----------------------------------------------------------------------------------------------
@@ -302,7 +284,7 @@ def time_prefill(model, T: int, piece: int, reps: int, one_pass: bool) -> dict:
                 cache = model.allocate_cache(1, T)
                 model.lm_head(model.hidden_states(ids, cache=cache)[:, -1])
 
-        out["one_pass_ms"] = median_ms(forward, device, reps, warmup=0)
+        out["one_pass_ms"] = median_ms(forward, reps, warmup=0, cuda=device.type == "cuda")
     return out
 
 
@@ -423,11 +405,11 @@ def time_decode(model, batch: int, context: int, steps: int, parts: bool, eager:
     )
     fill_cache(cache, context)
     out = dict(batch=batch, context=context)
-    out["step_ms"] = median_ms(step, device, steps, warmup=3)
+    out["step_ms"] = median_ms(step, steps, warmup=3, cuda=device.type == "cuda")
     out["ms_per_token"] = out["step_ms"] / batch
     out["floor_ms"] = decode_bytes(model, cache, batch, context) / HBM_BYTES_PER_S * 1e3
     if eager and device.type == "cuda":
-        out["eager_ms"] = median_ms(lambda: decode_step(model, tokens, cache), device, 5, warmup=2)
+        out["eager_ms"] = median_ms(lambda: decode_step(model, tokens, cache), 5, warmup=2, cuda=True)
     if parts:
         out["parts_ms"] = decode_parts_ms(model, cache, batch, reps=max(3, steps // 2))
     return out
@@ -523,10 +505,10 @@ def cache_bytes(model, context: int) -> dict:
 
 
 class Results:
-    """The JSON document, rewritten after every measurement."""
+    """The JSON document, rewritten (atomically) after every measurement."""
 
-    def __init__(self, path: str, meta: dict):
-        self.path = path
+    def __init__(self, out: str | Path, meta: dict):
+        self.out = out
         self.doc = dict(meta=meta, models={}, cache=[], prefill=[], decode=[], full_batch=[], skipped=[])
 
     def add(self, key: str, row: dict) -> None:
@@ -534,31 +516,13 @@ class Results:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.doc, f, indent=1)
-        os.replace(tmp, self.path)
+        write_json(self.out, "model_efficiency.json", self.doc)
 
 
-def environment(device: torch.device, args) -> dict:
-    meta = dict(
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        torch=torch.__version__,
-        python=sys.version.split()[0],
-        command="python benchmarks/model_efficiency.py " + " ".join(args.argv),
-        device=str(device),
-        smoke=args.smoke,
-        piece=args.piece,
-        layers=args.layers,
-    )
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
+def run_environment(device: torch.device, args) -> dict:
+    """``benchmarks.common.environment`` plus this run's device, size settings and memory."""
+    meta = environment(args, device=str(device), smoke=args.smoke, piece=args.piece, layers=args.layers)
     if device.type == "cuda":
-        meta["gpu"] = torch.cuda.get_device_name(device)
         meta["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
     return meta
 
@@ -582,9 +546,8 @@ def run(args) -> dict:
         else list(SMOKE_BATCH_CONTEXTS if args.smoke else BATCH_CONTEXTS)
     )
     names = args.models.split(",")
-    os.makedirs(args.out, exist_ok=True)
-    meta = dict(environment(device, args), dtype=str(dtype).replace("torch.", ""))
-    results = Results(os.path.join(args.out, "model_efficiency.json"), meta)
+    meta = dict(run_environment(device, args), dtype=str(dtype).replace("torch.", ""))
+    results = Results(args.out, meta)
     max_context = max(contexts + batch_contexts)
     configs = {n: make_config(n, args.smoke, args.layers, max_context) for n in names}
     reserve = int(args.reserve_gib * GIB) if device.type == "cuda" else 0
@@ -803,10 +766,7 @@ def breakdown_table(doc: dict, markdown: bool = False) -> str:
 
 def plot(doc: dict, out_dir: str) -> list[str]:
     """Fig. 7 style (prefill s and TPOT ms vs context, log-x) and Fig. 1 style speedups vs MLA-only."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(doc["models"])
     styles = {
@@ -932,9 +892,8 @@ def report(doc: dict, out_dir: str, markdown: bool = False) -> None:
     print(table(doc, markdown))
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="benchmarks/results")
+def parse_args(argv: list[str] | None = None):
+    p = SuiteParser(__name__, __doc__)
     p.add_argument("--smoke", action="store_true", help="tiny config on the CPU, short contexts")
     p.add_argument("--device", default=None, help="default: cuda if available (cpu with --smoke)")
     p.add_argument("--models", default=",".join(MODELS))
@@ -959,12 +918,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.piece is None:
         args.piece = 64 if args.smoke else 131072
-    args.argv = argv
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     if args.plot_only:
         with open(args.plot_only) as f:
             doc = json.load(f)
@@ -974,6 +932,3 @@ def main(argv: list[str] | None = None) -> dict:
     report(doc, args.out, args.markdown)
     return doc
 
-
-if __name__ == "__main__":
-    main()

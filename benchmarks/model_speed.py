@@ -1,7 +1,9 @@
-"""Model-level speed on a GPU: prefill and decode tokens/s, ours vs HF transformers' ``kimi_linear`` (with
-FLA's kernels when FLA is importable). Prints a table last and writes JSON.
+"""Whole-model prefill and decode on a GPU: ours vs HF transformers' kimi_linear (+ FLA), same random weights.
 
-    python benchmarks/model_speed.py --out DIR [--configs small,0.75b] [--prefill 4096,32768,131072]
+With ``--compare transformers``, HF transformers' ``kimi_linear`` runs beside ours (on FLA's kernels when FLA is
+importable). Prints a table last and writes model_speed.json into --out.
+
+    python -m benchmarks model_speed --compare transformers [--configs small,0.75b] [--prefill 4096,32768,131072]
 
 Configs: "small" (the preset, MoE, byte vocab) and "0.75b" (DESIGN.md §5's peer config: 12 layers 3:1,
 hidden 2048, 16 heads, KDA 16x128, MLA kv_lora 512, dense SwiGLU 5632, vocab 32000). bf16, random weights
@@ -13,15 +15,12 @@ ours replays one CUDA graph per token (recurrent KDA kernel, absorbed MLA), HF s
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import os
-import statistics
 import time
 
 import torch
 
+from benchmarks.common import SuiteParser, environment, median_ms, spin_up_gpu, write_json
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.generate import CudaGraphDecoder, decode_step, prefill
 from kimi_linear.model import KimiLinearForCausalLM
@@ -55,32 +54,6 @@ CONFIGS = {
 }
 
 
-def spin_up_gpu(seconds: float = 3.0) -> None:
-    """Keep the GPU busy for a few seconds before the first timing: an idle card starts at low clocks, which
-    otherwise lands in the first configuration's numbers."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t0 = time.time()
-    while time.time() - t0 < seconds:
-        for _ in range(20):
-            a @ a
-        torch.cuda.synchronize()
-
-
-def cuda_time(fn, reps: int, warmup: int = 1) -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` runs, CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 @contextlib.contextmanager
 def kernel_backends(fused: bool):
     """Our ShortConv and chunk_kda's in-op activations on the fused Triton kernels (``fused``) or on PyTorch."""
@@ -102,7 +75,7 @@ def ours_prefill(model, T: int, reps: int) -> float:
             hidden = model.hidden_states(ids, cache=cache)
             model.lm_head(hidden[:, -1])
 
-    return cuda_time(run, reps)
+    return median_ms(run, reps)
 
 
 def ours_decode(model, B: int, context: int, steps: int) -> tuple[float, float]:
@@ -112,9 +85,9 @@ def ours_decode(model, B: int, context: int, steps: int) -> tuple[float, float]:
     decoder = CudaGraphDecoder(model, cache)
     with torch.no_grad():
         tokens = prefill(model, prompts, cache).argmax(-1)
-    graph_ms = cuda_time(lambda: decoder(tokens), steps, warmup=3)
+    graph_ms = median_ms(lambda: decoder(tokens), steps, warmup=3)
     with torch.no_grad():
-        eager_ms = cuda_time(lambda: decode_step(model, tokens, cache), min(steps, 10), warmup=2)
+        eager_ms = median_ms(lambda: decode_step(model, tokens, cache), min(steps, 10), warmup=2)
     return graph_ms, eager_ms
 
 
@@ -134,7 +107,7 @@ def hf_prefill(model, T: int, reps: int) -> float:
         with torch.no_grad():
             model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
-    return cuda_time(run, reps)
+    return median_ms(run, reps)
 
 
 def hf_decode(model, B: int, context: int, steps: int) -> float:
@@ -153,20 +126,18 @@ def hf_decode(model, B: int, context: int, steps: int) -> float:
                 eos_token_id=None,
             )
 
-    one = cuda_time(lambda: gen(1), 2)
-    many = cuda_time(lambda: gen(steps + 1), 2)
+    one = median_ms(lambda: gen(1), 2)
+    many = median_ms(lambda: gen(steps + 1), 2)
     return (many - one) / steps
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="benchmarks/results")
+def main(argv=None) -> None:
+    parser = SuiteParser(__name__, __doc__, peers=("transformers",))
     parser.add_argument("--configs", default="small,0.75b")
     parser.add_argument("--prefill", default="4096,32768,131072")
     parser.add_argument("--hf-prefill-max", type=int, default=131072, help="longest prefill timed for HF")
     parser.add_argument("--decode", default="1:4096,64:1024", help="B:context pairs")
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--no-hf", action="store_true")
     parser.add_argument(
         "--compare-backends",
         action="store_true",
@@ -178,10 +149,9 @@ def main() -> None:
         metavar="CONFIG:T",
         help="instead of the table: profile our prefill of CONFIG at T tokens, print the top kernels",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("model_speed.py needs a CUDA GPU")
-    os.makedirs(args.out, exist_ok=True)
+        raise SystemExit("model_speed needs a CUDA GPU")
     try:
         import fla  # noqa: F401
 
@@ -222,7 +192,7 @@ def main() -> None:
         with torch.device("cuda"):
             ours = KimiLinearForCausalLM(config)
         ours = ours.to(torch.bfloat16).eval()
-        theirs = None if args.no_hf else hf_model(config)
+        theirs = hf_model(config) if "transformers" in args.compare else None
         params = sum(p.numel() for p in ours.parameters())
         for T in (int(t) for t in args.prefill.split(",")):
             reps = 7 if T <= 32768 else 2
@@ -264,17 +234,14 @@ def main() -> None:
         del ours, theirs
         torch.cuda.empty_cache()
 
-    meta = dict(
-        gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        hf_kernels=hf_kernels,
+    meta = environment(
+        args,
+        hf_kernels=hf_kernels if "transformers" in args.compare else None,
         conv_backend=conv.DEFAULT_BACKEND,
         preprocess_backend=kda_common.PREPROCESS_BACKEND,
         pairs_impl=FWD_CONFIG["pairs_impl"],
-        date=time.strftime("%Y-%m-%d"),
     )
-    with open(os.path.join(args.out, "model_speed.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    write_json(args.out, "model_speed.json", dict(meta=meta, rows=rows))
     print(f"\n{meta}")
     alt = next((k for r in rows for k in ("ours_fused_ms", "ours_unfused_ms") if k in r), None)
     alt_head = f" {'alt ms':>9}" if alt else ""
@@ -297,6 +264,3 @@ def main() -> None:
             f"{tokens / ours_ms * 1e3:>11.0f} {hf_cols[0]:>9} {hf_cols[1]:>10} {hf_cols[2]:>8}"
         )
 
-
-if __name__ == "__main__":
-    main()

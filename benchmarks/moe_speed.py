@@ -1,37 +1,43 @@
-"""MoE layer speed: ours ("auto": decode GEMV kernels for a few tokens, else grouped by expert with
-torch._grouped_mm; the grouped path and the loop over experts forced; CUDA-graph replay for decode sizes) vs
-HF transformers' KimiLinearMoE with each of its experts implementations.
-Prints a table last and writes JSON.
+"""MoE layer forward and forward+backward: ours vs transformers' KimiLinearMoE (GPU or CPU).
 
-    python benchmarks/moe_speed.py --device cuda                  # release shapes, bf16 (H200)
-    python benchmarks/moe_speed.py --device cpu --shape small     # a CPU-sized layer, fp32
+Ours "auto" (decode GEMV kernels for a few tokens, else grouped by expert with torch._grouped_mm), the grouped
+path and the loop over experts forced, CUDA-graph replay for decode sizes; with ``--compare transformers``, HF
+transformers' KimiLinearMoE with each of its experts implementations holding the same weights.
+Prints a table last and writes moe_speed.json into --out.
+
+    python -m benchmarks moe_speed --compare transformers                # release shapes, bf16 (GPU)
+    python -m benchmarks moe_speed --device cpu --shape small            # a CPU-sized layer, fp32
 
 Shapes: "48b" = the release's MoE layer (D=2304, E=256, K=8, F=1024, 1 shared expert); "small" = D=512, E=16,
 K=2, F=256. N is the number of tokens in one call (decode: N = batch; prefill: N = B*T).
-Timing: CUDA: triton.testing.do_bench (median after warm-up); CPU: wall-clock median. "floor" is the larger
+Timing: CUDA: triton.testing.do_bench (median after warm-up); CPU: wall-clock median of 5. "floor" is the larger
 of FLOPs / 790 TFLOP/s and (expert weights touched + activations in/out) / 4.8 TB/s, the H200 ceilings
 measured in DESIGN.md §5; "of floor" = floor / time (CUDA only).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import statistics
-import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from benchmarks.common import (
+    H200_BF16_TFLOPS,
+    H200_HBM_TBPS,
+    SuiteParser,
+    bench_ms,
+    capture_graph,
+    environment,
+    median_ms,
+    write_json,
+)
 from kimi_linear.layers.moe import MoE
 
 SHAPES = {
     "48b": dict(hidden_size=2304, num_experts=256, num_experts_per_token=8, moe_intermediate_size=1024),
     "small": dict(hidden_size=512, num_experts=16, num_experts_per_token=2, moe_intermediate_size=256),
 }
-PEAK_FLOPS, PEAK_BYTES = 790e12, 4.8e12
+PEAK_FLOPS, PEAK_BYTES = H200_BF16_TFLOPS * 1e12, H200_HBM_TBPS * 1e12
 
 
 def build(shape: str, device: str, dtype: torch.dtype):
@@ -47,12 +53,12 @@ def build(shape: str, device: str, dtype: torch.dtype):
 
 
 def build_hf(config, moe, implementation: str):
-    """transformers' layer holding the same weights; None when transformers has no kimi_linear."""
+    """transformers' layer holding the same weights (SystemExit when transformers has no kimi_linear)."""
     try:
         from transformers.models.kimi_linear.configuration_kimi_linear import KimiLinearConfig
         from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearMoE
-    except ImportError:
-        return None
+    except ImportError as e:
+        raise SystemExit(f"--compare transformers: transformers' kimi_linear cannot be imported ({e!r})") from e
     hf_config = KimiLinearConfig(
         hidden_size=config.hidden_size, num_experts=config.num_experts,
         num_experts_per_token=config.num_experts_per_token,
@@ -75,36 +81,21 @@ def build_hf(config, moe, implementation: str):
 
 
 def timer(device: str):
+    """Median ms of a call: do_bench on CUDA, the host clock over 5 calls after one on the CPU."""
     if device == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    def cpu_time(fn, repeats=5):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
-
-    return cpu_time
+        return lambda fn: bench_ms(fn, warmup=25, rep=100)
+    return lambda fn: median_ms(fn, reps=5, warmup=1, cuda=False)
 
 
 def graph_forward(moe, x):
     """Our forward captured in a CUDA graph: returns a replay function (decode steps run like this)."""
     static_x = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.no_grad():
-        for _ in range(2):
+
+    def forward():
+        with torch.no_grad():
             moe(static_x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        moe(static_x)
-    return graph.replay
+
+    return capture_graph(forward)
 
 
 def floor_ms(config, n_tokens: int, distinct_experts: int, elsize: int, backward: bool) -> float:
@@ -118,8 +109,8 @@ def floor_ms(config, n_tokens: int, distinct_experts: int, elsize: int, backward
     return max(flops / PEAK_FLOPS, (weights + activations) / PEAK_BYTES) * 1e3
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    parser = SuiteParser(__name__, __doc__, peers=("transformers",))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", choices=list(SHAPES), default=None,
                         help="default: 48b on CUDA, small on CPU")
@@ -127,8 +118,7 @@ def main():
     parser.add_argument("--train-min-tokens", type=int, default=512,
                         help="time forward+backward from this N on")
     parser.add_argument("--impls", default=None, help="comma-separated subset of the implementations")
-    parser.add_argument("--json", default="benchmarks/results/moe_speed.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = args.device
     shape = args.shape or ("48b" if device == "cuda" else "small")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -140,8 +130,9 @@ def main():
     config, moe = build(shape, device, dtype)
     impls = {"ours": ("ours", "auto"), "ours-grouped_mm": ("ours", "grouped_mm"),
              "ours-loop": ("ours", "loop")}
-    for name in ("eager", "grouped_mm", "batched_mm"):
-        impls[f"hf-{name}"] = ("hf", name)
+    if "transformers" in args.compare:
+        for name in ("eager", "grouped_mm", "batched_mm"):
+            impls[f"hf-{name}"] = ("hf", name)
     if args.impls:
         impls = {name: impls[name] for name in args.impls.split(",")}
     hf_modules = {}
@@ -167,8 +158,6 @@ def main():
                         if variant not in hf_modules:
                             hf_modules[variant] = build_hf(config, moe, variant)
                         module = hf_modules[variant]
-                        if module is None:
-                            continue
                     if mode == "fwd":
                         def fn(module=module, x=x):
                             with torch.no_grad():
@@ -196,18 +185,11 @@ def main():
                                  distinct_experts=distinct, ms=ms, floor_ms=floor, of_floor=floor / ms))
         del x
 
-    meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-                torch=torch.__version__, dtype=str(dtype), shape=SHAPES[shape])
-    try:
-        import transformers
+    meta = environment(args, device=device, dtype=str(dtype), shape=SHAPES[shape])
+    write_json(args.out, "moe_speed.json", dict(meta=meta, rows=rows))
 
-        meta["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-
-    print(f"MoE layer, {shape} {SHAPES[shape]}, {dtype}, {meta['device']}, torch {torch.__version__}")
+    where = meta.get("gpu") if device == "cuda" else meta["cpu"]
+    print(f"MoE layer, {shape} {SHAPES[shape]}, {dtype}, {where}, torch {torch.__version__}, commit {meta['commit']}")
     print(f"{'N':>6} {'mode':>8} {'impl':>16} {'ms':>10} {'vs ours':>8} {'of floor':>9}  experts hit")
     ours_ms = {(r["tokens"], r["mode"]): r["ms"] for r in rows if r["impl"] == "ours" and "ms" in r}
     for r in rows:
@@ -219,6 +201,3 @@ def main():
         else:
             print(f"{r['tokens']:>6} {r['mode']:>8} {r['impl']:>16}   {r['error']}")
 
-
-if __name__ == "__main__":
-    main()

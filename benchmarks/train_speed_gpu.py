@@ -1,6 +1,8 @@
-"""Training throughput on one GPU: tokens/s and model FLOP utilisation (MFU) of a ~1B-parameter Kimi Linear at 4k
-context, through the same ``Trainer.train_step`` that ``kimi-linear train`` runs (bf16 autocast, fp32 weights and
-AdamW, gradient clipping, MoE bias balancing, documents packed with ``cu_seqlens``, Triton KDA kernels).
+"""Training throughput and MFU of a ~1B Kimi Linear (and its MLA-only twin) at 4k context on one GPU.
+
+Tokens/s and model FLOP utilisation through the same ``Trainer.train_step`` that ``kimi-linear train`` runs (bf16
+autocast, fp32 weights and AdamW, gradient clipping, MoE bias balancing, documents packed with ``cu_seqlens``,
+Triton KDA kernels).
 
 The model (``one_b_config``): hidden 2048, 16 layers (3:1 KDA:MLA: 12 KDA + 4 MLA, NoPE), 16 KDA heads of 128,
 16 MLA heads (latent 512 + 64), MoE with 16 experts of 512 (top 4, one shared expert) after a dense first layer,
@@ -13,28 +15,27 @@ token, C = 64) and causal attention 2 x (T / 2) x (d_qk + d_v) per head per toke
 (score and value products over on average T / 2 keys), both x3 for training. MFU = FLOPs / step time / 790 TFLOP/s
 (the bf16 dense-matmul rate measured on this H200, DESIGN.md §5).
 
-    PYTHONPATH=. python benchmarks/train_speed_gpu.py --out OUT          # H200
-    python benchmarks/train_speed_gpu.py --device cpu --smoke             # pipeline check on the CPU
+    python -m benchmarks train_speed_gpu                              # GPU
+    python -m benchmarks train_speed_gpu --device cpu --smoke --out /tmp/x  # pipeline check on the CPU
 
-Prints a table last and writes ``train_speed_gpu.json`` into --out.
+Step times are CUDA-event medians (host clock on the CPU). Prints a table last and writes ``train_speed_gpu.json``
+into --out.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import time
-from pathlib import Path
 
 import torch
 
+from benchmarks.common import H200_BF16_TFLOPS, SuiteParser, environment, samples_ms, write_json
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.model import KimiLinearForCausalLM, count_parameters
 from kimi_linear.train.distributed import DistContext
 from kimi_linear.train.trainer import TrainConfig, Trainer
 
-PEAK_TFLOPS = 790.0
+PEAK_TFLOPS = H200_BF16_TFLOPS
 CHUNK = 64
 
 
@@ -102,18 +103,14 @@ def measure(mixer: str, args) -> dict:
                       ctx=DistContext(device=torch.device(args.device)), progress=False)
     gen = torch.Generator().manual_seed(1)
     batches = [make_batch(args.docs, args.seq_len, config.vocab_size, gen) for _ in range(args.grad_accum)]
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for i in range(args.warmup + args.steps):
-        sync()
-        t0 = time.perf_counter()
-        stats = trainer.train_step(batches)  # ends with .item() calls, i.e. synchronised
-        sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(stats["loss"])
+    losses = []
+
+    def step():
+        losses.append(trainer.train_step(batches)["loss"])
+
+    times = [ms / 1e3 for ms in samples_ms(step, args.steps, args.warmup, cuda=args.device == "cuda")]
     step_s = statistics.median(times)
     tokens = args.docs * args.seq_len * args.grad_accum
     flops = train_flops_per_token(config, args.seq_len)
@@ -136,8 +133,7 @@ def measure(mixer: str, args) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="benchmarks/results")
+    p = SuiteParser(__name__, __doc__)
     p.add_argument("--device", default="cuda")
     p.add_argument("--mixers", nargs="+", default=["kda", "mla"], choices=["kda", "gdn", "mla"])
     p.add_argument("--seq-len", type=int, default=4096)
@@ -154,20 +150,11 @@ def main(argv=None) -> None:
         row = measure(mixer, args)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("losses", "step_s_all")}), flush=True)
-    info = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "seq_len": args.seq_len, "docs": args.docs, "grad_accum": args.grad_accum, "steps": args.steps,
-            "peak_tflops": PEAK_TFLOPS, "rows": rows}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_speed_gpu.json").write_text(json.dumps(info, indent=1))
-    print(f"\n{info['device']}, torch {info['torch']}, T = {args.seq_len}, {args.docs} x {args.grad_accum} "
+    info = environment(args, device=args.device, seq_len=args.seq_len, docs=args.docs,
+                       grad_accum=args.grad_accum, steps=args.steps, peak_tflops=PEAK_TFLOPS, rows=rows)
+    write_json(args.out, "train_speed_gpu.json", info)
+    where = info.get("gpu") if args.device == "cuda" else info["cpu"]
+    print(f"\n{where}, commit {info['commit']}, torch {info['torch']}, T = {args.seq_len}, {args.docs} x {args.grad_accum} "
           f"documents per step, median of {args.steps} steps")
     print("| model | params (active) | tokens/s | step s | TFLOP/s | MFU | peak GiB |\n|---|---|---|---|---|---|---|")
     for r in rows:
@@ -175,6 +162,3 @@ def main(argv=None) -> None:
               f"{r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f}% | "
               f"{r.get('peak_mem_gib', float('nan')):.1f} |")
 
-
-if __name__ == "__main__":
-    main()

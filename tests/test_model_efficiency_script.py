@@ -1,26 +1,21 @@
-"""CPU smoke test of benchmarks/model_efficiency.py: its configs, its layer-major prefill (against the model's
+"""CPU smoke test of the model_efficiency benchmark suite: its configs, its layer-major prefill (against the model's
 own forward), the cache accounting, the batch arithmetic and a tiny end-to-end run (JSON, table, plots)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
 
-_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "model_efficiency.py")
+from benchmarks import model_efficiency
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("model_efficiency", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and a busy machine stays quick
-    yield module
+    yield model_efficiency
     torch.set_num_threads(threads)
 
 

@@ -220,8 +220,8 @@ def test_kernels_fit_the_h200_at_the_largest_head_size():
     root = pathlib.Path(__file__).resolve().parents[2]
     env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET"} | {"PYTHONPATH": str(root)}
     for dtype in ("bf16", "fp32"):
-        p = subprocess.run([sys.executable, str(root / "benchmarks" / "kda_chunk_build.py"), "--K", "256",
-                            "--dtype", dtype, "--check"], capture_output=True, text=True, env=env, cwd=root)
+        p = subprocess.run([sys.executable, "-m", "benchmarks", "kda_chunk_build", "--K", "256", "--dtype", dtype,
+                            "--check"], capture_output=True, text=True, env=env, cwd=root)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         assert re.search(r"^\d+ builds, 0 over the shared-memory limit$", p.stdout, re.M), p.stdout[-3000:]
 

@@ -1,0 +1,52 @@
+"""The benchmark runner: ``python -m benchmarks --help`` lists every suite, and a CPU suite runs end to end at a tiny
+size through it (JSON with the environment record, the table printed last)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.__main__ import SUITES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmarks(*argv: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "benchmarks", *argv], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=600)
+
+
+def test_help_lists_every_suite_module():
+    p = run_benchmarks("--help")
+    assert p.returncode == 0, p.stderr
+    listed = [line.split()[0] for line in p.stdout.split("suites:\n", 1)[1].splitlines() if line.strip()]
+    modules = sorted(f.stem for f in (ROOT / "benchmarks").glob("*.py")
+                     if f.stem not in ("__init__", "__main__", "common"))
+    assert listed == list(SUITES)
+    assert sorted(listed) == modules  # every suite module is reachable, nothing listed is missing
+
+
+def test_unknown_suite_is_refused():
+    p = run_benchmarks("no_such_suite")
+    assert p.returncode == 2
+    assert "unknown suite 'no_such_suite'" in p.stderr
+
+
+def test_cpu_suite_runs_at_a_tiny_size(tmp_path):
+    p = run_benchmarks("kda_cpu", "--out", str(tmp_path), "--seq-len", "48", "--heads", "2", "--head-dim", "16",
+                       "--repeats", "1", "--threads", "1")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    doc = json.loads((tmp_path / "kda_cpu.json").read_text())
+    assert doc["command"] == (f"python -m benchmarks kda_cpu --out {tmp_path} --seq-len 48 --heads 2 --head-dim 16 "
+                              "--repeats 1 --threads 1")
+    assert doc["torch"] == __import__("torch").__version__ and doc["date"].endswith("UTC")
+    assert doc["shape"] == {"B": 1, "T": 48, "H": 2, "K": 16, "V": 16}
+    times = doc["fwd_bwd_ms"]
+    assert set(times) == {"kimi-linear chunk_kda (torch path)", "recurrent reference (paper Eq. 1)"}
+    assert all(t > 0 for t in times.values())
+    last = p.stdout.strip().splitlines()[-1]  # the table comes last
+    assert last.startswith("| recurrent reference (paper Eq. 1)") and last.endswith("x |")
