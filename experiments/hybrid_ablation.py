@@ -21,8 +21,8 @@ Evaluation: validation loss (nats/byte) and perplexity at the training length T,
 probe: the same validation tokens scored in windows of 2T and 4T (plain rows, no packing: one long context per
 window).
 
-    PYTHONPATH=. python experiments/hybrid_ablation.py --smoke                   # CPU, tiny sizes
-    PYTHONPATH=. python experiments/hybrid_ablation.py --device cuda --steps auto --time-budget 280 --out DIR
+    python experiments/hybrid_ablation.py --smoke                   # CPU, tiny sizes
+    python experiments/hybrid_ablation.py --device cuda --steps auto --time-budget 280 --out DIR
 
 Resumable: ``DIR/hybrid_ablation.json`` is rewritten (atomically) after every variant and a variant already in
 it is not trained again. ``--steps auto`` times a few steps of the 3:1 model first and picks one step count
@@ -40,21 +40,18 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from kimi_linear.config import KimiLinearConfig  # noqa: E402
-from kimi_linear.model import KimiLinearForCausalLM  # noqa: E402
-from kimi_linear.train.data import IGNORE_INDEX, PackedBatches, build_corpus  # noqa: E402
-from kimi_linear.train.distributed import DistContext  # noqa: E402
-from kimi_linear.train.trainer import TrainConfig, Trainer  # noqa: E402
+from kimi_linear.config import KimiLinearConfig
+from kimi_linear.model import KimiLinearForCausalLM
+from kimi_linear.train.data import IGNORE_INDEX, PackedBatches, build_corpus
+from kimi_linear.train.distributed import DistContext
+from kimi_linear.train.trainer import TrainConfig, Trainer
 
 # Run order = priority: a time budget cuts from the end.
 VARIANTS: dict[str, dict] = {

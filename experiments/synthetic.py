@@ -5,8 +5,8 @@ Each (task, mixer, length, lr) is one ``kimi-linear synth`` run
 freshly generated sequences and scored by answer accuracy on a held-out set; the best accuracy over the
 learning rates is the result of a (task, mixer, length).
 
-    PYTHONPATH=. python experiments/synthetic.py --smoke                       # CPU, tiny sizes, a few minutes
-    PYTHONPATH=. python experiments/synthetic.py --device cuda --out DIR --time-budget 400
+    python experiments/synthetic.py --smoke                       # CPU, tiny sizes, a few minutes
+    python experiments/synthetic.py --device cuda --out DIR --time-budget 400
 
 Resumable: results go to ``DIR/synthetic.json`` after every run (written atomically); a run already there is
 not run again, so the same command continues an interrupted sweep. Every cell runs at the first learning rate,
@@ -29,9 +29,7 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kimi_linear.train.synthetic import MIXERS, TASKS, SynthConfig, train_synthetic  # noqa: E402
+from kimi_linear.train.synthetic import MIXERS, TASKS, SynthConfig, train_synthetic
 
 # DESIGN.md §6 (paper Fig. 4): accuracy (%) at 256 / 512 / 1024 / 2048 tokens. Stack is reported as 100 for
 # KDA and GDN without a per-length breakdown; Mamba2 on Palindrome and Stack is not given in numbers.
