@@ -134,6 +134,9 @@ def main(argv=None) -> None:
         for name in ("eager", "grouped_mm", "batched_mm"):
             impls[f"hf-{name}"] = ("hf", name)
     if args.impls:
+        unknown = sorted(set(args.impls.split(",")) - set(impls))
+        if unknown:
+            raise SystemExit(f"--impls: {unknown} not among {sorted(impls)} (hf-* need --compare transformers)")
         impls = {name: impls[name] for name in args.impls.split(",")}
     hf_modules = {}
     rows = []
