@@ -200,6 +200,9 @@ class KimiLinearConfig:
         parameters, byte-level vocab; a few CPU minutes of training), "small" (~30M, byte-level vocab),
         "48b-a3b" (the released Kimi-Linear-48B-A3B).
 
+        A ``mixer`` override keeps the preset's layer layout, its linear layers becoming that mixer ("mla":
+        every layer MLA); ``hybrid_ratio`` or ``num_hidden_layers`` re-derive the layout.
+
         Raises:
             ValueError: unknown preset (the message lists the presets) or unknown override field.
         """
@@ -211,10 +214,12 @@ class KimiLinearConfig:
             raise ValueError(f"unknown config field(s) {unknown}")
         values = dict(PRESETS[name])
         values.update(overrides)
-        if any(k in overrides for k in ("mixer", "hybrid_ratio", "num_hidden_layers")) and not (
+        relayout = any(k in overrides for k in ("hybrid_ratio", "num_hidden_layers"))
+        if (relayout or overrides.get("mixer") == "mla") and not (
             "kda_layers" in overrides or "full_attn_layers" in overrides or "layer_types" in overrides
         ):
             # A preset's explicit layout would override the knob the caller just set; re-derive it instead.
+            # A linear mixer keeps the preset's layout: its linear layers take that mixer.
             for key in ("kda_layers", "full_attn_layers", "layer_types"):
                 values.pop(key, None)
         return cls(**values)

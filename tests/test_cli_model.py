@@ -54,7 +54,7 @@ def test_generate_streams_the_continuation(capsys, checkpoint):
         "--max-new-tokens",
         "6",
         "--stop",
-        "999",
+        "258",
     )
     assert rc == 0 and out.startswith("Hello") and "bytes tokenizer, 6 new tokens" in err
     rc, out, err = run_cli(
@@ -87,14 +87,24 @@ def test_generate_streams_the_continuation(capsys, checkpoint):
         (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
         (["generate", "--prompt", "x", "--top-p", "2"], "top_p"),
         (["generate", "--prompt", "x" * 4095, "--max-new-tokens", "8"], "model_max_length"),
+        (["generate", "--prompt", "ab\udcffc"], "--prompt #1 is not valid UTF-8 (byte 0xff at character 2)"),
+        (["generate", "--prompt", "x", "--stop", "259"], "--stop 259 is not a token id of this model (0..258"),
+        (["generate", "--prompt", "x", "--stop", "-1"], "--stop -1 is not a token id"),
+        (["generate", "--prompt", "x", "--device", "tpu9"], "--device 'tpu9' is not a device"),
+        (["generate", "--prompt", "x", "--threads", "0"], "--threads must be >= 1"),
+        (["synth", "--threads", "0"], "--threads must be >= 1"),
+        (["synth", "--device", "cuda:99", "--steps", "1"], "--device cuda:99"),
     ],
-    ids=["bad-preset", "no-dir", "empty-prompt", "bad-temperature", "bad-top-p", "prompt-too-long"],
+    ids=["bad-preset", "no-dir", "empty-prompt", "bad-temperature", "bad-top-p", "prompt-too-long",
+         "non-utf8", "stop-over-vocab", "stop-negative", "bad-device", "generate-threads-0", "synth-threads-0",
+         "synth-no-such-cuda"],
 )
 def test_errors_are_one_line(capsys, checkpoint, argv, match):
     if argv[0] == "generate" and "--checkpoint" not in argv:
         argv = [*argv, "--checkpoint", str(checkpoint)]
-    rc, _, err = run_cli(capsys, *argv)
+    rc, out, err = run_cli(capsys, *argv)
     assert rc == 2 and match in err and len(err.strip().splitlines()) == 1
+    assert out == "", "nothing (no prompt echo) before the error"
 
 
 def test_corrupt_checkpoint_is_a_clear_error(capsys, tmp_path):
@@ -143,3 +153,67 @@ def test_info_cache_bytes_are_what_the_cache_allocates(mixer):
     for dtype, nbytes in ((torch.float32, 4), (torch.bfloat16, 2)):
         cache = KimiLinearCache(config, batch_size=3, max_length=77, dtype=dtype)
         assert cache.nbytes() == 3 * cache_bytes_per_sequence(config, 77, dtype_bytes=nbytes)["hybrid"]
+
+
+def test_info_shows_small_models_in_their_unit(capsys):
+    rc, out, _ = run_cli(capsys, "info", "debug")
+    assert rc == 0 and "0.000 B" not in out
+    total = json.loads(run_cli(capsys, "info", "debug", "--json")[1])["params_total"]
+    assert f"parameters: {total / 1e3:.1f} K total" in out
+
+
+def test_generate_on_a_run_folder_uses_its_newest_readable_checkpoint(capsys, tmp_path):
+    import torch
+
+    make_model(seed=34).save_pretrained(tmp_path / "checkpoint-0000003")
+    make_model(seed=35).save_pretrained(tmp_path / "checkpoint-0000005")
+    for step in (3, 5):
+        torch.save({"step": step}, tmp_path / f"checkpoint-{step:07d}" / "trainer_state.pt")
+    (tmp_path / "checkpoint-0000005" / "model.safetensors").unlink()
+    rc, out, err = run_cli(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt", "ab",
+                           "--max-new-tokens", "2")
+    assert rc == 0 and out.startswith("ab"), err
+    assert "skipping checkpoint-0000005: model.safetensors is not readable" in err
+    assert f"using {tmp_path / 'checkpoint-0000003'}" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--prompt", "ab", "--max-new-tokens", "2"],
+    ["synth", "--steps", "1", "--seq-len", "16", "--batch-size", "2", "--eval-examples", "2", "--heads", "1",
+     "--head-dim", "16", "--layers", "1", "--vocab-size", "16", "--num-kv-pairs", "2"],
+], ids=["generate", "synth"])
+def test_cpu_heavy_subcommands_default_to_one_thread(capsys, checkpoint, argv):
+    import torch
+
+    if argv[0] == "generate":
+        argv = [*argv, "--checkpoint", str(checkpoint)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert run_cli(capsys, *argv)[0] == 0
+        assert torch.get_num_threads() == 1
+        assert run_cli(capsys, *argv, "--threads", "2")[0] == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_every_option_documents_its_default():
+    import argparse
+
+    from kimi_linear.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            flag = isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction))
+            if not action.option_strings or flag or action.required:
+                continue
+            if "default" not in (action.help or ""):
+                missing.append(f"{name} {action.option_strings[0]}")
+        if name in ("train", "generate", "synth"):
+            threads = next(a for a in sub._actions if "--threads" in a.option_strings)
+            assert threads.default == 1 and "default 1" in threads.help
+    assert missing == []

@@ -22,8 +22,18 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _count(n: int) -> str:
+    """A parameter count in the unit that shows it: 48.0 B, 3.21 M, 5.1 K, 980."""
+    for scale, unit, digits in ((1e9, "B", 3), (1e6, "M", 2), (1e3, "K", 1)):
+        if n >= scale:
+            return f"{n / scale:.{digits}f} {unit}"
+    return str(n)
+
+
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.3f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.3f} GiB"
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def describe(config, context: int) -> dict:
@@ -73,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
         f"vocab {config.vocab_size}"
     )
     print(
-        f"parameters: {info['params_total'] / 1e9:.3f} B total, "
-        f"{info['params_active'] / 1e9:.3f} B active per token"
+        f"parameters: {_count(info['params_total'])} total, {_count(info['params_active'])} active per token"
     )
     print(
         f"cache per sequence at {info['context']} tokens: {_gib(info['cache_bytes_per_sequence'])} "

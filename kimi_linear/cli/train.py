@@ -9,12 +9,14 @@ import os
 import sys
 from pathlib import Path
 
+from kimi_linear.cli.common import add_threads_argument, set_threads
+
 MIXER_CHOICES = ("kda", "gdn", "mla")
 # The trainer's AUTOCAST_DTYPES, repeated so that building the parser does not import the training stack.
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 
-# Defaults of the settings a run is identified by; the CLI flags default to None so that a resumed run can
-# tell what the user asked for from what it should take from the saved run.
+# Defaults of the settings saved with a run (all but max_steps identify it); the CLI flags default to None so
+# that a resumed run can tell what the user asked for from what it should take from the saved run.
 DEFAULTS = {
     "preset": "tiny",
     "mixer": "kda",
@@ -32,6 +34,12 @@ DEFAULTS = {
     "data": None,
 }
 RUN_FILE = "run.json"
+MAX_STEPS_HELP = (
+    "optimizer steps (default {default}). On an existing run, a larger value trains it further (a "
+    "finished run too) and a smaller one ends it sooner: the learning rate then goes from the value it has "
+    "reached down a cosine to the floor (--min-lr-ratio x --lr) at the new last step, so a finished run "
+    "continues at the floor and an unfinished one re-stretches its cosine without a jump"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--mixer", choices=MIXER_CHOICES,
         help="linear mixer of the hybrid (kda, or gdn for the scalar-gate baseline), or mla for full "
              f"attention in every layer (default {d['mixer']})")
-    arg("--max-steps", type=int, help=f"optimizer steps (default {d['max_steps']})")
+    arg("--max-steps", type=int, help=MAX_STEPS_HELP.format(default=d["max_steps"]))
     arg("--seq-len", type=int, help=f"tokens per training window (default {d['seq_len']})")
     arg("--batch-size", type=int,
         help=f"global batch in windows, over all processes and accumulation steps "
@@ -58,22 +66,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--data", help="corpus: a folder of text files, a .txt or a .jsonl file (default: the Python "
                        "standard library's source on this machine)")
     arg("--out", help="run folder for checkpoints, metrics.jsonl and loss_curve.png; an existing run is "
-                      "resumed (default runs/PRESET-MIXER)")
+                      "resumed from its newest checkpoint that reads (its settings come from OUT/run.json "
+                      "unless given again). One process at a time: OUT/train.lock refuses a second one "
+                      "(default runs/PRESET-MIXER)")
     arg("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     arg("--dtype", choices=DTYPE_CHOICES, default="auto",
-        help="compute dtype under autocast; weights stay float32 (auto: bfloat16 on CUDA, float32 on CPU)")
-    arg("--threads", type=int, default=1,
-        help="torch CPU threads per process (default 1: these models' ops are small, and on a busy machine "
-             "several threads per process run many times slower than one)")
+        help="compute dtype under autocast; weights stay float32 (default auto: bfloat16 on CUDA, float32 "
+             "on CPU)")
     arg("--strategy", choices=("ddp", "fsdp"), default="ddp",
         help="data-parallel engine under torchrun: DDP or FSDP2 fully_shard (default ddp)")
-    arg("--checkpoint-every", type=int, default=50, help="steps between checkpoints; 0 = only at the end")
+    arg("--checkpoint-every", type=int, default=50,
+        help="steps between checkpoints; 0 = only at the end (and on SIGINT/SIGTERM) (default 50)")
+    arg("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept; older ones are deleted "
+                                                         "(default 2)")
     arg("--eval-every", type=int, default=40,
         help="steps between validation passes; 0 = only at the end (default 40)")
     arg("--eval-windows", type=int, default=64, help="validation windows per pass (default 64)")
-    arg("--prompt", default="def ", help="prompt of the sample printed at the end")
-    arg("--sample-tokens", type=int, default=200, help="length of that sample; 0 = no sample")
+    arg("--prompt", default="def ", help="prompt of the sample printed at the end (default 'def ')")
+    arg("--sample-tokens", type=int, default=200, help="length of that sample; 0 = no sample (default 200)")
     arg("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
+    add_threads_argument(p)
 
 
 def add_parser(subparsers) -> None:
@@ -83,32 +95,48 @@ def add_parser(subparsers) -> None:
              "CPU minutes)",
         description="Trains a Kimi Linear model with AdamW (warmup + cosine), packed documents and MoE load "
                     "balancing; checkpoints atomically and resumes a run whose --out folder already exists. "
-                    "Runs under torchrun for multi-process training.",
+                    "SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves a checkpoint and exits "
+                    "with 130 or 143 (128 + the signal's number); a second one aborts at once. Runs under "
+                    "torchrun for multi-process training.",
     )
     add_arguments(p)
     p.set_defaults(func=run)
 
 
 def _read_run_file(out: Path) -> dict | None:
+    """``OUT/run.json``: the run's identity (``settings`` but max_steps, ``model_config``,
+    ``data_fingerprint``) and its ``max_steps``; None when there is none."""
     path = out / RUN_FILE
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is unreadable ({e}); pass another --out") from None
+    if "max_steps" in saved.get("settings", {}):  # written when max_steps was part of the identity
+        saved["max_steps"] = saved["settings"].pop("max_steps")
+    return saved
+
+
+def _write_run_file(out: Path, run_info: dict, max_steps: int) -> None:
+    tmp = out / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps({**run_info, "max_steps": max_steps}, indent=1, sort_keys=True))
+    os.replace(tmp, out / RUN_FILE)
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[dict, Path, dict | None]:
     """The run's settings: flags given, else the saved run's (when ``--out`` holds one), else the defaults.
-    Returns (settings, out folder, saved run description or None)."""
+    Returns (settings, out folder, saved run identity without its max_steps, or None)."""
     preset = args.preset or DEFAULTS["preset"]
     mixer = args.mixer or DEFAULTS["mixer"]
     out = Path(args.out) if args.out else Path("runs") / f"{preset}-{mixer}"
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
     saved = _read_run_file(out)
+    saved_max_steps = saved.pop("max_steps", None) if saved else None
     base = dict(DEFAULTS, **(saved["settings"] if saved else {}))
+    if saved_max_steps is not None:
+        base["max_steps"] = saved_max_steps
     settings = {k: (getattr(args, k) if getattr(args, k) is not None else base[k]) for k in DEFAULTS}
     return settings, out, saved
 
@@ -123,8 +151,8 @@ def validate_settings(s: dict, args: argparse.Namespace) -> None:
     for name in ("checkpoint_every", "eval_every", "sample_tokens"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.keep_checkpoints < 1:
+        raise ValueError(f"--keep-checkpoints must be >= 1, got {args.keep_checkpoints}")
     if args.eval_windows < 1:
         raise ValueError(f"--eval-windows must be >= 1, got {args.eval_windows}")
 
@@ -144,11 +172,21 @@ def run(args: argparse.Namespace) -> int:
         eval_batches,
         unigram_loss,
     )
-    from kimi_linear.train.distributed import all_reduce_sum, barrier, init_distributed, shutdown, wrap_model
+    from kimi_linear.train.distributed import (
+        all_reduce_sum,
+        barrier,
+        broadcast_object,
+        init_distributed,
+        shutdown,
+        wrap_model,
+    )
+    from kimi_linear.train.runlock import RunLock, RunLocked
+    from kimi_linear.train.stopping import StopOnSignal, TrainingStopped
     from kimi_linear.train.trainer import TrainConfig, Trainer, describe_difference
 
     settings, out, saved = resolve_settings(args)
     validate_settings(settings, args)
+    set_threads(args)
     config = KimiLinearConfig.from_preset(settings["preset"], mixer=settings["mixer"])
     if (config.vocab_size, config.bos_token_id, config.eos_token_id) != (BYTE_VOCAB_SIZE, BOS_ID, EOS_ID):
         raise ValueError(f"preset {settings['preset']!r} has a {config.vocab_size}-token vocabulary; this "
@@ -163,13 +201,15 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=settings["weight_decay"], grad_clip=settings["grad_clip"], grad_accum=args.grad_accum,
         bias_update_rate=settings["bias_update_rate"],
         dtype=args.dtype, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+        keep_checkpoints=args.keep_checkpoints,
     )
     train_config.validate()
 
     ctx = init_distributed(args.device)
-    if ctx.device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    lock = None
+    stop = StopOnSignal(announce=ctx.is_main)
     try:
+        stop.__enter__()
         corpus = build_corpus(settings["data"], BOS_ID, EOS_ID)
         batches = PackedBatches(corpus.train, settings["seq_len"], settings["batch_size"],
                                 seed=settings["seed"], rank=ctx.rank, world_size=ctx.world_size,
@@ -177,23 +217,35 @@ def run(args: argparse.Namespace) -> int:
         micro = settings["batch_size"] // (ctx.world_size * args.grad_accum)
         val = eval_batches(corpus.val, settings["seq_len"], args.eval_windows, micro, rank=ctx.rank,
                            world_size=ctx.world_size, bos_token_id=BOS_ID)
-        run_info = {"settings": {**settings, "data": settings["data"] and os.path.abspath(settings["data"])},
+        identity = {k: v for k, v in settings.items() if k != "max_steps"}
+        run_info = {"settings": {**identity, "data": settings["data"] and os.path.abspath(settings["data"])},
                     "model_config": config.to_dict(), "data_fingerprint": corpus.fingerprint}
         if saved is not None and saved != run_info:
             diff = describe_difference(saved, run_info)
             raise ValueError(f"--out {str(out)!r} holds a different run ({diff}); pass the same settings to "
                              f"resume it, or another --out")
+        # One process per run folder (rank 0 holds the lock for all); taken before anything is written.
+        refused = None
+        if ctx.is_main:
+            try:
+                lock = RunLock(out)
+                now = _read_run_file(out)
+                if now is not None:
+                    now.pop("max_steps", None)
+                if now != saved:
+                    refused = f"{out / RUN_FILE} changed while this run started; run the command again"
+            except RunLocked as e:
+                refused = str(e)
+        refused = broadcast_object(refused, ctx)
+        if refused:
+            raise RunLocked(refused)
 
         torch.manual_seed(settings["seed"])
         model = KimiLinearForCausalLM(config).to(ctx.device)
         n_params = sum(p.numel() for p in model.parameters())
         model = wrap_model(model, ctx, args.strategy)
         if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if saved is None:
-                tmp = out / (RUN_FILE + ".tmp")
-                tmp.write_text(json.dumps(run_info, indent=1, sort_keys=True))
-                os.replace(tmp, out / RUN_FILE)
+            _write_run_file(out, run_info, settings["max_steps"])
             print(f"data: {corpus.describe()}")
             print(f"model: preset {settings['preset']}, mixer {settings['mixer']}, {n_params / 1e6:.2f}M "
                   f"parameters, layers {config.layer_types}; {ctx.world_size} process(es) on {ctx.device}"
@@ -203,7 +255,17 @@ def run(args: argparse.Namespace) -> int:
                   flush=True)
         trainer = Trainer(model, train_config, ctx=ctx, out_dir=out, run_info=run_info,
                           progress=not args.no_progress)
-        summary = trainer.fit(batches, eval_data=val)
+        try:
+            summary = trainer.fit(batches, eval_data=val, stop=stop)
+        except TrainingStopped as e:
+            if ctx.is_main:
+                report_stop(e.signum, e.step, e.checkpoint, out, settings["max_steps"])
+            return e.exit_code
+        stop.__exit__(None, None, None)
+        if stop.signum is not None:  # the signal came during the last step: the run is complete and saved
+            if ctx.is_main:
+                report_stop(stop.signum, summary["step"], summary["checkpoint"], out, settings["max_steps"])
+            return 128 + stop.signum
 
         base_total, base_n = unigram_loss(corpus.train, val, tokenizer.vocab_size)
         counts = torch.tensor([base_total, float(base_n)], dtype=torch.float64, device=ctx.device)
@@ -213,8 +275,22 @@ def run(args: argparse.Namespace) -> int:
         # every process waits for rank 0's report: tearing down a gloo group while a peer still holds it can abort
         barrier(ctx)
     finally:
+        stop.__exit__(None, None, None)
+        if lock is not None:
+            lock.release()
         shutdown(ctx)
     return 0
+
+
+def report_stop(signum: int, step: int, checkpoint, out: Path, max_steps: int) -> None:
+    """Rank 0, after a stop signal: what was saved and how to go on (on stderr)."""
+    import signal
+
+    name = signal.Signals(signum).name
+    saved = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint (no step was trained)"
+    print(f"kimi-linear train: stopped by {name} after step {step} of {max_steps}; {saved}.\n"
+          f"  resume: run the same command again, or `kimi-linear train --out {out}` (settings come from "
+          f"{out / RUN_FILE})", file=sys.stderr, flush=True)
 
 
 def report(summary: dict, unigram: float, out: Path, settings: dict, args, tokenizer) -> None:

@@ -1,5 +1,6 @@
 """The training loop: AdamW with warmup + cosine, gradient accumulation and clipping, bf16 autocast on GPU,
-auxiliary-loss-free MoE balancing, checkpoint/resume, progress bar and metrics.
+auxiliary-loss-free MoE balancing, checkpoint/resume (also to a larger ``max_steps``), a clean stop on
+SIGINT/SIGTERM, progress bar and metrics.
 
 Any ``nn.Module`` trains: a batch is a dict with ``input_ids`` and ``labels`` (``IGNORE_INDEX`` where there is
 no target), optionally ``cu_seqlens``; ``loss_fn(model, batch)`` returns the *sum* of token losses and the
@@ -18,7 +19,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from kimi_linear.train.checkpointing import (
 )
 from kimi_linear.train.data import IGNORE_INDEX
 from kimi_linear.train.distributed import DistContext, all_reduce_sum, unwrap
+from kimi_linear.train.stopping import STOP_SIGNALS, StopOnSignal, TrainingStopped
 
 AUTOCAST_DTYPES = ("auto", "float32", "bfloat16")
 NO_DECAY_NAMES = ("A_log", "dt_bias")
@@ -109,17 +111,57 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+@dataclass(frozen=True)
+class LRSchedule:
+    """Learning-rate multiplier per step (0-based): linear warmup from 1/warmup to 1 over ``warmup_steps``,
+    then cosine segments, each ``(start_step, start_factor, end_step)``: from ``start_factor`` at
+    ``start_step`` down to ``min_lr_ratio`` at ``end_step``, then flat at the floor. A run has one segment
+    ``(warmup_steps, 1.0, max_steps)``; each change of ``max_steps`` on resume adds one (``extended_to``)."""
+
+    warmup_steps: int
+    min_lr_ratio: float
+    segments: tuple[tuple[int, float, int], ...]
+
+    @classmethod
+    def warmup_cosine(cls, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> LRSchedule:
+        return cls(warmup_steps, min_lr_ratio, ((warmup_steps, 1.0, max_steps),))
+
+    @property
+    def max_steps(self) -> int:
+        return self.segments[-1][2]
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        start, start_factor, end = next(seg for seg in reversed(self.segments) if seg[0] <= step)
+        progress = min(1.0, (step - start) / max(1, end - start))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (start_factor - self.min_lr_ratio) * cosine
+
+    def extended_to(self, max_steps: int, step: int) -> LRSchedule:
+        """This schedule for a run that, after ``step`` steps, is to end at ``max_steps`` instead: unchanged
+        up to ``step``, then a cosine from the multiplier it had reached down to the floor at the new end, so the
+        rate never jumps. A finished run (already at the floor) continues at the floor."""
+        if max_steps == self.max_steps:
+            return self
+        start = max(step, self.warmup_steps)
+        segment = (start, self(start), max_steps)
+        return replace(self, segments=(*(s for s in self.segments if s[0] < start), segment))
+
+    def to_dict(self) -> dict:
+        return {"warmup_steps": self.warmup_steps, "min_lr_ratio": self.min_lr_ratio,
+                "segments": [list(s) for s in self.segments]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LRSchedule:
+        return cls(int(d["warmup_steps"]), float(d["min_lr_ratio"]),
+                   tuple((int(a), float(f), int(b)) for a, f, b in d["segments"]))
+
+
 def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
     """LR multiplier: linear from 1/warmup to 1 over ``warmup_steps``, then cosine down to
-    ``min_lr_ratio``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+    ``min_lr_ratio`` at ``max_steps`` (``LRSchedule`` with one segment)."""
+    return LRSchedule.warmup_cosine(warmup_steps, max_steps, min_lr_ratio)
 
 
 def moe_modules(model: nn.Module) -> list[nn.Module]:
@@ -163,7 +205,8 @@ class Trainer:
         loss_fn: ``(model, batch) -> (loss_sum, token_count)``; next-token cross-entropy by default.
         out_dir: where checkpoints and ``metrics.jsonl`` go (None: nothing is written).
         run_info: JSON-able identity of the run (model config, data, hyper-parameters); a checkpoint
-            written with different ``run_info`` is refused on resume.
+            written with different ``run_info`` is refused on resume. ``max_steps`` is not part of it: a run
+            resumed with another ``max_steps`` continues to it (``LRSchedule.extended_to``).
         progress: show a tqdm progress bar on rank 0.
     """
 
@@ -178,8 +221,7 @@ class Trainer:
         self.progress = progress
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                                            betas=(config.beta1, config.beta2))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(config.warmup_steps, config.max_steps, config.min_lr_ratio))
+        self.schedule = LRSchedule.warmup_cosine(config.warmup_steps, config.max_steps, config.min_lr_ratio)
         self.moe = moe_modules(model)
         self.step = 0
         self.tokens_seen = 0
@@ -231,9 +273,10 @@ class Trainer:
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
         grad_norm = self._clip()
+        lr = self.config.lr * self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = all_reduce_sum(loss_sum, ctx).item() / total_labels
         stats = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": total_inputs}
@@ -271,26 +314,29 @@ class Trainer:
 
     def state(self, data_state: dict | None) -> dict:
         return {"run_info": self.run_info, "data": data_state, "tokens_seen": self.tokens_seen,
-                "train_config": asdict(self.config)}
+                "train_config": asdict(self.config), "lr_schedule": self.schedule.to_dict()}
 
     def save(self, data_state: dict | None):
         if self.out_dir is None:
             return None
-        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.scheduler,
-                               self.state(data_state), self.ctx, keep=self.config.keep_checkpoints)
+        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.state(data_state),
+                               self.ctx, keep=self.config.keep_checkpoints)
 
     def resume(self, batches=None) -> int:
-        """Load the newest checkpoint under ``out_dir`` (if any) and return its step (0 without one).
+        """Load the newest checkpoint under ``out_dir`` that verifies (if any) and return its step (0 without
+        one). Newer checkpoints that do not verify are skipped with a line on stdout saying why. When
+        ``config.max_steps`` differs from the saved run's, the schedule is extended
+        (``LRSchedule.extended_to``).
 
         Raises:
             ValueError: the checkpoint was written by a run with different ``run_info``.
         """
         if self.out_dir is None:
             return 0
-        path = agree_on_latest(self.out_dir, self.ctx)
+        path = agree_on_latest(self.out_dir, self.ctx, report=lambda line: print(line, flush=True))
         if path is None:
             return 0
-        saved = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ctx)
+        saved = load_checkpoint(path, self.model, self.optimizer, self.ctx)
         if saved.get("run_info") != self.run_info:
             diff = describe_difference(saved.get("run_info"), self.run_info)
             raise ValueError(f"{self.out_dir} holds a different run ({diff}); pass the same settings to "
@@ -299,18 +345,46 @@ class Trainer:
             batches.load_state_dict(saved["data"])
         self.step = int(saved["step"])
         self.tokens_seen = int(saved.get("tokens_seen", 0))
+        if "lr_schedule" in saved:
+            schedule = LRSchedule.from_dict(saved["lr_schedule"])
+        else:  # written before the schedule was saved: it was the one of the saved settings
+            tc = saved["train_config"]
+            schedule = LRSchedule.warmup_cosine(tc["warmup_steps"], tc["max_steps"], tc["min_lr_ratio"])
+        self.schedule = schedule.extended_to(self.config.max_steps, self.step)
+        if self.schedule != schedule and self.ctx.is_main and self.step < self.config.max_steps:
+            start, factor, end = self.schedule.segments[-1]
+            print(f"the run was planned for {schedule.max_steps} steps, now {end}: the learning rate goes "
+                  f"from {factor:.3g} x peak at step {start} down a cosine to the floor "
+                  f"({self.schedule.min_lr_ratio:g} x peak) at step {end}", flush=True)
         return self.step
 
+    def _stop_requested(self, stop: StopOnSignal | None) -> bool:
+        """Whether any process got a stop signal (collective when distributed, so all stop at one step)."""
+        if stop is None:
+            return False
+        if not self.ctx.distributed:
+            return stop.requested
+        got = torch.tensor([float(stop.signum == sig) for sig in STOP_SIGNALS], device=self.ctx.device)
+        got = all_reduce_sum(got, self.ctx).tolist()
+        if stop.signum is None and any(got):  # another process got it: stop with it, under its signal's name
+            stop.signum = next(sig for sig, n in zip(STOP_SIGNALS, got, strict=True) if n > 0)
+        return stop.signum is not None
+
     def fit(self, batches, *, eval_data: list[dict] | None = None,
-            on_step: Callable[[int, dict], None] | None = None) -> dict:
+            on_step: Callable[[int, dict], None] | None = None, stop: StopOnSignal | None = None) -> dict:
         """Train until ``config.max_steps``, resuming from ``out_dir`` when it holds a checkpoint.
 
         Evaluates ``eval_data`` every ``eval_every`` steps and at the end; checkpoints every
         ``checkpoint_every`` steps and at the end; logs every step to ``metrics.jsonl`` and the progress bar
-        (rank 0 only). ``on_step(step, stats)`` is called after each step.
+        (rank 0 only). ``on_step(step, stats)`` is called after each step. With ``stop`` (an active
+        ``StopOnSignal``), a signal makes it finish the current step, checkpoint and raise
+        ``TrainingStopped``.
 
         Returns ``{"start_step", "step", "losses" (this call's steps), "val_loss", "tokens_per_s",
         "checkpoint"}``.
+
+        Raises:
+            TrainingStopped: ``stop`` saw a signal (the state is saved in its ``checkpoint``).
         """
         from tqdm.auto import tqdm
 
@@ -322,10 +396,16 @@ class Trainer:
         log = MetricsLog(None if main_out is None else main_out / "metrics.jsonl", start)
         bar = tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True,
                    disable=not (self.progress and ctx.is_main))
-        losses, val_loss, checkpoint = [], None, None
+        losses, val_loss, checkpoint, saved_step = [], None, None, start
         t0, tokens0 = time.perf_counter(), self.tokens_seen
         try:
             while self.step < cfg.max_steps:
+                if self._stop_requested(stop):
+                    if saved_step != self.step:
+                        checkpoint = self.save(data_state(batches))
+                    elif checkpoint is None and self.out_dir is not None:
+                        checkpoint = latest_checkpoint(self.out_dir)
+                    raise TrainingStopped(stop.signum, self.step, checkpoint)
                 step_start = time.perf_counter()
                 stats = self.train_step(batches.next_step())
                 now = time.perf_counter()
@@ -346,7 +426,8 @@ class Trainer:
                     if ctx.is_main:
                         bar.write(f"step {self.step}: validation loss {val_loss:.4f}")
                 if last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
-                    checkpoint = self.save(batches.state_dict() if hasattr(batches, "state_dict") else None)
+                    checkpoint = self.save(data_state(batches))
+                    saved_step = self.step
         finally:
             bar.close()
         if start >= cfg.max_steps and eval_data is not None:
@@ -358,6 +439,11 @@ class Trainer:
         return {"start_step": start, "step": self.step, "losses": losses, "val_loss": val_loss,
                 "tokens_per_s": (self.tokens_seen - tokens0) / elapsed if losses else 0.0,
                 "elapsed_s": elapsed, "checkpoint": checkpoint}
+
+
+def data_state(batches) -> dict | None:
+    """The batch source's position, when it can tell it (``state_dict()``)."""
+    return batches.state_dict() if hasattr(batches, "state_dict") else None
 
 
 def describe_difference(saved: dict | None, current: dict, prefix: str = "") -> str:

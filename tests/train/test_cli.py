@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -67,6 +68,13 @@ def test_train_end_to_end(tmp_path, capsys):
     assert sorted(losses(out)) == list(range(1, 13))
     model = KimiLinearForCausalLM.from_pretrained(ckpt)
     assert model.config.vocab_size == 259
+    capsys.readouterr()
+    assert main(["info", "debug", "--json"]) == 0
+    assert model.config.layer_types == json.loads(capsys.readouterr().out)["layer_types"], "what info shows"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(ckpt.stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(f.stat().st_mode) for f in ckpt.iterdir()} == {0o666 & ~umask}, "others may read it"
     assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
 
     # The same command again: the run is complete, nothing retrains.
@@ -143,6 +151,8 @@ def test_baseline_mixers_train_and_save(tmp_path, capsys, mixer, expected):
                  "--out", str(out), "--sample-tokens", "0"]) == 0
     model = KimiLinearForCausalLM.from_pretrained(out / "checkpoint-0000002")
     assert set(model.config.layer_types) == expected
+    if mixer == "gdn":  # the debug preset's layout, its linear layers as GDN
+        assert model.config.layer_types == ["gdn", "mla", "gdn", "mla"]
 
 
 def test_cli_choices_follow_the_trainer():

@@ -56,3 +56,20 @@ def test_two_processes_match_one(tmp_path, reference, strategy):
     for name, tensor in theirs.items():
         err = ((ours[name] - tensor).norm() / tensor.norm().clamp_min(1e-12)).item()
         assert err < 1e-4, (name, err)
+
+
+def test_a_held_run_folder_stops_every_process(tmp_path, reference):
+    """Rank 0 takes the lock for the whole job; when it is refused, every rank exits (none waits forever)."""
+    from kimi_linear.train.runlock import RunLock
+
+    data, _ = reference
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           "-m", "kimi_linear.train", *RUN, "--data", str(data), "--out", str(out)]
+    with RunLock(out):
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    assert log.count(f"in use by another training process (pid {os.getpid()}") == 2, log[-3000:]  # each rank
+    assert not (out / "metrics.jsonl").exists()

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
 
-from kimi_linear.train.checkpointing import TMP_PREFIX, list_checkpoints
+from kimi_linear.train import checkpointing
+from kimi_linear.train.checkpointing import TMP_PREFIX, TRAINER_STATE, list_checkpoints, verify_checkpoint
 from kimi_linear.train.data import PackedBatches
-from kimi_linear.train.trainer import TrainConfig, Trainer, param_groups, warmup_cosine
+from kimi_linear.train.trainer import LRSchedule, TrainConfig, Trainer, param_groups, warmup_cosine
 from tests.train.toy import ToyLM
 
 BOS = 256
@@ -144,3 +148,86 @@ def test_step_without_labels_raises():
     ids = torch.randint(0, 256, (1, 16))
     with pytest.raises(ValueError, match="no labelled tokens"):
         trainer.train_step([{"input_ids": ids, "labels": torch.full_like(ids, -100)}])
+
+
+def test_a_kill_while_pruning_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    """The process dies inside the deletion of an old checkpoint (one file gone, then killed)."""
+    tokens = random_stream(4000, seed=6)
+    config = TrainConfig(max_steps=3, lr=1e-2, warmup_steps=1, checkpoint_every=1, keep_checkpoints=2)
+
+    def die_while_deleting(path, ignore_errors=False):
+        victim = next(p for p in sorted(Path(path).rglob("*")) if p.is_file() and p.name == TRAINER_STATE)
+        victim.unlink()
+        raise Killed
+
+    def arm(step, stats):
+        if step == 3:  # checkpoints 1 and 2 exist; saving 3 prunes 1
+            monkeypatch.setattr(checkpointing.shutil, "rmtree", die_while_deleting)
+
+    trainer = Trainer(make_model(0), config, out_dir=tmp_path, progress=False)
+    with pytest.raises(Killed):
+        trainer.fit(PackedBatches(tokens, 32, 8, seed=3), on_step=arm)
+    monkeypatch.undo()
+    partial = [p.name for p in tmp_path.glob("checkpoint-*") if verify_checkpoint(p) is not None]
+    assert partial == [], f"half-deleted checkpoints left under their own name: {partial}"
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+
+    config = TrainConfig(max_steps=4, lr=1e-2, warmup_steps=1, checkpoint_every=1, keep_checkpoints=2)
+    resumed = Trainer(make_model(1), config, out_dir=tmp_path, progress=False)
+    assert resumed.fit(PackedBatches(tokens, 32, 8, seed=3))["start_step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["checkpoint-0000003",
+                                                                        "checkpoint-0000004"]
+
+
+def test_checkpoint_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        trainer = Trainer(make_model(0), TrainConfig(max_steps=1, warmup_steps=0), out_dir=tmp_path,
+                          progress=False)
+        trainer.fit(PackedBatches(random_stream(3000, seed=7), 32, 8))
+    finally:
+        os.umask(old)
+    ckpt = tmp_path / "checkpoint-0000001"
+    assert stat.S_IMODE(ckpt.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in ckpt.iterdir()} == {0o644}
+
+
+def test_schedule_extension_is_continuous_and_ends_at_the_floor():
+    base = LRSchedule.warmup_cosine(warmup_steps=5, max_steps=50, min_lr_ratio=0.1)
+    for step, new_max in [(20, 100), (20, 30), (50, 80), (3, 60)]:
+        longer = base.extended_to(new_max, step)
+        assert [longer(s) for s in range(step + 1)] == [base(s) for s in range(step + 1)], "the past is kept"
+        assert longer(max(step, 5)) == pytest.approx(base(max(step, 5)))
+        after = [longer(s) for s in range(max(step, 5), new_max + 3)]
+        assert all(a >= b for a, b in zip(after, after[1:])), "no jump up: it only decays"
+        assert longer(new_max) == pytest.approx(0.1) and longer(new_max + 2) == pytest.approx(0.1)
+    assert base.extended_to(50, 20) is base
+    finished = base.extended_to(80, 50)
+    assert [finished(s) for s in range(50, 80)] == pytest.approx([0.1] * 30), "a finished run: at the floor"
+    twice = base.extended_to(100, 20).extended_to(200, 60)
+    assert LRSchedule.from_dict(twice.to_dict()) == twice
+
+
+def test_resume_with_more_steps_continues_the_schedule(tmp_path):
+    """Stopped at step 3 of 6, resumed to 12: the learning rate goes on from where it was to the floor."""
+    tokens = random_stream(6000, seed=8)
+
+    def kill_at_4(step, stats):
+        if step == 4:
+            raise Killed
+
+    config = TrainConfig(max_steps=6, lr=1e-2, warmup_steps=2, checkpoint_every=3)
+    first = Trainer(make_model(0), config, out_dir=tmp_path, progress=False)
+    with pytest.raises(Killed):
+        first.fit(PackedBatches(tokens, 32, 8, seed=3), on_step=kill_at_4)
+    lrs = {}
+    longer = TrainConfig(max_steps=12, lr=1e-2, warmup_steps=2, checkpoint_every=3)
+    resumed = Trainer(make_model(0), longer, out_dir=tmp_path, progress=False)
+    summary = resumed.fit(PackedBatches(tokens, 32, 8, seed=3),
+                          on_step=lambda step, stats: lrs.update({step: stats["lr"]}))
+    assert summary["start_step"] == 3 and sorted(lrs) == list(range(4, 13))
+    planned = warmup_cosine(2, 6, 0.1)
+    assert lrs[4] == pytest.approx(1e-2 * planned(3)), "step 4 keeps the rate the 6-step plan gave it"
+    values = [lrs[s] for s in range(4, 13)]
+    assert all(a > b for a, b in zip(values, values[1:-1])) and values[-1] > 1e-3
+    assert resumed.schedule(12) == pytest.approx(0.1)
