@@ -43,7 +43,7 @@ import codecs
 import json
 import os
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import datetime
 
 from kimi_linear.config import KimiLinearConfig
@@ -407,7 +407,12 @@ class _ChatTokenizer:
         return rendered.replace(_MARK_START, "").replace(_MARK_END, "")
 
     def apply_chat_template(
-        self, messages, add_generation_prompt: bool = True, tools=None, **kwargs
+        self,
+        messages,
+        add_generation_prompt: bool = True,
+        tools=None,
+        token_inserts: Mapping[str, Sequence[int]] | None = None,
+        **kwargs,
     ) -> list[int]:
         """Token ids of the rendered chat: the template's special tokens as ids, everything the caller passed
         (contents, names, tool definitions, variables) as text.
@@ -417,18 +422,26 @@ class _ChatTokenizer:
                 (keys with value None are dropped, as transformers does).
             add_generation_prompt: end with the opening of an assistant turn.
             tools: OpenAI-style tool definitions (JSON schemas), for templates that declare tools.
+            token_inserts: placeholder string -> ids. Where a placeholder (put in a message by the caller)
+                appears in the rendered chat, these ids stand instead of its encoding — a chat session keeps the
+                tokens the model generated rather than a re-encoding of their text.
+            **kwargs: extra template variables.
 
         Raises:
             TypeError / ValueError: malformed messages; jinja2.TemplateError from the template itself.
         """
         rendered = self._render_marked(messages, add_generation_prompt, tools, kwargs)
-        return self._encode_rendered(rendered)
+        return self._encode_rendered(rendered, dict(token_inserts or {}))
 
-    def _encode_rendered(self, rendered: str) -> list[int]:
+    def _encode_rendered(self, rendered: str, inserts: dict[str, Sequence[int]]) -> list[int]:
+        pattern = self._rendered_re
+        if inserts:
+            keys = "|".join(re.escape(k) for k in sorted(inserts, key=len, reverse=True))
+            pattern = re.compile(f"{keys}|{pattern.pattern}")
         ids: list[int] = []
         text: list[str] = []
         start = 0
-        for m in self._rendered_re.finditer(rendered):
+        for m in pattern.finditer(rendered):
             text.append(rendered[start : m.start()])
             start = m.end()
             piece = m.group()
@@ -439,7 +452,10 @@ class _ChatTokenizer:
                 continue
             ids += self._encode_text("".join(text))
             text = []
-            ids.append(self.special_tokens[piece])
+            if piece in inserts:
+                ids += [int(i) for i in inserts[piece]]
+            else:
+                ids.append(self.special_tokens[piece])
         text.append(rendered[start:])
         return ids + self._encode_text("".join(text))
 
