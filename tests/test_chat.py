@@ -220,3 +220,54 @@ def test_sampling_defaults_from_generation_config():
     assert SamplingSettings.from_generation_config({}, temperature=None).temperature == 0.0
     with pytest.raises(ValueError, match="top_p"):
         SamplingSettings.from_generation_config({"top_p": 0})
+
+
+def test_terminal_chat_streams_and_ctrl_c_keeps_the_conversation(tmp_path):
+    """On a terminal (a pseudo-terminal here): the reply streams, SIGINT stops it without ending the session,
+    /reset and /exit work."""
+    import pty
+    import select
+    import signal
+    import time
+
+    make_model(seed=47).save_pretrained(tmp_path)
+    master, slave = pty.openpty()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "TERM": "dumb",
+    }
+    argv = ["--checkpoint", str(tmp_path), "--max-new-tokens", "100000", "--max-context", "4000"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kimi_linear", "chat", *argv], stdin=slave, stdout=slave, stderr=slave, env=env
+    )
+    os.close(slave)
+    output = bytearray()
+
+    def read_until(predicate, timeout=120.0):
+        deadline = time.monotonic() + timeout
+        while not predicate(bytes(output)):
+            assert time.monotonic() < deadline, f"timed out; output so far: {bytes(output)[-400:]!r}"
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    output.extend(os.read(master, 4096))
+                except OSError:  # the child closed the terminal
+                    break
+
+    try:
+        read_until(lambda out: out.endswith(b"> "))
+        os.write(master, b"hello\n")
+        start = len(output)
+        read_until(lambda out: len(out) - start > 40)  # the echo and a part of the streamed reply
+        os.kill(proc.pid, signal.SIGINT)
+        read_until(lambda out: b"[reply stopped" in out and out.endswith(b"> "))
+        os.write(master, b"/reset\n")
+        read_until(lambda out: b"[new conversation]" in out and out.endswith(b"> "))
+        os.write(master, b"/exit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert b"Traceback" not in output
