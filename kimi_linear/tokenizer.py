@@ -594,10 +594,14 @@ def load_tokenizer(directory: str | None, config: KimiLinearConfig):
     if directory is not None and os.path.isfile(os.path.join(directory, TIKTOKEN_FILE)):
         return TiktokenTokenizer(directory, config)
     if config.vocab_size > BYTE_VOCAB_SIZE:
-        where = f"{directory}" if directory is not None else "no checkpoint folder"
+        missing = (
+            f"{directory} has no {TIKTOKEN_FILE}"
+            if directory is not None
+            else f"no {TIKTOKEN_FILE} was given"
+        )
         raise TokenizerError(
-            f"the model has a vocabulary of {config.vocab_size} tokens but {where} has no {TIKTOKEN_FILE}: copy "
-            f"the release's tokenizer files ({TIKTOKEN_FILE}, {TOKENIZER_CONFIG_FILE}) next to config.json "
-            f"(a byte-level model has at most {BYTE_VOCAB_SIZE} tokens)"
+            f"the model has a vocabulary of {config.vocab_size} tokens but {missing}: copy the release's tokenizer "
+            f"files ({TIKTOKEN_FILE}, {TOKENIZER_CONFIG_FILE}) next to config.json (a byte-level model has at "
+            f"most {BYTE_VOCAB_SIZE} tokens)"
         )
     return ByteTokenizer(config, directory)
