@@ -9,6 +9,17 @@ files onto the target device, so peak host memory stays near one copy of the wei
 unknown, missing or misshaped tensors, a config.json that contradicts the weights, a corrupt file — raises an
 error naming the tensor or file. Writes are atomic: each file goes to a temporary name in the same folder and
 is renamed into place.
+
+A saved folder is servable (vLLM, SGLang, transformers): the tokenizer files, ``generation_config.json`` and the
+remote-code ``*.py`` files of the folder the model was loaded from are copied next to the weights, and the
+config.json keys the project does not use (``auto_map``, ``transformers_version``, ``head_dim``, ...) are
+written back unchanged.
+
+Where the release's own code and the servers differ, the project follows the servers: ``kv_a_layernorm`` (the
+MLA latent's RMSNorm) uses ``rms_norm_eps`` (1e-5) as vLLM does, while the release's ``modeling_kimi.py`` and
+transformers' native ``kimi_linear`` use the norm class's default 1e-6 (tests/test_interop_hf.py holds the
+logits of the two within 1e-4 relative). Routing is the same everywhere: experts are chosen by ``scores + e_score_correction_bias`` and
+weighted by the unbiased scores (renormalised, times ``routed_scaling_factor``).
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 
@@ -27,6 +39,16 @@ from kimi_linear.config import KimiLinearConfig
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+# What a server needs next to the weights to tokenize and chat (the release ships these, plus the remote-code
+# *.py files that config.json's auto_map names, e.g. tokenization_kimi.py).
+TOKENIZER_FILES = (
+    "tiktoken.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.json",
+)
 
 # (model name pattern, checkpoint name template, checkpoint name pattern): stacked experts <-> one tensor per
 # expert.
@@ -126,13 +148,34 @@ def _write_json(path: str, obj: dict) -> None:
     _atomic_write(path, write)
 
 
+def _copy_file(src: str, dst: str) -> None:
+    _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def serving_files(directory: str) -> list[str]:
+    """Names of the tokenizer, generation-config and remote-code (*.py) files in a checkpoint folder."""
+    names = [*TOKENIZER_FILES, GENERATION_CONFIG_FILE]
+    present = [n for n in names if os.path.isfile(os.path.join(directory, n))]
+    code = sorted(
+        n for n in os.listdir(directory) if n.endswith(".py") and os.path.isfile(os.path.join(directory, n))
+    )
+    return present + code
+
+
 def save_pretrained(
     model: nn.Module,
     directory: str | os.PathLike,
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | None = None,
+    source_directory: str | os.PathLike | None = None,
 ) -> None:
-    """Write ``model`` (a ``KimiLinearForCausalLM``) as the release does.
+    """Write ``model`` (a ``KimiLinearForCausalLM``) as the release does, as a folder a server can load.
+
+    Besides the weights and ``config.json`` (with the keys of the config.json the model was read from kept
+    unchanged, see ``KimiLinearConfig.to_hf``), the folder gets the tokenizer files, ``generation_config.json``
+    and remote-code ``*.py`` files of ``source_directory`` (default: the folder ``from_pretrained`` read the model
+    from, ``model.checkpoint_directory``), each copied atomically; without a ``generation_config.json`` there,
+    one is written from the config's bos/eos/pad ids.
 
     Args:
         directory: created if missing; existing model files are replaced (stale shards of an earlier save with
@@ -142,6 +185,8 @@ def save_pretrained(
             ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``.
         dtype: cast floating tensors to this dtype (default: as they are); A_log, dt_bias and the router stay
             fp32.
+        source_directory: where the tokenizer and generation config come from (None: the model's own folder,
+            if it was loaded from one).
 
     Raises:
         ValueError: bad max_shard_size, or a config the release format cannot express.
@@ -201,6 +246,23 @@ def save_pretrained(
         os.remove(index_path)
     for f in stale:
         os.remove(os.path.join(directory, f))
+    if source_directory is None:
+        source_directory = getattr(model, "checkpoint_directory", None)
+    copied: list[str] = []
+    if source_directory is not None and os.path.isdir(source_directory):
+        source_directory = os.fspath(source_directory)
+        if not os.path.samefile(source_directory, directory):
+            for name in serving_files(source_directory):
+                _copy_file(os.path.join(source_directory, name), os.path.join(directory, name))
+            copied = serving_files(source_directory)
+    if GENERATION_CONFIG_FILE not in copied and not os.path.isfile(
+        os.path.join(directory, GENERATION_CONFIG_FILE)
+    ):
+        generation = {k: hf_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        _write_json(
+            os.path.join(directory, GENERATION_CONFIG_FILE),
+            {k: v for k, v in generation.items() if v is not None},
+        )
     _write_json(os.path.join(directory, CONFIG_FILE), hf_config)
 
 
@@ -363,4 +425,5 @@ def load_pretrained(
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise CheckpointError(f"tensors not filled from the checkpoint: {still_meta[:8]}")
+    model.checkpoint_directory = os.path.abspath(directory)  # save_pretrained copies its tokenizer files
     return model

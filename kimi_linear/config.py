@@ -42,6 +42,62 @@ _RELEASE_CONSTANTS = {
 }
 
 
+# config.json keys that set a tensor shape and have no default (``from_hf`` names any that is missing).
+REQUIRED_HF_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "num_experts",
+)
+# Keys from_hf turns into the layer layout (not kept as extra keys).
+_LAYOUT_KEYS = ("model_type", "linear_attn_config", "layer_types", "mlp_layer_types", PROJECT_LAYER_TYPES_KEY)
+
+
+def _check_required(d: dict, values: dict, where: str) -> None:
+    """Raise ValueError naming the shape-setting keys a config.json lacks (see ``KimiLinearConfig.from_hf``)."""
+    missing = [k for k in REQUIRED_HF_KEYS if values.get(k) is None]
+    lac = d.get("linear_attn_config")
+    if lac is not None and not isinstance(lac, dict):
+        raise ValueError(f"{where}: linear_attn_config must be an object, got {lac!r}")
+    lac = lac or {}
+    has_layout = (
+        "kda_layers" in lac
+        or "full_attn_layers" in lac
+        or isinstance(d.get("layer_types"), list)
+        or isinstance(d.get(PROJECT_LAYER_TYPES_KEY), list)
+    )
+    if not has_layout:
+        missing.append("linear_attn_config.kda_layers / full_attn_layers (or layer_types)")
+    elif values.get("num_hidden_layers") is not None:
+        types = d.get(PROJECT_LAYER_TYPES_KEY) or d.get("layer_types")
+        L = values["num_hidden_layers"]
+        linear_layers = (
+            any(t not in ("mla", "full_attention") for t in types)
+            if isinstance(types, list)
+            else bool(lac.get("kda_layers")) or len(lac.get("full_attn_layers") or []) < L
+        )
+        if linear_layers:
+            for src, alias in (("num_heads", "linear_num_heads"), ("head_dim", "linear_head_dim")):
+                if src not in lac and alias not in d:
+                    missing.append(f"linear_attn_config.{src}")
+    if isinstance(values.get("num_experts"), int) and values["num_experts"] > 0:
+        missing += [
+            k
+            for k in ("num_experts_per_token", "moe_intermediate_size", "num_shared_experts")
+            if values.get(k) is None
+        ]
+    if missing:
+        raise ValueError(
+            f"{where} is missing {', '.join(missing)}: these set the model's tensor shapes and have no default"
+        )
+
+
 @dataclass
 class KimiLinearConfig:
     """Hyper-parameters of the Kimi Linear hybrid LM. Defaults are the released Kimi-Linear-48B-A3B.
@@ -105,6 +161,10 @@ class KimiLinearConfig:
     use_output_gate: bool = True
     use_short_conv: bool = True
     layer_types: list[str] | None = field(default=None)
+
+    # Keys of the config.json this config was read from that no field holds (auto_map, transformers_version,
+    # head_dim, quantization_config, ...): to_hf writes them back unchanged.
+    hf_extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in (
@@ -232,12 +292,24 @@ class KimiLinearConfig:
 
         Understands the release's format (1-based ``linear_attn_config`` lists) and the one HF transformers
         writes (``layer_types`` of "linear_attention"/"full_attention", ``linear_num_heads``,
-        ``num_local_experts``, ...).
+        ``num_local_experts``, ...). Keys no field holds are kept in ``hf_extra`` and written back by ``to_hf``.
+
+        Every key that sets a tensor shape must be present (``REQUIRED_HF_KEYS``; the layer layout —
+        ``linear_attn_config.kda_layers``/``full_attn_layers`` or ``layer_types``; with linear layers, the KDA
+        ``num_heads``/``head_dim``; with ``num_experts`` > 0, ``num_experts_per_token``,
+        ``moe_intermediate_size`` and ``num_shared_experts``): the 48B defaults of the dataclass are never taken
+        for a file that omits them. Missing keys that do not set a shape, or whose default is the only layout
+        the release and HF transformers know, take these documented defaults: ``short_conv_kernel_size`` 4,
+        ``first_k_dense_replace`` 1, ``num_key_value_heads`` = ``num_attention_heads``, ``q_lora_rank`` null,
+        ``mla_use_nope`` true, ``tie_word_embeddings`` false, ``rms_norm_eps`` 1e-5, ``routed_scaling_factor``
+        2.446, ``moe_renormalize`` true, ``moe_router_activation_func`` sigmoid, ``model_max_length`` 1048576,
+        ``dtype`` bfloat16, and no bos/eos/pad token ids.
 
         Raises:
             FileNotFoundError: no such file / no config.json in the folder.
-            ValueError: not a kimi_linear config, or inconsistent values.
+            ValueError: not a kimi_linear config, a missing required key (named), or inconsistent values.
         """
+        where = "config"
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             if os.path.isdir(path):
@@ -249,6 +321,9 @@ class KimiLinearConfig:
                     d = json.load(f)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path} is not valid JSON: {e}") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{path} must hold a JSON object")
+            where = path
         elif isinstance(source, dict):
             d = dict(source)
         else:
@@ -268,12 +343,18 @@ class KimiLinearConfig:
             "linear_conv_kernel_dim": "short_conv_kernel_size",
             "torch_dtype": "dtype",
         }
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"hf_extra"}
         values: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         for key, value in d.items():
-            key = aliases.get(key, key)
-            if key in fields and key not in ("layer_types", "kda_layers", "full_attn_layers"):
-                values[key] = value
+            name = aliases.get(key, key)
+            if name in fields and name not in ("layer_types", "kda_layers", "full_attn_layers"):
+                values[name] = value
+            elif name not in fields and key not in _LAYOUT_KEYS:
+                extra[key] = value
+        _check_required(d, values, where)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            values.setdefault(key, None)
         if isinstance(values.get("eos_token_id"), list):
             values["eos_token_id"] = values["eos_token_id"][0]
         if values.get("num_key_value_heads") is None:
@@ -313,10 +394,11 @@ class KimiLinearConfig:
             values["first_k_dense_replace"] = sum(1 for t in d["mlp_layer_types"] if t == "dense")
         if "kda_layers" in values or "layer_types" in values:
             values["hybrid_ratio"] = cls.hybrid_ratio
-        return cls(**values)
+        return cls(**values, hf_extra=extra)
 
     def to_hf(self) -> dict:
-        """The ``config.json`` dict as the release writes it (1-based ``linear_attn_config`` layer lists).
+        """The ``config.json`` dict as the release writes it (1-based ``linear_attn_config`` layer lists), with
+        the keys of the file this config was read from that no field holds (``hf_extra``) unchanged.
 
         A configuration the release cannot express (a "gdn" or "mamba2" layer, the output-gate or short-conv
         ablations) adds project keys — ``kimi_linear_layer_types`` (one type per layer), ``use_output_gate``,
@@ -326,6 +408,7 @@ class KimiLinearConfig:
         d: dict[str, Any] = dict(_RELEASE_CONSTANTS)
         for f in dataclasses.fields(self):
             if f.name in (
+                "hf_extra",
                 "kda_layers",
                 "full_attn_layers",
                 "layer_types",
@@ -347,6 +430,7 @@ class KimiLinearConfig:
             "num_heads": self.kda_num_heads,
             "short_conv_kernel_size": self.short_conv_kernel_size,
         }
+        d.update(self.hf_extra)  # only keys no field holds: constants, head_dim, auto_map, ...
         if any(t not in ("kda", "mla") for t in self.layer_types):
             d[PROJECT_LAYER_TYPES_KEY] = list(self.layer_types)
         for knob in ("use_output_gate", "use_short_conv"):

@@ -84,7 +84,7 @@ def test_single_file_and_resave_removes_stale_shards(tmp_path):
     model = make_model(seed=4)
     model.save_pretrained(tmp_path, max_shard_size="100KB")
     model.save_pretrained(tmp_path)  # now one file: shards and index of the first save must go
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors"]
     loaded = KimiLinearForCausalLM.from_pretrained(tmp_path)
     ids = random_ids(1, 5, model.config)
     assert torch.equal(loaded(ids).logits, model(ids).logits)
@@ -185,3 +185,67 @@ def test_project_layouts_save_and_load(tmp_path):
     assert loaded.config == model.config
     ids = random_ids(2, 9, model.config)
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_save_pretrained_writes_a_servable_folder(tmp_path):
+    """A model loaded from a release-like folder saves a folder with its tokenizer, generation config and remote
+    code; config.json keeps the keys the project does not use; transformers loads config + weights."""
+    from tests.test_tokenizer import make_folder
+
+    transformers = pytest.importorskip("transformers")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    _, config = make_folder(src, generation_config={"eos_token_id": [3, 4], "temperature": 0.6})
+    model = make_model(
+        seed=11,
+        vocab_size=config.vocab_size,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+    model.save_pretrained(src)
+    release_keys = {
+        "auto_map": {"AutoConfig": "configuration_kimi.KimiLinearConfig"},
+        "transformers_version": "4.56.0",
+        "head_dim": 72,
+        "architectures": ["KimiLinearForCausalLM"],
+        "quantization_config": {"quant_method": "none"},
+    }
+    d = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**d, **release_keys}))
+    (src / "tokenization_kimi.py").write_text("# remote code\n")
+    (src / "special_tokens_map.json").write_text('{"bos_token": "[BOS]"}')
+
+    loaded = KimiLinearForCausalLM.from_pretrained(src)
+    loaded.save_pretrained(dst)
+    for name in (
+        "tiktoken.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+        "tokenization_kimi.py",
+    ):
+        assert (dst / name).read_bytes() == (src / name).read_bytes(), name
+    assert not any(f.startswith(".tmp") for f in os.listdir(dst))
+    saved = json.loads((dst / "config.json").read_text())
+    for key, value in release_keys.items():
+        assert saved[key] == value, key
+    assert saved["hidden_size"] == model.config.hidden_size and saved["vocab_size"] == config.vocab_size
+
+    hf_model, info = transformers.KimiLinearForCausalLM.from_pretrained(str(dst), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info.get("mismatched_keys")
+    ids = random_ids(2, 9, model.config, seed=5)
+    with torch.no_grad():
+        want = hf_model.eval()(input_ids=ids).logits
+        got = model(ids).logits
+    assert (got - want).norm() / want.norm() < 1e-4
+
+    # Saving again into the folder it came from keeps its files; a model built in memory gets a generation
+    # config from its own ids.
+    KimiLinearForCausalLM.from_pretrained(dst).save_pretrained(dst)
+    assert (dst / "tiktoken.model").read_bytes() == (src / "tiktoken.model").read_bytes()
+    fresh = tmp_path / "fresh"
+    make_model(seed=12).save_pretrained(fresh)
+    generation = json.loads((fresh / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
+    assert not (fresh / "tiktoken.model").exists()

@@ -176,3 +176,98 @@ def test_from_hf_errors(tmp_path):
     bad["linear_attn_config"]["full_attn_layers"] = [0, 4]
     with pytest.raises(ValueError, match="1-based"):
         KimiLinearConfig.from_hf(bad)
+
+
+def small_config_json() -> dict:
+    """A small model's config.json in the release's format, written out by hand."""
+    d = KimiLinearConfig.from_preset("debug").to_hf()
+    return json.loads(json.dumps(d))
+
+
+@pytest.mark.parametrize(
+    "remove, named",
+    [
+        (["hidden_size"], "hidden_size"),
+        (["vocab_size", "kv_lora_rank"], "vocab_size, kv_lora_rank"),
+        (["linear_attn_config"], "linear_attn_config.kda_layers"),
+        (["linear_attn_config.num_heads"], "linear_attn_config.num_heads"),
+        (["linear_attn_config.head_dim"], "linear_attn_config.head_dim"),
+        (["num_experts"], "num_experts"),
+        (["moe_intermediate_size"], "moe_intermediate_size"),
+        (["num_experts_per_token"], "num_experts_per_token"),
+    ],
+)
+def test_missing_shape_keys_are_named(remove, named):
+    d = small_config_json()
+    for key in remove:
+        head, _, sub = key.partition(".")
+        del (d[head] if sub else d)[sub or head]
+    with pytest.raises(ValueError, match=f"missing {named}"):
+        KimiLinearConfig.from_hf(d)
+
+
+def test_documented_defaults_fit_the_files_own_shape():
+    d = small_config_json()
+    for key in (
+        "first_k_dense_replace",
+        "rms_norm_eps",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "model_max_length",
+        "num_key_value_heads",
+        "mla_use_nope",
+        "q_lora_rank",
+        "dtype",
+    ):
+        d.pop(key)
+    del d["linear_attn_config"]["short_conv_kernel_size"]
+    config = KimiLinearConfig.from_hf(d)
+    want = KimiLinearConfig.from_preset("debug")
+    assert (config.hidden_size, config.vocab_size, config.layer_types) == (64, 259, want.layer_types)
+    assert config.first_k_dense_replace == 1 and config.short_conv_kernel_size == 4
+    assert config.num_key_value_heads == config.num_attention_heads == 4
+    assert config.eos_token_id is None and config.bos_token_id is None and config.rms_norm_eps == 1e-5
+    # A model without experts needs none of the MoE sizes.
+    d = small_config_json()
+    d["num_experts"] = 0
+    for key in ("moe_intermediate_size", "num_experts_per_token", "num_shared_experts"):
+        d.pop(key)
+    assert KimiLinearConfig.from_hf(d).num_experts == 0
+
+
+def test_unknown_keys_round_trip():
+    d = release_config_json()
+    extra = {
+        "auto_map": {"AutoConfig": "configuration_kimi.KimiLinearConfig"},
+        "transformers_version": "4.56.0",
+        "head_dim": 72,
+        "use_cache": False,
+        "quantization_config": {"quant_method": "compressed-tensors"},
+    }
+    d.update(extra)
+    config = KimiLinearConfig.from_hf(d)
+    assert config == KimiLinearConfig.from_preset("48b-a3b")  # extra keys do not change the model
+    out = config.to_hf()
+    for key, value in extra.items():
+        assert out[key] == value, key
+    for key, value in release_config_json().items():
+        assert out[key] == value, key
+    assert KimiLinearConfig.from_hf(out).to_hf() == out
+
+
+def test_info_on_a_config_missing_keys_names_them(tmp_path, capsys):
+    from kimi_linear.cli import main
+
+    d = small_config_json()
+    del d["hidden_size"], d["linear_attn_config"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert main(["info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "hidden_size" in err and "linear_attn_config" in err and "Traceback" not in err
+    d = small_config_json()
+    del d["first_k_dense_replace"], d["rms_norm_eps"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert main(["info", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params_total"] < 10**6 and info["layers"] == 4
