@@ -137,6 +137,7 @@ class _Sequence:
     cached_tokens: int = 0
     node: int = 0  # prefix-cache node of the last registered full block (0 = root)
     registered: int = 0  # full blocks registered in the prefix cache
+    branch: int = 0  # tokens of the prompt the prefix cache holds latents for (a piece ends there)
 
     @property
     def prefilling(self) -> bool:
@@ -425,9 +426,9 @@ class Engine:
         while self.waiting and self.free_slots:
             seq = self.waiting[0]
             reserve = math.ceil((len(seq.prompt) + seq.params.max_tokens) / c.block_size)
-            hit_blocks, snapshot, node = [], None, 0
+            hit_blocks, snapshot, node, matched = [], None, 0, 0
             if c.enable_prefix_caching:
-                hit_blocks, snapshot, node = self.prefix.lookup(seq.prompt)
+                hit_blocks, snapshot, node, matched = self.prefix.lookup(seq.prompt)
             # blocks that only the prefix cache held become this sequence's: count them as taken
             self.prefix.acquire(hit_blocks)
             if self.prefix.num_available_blocks() - self._outstanding < reserve - len(hit_blocks):
@@ -440,6 +441,7 @@ class Engine:
             self._outstanding += reserve - len(hit_blocks)
             seq.computed = seq.cached_tokens = len(hit_blocks) * c.block_size
             seq.node, seq.registered = node, len(hit_blocks)
+            seq.branch = matched * c.block_size
             restores.append((snapshot, seq.slot))
             self.running.append(seq)
             self._stats["prompt"] += len(seq.prompt)
@@ -464,16 +466,18 @@ class Engine:
             t.index_copy_(0, dst_t, t.index_select(0, src_t))
 
     def _piece_end(self, seq: _Sequence, budget: int) -> int:
-        """End of the next prefill piece: within the budget, on a block boundary unless it ends the prompt;
-        with prefix caching the prompt's last full block boundary ends a piece (it is snapshotted)."""
+        """End of the next prefill piece: within the budget, on a block boundary unless it ends the prompt.
+        With prefix caching two boundaries also end a piece, so their states are snapshotted: where the
+        prefix cache's blocks for this prompt end (the branch point from an earlier prompt) and the prompt's
+        last full block boundary."""
         bs, P, start = self.config.block_size, len(seq.prompt), seq.computed
         end = min(P, start + budget)
         if end < P and (end // bs) * bs > start:
             end = (end // bs) * bs
-        if self.config.enable_prefix_caching and end == P:
-            last_boundary = (P // bs) * bs
-            if start < last_boundary < P:
-                end = last_boundary
+        if self.config.enable_prefix_caching:
+            for cut in (seq.branch, (P // bs) * bs):
+                if start < cut < end:
+                    end = cut
         return end
 
     def _ensure_blocks(self, seq: _Sequence, length: int) -> None:

@@ -10,7 +10,9 @@ the trie).
 A node may also own a KDA *snapshot slot*: a state-pool slot holding the conv tails and recurrent states after
 the node's prefix (the engine copies them). Snapshot slots are few and evicted least-recently-used on their
 own. A lookup returns the deepest node along the prompt that has a snapshot, so a hit that ends mid-block (or
-at a boundary without a snapshot) falls back to the previous boundary that has one.
+at a boundary without a snapshot) falls back to the previous boundary that has one. It also says how far the
+registered blocks reach: the engine ends a prefill piece there (the branch point of the two prompts) and
+snapshots it, so the next request sharing that prefix hits it.
 """
 
 from __future__ import annotations
@@ -92,9 +94,10 @@ class PrefixCache:
 
     # ---- trie --------------------------------------------------------------------------------------------
 
-    def lookup(self, tokens: list[int]) -> tuple[list[int], int | None, int]:
+    def lookup(self, tokens: list[int]) -> tuple[list[int], int | None, int, int]:
         """The longest cached prefix of ``tokens`` that leaves at least one token to compute and ends at a
-        boundary with a snapshot: (its blocks, the snapshot slot or None, its node). Touches what it uses."""
+        boundary with a snapshot: (its blocks, the snapshot slot or None, its node, the number of leading
+        blocks of ``tokens`` registered at all, snapshot or not). Touches what it uses."""
         bs = self.block_size
         node, path = self.ROOT, []
         for j in range((len(tokens) - 1) // bs):
@@ -103,16 +106,17 @@ class PrefixCache:
                 break
             node = child
             path.append(node)
+        matched = len(path)
         while path and self.nodes[path[-1]].snapshot is None:
             path.pop()
         if not path:
-            return [], None, self.ROOT
+            return [], None, self.ROOT, matched
         for n in path:
             if n in self.evictable:
                 self.evictable.move_to_end(n)
         last = path[-1]
         self.snapshots.move_to_end(last)
-        return [self.nodes[n].block for n in path], self.nodes[last].snapshot, last
+        return [self.nodes[n].block for n in path], self.nodes[last].snapshot, last, matched
 
     def insert(self, parent: int, block_tokens: list[int], block: int) -> int:
         """Register ``block`` (held by the caller) as the child of ``parent`` holding ``block_tokens``; returns
