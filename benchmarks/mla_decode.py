@@ -23,11 +23,10 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 
 import torch
 import triton
-
-from dataclasses import replace
 
 from kimi_linear.ops import mla_decode_triton as mla_decode
 from kimi_linear.ops.mla_decode import default_launch, default_num_splits, mla_decode_attention_reference

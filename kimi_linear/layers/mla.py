@@ -236,10 +236,17 @@ class MultiheadLatentAttention(nn.Module):
             pos = torch.arange(t_b)
             # right padding repeats each sequence's last token (never seen by its real queries)
             gather = (first[:, None] + torch.minimum(pos[None, :], lens[:, None] - 1)).to(q.device)  # [n, t_b]
-            real = (pos[None, :] < lens[:, None]).to(q.device)  # [n, t_b]
             o = self._attend(q[0][gather], k[0][gather], v[0][gather], is_causal=True)  # [n, t_b, H, dv]
-            out[gather[real]] = o[real]
+            src, dst = self._real_rows(lens, t_b, first)
+            out.index_copy_(0, dst.to(q.device), o.flatten(0, 1).index_select(0, src.to(q.device)))
         return out[None]
+
+    @staticmethod
+    def _real_rows(lens: torch.Tensor, width: int, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host index pair for unpadding: the real rows of a right-padded ``[n, width]`` batch flattened
+        (``src``), and where they go in the packed sequence (``dst``: ``first[i] + t``)."""
+        i, t = (torch.arange(width)[None, :] < lens[:, None]).nonzero(as_tuple=True)  # host, no device sync
+        return i * width + t, first[i] + t
 
     @staticmethod
     def _mask(B, T, device, cu_seqlens, attention_mask) -> torch.Tensor:
@@ -312,8 +319,8 @@ class MultiheadLatentAttention(nn.Module):
         o = self._attend(q_rows, k, v, mask=mask[:, None])
         if seg_lens is None:
             return o
-        real = (torch.arange(t_max)[None, :] < torch.tensor(seg_lens)[:, None]).to(q.device)  # [N, t_max]
-        return o[real][None]  # [1, T, H, dv]
+        src, _ = self._real_rows(torch.tensor(seg_lens), t_max, torch.tensor(cu_host[:-1]))
+        return o.flatten(0, 1).index_select(0, src.to(q.device))[None]  # [1, T, H, dv]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W_uk ``[H, dn, r]`` (keys) and W_uv ``[H, dv, r]`` (values)."""

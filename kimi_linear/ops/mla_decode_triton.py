@@ -16,7 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.mla_decode import MAX_SPLITS, MLADecodeLaunch, _num_sms, default_launch, default_num_splits
+from kimi_linear.ops.mla_decode import (
+    MAX_SPLITS,
+    MLADecodeLaunch,
+    _num_sms,
+    default_launch,
+    default_num_splits,
+)
 
 LOG2E = math.log2(math.e)
 COMBINE_BLOCK_R = 128

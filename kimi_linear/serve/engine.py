@@ -37,6 +37,7 @@ import math
 import threading
 import time
 import traceback
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -295,10 +296,18 @@ class Engine:
 
         self.graphs: dict[int, _DecodeGraph] = {}
         if c.use_cuda_graph and self.device.type == "cuda":
-            for size in _bucket_sizes(c.max_num_seqs):
-                self.graphs[size] = _DecodeGraph(
-                    model, self.pools, size, self.blocks_per_seq, self.scratch_slot, self.scratch_block
+            try:
+                for size in _bucket_sizes(c.max_num_seqs):
+                    self.graphs[size] = _DecodeGraph(
+                        model, self.pools, size, self.blocks_per_seq, self.scratch_slot, self.scratch_block
+                    )
+            except Exception as e:  # noqa: BLE001 - a mixer that cannot be captured: decode eagerly
+                warnings.warn(
+                    f"CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); decoding eagerly",
+                    stacklevel=2,
                 )
+                torch.cuda.synchronize()
+                self.graphs = {}
 
     @property
     def model_config(self) -> KimiLinearConfig:
