@@ -212,8 +212,10 @@ def many_prompts_row(ours, theirs, B: int, T: int, reps: int) -> dict:
 
 def engine_run(model, prompts: list[list[int]], new: int, budget: int) -> dict:
     """All prompts into a fresh engine at once; wall time to the last token and TTFT percentiles."""
+    max_len = max(map(len, prompts)) + new
+    blocks = len(prompts) * -(-max_len // 64)  # the static batch's cache size, not the GPU's free memory
     engine = Engine(
-        model, EngineConfig(max_num_seqs=len(prompts), max_model_len=max(map(len, prompts)) + new,
+        model, EngineConfig(max_num_seqs=len(prompts), max_model_len=max_len, num_blocks=blocks,
                             max_num_batched_tokens=budget)
     )
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
@@ -282,6 +284,8 @@ def main() -> None:
     parser.add_argument("--engine", action="store_true", help="--e2e rows also through the serving engine")
     parser.add_argument("--engine-budget", type=int, default=16384, help="engine max_num_batched_tokens")
     parser.add_argument("--json-name", default="model_speed.json")
+    parser.add_argument("--profile-many", default=None, metavar="CONFIG:B:T",
+                        help="instead of the table: profile generate(max_new_tokens=1) of B prompts of T tokens")
     parser.add_argument(
         "--compare-backends",
         action="store_true",
@@ -303,6 +307,22 @@ def main() -> None:
         hf_kernels = "FLA " + getattr(fla, "__version__", "?")
     except ImportError:
         hf_kernels = "torch fallback (FLA not installed)"
+    if args.profile_many:
+        name, B, T = args.profile_many.split(":")
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = KimiLinearForCausalLM(CONFIGS[name]())
+        model = model.to(torch.bfloat16).eval()
+        prompts = torch.randint(3, model.config.vocab_size, (int(B), int(T))).tolist()
+        activities = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+        generate(model, prompts, max_new_tokens=1, stop_tokens=[])
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=activities) as prof:
+            generate(model, prompts, max_new_tokens=1, stop_tokens=[])
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+        return
     if args.profile:
         name, T = args.profile.split(":")
         with torch.device("cuda"):

@@ -141,19 +141,21 @@ class KimiLinearCache:
 
     @lengths.setter
     def lengths(self, value: torch.Tensor) -> None:
-        # Also reached by ``cache.lengths += n``: the host copy is stale from here on.
         self._lengths = value
         self._host_lengths = None
 
     def host_lengths(self) -> list[int]:
-        """``lengths`` as a Python list; read from the device once until ``lengths`` is next assigned."""
-        if self._host_lengths is None:
-            self._host_lengths = self._lengths.tolist()
+        """``lengths`` as a Python list. Read from the device once and reused until ``lengths`` is replaced
+        or changed in place (its version counter moves), so the layers of one forward sync once in all."""
+        key = (id(self._lengths), self._lengths._version)
+        if self._host_lengths is None or self._host_key != key:
+            self._host_lengths, self._host_key = self._lengths.tolist(), key
         return self._host_lengths
 
     def set_host_lengths(self, values: list[int]) -> None:
-        """Declare the values ``lengths`` holds (a caller that knows them saves a device read)."""
+        """Declare the values ``lengths`` holds now (a caller that knows them saves the device read)."""
         self._host_lengths = list(values)
+        self._host_key = (id(self._lengths), self._lengths._version)
 
     @property
     def batch_size(self) -> int:
