@@ -38,6 +38,25 @@ def test_prefill_and_decode_steps_match_full_forward(model):
         assert rel_err(got, full[len(p) - 1 : len(p) - 1 + steps]) < 2e-5, f"sequence {n}"
 
 
+def test_packed_prefill_of_many_prompts_equals_each_alone(model):
+    """Many packed prompts (length 1, very unequal lengths, several in one length bucket) give the logits and
+    cache contents (KDA conv tails and states, MLA latents) of each prompt prefilled alone."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = [1, 300, 2, 17, 1, 64, 129, 5, 3, 90, 1, 40]
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    packed = KimiLinearCache(model.config, len(prompts), 310)
+    logits = prefill(model, prompts, packed)
+    assert packed.lengths.tolist() == lengths
+    for i, p in enumerate(prompts):
+        single = KimiLinearCache(model.config, 1, 310)
+        assert rel_err(logits[i], prefill(model, [p], single)[0]) < 1e-5, f"prompt {i}"
+        for layer, (mine, ref) in enumerate(zip(packed.layers, single.layers, strict=True)):
+            for name in ref:
+                got = mine[name][i] if name in ("conv", "state") else mine[name][i, : len(p)]
+                want = ref[name][0] if name in ("conv", "state") else ref[name][0, : len(p)]
+                assert rel_err(got, want) < 1e-5, (i, layer, name)
+
+
 def test_batched_equals_one_by_one_and_streaming(model):
     streamed = []
     batched = generate(

@@ -1,0 +1,327 @@
+"""The serving engine against ``generate()`` on each prompt alone (the contract), on a tiny fp32 model on the CPU.
+
+Covers continuous batching (more requests than slots, joining and leaving), chunked prefill, the paged MLA cache,
+exact prefix caching (on == off, a hit that ends mid-block, a multi-turn conversation), aborts, per-request seeds,
+stop tokens, failures confined to their requests, and the start-up checks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kimi_linear.generate import generate
+from kimi_linear.serve.engine import Engine, EngineConfig, QueueFullError, SamplingParams
+from tests.test_model import make_model
+from tests.utils import rel_err
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny matrices: one thread is several times faster than two contending ones
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(seed=31)
+
+
+def random_prompt(n: int, seed: int, vocab: int = 256) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run(engine: Engine, requests: dict, capture_logits: bool = False, max_steps: int = 10_000):
+    """Add ``requests`` {id: (prompt, SamplingParams)}, step until done; {id: tokens}, {id: finish event} (and
+    {id: [logits per token]} with capture_logits)."""
+    logits: dict[str, list[torch.Tensor]] = {}
+    if capture_logits:
+        original = engine._sample
+
+        def spy(seqs, rows):
+            for s, row in zip(seqs, rows, strict=True):
+                logits.setdefault(s.request_id, []).append(row.clone())
+            return original(seqs, rows)
+
+        engine._sample = spy
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    tokens: dict[str, list[int]] = {rid: [] for rid in requests}
+    finished = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
+        for e in engine.step():
+            if e.token_id is not None:
+                tokens[e.request_id].append(e.token_id)
+            if e.finished:
+                finished[e.request_id] = e
+    assert not engine.has_unfinished()
+    if capture_logits:
+        engine._sample = original
+        return tokens, finished, logits
+    return tokens, finished
+
+
+def alone(model, prompt, max_tokens):
+    return generate(model, [prompt], max_new_tokens=max_tokens, stop_tokens=[])[0]
+
+
+def test_greedy_equals_generate_alone_with_requests_joining_and_leaving(model):
+    """12 requests of 1..300 tokens through 8 slots, small token budget (chunked prefill), different output
+    lengths: each completion equals generate() on its prompt alone."""
+    lengths = [1, 300, 5, 64, 130, 17, 200, 65, 2, 128, 90, 33]
+    max_tokens = [9, 4, 12, 7, 3, 10, 6, 8, 11, 5, 9, 2]
+    requests = {
+        f"r{i}": (random_prompt(n, seed=i), SamplingParams(max_tokens=m, **GREEDY))
+        for i, (n, m) in enumerate(zip(lengths, max_tokens, strict=True))
+    }
+    engine = Engine(model, EngineConfig(max_num_seqs=8, max_model_len=320, max_num_batched_tokens=96))
+    tokens, finished = run(engine, requests)
+    for rid, (prompt, params) in requests.items():
+        assert tokens[rid] == alone(model, prompt, params.max_tokens), rid
+        e = finished[rid]
+        assert e.finish_reason == "length" and e.completion_tokens == params.max_tokens
+        assert e.prompt_tokens == len(prompt)
+    stats = engine.stats()
+    assert stats.running == stats.waiting == 0 and stats.free_slots == 8
+    assert stats.generated_tokens_total == sum(max_tokens) and stats.finished_requests_total == 12
+    assert stats.free_blocks == stats.num_blocks  # all blocks free or only held by the prefix cache
+
+
+def test_chunked_prefill_equals_whole_and_does_not_stall_streams(model):
+    long_prompt, short_prompt = random_prompt(700, seed=1), random_prompt(3, seed=2)
+    whole = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=800, max_num_batched_tokens=1024,
+                                       enable_prefix_caching=False))
+    tok_whole, _, log_whole = run(whole, {"long": (long_prompt, SamplingParams(max_tokens=4, **GREEDY))}, True)
+    chunked = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=800, max_num_batched_tokens=128,
+                                         enable_prefix_caching=False))
+    # the short request starts first; while the long prompt is prefilled in pieces it gets a token every step
+    chunked.add_request("short", short_prompt, SamplingParams(max_tokens=20, **GREEDY))
+    got = {"short": [e.token_id for e in chunked.step()], "long": []}
+    chunked.add_request("long", long_prompt, SamplingParams(max_tokens=4, **GREEDY))
+    logits_long = []
+    original = chunked._sample
+    chunked._sample = lambda seqs, rows: (
+        [logits_long.append(r.clone()) for s, r in zip(seqs, rows, strict=True) if s.request_id == "long"],
+        original(seqs, rows),
+    )[1]
+    steps_while_prefilling = 0
+    while chunked.has_unfinished():
+        prefilling = any(s.request_id == "long" and s.prefilling for s in chunked.running)
+        events = chunked.step()
+        for e in events:
+            if e.token_id is not None:
+                got[e.request_id].append(e.token_id)
+        if prefilling and not any(e.request_id == "long" for e in events):
+            steps_while_prefilling += 1
+            assert any(e.request_id == "short" for e in events), "the running stream stalled"
+    assert steps_while_prefilling >= 4  # 700 tokens in pieces of at most 127
+    assert got["long"] == tok_whole["long"] == alone(model, long_prompt, 4)
+    assert got["short"] == alone(model, short_prompt, 20)
+    assert rel_err(torch.stack(logits_long), torch.stack(log_whole["long"])) < 1e-5
+
+
+def test_prefix_cache_on_equals_off_mid_block_hit_and_multi_turn(model):
+    """Same greedy tokens and logits (fp32 tolerance) with the prefix cache on and off: a shared system
+    prompt (the second request snapshots the branch point, the third hits it), a hit that ends mid-block
+    (falls back to the previous boundary), a repeated prompt, and a multi-turn conversation whose second turn
+    reuses the first turn's prompt and generated tokens."""
+    system = random_prompt(150, seed=10)
+    a = random_prompt(200, seed=11)
+    first_turn, user = random_prompt(100, seed=16), random_prompt(30, seed=17)
+
+    def scenario(engine):
+        out, logits, cached = {}, {}, {}
+
+        def go(rid, prompt, max_tokens):
+            t, f, lg = run(engine, {rid: (prompt, SamplingParams(max_tokens=max_tokens, **GREEDY))}, True)
+            out[rid], logits[rid], cached[rid] = t[rid], lg[rid], f[rid].cached_tokens
+
+        go("sys1", system + random_prompt(60, seed=12), 3)  # 210 tokens: snapshot at 192 only
+        go("sys2", system + random_prompt(60, seed=13), 3)  # registered blocks reach 128: a piece ends there
+        go("sys3", system + random_prompt(25, seed=14), 3)  # hits the snapshot at 128
+        go("a", a, 5)  # 200 tokens: snapshot at 192
+        go("a_mid", a[:197] + random_prompt(40, seed=15), 4)  # shares 197 tokens: hit at 192
+        go("a_again", a, 5)  # the whole prompt cached but one token must be computed: hit at 192
+        go("turn1", first_turn, 40)  # decode crosses 128: snapshot there
+        go("turn2", first_turn + out["turn1"] + user, 6)
+        return out, logits, cached
+
+    config = dict(max_num_seqs=4, max_model_len=400, max_num_batched_tokens=512)
+    on_tokens, on_logits, cached = scenario(Engine(model, EngineConfig(**config, enable_prefix_caching=True)))
+    off_tokens, off_logits, off_cached = scenario(Engine(model, EngineConfig(**config, enable_prefix_caching=False)))
+    assert cached == {"sys1": 0, "sys2": 0, "sys3": 128, "a": 0, "a_mid": 192, "a_again": 192, "turn1": 0,
+                      "turn2": 128}
+    assert all(v == 0 for v in off_cached.values())
+    assert on_tokens == off_tokens
+    for rid in on_logits:
+        assert rel_err(torch.stack(on_logits[rid]), torch.stack(off_logits[rid])) < 1e-5, rid
+    assert on_tokens["turn2"] == alone(model, first_turn + on_tokens["turn1"] + user, 6)
+
+
+def test_prefix_cache_concurrent_sharers_and_eviction(model):
+    """Requests sharing a prefix run together (blocks held by several), and a pool too small to keep
+    everything evicts cached blocks and snapshots without changing any completion."""
+    shared = random_prompt(130, seed=20)
+    prompts = [shared + random_prompt(n, seed=21 + n) for n in (5, 40, 70, 1, 90, 12)]
+    requests = {f"s{i}": (p, SamplingParams(max_tokens=6, **GREEDY)) for i, p in enumerate(prompts)}
+    engine = Engine(model, EngineConfig(max_num_seqs=3, max_model_len=256, num_blocks=12, num_snapshots=2,
+                                        max_num_batched_tokens=256))
+    first, _ = run(engine, dict(list(requests.items())[:2]))
+    rest, finished = run(engine, dict(list(requests.items())[2:]))
+    tokens = {**first, **rest}
+    for rid, (prompt, params) in requests.items():
+        assert tokens[rid] == alone(model, prompt, params.max_tokens), rid
+    assert any(e.cached_tokens > 0 for e in finished.values())
+    assert engine.stats().free_blocks == 12
+
+
+def test_seeded_sampling_is_independent_of_the_batch(model):
+    prompt = random_prompt(40, seed=3)
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.95, seed=1234, ignore_eos=True)
+    alone_tokens, _ = run(Engine(model, EngineConfig(max_num_seqs=4, max_model_len=128)), {"x": (prompt, params)})
+    others = {f"o{i}": (random_prompt(10 + 7 * i, seed=50 + i), SamplingParams(max_tokens=8, temperature=1.0))
+              for i in range(4)}
+    batched, _ = run(Engine(model, EngineConfig(max_num_seqs=4, max_model_len=128)), {**others, "x": (prompt, params)})
+    assert batched["x"] == alone_tokens["x"]
+    ref = generate(model, [prompt], max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.95, seed=1234, stop_tokens=[])
+    assert alone_tokens["x"] == ref[0]
+
+
+def test_stop_tokens_and_eos(model):
+    prompt = random_prompt(20, seed=4)
+    free = alone(model, prompt, 12)
+    stop = free[4]
+    engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=64))
+    tokens, finished = run(engine, {
+        "stop": (prompt, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(stop,), ignore_eos=True)),
+    })
+    assert tokens["stop"] == free[: free.index(stop) + 1] and finished["stop"].finish_reason == "stop"
+    eos_model = make_model(seed=31, eos_token_id=stop)
+    tokens, finished = run(Engine(eos_model, EngineConfig(max_num_seqs=2, max_model_len=64)),
+                           {"eos": (prompt, SamplingParams(max_tokens=12, temperature=0.0))})
+    assert tokens["eos"][-1] == stop and finished["eos"].finish_reason == "stop"
+
+
+def test_abort_frees_slot_and_blocks(model):
+    engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=128))
+    engine.add_request("a", random_prompt(70, seed=5), SamplingParams(max_tokens=50, **GREEDY))
+    engine.add_request("b", random_prompt(10, seed=6), SamplingParams(max_tokens=50, **GREEDY))
+    engine.add_request("c", random_prompt(10, seed=7), SamplingParams(max_tokens=3, **GREEDY))  # waits
+    for _ in range(3):
+        engine.step()
+    assert engine.stats().free_slots == 0 and engine.stats().waiting == 1
+    engine.abort("a")
+    engine.abort("unknown")  # ignored
+    events = engine.step()
+    aborted = [e for e in events if e.request_id == "a"]
+    assert len(aborted) == 1 and aborted[0].finish_reason == "abort" and aborted[0].token_id is None
+    assert engine.stats().running == 2  # c took a's slot in the same step
+    engine.abort("b")
+    engine.abort("c")
+    engine.step()
+    s = engine.stats()
+    assert s.running == 0 and s.free_slots == 2 and s.free_blocks == s.num_blocks and not engine.has_unfinished()
+    engine.add_request("a", random_prompt(4, seed=8), SamplingParams(max_tokens=2, **GREEDY))  # id free again
+
+
+def test_failing_requests_do_not_stop_the_engine(model, monkeypatch):
+    engine = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=128))
+    prompts = {f"p{i}": random_prompt(15 + 9 * i, seed=60 + i) for i in range(3)}
+    # a sampling failure finishes only its request
+    import kimi_linear.serve.engine as engine_module
+
+    real_sample = engine_module.sample
+
+    def flaky_sample(logits, temperature, top_k, top_p, generator):
+        if temperature == 0.5:
+            raise RuntimeError("sampler exploded")
+        return real_sample(logits, temperature, top_k, top_p, generator)
+
+    monkeypatch.setattr(engine_module, "sample", flaky_sample)
+    requests = {rid: (p, SamplingParams(max_tokens=5, **GREEDY)) for rid, p in prompts.items()}
+    requests["bad"] = (random_prompt(9, seed=70), SamplingParams(max_tokens=5, temperature=0.5))
+    tokens, finished = run(engine, requests)
+    assert finished["bad"].finish_reason == "error" and "sampler exploded" in finished["bad"].error
+    for rid, p in prompts.items():
+        assert tokens[rid] == alone(model, p, 5)
+    # a forward that raises finishes the requests in it; later requests are served exactly
+    calls = {"n": 0}
+    real_hidden = model.hidden_states
+
+    def broken_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("kernel fault")
+        return real_hidden(*args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", broken_once)
+    _, finished = run(engine, {"x": (prompts["p0"], SamplingParams(max_tokens=5, **GREEDY))})
+    assert finished["x"].finish_reason == "error" and "kernel fault" in finished["x"].error
+    tokens, _ = run(engine, {rid: (p, SamplingParams(max_tokens=5, **GREEDY)) for rid, p in prompts.items()})
+    for rid, p in prompts.items():
+        assert tokens[rid] == alone(model, p, 5)
+    assert engine.stats().free_slots == 4
+
+
+def test_add_request_validation_and_queue_limit(model):
+    engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=64, max_queue=2))
+    ok = SamplingParams(max_tokens=4)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("e", [], ok)
+    with pytest.raises(ValueError, match="vocab"):
+        engine.add_request("v", [1, 100000], ok)
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("l", [1] * 61, ok)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    engine.add_request("a", [1, 2], ok)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("a", [1, 2], ok)
+    engine.add_request("b", [1, 2], ok)
+    with pytest.raises(QueueFullError):
+        engine.add_request("c", [1, 2], ok)
+
+
+def test_config_checked_at_start(model):
+    with pytest.raises(ValueError, match="block_size"):
+        Engine(model, EngineConfig(block_size=96))
+    with pytest.raises(ValueError, match="max_model_len"):
+        Engine(model, EngineConfig(max_model_len=10**6))
+    with pytest.raises(ValueError, match="num_blocks"):
+        Engine(model, EngineConfig(max_model_len=640, num_blocks=4))
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        Engine(model, EngineConfig(max_num_seqs=16, max_num_batched_tokens=8))
+    assert Engine(model, EngineConfig(max_num_seqs=2, max_model_len=128)).model_config is model.config
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_engine_equals_generate_alone():
+    """On the GPU: decode through the per-bucket CUDA graphs (paged MLA kernel, recurrent KDA on slots), fp32
+    and without MoE layers so every mixer is capturable; 10 requests through 8 slots == generate() alone."""
+    import warnings
+
+    model = make_model(seed=32, first_k_dense_replace=4).to("cuda")
+    lengths = [1, 300, 5, 64, 130, 17, 200, 65, 2, 128]
+    requests = {
+        f"r{i}": (random_prompt(n, seed=i), SamplingParams(max_tokens=6 + i % 5, **GREEDY))
+        for i, n in enumerate(lengths)
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture would warn and fall back to eager
+        engine = Engine(model, EngineConfig(max_num_seqs=8, max_model_len=320, max_num_batched_tokens=128))
+    assert sorted(engine.graphs) == [1, 2, 4, 8]
+    tokens, _ = run(engine, requests)
+    for rid, (prompt, params) in requests.items():
+        assert tokens[rid] == alone(model, prompt, params.max_tokens), rid

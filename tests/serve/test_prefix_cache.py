@@ -1,0 +1,68 @@
+"""The engine's block allocator and prefix trie (host bookkeeping) against hand-worked cases."""
+
+from __future__ import annotations
+
+import pytest
+
+from kimi_linear.serve.prefix_cache import PrefixCache
+
+BS = 4
+
+
+def tokens(n: int, start: int = 0) -> list[int]:
+    return list(range(start, start + n))
+
+
+def test_lookup_needs_a_snapshot_and_leaves_one_token():
+    pc = PrefixCache(num_blocks=8, block_size=BS, snapshot_slots=[100, 101])
+    seq = tokens(12)
+    blocks = pc.allocate(3)
+    node = 0
+    nodes = []
+    for j in range(3):
+        node = pc.insert(node, seq[j * BS : (j + 1) * BS], blocks[j])
+        nodes.append(node)
+    # no snapshot anywhere: no hit, but the blocks are registered as far as 2 (the third needs one token left)
+    assert pc.lookup(seq + [99]) == ([], None, 0, 3)
+    assert pc.lookup(seq)[3] == 2  # 12 tokens: at most 11 cached, so two full blocks
+    assert pc.new_snapshot(nodes[1]) == 100
+    hit_blocks, snap, hit_node, matched = pc.lookup(seq[:10] + [77, 78, 79])  # diverges mid-block 2
+    assert (hit_blocks, snap, hit_node, matched) == (blocks[:2], 100, nodes[1], 2)
+    # a snapshot further down is preferred when the prompt reaches it
+    assert pc.new_snapshot(nodes[2]) == 101
+    assert pc.lookup(seq + [5])[:2] == (blocks, 101)
+
+
+def test_refcounts_eviction_and_duplicates():
+    pc = PrefixCache(num_blocks=3, block_size=BS, snapshot_slots=[7])
+    a = pc.allocate(2)
+    n1 = pc.insert(0, tokens(4), a[0])
+    n2 = pc.insert(n1, tokens(4, 4), a[1])
+    pc.new_snapshot(n2)
+    pc.release(a)  # registered: evictable, not free
+    assert pc.num_free_blocks() == 3 and len(pc.free) == 1
+    # a second sequence with the same first block: its own copy stays unregistered
+    b = pc.allocate(1)  # the free block
+    assert b != a[:1] and pc.insert(0, tokens(4), b[0]) == n1
+    hit = pc.lookup(tokens(9))
+    assert hit[0] == a and hit[1] == 7
+    pc.acquire(hit[0])
+    with pytest.raises(RuntimeError):
+        pc.allocate(1)  # everything is held
+    pc.release(hit[0])
+    pc.release(b)
+    assert len(pc.free) == 1  # the duplicate went back to the free list
+    # allocation evicts least recently used first; evicting n1 takes n2 (below it) and its snapshot along
+    assert pc.allocate(2) == [b[0], a[1]]
+    assert pc.free == [a[0]]
+    assert pc.lookup(tokens(9)) == ([], None, 0, 0) and pc.free_snapshots == [7]
+
+
+def test_snapshot_slots_are_recycled_lru():
+    pc = PrefixCache(num_blocks=4, block_size=BS, snapshot_slots=[1])
+    blocks = pc.allocate(2)
+    n1 = pc.insert(0, tokens(4), blocks[0])
+    n2 = pc.insert(0, tokens(4, 50), blocks[1])
+    assert pc.new_snapshot(n1) == 1
+    assert pc.new_snapshot(n2) == 1  # the only slot moves to n2
+    assert not pc.has_snapshot(n1) and pc.has_snapshot(n2)
