@@ -15,6 +15,8 @@ SUBCOMMAND_MODULES = (
     "kimi_linear.cli.generate",
     "kimi_linear.cli.info",
     "kimi_linear.cli.synth",
+    "kimi_linear.cli.serve",
+    "kimi_linear.cli.bench_serve",
 )
 
 
