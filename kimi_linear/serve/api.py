@@ -235,6 +235,7 @@ class _SamplingFields(_Body):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = Field(None, description="token ids that end the request (extension)")
     ignore_eos: bool = Field(False, description="do not stop at the model's EOS (extension)")
+    return_token_ids: bool = Field(False, description="add the generated token ids to each choice (extension)")
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -325,6 +326,7 @@ class Piece:
     """A piece of a request's text; the last one has ``finish_reason`` and ``usage``."""
 
     text: str
+    token_ids: list[int]
     finish_reason: str | None = None
     usage: dict | None = None
 
@@ -463,9 +465,10 @@ class Server:
                     if await request.is_disconnected():
                         return
                     continue
-                text = ""
+                text, ids = "", []
                 if event.token_id is not None:
                     completion_tokens += 1
+                    ids = [event.token_id]
                     # A token that ended the request as a stop token is not part of the text.
                     if not (event.finished and event.finish_reason == "stop"):
                         text = decoder(event.token_id)
@@ -476,7 +479,7 @@ class Server:
                     self.loop.abort(request_id)
                     done = True
                     cached = await self._cached_tokens_after_abort(queue, event)
-                    yield Piece(safe, "stop", _usage(num_prompt, completion_tokens, cached))
+                    yield Piece(safe, ids, "stop", _usage(num_prompt, completion_tokens, cached))
                     return
                 if event.finished:
                     done = True
@@ -485,10 +488,10 @@ class Server:
                     reason = "stop" if event.finish_reason in ("stop", "abort") else event.finish_reason
                     usage = _usage(event.prompt_tokens or num_prompt,
                                    event.completion_tokens or completion_tokens, event.cached_tokens)
-                    yield Piece(safe, reason, usage)
+                    yield Piece(safe, ids, reason, usage)
                     return
-                if safe:
-                    yield Piece(safe)
+                if safe or ids:
+                    yield Piece(safe, ids)
                 if await request.is_disconnected():
                     return
         finally:
@@ -632,25 +635,23 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
         head = {"id": request_id, "created": int(time.time()), "model": settings.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = (_chat_stream if chat else _completion_stream)(head, pieces, include_usage)
+            stream = _event_stream(head, pieces, chat, include_usage, body.return_token_ids)
             return StreamingResponse(stream, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        texts, last = [], None
+        texts, ids, last = [], [], None
         try:
             async for piece in pieces:
                 texts.append(piece.text)
+                ids += piece.token_ids
                 last = piece
         except RequestFailed as e:
             raise APIError(500, str(e), type="server_error") from None
-        if last is None:  # the client went away
+        if last is None or last.finish_reason is None:  # the client went away
             return Response(status_code=499)
-        text = "".join(texts)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": last.finish_reason}
-            return JSONResponse({**head, "object": "chat.completion", "choices": [choice], "usage": last.usage})
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
-        return JSONResponse({**head, "object": "text_completion", "choices": [choice], "usage": last.usage})
+        choice = _choice(chat, "".join(texts), last.finish_reason, ids if body.return_token_ids else None,
+                         delta=False)
+        kind = "chat.completion" if chat else "text_completion"
+        return JSONResponse({**head, "object": kind, "choices": [choice], "usage": last.usage})
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
@@ -663,30 +664,36 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
     return app
 
 
-async def _completion_stream(head: dict, pieces: AsyncIterator[Piece], include_usage: bool):
-    head = {**head, "object": "text_completion"}
-    async for chunk in _stream(pieces, include_usage, head,
-                               lambda text, reason: {"index": 0, "text": text, "logprobs": None,
-                                                     "finish_reason": reason}):
-        yield chunk
+def _choice(chat: bool, text: str, finish_reason: str | None, token_ids: list[int] | None, delta: bool,
+            first: bool = False) -> dict:
+    if not chat:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    elif delta:
+        content = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return choice
 
 
-async def _chat_stream(head: dict, pieces: AsyncIterator[Piece], include_usage: bool):
-    head = {**head, "object": "chat.completion.chunk"}
-    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-    yield _sse({**head, "choices": [first]})
-    async for chunk in _stream(pieces, include_usage, head,
-                               lambda text, reason: {"index": 0, "delta": {"content": text} if text else {},
-                                                     "logprobs": None, "finish_reason": reason}):
-        yield chunk
-
-
-async def _stream(pieces: AsyncIterator[Piece], include_usage: bool, head: dict, choice):
+async def _event_stream(head: dict, pieces: AsyncIterator[Piece], chat: bool, include_usage: bool,
+                        return_token_ids: bool):
+    """Server-sent events of one request: a chunk per piece of text, the finish reason, optionally the
+    usage, then ``[DONE]`` (an engine error becomes an error event before ``[DONE]``)."""
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     usage_field = {"usage": None} if include_usage else {}
+    if chat:
+        first = _choice(chat, "", None, [] if return_token_ids else None, delta=True, first=True)
+        yield _sse({**head, "choices": [first], **usage_field})
     try:
         async for piece in pieces:
-            if piece.text or piece.finish_reason:
-                yield _sse({**head, "choices": [choice(piece.text, piece.finish_reason)], **usage_field})
+            if piece.text or piece.finish_reason or (return_token_ids and piece.token_ids):
+                choice = _choice(chat, piece.text, piece.finish_reason,
+                                 piece.token_ids if return_token_ids else None, delta=True)
+                yield _sse({**head, "choices": [choice], **usage_field})
             if piece.finish_reason and include_usage:
                 yield _sse({**head, "choices": [], "usage": piece.usage})
     except RequestFailed as e:
