@@ -144,3 +144,23 @@ def test_a_request_the_engine_finishes_with_error(client):
         lines = [line for line in s.iter_lines() if line]
     assert "scripted request failure" in lines[-2] and '"error"' in lines[-2] and lines[-1] == "data: [DONE]"
     assert client.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+def test_load_generator_lengths_and_percentiles():
+    import numpy as np
+
+    from kimi_linear.serve.loadgen import LengthDist, percentile
+
+    rng = random.Random(1)
+    assert {LengthDist.parse("7").sample(rng, 100) for _ in range(5)} == {7}
+    draws = [LengthDist.parse("uniform:3:9").sample(rng, 100) for _ in range(500)]
+    assert min(draws) == 3 and max(draws) == 9
+    assert max(LengthDist.parse("exponential:50").sample(rng, 60) for _ in range(500)) == 60  # clipped
+    assert min(LengthDist.parse("normal:2:10").sample(rng, 60) for _ in range(500)) == 1
+    for bad in ("0", "uniform:5:2", "normal:3", "zipf:2", "x"):
+        with pytest.raises(ValueError, match="distribution"):
+            LengthDist.parse(bad)
+    values = [rng.random() for _ in range(37)]
+    for q in (0, 50, 99, 100):
+        assert percentile(values, q) == pytest.approx(np.percentile(values, q))
+    assert percentile([], 50) is None
