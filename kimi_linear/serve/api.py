@@ -255,10 +255,13 @@ class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -399,15 +402,17 @@ class Server:
                     texts.append(part["text"])
                 content = "".join(texts)
             message = {"role": m.role, "content": content or ""}
-            if m.name is not None:
-                message["name"] = m.name
+            for key in ("name", "tool_calls", "tool_call_id"):
+                if getattr(m, key) is not None:
+                    message[key] = getattr(m, key)
             messages.append(message)
         if not hasattr(self.tokenizer, "apply_chat_template"):
             raise APIError(400, "this checkpoint's tokenizer has no chat template; use /v1/completions")
         try:
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        except ValueError as e:
-            raise APIError(400, f"messages: {e}", param="messages") from None
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=body.tools))
+        except Exception as e:  # noqa: BLE001 - a template that rejects the conversation (raise_exception)
+            raise APIError(400, f"the chat template cannot render these messages: {type(e).__name__}: {e}",
+                           param="messages") from None
 
     def sampling_params(self, body: _SamplingFields, prompt_ids: list[int], max_tokens: int | None,
                         default_stop_ids: tuple[int, ...] = ()) -> SamplingParams:
