@@ -27,12 +27,11 @@ import time
 import torch
 import triton
 
-from kimi_linear.ops import mla_decode
-from kimi_linear.ops.mla_decode import (
-    default_num_splits,
-    mla_decode_attention_reference,
-    mla_decode_attention_triton,
-)
+from dataclasses import replace
+
+from kimi_linear.ops import mla_decode_triton as mla_decode
+from kimi_linear.ops.mla_decode import default_launch, default_num_splits, mla_decode_attention_reference
+from kimi_linear.ops.mla_decode_triton import mla_decode_attention_triton
 
 H, R, DR = 32, 512, 64
 SCALE = 192**-0.5
@@ -119,12 +118,13 @@ def bench_shape(B: int, L: int, configs=None, splits_list=None) -> dict:
                default_splits=default_num_splits(B, L, sms))
 
     def ours(**kw):
-        return lambda: [mla_decode_attention_triton(q_latent, q_pe, lat, pe, lengths, SCALE, **kw)
+        launch = replace(default_launch(2), **kw)
+        return lambda: [mla_decode_attention_triton(q_latent, q_pe, lat, pe, lengths, SCALE, launch)
                         for lat, pe in caches]
 
     row["ours_us"] = time_us(ours(), copies)
     row["ours_TBps"] = cache_bytes / row["ours_us"] / 1e6
-    out = mla_decode_attention_triton(q_latent, q_pe, *caches[0], lengths, SCALE)
+    out = mla_decode_attention_triton(q_latent, q_pe, *caches[0], lengths, SCALE, default_launch(2))
     if einsum_fits(B, L):
         ref = mla_decode_attention_reference(q_latent.float(), q_pe.float(), caches[0][0].float(),
                                              caches[0][1].float(), lengths, SCALE) if cache_bytes < 2**31 else None

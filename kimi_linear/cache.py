@@ -1,30 +1,56 @@
-"""Inference state of the hybrid model, allocated in one place.
+"""Inference state of the hybrid model, allocated in one place from the layers' own layouts.
 
-Per sequence (a cache row) and per layer:
+Each mixer that can decode states its cache as ``cache_layout(config, layer_idx)`` (``layers.cache_layout``):
 
-* KDA / GDN layer: ``conv`` ``[N, 3·H·K, W-1]`` — the last W-1 inputs of the q, k, v short convolutions (model
-  dtype) — and ``state`` ``[N, H, K, V]`` fp32. Fixed size, whatever the context length.
-* MLA layer: ``latent`` ``[N, L_max, kv_lora_rank]`` and ``k_pe`` ``[N, L_max, qk_rope_head_dim]`` (model
-  dtype), filled up to ``lengths``.
-* other mixers (e.g. "mamba2"): whatever the mixer class's ``allocate_cache(config, layer_idx, batch_size,
-  max_length, dtype, device) -> dict`` returns.
+* KDA / GDN layer: ``conv`` ``[3·H·K, W-1]`` (the last W-1 inputs of the q, k, v short convolutions, model
+  dtype) and ``state`` ``[H, K, V]`` fp32, per sequence ("slot" entries, fixed size whatever the length).
+* MLA layer: ``latent`` ``[kv_lora_rank]`` and ``k_pe`` ``[qk_rope_head_dim]`` per token ("token" entries).
 
-``lengths [N]`` (long, on the device) counts the tokens each row holds; the model advances it after every
-forward.
+Storage. Slot entries are pools ``[num_slots, *shape]``; token entries are paged, ``[num_blocks, block_size,
+*shape]``. The rows of a forward (the N sequences it extends) are described by three tensors on the device:
+
+* ``slots [N]`` long — the pool slot of each row (KDA conv tails and states),
+* ``block_table [N, blocks_per_row]`` long — the MLA blocks of each row, in order: token p of row n lives in
+  block ``block_table[n, p // block_size]`` at offset ``p % block_size``,
+* ``lengths [N]`` long — tokens each row holds; the model advances it after every forward.
+
+``KimiLinearCache(config, batch_size, max_length)`` is the dense special case used by ``generate``: one slot
+and one block of ``max_length`` tokens per row (``slots = arange(N)``, ``block_table = arange(N)[:, None]``),
+so ``layers[i]["latent"]`` is ``[N, max_length, r]``. The serving engine allocates pools with
+``KimiLinearCache.pooled`` and runs each step on a ``view`` whose rows are the running sequences.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers import mixer_class
+from kimi_linear.layers.cache_layout import CacheEntry
+from kimi_linear.layers.mla import MultiheadLatentAttention
 
 LINEAR_TYPES = ("kda", "gdn")
 
 
+def layer_cache_layout(config: KimiLinearConfig, layer_idx: int) -> tuple[CacheEntry, ...]:
+    """The cache entries of layer ``layer_idx``, as its mixer class states them.
+
+    Raises:
+        ValueError: the layer's mixer keeps no decode cache (it cannot decode).
+    """
+    cls = mixer_class(config.layer_types[layer_idx])
+    if not hasattr(cls, "cache_layout"):
+        raise ValueError(
+            f"layer {layer_idx} ({config.layer_types[layer_idx]!r}, {cls.__name__}) has no cache_layout(); "
+            "it cannot decode"
+        )
+    return cls.cache_layout(config, layer_idx)
+
+
 class KimiLinearCache:
-    """Preallocated cache for ``batch_size`` sequences of up to ``max_length`` tokens.
+    """Preallocated cache for ``batch_size`` sequences of up to ``max_length`` tokens (dense layout).
 
     Args:
         config: the model's config.
@@ -33,8 +59,14 @@ class KimiLinearCache:
         dtype: dtype of the conv tails and MLA latents (the model's); KDA states are always fp32.
         device: where to allocate.
 
+    Attributes:
+        layers: one dict per layer, entry name -> pool tensor (see the module docstring).
+        slots, block_table, lengths: the rows (see the module docstring).
+        block_size, num_slots, num_blocks: the pool geometry.
+
     Raises:
-        ValueError: batch_size or max_length < 1, or max_length beyond config.model_max_length.
+        ValueError: batch_size or max_length < 1, max_length beyond config.model_max_length, or a layer that
+            cannot decode.
     """
 
     def __init__(
@@ -53,68 +85,152 @@ class KimiLinearCache:
             raise ValueError(
                 f"max_length={max_length} exceeds the model's model_max_length={config.model_max_length}"
             )
+        self._allocate(config, batch_size, batch_size, max_length, dtype, device)
+        rows = torch.arange(batch_size, dtype=torch.long, device=self.device)
+        self._set_rows(rows, rows[:, None].clone(), torch.zeros(batch_size, dtype=torch.long, device=self.device))
+        # Row i is slot i: the KDA layers update the pools in place without gathering.
+        self.identity_rows = True
+
+    @classmethod
+    def pooled(
+        cls,
+        config: KimiLinearConfig,
+        num_slots: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> KimiLinearCache:
+        """Pools for a serving engine: ``num_slots`` KDA slots, ``num_blocks`` MLA blocks of ``block_size``
+        tokens, and no rows yet (run forwards on ``view``s).
+
+        Raises:
+            ValueError: a size < 1, or a layer that cannot decode.
+        """
+        for name, v in (("num_slots", num_slots), ("num_blocks", num_blocks), ("block_size", block_size)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        cache = cls.__new__(cls)
+        cache._allocate(config, num_slots, num_blocks, block_size, dtype, device)
+        empty = torch.zeros(0, dtype=torch.long, device=cache.device)
+        cache._set_rows(empty, empty[:, None], empty)
+        cache.identity_rows = False
+        return cache
+
+    def _allocate(self, config, num_slots, num_blocks, block_size, dtype, device) -> None:
         self.config = config
-        self.batch_size = batch_size
-        self.max_length = max_length
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-        # The KDA state pool is the cache itself: row i is slot i of fused_recurrent_kda's state_indices.
-        self.slots = torch.arange(batch_size, dtype=torch.long, device=self.device)
-        self.layers: list[dict[str, torch.Tensor]] = [
-            self._allocate(i, t) for i, t in enumerate(config.layer_types)
-        ]
+        self.num_slots, self.num_blocks, self.block_size = num_slots, num_blocks, block_size
+        self.layers: list[dict[str, torch.Tensor]] = []
+        for i in range(config.num_hidden_layers):
+            entries = {}
+            for e in layer_cache_layout(config, i):
+                lead = (num_slots,) if e.per == "slot" else (num_blocks, block_size)
+                entries[e.name] = torch.zeros(*lead, *e.shape, dtype=e.dtype or dtype, device=self.device)
+            self.layers.append(entries)
 
-    def _allocate(self, layer_idx: int, layer_type: str) -> dict[str, torch.Tensor]:
-        c, N, dev = self.config, self.batch_size, self.device
-        if layer_type in LINEAR_TYPES:
-            H, K = c.kda_num_heads, c.kda_head_dim
-            return {
-                "conv": torch.zeros(N, 3 * H * K, c.short_conv_kernel_size - 1, dtype=self.dtype, device=dev),
-                "state": torch.zeros(N, H, K, K, dtype=torch.float32, device=dev),
-            }
-        if layer_type == "mla":
-            return {
-                "latent": torch.zeros(N, self.max_length, c.kv_lora_rank, dtype=self.dtype, device=dev),
-                "k_pe": torch.zeros(N, self.max_length, c.qk_rope_head_dim, dtype=self.dtype, device=dev),
-            }
-        cls = mixer_class(layer_type)
-        if not hasattr(cls, "allocate_cache"):
+    def _set_rows(self, slots: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> None:
+        self.slots = slots
+        self.block_table = block_table
+        self.lengths = lengths
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self._lengths
+
+    @lengths.setter
+    def lengths(self, value: torch.Tensor) -> None:
+        # Also reached by ``cache.lengths += n``: the host copy is stale from here on.
+        self._lengths = value
+        self._host_lengths = None
+
+    def host_lengths(self) -> list[int]:
+        """``lengths`` as a Python list; read from the device once until ``lengths`` is next assigned."""
+        if self._host_lengths is None:
+            self._host_lengths = self._lengths.tolist()
+        return self._host_lengths
+
+    def set_host_lengths(self, values: list[int]) -> None:
+        """Declare the values ``lengths`` holds (a caller that knows them saves a device read)."""
+        self._host_lengths = list(values)
+
+    @property
+    def batch_size(self) -> int:
+        """Rows N of the forwards this cache (view) takes."""
+        return self.slots.numel()
+
+    @property
+    def max_length(self) -> int:
+        """Tokens each row can hold: its block-table width times the block size."""
+        return self.block_table.shape[1] * self.block_size
+
+    def view(self, slots: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> KimiLinearCache:
+        """A cache over the same pools whose rows are ``slots [N]``, ``block_table [N, M]``, ``lengths [N]``
+        (long tensors on the cache's device, used as given, not copied).
+
+        Raises:
+            ValueError: shapes that do not agree.
+        """
+        N = slots.numel()
+        if slots.shape != (N,) or lengths.shape != (N,) or block_table.dim() != 2 or block_table.shape[0] != N:
             raise ValueError(
-                f"layer type {layer_type!r} ({cls.__name__}) has no allocate_cache(); it cannot decode"
+                f"slots [N], block_table [N, M] and lengths [N] must agree; got {tuple(slots.shape)}, "
+                f"{tuple(block_table.shape)}, {tuple(lengths.shape)}"
             )
-        return cls.allocate_cache(c, layer_idx, N, self.max_length, self.dtype, dev)
+        out = copy.copy(self)
+        out._set_rows(slots, block_table, lengths)
+        out.identity_rows = False
+        return out
 
     def reset(self) -> None:
-        """Empty every row (zeros everywhere, lengths 0) without reallocating."""
+        """Empty the cache (zeros everywhere, lengths 0) without reallocating."""
         self.lengths.zero_()
         for entry in self.layers:
             for t in entry.values():
                 t.zero_()
 
     def nbytes(self) -> int:
-        """Bytes held by the cache tensors."""
+        """Bytes held by the cache pools."""
         return sum(t.numel() * t.element_size() for entry in self.layers for t in entry.values())
+
+
+def cache_bytes(config: KimiLinearConfig, dtype_bytes: int = 2) -> tuple[int, int]:
+    """(bytes per sequence slot, bytes per cached token) of the whole model, summed over its layers."""
+    slot = token = 0
+    for i in range(config.num_hidden_layers):
+        for e in layer_cache_layout(config, i):
+            if e.per == "slot":
+                slot += e.nbytes(dtype_bytes)
+            else:
+                token += e.nbytes(dtype_bytes)
+    return slot, token
 
 
 def cache_bytes_per_sequence(config: KimiLinearConfig, context: int, dtype_bytes: int = 2) -> dict[str, int]:
     """Cache bytes of one sequence at ``context`` tokens, and of an MLA-only model of the same shape.
 
-    KDA layers hold the conv tails (dtype) and an fp32 K×V state per head; MLA layers hold r + dr values per
-    token.
+    Loops over the layers' own cache layouts (KDA: conv tails in dtype and an fp32 K×V state per head, fixed;
+    MLA: r + dr values per token).
 
     Returns:
         ``{"hybrid": bytes, "mla_only": bytes, "kda_layer": bytes per KDA layer, "mla_layer": bytes per MLA
         layer}``.
     """
-    H, K = config.kda_num_heads, config.kda_head_dim
-    kda_layer = 3 * H * K * (config.short_conv_kernel_size - 1) * dtype_bytes + H * K * K * 4
-    mla_layer = context * (config.kv_lora_rank + config.qk_rope_head_dim) * dtype_bytes
-    n_mla = sum(1 for t in config.layer_types if t == "mla")
-    n_linear = sum(1 for t in config.layer_types if t in LINEAR_TYPES)
+    per_layer = []
+    for i in range(config.num_hidden_layers):
+        slot = token = 0
+        for e in layer_cache_layout(config, i):
+            if e.per == "slot":
+                slot += e.nbytes(dtype_bytes)
+            else:
+                token += e.nbytes(dtype_bytes)
+        per_layer.append(slot + context * token)
+    mla = sum(e.nbytes(dtype_bytes) for e in MultiheadLatentAttention.cache_layout(config, 0)) * context
+    linear = [b for b, t in zip(per_layer, config.layer_types, strict=True) if t in LINEAR_TYPES]
     return {
-        "hybrid": n_mla * mla_layer + n_linear * kda_layer,
-        "mla_only": config.num_hidden_layers * mla_layer,
-        "kda_layer": kda_layer,
-        "mla_layer": mla_layer,
+        "hybrid": sum(per_layer),
+        "mla_only": config.num_hidden_layers * mla,
+        "kda_layer": linear[0] if linear else 0,
+        "mla_layer": mla,
     }

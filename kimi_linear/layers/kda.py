@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kimi_linear.config import KimiLinearConfig
+from kimi_linear.layers.cache_layout import CacheEntry
 from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update
 from kimi_linear.ops.kda import chunk_kda, fused_recurrent_kda
 
@@ -33,9 +34,19 @@ class KimiDeltaAttention(nn.Module):
     """KDA token mixer: ``forward(hidden_states [B, T, D], cache=None, cu_seqlens=None, attention_mask=None)``
     -> ``[B, T, D]``.
 
-    Cache entries (allocated by ``kimi_linear.cache``): ``conv`` ``[N, 3·H·K, W-1]`` (q, k, v conv inputs),
-    ``state`` ``[N, H, K, V]`` fp32.
+    Cache (``cache_layout``; pools allocated by ``kimi_linear.cache``, one slot per sequence): ``conv``
+    ``[3·H·K, W-1]`` (q, k, v conv inputs, oldest first) and ``state`` ``[H, K, V]`` fp32. Row n of a forward
+    reads and writes slot ``cache.slots[n]``.
     """
+
+    @classmethod
+    def cache_layout(cls, config: KimiLinearConfig, layer_idx: int) -> tuple[CacheEntry, ...]:
+        """Per-sequence conv tails (model dtype) and recurrent state (fp32): fixed size, any length."""
+        H, K = config.kda_num_heads, config.kda_head_dim
+        return (
+            CacheEntry("conv", "slot", (3 * H * K, config.short_conv_kernel_size - 1)),
+            CacheEntry("state", "slot", (H, K, K), torch.float32),
+        )
 
     def __init__(self, config: KimiLinearConfig, layer_idx: int):
         super().__init__()
@@ -122,15 +133,24 @@ class KimiDeltaAttention(nn.Module):
         layer_cache = None if cache is None else cache.layers[self.layer_idx]
         decoding = layer_cache is not None and T == 1 and cu_seqlens is None
         # A prefill into empty rows has no history to read: skip the (zero) initial states.
-        history = layer_cache is not None and not decoding and int(cache.lengths.max()) > 0
+        history = layer_cache is not None and not decoding and max(cache.host_lengths(), default=0) > 0
+        # The dense cache's row n is slot n (update the pools in place); otherwise gather / scatter the rows.
+        in_place = layer_cache is not None and cache.identity_rows
 
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3·H·K]
         if not self.use_short_conv:
             qkv = F.silu(qkv)
         elif decoding:
-            qkv = causal_conv1d_update(qkv[:, 0], layer_cache["conv"], self.conv_weight())[:, None]
+            pool = layer_cache["conv"]
+            conv_state = pool if in_place else pool.index_select(0, cache.slots)  # [N, 3·H·K, W-1]
+            qkv = causal_conv1d_update(qkv[:, 0], conv_state, self.conv_weight())[:, None]
+            if not in_place:
+                pool.index_copy_(0, cache.slots, conv_state)
         else:
-            conv_state = layer_cache["conv"] if history else None
+            conv_state = None
+            if history:
+                pool = layer_cache["conv"]
+                conv_state = pool if in_place else pool.index_select(0, cache.slots)
             qkv, conv_final = causal_conv1d(
                 qkv,
                 self.conv_weight(),
@@ -139,7 +159,7 @@ class KimiDeltaAttention(nn.Module):
                 output_final_state=layer_cache is not None,
             )
             if layer_cache is not None:
-                layer_cache["conv"].copy_(conv_final)
+                self._store_rows(layer_cache["conv"], conv_final, cache, in_place)
         q, k, v = qkv.view(B, T, 3, H, K).unbind(2)  # [B, T, H, K] each
 
         g = self.f_b_proj(self.f_a_proj(x))
@@ -157,18 +177,22 @@ class KimiDeltaAttention(nn.Module):
                 q, k, v, g, beta, initial_state=layer_cache["state"], state_indices=cache.slots, **kda_args
             )
         elif layer_cache is not None:
+            initial = None
+            if history:
+                pool = layer_cache["state"]
+                initial = pool if in_place else pool.index_select(0, cache.slots)
             o, state = chunk_kda(
                 q,
                 k,
                 v,
                 g,
                 beta,
-                initial_state=layer_cache["state"] if history else None,
+                initial_state=initial,
                 output_final_state=True,
                 cu_seqlens=cu_seqlens,
                 **kda_args,
             )
-            layer_cache["state"].copy_(state)
+            self._store_rows(layer_cache["state"], state, cache, in_place)
         else:
             o, _ = chunk_kda(q, k, v, g, beta, cu_seqlens=cu_seqlens, **kda_args)
 
@@ -178,3 +202,11 @@ class KimiDeltaAttention(nn.Module):
             gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
             o = o * torch.sigmoid(gate.float())
         return self.o_proj(o.to(hidden_states.dtype).reshape(B, T, H * K))
+
+    @staticmethod
+    def _store_rows(pool: torch.Tensor, rows: torch.Tensor, cache, in_place: bool) -> None:
+        """Write the rows' final conv tails / states ``[N, ...]`` back to their slots of ``pool``."""
+        if in_place:
+            pool.copy_(rows)
+        else:
+            pool.index_copy_(0, cache.slots, rows.to(pool.dtype))

@@ -23,10 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kimi_linear.config import KimiLinearConfig
+from kimi_linear.layers.cache_layout import CacheEntry
 from kimi_linear.layers.norm import RMSNorm
-
-# Packed documents up to this many are attended one by one (causal kernels); more use one block-diagonal mask.
-MAX_SEGMENT_LOOP = 16
+from kimi_linear.ops.mla_decode import mla_decode_attention
 
 
 def token_positions(
@@ -70,14 +69,24 @@ class MultiheadLatentAttention(nn.Module):
     """MLA token mixer: ``forward(hidden_states [B, T, D], cache=None, cu_seqlens=None, attention_mask=None)``
     -> ``[B, T, D]``.
 
-    Cache entries (allocated by ``kimi_linear.cache``): ``latent`` ``[N, L_max, kv_lora_rank]`` and ``k_pe``
-    ``[N, L_max, qk_rope_head_dim]``, in the model's dtype; ``cache.lengths [N]`` says how many are filled.
+    Cache (``cache_layout``; paged pools allocated by ``kimi_linear.cache``): per token ``latent``
+    ``[kv_lora_rank]`` and ``k_pe`` ``[qk_rope_head_dim]`` in the model's dtype, stored as ``[num_blocks,
+    block_size, ·]``; token p of row n lives in block ``cache.block_table[n, p // block_size]``, and
+    ``cache.lengths [N]`` says how many each row holds.
 
     ``decode_backend`` picks the one-token decode attention of ``kimi_linear.ops.mla_decode``: "auto" (the
     fused Triton kernel on CUDA, the PyTorch reference elsewhere), "triton" or "torch".
     """
 
     decode_backend: str = "auto"
+
+    @classmethod
+    def cache_layout(cls, config: KimiLinearConfig, layer_idx: int) -> tuple[CacheEntry, ...]:
+        """Per cached token: the normalised latent and the shared rope key part, model dtype."""
+        return (
+            CacheEntry("latent", "token", (config.kv_lora_rank,)),
+            CacheEntry("k_pe", "token", (config.qk_rope_head_dim,)),
+        )
 
     def __init__(self, config: KimiLinearConfig, layer_idx: int):
         super().__init__()
@@ -180,26 +189,57 @@ class MultiheadLatentAttention(nn.Module):
             o = self._attend_fresh(q, latent, k_pe, cu_seqlens, attention_mask)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim))
 
-    def _attend_fresh(self, q, latent, k_pe, cu_seqlens, attention_mask) -> torch.Tensor:
-        """Causal attention among the new tokens only (no cache, or an empty one)."""
+    def _attend_fresh(self, q, latent, k_pe, cu_seqlens, attention_mask, seg_lens=None) -> torch.Tensor:
+        """Causal attention among the new tokens only (no cache, or an empty one).
+
+        seg_lens: the packed sequences' lengths as a host list, when the caller already has them.
+        """
         B, T = q.shape[:2]
         k, v = self._expand(latent, k_pe)
         if cu_seqlens is None and attention_mask is None:
             return self._attend(q, k, v, is_causal=True)
-        if (
-            cu_seqlens is not None
-            and cu_seqlens.numel() - 1 <= MAX_SEGMENT_LOOP
-            and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
-        ):
-            # A few long documents: plain causal attention per document (fused kernels) beats a [T, T] mask.
-            bounds = cu_seqlens.tolist()
-            parts = [
-                self._attend(q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True)
-                for a, b in zip(bounds[:-1], bounds[1:], strict=False)
-                if b > a
-            ]
-            return torch.cat(parts, dim=1)
+        if cu_seqlens is not None and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if seg_lens is None:
+                cu = cu_seqlens.tolist()
+                seg_lens = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
+            return self._attend_packed(q, k, v, seg_lens)
         return self._attend(q, k, v, mask=self._mask(B, T, q.device, cu_seqlens, attention_mask))
+
+    def _attend_packed(self, q, k, v, seg_lens: list[int]) -> torch.Tensor:
+        """Causal attention inside each of the sequences packed along T (``q [1, T, H, E]``).
+
+        Sequences of similar length (same power-of-two bucket) are gathered into one right-padded batch and
+        attended with the plain causal kernel: a real query never sees a padding key (padding comes after
+        it), so no mask is needed and the work stays proportional to each sequence's own length squared. A
+        bucket of one sequence is a slice, no copy. Cost: one attention call per bucket (<= log2 T + 1),
+        whatever the number of sequences.
+        """
+        T = q.shape[1]
+        starts = [0] * len(seg_lens)
+        for i in range(1, len(seg_lens)):
+            starts[i] = starts[i - 1] + seg_lens[i - 1]
+        buckets: dict[int, list[int]] = {}
+        for i, n in enumerate(seg_lens):
+            if n > 0:
+                buckets.setdefault(max(n - 1, 0).bit_length(), []).append(i)
+        if len(buckets) == 1 and len(next(iter(buckets.values()))) == 1:
+            return self._attend(q, k, v, is_causal=True)
+        out = q.new_empty(T, q.shape[2], v.shape[-1])  # [T, H, dv]
+        for members in buckets.values():
+            if len(members) == 1:
+                a, n = starts[members[0]], seg_lens[members[0]]
+                out[a : a + n] = self._attend(q[:, a : a + n], k[:, a : a + n], v[:, a : a + n], is_causal=True)[0]
+                continue
+            lens = torch.tensor([seg_lens[i] for i in members])  # host
+            first = torch.tensor([starts[i] for i in members])
+            t_b = int(lens.max())
+            pos = torch.arange(t_b)
+            # right padding repeats each sequence's last token (never seen by its real queries)
+            gather = (first[:, None] + torch.minimum(pos[None, :], lens[:, None] - 1)).to(q.device)  # [n, t_b]
+            real = (pos[None, :] < lens[:, None]).to(q.device)  # [n, t_b]
+            o = self._attend(q[0][gather], k[0][gather], v[0][gather], is_causal=True)  # [n, t_b, H, dv]
+            out[gather[real]] = o[real]
+        return out[None]
 
     @staticmethod
     def _mask(B, T, device, cu_seqlens, attention_mask) -> torch.Tensor:
@@ -218,6 +258,13 @@ class MultiheadLatentAttention(nn.Module):
             allowed = allowed & (keys | torch.eye(T, dtype=torch.bool, device=device))
         return allowed
 
+    @staticmethod
+    def _token_index(cache, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat index into a token pool viewed as ``[num_blocks * block_size, ·]`` of token ``positions`` of
+        cache ``rows`` (same shapes)."""
+        bs = cache.block_size
+        return cache.block_table[rows, positions // bs] * bs + positions % bs
+
     def _attend_cached(self, q, latent, k_pe, cache, cu_seqlens) -> torch.Tensor:
         """Append the new latents to the cache rows, then attend over each row's cached prefix (decompressed).
 
@@ -225,41 +272,48 @@ class MultiheadLatentAttention(nn.Module):
         """
         B, T = q.shape[:2]
         entry = cache.layers[self.layer_idx]
+        flat_latent = entry["latent"].view(-1, self.kv_lora_rank)  # [num_blocks * block_size, r]
+        flat_pe = entry["k_pe"].view(-1, self.rope_dim)
         start = cache.lengths  # [N]
+        starts_host = cache.host_lengths()
         t = torch.arange(T, device=q.device)
         if cu_seqlens is None:
             rows = torch.arange(B, device=q.device)[:, None].expand(B, T)
             cols = start[:, None] + t
-            entry["latent"][rows, cols] = latent.to(entry["latent"].dtype)
-            entry["k_pe"][rows, cols] = k_pe.to(entry["k_pe"].dtype)
+            seg_lens = None
         else:
             cu = cu_seqlens.to(device=q.device, dtype=torch.long)
-            seq = torch.searchsorted(cu[1:], t, right=True)
-            cols = start[seq] + t - cu[seq]
-            entry["latent"][seq, cols] = latent[0].to(entry["latent"].dtype)
-            entry["k_pe"][seq, cols] = k_pe[0].to(entry["k_pe"].dtype)
-        if int(start.max()) == 0:
-            return self._attend_fresh(q, latent, k_pe, cu_seqlens, None)
+            rows = torch.searchsorted(cu[1:], t, right=True)
+            cols = start[rows] + t - cu[rows]
+            cu_host = cu_seqlens.tolist()
+            seg_lens = [b - a for a, b in zip(cu_host[:-1], cu_host[1:], strict=True)]
+        index = self._token_index(cache, rows, cols).reshape(-1)
+        flat_latent.index_copy_(0, index, latent.reshape(-1, self.kv_lora_rank).to(flat_latent.dtype))
+        flat_pe.index_copy_(0, index, k_pe.reshape(-1, self.rope_dim).to(flat_pe.dtype))
+        if max(starts_host, default=0) == 0:
+            return self._attend_fresh(q, latent, k_pe, cu_seqlens, None, seg_lens)
+        N = cache.batch_size
         if cu_seqlens is None:
-            q_rows, q_pos, seg_lens = q, t[None].expand(B, T), None
+            q_rows, t_max = q, T
         else:
-            seg_lens = (cu[1:] - cu[:-1]).tolist()
             t_max = max(max(seg_lens), 1)
-            q_rows = torch.stack(
-                [
-                    F.pad(q[0, s : s + n], (0, 0, 0, 0, 0, t_max - n))
-                    for s, n in zip(cu[:-1].tolist(), seg_lens, strict=False)
-                ]
-            )  # [N, t_max, H, E]
-            q_pos = torch.arange(t_max, device=q.device)[None].expand(len(seg_lens), t_max)
-        n_keys = int((start + q_rows.shape[1]).max())
-        k, v = self._expand(entry["latent"][:, :n_keys].to(q.dtype), entry["k_pe"][:, :n_keys].to(q.dtype))
+            lens = torch.tensor(seg_lens)
+            first = torch.tensor(cu_host[:-1])
+            pos = torch.arange(t_max)
+            gather = (first[:, None] + torch.minimum(pos[None, :], (lens[:, None] - 1).clamp(min=0)))
+            gather = gather.clamp(max=max(T - 1, 0)).to(q.device)  # [N, t_max]
+            q_rows = q[0][gather]  # [N, t_max, H, E]
+        n_keys = max(s + n for s, n in zip(starts_host, seg_lens or [T] * N, strict=True))
         key_pos = torch.arange(n_keys, device=q.device)
+        key_index = self._token_index(cache, torch.arange(N, device=q.device)[:, None], key_pos[None, :])
+        k, v = self._expand(flat_latent[key_index].to(q.dtype), flat_pe[key_index].to(q.dtype))
+        q_pos = torch.arange(t_max, device=q.device)
         mask = key_pos[None, None, :] <= (start[:, None] + q_pos)[..., None]  # [N, Tq, S]
         o = self._attend(q_rows, k, v, mask=mask[:, None])
         if seg_lens is None:
             return o
-        return torch.cat([o[i, :n] for i, n in enumerate(seg_lens)], dim=0)[None]  # [1, T, H, dv]
+        real = (torch.arange(t_max)[None, :] < torch.tensor(seg_lens)[:, None]).to(q.device)  # [N, t_max]
+        return o[real][None]  # [1, T, H, dv]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W_uk ``[H, dn, r]`` (keys) and W_uv ``[H, dv, r]`` (values)."""
@@ -274,9 +328,6 @@ class MultiheadLatentAttention(nn.Module):
         for all heads, no score tensor; elsewhere the reference). Shapes are static and nothing syncs with the
         host (CUDA-graph capturable).
         """
-        # Imported here, not with the model: Triton loads (and the kernels are defined) once a decode runs.
-        from kimi_linear.ops.mla_decode import mla_decode_attention
-
         B = hidden_states.shape[0]
         entry = cache.layers[self.layer_idx]
         q = self._queries(hidden_states)[:, 0]  # [B, H, dn + dr]
@@ -287,16 +338,19 @@ class MultiheadLatentAttention(nn.Module):
             q = torch.cat([q[..., : self.nope_dim], q_pe], dim=-1)
             k_pe = apply_rope(k_pe, pos[:, None], self.config.rope_theta)
         rows = torch.arange(B, device=q.device)
-        entry["latent"][rows, pos] = latent[:, 0].to(entry["latent"].dtype)
-        entry["k_pe"][rows, pos] = k_pe[:, 0].to(entry["k_pe"].dtype)
-        cached_latent, cached_pe = entry["latent"], entry["k_pe"]  # [B, L_max, r], [B, L_max, dr]
+        index = self._token_index(cache, rows, pos)  # [B]
+        entry["latent"].view(-1, self.kv_lora_rank).index_copy_(0, index, latent[:, 0].to(entry["latent"].dtype))
+        entry["k_pe"].view(-1, self.rope_dim).index_copy_(0, index, k_pe[:, 0].to(entry["k_pe"].dtype))
+        # the dense cache is [B, L_max, ·] with row b in block b; otherwise read through the block table
+        block_table = None if cache.identity_rows else cache.block_table
 
         w_uk, w_uv = self.absorbed_weights()
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_latent = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)  # [B, H, r]
         # the valid prefix of each row: the pos cached tokens and the new one
         o_latent = mla_decode_attention(
-            q_latent, q_pe, cached_latent, cached_pe, pos + 1, self.scale, backend=self.decode_backend
+            q_latent, q_pe, entry["latent"], entry["k_pe"], pos + 1, self.scale, backend=self.decode_backend,
+            block_table=block_table,
         )  # [B, H, r]
         o = torch.einsum("bhr,hvr->bhv", o_latent.to(w_uv.dtype), w_uv)  # [B, H, dv]
         return self.o_proj(o.reshape(B, 1, self.num_heads * self.v_dim))

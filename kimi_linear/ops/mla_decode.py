@@ -7,8 +7,12 @@ rows — the normalised latent ``c_s [r]`` and the shared ``k_pe_s [dr]`` — so
     score[h, s] = q_latent[h] · c_s + q_pe[h] · k_pe_s              for s < length
     o_latent[h] = sum_s softmax_s(scale · score[h, :])  c_s           [H, r]
 
-``mla_decode_attention`` dispatches to a Triton flash-decoding kernel on CUDA and to the readable PyTorch
-reference ``mla_decode_attention_reference`` elsewhere.
+``mla_decode_attention`` dispatches to a Triton flash-decoding kernel on CUDA (``mla_decode_triton``,
+imported only when it runs) and to the readable PyTorch reference ``mla_decode_attention_reference`` elsewhere.
+
+The caches are either dense, ``[B, L_max, ·]`` (row b is sequence b), or paged: ``[num_blocks, block_size, ·]``
+with a ``block_table [B, M]`` naming the blocks of each sequence in order (position p of sequence b lives in
+block ``block_table[b, p // block_size]`` at offset ``p % block_size``; L_max = M * block_size).
 
 The Triton path is two launches, both with grids that depend on shapes only (no host sync, no allocation
 whose size depends on tensor values: CUDA-graph capturable once compiled):
@@ -33,7 +37,7 @@ Limits and caveats:
   dtype for the dots (as the reference does), and the probabilities to the cache dtype for the value dot.
   Scores, softmax statistics and accumulators are fp32. fp32 caches use exact fp32 dots (no TF32).
 * Tuned and checked offline for sm_90 at the release shape (H = 32, r = 512, dr = 64, 16-bit caches: see
-  ``CONFIG``). Other sizes work (the tests run H = 2..4, r = 32..64) but one program holds ``[r, H]`` fp32
+  ``default_launch``). Other sizes work (the tests run H = 2..4, r = 32..64) but one program holds ``[r, H]`` fp32
   accumulators and two ``[BLOCK_S, r]`` tiles, so much larger H * r needs a new build report
   (``benchmarks/mla_decode.py --build-report``).
 * ``lengths`` values are trusted, not checked on the host (that would sync): they are clamped to [0, L_max]
@@ -45,25 +49,49 @@ from __future__ import annotations
 
 import functools
 import math
-import os
+from dataclasses import dataclass, replace
 
 import torch
 
 from kimi_linear.ops.kda.chunk import resolve_backend
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the torch reference works without Triton
-    triton = None
-
-LOG2E = math.log2(math.e)
 # Split-K only while each piece keeps at least this many positions (two 64-position tiles): a piece also
 # writes an [H, r] fp32 partial (64 KiB at the release shape) that the merge reads back.
 MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 512
-# Tests set this to fill every buffer the kernels write with NaN first, so an unwritten element shows.
-POISON_BUFFERS = False
+
+
+@dataclass(frozen=True)
+class MLADecodeLaunch:
+    """Launch settings of the Triton path (``default_launch`` picks them; benchmarks sweep with
+    ``dataclasses.replace``).
+
+    Attributes:
+        block_s: cache positions per tile of the split kernel (a paged cache's block size must be a multiple).
+        num_warps, num_stages: of the split kernel.
+        num_splits: pieces each sequence is split into; None = ``default_num_splits`` (shapes only).
+        poison_outputs: fill every buffer the kernels write with NaN first (tests: an unwritten element shows).
+    """
+
+    block_s: int
+    num_warps: int
+    num_stages: int
+    num_splits: int | None = None
+    poison_outputs: bool = False
+
+
+def default_launch(element_size: int) -> MLADecodeLaunch:
+    """Launch settings for caches of ``element_size`` bytes, chosen with the offline sm_90 build report
+    (``benchmarks/mla_decode.py --build-report``) at H = 32, r = 512, dr = 64.
+
+    16-bit: 64-position tiles make every dot a wgmma (M >= 64), two stages keep the next [64, 512] tile in
+    flight during this one's math (188 registers, no spills, 188416 B of shared memory; three stages would
+    need 262144, over the H200's 232448). fp32 caches (tests) use exact fp32 dots without tensor cores:
+    16-position tiles fit in registers there.
+    """
+    if element_size == 4:
+        return MLADecodeLaunch(block_s=16, num_warps=8, num_stages=2)
+    return MLADecodeLaunch(block_s=64, num_warps=8, num_stages=2)
 
 
 def mla_decode_attention_reference(
@@ -73,14 +101,20 @@ def mla_decode_attention_reference(
     pe_cache: torch.Tensor,
     lengths: torch.Tensor,
     scale: float,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The spec: absorbed MLA decode attention in plain PyTorch (DESIGN.md §3, "absorb kv_b_proj").
 
-    Same arguments and result as ``mla_decode_attention``. The dots run in the caches' dtype (the query is
+    Same arguments and result as ``mla_decode_attention``; a paged cache is first gathered into the dense
+    ``[B, L_max, ·]`` form through ``block_table``. The dots run in the caches' dtype (the query is
     cast to it), the softmax in fp32 over the whole ``L_max`` axis with positions ``>= lengths[b]`` masked
     out, and the probabilities are cast back to the cache dtype for the value dot. Memory: an fp32
     ``[B, H, L_max]`` score tensor (and the softmax's copy of it).
     """
+    if block_table is not None:
+        B = block_table.shape[0]
+        latent_cache = latent_cache[block_table].reshape(B, -1, latent_cache.shape[-1])  # [B, L_max, r]
+        pe_cache = pe_cache[block_table].reshape(B, -1, pe_cache.shape[-1])
     scores = torch.einsum("bhr,bsr->bhs", q_latent.to(latent_cache.dtype), latent_cache).float()
     scores = scores + torch.einsum("bhd,bsd->bhs", q_pe.to(pe_cache.dtype), pe_cache).float()  # [B, H, L_max]
     key_pos = torch.arange(latent_cache.shape[1], device=latent_cache.device)
@@ -100,6 +134,8 @@ def mla_decode_attention(
     scale: float,
     backend: str = "auto",
     num_splits: int | None = None,
+    block_table: torch.Tensor | None = None,
+    launch: MLADecodeLaunch | None = None,
 ) -> torch.Tensor:
     """Softmax attention of one query token per sequence over its cached MLA latents (absorbed decode).
 
@@ -107,8 +143,9 @@ def mla_decode_attention(
         q_latent: ``[B, H, r]`` — the no-rope query part already multiplied by W_uk (float dtype).
         q_pe: ``[B, H, dr]`` — the rope query part (NoPE: not rotated, but still part of the key).
         latent_cache: ``[B, L_max, r]`` — the normalised latents of each sequence (bf16/fp16/fp32), unit
-            stride on the last dim.
-        pe_cache: ``[B, L_max, dr]`` — the shared key part, same dtype as ``latent_cache``, unit last stride.
+            stride on the last dim; with ``block_table``, the block pool ``[num_blocks, block_size, r]``.
+        pe_cache: ``[B, L_max, dr]`` (or ``[num_blocks, block_size, dr]``) — the shared key part, same dtype
+            as ``latent_cache``, unit last stride.
         lengths: int ``[B]`` — how many leading cache positions of each row are valid, the current token
             included (``MultiheadLatentAttention.decode`` writes the new token at ``cache.lengths`` and passes
             ``cache.lengths + 1``). Values outside ``[0, L_max]`` are clamped; a row of length 0 yields zeros.
@@ -116,7 +153,11 @@ def mla_decode_attention(
         backend: "auto" (Triton for CUDA tensors when Triton is installed, torch otherwise), "triton" (CUDA,
             or CPU under TRITON_INTERPRET=1) or "torch" (the reference).
         num_splits: Triton only — pieces each sequence is split into (default: from B, L_max and the SM
-            count).
+            count); overrides ``launch.num_splits``.
+        block_table: int ``[B, M]`` — the paged layout's blocks of each sequence (L_max = M * block_size;
+            block_size a multiple of the launch's ``block_s``, 64 for 16-bit caches, unless M = 1); entries
+            past a sequence's length are never read. None: dense caches.
+        launch: Triton only — launch settings (default ``default_launch`` of the cache element size).
 
     Returns:
         ``o_latent [B, H, r]`` in the caches' dtype: the softmax-weighted sum of the latents per head.
@@ -126,16 +167,23 @@ def mla_decode_attention(
             interpreter.
         TypeError: non-float queries or caches, caches of different dtypes, or non-integer lengths.
     """
-    _validate(q_latent, q_pe, latent_cache, pe_cache, lengths)
+    _validate(q_latent, q_pe, latent_cache, pe_cache, lengths, block_table)
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     backend = resolve_backend(backend, latent_cache)
     if backend == "triton":
-        return mla_decode_attention_triton(q_latent, q_pe, latent_cache, pe_cache, lengths, scale, num_splits)
-    return mla_decode_attention_reference(q_latent, q_pe, latent_cache, pe_cache, lengths, scale)
+        from kimi_linear.ops.mla_decode_triton import mla_decode_attention_triton
+
+        launch = launch or default_launch(latent_cache.element_size())
+        if num_splits is not None:
+            launch = replace(launch, num_splits=num_splits)
+        return mla_decode_attention_triton(
+            q_latent, q_pe, latent_cache, pe_cache, lengths, scale, launch, block_table
+        )
+    return mla_decode_attention_reference(q_latent, q_pe, latent_cache, pe_cache, lengths, scale, block_table)
 
 
-def _validate(q_latent, q_pe, latent_cache, pe_cache, lengths) -> None:
+def _validate(q_latent, q_pe, latent_cache, pe_cache, lengths, block_table=None) -> None:
     if q_latent.dim() != 3 or latent_cache.dim() != 3:
         raise ValueError(
             f"q_latent must be [B, H, r] and latent_cache [B, L_max, r]; got {tuple(q_latent.shape)} and "
@@ -143,13 +191,20 @@ def _validate(q_latent, q_pe, latent_cache, pe_cache, lengths) -> None:
         )
     B, H, r = q_latent.shape
     L_max = latent_cache.shape[1]
-    if latent_cache.shape != (B, L_max, r):
+    rows = B
+    if block_table is not None:
+        if block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"block_table must be [B={B}, M], got {tuple(block_table.shape)}")
+        if block_table.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"block_table must be int32 or int64, got {block_table.dtype}")
+        rows = latent_cache.shape[0]
+    if latent_cache.shape != (rows, L_max, r):
         raise ValueError(f"latent_cache must be [B={B}, L_max, r={r}], got {tuple(latent_cache.shape)}")
     if q_pe.dim() != 3 or q_pe.shape[:2] != (B, H):
         raise ValueError(f"q_pe must be [B={B}, H={H}, dr], got {tuple(q_pe.shape)}")
     dr = q_pe.shape[2]
-    if pe_cache.shape != (B, L_max, dr):
-        raise ValueError(f"pe_cache must be [B={B}, L_max={L_max}, dr={dr}], got {tuple(pe_cache.shape)}")
+    if pe_cache.shape != (rows, L_max, dr):
+        raise ValueError(f"pe_cache must be [{rows}, {L_max}, dr={dr}], got {tuple(pe_cache.shape)}")
     if lengths.shape != (B,):
         raise ValueError(f"lengths must be [B={B}], got {tuple(lengths.shape)}")
     named = (("q_latent", q_latent), ("q_pe", q_pe), ("latent_cache", latent_cache), ("pe_cache", pe_cache))
@@ -162,12 +217,13 @@ def _validate(q_latent, q_pe, latent_cache, pe_cache, lengths) -> None:
         )
     if lengths.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"lengths must be int32 or int64, got {lengths.dtype}")
-    devices = {t.device for t in (q_latent, q_pe, latent_cache, pe_cache, lengths)}
+    tensors = (q_latent, q_pe, latent_cache, pe_cache, lengths) + (() if block_table is None else (block_table,))
+    devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
-# ---- Triton ------------------------------------------------------------------------------------------------
+# ---- split count ------------------------------------------------------------------------------------------------
 
 
 def default_num_splits(B: int, L_max: int, num_sms: int) -> int:
@@ -200,257 +256,3 @@ def _num_sms(device: torch.device) -> int:
 @functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _new_buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    buffer = torch.empty(shape, dtype=dtype, device=device)
-    return buffer.fill_(float("nan")) if POISON_BUFFERS else buffer
-
-
-def _pad(n: int) -> int:
-    """A power of two >= n and >= 16 (tl.dot needs every dim >= 16)."""
-    return max(16, triton.next_power_of_2(n))
-
-
-# Launch settings of the split kernel by cache element size, chosen with the offline sm_90 build report
-# (benchmarks/mla_decode.py --build-report) at H = 32, r = 512, dr = 64. 16-bit: 64-position tiles make every
-# dot a wgmma (M >= 64), two stages keep the next [64, 512] tile in flight during this one's math: 188
-# registers, no spills, 188416 B of shared memory (three stages would need 262144, over the H200's 232448).
-# fp32 caches (tests) use exact fp32 dots without tensor cores: 16-position tiles fit in registers there.
-CONFIG = {
-    2: dict(block_s=64, num_warps=8, num_stages=2),
-    4: dict(block_s=16, num_warps=8, num_stages=2),
-}
-COMBINE_BLOCK_R = 128
-
-
-if triton is not None:
-
-    @triton.jit
-    def _dot(a, b, acc, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
-        """acc + a @ b in fp32. Triton 3.6's interpreter multiplies bf16 operands as their raw 16-bit
-        patterns, so there the operands are widened to fp32 first: the same result, as bf16 x bf16 products
-        are exact in fp32 (the GPU's tensor cores accumulate them in fp32 too)."""
-        if INTERPRET:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a, b, acc, input_precision=DOT_PREC)
-
-    @triton.jit
-    def _mla_decode_tile(
-        b_m, b_l, b_accT, b_qT, b_qpT, latent_row, pe_row, s, end, o_r, o_d, m_r, m_d,
-        scale_log2, stride_ls, stride_ks,
-        BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
-    ):
-        """One online-softmax step over positions [s, min(s + BLOCK_S, end)) of a sequence, all heads at once.
-
-        b_m, b_l: ``[BH]`` running max and sum (base 2); b_accT: ``[BR, BH]`` running output, transposed.
-        """
-        o_s = s + tl.arange(0, BLOCK_S)
-        m_s = o_s < end
-        o_s64 = o_s.to(tl.int64)
-        p_lat = latent_row + o_s64[:, None] * stride_ls + o_r[None, :]
-        b_lat = tl.load(p_lat, mask=m_s[:, None] & m_r[None, :], other=0.0)  # [BLOCK_S, BR]
-        p_pe = pe_row + o_s64[:, None] * stride_ks + o_d[None, :]
-        b_pe = tl.load(p_pe, mask=m_s[:, None] & m_d[None, :], other=0.0)  # [BLOCK_S, BDR]
-        b_sT = _dot(b_lat, b_qT, tl.zeros([BLOCK_S, b_qT.shape[1]], dtype=tl.float32), DOT_PREC, INTERPRET)
-        b_sT = _dot(b_pe, b_qpT, b_sT, DOT_PREC, INTERPRET)  # [BLOCK_S, BH] fp32
-        b_sT = tl.where(m_s[:, None], b_sT * scale_log2, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_sT, 0))
-        b_alpha = tl.exp2(b_m - b_m_new)  # 0 on the first tile
-        b_pT = tl.exp2(b_sT - b_m_new[None, :])  # [BLOCK_S, BH], 0 at masked positions
-        b_l = b_l * b_alpha + tl.sum(b_pT, 0)
-        b_accT = b_accT * b_alpha[None, :]
-        b_accT = _dot(tl.trans(b_lat), b_pT.to(b_lat.dtype), b_accT, DOT_PREC, INTERPRET)  # [BR, BH]
-        return b_m_new, b_l, b_accT
-
-    @triton.jit
-    def _mla_decode_split_kernel(
-        q_latent, q_pe, latent, k_pe, lengths, o_part, lse_part, o,
-        scale_log2, L_max, num_splits,
-        stride_qb, stride_qh, stride_pb, stride_ph,
-        stride_lb, stride_ls, stride_kb, stride_ks,
-        H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr,
-        BH: tl.constexpr, BR: tl.constexpr, BDR: tl.constexpr, BLOCK_S: tl.constexpr,
-        SINGLE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
-    ):
-        """Program (b, j): online-softmax attention of all H heads of sequence b over its j-th piece.
-
-        Writes ``o_part[b, j] [H, R]`` fp32, the piece's output divided by its own softmax sum, and
-        ``lse_part[b, j] [H]`` fp32, the piece's log2-sum-exp2 of the base-2 scaled scores (-inf for an empty
-        piece, whose o_part is zeros); or, with SINGLE_SPLIT (num_splits == 1), the final ``o[b] [H, R]`` in
-        o's dtype.
-        """
-        i_b, i_j = tl.program_id(0), tl.program_id(1)
-        i_b64 = i_b.to(tl.int64)
-        length = tl.minimum(tl.maximum(tl.load(lengths + i_b).to(tl.int32), 0), L_max)
-        # Equal pieces of the valid prefix, rounded up to whole tiles; the last ones may be short or empty.
-        piece = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_S) * BLOCK_S
-        start = i_j * piece
-        end = tl.minimum(start + piece, length)
-
-        o_h = tl.arange(0, BH)
-        o_r = tl.arange(0, BR)
-        o_d = tl.arange(0, BDR)
-        m_h, m_r, m_d = o_h < H, o_r < R, o_d < DR
-        dtype = latent.dtype.element_ty
-        # Heads on the N axis of both dots and positions / latent channels on M: the tiles are then the
-        # A operands (from shared memory) and M >= 64 allows Hopper's wgmma; heads on M (M = H = 32) would
-        # force mma.sync with the whole query replicated in every warp's registers.
-        p_q = q_latent + i_b64 * stride_qb + o_h[None, :] * stride_qh + o_r[:, None]
-        b_qT = tl.load(p_q, mask=m_h[None, :] & m_r[:, None], other=0.0).to(dtype)  # [BR, BH]
-        p_qp = q_pe + i_b64 * stride_pb + o_h[None, :] * stride_ph + o_d[:, None]
-        b_qpT = tl.load(p_qp, mask=m_h[None, :] & m_d[:, None], other=0.0).to(dtype)  # [BDR, BH]
-
-        b_m = tl.full([BH], float("-inf"), dtype=tl.float32)  # running max of the base-2 scores
-        b_l = tl.zeros([BH], dtype=tl.float32)  # running sum of exp2(score - max)
-        b_accT = tl.zeros([BR, BH], dtype=tl.float32)
-        latent_row = latent + i_b64 * stride_lb
-        pe_row = k_pe + i_b64 * stride_kb
-        # Every tile holds at least one valid position, so b_m is finite after the first: no -inf - (-inf).
-        n_tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_S)
-        if INTERPRET:  # the interpreter cannot take a loaded run-time bound in range() (numpy 2)
-            i_t = 0
-            while i_t < n_tiles:
-                b_m, b_l, b_accT = _mla_decode_tile(
-                    b_m, b_l, b_accT, b_qT, b_qpT, latent_row, pe_row, start + i_t * BLOCK_S, end, o_r, o_d,
-                    m_r, m_d, scale_log2, stride_ls, stride_ks, BLOCK_S, DOT_PREC, INTERPRET)
-                i_t += 1
-        else:  # a for loop, which Triton software-pipelines (the next tiles' loads overlap this tile's math)
-            for i_t in range(n_tiles):
-                b_m, b_l, b_accT = _mla_decode_tile(
-                    b_m, b_l, b_accT, b_qT, b_qpT, latent_row, pe_row, start + i_t * BLOCK_S, end, o_r, o_d,
-                    m_r, m_d, scale_log2, stride_ls, stride_ks, BLOCK_S, DOT_PREC, INTERPRET)
-
-        b_outT = b_accT / tl.where(b_l > 0, b_l, 1.0)[None, :]  # an empty piece: zeros, not 0/0
-        m_out = m_r[:, None] & m_h[None, :]
-        if SINGLE_SPLIT:
-            p_o = o + (i_b64 * H + o_h[None, :]) * R + o_r[:, None]
-            tl.store(p_o, b_outT.to(o.dtype.element_ty), mask=m_out)
-        else:
-            i_bj = i_b64 * num_splits + i_j
-            p_o = o_part + (i_bj * H + o_h[None, :]) * R + o_r[:, None]
-            tl.store(p_o, b_outT, mask=m_out)
-            b_lse = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("-inf"))
-            tl.store(lse_part + i_bj * H + o_h, b_lse, mask=m_h)
-
-    @triton.jit
-    def _combine_block(b_acc, o_part, lse_part, b_norm, j, num_splits, i_b64, i_h, o_r, m_r,
-                       H: tl.constexpr, R: tl.constexpr, SB: tl.constexpr):
-        """b_acc + the weighted partial outputs of pieces [j, j + SB): one [SB, BLOCK_R] load in flight."""
-        o_jb = j + tl.arange(0, SB)
-        m_jb = o_jb < num_splits
-        i_bj = i_b64 * num_splits + o_jb
-        b_w = tl.exp2(tl.load(lse_part + i_bj * H + i_h, mask=m_jb, other=float("-inf")) - b_norm)  # [SB]
-        p_o = o_part + (i_bj[:, None] * H + i_h) * R + o_r[None, :]
-        b_o = tl.load(p_o, mask=m_jb[:, None] & m_r[None, :], other=0.0)  # [SB, BLOCK_R]
-        return b_acc + tl.sum(b_w[:, None] * b_o, 0)
-
-    @triton.jit
-    def _mla_decode_combine_kernel(
-        o_part, lse_part, o, num_splits,
-        H: tl.constexpr, R: tl.constexpr, BSPLIT: tl.constexpr, BLOCK_R: tl.constexpr, SB: tl.constexpr,
-        INTERPRET: tl.constexpr,
-    ):
-        """Program (b * H + h, i_r): ``o[b, h, i_r-th BLOCK_R slice]`` = sum_j w_j o_part[b, j, h, slice] with
-        w_j = exp2(lse_j - lse), lse = log2 sum_j exp2(lse_j): the softmax over all pieces. Empty pieces
-        (lse_j = -inf) weigh 0; a row whose pieces are all empty (length 0) gets zeros."""
-        i_bh, i_r = tl.program_id(0), tl.program_id(1)
-        i_b, i_h = i_bh // H, i_bh % H
-        i_b64 = i_b.to(tl.int64)
-        o_j = tl.arange(0, BSPLIT)
-        b_lse = tl.load(lse_part + (i_b64 * num_splits + o_j) * H + i_h, mask=o_j < num_splits,
-                        other=float("-inf"))  # [BSPLIT]
-        b_max = tl.max(b_lse, 0)
-        b_max = tl.where(b_max == float("-inf"), 0.0, b_max)
-        b_total = tl.sum(tl.exp2(b_lse - b_max), 0)
-        b_norm = b_max + tl.log2(tl.where(b_total > 0, b_total, 1.0))
-
-        o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        m_r = o_r < R
-        b_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        if INTERPRET:  # the interpreter cannot take a run-time bound in range() (numpy 2)
-            j = 0
-            while j < num_splits:
-                b_acc = _combine_block(b_acc, o_part, lse_part, b_norm, j, num_splits, i_b64, i_h, o_r, m_r,
-                                       H, R, SB)
-                j += SB
-        else:  # a for loop, which the compiler pipelines
-            for j in range(0, num_splits, SB):
-                b_acc = _combine_block(b_acc, o_part, lse_part, b_norm, j, num_splits, i_b64, i_h, o_r, m_r,
-                                       H, R, SB)
-        tl.store(o + (i_b64 * H + i_h) * R + o_r, b_acc.to(o.dtype.element_ty), mask=m_r)
-
-
-def mla_decode_attention_triton(
-    q_latent: torch.Tensor,
-    q_pe: torch.Tensor,
-    latent_cache: torch.Tensor,
-    pe_cache: torch.Tensor,
-    lengths: torch.Tensor,
-    scale: float,
-    num_splits: int | None = None,
-    block_s: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-) -> torch.Tensor:
-    """The Triton path of ``mla_decode_attention`` (which validates the arguments; see it for the contract).
-
-    ``num_splits``, ``block_s``, ``num_warps``, ``num_stages``: launch overrides for benchmarking (defaults:
-    ``default_num_splits`` and ``CONFIG``).
-    """
-    B, H, R = q_latent.shape
-    L_max, DR = latent_cache.shape[1], pe_cache.shape[2]
-    if latent_cache.stride(-1) != 1 or pe_cache.stride(-1) != 1:
-        raise ValueError("latent_cache and pe_cache need a unit stride on their last dim")
-    q_latent = q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous()
-    q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
-    if num_splits is None:
-        num_splits = default_num_splits(B, L_max, _num_sms(latent_cache.device))
-    if not 1 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
-    config = CONFIG[latent_cache.element_size()]
-    block_s = block_s or config["block_s"]
-    num_warps = num_warps or config["num_warps"]
-    num_stages = num_stages or config["num_stages"]
-
-    dtype = latent_cache.dtype
-    o = _new_buffer((B, H, R), dtype, latent_cache.device)
-    if num_splits > 1:
-        o_part = _new_buffer((B, num_splits, H, R), torch.float32, o.device)
-        lse_part = _new_buffer((B, num_splits, H), torch.float32, o.device)
-    else:
-        o_part = lse_part = o  # not touched with one piece
-    _mla_decode_split_kernel[(B, num_splits)](
-        q_latent, q_pe, latent_cache, pe_cache, lengths, o_part, lse_part, o,
-        scale * LOG2E, L_max, num_splits,
-        q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1),
-        latent_cache.stride(0), latent_cache.stride(1), pe_cache.stride(0), pe_cache.stride(1),
-        H=H, R=R, DR=DR, BH=_pad(H), BR=_pad(R), BDR=_pad(DR), BLOCK_S=block_s,
-        SINGLE_SPLIT=num_splits == 1, DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
-        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps, num_stages=num_stages,
-    )
-    if num_splits > 1:
-        block_r = min(COMBINE_BLOCK_R, triton.next_power_of_2(R))
-        _mla_decode_combine_kernel[(B * H, triton.cdiv(R, block_r))](
-            o_part, lse_part, o, num_splits, H=H, R=R, BSPLIT=triton.next_power_of_2(num_splits),
-            BLOCK_R=block_r, SB=min(16, triton.next_power_of_2(num_splits)),
-            INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4, num_stages=2,
-        )
-    return o
-
-
-def sm90_build_jobs(H: int, R: int, DR: int, num_splits: int = 132, element_size: int = 2) -> list:
-    """(kernel, constexprs, num_warps, num_stages) as the launcher uses them for caches of ``element_size``
-    bytes (2: bf16/fp16, 4: fp32), for the offline sm_90 build report of ``benchmarks/mla_decode.py``."""
-    config = CONFIG[element_size]
-    split = dict(H=H, R=R, DR=DR, BH=_pad(H), BR=_pad(R), BDR=_pad(DR), BLOCK_S=config["block_s"],
-                 SINGLE_SPLIT=False, DOT_PREC="ieee" if element_size == 4 else "tf32", INTERPRET=False)
-    block_r = min(COMBINE_BLOCK_R, triton.next_power_of_2(R))
-    combine = dict(H=H, R=R, BSPLIT=triton.next_power_of_2(num_splits), BLOCK_R=block_r,
-                   SB=min(16, triton.next_power_of_2(num_splits)), INTERPRET=False)
-    warps, stages = config["num_warps"], config["num_stages"]
-    return [
-        (_mla_decode_split_kernel, split, warps, stages),
-        (_mla_decode_split_kernel, dict(split, SINGLE_SPLIT=True), warps, stages),
-        (_mla_decode_combine_kernel, combine, 4, 2),
-    ]

@@ -125,13 +125,12 @@ def test_absorbed_decode_and_cached_prefill_match_full_forward(use_nope):
         assert cache.layers[0]["latent"].shape[-1] + cache.layers[0]["k_pe"].shape[-1] == 24 + 6
 
 
-@pytest.mark.parametrize("segment_loop", [16, 0], ids=["per-document", "block-mask"])
-def test_varlen_and_padding_match_separate_sequences(segment_loop, monkeypatch):
-    monkeypatch.setattr("kimi_linear.layers.mla.MAX_SEGMENT_LOOP", segment_loop)
+def test_varlen_and_padding_match_separate_sequences():
     config = small_config()
     layer = randomised_layer(config, seed=5)
     gen = torch.Generator().manual_seed(6)
-    lengths = [4, 0, 11, 1]
+    # buckets of one and of several sequences (1, 1 / 3, 4 / 9, 11), an empty one
+    lengths = [4, 0, 11, 1, 3, 9, 1]
     xs = [torch.randn(L, config.hidden_size, generator=gen) for L in lengths]
     with torch.no_grad():
         separate = [layer(x[None])[0] for x in xs if len(x)]
@@ -139,9 +138,17 @@ def test_varlen_and_padding_match_separate_sequences(segment_loop, monkeypatch):
         packed = layer(torch.cat(xs)[None], cu_seqlens=cu)[0]
         assert rel_err(packed, torch.cat(separate)) < 1e-5
         # varlen prefill into a cache (one row per sequence, the empty one included), then one absorbed step
-        cache = KimiLinearCache(config, batch_size=4, max_length=16)
+        cache = KimiLinearCache(config, batch_size=len(lengths), max_length=16)
         packed_cached = layer(torch.cat(xs)[None], cu_seqlens=cu, cache=cache)[0]
         assert rel_err(packed_cached, torch.cat(separate)) < 1e-5
+        # a second packed piece on top of that history (one row gets no new token) == each sequence whole
+        cache.lengths += cu[1:] - cu[:-1]
+        more = [2, 3, 0, 4, 1, 2, 5]
+        ys = [torch.randn(n, config.hidden_size, generator=gen) for n in more]
+        cu2 = torch.tensor([0, *torch.tensor(more).cumsum(0).tolist()])
+        second = layer(torch.cat(ys)[None], cu_seqlens=cu2, cache=cache)[0]
+        whole = [layer(torch.cat([x, y])[None])[0, len(x):] for x, y in zip(xs, ys, strict=True) if len(y)]
+        assert rel_err(second, torch.cat(whole)) < 1e-5
         # left and right padding: real positions unchanged
         T = 11
         batch = torch.randn(2, T, config.hidden_size, generator=gen)
@@ -159,10 +166,10 @@ def _triton_decode_runs_here() -> bool:
     if torch.cuda.is_available():
         return True
     try:
-        import kimi_linear.ops.mla_decode as mla_decode
+        import kimi_linear.ops.mla_decode_triton as mla_decode_triton
     except ImportError:
         return False
-    kernel = getattr(mla_decode, "_mla_decode_split_kernel", None)
+    kernel = getattr(mla_decode_triton, "_mla_decode_split_kernel", None)
     return type(kernel).__name__ == "InterpretedFunction"
 
 

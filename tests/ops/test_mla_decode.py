@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ if not torch.cuda.is_available():
 
 import kimi_linear.ops.mla_decode as mla_decode  # noqa: E402
 from kimi_linear.ops.mla_decode import (  # noqa: E402
+    default_launch,
     default_num_splits,
     mla_decode_attention,
     mla_decode_attention_reference,
@@ -37,11 +39,6 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 FP32_TOL = 2e-6  # exact fp32 dots on both sides, only the order of summation differs (measured ~1e-7)
 BF16_ABS = 2e-2
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture(autouse=True)
-def poison_buffers(monkeypatch):
-    monkeypatch.setattr(mla_decode, "POISON_BUFFERS", True)
 
 
 def make_inputs(B, H, R, DR, L_max, seed=0, device="cpu"):
@@ -62,7 +59,25 @@ def to_dtype(x: dict, dtype) -> dict:
 
 
 def run_triton(x, lengths, scale, **kw):
-    return mla_decode_attention(**x, lengths=lengths, scale=scale, backend="triton", **kw)
+    """The Triton path with every buffer it writes poisoned with NaN first."""
+    launch = replace(default_launch(x["latent_cache"].element_size()), poison_outputs=True)
+    return mla_decode_attention(**x, lengths=lengths, scale=scale, backend="triton", launch=launch, **kw)
+
+
+def to_paged(x: dict, block_size: int, num_blocks: int, seed: int):
+    """The dense caches scattered into a shuffled block pool of ``num_blocks`` (random filler elsewhere);
+    returns (inputs with the pools, block_table [B, L_max / block_size])."""
+    B, L_max, _ = x["latent_cache"].shape
+    M = L_max // block_size
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(num_blocks, generator=gen)[: B * M].view(B, M).to(x["latent_cache"].device)
+    paged = dict(x)
+    for name in ("latent_cache", "pe_cache"):
+        dense = x[name]
+        pool = torch.randn(num_blocks, block_size, dense.shape[-1], generator=gen).to(dense)
+        pool[order.reshape(-1)] = dense.reshape(B * M, block_size, -1)
+        paged[name] = pool
+    return paged, order
 
 
 CASES = [  # B, H, R, DR, lengths (L_max = the last one unless given), num_splits
@@ -131,6 +146,29 @@ def test_only_valid_positions_count():
         x["pe_cache"][b, n:] = 1e30
     after = run_triton(x, lengths, scale, num_splits=4)
     assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("block_size,num_splits", [(16, 1), (32, 3), (64, None)], ids=["bs16-s1", "bs32-s3", "bs64-sauto"])
+def test_paged_matches_dense_reference(block_size, num_splits):
+    """A block-table read of a shuffled pool equals the reference on the dense caches (reference and kernel)."""
+    B, H, R, DR, L_max = 3, 2, 32, 16, 192
+    x, scale = make_inputs(B, H, R, DR, L_max, seed=block_size, device=DEVICE)
+    lengths = torch.tensor([192, 1, 70], device=DEVICE)
+    ref = mla_decode_attention_reference(**x, lengths=lengths, scale=scale)
+    paged, table = to_paged(x, block_size, num_blocks=3 * L_max // block_size + 5, seed=block_size)
+    ref_paged = mla_decode_attention_reference(**paged, lengths=lengths, scale=scale, block_table=table)
+    assert rel_err(ref_paged, ref) < 1e-6
+    out = run_triton(paged, lengths, scale, num_splits=num_splits, block_table=table)
+    assert rel_err(out, ref) < FP32_TOL
+
+
+def test_paged_block_size_must_fit_the_tile():
+    x, scale = make_inputs(2, 2, 32, 16, 48, seed=3, device=DEVICE)
+    paged, table = to_paged(x, 24, num_blocks=6, seed=3)  # 24 is not a multiple of the fp32 tile (16)
+    with pytest.raises(ValueError, match="block size"):
+        run_triton(paged, torch.tensor([48, 5], device=DEVICE), scale, block_table=table)
+    with pytest.raises(ValueError, match="block_table"):
+        mla_decode_attention(**paged, lengths=torch.tensor([48, 5]), scale=scale, block_table=table[:1].cpu())
 
 
 def test_auto_backend_on_cpu_is_the_reference():

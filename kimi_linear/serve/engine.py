@@ -1,0 +1,609 @@
+"""The serving engine: continuous batching on KDA state slots over a paged MLA latent cache, chunked prefill and
+exact prefix caching (issue 23). The HTTP layer (``serve.api``) drives it through ``add_request`` / ``abort`` /
+``step``; the contract is that every greedy completion equals ``generate()`` on that prompt alone.
+
+Memory (one ``KimiLinearCache.pooled``):
+
+* KDA conv tails and states live in slots ``[num_slots, ...]``: ``max_num_seqs`` slots for running sequences,
+  ``num_snapshots`` for prefix-cache snapshots, and one scratch slot that CUDA-graph padding rows write to.
+* MLA latents live in blocks of ``block_size`` tokens ``[num_blocks + 1, block_size, ...]`` (the last block is
+  scratch). A sequence's block table lists its blocks in order, so memory follows actual lengths. A request is
+  admitted only when the free (or evictable) blocks cover the worst case of every admitted request (prompt +
+  max_tokens); blocks are taken lazily as the sequence grows, and a finished request returns its unused share.
+
+A step (``step``):
+
+1. admit waiting requests while a slot is free and their worst-case blocks fit; look their prompt up in the
+   prefix cache (``prefix_cache.PrefixCache``) and restore the hit's KDA snapshot into the new slot (or zero
+   the slot);
+2. one decode step for every sequence that has finished its prompt: one token each (on CUDA one graph
+   replay, graphs captured per batch-size bucket at start);
+3. prefill pieces of the sequences still in their prompt, packed varlen into one forward, within the step's
+   token budget (``max_num_batched_tokens`` minus the decode tokens). A piece ends on a block boundary unless
+   it ends the prompt; with prefix caching the last full block boundary of the prompt also ends a piece, so
+   its state can be snapshotted. A piece that ends the prompt samples the first token;
+4. register the sequences' newly filled blocks in the prefix cache and snapshot the KDA slot at the block
+   boundary a piece or a decode step ended on; retire finished sequences (slot and blocks freed at once).
+
+Exactness: a sequence's computation never depends on its batch neighbours (packed varlen prefill, per-row
+decode, its own slot and blocks); the prefix cache restores exactly the state and latents the prefix
+produced. Sampling uses one ``torch.Generator`` per request (seeded by ``SamplingParams.seed``), so sampled
+tokens do not depend on the batch either.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from kimi_linear.cache import KimiLinearCache, cache_bytes, layer_cache_layout
+from kimi_linear.config import KimiLinearConfig
+from kimi_linear.generate import decode_step, sample, validate_sampling
+from kimi_linear.serve.prefix_cache import PrefixCache
+
+KDA_CHUNK = 64  # prefix-cache boundaries are multiples of the KDA chunk kernel's chunk size
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling. Raises ValueError on construction for values out of range."""
+
+    max_tokens: int = 16  # >= 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # per-request generator: same seed -> same tokens, whatever the batch
+    stop_token_ids: tuple[int, ...] = ()  # ids that end the request ("stop"); eos added unless ignore_eos
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        validate_sampling(self.temperature, self.top_k, self.top_p)
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be ints, got {self.stop_token_ids!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine sizes. ``num_blocks`` None: ``max_num_seqs * ceil(max_model_len / block_size)`` on the CPU, or
+    what ``gpu_memory_fraction`` of the GPU leaves after the weights and the slots on CUDA.
+    ``num_snapshots`` None: ``4 * max_num_seqs`` KDA snapshot slots for the prefix cache (0 when it is off)."""
+
+    max_num_seqs: int = 16  # concurrently running sequences = KDA state slots
+    max_model_len: int = 4096  # prompt + generated tokens per sequence
+    block_size: int = 64  # MLA latent tokens per block = prefix-cache granularity (multiple of 64)
+    num_blocks: int | None = None
+    gpu_memory_fraction: float = 0.9
+    max_num_batched_tokens: int = 2048  # per-step token budget: decode tokens + prefill-piece tokens
+    max_queue: int = 256  # waiting requests; more -> QueueFullError
+    enable_prefix_caching: bool = True
+    use_cuda_graph: bool = True
+    num_snapshots: int | None = None
+
+
+class QueueFullError(RuntimeError):
+    """``max_queue`` requests are already waiting."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    token_id: int | None  # the new token (None on a finish-only event such as abort/error)
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" (with .error text)
+    prompt_tokens: int = 0  # set on the finishing event (usage)
+    completion_tokens: int = 0  # set on the finishing event
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int
+    running: int
+    num_slots: int
+    free_slots: int
+    num_blocks: int
+    free_blocks: int  # MLA latent pool use
+    prefix_cache_queries: int  # in tokens: prompt tokens looked up
+    prefix_cache_hits: int  # in tokens: prompt tokens served from the cache
+    generated_tokens_total: int
+    prompt_tokens_total: int
+    finished_requests_total: int
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    stop: frozenset[int]
+    generator: torch.Generator | None
+    arrival: float
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    slot: int = -1
+    blocks: list[int] = field(default_factory=list)
+    reserve: int = 0  # blocks this sequence may need in the worst case
+    computed: int = 0  # tokens whose latents / state are in the cache
+    cached_tokens: int = 0
+    node: int = 0  # prefix-cache node of the last registered full block (0 = root)
+    registered: int = 0  # full blocks registered in the prefix cache
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.prompt)
+
+    @property
+    def completion(self) -> int:
+        return len(self.tokens) - len(self.prompt)
+
+
+def _bucket_sizes(max_num_seqs: int) -> list[int]:
+    sizes, b = [], 1
+    while b < max_num_seqs:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, max_num_seqs]
+
+
+class _DecodeGraph:
+    """``decode_step`` for up to ``size`` rows captured in a CUDA graph over static row tensors; padding rows
+    point at the scratch slot and block."""
+
+    def __init__(self, model, pools: KimiLinearCache, size: int, blocks_per_row: int, scratch_slot: int,
+                 scratch_block: int):
+        device = pools.device
+        self.size = size
+        self.tokens = torch.zeros(size, dtype=torch.long, device=device)
+        self.slots = torch.full((size,), scratch_slot, dtype=torch.long, device=device)
+        self.block_table = torch.full((size, blocks_per_row), scratch_block, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(size, dtype=torch.long, device=device)
+        self.view = pools.view(self.slots, self.block_table, self.lengths)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # compile kernels and settle allocations outside the graph
+            for _ in range(2):
+                decode_step(model, self.tokens, self.view)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.lengths.zero_()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_step(model, self.tokens, self.view)
+
+    def __call__(self, tokens, slots, block_table, lengths, scratch_slot, scratch_block) -> torch.Tensor:
+        n = tokens.numel()
+        self.tokens[:n].copy_(tokens)
+        self.slots[:n].copy_(slots)
+        self.slots[n:].fill_(scratch_slot)
+        self.block_table[:n].copy_(block_table)
+        self.block_table[n:].fill_(scratch_block)
+        self.lengths[:n].copy_(lengths)
+        self.lengths[n:].zero_()
+        self.graph.replay()
+        return self.logits[:n]
+
+
+class Engine:
+    """Continuous-batching engine over one model (see the module docstring).
+
+    Args:
+        model: a ``KimiLinearForCausalLM`` (eval mode), on its serving device and dtype.
+        config: ``EngineConfig``.
+
+    Raises:
+        ValueError: a setting out of range or a memory budget that does not fit, naming the setting.
+    """
+
+    def __init__(self, model, config: EngineConfig = EngineConfig()):
+        self.model = model
+        self.config = config
+        mc: KimiLinearConfig = model.config
+        c = config
+        for name in ("max_num_seqs", "max_model_len", "block_size", "max_num_batched_tokens", "max_queue"):
+            v = getattr(c, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {v!r}")
+        if c.block_size % KDA_CHUNK:
+            raise ValueError(f"EngineConfig.block_size must be a multiple of {KDA_CHUNK}, got {c.block_size}")
+        if c.max_model_len > mc.model_max_length:
+            raise ValueError(
+                f"EngineConfig.max_model_len={c.max_model_len} exceeds the model's "
+                f"model_max_length={mc.model_max_length}"
+            )
+        if not 0 < c.gpu_memory_fraction <= 1:
+            raise ValueError(f"EngineConfig.gpu_memory_fraction must be in (0, 1], got {c.gpu_memory_fraction}")
+        if c.max_num_batched_tokens < c.max_num_seqs:
+            raise ValueError(
+                f"EngineConfig.max_num_batched_tokens={c.max_num_batched_tokens} must be >= max_num_seqs="
+                f"{c.max_num_seqs} (one decode token per running sequence)"
+            )
+        self.device = model.device
+        self.blocks_per_seq = math.ceil(c.max_model_len / c.block_size)
+        num_snapshots = c.num_snapshots
+        if num_snapshots is None:
+            num_snapshots = 4 * c.max_num_seqs if c.enable_prefix_caching else 0
+        if not isinstance(num_snapshots, int) or num_snapshots < 0:
+            raise ValueError(f"EngineConfig.num_snapshots must be an int >= 0, got {num_snapshots!r}")
+        self.num_seq_slots = c.max_num_seqs
+        num_slots = c.max_num_seqs + num_snapshots + 1
+        self.scratch_slot = num_slots - 1
+        dtype_bytes = torch.empty((), dtype=model.dtype).element_size()
+        slot_bytes, token_bytes = cache_bytes(mc, dtype_bytes)
+        block_bytes = token_bytes * c.block_size
+        num_blocks = c.num_blocks
+        if num_blocks is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = free * c.gpu_memory_fraction - slot_bytes * num_slots
+                # room for the step's activations: a prefill of max_num_batched_tokens (a few copies of the
+                # hidden states and the logits of the pieces' last tokens)
+                budget -= 16 * c.max_num_batched_tokens * mc.hidden_size * dtype_bytes
+                num_blocks = int(budget // block_bytes)
+            else:
+                num_blocks = c.max_num_seqs * self.blocks_per_seq
+        if not isinstance(num_blocks, int) or num_blocks < self.blocks_per_seq:
+            need = self.blocks_per_seq * block_bytes + slot_bytes * num_slots
+            raise ValueError(
+                f"the MLA block pool ({num_blocks} blocks of {c.block_size} tokens) cannot hold one sequence of "
+                f"max_model_len={c.max_model_len} tokens ({self.blocks_per_seq} blocks); lower max_model_len or "
+                f"max_num_seqs, or raise num_blocks / gpu_memory_fraction (one sequence needs "
+                f"{need / 2**20:.1f} MiB with the slots)"
+            )
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            need = slot_bytes * num_slots + block_bytes * (num_blocks + 1)
+            if need > free * c.gpu_memory_fraction:
+                raise ValueError(
+                    f"the cache needs {need / 2**30:.2f} GiB (max_num_seqs={c.max_num_seqs}, num_blocks="
+                    f"{num_blocks}, block_size={c.block_size}) but gpu_memory_fraction={c.gpu_memory_fraction} of "
+                    f"the free {free / 2**30:.2f} GiB is less"
+                )
+        self.num_blocks = num_blocks
+        self.scratch_block = num_blocks
+        self.pools = KimiLinearCache.pooled(
+            mc, num_slots, num_blocks + 1, c.block_size, dtype=model.dtype, device=self.device
+        )
+        # the per-slot tensors (KDA conv tails and states): what a prefix-cache snapshot copies
+        self.slot_tensors = [
+            self.pools.layers[i][e.name]
+            for i in range(mc.num_hidden_layers)
+            for e in layer_cache_layout(mc, i)
+            if e.per == "slot"
+        ]
+        self.prefix = PrefixCache(num_blocks, c.block_size, range(c.max_num_seqs, c.max_num_seqs + num_snapshots))
+        self.free_slots = list(range(c.max_num_seqs))[::-1]
+        self._eos = () if mc.eos_token_id is None else (int(mc.eos_token_id),)
+
+        self._lock = threading.Lock()
+        self._incoming: deque[_Sequence] = deque()
+        self._aborts: set[str] = set()
+        self._known: set[str] = set()  # ids waiting or running
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []
+        self._outstanding = 0  # blocks admitted sequences may still take (sum of reserve - held)
+        self._stats = dict(queries=0, hits=0, generated=0, prompt=0, finished=0)
+
+        self.graphs: dict[int, _DecodeGraph] = {}
+        if c.use_cuda_graph and self.device.type == "cuda":
+            for size in _bucket_sizes(c.max_num_seqs):
+                self.graphs[size] = _DecodeGraph(
+                    model, self.pools, size, self.blocks_per_seq, self.scratch_slot, self.scratch_block
+                )
+
+    @property
+    def model_config(self) -> KimiLinearConfig:
+        return self.model.config
+
+    # ---- public, thread-safe -----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request. Thread-safe.
+
+        Raises:
+            ValueError: empty prompt, ids outside the vocabulary, prompt + max_tokens > max_model_len, bad
+                sampling values, or a duplicate id.
+            QueueFullError: ``max_queue`` requests are waiting.
+        """
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty str, got {request_id!r}")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        vocab = self.model.config.vocab_size
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise ValueError("the prompt is empty; a request needs at least one token")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
+            raise ValueError(f"the prompt holds token ids outside [0, vocab_size={vocab})")
+        if len(prompt) + params.max_tokens > self.config.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len="
+                f"{self.config.max_model_len}"
+            )
+        if not all(0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, vocab_size={vocab})")
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            generator.manual_seed(seed)
+        stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self._eos))
+        seq = _Sequence(request_id, prompt, params, stop, generator, time.monotonic(), tokens=list(prompt))
+        with self._lock:
+            if request_id in self._known:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            if len(self._incoming) + len(self.waiting) >= self.config.max_queue:
+                raise QueueFullError(f"{self.config.max_queue} requests are already waiting (max_queue)")
+            self._known.add(request_id)
+            self._incoming.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Finish a request with "abort" at the next step, freeing its slot and blocks. Thread-safe; unknown
+        ids are ignored."""
+        with self._lock:
+            if request_id in self._known:
+                self._aborts.add(request_id)
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._incoming or self.waiting or self.running or self._aborts)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            s = self._stats
+            return EngineStats(
+                waiting=len(self.waiting) + len(self._incoming),
+                running=len(self.running),
+                num_slots=self.num_seq_slots,
+                free_slots=len(self.free_slots),
+                num_blocks=self.num_blocks,
+                free_blocks=self.prefix.num_free_blocks(),
+                prefix_cache_queries=s["queries"],
+                prefix_cache_hits=s["hits"],
+                generated_tokens_total=s["generated"],
+                prompt_tokens_total=s["prompt"],
+                finished_requests_total=s["finished"],
+            )
+
+    # ---- the step ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[TokenEvent]:
+        """One iteration (one thread only): admit, one decode step for the running sequences, prefill pieces
+        within the token budget, retire the finished. A failure inside a request finishes it with "error"."""
+        events: list[TokenEvent] = []
+        with self._lock:
+            self.waiting.extend(self._incoming)
+            self._incoming.clear()
+            aborts, self._aborts = self._aborts, set()
+        for seq in [s for s in self.waiting if s.request_id in aborts]:
+            self.waiting.remove(seq)
+            self._finish(seq, "abort", events)
+        for seq in [s for s in self.running if s.request_id in aborts]:
+            self._finish(seq, "abort", events)
+        self._admit(events)
+
+        decoding = [s for s in self.running if not s.prefilling]
+        budget = self.config.max_num_batched_tokens - len(decoding)
+        pieces = []
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.prefilling:
+                end = self._piece_end(seq, budget)
+                pieces.append((seq, seq.computed, end))
+                budget -= end - seq.computed
+        if decoding:
+            self._guarded(decoding, lambda: self._decode(decoding, events), events)
+        if pieces:
+            self._guarded([p[0] for p in pieces], lambda: self._prefill(pieces, events), events)
+        return events
+
+    def _guarded(self, seqs, run, events) -> None:
+        """Run a batched forward; if it raises, finish every request in it with "error" (their slots may hold
+        partial updates) and keep going."""
+        try:
+            run()
+        except Exception as e:  # noqa: BLE001 - one failing batch must not stop the engine
+            message = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+            for seq in seqs:
+                if seq in self.running:
+                    self._finish(seq, "error", events, error=message)
+
+    def _admit(self, events) -> None:
+        c = self.config
+        restores = []
+        while self.waiting and self.free_slots:
+            seq = self.waiting[0]
+            reserve = math.ceil((len(seq.prompt) + seq.params.max_tokens) / c.block_size)
+            hit_blocks, snapshot, node = [], None, 0
+            if c.enable_prefix_caching:
+                hit_blocks, snapshot, node = self.prefix.lookup(seq.prompt)
+            # blocks that only the prefix cache held become this sequence's: count them as taken
+            self.prefix.acquire(hit_blocks)
+            if self.prefix.num_available_blocks() - self._outstanding < reserve - len(hit_blocks):
+                self.prefix.release(hit_blocks)
+                break  # not enough memory for its worst case yet: wait for running sequences to finish
+            self.waiting.popleft()
+            seq.slot = self.free_slots.pop()
+            seq.blocks = list(hit_blocks)
+            seq.reserve = reserve
+            self._outstanding += reserve - len(hit_blocks)
+            seq.computed = seq.cached_tokens = len(hit_blocks) * c.block_size
+            seq.node, seq.registered = node, len(hit_blocks)
+            restores.append((snapshot, seq.slot))
+            self.running.append(seq)
+            self._stats["prompt"] += len(seq.prompt)
+            if c.enable_prefix_caching:
+                self._stats["queries"] += len(seq.prompt)
+                self._stats["hits"] += seq.cached_tokens
+        if restores:
+            dst = torch.tensor([d for _, d in restores], device=self.device)
+            fresh = [i for i, (s, _) in enumerate(restores) if s is None]
+            if fresh:
+                zero_rows = dst[torch.tensor(fresh, device=self.device)]
+                for t in self.slot_tensors:
+                    t.index_fill_(0, zero_rows, 0)
+            hits = [(s, d) for s, d in restores if s is not None]
+            if hits:
+                self._copy_slots([s for s, _ in hits], [d for _, d in hits])
+
+    def _copy_slots(self, src: list[int], dst: list[int]) -> None:
+        src_t = torch.tensor(src, device=self.device)
+        dst_t = torch.tensor(dst, device=self.device)
+        for t in self.slot_tensors:
+            t.index_copy_(0, dst_t, t.index_select(0, src_t))
+
+    def _piece_end(self, seq: _Sequence, budget: int) -> int:
+        """End of the next prefill piece: within the budget, on a block boundary unless it ends the prompt;
+        with prefix caching the prompt's last full block boundary ends a piece (it is snapshotted)."""
+        bs, P, start = self.config.block_size, len(seq.prompt), seq.computed
+        end = min(P, start + budget)
+        if end < P and (end // bs) * bs > start:
+            end = (end // bs) * bs
+        if self.config.enable_prefix_caching and end == P:
+            last_boundary = (P // bs) * bs
+            if start < last_boundary < P:
+                end = last_boundary
+        return end
+
+    def _ensure_blocks(self, seq: _Sequence, length: int) -> None:
+        need = math.ceil(length / self.config.block_size) - len(seq.blocks)
+        if need > 0:
+            seq.blocks.extend(self.prefix.allocate(need))
+            self._outstanding -= need
+
+    def _rows(self, seqs) -> tuple[torch.Tensor, torch.Tensor]:
+        table = torch.full((len(seqs), self.blocks_per_seq), self.scratch_block, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            table[i, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.long)
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
+        return slots.to(self.device), table.to(self.device)
+
+    def _decode(self, seqs: list[_Sequence], events) -> None:
+        for s in seqs:
+            self._ensure_blocks(s, s.computed + 1)
+        tokens = torch.tensor([s.tokens[s.computed] for s in seqs], dtype=torch.long).to(self.device)
+        lengths_host = [s.computed for s in seqs]
+        lengths = torch.tensor(lengths_host, dtype=torch.long).to(self.device)
+        slots, table = self._rows(seqs)
+        graph = next((self.graphs[b] for b in sorted(self.graphs) if b >= len(seqs)), None)
+        if graph is not None:
+            logits = graph(tokens, slots, table, lengths, self.scratch_slot, self.scratch_block)
+        else:
+            view = self.pools.view(slots, table, lengths)
+            view.set_host_lengths(lengths_host)
+            logits = decode_step(self.model, tokens, view)
+        for s in seqs:
+            s.computed += 1
+        self._register(seqs)
+        self._after_forward(seqs, logits, events)
+
+    def _prefill(self, pieces, events) -> None:
+        seqs = [p[0] for p in pieces]
+        for seq, _, end in pieces:
+            self._ensure_blocks(seq, end)
+        ids = [t for seq, a, b in pieces for t in seq.tokens[a:b]]
+        lens = [b - a for _, a, b in pieces]
+        cu_host = [0]
+        for n in lens:
+            cu_host.append(cu_host[-1] + n)
+        ids_t = torch.tensor(ids, dtype=torch.long).to(self.device)[None]
+        cu = torch.tensor(cu_host, dtype=torch.long).to(self.device)
+        starts = [a for _, a, _ in pieces]
+        slots, table = self._rows(seqs)
+        view = self.pools.view(slots, table, torch.tensor(starts, dtype=torch.long).to(self.device))
+        view.set_host_lengths(starts)
+        hidden = self.model.hidden_states(ids_t, cache=view, cu_seqlens=cu)  # [1, T, D]
+        done = [i for i, (seq, _, end) in enumerate(pieces) if end == len(seq.prompt)]
+        for seq, _, end in pieces:
+            seq.computed = end
+        logits = None
+        if done:
+            last = torch.tensor([cu_host[i + 1] - 1 for i in done], dtype=torch.long).to(self.device)
+            logits = self.model.lm_head(hidden[0, last]).float()
+        self._register(seqs)
+        if done:
+            self._after_forward([seqs[i] for i in done], logits, events)
+
+    def _register(self, seqs) -> None:
+        """Put the sequences' newly filled blocks in the prefix cache; snapshot the KDA slot of each that
+        stands on a block boundary."""
+        if not self.config.enable_prefix_caching:
+            return
+        bs = self.config.block_size
+        src, dst = [], []
+        for seq in seqs:
+            full = seq.computed // bs
+            while seq.registered < full:
+                j = seq.registered
+                seq.node = self.prefix.insert(seq.node, seq.tokens[j * bs : (j + 1) * bs], seq.blocks[j])
+                seq.registered += 1
+            if seq.computed % bs == 0 and seq.node != 0 and not self.prefix.has_snapshot(seq.node):
+                snap = self.prefix.new_snapshot(seq.node)
+                if snap is not None:
+                    src.append(seq.slot)
+                    dst.append(snap)
+        if src:
+            self._copy_slots(src, dst)
+
+    def _after_forward(self, seqs, logits: torch.Tensor, events) -> None:
+        """Sample one token per sequence from ``logits [n, V]`` and emit it; finish the ones that stop."""
+        tokens = self._sample(seqs, logits)
+        for seq, token in zip(seqs, tokens, strict=True):
+            if isinstance(token, Exception):
+                self._finish(seq, "error", events, error=f"{type(token).__name__}: {token}")
+                continue
+            seq.tokens.append(token)
+            self._stats["generated"] += 1
+            reason = "stop" if token in seq.stop else ("length" if seq.completion >= seq.params.max_tokens else None)
+            if reason is None:
+                events.append(TokenEvent(seq.request_id, token, False, None))
+            else:
+                self._finish(seq, reason, events, token=token)
+
+    def _sample(self, seqs, logits: torch.Tensor) -> list:
+        """Next token per sequence (an exception in place of a token for a request whose sampling failed)."""
+        greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
+        out: list = [None] * len(seqs)
+        if greedy:
+            picked = logits[torch.tensor(greedy, device=logits.device)].argmax(-1).tolist()
+            for i, t in zip(greedy, picked, strict=True):
+                out[i] = t
+        for i, s in enumerate(seqs):
+            if out[i] is not None:
+                continue
+            p = s.params
+            try:
+                out[i] = int(sample(logits[i : i + 1], p.temperature, p.top_k, p.top_p, s.generator)[0])
+            except Exception as e:  # noqa: BLE001 - finishes this request only
+                out[i] = e
+        return out
+
+    def _finish(self, seq: _Sequence, reason: str, events, token: int | None = None, error: str | None = None):
+        if seq in self.running:
+            self.running.remove(seq)
+            if reason in ("stop", "length"):
+                self._register([seq])
+            self.prefix.release(seq.blocks)
+            self._outstanding -= seq.reserve - len(seq.blocks)
+            self.free_slots.append(seq.slot)
+            seq.blocks, seq.slot = [], -1
+        with self._lock:
+            self._known.discard(seq.request_id)
+        self._stats["finished"] += 1
+        events.append(
+            TokenEvent(
+                seq.request_id, token, True, reason, prompt_tokens=len(seq.prompt),
+                completion_tokens=seq.completion, cached_tokens=seq.cached_tokens, error=error,
+            )
+        )
