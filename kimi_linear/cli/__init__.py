@@ -13,6 +13,7 @@ import sys
 SUBCOMMAND_MODULES = (
     "kimi_linear.cli.train",
     "kimi_linear.cli.generate",
+    "kimi_linear.cli.chat",
     "kimi_linear.cli.info",
     "kimi_linear.cli.synth",
     "kimi_linear.cli.serve",
