@@ -16,6 +16,8 @@ SUBCOMMAND_MODULES = (
     "kimi_linear.cli.chat",
     "kimi_linear.cli.info",
     "kimi_linear.cli.synth",
+    "kimi_linear.cli.serve",
+    "kimi_linear.cli.bench_serve",
 )
 
 

@@ -1,0 +1,137 @@
+"""`kimi-linear serve`: an OpenAI-compatible HTTP server over a checkpoint folder (continuous batching)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+from kimi_linear.cli.common import add_threads_argument, set_threads
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a checkpoint over the OpenAI HTTP API",
+        description="Loads --checkpoint and serves POST /v1/completions, POST /v1/chat/completions, "
+        "GET /v1/models, GET /health and GET /metrics. Requests are batched continuously on --max-num-seqs "
+        "KDA state slots with a paged MLA latent cache; prompts sharing a prefix reuse it exactly. SIGTERM "
+        "stops accepting connections, lets running requests finish (up to --drain-timeout) and exits. "
+        "Engine settings left out take the engine's defaults (kimi_linear.serve.engine.EngineConfig).",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json, *.safetensors)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder's name)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences running at once (state slots)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + completion tokens per request (default: min(engine default, the model's "
+                   "model_max_length))")
+    p.add_argument("--max-queue", type=int, default=None, help="requests waiting for a slot; more get 429")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="per-step token budget (decode tokens + prefill chunks)")
+    p.add_argument("--block-size", type=int, default=None, help="MLA cache block size in tokens (multiple of 64)")
+    p.add_argument("--num-blocks", type=int, default=None, help="MLA cache blocks (default: derived)")
+    p.add_argument("--gpu-memory-fraction", type=float, default=None,
+                   help="fraction of GPU memory the engine may use for weights and caches")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
+    p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for running requests before aborting them (default 30)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_threads_argument(p)
+    p.set_defaults(func=run)
+
+
+def engine_config(args: argparse.Namespace, model_max_length: int):
+    """``EngineConfig`` from the flags; flags left out keep the engine's defaults. Raises ValueError."""
+    from kimi_linear.serve.engine import EngineConfig
+
+    defaults = EngineConfig()
+    chosen = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_model_len": args.max_model_len,
+        "max_queue": args.max_queue,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "block_size": args.block_size,
+        "num_blocks": args.num_blocks,
+        "gpu_memory_fraction": args.gpu_memory_fraction,
+    }
+    for name in ("max_num_seqs", "max_model_len", "max_queue", "max_num_batched_tokens", "block_size",
+                 "num_blocks"):
+        if chosen[name] is not None and chosen[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {chosen[name]}")
+    if chosen["gpu_memory_fraction"] is not None and not 0 < chosen["gpu_memory_fraction"] <= 1:
+        raise ValueError(f"--gpu-memory-fraction must be in (0, 1], got {chosen['gpu_memory_fraction']}")
+    if chosen["max_model_len"] is None:
+        chosen["max_model_len"] = min(defaults.max_model_len, model_max_length)
+    elif chosen["max_model_len"] > model_max_length:
+        raise ValueError(
+            f"--max-model-len {chosen['max_model_len']} exceeds the model's model_max_length={model_max_length}"
+        )
+    kwargs = {name: value for name, value in chosen.items() if value is not None}
+    return EngineConfig(
+        **kwargs, enable_prefix_caching=not args.no_prefix_caching, use_cuda_graph=not args.no_cuda_graph
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+    import uvicorn
+
+    from kimi_linear.model import KimiLinearForCausalLM
+    from kimi_linear.serve.api import ServerSettings, create_app
+    from kimi_linear.serve.engine import Engine
+    from kimi_linear.tokenizer import load_tokenizer
+
+    set_threads(args)
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.drain_timeout < 0:
+        raise ValueError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    if not os.path.isdir(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint folder not found: {args.checkpoint}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(
+        torch, args.dtype
+    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+    model = KimiLinearForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
+    config = engine_config(args, model.config.model_max_length)
+    # The engine checks its memory budget here and raises ValueError naming the setting that does not fit.
+    engine = Engine(model, config)
+    tokenizer = load_tokenizer(args.checkpoint, model.config)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
+    app = create_app(engine, tokenizer, ServerSettings(model_name=name, max_model_len=config.max_model_len))
+
+    uv_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.drain_timeout,
+        access_log=args.log_level == "debug",
+    )
+    server = uvicorn.Server(uv_config)
+    print(
+        f"kimi-linear serve: {name} on http://{args.host}:{args.port} ({device}, "
+        f"{str(dtype).removeprefix('torch.')}, {config.max_num_seqs} slots, max_model_len "
+        f"{config.max_model_len}, prefix caching {'on' if config.enable_prefix_caching else 'off'})",
+        file=sys.stderr,
+        flush=True,
+    )
+    # uvicorn drains on SIGTERM/SIGINT and then re-raises the signal it caught under the handler that was in
+    # place before it started; a no-op handler makes a drained shutdown exit normally (status 0).
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run()
+    return 0

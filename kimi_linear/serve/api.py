@@ -1,0 +1,708 @@
+"""The OpenAI-compatible HTTP server over an ``Engine`` (FastAPI on uvicorn).
+
+* ``EngineLoop`` runs ``engine.step()`` in one background thread. Request handlers submit with
+  ``EngineLoop.submit`` (``engine.add_request`` plus a per-request ``asyncio.Queue``) and read that request's
+  ``TokenEvent``s from the queue; a handler that stops early (client gone, stop string matched) calls
+  ``EngineLoop.abort``, and the engine frees the slot at its next step.
+* ``create_app`` builds the FastAPI app: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the
+  checkpoint's chat template), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format).
+  Streaming responses are server-sent events ending in ``data: [DONE]``; errors are OpenAI-style bodies
+  ``{"error": {"message", "type", "param", "code"}}`` (400 invalid request, 404 unknown model or route, 429
+  queue full, 500 engine error).
+
+Text is produced here, not in the engine: tokens are detokenized incrementally (``StreamDecoder``, which
+holds back incomplete UTF-8), a token that ended the request as a stop token (EOS, a ``stop_token_ids`` entry)
+is not part of the text, and stop *strings* are matched on the text: the text is cut before the first match,
+the request is aborted and finishes with ``"stop"``. While streaming, the last ``len(longest stop) - 1``
+characters are held back until they can no longer start a match, so the streamed pieces always concatenate
+to the non-streaming text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kimi_linear.serve.engine import QueueFullError, SamplingParams, TokenEvent
+from kimi_linear.tokenizer import StreamDecoder
+
+logger = logging.getLogger("kimi_linear.serve")
+
+# How long a waiting handler sleeps on its queue before it checks whether its client is still connected.
+DISCONNECT_POLL_S = 0.5
+# Window of the tokens/s gauge.
+RATE_WINDOW_S = 10.0
+
+
+# ---- the engine thread --------------------------------------------------------------------------------------
+
+
+class EngineLoop:
+    """Runs ``engine.step()`` in one background thread and routes each ``TokenEvent`` to its request's queue.
+
+    ``submit`` and ``abort`` are called from the asyncio event loop; everything the thread hands back goes
+    through ``loop.call_soon_threadsafe``. If ``step()`` itself raises (a bug outside any one request), every
+    request in flight is finished with ``"error"`` and aborted, and the thread keeps serving new requests.
+    """
+
+    def __init__(self, engine, idle_wait_s: float = 0.05):
+        self.engine = engine
+        self.idle_wait_s = idle_wait_s
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._generated = 0
+        self._rate_samples: collections.deque[tuple[float, int]] = collections.deque()
+        self.step_errors = 0
+
+    # -- lifecycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="kimi-linear-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Abort what is left, stop the thread and wait for it (up to ``timeout_s``)."""
+        with self._lock:
+            pending = list(self._streams)
+        for request_id in pending:
+            self.engine.abort(request_id)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    # -- called from the event loop
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+        """``engine.add_request`` and a queue that receives the request's events; raises what it raises."""
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        with self._lock:
+            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        try:
+            self.engine.add_request(request_id, prompt_ids, params)
+        except BaseException:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            raise
+        self._wake.set()
+        return queue
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the last ``RATE_WINDOW_S`` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            self._rate_samples.append((now, self._generated))
+            self._trim_rate_samples(now)
+            (t0, n0), (t1, n1) = self._rate_samples[0], self._rate_samples[-1]
+        return (n1 - n0) / max(t1 - t0, 1e-3) if t1 > t0 else 0.0
+
+    # -- the thread
+    def _trim_rate_samples(self, now: float) -> None:
+        # Keep one sample at or before the window's start so the rate covers the whole window.
+        while len(self._rate_samples) > 1 and self._rate_samples[1][0] <= now - RATE_WINDOW_S:
+            self._rate_samples.popleft()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.engine.has_unfinished():
+                if self._wake.wait(self.idle_wait_s):
+                    self._wake.clear()
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - the server outlives a failing step
+                logger.exception("engine step failed; finishing the requests in flight with an error")
+                self.step_errors += 1
+                self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
+                time.sleep(self.idle_wait_s)
+                continue
+            new_tokens = sum(ev.token_id is not None for ev in events)
+            now = time.monotonic()
+            with self._lock:
+                self._generated += new_tokens
+                self._rate_samples.append((now, self._generated))
+                self._trim_rate_samples(now)
+            for ev in events:
+                self._deliver(ev)
+
+    def _deliver(self, event: TokenEvent) -> None:
+        with self._lock:
+            target = self._streams.pop(event.request_id, None) if event.finished else self._streams.get(
+                event.request_id
+            )
+        if target is not None:
+            loop, queue = target
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the event loop has closed: the server is exiting
+                pass
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            pending = list(self._streams)
+        for request_id in pending:
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # noqa: BLE001
+                logger.exception("abort of %s failed", request_id)
+            self._deliver(TokenEvent(request_id, None, True, "error", error=message))
+
+
+# ---- errors -----------------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error answered with an OpenAI-style body."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status_code, self.message, self.type, self.param, self.code = status_code, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status_code)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', err.get('msg'))})")
+            continue
+        where = ".".join(loc)
+        param = param or (where or None)
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"unknown field {where!r}")
+        else:
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request", param
+
+
+# ---- request bodies -----------------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Body):
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = off (an extension of the OpenAI API)")
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = Field(None, description="token ids that end the request (extension)")
+    ignore_eos: bool = Field(False, description="do not stop at the model's EOS (extension)")
+    return_token_ids: bool = Field(False, description="add the generated token ids to each choice (extension)")
+    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+def _check_unsupported(body: _SamplingFields) -> None:
+    if body.n != 1:
+        raise APIError(400, f"only n=1 is supported, got n={body.n}", param="n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name) != 0:
+            raise APIError(400, f"{name} is not supported (must be 0)", param=name)
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    if isinstance(body, CompletionRequest):
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        if body.logprobs is not None:
+            raise APIError(400, "logprobs is not supported", param="logprobs")
+        if body.best_of not in (None, 1):
+            raise APIError(400, "only best_of=1 is supported", param="best_of")
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+    if isinstance(body, ChatCompletionRequest) and (body.logprobs or body.top_logprobs is not None):
+        raise APIError(400, "logprobs are not supported", param="logprobs")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+
+
+def _stop_strings(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(s == "" for s in stops):
+        raise APIError(400, "stop strings must not be empty", param="stop")
+    return stops
+
+
+# ---- text out -----------------------------------------------------------------------------------------------
+
+
+class StopStringMatcher:
+    """Cuts streamed text at the first occurrence of any stop string.
+
+    ``feed(text)`` returns ``(safe_text, matched)``: ``safe_text`` can be sent now (it can no longer be part
+    of a match); once ``matched``, it is everything before the match. ``final=True`` releases what is held.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
+        buf = self.pending + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending = ""
+            return buf[: min(hits)], True
+        cut = len(buf) if final else max(0, len(buf) - self.hold)
+        self.pending = buf[cut:]
+        return buf[:cut], False
+
+
+@dataclass
+class Piece:
+    """A piece of a request's text; the last one has ``finish_reason`` and ``usage``."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    usage: dict | None = None
+
+
+class RequestFailed(Exception):
+    """The engine finished the request with "error"."""
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+# ---- the app ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str
+    max_model_len: int
+    drain_timeout_s: float = 30.0
+
+
+class Server:
+    """The request handling behind the routes (one per app)."""
+
+    def __init__(self, engine, tokenizer, settings: ServerSettings):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.loop = EngineLoop(engine)
+        self.created = int(time.time())
+        self.rejected = collections.Counter()
+
+    # -- prompts
+    def completion_prompt(self, body: CompletionRequest) -> list[int]:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise APIError(400, "one prompt per request (a list of several prompts is not supported)",
+                               param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            if getattr(self.tokenizer, "add_bos", False) and self.tokenizer.bos_token_id is not None:
+                ids = [self.tokenizer.bos_token_id, *ids]
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        vocab = self.engine.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return ids
+
+    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        messages = []
+        for i, m in enumerate(body.messages):
+            content = m.content
+            if isinstance(content, list):
+                texts = []
+                for part in content:
+                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                        raise APIError(400, f"messages[{i}].content: only text parts are supported",
+                                       param=f"messages.{i}.content")
+                    texts.append(part["text"])
+                content = "".join(texts)
+            message = {"role": m.role, "content": content or ""}
+            for key in ("name", "tool_calls", "tool_call_id"):
+                if getattr(m, key) is not None:
+                    message[key] = getattr(m, key)
+            messages.append(message)
+        if not hasattr(self.tokenizer, "apply_chat_template"):
+            raise APIError(400, "this checkpoint's tokenizer has no chat template; use /v1/completions")
+        try:
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=body.tools))
+        except Exception as e:  # noqa: BLE001 - a template that rejects the conversation (raise_exception)
+            raise APIError(400, f"the chat template cannot render these messages: {type(e).__name__}: {e}",
+                           param="messages") from None
+
+    def sampling_params(self, body: _SamplingFields, prompt_ids: list[int], max_tokens: int | None,
+                        default_stop_ids: tuple[int, ...] = ()) -> SamplingParams:
+        limit = self.settings.max_model_len
+        if len(prompt_ids) >= limit:
+            raise APIError(
+                400, f"the prompt has {len(prompt_ids)} tokens; this server's context (--max-model-len) is "
+                f"{limit}, which leaves no room for a completion", param="messages"
+                if isinstance(body, ChatCompletionRequest) else "prompt", code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = limit - len(prompt_ids)
+        if len(prompt_ids) + max_tokens > limit:
+            raise APIError(
+                400, f"the prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) = "
+                f"{len(prompt_ids) + max_tokens} exceeds this server's context (--max-model-len) of {limit}",
+                param="max_tokens", code="context_length_exceeded")
+        vocab = self.engine.model_config.vocab_size
+        stop_ids = tuple(body.stop_token_ids or ())
+        if any(not 0 <= t < vocab for t in stop_ids):
+            raise APIError(400, f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                seed=body.seed, stop_token_ids=tuple(dict.fromkeys(stop_ids + default_stop_ids)),
+                ignore_eos=body.ignore_eos,
+            )
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    # -- running a request
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+        if not self.loop.alive:
+            raise APIError(503, "the engine is not running", type="server_error")
+        try:
+            return self.loop.submit(request_id, prompt_ids, params)
+        except QueueFullError as e:
+            self.rejected["queue_full"] += 1
+            raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full") from None
+        except ValueError as e:
+            self.rejected["invalid"] += 1
+            raise APIError(400, str(e)) from None
+
+    async def pieces(self, request: Request, request_id: str, queue: asyncio.Queue, num_prompt: int,
+                     stops: list[str]) -> AsyncIterator[Piece]:
+        """The request's text as it is produced; aborts the request if the consumer stops early."""
+        decoder = StreamDecoder(self.tokenizer)
+        matcher = StopStringMatcher(stops)
+        completion_tokens = 0
+        done = False
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                text, ids = "", []
+                if event.token_id is not None:
+                    completion_tokens += 1
+                    ids = [event.token_id]
+                    # A token that ended the request as a stop token is not part of the text.
+                    if not (event.finished and event.finish_reason == "stop"):
+                        text = decoder(event.token_id)
+                if event.finished:
+                    text += decoder.flush()
+                safe, matched = matcher.feed(text, final=event.finished)
+                if matched:
+                    self.loop.abort(request_id)
+                    done = True
+                    cached = await self._cached_tokens_after_abort(queue, event)
+                    yield Piece(safe, ids, "stop", _usage(num_prompt, completion_tokens, cached))
+                    return
+                if event.finished:
+                    done = True
+                    if event.finish_reason == "error":
+                        raise RequestFailed(event.error or "the engine failed on this request")
+                    reason = "stop" if event.finish_reason in ("stop", "abort") else event.finish_reason
+                    usage = _usage(event.prompt_tokens or num_prompt,
+                                   event.completion_tokens or completion_tokens, event.cached_tokens)
+                    yield Piece(safe, ids, reason, usage)
+                    return
+                if safe or ids:
+                    yield Piece(safe, ids)
+                if await request.is_disconnected():
+                    return
+        finally:
+            if not done:
+                self.loop.abort(request_id)
+
+    async def _cached_tokens_after_abort(self, queue: asyncio.Queue, event: TokenEvent) -> int:
+        """The aborted request's finishing event carries its cached-prompt count; wait one step for it."""
+        try:
+            while not event.finished:
+                event = await asyncio.wait_for(queue.get(), 5.0)
+        except asyncio.TimeoutError:
+            return 0
+        return event.cached_tokens
+
+    # -- metrics
+    def metrics_text(self) -> str:
+        s = self.engine.stats()
+        hit_rate = s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
+        cache_use = 1.0 - s.free_blocks / s.num_blocks if s.num_blocks else 0.0
+        rows = [
+            ("requests_waiting", "gauge", "Requests waiting for a state slot.", s.waiting),
+            ("requests_running", "gauge", "Sequences holding a state slot (prefilling or decoding).", s.running),
+            ("state_slots", "gauge", "KDA state slots (--max-num-seqs).", s.num_slots),
+            ("state_slots_free", "gauge", "Free KDA state slots.", s.free_slots),
+            ("cache_blocks", "gauge", "MLA latent cache blocks in the pool.", s.num_blocks),
+            ("cache_blocks_free", "gauge", "Free MLA latent cache blocks.", s.free_blocks),
+            ("cache_usage_ratio", "gauge", "Fraction of MLA latent cache blocks in use.", cache_use),
+            ("prefix_cache_queried_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
+             s.prefix_cache_queries),
+            ("prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
+             s.prefix_cache_hits),
+            ("prefix_cache_hit_rate", "gauge", "Prefix-cache hits / queries, in tokens.", hit_rate),
+            ("generation_tokens_per_second", "gauge",
+             f"Generated tokens per second over the last {RATE_WINDOW_S:g} s.", self.loop.tokens_per_second()),
+            ("generation_tokens_total", "counter", "Generated tokens.", s.generated_tokens_total),
+            ("prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", s.prompt_tokens_total),
+            ("requests_finished_total", "counter", "Finished requests.", s.finished_requests_total),
+            ("engine_step_errors_total", "counter", "Engine steps that raised.", self.loop.step_errors),
+        ]
+        lines = []
+        for name, kind, help_text, value in rows:
+            full = f"kimi_linear_{name}"
+            lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}", f"{full} {_fmt(value)}"]
+        full = "kimi_linear_requests_rejected_total"
+        lines += [f"# HELP {full} Requests refused at submission.", f"# TYPE {full} counter"]
+        for reason in ("queue_full", "invalid"):
+            lines.append(f'{full}{{reason="{reason}"}} {self.rejected[reason]}')
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.6g}"
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
+    """The FastAPI app serving ``engine`` (its ``step()`` loop runs while the app's lifespan is open).
+
+    Args:
+        engine: an ``Engine`` (kimi_linear.serve.engine), or anything with its interface.
+        tokenizer: from ``kimi_linear.tokenizer.load_tokenizer`` (``encode``, ``token_bytes``; chat needs
+            ``apply_chat_template``).
+        settings: the served model's name and context (``max_model_len`` of the engine's config).
+    """
+    server = Server(engine, tokenizer, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.loop.start()
+        try:
+            yield
+        finally:
+            server.loop.stop()
+
+    app = FastAPI(title="kimi-linear", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        server.rejected["invalid"] += 1
+        return APIError(400, message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        logger.exception("unhandled error in %s", request.url.path)
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != settings.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {settings.model_name!r}",
+                           type="not_found_error", param="model", code="model_not_found")
+
+    @app.get("/health")
+    async def health():
+        if not server.loop.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": settings.model_name, "object": "model", "created": server.created,
+                      "owned_by": "kimi-linear", "max_model_len": settings.max_model_len}],
+        }
+
+    async def respond(request: Request, body: _SamplingFields, chat: bool) -> Response:
+        check_model(body.model)
+        _check_unsupported(body)
+        stops = _stop_strings(body.stop)
+        if chat:
+            prompt_ids = server.chat_prompt(body)
+            max_tokens = body.max_completion_tokens or body.max_tokens
+            default_stop_ids = tuple(getattr(tokenizer, "stop_token_ids", ()) or ())
+        else:
+            prompt_ids = server.completion_prompt(body)
+            max_tokens = 16 if body.max_tokens is None else body.max_tokens
+            default_stop_ids = ()
+        params = server.sampling_params(body, prompt_ids, max_tokens, default_stop_ids)
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        queue = server.submit(request_id, prompt_ids, params)
+        pieces = server.pieces(request, request_id, queue, len(prompt_ids), stops)
+        head = {"id": request_id, "created": int(time.time()), "model": settings.model_name}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = _event_stream(head, pieces, chat, include_usage, body.return_token_ids)
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        texts, ids, last = [], [], None
+        try:
+            async for piece in pieces:
+                texts.append(piece.text)
+                ids += piece.token_ids
+                last = piece
+        except RequestFailed as e:
+            raise APIError(500, str(e), type="server_error") from None
+        if last is None or last.finish_reason is None:  # the client went away
+            return Response(status_code=499)
+        choice = _choice(chat, "".join(texts), last.finish_reason, ids if body.return_token_ids else None,
+                         delta=False)
+        kind = "chat.completion" if chat else "text_completion"
+        return JSONResponse({**head, "object": kind, "choices": [choice], "usage": last.usage})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: CompletionRequest):
+        return await respond(request, body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: ChatCompletionRequest):
+        return await respond(request, body, chat=True)
+
+    return app
+
+
+def _choice(chat: bool, text: str, finish_reason: str | None, token_ids: list[int] | None, delta: bool,
+            first: bool = False) -> dict:
+    if not chat:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    elif delta:
+        content = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return choice
+
+
+async def _event_stream(head: dict, pieces: AsyncIterator[Piece], chat: bool, include_usage: bool,
+                        return_token_ids: bool):
+    """Server-sent events of one request: a chunk per piece of text, the finish reason, optionally the
+    usage, then ``[DONE]`` (an engine error becomes an error event before ``[DONE]``)."""
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    usage_field = {"usage": None} if include_usage else {}
+    if chat:
+        first = _choice(chat, "", None, [] if return_token_ids else None, delta=True, first=True)
+        yield _sse({**head, "choices": [first], **usage_field})
+    try:
+        async for piece in pieces:
+            if piece.text or piece.finish_reason or (return_token_ids and piece.token_ids):
+                choice = _choice(chat, piece.text, piece.finish_reason,
+                                 piece.token_ids if return_token_ids else None, delta=True)
+                yield _sse({**head, "choices": [choice], **usage_field})
+            if piece.finish_reason and include_usage:
+                yield _sse({**head, "choices": [], "usage": piece.usage})
+    except RequestFailed as e:
+        yield _sse(APIError(500, str(e), type="server_error").body())
+    finally:
+        await pieces.aclose()
+    yield _sse("[DONE]")

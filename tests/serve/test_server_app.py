@@ -1,0 +1,166 @@
+"""The HTTP layer's own logic, in process: stop-string matching and what happens when the engine fails.
+
+The engine here is a scripted stand-in with the Engine interface (it replays a fixed text one byte-token per
+step), so a failing step or a request finished with "error" can be provoked; the real engine is exercised by
+test_server.py.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+
+from kimi_linear.config import KimiLinearConfig
+from kimi_linear.serve.api import ServerSettings, StopStringMatcher, create_app
+from kimi_linear.serve.engine import EngineStats, QueueFullError, TokenEvent
+from kimi_linear.tokenizer import ByteTokenizer
+
+SCRIPT = "All happy families are alike; each unhappy family is unhappy in its own way."
+FAIL_STEP, FAIL_REQUEST = 1, 2  # the first prompt token that makes step() raise / finishes with "error"
+
+
+class ScriptedEngine:
+    """Replays SCRIPT as byte tokens, one per step, for every request; prompt[1] selects a failure."""
+
+    def __init__(self, config: KimiLinearConfig, max_queue: int = 8):
+        self.model_config = config
+        self.max_queue = max_queue
+        self.lock = threading.Lock()
+        self.requests: dict[str, list] = {}
+        self.aborted: set[str] = set()
+        self.generated = 0
+
+    def add_request(self, request_id, prompt_ids, params):
+        with self.lock:
+            if len(self.requests) >= self.max_queue:
+                raise QueueFullError(f"{self.max_queue} requests are waiting")
+            self.requests[request_id] = [list(prompt_ids), params, 0]
+
+    def abort(self, request_id):
+        with self.lock:
+            self.aborted.add(request_id)
+
+    def has_unfinished(self):
+        with self.lock:
+            return bool(self.requests)
+
+    def step(self):
+        events = []
+        with self.lock:
+            for request_id in list(self.requests):
+                prompt, params, n = self.requests[request_id]
+                if request_id in self.aborted:
+                    del self.requests[request_id]
+                    events.append(TokenEvent(request_id, None, True, "abort", len(prompt), n))
+                    continue
+                if len(prompt) > 1 and prompt[1] == FAIL_STEP:
+                    raise RuntimeError("scripted step failure")
+                if len(prompt) > 1 and prompt[1] == FAIL_REQUEST:
+                    del self.requests[request_id]
+                    events.append(TokenEvent(request_id, None, True, "error", error="scripted request failure"))
+                    continue
+                token = SCRIPT.encode()[n % len(SCRIPT)]
+                n += 1
+                self.generated += 1
+                self.requests[request_id][2] = n
+                done = n >= params.max_tokens
+                if done:
+                    del self.requests[request_id]
+                events.append(TokenEvent(request_id, token, done, "length" if done else None, len(prompt), n))
+        return events
+
+    def stats(self):
+        with self.lock:
+            n = len(self.requests)
+        return EngineStats(0, n, 4, 4 - n, 16, 16, 0, 0, self.generated, 0, 0)
+
+
+@pytest.fixture
+def client():
+    config = KimiLinearConfig.from_preset("debug")
+    engine = ScriptedEngine(config)
+    app = create_app(engine, ByteTokenizer(config), ServerSettings(model_name="scripted", max_model_len=256))
+    with TestClient(app) as c:
+        yield c
+
+
+def test_stop_string_matcher_cuts_at_the_first_match_however_the_text_is_split():
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice("abc ") for _ in range(rng.randint(0, 40)))
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        found = [text.find(s) for s in stops if s in text]
+        want = text[: min(found)] if found else text
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+        matcher, out, matched = StopStringMatcher(stops), "", False
+        for k, piece in enumerate(pieces):
+            safe, matched = matcher.feed(piece, final=k == len(pieces) - 1)
+            out += safe
+            if matched:
+                break
+        assert out == want and matched == bool(found), (text, stops, pieces)
+
+
+def test_completion_text_usage_and_stream(client):
+    body = {"prompt": "Tolstoy", "max_tokens": 20, "temperature": 0}
+    out = client.post("/v1/completions", json=body).json()
+    assert out["choices"][0]["text"] == SCRIPT[:20] and out["choices"][0]["finish_reason"] == "length"
+    assert out["usage"] == {"prompt_tokens": 8, "completion_tokens": 20, "total_tokens": 28,
+                            "prompt_tokens_details": {"cached_tokens": 0}}
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True, "stop": "families"}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert "families" not in "".join(lines) and '"finish_reason": "stop"' in lines[-2]
+
+
+def test_chat_without_a_chat_template_is_a_clear_400(client):
+    tokenizer = client.app.state.server.tokenizer
+    if hasattr(tokenizer, "apply_chat_template"):
+        pytest.skip("this tokenizer has a chat template")
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+
+
+def test_a_failing_step_fails_only_the_requests_in_flight(client):
+    r = client.post("/v1/completions", json={"prompt": [256, FAIL_STEP, 3], "max_tokens": 5})
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error" and "scripted step failure" in r.json()["error"]["message"]
+    # The engine thread lives on: the next request is served, and health is ok.
+    out = client.post("/v1/completions", json={"prompt": "next", "max_tokens": 5}).json()
+    assert out["choices"][0]["text"] == SCRIPT[:5]
+    assert client.get("/health").json() == {"status": "ok"}
+    assert "kimi_linear_engine_step_errors_total 1" in client.get("/metrics").text
+
+
+def test_a_request_the_engine_finishes_with_error(client):
+    r = client.post("/v1/completions", json={"prompt": [256, FAIL_REQUEST], "max_tokens": 5})
+    assert r.status_code == 500 and "scripted request failure" in r.json()["error"]["message"]
+    with client.stream("POST", "/v1/completions",
+                       json={"prompt": [256, FAIL_REQUEST], "max_tokens": 5, "stream": True}) as s:
+        lines = [line for line in s.iter_lines() if line]
+    assert "scripted request failure" in lines[-2] and '"error"' in lines[-2] and lines[-1] == "data: [DONE]"
+    assert client.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+def test_load_generator_lengths_and_percentiles():
+    import numpy as np
+
+    from kimi_linear.serve.loadgen import LengthDist, percentile
+
+    rng = random.Random(1)
+    assert {LengthDist.parse("7").sample(rng, 100) for _ in range(5)} == {7}
+    draws = [LengthDist.parse("uniform:3:9").sample(rng, 100) for _ in range(500)]
+    assert min(draws) == 3 and max(draws) == 9
+    assert max(LengthDist.parse("exponential:50").sample(rng, 60) for _ in range(500)) == 60  # clipped
+    assert min(LengthDist.parse("normal:2:10").sample(rng, 60) for _ in range(500)) == 1
+    for bad in ("0", "uniform:5:2", "normal:3", "zipf:2", "x"):
+        with pytest.raises(ValueError, match="distribution"):
+            LengthDist.parse(bad)
+    values = [rng.random() for _ in range(37)]
+    for q in (0, 50, 99, 100):
+        assert percentile(values, q) == pytest.approx(np.percentile(values, q))
+    assert percentile([], 50) is None
