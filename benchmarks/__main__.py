@@ -22,6 +22,7 @@ SUITES = (
     "moe_speed",
     "model_speed",
     "model_efficiency",
+    "serve_throughput",
     "train_speed",
     "train_speed_gpu",
     "kda_cpu",

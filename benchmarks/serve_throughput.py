@@ -1,13 +1,13 @@
 """End-to-end serving throughput on a GPU: `kimi-linear serve` under `bench-serve` load vs static batches.
 
-    python benchmarks/serve_throughput.py --out DIR [--config 0.75b] [--clients 64] [--requests 128]
-        [--prompt-len 1024] [--output-len 256] [--prefix-len 32768] [--no-hf]
+    python -m benchmarks serve_throughput [--out DIR] [--config 0.75b] [--clients 64] [--requests 128]
+        [--prompt-len 1024] [--output-len 256] [--prefix-len 32768] [--compare transformers]
 
 One run, side by side on one card, bf16 random weights (``benchmarks/model_speed.py``'s configs):
 
 1. static: our ``generate()`` on ``clients`` prompts of ``prompt-len`` tokens at once, ``output-len`` new tokens
    each (no stop token), prefill included: output tokens / wall time.
-2. HF: transformers' ``KimiLinearForCausalLM.generate`` on the same prompts (FLA kernels when importable).
+2. HF (``--compare transformers``): transformers' ``KimiLinearForCausalLM.generate`` on the same prompts (FLA kernels when importable).
 3. server: the checkpoint served by ``kimi-linear serve --max-num-seqs clients`` in a subprocess, loaded by
    ``clients`` streaming clients sending ``requests`` requests of the same lengths (``kimi_linear.serve.loadgen``):
    output tokens/s, TTFT and TPOT p50/p99.
@@ -19,7 +19,6 @@ Prints a table last and writes ``DIR/serve_throughput.json``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import json
@@ -34,12 +33,11 @@ import time
 import httpx
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model_speed import CONFIGS, hf_model, spin_up_gpu  # noqa: E402
-
-from kimi_linear.generate import generate  # noqa: E402
-from kimi_linear.model import KimiLinearForCausalLM  # noqa: E402
-from kimi_linear.serve.loadgen import LengthDist, LoadSpec, run_load  # noqa: E402
+from benchmarks.common import SuiteParser, environment, spin_up_gpu, write_json
+from benchmarks.model_speed import CONFIGS, hf_model
+from kimi_linear.generate import generate
+from kimi_linear.model import KimiLinearForCausalLM
+from kimi_linear.serve.loadgen import LengthDist, LoadSpec, run_load
 
 
 def timed(fn) -> float:
@@ -88,19 +86,20 @@ def ttft_of(url: str, prompt: list[int]) -> float:
     raise RuntimeError("no token streamed")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--config", default="0.75b", choices=sorted(CONFIGS))
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=128)
-    parser.add_argument("--prompt-len", type=int, default=1024)
-    parser.add_argument("--output-len", type=int, default=256)
-    parser.add_argument("--prefix-len", type=int, default=32768, help="0 skips the prefix-cache phase")
-    parser.add_argument("--no-hf", action="store_true")
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args)}
+def main(argv=None) -> None:
+    parser = SuiteParser(__name__, __doc__, peers=("transformers",))
+    parser.add_argument("--config", default="0.75b", choices=sorted(CONFIGS), help="model size; default 0.75b")
+    parser.add_argument("--clients", type=int, default=64, help="concurrent clients and batch size; default 64")
+    parser.add_argument("--requests", type=int, default=128, help="requests in the timed wave; default 128")
+    parser.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens; default 1024")
+    parser.add_argument("--output-len", type=int, default=256, help="output tokens; default 256")
+    parser.add_argument("--prefix-len", type=int, default=32768,
+                        help="shared prefix of the prefix-cache phase, 0 skips it; default 32768")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("serve_throughput needs a CUDA GPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"environment": environment(args), "device": torch.cuda.get_device_name()}
 
     config = CONFIGS[args.config]()
     torch.manual_seed(0)
@@ -125,7 +124,7 @@ def main() -> None:
     gc.collect()
     torch.cuda.empty_cache()
 
-    if not args.no_hf:
+    if "transformers" in args.compare:
         try:
             hf = hf_model(config)
             ids = torch.tensor(prompts, device="cuda")
@@ -178,8 +177,7 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    with open(os.path.join(args.out, "serve_throughput.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(args.out, "serve_throughput.json", results)
     server_tps = results["server"]["output_tokens_per_s"]
     print(f"\n{results['device']}, {args.config}, {args.clients} clients, {args.prompt_len}-token prompts, "
           f"{args.output_len} output tokens")

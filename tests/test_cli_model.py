@@ -217,3 +217,24 @@ def test_every_option_documents_its_default():
             threads = next(a for a in sub._actions if "--threads" in a.option_strings)
             assert threads.default == 1 and "default 1" in threads.help
     assert missing == []
+
+
+def test_serve_help_states_the_engine_defaults():
+    import re
+    from dataclasses import fields
+
+    from kimi_linear.cli import build_parser
+    from kimi_linear.serve.engine import EngineConfig
+
+    subparsers = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    serve = subparsers.choices["serve"]
+    defaults = {f.name: f.default for f in fields(EngineConfig)}
+    checked = []
+    for action in serve._actions:
+        name = action.dest
+        if name in defaults and action.default is None and name not in ("num_blocks", "max_model_len"):
+            stated = re.search(r"default ([0-9.]+)", action.help).group(1)
+            assert float(stated) == defaults[name], name
+            checked.append(name)
+    assert sorted(checked) == ["block_size", "gpu_memory_fraction", "max_num_batched_tokens", "max_num_seqs",
+                               "max_queue"]

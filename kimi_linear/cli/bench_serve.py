@@ -17,15 +17,15 @@ def add_parser(subparsers) -> None:
         "lengths are N, uniform:LO:HI, normal:MEAN:STD or exponential:MEAN. Every request ignores EOS, so it "
         "produces exactly its drawn output length. Prints a table (and --json writes the report).",
     )
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
-    p.add_argument("--num-clients", type=int, default=8)
-    p.add_argument("--num-requests", type=int, default=64)
-    p.add_argument("--prompt-len", default="256", help="prompt tokens after the shared prefix (distribution)")
-    p.add_argument("--output-len", default="64", help="output tokens (distribution)")
-    p.add_argument("--shared-prefix-len", type=int, default=0, help="tokens every prompt starts with")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--json", dest="json_path", default=None, help="write the report as JSON here ('-': stdout)")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default http://127.0.0.1:8000)")
+    p.add_argument("--num-clients", type=int, default=8, help="concurrent streaming clients (default 8)")
+    p.add_argument("--num-requests", type=int, default=64, help="requests in all (default 64)")
+    p.add_argument("--prompt-len", default="256", help="prompt tokens after the shared prefix, a distribution (default 256)")
+    p.add_argument("--output-len", default="64", help="output tokens, a distribution (default 64)")
+    p.add_argument("--shared-prefix-len", type=int, default=0, help="tokens every prompt starts with (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and lengths (default 0)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    p.add_argument("--json", dest="json_path", default=None, help="write the report as JSON here, '-' for stdout (default: no JSON)")
     p.set_defaults(func=run)
 
 

@@ -35,9 +35,9 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--temperature", type=float, default=None, help="0 = greedy (default: generation_config.json, else 0)"
     )
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens, 0 = off (default: generation_config.json, else 0)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1], 1 = off (default: generation_config.json, else 1)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (default: none, a fresh draw)")
     p.add_argument(
         "--max-context",
         type=int,
@@ -45,7 +45,8 @@ def add_parser(subparsers) -> None:
         help="tokens the conversation may hold (the cache size; default 32768, at most the model's length)",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="auto (the default): bfloat16 on CUDA, float32 on CPU")
     add_threads_argument(p)
     p.set_defaults(func=run)
 

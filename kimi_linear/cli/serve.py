@@ -27,23 +27,25 @@ def add_parser(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder's name)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences running at once (state slots)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="auto (the default): bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences running at once (state slots; default 16)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + completion tokens per request (default: min(engine default, the model's "
                    "model_max_length))")
-    p.add_argument("--max-queue", type=int, default=None, help="requests waiting for a slot; more get 429")
+    p.add_argument("--max-queue", type=int, default=None, help="requests waiting for a slot, more get 429 (default 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="per-step token budget (decode tokens + prefill chunks)")
-    p.add_argument("--block-size", type=int, default=None, help="MLA cache block size in tokens (multiple of 64)")
+                   help="per-step token budget: decode tokens + prefill chunks (default 2048)")
+    p.add_argument("--block-size", type=int, default=None, help="MLA cache block size in tokens, a multiple of 64 (default 64)")
     p.add_argument("--num-blocks", type=int, default=None, help="MLA cache blocks (default: derived)")
     p.add_argument("--gpu-memory-fraction", type=float, default=None,
-                   help="fraction of GPU memory the engine may use for weights and caches")
+                   help="fraction of GPU memory the engine may use for weights and caches (default 0.9)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for running requests before aborting them (default 30)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="server log level (default info)")
     add_threads_argument(p)
     p.set_defaults(func=run)
 
