@@ -27,11 +27,11 @@ hit L1). Row offsets are 64-bit, so T_total * C may exceed 2^31.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from kimi_linear.ops.triton_helpers import cast_to, interpreting, poisoned
 
 MAX_WIDTH = 8
 # Launch settings. Rows x channels per program are kept at 8-16 elements per thread: the backward's W-fold
@@ -40,11 +40,6 @@ MAX_WIDTH = 8
 # "two_pass" stores dpre in fp32 and convolves it in a second kernel (14 bytes per element, one sigmoid).
 # With initial states every tap also gathers from the state: fwd_bt_h0 rows per program then.
 CONFIG = dict(fwd_bt=16, fwd_bt_h0=8, bwd_bt=8, bc=128, warps=4, bwd_mode="fused")
-POISON_BUFFERS = False  # tests set it: every buffer a kernel writes starts as NaN, so a missed store shows
-
-
-def _out(buffer: torch.Tensor) -> torch.Tensor:
-    return buffer.fill_(float("nan")) if POISON_BUFFERS else buffer
 
 
 @triton.jit
@@ -52,18 +47,6 @@ def _silu_grad(pre):
     """d silu(p) / dp = sigmoid(p) * (1 + p * (1 - sigmoid(p)))."""
     sig = 1.0 / (1.0 + tl.exp(-pre))
     return sig * (1.0 + pre * (1.0 - sig))
-
-
-@triton.jit
-def _cast_to(b, ptr, INTERPRET: tl.constexpr):
-    """b (fp32) in the element type of ``ptr``, rounded to nearest even. Triton's interpreter truncates fp32 to
-    bf16 (its cast ignores the rounding mode), so there the rounding is done by hand on the bits."""
-    if INTERPRET:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            u = b.to(tl.uint32, bitcast=True)
-            u = u + 0x7FFF + ((u >> 16) & 1)
-            b = (u & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return b.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -112,7 +95,7 @@ def conv_fwd_kernel(x, w, h0, y, cu_seqlens, seq_idx, T_total, T_seq, C,
         b_acc += _tap(x, h0, o_t, start, n, o_c, m_t, m_c, C, W - 1 - j, W, HAS_H0) * b_w[None, :]
     if ACT == 1:
         b_acc = b_acc / (1.0 + tl.exp(-b_acc))
-    tl.store(y + o_t[:, None] * C + o_c[None, :], _cast_to(b_acc, y, INTERPRET), mask=m_t[:, None] & m_c[None, :])
+    tl.store(y + o_t[:, None] * C + o_c[None, :], cast_to(b_acc, y, INTERPRET), mask=m_t[:, None] & m_c[None, :])
 
 
 @triton.jit
@@ -136,7 +119,7 @@ def conv_final_state_kernel(x, h0, final, cu_seqlens, T_seq, C,
         b = tl.load(x + t_abs * C + o_c, mask=m_c & inside, other=0.0).to(tl.float32)
         if HAS_H0:
             b += tl.load(h0 + (i_n * C + o_c) * (W - 1) + (end - start + j), mask=m_c & ~inside, other=0.0)
-        tl.store(final + (i_n * C + o_c) * (W - 1) + j, _cast_to(b, final, INTERPRET), mask=m_c)
+        tl.store(final + (i_n * C + o_c) * (W - 1) + j, cast_to(b, final, INTERPRET), mask=m_c)
 
 
 @triton.jit
@@ -181,7 +164,7 @@ def conv_bwd_kernel(x, w, h0, dy, dfinal, dx, dw_part, cu_seqlens, seq_idx, T_to
         m_f = (m_t & (j_f >= 0))[:, None] & m_c[None, :]
         b_dx += tl.load(dfinal + (n * C)[:, None] * (W - 1) + o_c[None, :] * (W - 1) + j_f[:, None], mask=m_f,
                         other=0.0).to(tl.float32)
-    tl.store(dx + o_t[:, None] * C + o_c[None, :], _cast_to(b_dx, dx, INTERPRET), mask=m_tc)
+    tl.store(dx + o_t[:, None] * C + o_c[None, :], cast_to(b_dx, dx, INTERPRET), mask=m_tc)
 
 
 @triton.jit
@@ -232,7 +215,7 @@ def conv_bwd_dx_kernel(dpre, w, dfinal, dx, cu_seqlens, seq_idx, T_total, T_seq,
         m_f = (m_t & (j_f >= 0))[:, None] & m_c[None, :]
         b_dx += tl.load(dfinal + (n * C)[:, None] * (W - 1) + o_c[None, :] * (W - 1) + j_f[:, None], mask=m_f,
                         other=0.0).to(tl.float32)
-    tl.store(dx + o_t[:, None] * C + o_c[None, :], _cast_to(b_dx, dx, INTERPRET),
+    tl.store(dx + o_t[:, None] * C + o_c[None, :], cast_to(b_dx, dx, INTERPRET),
              mask=m_t[:, None] & m_c[None, :])
 
 
@@ -279,10 +262,6 @@ def conv_bwd_h0_kernel(x, w, h0, dy, dfinal, dh0, cu_seqlens, T_seq, C,
     tl.store(dh0 + (i_n * C + o_c)[:, None] * (W - 1) + o_i[None, :], b_dh, mask=m_out)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _layout(x: torch.Tensor, cu_seqlens: torch.Tensor | None):
     """Packed [T_total, C] view, sequence count, per-row sequence index (varlen) and int32 boundaries."""
     B, T, C = x.shape
@@ -307,22 +286,22 @@ def conv_fwd(x, weight, initial_state, cu_seqlens, act: int, output_final_state:
     w = weight.contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
     T_total = x2.shape[0]
-    y = _out(torch.empty_like(x2))
+    y = poisoned(torch.empty_like(x2))
     BC = _blocks(C)
     varlen = cu is not None
     if T_total > 0:
         BT = CONFIG["fwd_bt"] if h0 is None else CONFIG["fwd_bt_h0"]
         grid = (triton.cdiv(T_total, BT), triton.cdiv(C, BC))
         conv_fwd_kernel[grid](x2, w, h0, y, cu, seq_idx, T_total, max(T, 1), C, W=W, BT=BT, BC=BC, ACT=act,
-                              HAS_H0=h0 is not None, IS_VARLEN=varlen, INTERPRET=_interpreting(),
+                              HAS_H0=h0 is not None, IS_VARLEN=varlen, INTERPRET=interpreting(),
                               num_warps=CONFIG["warps"])
     final = None
     if output_final_state:
-        final = _out(torch.empty(N, C, W - 1, dtype=x.dtype, device=x.device))
+        final = poisoned(torch.empty(N, C, W - 1, dtype=x.dtype, device=x.device))
         if N > 0 and W > 1:
             conv_final_state_kernel[(N, triton.cdiv(C, BC))](x2, h0, final, cu, max(T, 1), C, W=W, BC=BC,
                                                             HAS_H0=h0 is not None, IS_VARLEN=varlen,
-                                                            INTERPRET=_interpreting())
+                                                            INTERPRET=interpreting())
     return y.view(B, T, C), final
 
 
@@ -340,23 +319,23 @@ def conv_bwd(x, weight, initial_state, cu_seqlens, act: int, dy, dfinal):
     varlen = cu is not None
     BT = CONFIG["bwd_bt"]
     NT = triton.cdiv(T_total, BT)
-    dx = _out(torch.empty_like(x2))
-    dw_part = _out(torch.empty(NT, W, C, dtype=torch.float32, device=x.device))
+    dx = poisoned(torch.empty_like(x2))
+    dw_part = poisoned(torch.empty(NT, W, C, dtype=torch.float32, device=x.device))
     grid = (NT, triton.cdiv(C, BC))
     flags = dict(W=W, BT=BT, BC=BC, IS_VARLEN=varlen, num_warps=CONFIG["warps"])
     if T_total > 0 and CONFIG["bwd_mode"] == "two_pass":
-        dpre = _out(torch.empty(T_total, C, dtype=torch.float32, device=x.device))
+        dpre = poisoned(torch.empty(T_total, C, dtype=torch.float32, device=x.device))
         conv_bwd_dpre_kernel[grid](x2, w, h0, dy2, dpre, dw_part, cu, seq_idx, T_total, max(T, 1), C, ACT=act,
                                    HAS_H0=h0 is not None, **flags)
         conv_bwd_dx_kernel[grid](dpre, w, df, dx, cu, seq_idx, T_total, max(T, 1), C, HAS_DFINAL=df is not None,
-                                 INTERPRET=_interpreting(), **flags)
+                                 INTERPRET=interpreting(), **flags)
     elif T_total > 0:
         conv_bwd_kernel[grid](x2, w, h0, dy2, df, dx, dw_part, cu, seq_idx, T_total, max(T, 1), C, ACT=act,
-                              HAS_H0=h0 is not None, HAS_DFINAL=df is not None, INTERPRET=_interpreting(), **flags)
+                              HAS_H0=h0 is not None, HAS_DFINAL=df is not None, INTERPRET=interpreting(), **flags)
     dweight = dw_part.sum(0).t()  # [C, W], a fixed-order reduction over blocks
     dh0 = None
     if h0 is not None:
-        dh0 = _out(torch.empty(N, C, W - 1, dtype=torch.float32, device=x.device))
+        dh0 = poisoned(torch.empty(N, C, W - 1, dtype=torch.float32, device=x.device))
         if N > 0:
             conv_bwd_h0_kernel[(N, triton.cdiv(C, BC))](
                 x2, w, h0, dy2, df, dh0, cu, max(T, 1), C, W=W, BC=BC, BW=triton.next_power_of_2(W - 1), ACT=act,

@@ -34,11 +34,6 @@ NAMES = ("y", "final", "dx", "dweight", "dh0")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(autouse=True)
-def poison_buffers(monkeypatch):
-    monkeypatch.setattr(conv_triton, "POISON_BUFFERS", True)
-
-
 @pytest.fixture(params=["fused", "two_pass"])
 def bwd_mode(request, monkeypatch):
     """Both backward schemes: pre recomputed at W shifts, or dpre stored and convolved in a second kernel."""

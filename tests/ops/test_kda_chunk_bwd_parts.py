@@ -26,11 +26,6 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1: the Triton kernels cannot run", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True)
-def poison_buffers(monkeypatch):
-    monkeypatch.setattr(chunk_common, "POISON_BUFFERS", True)
-
-
 def test_two_k_blocks_varlen():
     """K = 96: two K blocks of the state-gradient stage, the second one partial; a chunk shorter than 64."""
     cu = torch.tensor([0, 70, 100], dtype=torch.int32)

@@ -34,11 +34,6 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 NAMES = ("G", "Aqk", "Tinv", "w", "u", "qg", "kd")
 
 
-@pytest.fixture(autouse=True)
-def poison_buffers(monkeypatch):
-    monkeypatch.setattr(chunk_common, "POISON_BUFFERS", True)
-
-
 _VARIANTS = {  # FWD_CONFIG overrides on top of a neutral base (see the fixture)
     "subblock": {"pairs_impl": "subblock"},
     "chunk": {},

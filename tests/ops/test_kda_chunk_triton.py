@@ -39,11 +39,6 @@ BF16_ABS = {"o": 1e-2, "ht": 1e-2, "grad": 2e-2}
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(autouse=True)
-def poison_buffers(monkeypatch):
-    monkeypatch.setattr(chunk_common, "POISON_BUFFERS", True)
-
-
 def reference(q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=None, *, l2norm_qk=False,
               A_log=None, dt_bias=None, beta_sigmoid=False):
     """Activations by their references, then paper Eq. 1 one sequence at a time, in fp32; differentiable.

@@ -42,11 +42,6 @@ NAMES = ("q", "k", "g", "beta", "dq", "dk", "dg", "dbeta", "dA_log", "ddt_bias")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(autouse=True)
-def poison_buffers(monkeypatch):
-    monkeypatch.setattr(pt, "POISON_BUFFERS", True)
-
-
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Few tokens per program, so the sums over t of dA_log and ddt_bias add many block partials."""

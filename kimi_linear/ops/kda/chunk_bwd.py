@@ -38,10 +38,6 @@ from kimi_linear.ops.kda.chunk_common import (
     CONFIG,
     SUB_CHUNK,
     _bv,
-    _dot_precision,
-    _empty,
-    _interpreting,
-    _pad_dim,
     launch_fitting,
     state_stages,
 )
@@ -58,6 +54,7 @@ from kimi_linear.ops.kda.chunk_fwd import (
     _tile,
     chunk_kda_fwd_state_kernel,
 )
+from kimi_linear.ops.triton_helpers import dot_precision, interpreting, new_buffer, pad_dim
 
 # Launch settings of the backward's kernels (the state recompute uses the forward's ``CONFIG["state_*"]``).
 BWD_CONFIG = {
@@ -482,57 +479,57 @@ def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
     G, Aqk, Tinv, w, u, qg, kd = saved
     TT, H, K = q.shape
     V = v.shape[-1]
-    BK = _pad_dim(K)
+    BK = pad_dim(K)
     dev, dt = q.device, q.dtype
-    prec = _dot_precision(dt)
+    prec = dot_precision(dt)
     NT = layout.NT
     c = BWD_CONFIG
     # states entering each chunk and the pseudo-values V_new, recomputed
-    h = _empty(NT, H, K, V, device=dev, dtype=dt)
-    vn = _empty(TT, H, V, device=dev, dtype=dt)
+    h = new_buffer(NT, H, K, V, device=dev, dtype=dt)
+    vn = new_buffer(TT, H, V, device=dev, dtype=dt)
     BV = _bv(V, "state_bv")
     launch_fitting(
         chunk_kda_fwd_state_kernel, lambda bv: (triton.cdiv(V, bv), layout.N * H), BV, state_stages(dt),
         qg, kd, w, u, G, Aqk, vn, h0 if h0 is not None else vn, vn, h, vn,
         layout.cu_seqlens, layout.chunk_offsets, dtype=dt,
         H=H, K=K, V=V, BT=CHUNK, BK=BK, USE_H0=h0 is not None, STORE_HT=False, STORE_O=False,
-        STORE_H=True, DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=CONFIG["state_warps"],
+        STORE_H=True, DOT_PREC=prec, INTERPRET=interpreting(), num_warps=CONFIG["state_warps"],
     )
-    dh = _empty(NT, H, K, V, device=dev, dtype=dt)
-    dvn = _empty(TT, H, V, device=dev, dtype=dt)
-    dh0 = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if h0 is not None else None
-    BV = min(_pad_dim(V), c["dh_bv"])
+    dh = new_buffer(NT, H, K, V, device=dev, dtype=dt)
+    dvn = new_buffer(TT, H, V, device=dev, dtype=dt)
+    dh0 = new_buffer(layout.N, H, K, V, device=dev, dtype=torch.float32) if h0 is not None else None
+    BV = min(pad_dim(V), c["dh_bv"])
     launch_fitting(
         chunk_kda_bwd_dh_kernel, lambda bv: (triton.cdiv(V, bv), layout.N * H), BV, c["dh_stages"],
         qg, kd, w, G, Aqk, do, dht if dht is not None else do, dh, dvn, dh0 if dh0 is not None else do,
         layout.cu_seqlens, layout.chunk_offsets, dtype=dt,
         H=H, K=K, V=V, BT=CHUNK, BK=BK, USE_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=c["dh_warps"],
+        DOT_PREC=prec, INTERPRET=interpreting(), num_warps=c["dh_warps"],
     )
-    dv = _empty(TT, H, V, device=dev, dtype=v.dtype)
-    db = _empty(TT, H, device=dev, dtype=torch.float32)
-    dq_out = _empty(TT, H, K, device=dev, dtype=dt)
-    dk_out = _empty(TT, H, K, device=dev, dtype=dt)
-    dg = _empty(TT, H, K, device=dev, dtype=torch.float32)
+    dv = new_buffer(TT, H, V, device=dev, dtype=v.dtype)
+    db = new_buffer(TT, H, device=dev, dtype=torch.float32)
+    dq_out = new_buffer(TT, H, K, device=dev, dtype=dt)
+    dk_out = new_buffer(TT, H, K, device=dev, dtype=dt)
+    dg = new_buffer(TT, H, K, device=dev, dtype=torch.float32)
     if NT > 0:
-        dq = _empty(TT, H, K, device=dev, dtype=torch.float32)
-        dk = _empty(TT, H, K, device=dev, dtype=torch.float32)
-        dG = _empty(TT, H, K, device=dev, dtype=torch.float32)
-        dA = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
-        dAqk = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)
+        dq = new_buffer(TT, H, K, device=dev, dtype=torch.float32)
+        dk = new_buffer(TT, H, K, device=dev, dtype=torch.float32)
+        dG = new_buffer(TT, H, K, device=dev, dtype=torch.float32)
+        dA = new_buffer(TT, H, CHUNK, device=dev, dtype=torch.float32)
+        dAqk = new_buffer(TT, H, CHUNK, device=dev, dtype=torch.float32)
         # fp32 operands take twice the shared memory of 16-bit ones
         fp32 = dt == torch.float32
         BKi = min(BK, c["inter_bk"])
         NK = triton.cdiv(K, BKi)
-        dbk = _empty(TT, H, NK, device=dev, dtype=torch.float32)
+        dbk = new_buffer(TT, H, NK, device=dev, dtype=torch.float32)
         chunk_kda_bwd_inter_kernel[(NT, H, NK)](
             q, k, beta, G, Tinv, h, dh, vn, dvn, do, dq, dk, dG, dbk, layout.cu_seqlens, layout.chunk_indices,
-            scale, H=H, K=K, V=V, BT=CHUNK, BK=BKi, BV=min(_pad_dim(V), c["inter_bv"] // (2 if fp32 else 1)),
+            scale, H=H, K=K, V=V, BT=CHUNK, BK=BKi, BV=min(pad_dim(V), c["inter_bv"] // (2 if fp32 else 1)),
             DOT_PREC=prec, num_warps=c["inter_warps"], num_stages=c["inter_stages"],
         )
         chunk_kda_bwd_wy_kernel[(NT, H)](
             v, beta, Tinv, vn, dvn, do, dbk, dA, dAqk, dv, db, layout.cu_seqlens, layout.chunk_indices,
-            H=H, V=V, BT=CHUNK, BV=min(_pad_dim(V), c["wy_bv"] // (2 if fp32 else 1)), NK=NK, DOT_PREC=prec,
+            H=H, V=V, BT=CHUNK, BV=min(pad_dim(V), c["wy_bv"] // (2 if fp32 else 1)), NK=NK, DOT_PREC=prec,
             num_warps=c["wy_warps"], num_stages=c["wy_stages"],
         )
         split = c["intra_split"]
@@ -551,7 +548,7 @@ def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
 def sm90_build_jobs(H: int, K: int, V: int) -> list:
     """(kernel, constexprs, num_warps, num_stages) as the launcher uses them, for ``benchmarks/kda_chunk_build.py``."""
     c = BWD_CONFIG
-    BK, BVf = _pad_dim(K), _pad_dim(V)
+    BK, BVf = pad_dim(K), pad_dim(V)
     common = dict(H=H, K=K, V=V, BT=CHUNK, BK=BK, DOT_PREC="tf32")
     BKi = min(BK, c["inter_bk"])
     return [

@@ -7,27 +7,13 @@ Kept apart from the kernels (``chunk_fwd.py``, ``chunk_bwd.py``) and from the au
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
-import triton
+
+from kimi_linear.ops.triton_helpers import pad_dim
 
 CHUNK = 64
 SUB_CHUNK = 16
-
-# Tests set this to fill every buffer a kernel is meant to write with NaN first, so an element the kernels leave
-# unwritten shows up in the results instead of passing as stale memory.
-POISON_BUFFERS = False
-
-
-def _empty(*shape, device, dtype):
-    if POISON_BUFFERS:
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-    return torch.empty(*shape, device=device, dtype=dtype)
-
-
-def _pad_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
 
 
 class _Layout:
@@ -62,15 +48,6 @@ def layout_for(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.de
     if cu_seqlens is None:
         return _fixed_layout(B, T, device)
     return _Layout(cu_seqlens, B, T, device)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs ask for fp32 products; for 16-bit inputs tf32 is already finer than the inputs themselves
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # Launch settings of the forward's sequential state pass (also the backward's recompute of the states) and of the
@@ -157,4 +134,4 @@ def launch_fitting(kernel, grid, bv: int, stages: int, *args, dtype: torch.dtype
 
 
 def _bv(V: int, key: str) -> int:
-    return min(_pad_dim(V), CONFIG[key])
+    return min(pad_dim(V), CONFIG[key])

@@ -58,13 +58,10 @@ from kimi_linear.ops.kda.chunk_common import (
     CONFIG,
     SUB_CHUNK,
     _bv,
-    _dot_precision,
-    _empty,
-    _interpreting,
-    _pad_dim,
     launch_fitting,
     state_stages,
 )
+from kimi_linear.ops.triton_helpers import dot_precision, interpreting, new_buffer, pad_dim
 
 # Launch settings of the per-chunk forward kernels (the state pass keeps chunk_common.CONFIG's).
 FWD_CONFIG = {
@@ -1249,7 +1246,7 @@ def _launch_diag(q, k, G, beta, Aqk, Tinv, scale, layout, H, K, BK, prec, diag_u
         rows = CHUNK // SUB_CHUNK if diag_unsafe is not None else CHUNK  # programs per chunk
         chunk_kda_fwd_diag_token_kernel[(layout.NT * rows, triton.cdiv(H, BH))](
             q, k, G, beta, Aqk, Tinv, layout.cu_seqlens, layout.chunk_indices, scale,
-            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BH=BH, INTERPRET=_interpreting(),
+            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BH=BH, INTERPRET=interpreting(),
             UNSAFE_ONLY=diag_unsafe is not None, diag_unsafe=diag_unsafe, num_warps=c["diag_token_warps"],
             num_stages=1,
         )
@@ -1266,21 +1263,21 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
     the intermediates the backward reads: G, A_qk, T, W, U, q~ exp(G), K exp(G_last - G))."""
     TT, H, K = q.shape
     V = v.shape[-1]
-    BK, BVf = _pad_dim(K), _pad_dim(V)
+    BK, BVf = pad_dim(K), pad_dim(V)
     dev, dt = q.device, q.dtype
-    prec = _dot_precision(dt)
-    G = _empty(TT, H, K, device=dev, dtype=torch.float32)
-    Aqk = _empty(TT, H, CHUNK, device=dev, dtype=dt)
-    Tinv = _empty(TT, H, CHUNK, device=dev, dtype=torch.float32)  # also the UT transform's scratch
-    w = _empty(TT, H, K, device=dev, dtype=dt)
-    u = _empty(TT, H, V, device=dev, dtype=dt)
-    qg = _empty(TT, H, K, device=dev, dtype=dt)
-    kd = _empty(TT, H, K, device=dev, dtype=dt)
+    prec = dot_precision(dt)
+    G = new_buffer(TT, H, K, device=dev, dtype=torch.float32)
+    Aqk = new_buffer(TT, H, CHUNK, device=dev, dtype=dt)
+    Tinv = new_buffer(TT, H, CHUNK, device=dev, dtype=torch.float32)  # also the UT transform's scratch
+    w = new_buffer(TT, H, K, device=dev, dtype=dt)
+    u = new_buffer(TT, H, V, device=dev, dtype=dt)
+    qg = new_buffer(TT, H, K, device=dev, dtype=dt)
+    kd = new_buffer(TT, H, K, device=dev, dtype=dt)
     if layout.NT > 0:
         c = FWD_CONFIG
         # with 16-bit W / U products after the solve kernel, T rounded to the inputs' dtype is stored by it once
         ops16 = c["wy_ops_16bit"] and dt != torch.float32
-        T16 = (_empty(TT, H, CHUNK, device=dev, dtype=dt)
+        T16 = (new_buffer(TT, H, CHUNK, device=dev, dtype=dt)
                if ops16 and c["wy_t16"] and c["pairs_impl"] == "chunk" and c["solve_impl"] == "kernel" else None)
         qgkd_done = c["pairs_impl"] == "chunk" and c["offdiag_qgkd"]  # the off-diagonal kernel stores qg, kd
         if c["pairs_impl"] == "subblock":
@@ -1362,18 +1359,18 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
                 DOT_PREC=prec, LOAD16=T16 is not None, STORE_QGKD=not qgkd_done, num_warps=c["wy_warps"],
                 num_stages=c["wy_stages"],
             )
-    o = _empty(TT, H, V, device=dev, dtype=dt)
-    ht = _empty(layout.N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
+    o = new_buffer(TT, H, V, device=dev, dtype=dt)
+    ht = new_buffer(layout.N, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     BV = _bv(V, "state_bv")
     fused = CONFIG["fused_output"] or layout.NT == 0
-    h = o if fused else _empty(layout.NT, H, K, V, device=dev, dtype=dt)
-    vn = o if fused else _empty(TT, H, V, device=dev, dtype=dt)
+    h = o if fused else new_buffer(layout.NT, H, K, V, device=dev, dtype=dt)
+    vn = o if fused else new_buffer(TT, H, V, device=dev, dtype=dt)
     launch_fitting(
         chunk_kda_fwd_state_kernel, lambda bv: (triton.cdiv(V, bv), layout.N * H), BV, state_stages(dt),
         qg, kd, w, u, G, Aqk, o, h0 if h0 is not None else o, ht if ht is not None else o, h, vn,
         layout.cu_seqlens, layout.chunk_offsets, dtype=dt,
         H=H, K=K, V=V, BT=CHUNK, BK=BK, USE_H0=h0 is not None, STORE_HT=ht is not None, STORE_O=fused,
-        STORE_H=not fused, DOT_PREC=prec, INTERPRET=_interpreting(), num_warps=CONFIG["state_warps"],
+        STORE_H=not fused, DOT_PREC=prec, INTERPRET=interpreting(), num_warps=CONFIG["state_warps"],
     )
     if not fused:
         BVo = _bv(V, "output_bv")
@@ -1387,7 +1384,7 @@ def chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout):
 def sm90_build_jobs(H: int, K: int, V: int) -> list:
     """(kernel, constexprs, num_warps, num_stages) as the launcher uses them, for ``benchmarks/kda_chunk_build.py``."""
     c, f = CONFIG, FWD_CONFIG
-    BK, BVf = _pad_dim(K), _pad_dim(V)
+    BK, BVf = pad_dim(K), pad_dim(V)
     common = dict(H=H, K=K, V=V, BT=CHUNK, BK=BK, DOT_PREC="tf32")
     return [
         (chunk_kda_fwd_pairs_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, f["pairs_bks"]),

@@ -37,38 +37,17 @@ there the rounding to nearest even is done by hand on the bits.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from kimi_linear.ops.triton_helpers import cast_to, interpreting, poisoned
 
 from kimi_linear.ops.norm import L2NORM_EPS
 
 # Elements per program (BT = elems // BK rows of BK = next_pow2(K) channels): 16-32 fp32 values per thread and
 # tensor at 4 warps; the backward holds about twice as many live tiles as the forward.
 CONFIG = dict(fwd_elems=4096, bwd_elems=2048, warps=4)
-POISON_BUFFERS = False  # tests set it: every buffer a kernel writes starts as NaN, so a missed store shows
-
-
-def _out(buffer: torch.Tensor) -> torch.Tensor:
-    return buffer.fill_(float("nan")) if POISON_BUFFERS else buffer
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _cast_to(b, ptr, INTERPRET: tl.constexpr):
-    """b (fp32) in the element type of ``ptr``, rounded to nearest even (by hand on the bits under the interpreter,
-    whose fp32 -> bf16 cast truncates)."""
-    if INTERPRET:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            u = b.to(tl.uint32, bitcast=True)
-            u = u + 0x7FFF + ((u >> 16) & 1)
-            b = (u & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return b.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -116,10 +95,10 @@ def preprocess_fwd_kernel(q, k, g, beta, A_log, dt_bias, q_out, k_out, g_out, be
     if NORM_QK:
         b_q = tl.load(q + o_tk, mask=m_tk, other=0.0).to(tl.float32)
         b_q = b_q * tl.math.rsqrt(tl.sum(b_q * b_q, axis=1) + EPS)[:, None]
-        tl.store(q_out + o_tk, _cast_to(b_q, q_out, INTERPRET), mask=m_tk)
+        tl.store(q_out + o_tk, cast_to(b_q, q_out, INTERPRET), mask=m_tk)
         b_k = tl.load(k + o_tk, mask=m_tk, other=0.0).to(tl.float32)
         b_k = b_k * tl.math.rsqrt(tl.sum(b_k * b_k, axis=1) + EPS)[:, None]
-        tl.store(k_out + o_tk, _cast_to(b_k, k_out, INTERPRET), mask=m_tk)
+        tl.store(k_out + o_tk, cast_to(b_k, k_out, INTERPRET), mask=m_tk)
     if GATE:
         b_rate = tl.exp(tl.load(A_log + i_h).to(tl.float32))
         if G_SCALAR:
@@ -160,8 +139,8 @@ def preprocess_bwd_kernel(q, k, g, beta, A_log, dt_bias, dq_out, dk_out, dg_out,
     ddt_part [NT, H, K] ([NT, H] for the scalar gate)."""
     i_t, i_h, o_row, o_k, o_tk, m_t, m_k, m_tk = _rows(T_total, H, K, BT, BK)
     if NORM_QK:
-        tl.store(dq + o_tk, _cast_to(_l2norm_bwd(q, dq_out, o_tk, m_tk, EPS), dq, INTERPRET), mask=m_tk)
-        tl.store(dk + o_tk, _cast_to(_l2norm_bwd(k, dk_out, o_tk, m_tk, EPS), dk, INTERPRET), mask=m_tk)
+        tl.store(dq + o_tk, cast_to(_l2norm_bwd(q, dq_out, o_tk, m_tk, EPS), dq, INTERPRET), mask=m_tk)
+        tl.store(dk + o_tk, cast_to(_l2norm_bwd(k, dk_out, o_tk, m_tk, EPS), dk, INTERPRET), mask=m_tk)
     if GATE:
         b_rate = tl.exp(tl.load(A_log + i_h).to(tl.float32))
         i_part = i_t * H + i_h
@@ -172,7 +151,7 @@ def preprocess_bwd_kernel(q, k, g, beta, A_log, dt_bias, dq_out, dk_out, dg_out,
             b_dgo = tl.load(dg_out + o_row, mask=m_t, other=0.0).to(tl.float32)
             b_sig, _ = _sigmoid_parts(b_x)
             b_dx = b_dgo * (-b_rate * b_sig)
-            tl.store(dg + o_row, _cast_to(b_dx, dg, INTERPRET), mask=m_t)
+            tl.store(dg + o_row, cast_to(b_dx, dg, INTERPRET), mask=m_t)
             if HAS_DT_BIAS:
                 tl.store(ddt_part + i_part, tl.sum(b_dx, axis=0))
         else:
@@ -182,7 +161,7 @@ def preprocess_bwd_kernel(q, k, g, beta, A_log, dt_bias, dq_out, dk_out, dg_out,
             b_dgo = tl.load(dg_out + o_tk, mask=m_tk, other=0.0).to(tl.float32)
             b_sig, _ = _sigmoid_parts(b_x)
             b_dx = b_dgo * (-b_rate * b_sig)
-            tl.store(dg + o_tk, _cast_to(b_dx, dg, INTERPRET), mask=m_tk)
+            tl.store(dg + o_tk, cast_to(b_dx, dg, INTERPRET), mask=m_tk)
             if HAS_DT_BIAS:
                 tl.store(ddt_part + i_part * K + o_k, tl.sum(b_dx, axis=0), mask=m_k)
         # d g / d A_log = g; masked entries have b_dgo = 0 and a finite softplus
@@ -191,7 +170,7 @@ def preprocess_bwd_kernel(q, k, g, beta, A_log, dt_bias, dq_out, dk_out, dg_out,
         b_b = tl.load(beta + o_row, mask=m_t, other=0.0).to(tl.float32)
         b_dbo = tl.load(dbeta_out + o_row, mask=m_t, other=0.0).to(tl.float32)
         _, b_ds = _sigmoid_parts(b_b)
-        tl.store(dbeta + o_row, _cast_to(b_dbo * b_ds, dbeta, INTERPRET), mask=m_t)
+        tl.store(dbeta + o_row, cast_to(b_dbo * b_ds, dbeta, INTERPRET), mask=m_t)
 
 
 def _launch_meta(T_total: int, K: int, elems: int) -> tuple[int, int]:
@@ -222,24 +201,24 @@ class PreprocessFunction(torch.autograd.Function):
         q_n = k_n = g_o = b_o = None
         if norm_qk:
             q, k = q.contiguous(), k.contiguous()
-            q_n = _out(torch.empty(q.shape, dtype=operand_dtype, device=q.device))
-            k_n = _out(torch.empty(k.shape, dtype=operand_dtype, device=k.device))
+            q_n = poisoned(torch.empty(q.shape, dtype=operand_dtype, device=q.device))
+            k_n = poisoned(torch.empty(k.shape, dtype=operand_dtype, device=k.device))
         if gate:
             g, A_log = g.contiguous(), A_log.contiguous()
             dt_bias = None if dt_bias is None else dt_bias.contiguous()
-            g_o = _out(torch.empty(g.shape, dtype=torch.float32, device=g.device))
+            g_o = poisoned(torch.empty(g.shape, dtype=torch.float32, device=g.device))
         else:
             A_log = dt_bias = None
         if sigmoid_beta:
             beta = beta.contiguous()
-            b_o = _out(torch.empty(beta.shape, dtype=torch.float32, device=beta.device))
+            b_o = poisoned(torch.empty(beta.shape, dtype=torch.float32, device=beta.device))
         BT, BK = _launch_meta(T_total, K, CONFIG["fwd_elems"])
         if T_total > 0:
             p = [_ptr(x, ref) for x in (q, k, g, beta, A_log, dt_bias, q_n, k_n, g_o, b_o)]
             preprocess_fwd_kernel[(triton.cdiv(T_total, BT), H)](
                 *p, T_total, H=H, K=K, BT=BT, BK=BK, NORM_QK=norm_qk, GATE=gate, G_SCALAR=g_scalar,
                 HAS_DT_BIAS=dt_bias is not None, SIGMOID_BETA=sigmoid_beta, EPS=L2NORM_EPS,
-                INTERPRET=_interpreting(), num_warps=CONFIG["warps"])
+                INTERPRET=interpreting(), num_warps=CONFIG["warps"])
         ctx.save_for_backward(q, k, g, beta, A_log, dt_bias)
         ctx.K = K
         return q_n, k_n, g_o, b_o
@@ -257,24 +236,24 @@ class PreprocessFunction(torch.autograd.Function):
         dq = dk = dg = db = dA = ddt = dA_part = ddt_part = None
         if norm_qk:
             dq_n, dk_n = dq_n.contiguous(), dk_n.contiguous()
-            dq, dk = _out(torch.empty_like(q)), _out(torch.empty_like(k))
+            dq, dk = poisoned(torch.empty_like(q)), poisoned(torch.empty_like(k))
         if gate:
             dg_o = dg_o.contiguous()
-            dg = _out(torch.empty_like(g))
-            dA_part = _out(torch.empty(NT, H, dtype=torch.float32, device=g.device))
+            dg = poisoned(torch.empty_like(g))
+            dA_part = poisoned(torch.empty(NT, H, dtype=torch.float32, device=g.device))
             if dt_bias is not None:
-                ddt_part = _out(torch.empty(NT, H, *(() if g_scalar else (K,)), dtype=torch.float32,
+                ddt_part = poisoned(torch.empty(NT, H, *(() if g_scalar else (K,)), dtype=torch.float32,
                                             device=g.device))
         if sigmoid_beta:
             db_o = db_o.contiguous()
-            db = _out(torch.empty_like(beta))
+            db = poisoned(torch.empty_like(beta))
         if T_total > 0:
             p = [_ptr(x, ref) for x in (q, k, g, beta, A_log, dt_bias, dq_n, dk_n, dg_o, db_o,
                                         dq, dk, dg, db, dA_part, ddt_part)]
             preprocess_bwd_kernel[(NT, H)](
                 *p, T_total, H=H, K=K, BT=BT, BK=BK, NORM_QK=norm_qk, GATE=gate, G_SCALAR=g_scalar,
                 HAS_DT_BIAS=dt_bias is not None, SIGMOID_BETA=sigmoid_beta, EPS=L2NORM_EPS,
-                INTERPRET=_interpreting(), num_warps=CONFIG["warps"])
+                INTERPRET=interpreting(), num_warps=CONFIG["warps"])
         if gate:
             # fixed-order sums of the per-block partials over t: deterministic
             dA = dA_part.sum(0).to(A_log.dtype)  # [H]
