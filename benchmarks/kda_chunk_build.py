@@ -6,8 +6,8 @@ sm_90 with its real argument dtypes, constexprs, num_warps and num_stages. Print
 stack frame (spills), dynamic shared memory (must stay under 232448 bytes on the H200, or the launch fails), and how
 many wgmma (Hopper) / mma.sync instructions the PTX holds. Launches made through
 ``chunk_common.launch_fitting`` are judged as that launcher runs them: its candidate settings (a shallower
-prefetch, then a narrower V block) in order, until a build fits. ``--variants`` builds instead every kernel the modules list (the settings that are
-not shipped included) at bf16. Pointer arguments are declared 16-byte aligned, as PyTorch allocations are.
+prefetch, then a narrower V block) in order, until a build fits. ``--variants`` builds instead every kernel from the
+stage modules' own lists (``sm90_build_jobs``) at bf16, without running the op. Pointer arguments are declared 16-byte aligned, as PyTorch allocations are.
 Needs only Triton (its bundled ptxas and cuobjdump).
 
     python -m benchmarks kda_chunk_build                       # K = V = 128, bf16, as the model runs

@@ -11,8 +11,9 @@ B=1, H=32, K=V=128, bf16 q/k/v/beta, fp32 gates, T in {4k, 8k, 16k, 32k, 64k}:
     eager (host wall-clock per call) and replayed in a CUDA graph, with the effective state bandwidth.
 
 FLA's numbers (``--compare fla``) sit beside ours in every table. Gates are logsigmoid(N(3, 1)) (decays mostly near 1); ``--gates steep`` draws -r softplus(N(0, 1)) with a rate r in
-[1, 16] per head instead, large decays that send many diagonal blocks of the forward to its element-wise fallback
-(``FWD_CONFIG["diag_impl"] = "dots"``).
+[1, 16] per head instead, large decays that send many diagonal blocks of the forward to its element-wise fallback.
+``--sweep`` also times other launch settings (``FwdLaunch`` / ``StateLaunch`` fields, ``dataclasses.replace`` on the
+defaults).
 
 Writes ``kda_kernels.json`` and ``kda_kernels.png`` (log-log ms vs T) into --out and prints the table last.
 Usage (GPU): python -m benchmarks kda_kernels --compare fla [--gates steep] [--sweep]
@@ -20,6 +21,7 @@ Usage (GPU): python -m benchmarks kda_kernels --compare fla [--gates steep] [--s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -27,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import SuiteParser, bench_ms, environment, graph_ms, host_us, load_fla, pyplot, write_json
-from kimi_linear.ops.kda import chunk_bwd, chunk_fwd, chunk_kda, chunk_triton
+from kimi_linear.ops.kda import chunk_kda
+from kimi_linear.ops.kda.chunk_fwd import fwd_launch
+from kimi_linear.ops.kda.chunk_triton import chunk_kda_triton
 
 H, K, V, C = 32, 128, 128, 64
 
@@ -163,57 +167,43 @@ def time_decode(batches) -> list[dict]:
     return rows
 
 
-def sweep_launch_settings(T: int, variants: list[dict] | None = None, gates: str = "mild") -> list[dict]:
-    """Forward and forward+backward at one T for a few launch settings (overrides of the kernels' config dicts).
+def launch_variant(change: dict):
+    """The default launch settings with ``change`` applied: ``{"fwd": {field: value}, "state": {...}}``."""
+    fwd = fwd_launch(K, V, torch.bfloat16)
+    state = dataclasses.replace(fwd.state, **change.get("state", {}))
+    return dataclasses.replace(fwd, **change.get("fwd", {}), state=state)
 
-    Each setting's output and input gradients are also compared with the first setting's (the committed one):
+
+def sweep_launch_settings(T: int, variants: list[dict] | None = None, gates: str = "mild") -> list[dict]:
+    """Forward and forward+backward at one T for a few launch settings (``launch_variant``).
+
+    Each setting's output and input gradients are also compared with the first setting's (the shipped one):
     ``max_rel_diff`` is the largest of those relative differences — the same math in another order, so it should
     sit at the bf16 rounding level (~1e-2 at most) and a broken variant shows as O(1)."""
-    configs = {"common": chunk_triton.CONFIG, "fwd": chunk_fwd.FWD_CONFIG, "bwd": chunk_bwd.BWD_CONFIG}
-    base = {name: dict(c) for name, c in configs.items()}
     x = make_inputs(T, seed=3, gates=gates)
     xg = make_inputs(T, seed=3, requires_grad=True, gates=gates)
     do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
-    # (earlier sweeps — diagonal as a 3D broadcast, pair/WY/backward warps and stages, state_bv, the fused
-    # per-chunk kernel's settings — are in benchmarks/RESULTS.md; these are the settings still open)
-    # the committed setting is timed first and again last: the first entry of a run also pays for warm-up
-    variants = variants or [
-        {},
-        # the pair stage shipped before 2026-12-04 05:00 UTC (diagonal blocks per row, q exp(G) and K exp(G_last - G)
-        # from the WY kernel)
-        {"fwd": {"diag_impl": "tokens", "offdiag_qgkd": False, "offdiag_stages": 3}},
-        {"bwd": {"inter_stages": 3}},
-        # the backward's in-block pairs by small products where the decay range allows (not yet timed)
-        {"bwd": {"intra_diag_dots": True}},
-        {"bwd": {"intra_diag_dots": True, "intra_warps": 4}},
-        {},
-    ]
+    # the shipped setting is timed first and again last: the first entry of a run also pays for warm-up
+    variants = variants or [{}, {"fwd": {"offdiag_stages": 2}}, {"state": {"bv": 64}}, {}]
     out = []
     first = None
     for change in variants:
-        for name, c in configs.items():
-            c.clear()
-            c.update(base[name], **change.get(name, {}))
+        fwd = launch_variant(change)
         try:
             for t in xg.values():
                 t.grad = None
-            o = chunk_kda(**xg, backend="triton")[0]
+            o = chunk_kda_triton(**xg, fwd=fwd)[0]
             o.backward(do)
             # copies: the timing below accumulates into these .grad tensors in place
             got = [o.detach().float().clone()] + [t.grad.float().clone() for t in xg.values()]
             first = first or got
             diff = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(got, first))
             with torch.no_grad():
-                f = bench(lambda: chunk_kda(**x, backend="triton"))
-            fb = bench(lambda: chunk_kda(**xg, backend="triton")[0].backward(do), list(xg.values()))
-            kernels = {name: round(ms, 4)
-                       for name, ms in list(kernel_breakdown(T, backward=False, gates=gates).items())[:6]}
-            out.append({"change": change, "fwd": f, "fwdbwd": fb, "max_rel_diff": diff, "fwd_kernels_ms": kernels})
+                f = bench(lambda: chunk_kda_triton(**x, fwd=fwd))
+            fb = bench(lambda: chunk_kda_triton(**xg, fwd=fwd)[0].backward(do), list(xg.values()))
+            out.append({"change": change, "fwd": f, "fwdbwd": fb, "max_rel_diff": diff})
         except Exception as e:  # noqa: BLE001
             out.append({"change": change, "error": repr(e)[:200]})
-    for name, c in configs.items():
-        c.clear()
-        c.update(base[name])
     return out
 
 
@@ -248,16 +238,15 @@ def main(argv=None) -> None:
     ap.add_argument("--gates", choices=["mild", "steep"], default="mild",
                     help="log-decay inputs: logsigmoid(N(3, 1)) (mild), or -r softplus(N(0, 1)) with r in [1, 16]")
     ap.add_argument("--sweep-only", metavar="JSON", nargs="?", const="[]",
-                    help="only the 8k sweep, of these settings (a JSON list of overrides; default the built-in list)")
+                    help='only the 8k sweep, of these settings (a JSON list like [{}, {"fwd": {"offdiag_stages": 2}}]; '
+                         'default the built-in list)')
     args = ap.parse_args(argv)
     fla = load_fla() if "fla" in args.compare else None
     fla_kda, fla_gdn = (fla.chunk_kda, fla.chunk_gated_delta_rule) if fla else (None, None)
     result = environment(
         args,
-        config=dict(chunk_triton.CONFIG),
         gates=args.gates,
-        fwd_config=dict(chunk_fwd.FWD_CONFIG),
-        bwd_config=dict(chunk_bwd.BWD_CONFIG),
+        fwd_launch=dataclasses.asdict(fwd_launch(K, V, torch.bfloat16)),
         shape={"B": 1, "H": H, "K": K, "V": V, "dtype": "bf16 q/k/v/beta, fp32 g"},
     )
     if args.sweep or args.sweep_only is not None:

@@ -7,7 +7,7 @@ importable). Prints a table last and writes model_speed.json into --out.
     python -m benchmarks model_speed --configs 0.75b --prefill '' --decode '' --compare transformers \
         --many 64:1024,8:8192,1:65536 --e2e 64:1024:256 --engine      # issue 27 rows and the serving engine
 
-Configs: "small" (the preset, MoE, byte vocab) and "0.75b" (DESIGN.md §5's peer config: 12 layers 3:1,
+Configs: "small" (the preset, MoE, byte vocab) and "0.75b" (the FLA comparison's peer config: 12 layers 3:1,
 hidden 2048, 16 heads, KDA 16x128, MLA kv_lora 512, dense SwiGLU 5632, vocab 32000). bf16, random weights
 (same config both sides). Prefill: B = 1, one forward over T tokens (ours: chunk kernel + MLA with causal
 kernels; HF: its forward with use_cache). Decode: per-token time of a step at context C after a prefill;
@@ -37,7 +37,6 @@ from kimi_linear.generate import CudaGraphDecoder, decode_step, generate, prefil
 from kimi_linear.model import KimiLinearForCausalLM
 from kimi_linear.ops import conv
 from kimi_linear.ops.kda import common as kda_common
-from kimi_linear.ops.kda.chunk_fwd import FWD_CONFIG
 from kimi_linear.serve.engine import Engine, EngineConfig, SamplingParams
 
 CONFIGS = {
@@ -384,7 +383,6 @@ def main(argv=None) -> None:
         hf_kernels=hf_kernels if "transformers" in args.compare else None,
         conv_backend=conv.DEFAULT_BACKEND,
         preprocess_backend=kda_common.PREPROCESS_BACKEND,
-        pairs_impl=FWD_CONFIG["pairs_impl"],
     )
     write_json(args.out, "model_speed.json", dict(meta=meta, rows=rows, many_prompts=many, end_to_end=e2e))
     print(f"\n{meta}")

@@ -1,7 +1,7 @@
 """Triton chunkwise KDA (forward + backward) against the token-by-token reference of paper Eq. 1.
 
-Without CUDA the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set below before the kernel modules
-import Triton) at small sizes: outputs, final states and every gradient (dq, dk, dv, dg, dbeta, dh0, and dA_log,
+Without CUDA the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set by tests/ops/conftest.py before
+Triton is imported) at small sizes: outputs, final states and every gradient (dq, dk, dv, dg, dbeta, dh0, and dA_log,
 ddt_bias through the fused gate) against autograd through ``naive_recurrent_kda``. Every buffer the kernels write is
 poisoned with NaN first. With CUDA the same cases run compiled, plus real sizes (H=32, K=V=128, bf16, T up to 8192)
 against ``naive_chunk_kda`` in fp32 on the GPU (the CPU cases and tests/ops/test_kda.py establish that it equals the
@@ -14,6 +14,7 @@ returned in the 16-bit dtype), and below an absolute bound per tensor (BF16_ABS)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import re
@@ -21,14 +22,12 @@ import re
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import kimi_linear.ops.kda.chunk_common as chunk_common  # noqa: E402
-import kimi_linear.ops.kda.chunk_triton as chunk_triton  # noqa: E402
-from kimi_linear.ops.kda import beta_activation, chunk_kda, kda_gate, naive_chunk_kda, naive_recurrent_kda  # noqa: E402
-from kimi_linear.ops.norm import l2norm  # noqa: E402
-from tests.utils import kda_inputs, leaves, loss_of, rel_err  # noqa: E402
+import kimi_linear.ops.kda.chunk_common as chunk_common
+from kimi_linear.ops.kda import beta_activation, chunk_kda, kda_gate, naive_chunk_kda, naive_recurrent_kda
+from kimi_linear.ops.kda.chunk_fwd import fwd_launch
+from kimi_linear.ops.kda.chunk_triton import chunk_kda_triton
+from kimi_linear.ops.norm import l2norm
+from tests.utils import kda_inputs, leaves, loss_of, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -135,24 +134,17 @@ def test_equal_length_layout_is_cached_and_right():
         assert torch.equal(getattr(a, name).cpu(), getattr(b, name).cpu()), name
 
 
-def test_unfused_output(monkeypatch):
-    """The alternative forward launch path: O in a separate parallel pass over stored states."""
-    monkeypatch.setitem(chunk_triton.CONFIG, "fused_output", False)
-    cu = torch.tensor([0, 5, 5, 90], dtype=torch.int32)
-    check_fwd_bwd(kda_inputs(1, 90, 1, 16, 32, N=3), cu_seqlens=cu.to(DEVICE))
-
-
-@pytest.mark.parametrize("key,dtype,depth", [("state_stages", torch.float16, 1),
-                                             ("state_stages_fp32", torch.float32, 0)])
-def test_state_stages_below_the_minimum_are_refused(key, dtype, depth, monkeypatch):
+@pytest.mark.parametrize("dtype,depth", [(torch.float16, 1), (torch.float32, 0)], ids=["fp16", "fp32"])
+def test_state_stages_below_the_minimum_are_refused(dtype, depth):
     """The state pass's prefetch depth per input dtype; below min_stages (1 stage faulted for 16-bit inputs on the
     H200) it is refused by name."""
-    assert chunk_common.state_stages(dtype) >= chunk_common.min_stages(dtype)
-    monkeypatch.setitem(chunk_common.CONFIG, key, depth)
+    launch = fwd_launch(16, 16, dtype)
+    assert launch.state.stages >= chunk_common.min_stages(dtype)
+    launch = dataclasses.replace(launch, state=dataclasses.replace(launch.state, stages=depth))
     x = kda_inputs(1, 8, 1, 16, 16, with_state=False)
-    x = {n: (t if t is None or n == "g" else t.to(dtype)) for n, t in x.items()}
-    with pytest.raises(ValueError, match=key):
-        chunk_kda(**{n: t.to(DEVICE) for n, t in x.items() if t is not None}, backend="triton")
+    x = {n: (t if t is None or n == "g" else t.to(dtype).to(DEVICE)) for n, t in x.items() if t is not None}
+    with pytest.raises(ValueError, match="StateLaunch.stages"):
+        chunk_kda_triton(**x, fwd=launch)
 
 
 class _SharedMemoryBound:

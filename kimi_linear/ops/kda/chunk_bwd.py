@@ -33,28 +33,24 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.kda.chunk_common import (
-    CHUNK,
-    CONFIG,
-    SUB_CHUNK,
-    _bv,
-    launch_fitting,
-    state_stages,
+from kimi_linear.ops.kda.chunk_common import CHUNK, SUB_CHUNK, launch_fitting
+from kimi_linear.ops.kda.chunk_state import StateLaunch, state_launch, state_pass_recompute
+from kimi_linear.ops.triton_helpers import (
+    dot,
+    dot_precision,
+    interpreting,
+    load_block,
+    load_G,
+    load_last,
+    load_row,
+    load_rows,
+    load_rows_raw,
+    load_vec,
+    new_buffer,
+    pad_dim,
+    store_rows,
+    tile,
 )
-from kimi_linear.ops.kda.chunk_fwd import (
-    _dot,
-    _load_block,
-    _load_G,
-    _load_last,
-    _load_row,
-    _load_rows,
-    _load_rows_raw,
-    _load_vec,
-    _store_rows,
-    _tile,
-    chunk_kda_fwd_state_kernel,
-)
-from kimi_linear.ops.triton_helpers import dot_precision, interpreting, new_buffer, pad_dim
 
 # Launch settings of the backward's kernels (the state recompute uses the forward's ``CONFIG["state_*"]``).
 BWD_CONFIG = {
@@ -90,17 +86,17 @@ def _bwd_dh_step(dS, i_t, bos, eos, c0, i_h, qg, kd, w, G, Aqk, do, dh_out, dvn_
     o_r = tl.arange(0, BT)
     m_tv = (o_r < n_rows)[:, None] & (o_v < V)[None, :]
     tl.store(dh_out + ((c0 + i_t) * H + i_h) * K * V + o_kv, dS.to(dh_out.dtype.element_ty), mask=m_kv)
-    b_do = tl.load(_tile(do, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0).to(dt)  # [BT, BV]
-    b_A = _load_rows_raw(Aqk, t0, n_rows, i_h, H, BT, BT, BT)  # [BT, BT]
-    b_kd = _load_rows_raw(kd, t0, n_rows, i_h, H, K, BT, BK)
-    b_qg = _load_rows_raw(qg, t0, n_rows, i_h, H, K, BT, BK)
-    b_w = _load_rows_raw(w, t0, n_rows, i_h, H, K, BT, BK)
-    b_dvn = _dot(tl.trans(b_A), b_do, DOT_PREC) + _dot(b_kd, dS.to(dt), DOT_PREC)
-    tl.store(_tile(dvn_out, t0, i_h, o_v, H, V, BT), b_dvn.to(dvn_out.dtype.element_ty), mask=m_tv)
-    G_last = _load_last(G, t0, n_rows, i_h, H, K, BK)
+    b_do = tl.load(tile(do, t0, i_h, o_v, H, V, BT), mask=m_tv, other=0.0).to(dt)  # [BT, BV]
+    b_A = load_rows_raw(Aqk, t0, n_rows, i_h, H, BT, BT, BT)  # [BT, BT]
+    b_kd = load_rows_raw(kd, t0, n_rows, i_h, H, K, BT, BK)
+    b_qg = load_rows_raw(qg, t0, n_rows, i_h, H, K, BT, BK)
+    b_w = load_rows_raw(w, t0, n_rows, i_h, H, K, BT, BK)
+    b_dvn = dot(tl.trans(b_A), b_do, DOT_PREC) + dot(b_kd, dS.to(dt), DOT_PREC)
+    tl.store(tile(dvn_out, t0, i_h, o_v, H, V, BT), b_dvn.to(dvn_out.dtype.element_ty), mask=m_tv)
+    G_last = load_last(G, t0, n_rows, i_h, H, K, BK)
     dS = dS * tl.exp(G_last)[:, None]
-    dS += _dot(tl.trans(b_qg), b_do, DOT_PREC)
-    dS -= _dot(tl.trans(b_w), b_dvn.to(dt), DOT_PREC)
+    dS += dot(tl.trans(b_qg), b_do, DOT_PREC)
+    dS -= dot(tl.trans(b_w), b_dvn.to(dt), DOT_PREC)
     return dS
 
 
@@ -199,9 +195,9 @@ def chunk_kda_bwd_wy_kernel(
         b_vn = _cols_tile(vn, t0, n_rows, i_h, o_v, m_v, H, V, BT)
         b_dvn = _cols_tile(dvn, t0, n_rows, i_h, o_v, m_v, H, V, BT).to(tl.float32)
         b_v = _cols_tile(v, t0, n_rows, i_h, o_v, m_v, H, V, BT).to(tl.float32)
-        b_dAqk += _dot(b_do, tl.trans(b_vn), DOT_PREC)
-        b_dvb = _dot(tl.trans(b_T), b_dvn, DOT_PREC)  # [BT, BV], fp32 operands: T steers every row
-        b_dA -= _dot(b_dvb, tl.trans(b_vn.to(tl.float32)), DOT_PREC)
+        b_dAqk += dot(b_do, tl.trans(b_vn), DOT_PREC)
+        b_dvb = dot(tl.trans(b_T), b_dvn, DOT_PREC)  # [BT, BV], fp32 operands: T steers every row
+        b_dA -= dot(b_dvb, tl.trans(b_vn.to(tl.float32)), DOT_PREC)
         _put_cols_tile(dv, b_beta[:, None] * b_dvb, t0, n_rows, i_h, o_v, m_v, H, V, BT)
         b_db += tl.sum(b_v * b_dvb, 1)
     b_dA = tl.where(o_r[:, None] > o_t[None, :], b_dA, 0.0)
@@ -249,9 +245,9 @@ def chunk_kda_bwd_inter_kernel(
         b_do = _cols_tile(do, t0, n_rows, i_h, o_v, m_v, H, V, BT).to(dt)  # [BT, BV]
         b_vn = _cols_tile(vn, t0, n_rows, i_h, o_v, m_v, H, V, BT)
         b_dvn = _cols_tile(dvn, t0, n_rows, i_h, o_v, m_v, H, V, BT)
-        b_dqg += _dot(b_do, tl.trans(b_h), DOT_PREC)
-        b_dw -= _dot(b_dvn, tl.trans(b_h), DOT_PREC)
-        b_dkd += _dot(b_vn, tl.trans(b_dh), DOT_PREC)
+        b_dqg += dot(b_do, tl.trans(b_h), DOT_PREC)
+        b_dw -= dot(b_dvn, tl.trans(b_h), DOT_PREC)
+        b_dkd += dot(b_vn, tl.trans(b_dh), DOT_PREC)
         b_dgam += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
 
     o_t = tl.arange(0, BT)
@@ -265,7 +261,7 @@ def chunk_kda_bwd_inter_kernel(
     b_eG = tl.exp(b_G)  # G <= 0 from the chunk start
     b_ed = tl.exp(G_last[None, :] - b_G)
 
-    b_dx = _dot(tl.trans(b_T), b_dw, DOT_PREC)  # [BT, BK], d(beta K exp G)
+    b_dx = dot(tl.trans(b_T), b_dw, DOT_PREC)  # [BT, BK], d(beta K exp G)
     b_kd = b_k * b_ed
     b_dq = b_dqg * b_eG
     b_dk = b_dkd * b_ed + b_dx * b_beta[:, None] * b_eG
@@ -325,8 +321,8 @@ def _bwd_intra_diag_dots(acc_q, acc_r, acc_c, q_a, k_a, b_a, G_a, d, dA, dAqk, t
     loops' sums are; q_a is already scaled."""
     o_c = tl.arange(0, BC)
     low = o_c[:, None] >= o_c[None, :]  # pairs (t, j), j <= t, as the loops take them
-    dqk = tl.where(low, _load_block(dAqk, t0, r_a, r_a, n_rows, i_h, H, BT, BC), 0.0)
-    dkk = tl.where(low, _load_block(dA, t0, r_a, r_a, n_rows, i_h, H, BT, BC), 0.0)
+    dqk = tl.where(low, load_block(dAqk, t0, r_a, r_a, n_rows, i_h, H, BT, BC), 0.0)
+    dkk = tl.where(low, load_block(dA, t0, r_a, r_a, n_rows, i_h, H, BT, BC), 0.0)
     a_own = G_a - d[None, :]
     eU = tl.exp(tl.minimum(a_own, DIAG_CAP))
     eD = tl.exp(tl.minimum(-a_own, 0.0))
@@ -348,22 +344,22 @@ def _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows, 
     """
     o_c = tl.arange(0, BC)
     r_a = a * BC
-    q_a = _load_rows(q, t0, r_a, n_rows, i_h, H, K, BC, BK) * scale
-    k_a = _load_rows(k, t0, r_a, n_rows, i_h, H, K, BC, BK)
-    G_a = _load_G(G, t0, r_a, n_rows, G_last, i_h, H, K, BC, BK)
-    b_a = _load_vec(beta, t0, r_a, n_rows, i_h, H, BC)
-    Gr_a = tl.where(r_a < n_rows, _load_row(G, t0, r_a, n_rows, i_h, H, K, BK), G_last)  # block a's first row
+    q_a = load_rows(q, t0, r_a, n_rows, i_h, H, K, BC, BK) * scale
+    k_a = load_rows(k, t0, r_a, n_rows, i_h, H, K, BC, BK)
+    G_a = load_G(G, t0, r_a, n_rows, G_last, i_h, H, K, BC, BK)
+    b_a = load_vec(beta, t0, r_a, n_rows, i_h, H, BC)
+    Gr_a = tl.where(r_a < n_rows, load_row(G, t0, r_a, n_rows, i_h, H, K, BK), G_last)  # block a's first row
 
     # rows of block a against columns of earlier blocks b, through the reference row of a
     acc_q = tl.zeros([BC, BK], dtype=tl.float32)
     acc_r = tl.zeros([BC, BK], dtype=tl.float32)  # sum_i dA[t, i] k_i exp(G_t - G_i), before the beta_t factor
     for b in tl.static_range(3):
         if b < a:
-            k_b = _load_rows(k, t0, b * BC, n_rows, i_h, H, K, BC, BK)
-            G_b = _load_G(G, t0, b * BC, n_rows, G_last, i_h, H, K, BC, BK)
+            k_b = load_rows(k, t0, b * BC, n_rows, i_h, H, K, BC, BK)
+            G_b = load_G(G, t0, b * BC, n_rows, G_last, i_h, H, K, BC, BK)
             kb = k_b * tl.exp(Gr_a[None, :] - G_b)
-            acc_q += _dot(_load_block(dAqk, t0, r_a, b * BC, n_rows, i_h, H, BT, BC), kb, DOT_PREC)
-            acc_r += _dot(_load_block(dA, t0, r_a, b * BC, n_rows, i_h, H, BT, BC), kb, DOT_PREC)
+            acc_q += dot(load_block(dAqk, t0, r_a, b * BC, n_rows, i_h, H, BT, BC), kb, DOT_PREC)
+            acc_r += dot(load_block(dA, t0, r_a, b * BC, n_rows, i_h, H, BT, BC), kb, DOT_PREC)
     e_a = tl.exp(G_a - Gr_a[None, :])
     acc_q *= e_a
     acc_r *= e_a
@@ -372,22 +368,22 @@ def _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows, 
     acc_c = tl.zeros([BC, BK], dtype=tl.float32)
     for c in tl.static_range(1, 4):
         if c > a:
-            q_c = _load_rows(q, t0, c * BC, n_rows, i_h, H, K, BC, BK) * scale
-            k_c = _load_rows(k, t0, c * BC, n_rows, i_h, H, K, BC, BK)
-            b_c = _load_vec(beta, t0, c * BC, n_rows, i_h, H, BC)
-            G_c = _load_G(G, t0, c * BC, n_rows, G_last, i_h, H, K, BC, BK)
-            Gr_c = tl.where(c * BC < n_rows, _load_row(G, t0, c * BC, n_rows, i_h, H, K, BK), G_last)
+            q_c = load_rows(q, t0, c * BC, n_rows, i_h, H, K, BC, BK) * scale
+            k_c = load_rows(k, t0, c * BC, n_rows, i_h, H, K, BC, BK)
+            b_c = load_vec(beta, t0, c * BC, n_rows, i_h, H, BC)
+            G_c = load_G(G, t0, c * BC, n_rows, G_last, i_h, H, K, BC, BK)
+            Gr_c = tl.where(c * BC < n_rows, load_row(G, t0, c * BC, n_rows, i_h, H, K, BK), G_last)
             e_c = tl.exp(G_c - Gr_c[None, :])
-            part = _dot(tl.trans(_load_block(dA, t0, c * BC, r_a, n_rows, i_h, H, BT, BC)),
+            part = dot(tl.trans(load_block(dA, t0, c * BC, r_a, n_rows, i_h, H, BT, BC)),
                         b_c[:, None] * k_c * e_c, DOT_PREC)
-            dAqk_ca = _load_block(dAqk, t0, c * BC, r_a, n_rows, i_h, H, BT, BC)
-            part += _dot(tl.trans(dAqk_ca), q_c * e_c, DOT_PREC)
+            dAqk_ca = load_block(dAqk, t0, c * BC, r_a, n_rows, i_h, H, BT, BC)
+            part += dot(tl.trans(dAqk_ca), q_c * e_c, DOT_PREC)
             acc_c += part * tl.exp(Gr_c[None, :] - G_a)
 
     # inside block a: element-wise, or (DIAG_DOTS, where the block's decay range allows) by small dots
     if DIAG_DOTS:
         # the block's exit row (its last valid row; G_last for a block that is cut short or past the end)
-        d = tl.where(r_a + BC - 1 < n_rows, _load_row(G, t0, r_a + BC - 1, n_rows, i_h, H, K, BK), G_last)
+        d = tl.where(r_a + BC - 1 < n_rows, load_row(G, t0, r_a + BC - 1, n_rows, i_h, H, K, BK), G_last)
         if tl.max(tl.max(G_a - d[None, :], 1), 0) <= DIAG_CAP:
             acc_q, acc_r, acc_c = _bwd_intra_diag_dots(acc_q, acc_r, acc_c, q_a, k_a, b_a, G_a, d, dA, dAqk, t0, r_a,
                                                        n_rows, i_h, H, BT, BC, DIAG_CAP)
@@ -399,10 +395,10 @@ def _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows, 
                                                     n_rows, i_h, scale, H, K, BT, BC, BK)
 
     dk_row = b_a[:, None] * acc_r
-    b_dq = _load_rows(dq, t0, r_a, n_rows, i_h, H, K, BC, BK) + acc_q
-    b_dk = _load_rows(dk, t0, r_a, n_rows, i_h, H, K, BC, BK) + dk_row + acc_c
-    b_dG = _load_rows(dG, t0, r_a, n_rows, i_h, H, K, BC, BK) + q_a * acc_q + k_a * (dk_row - acc_c)
-    b_db = _load_vec(dbeta, t0, r_a, n_rows, i_h, H, BC) + tl.sum(k_a * acc_r, 1)
+    b_dq = load_rows(dq, t0, r_a, n_rows, i_h, H, K, BC, BK) + acc_q
+    b_dk = load_rows(dk, t0, r_a, n_rows, i_h, H, K, BC, BK) + dk_row + acc_c
+    b_dG = load_rows(dG, t0, r_a, n_rows, i_h, H, K, BC, BK) + q_a * acc_q + k_a * (dk_row - acc_c)
+    b_db = load_vec(dbeta, t0, r_a, n_rows, i_h, H, BC) + tl.sum(k_a * acc_r, 1)
     return b_dq, b_dk, b_dG, b_db
 
 
@@ -425,7 +421,7 @@ def chunk_kda_bwd_intra_kernel(
     t0 = bos + i_t * BT
     n_rows = tl.minimum(eos - t0, BT)
     o_c = tl.arange(0, BC)
-    G_last = _load_last(G, t0, n_rows, i_h, H, K, BK)
+    G_last = load_last(G, t0, n_rows, i_h, H, K, BK)
 
     if SPLIT:
         a = tl.program_id(2)
@@ -433,9 +429,9 @@ def chunk_kda_bwd_intra_kernel(
                                                   G_last, i_h, scale, H, K, BT, BC, BK, DOT_PREC, DIAG_DOTS,
                                                   DIAG_CAP)
         r_a = a * BC
-        _store_rows(dq_out, b_dq * scale, t0, r_a, n_rows, i_h, H, K, BC, BK)
-        _store_rows(dk_out, b_dk, t0, r_a, n_rows, i_h, H, K, BC, BK)
-        _store_rows(dg_out, b_dG, t0, r_a, n_rows, i_h, H, K, BC, BK)
+        store_rows(dq_out, b_dq * scale, t0, r_a, n_rows, i_h, H, K, BC, BK)
+        store_rows(dk_out, b_dk, t0, r_a, n_rows, i_h, H, K, BC, BK)
+        store_rows(dg_out, b_dG, t0, r_a, n_rows, i_h, H, K, BC, BK)
         o_a = r_a + o_c
         tl.store(dbeta + (t0 + o_a).to(tl.int64) * H + i_h, b_db, mask=o_a < n_rows)
     else:
@@ -451,9 +447,9 @@ def chunk_kda_bwd_intra_kernel(
             tot = tl.sum(b_dG, 0)
             b_dg = tot[None, :] - tl.cumsum(b_dG, 0) + b_dG + carry[None, :]
             carry += tot
-            _store_rows(dq_out, b_dq * scale, t0, r_a, n_rows, i_h, H, K, BC, BK)
-            _store_rows(dk_out, b_dk, t0, r_a, n_rows, i_h, H, K, BC, BK)
-            _store_rows(dg_out, b_dg, t0, r_a, n_rows, i_h, H, K, BC, BK)
+            store_rows(dq_out, b_dq * scale, t0, r_a, n_rows, i_h, H, K, BC, BK)
+            store_rows(dk_out, b_dk, t0, r_a, n_rows, i_h, H, K, BC, BK)
+            store_rows(dg_out, b_dg, t0, r_a, n_rows, i_h, H, K, BC, BK)
             o_a = r_a + o_c
             tl.store(dbeta + (t0 + o_a).to(tl.int64) * H + i_h, b_db, mask=o_a < n_rows)
 
@@ -469,12 +465,12 @@ def chunk_kda_bwd_dg_kernel(dg, cu_seqlens, chunk_indices, H: tl.constexpr, K: t
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     t0 = bos + i_t * BT
     n_rows = tl.minimum(eos - t0, BT)
-    b_dG = _load_rows(dg, t0, 0, n_rows, i_h, H, K, BT, BK)  # [BT, BK], zero past the end
+    b_dG = load_rows(dg, t0, 0, n_rows, i_h, H, K, BT, BK)  # [BT, BK], zero past the end
     b_dg = tl.sum(b_dG, 0)[None, :] - tl.cumsum(b_dG, 0) + b_dG
-    _store_rows(dg, b_dg, t0, 0, n_rows, i_h, H, K, BT, BK)
+    store_rows(dg, b_dg, t0, 0, n_rows, i_h, H, K, BT, BK)
 
 
-def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
+def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout, state: StateLaunch | None = None):
     """Backward launcher: the forward's inputs and saved intermediates, dO (and dS_T) -> dq, dk, dv, dg, dbeta, dh0."""
     G, Aqk, Tinv, w, u, qg, kd = saved
     TT, H, K = q.shape
@@ -487,14 +483,7 @@ def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
     # states entering each chunk and the pseudo-values V_new, recomputed
     h = new_buffer(NT, H, K, V, device=dev, dtype=dt)
     vn = new_buffer(TT, H, V, device=dev, dtype=dt)
-    BV = _bv(V, "state_bv")
-    launch_fitting(
-        chunk_kda_fwd_state_kernel, lambda bv: (triton.cdiv(V, bv), layout.N * H), BV, state_stages(dt),
-        qg, kd, w, u, G, Aqk, vn, h0 if h0 is not None else vn, vn, h, vn,
-        layout.cu_seqlens, layout.chunk_offsets, dtype=dt,
-        H=H, K=K, V=V, BT=CHUNK, BK=BK, USE_H0=h0 is not None, STORE_HT=False, STORE_O=False,
-        STORE_H=True, DOT_PREC=prec, INTERPRET=interpreting(), num_warps=CONFIG["state_warps"],
-    )
+    state_pass_recompute(qg, kd, w, u, G, Aqk, h0, h, vn, layout, state_launch(K, V, dt) if state is None else state)
     dh = new_buffer(NT, H, K, V, device=dev, dtype=dt)
     dvn = new_buffer(TT, H, V, device=dev, dtype=dt)
     dh0 = new_buffer(layout.N, H, K, V, device=dev, dtype=torch.float32) if h0 is not None else None

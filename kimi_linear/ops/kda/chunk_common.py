@@ -1,8 +1,5 @@
-"""Host-side pieces shared by the chunk KDA launchers: the packed layout, buffer allocation, launch settings.
-
-Kept apart from the kernels (``chunk_fwd.py``, ``chunk_bwd.py``) and from the autograd wrapper
-(``chunk_triton.py``) so each of those imports it without cycles.
-"""
+"""Host-side pieces shared by the chunk KDA launchers: the chunk sizes, the packed layout, and the shared-memory
+fallback of the sequential passes (``launch_fitting``)."""
 
 from __future__ import annotations
 
@@ -10,7 +7,6 @@ import functools
 
 import torch
 
-from kimi_linear.ops.triton_helpers import pad_dim
 
 CHUNK = 64
 SUB_CHUNK = 16
@@ -50,42 +46,12 @@ def layout_for(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.de
     return _Layout(cu_seqlens, B, T, device)
 
 
-# Launch settings of the forward's sequential state pass (also the backward's recompute of the states) and of the
-# optional separate output pass; the V block sets their parallelism (V / BV * N * H programs). The per-chunk
-# kernels' settings are FWD_CONFIG in chunk_fwd.py and BWD_CONFIG in chunk_bwd.py.
-CONFIG = {
-    "fused_output": True,  # O inside the sequential state pass, or a parallel pass over stored states
-    "output_bv": 64,
-    "state_bv": 32,
-    "state_warps": 4,
-    # prefetch depth of the chunk loop for 16-bit inputs; H200 8k fwd 1.121 (3) vs 1.215 ms (2), state kernel
-    # 0.217 vs 0.313 (2026-12-03); 4 needs 244 KB of shared memory (the H200 has 227). fp32 inputs take
-    # state_stages_fp32 (3 needs 256 KB). 1 stage faults for 16-bit inputs on the H200 (min_stages()). A setting
-    # that does not fit (K = 256) falls back to a shallower depth or a narrower V block that does (launch_fitting)
-    "state_stages": 3,
-    "state_stages_fp32": 2,
-}
-
-
 def min_stages(dtype: torch.dtype) -> int:
     """The shallowest prefetch depth the sequential passes may take for inputs of ``dtype``: 2 for 16-bit inputs
     (their products run on wgmma; 1 stage hit an illegal memory access on the H200 with Triton 3.6, at K = V = 128
     and 256, not yet explained), 1 for fp32 ones (no tensor cores; on the H200 1 stage gave results bit-identical to
     2 at K = V = 128, T = 8192, and matched the reference to 1e-6 at K = V = 256)."""
     return 1 if dtype == torch.float32 else 2
-
-
-def state_stages(dtype: torch.dtype) -> int:
-    """num_stages of the sequential state pass (``chunk_kda_fwd_state_kernel``) for inputs of ``dtype``.
-
-    Raises:
-        ValueError: a setting below ``min_stages(dtype)``.
-    """
-    key = "state_stages_fp32" if dtype == torch.float32 else "state_stages"
-    stages = CONFIG[key]
-    if stages < min_stages(dtype):
-        raise ValueError(f"CONFIG[{key!r}] must be >= {min_stages(dtype)}, got {stages}: see min_stages()")
-    return stages
 
 
 def fitting_candidates(bv: int, stages: int, dtype: torch.dtype) -> list[tuple[int, int]]:
@@ -131,7 +97,3 @@ def launch_fitting(kernel, grid, bv: int, stages: int, *args, dtype: torch.dtype
         if n:
             _FITTING[key()] = n
         return out
-
-
-def _bv(V: int, key: str) -> int:
-    return min(pad_dim(V), CONFIG[key])

@@ -1,14 +1,14 @@
 """Triton backend of ``chunk_kda``: the autograd.Function that drives the chunkwise kernels.
 
-Forward (``chunk_fwd.py``): an intra-chunk stage (cumulative decays, pair matrices, UT transform, WY factors, and the
-decayed q/k the state pass reads), then a sequential state pass per (sequence, head, V block) that also writes the
-output (or, with ``CONFIG["fused_output"] = False``, writes the states and a parallel pass computes the output).
-Backward (``chunk_bwd.py``): the state pass again, writing the state entering each chunk (recomputed, not kept from
-the forward), a reverse pass for the state gradients, then two per-chunk stages for dq, dk, dv, dg, dbeta. The
-forward keeps its per-token intermediates for the backward (G fp32, A_qk, T fp32, W, U, q~ exp(G), K exp(G_last - G):
-about seven tensors the size of q), but no per-chunk states. The optional activations (q/k L2 norm, the gate, the
-beta sigmoid) run in PyTorch around the kernels, so autograd differentiates them; a scalar (GDN) gate is broadcast
-over K and runs through the same kernels.
+Forward (``chunk_fwd.py``): the per-chunk stages (cumulative decays and pair matrices, UT transform, WY factors, and
+the decayed q/k the state pass reads), then a sequential state pass per (sequence, head, V block) that also writes
+the output. Backward (``chunk_bwd.py``): the state pass again, writing the state entering each chunk (recomputed,
+not kept from the forward), a reverse pass for the state gradients, then the per-chunk stages for dq, dk, dv, dg,
+dbeta. The forward keeps its per-token intermediates for the backward (G fp32, A_qk, T fp32, W, U, q~ exp(G),
+K exp(G_last - G): about seven tensors the size of q), but no per-chunk states. The optional activations (q/k L2
+norm, the gate, the beta sigmoid) run in fused Triton kernels before and after the chunk kernels
+(``preprocess_triton.py``, with their own backward); a scalar (GDN) gate is broadcast over K and runs through the
+same kernels. Launch settings are values (``FwdLaunch``), chosen from the problem unless a caller passes its own.
 
 Inside, batches are packed: ``[B, T, H, D]`` becomes ``[B * T, H, D]`` with sequence boundaries every T rows, the
 same path as ``cu_seqlens`` varlen input. Dot products take the inputs' dtype (bf16/fp16 on tensor cores, fp32
@@ -21,24 +21,25 @@ from __future__ import annotations
 import torch
 
 from kimi_linear.ops.kda.chunk_bwd import chunk_bwd
-from kimi_linear.ops.kda.chunk_common import CHUNK, CONFIG, SUB_CHUNK, layout_for
-from kimi_linear.ops.kda.chunk_fwd import chunk_fwd
+from kimi_linear.ops.kda.chunk_common import CHUNK, SUB_CHUNK, layout_for
+from kimi_linear.ops.kda.chunk_fwd import FwdLaunch, chunk_fwd, fwd_launch
 from kimi_linear.ops.kda.common import preprocess
 
-__all__ = ["CHUNK", "CONFIG", "SUB_CHUNK", "ChunkKDAFunction", "chunk_kda_triton"]
+__all__ = ["CHUNK", "SUB_CHUNK", "ChunkKDAFunction", "chunk_kda_triton"]
 
 
 class ChunkKDAFunction(torch.autograd.Function):
     """Packed inputs q, k ``[TT, H, K]``, v ``[TT, H, V]`` (one dtype), g ``[TT, H, K]`` fp32, beta ``[TT, H]``,
-    initial state ``[N, H, K, V]`` fp32 or None -> (o ``[TT, H, V]``, final state ``[N, H, K, V]`` or None)."""
+    initial state ``[N, H, K, V]`` fp32 or None -> (o ``[TT, H, V]``, final state ``[N, H, K, V]`` or None), with
+    the launch settings ``fwd`` (``FwdLaunch``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, layout):
+    def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, layout, fwd):
         need_bwd = any(ctx.needs_input_grad[:6])
-        o, ht, saved = chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout)
+        o, ht, saved = chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, fwd)
         if need_bwd:
             ctx.save_for_backward(q, k, v, beta, h0, *saved)
-        ctx.scale, ctx.layout = scale, layout
+        ctx.scale, ctx.layout, ctx.fwd = scale, layout, fwd
         return o, ht
 
     @staticmethod
@@ -46,8 +47,9 @@ class ChunkKDAFunction(torch.autograd.Function):
         q, k, v, beta, h0, *saved = ctx.saved_tensors
         do = do.contiguous().to(q.dtype)
         dht = None if dht is None else dht.contiguous().float()
-        dq, dk, dv, dg, db, dh0 = chunk_bwd(q, k, v, beta, saved, ctx.scale, h0, do, dht, ctx.layout)
-        return dq, dk, dv, dg, db.to(beta.dtype), dh0, None, None, None
+        dq, dk, dv, dg, db, dh0 = chunk_bwd(q, k, v, beta, saved, ctx.scale, h0, do, dht, ctx.layout,
+                                            state=ctx.fwd.state)
+        return dq, dk, dv, dg, db.to(beta.dtype), dh0, None, None, None, None
 
 
 def chunk_kda_triton(
@@ -65,12 +67,15 @@ def chunk_kda_triton(
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     use_beta_sigmoid_in_kernel: bool = False,
+    fwd: FwdLaunch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise KDA on the Triton kernels; arguments already validated by ``chunk_kda`` (see its docstring).
 
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; g: ``[B, T, H, K]`` or ``[B, T, H]`` (scalar gate);
         beta: ``[B, T, H]``; initial_state: ``[N, H, K, V]`` fp32; cu_seqlens: int ``[N + 1]`` with B = 1.
+        fwd: the forward kernels' launch settings; None takes ``fwd_launch(K, V, dtype)`` (benchmarks sweep
+            others with ``dataclasses.replace``).
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] fp32 or None)``; differentiable in q, k, v, g,
@@ -93,5 +98,6 @@ def chunk_kda_triton(
     beta = beta.reshape(B * T, H).contiguous()
     layout = layout_for(cu_seqlens, B, T, q.device)
     h0 = None if initial_state is None else initial_state.contiguous()
-    o, ht = ChunkKDAFunction.apply(q, k, v, g, beta, h0, scale, output_final_state, layout)
+    fwd = fwd_launch(K, V, dt) if fwd is None else fwd
+    o, ht = ChunkKDAFunction.apply(q, k, v, g, beta, h0, scale, output_final_state, layout, fwd)
     return o.reshape(B, T, H, V).to(out_dtype), ht
