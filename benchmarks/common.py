@@ -34,7 +34,7 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Ceilings measured on the H200 (DESIGN.md §5): dense bf16 matmul rate and HBM bandwidth.
+# Ceilings measured on the H200 (benchmarks/RESULTS.md): dense bf16 matmul rate and HBM bandwidth.
 H200_BF16_TFLOPS = 790.0
 H200_HBM_TBPS = 4.8
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on the H200

@@ -12,7 +12,7 @@ Shapes: "48b" = the release's MoE layer (D=2304, E=256, K=8, F=1024, 1 shared ex
 K=2, F=256. N is the number of tokens in one call (decode: N = batch; prefill: N = B*T).
 Timing: CUDA: triton.testing.do_bench (median after warm-up); CPU: wall-clock median of 5. "floor" is the larger
 of FLOPs / 790 TFLOP/s and (expert weights touched + activations in/out) / 4.8 TB/s, the H200 ceilings
-measured in DESIGN.md §5; "of floor" = floor / time (CUDA only).
+measured on the H200 (benchmarks/common.py); "of floor" = floor / time (CUDA only).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ FLOPs per token follow the usual accounting: 6 x (active matrix parameters, lm_h
 excluded) for forward + backward, plus the token mixers: KDA by paper Eq. 13 (per head 6 K^2 + 3 C K + C^2 per
 token, C = 64) and causal attention 2 x (T / 2) x (d_qk + d_v) per head per token for the MLA layers' forward
 (score and value products over on average T / 2 keys), both x3 for training. MFU = FLOPs / step time / 790 TFLOP/s
-(the bf16 dense-matmul rate measured on this H200, DESIGN.md §5).
+(the bf16 dense-matmul rate measured on the H200, benchmarks/common.py).
 
     python -m benchmarks train_speed_gpu                              # GPU
     python -m benchmarks train_speed_gpu --device cpu --smoke --out /tmp/x  # pipeline check on the CPU

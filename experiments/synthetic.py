@@ -31,7 +31,7 @@ from pathlib import Path
 
 from kimi_linear.train.synthetic import MIXERS, TASKS, SynthConfig, train_synthetic
 
-# DESIGN.md §6 (paper Fig. 4): accuracy (%) at 256 / 512 / 1024 / 2048 tokens. Stack is reported as 100 for
+# Paper Fig. 4: accuracy (%) at 256 / 512 / 1024 / 2048 tokens. Stack is reported as 100 for
 # KDA and GDN without a per-length breakdown; Mamba2 on Palindrome and Stack is not given in numbers.
 PAPER = {
     ("mqar", "kda"): {256: 100, 512: 100, 1024: 100, 2048: 48},

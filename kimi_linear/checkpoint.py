@@ -1,6 +1,6 @@
 """Checkpoints in the released HF format: ``config.json`` + safetensors, sharded with an index.
 
-The model's state dict already uses the release's tensor names (DESIGN.md §4) except for the routed experts,
+The model's state dict already uses the release's tensor names except for the routed experts,
 which the model stacks into ``experts.{w1,w2,w3}`` ``[E, F, D]`` / ``[E, D, F]`` parameters while the release
 stores one tensor per expert. ``NAME_TABLE`` is that one mapping, both ways.
 

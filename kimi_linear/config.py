@@ -1,6 +1,6 @@
 """The one model configuration: ``KimiLinearConfig``.
 
-Field names are the released checkpoint's ``config.json`` names (DESIGN.md §4), so ``from_hf`` / ``to_hf`` are
+Field names are the released checkpoint's ``config.json`` names, so ``from_hf`` / ``to_hf`` are
 mostly a copy. The release stores the layer layout as 1-based lists inside ``linear_attn_config``; here the
 lists are 0-based (``kda_layers``, ``full_attn_layers``) and ``__post_init__`` derives one ``layer_types``
 entry per layer:

@@ -12,7 +12,7 @@ RELEASE_MLA_1BASED = [4, 8, 12, 16, 20, 24, 27]
 
 
 def release_config_json() -> dict:
-    """The released Kimi-Linear-48B-A3B config.json fields that matter (DESIGN.md §4)."""
+    """The released Kimi-Linear-48B-A3B config.json fields that matter."""
     return {
         "model_type": "kimi_linear",
         "architectures": ["KimiLinearForCausalLM"],

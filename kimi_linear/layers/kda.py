@@ -1,4 +1,4 @@
-"""The Kimi Delta Attention layer (paper §4, DESIGN.md §3), with the released checkpoint's parameter names.
+"""The Kimi Delta Attention layer (paper §4), with the released checkpoint's parameter names.
 
 x ─┬─ q_proj ─ q_conv1d ─ SiLU ─┐
    ├─ k_proj ─ k_conv1d ─ SiLU ─┤ (q, k L2-normalised inside the op)

@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention with NoPE (DESIGN.md §3), the released checkpoint's parameter names.
+"""Multi-head Latent Attention with NoPE (paper §4), the released checkpoint's parameter names.
 
     q            = q_proj(x)                      # [B, T, H, dn + dr]  (q_lora_rank is null in the release)
     latent, k_pe = kv_a_proj_with_mqa(x)          # [B, T, r], [B, T, dr]

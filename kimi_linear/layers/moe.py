@@ -1,4 +1,4 @@
-"""Mixture-of-Experts feed-forward (DESIGN.md §3 "MoE"): fp32 sigmoid router with a load-balancing correction
+"""Mixture-of-Experts feed-forward: fp32 sigmoid router with a load-balancing correction
 bias, top-k routed SwiGLU experts computed grouped by expert, plus a shared SwiGLU expert.
 
 Shape legend: B batch, T time, N = B*T tokens, D hidden size, E routed experts, F expert intermediate size,

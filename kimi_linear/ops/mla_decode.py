@@ -1,4 +1,4 @@
-"""Absorbed MLA decode attention: one query token per sequence against its cached latents (DESIGN.md §3).
+"""Absorbed MLA decode attention: one query token per sequence against its cached latents.
 
 With kv_b_proj absorbed into the query and the output, every head of a sequence attends over the same cache
 rows — the normalised latent ``c_s [r]`` and the shared ``k_pe_s [dr]`` — so decode is MQA over a 576-wide key
@@ -103,7 +103,7 @@ def mla_decode_attention_reference(
     scale: float,
     block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The spec: absorbed MLA decode attention in plain PyTorch (DESIGN.md §3, "absorb kv_b_proj").
+    """The spec: absorbed MLA decode attention in plain PyTorch (kv_b_proj absorbed).
 
     Same arguments and result as ``mla_decode_attention``; a paged cache is first gathered into the dense
     ``[B, L_max, ·]`` form through ``block_table``. The dots run in the caches' dtype (the query is

@@ -48,7 +48,7 @@ def route_tokens(
     num_groups: int = 1,
     top_k_groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose K experts per token and their weights (auxiliary-loss-free routing, DESIGN.md §3).
+    """Choose K experts per token and their weights (auxiliary-loss-free routing, as the release).
 
     logits = x.float() @ router_weight.float().T (fp32 even under autocast); scores = sigmoid(logits) (or
     softmax over E); the K experts with the largest scores + correction_bias are chosen; their weights are the
@@ -300,7 +300,7 @@ def moe_reference(
 ) -> torch.Tensor:
     """The MoE layer written densely, as the spec: every expert runs on every token; a [N, E] gate masks them.
 
-    Routing follows DESIGN.md §3: fp32 logits, scores = sigmoid(logits) (or softmax), choice by
+    Routing follows the release: fp32 logits, scores = sigmoid(logits) (or softmax), choice by
     scores + correction_bias, gate = the unbiased chosen scores (renormalised, scaled), zero elsewhere.
 
     Args:

@@ -116,7 +116,7 @@ def randomised_layer(config, seed=0) -> KimiDeltaAttention:
 
 
 def reference_layer(layer: KimiDeltaAttention, x: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md §3 written out with plain torch ops and the recurrent spec of paper Eq. 1."""
+    """The KDA layer (paper §4) written out with plain torch ops and the recurrent spec of paper Eq. 1."""
     B, T, _ = x.shape
     H, K = layer.num_heads, layer.head_dim
     W = layer.conv_size

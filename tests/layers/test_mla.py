@@ -62,7 +62,7 @@ def rope_complex(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torc
 
 
 def reference_mla(layer: MultiheadLatentAttention, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md §3 for one sequence ``x [T, D]``; ``visible [T, T]`` bool: the keys each query may see."""
+    """MLA (paper §4) written out for one sequence ``x [T, D]``; ``visible [T, T]`` bool: the keys each query may see."""
     T = x.shape[0]
     H, dn, dr, dv, r = layer.num_heads, layer.nope_dim, layer.rope_dim, layer.v_dim, layer.kv_lora_rank
     q = (x @ layer.q_proj.weight.T).view(T, H, dn + dr)
