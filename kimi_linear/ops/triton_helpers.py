@@ -12,7 +12,8 @@
 * ``cast_to`` (device): an fp32 block in a pointer's element type, rounded to nearest even also under the
   interpreter.
 * The chunk prologue and block access of the chunkwise kernels (device): ``chunk_rows`` finds a chunk's first packed
-  row and its valid length from ``cu_seqlens`` / ``chunk_indices``; ``load_rows`` / ``load_cols`` / ``store_cols`` /
+  row and its valid length from ``cu_seqlens`` / ``chunk_indices``, ``sequence_prologue`` the same for the
+  sequential passes' programs (one per V block, sequence and head); ``load_rows`` / ``load_cols`` / ``store_cols`` /
   ``load_block`` ... read and write [rows, columns] tiles of packed ``[T_total, H, D]`` tensors, masked at the
   chunk's end (rows past it read 0). ``dot`` / ``dot_exact``: ``tl.dot`` at a given / full fp32 precision.
 """
@@ -76,6 +77,24 @@ def chunk_rows(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     t0 = bos + i_t * BT
     return t0, tl.minimum(eos - t0, BT)
+
+
+@triton.jit
+def sequence_prologue(cu_seqlens, chunk_offsets, i_v, i_nh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Where the sequential passes' program (V block i_v, sequence and head i_nh) works: (i_n, i_h, the sequence's
+    first and end packed rows bos / eos, its number of chunks, the index of its first chunk, the V offsets o_v,
+    the mask m_kv and the offsets o_kv of its [BK, BV] block inside one [K, V] state)."""
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    n_chunks = (eos - bos + BT - 1) // BT
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    return i_n, i_h, bos, eos, n_chunks, c0, o_v, m_kv, o_kv
 
 
 @triton.jit

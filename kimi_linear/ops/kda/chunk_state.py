@@ -30,6 +30,7 @@ from kimi_linear.ops.triton_helpers import (
     load_last,
     load_rows_raw,
     pad_dim,
+    sequence_prologue,
     tile,
 )
 
@@ -88,17 +89,8 @@ def chunk_kda_fwd_state_kernel(
     """Per (V block, sequence, head) — grid (cdiv(V, BV), N * H): the state pass over the sequence's chunks, from
     h0 (USE_H0) or zero. STORE_O writes O, STORE_HT the final state to ``ht`` [N, H, K, V] fp32, STORE_H the state
     entering each chunk to ``h_out`` [NT, H, K, V] and V_new to ``vnew_out``."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    n_chunks = (eos - bos + BT - 1) // BT
-    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
-    o_kv = o_k[:, None] * V + o_v[None, :]  # offsets inside one [K, V] state
+    i_n, i_h, bos, eos, n_chunks, c0, o_v, m_kv, o_kv = sequence_prologue(
+        cu_seqlens, chunk_offsets, tl.program_id(0), tl.program_id(1), H, K, V, BT, BK, BV)
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         S += tl.load(h0 + (i_n * H + i_h) * K * V + o_kv, mask=m_kv, other=0.0)
