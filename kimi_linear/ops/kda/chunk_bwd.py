@@ -17,10 +17,9 @@ these stages run after the state recompute (``chunk_kda_fwd_state_kernel`` with 
 * ``chunk_kda_bwd_wy_kernel`` — per (chunk, head): the parts that reduce over V only: dA_qk = dO V_new^T,
   d(beta V) = T^T dV_new (-> dv), and the UT-transform gradient in one product, dA = -T^T dV_new V_new^T (the two
   WY factors' terms dU (beta V)^T + dW (beta K exp G)^T combine into dV_new ((I + A) V_new)^T; see the kernel).
-* ``chunk_kda_bwd_intra_kernel`` — per (chunk, head, sub-block) (or per (chunk, head) walking the sub-blocks from
-  the last): the gradients through the pair matrices A_kk and A_qk with the forward's decay routing through a
-  reference row, giving the final dq, dk, dbeta and dG; ``chunk_kda_bwd_dg_kernel`` then takes dg as the reverse
-  cumulative sum of dG inside the chunk (the unsplit launch does that itself).
+* ``chunk_kda_bwd_intra_kernel`` — per (chunk, head, sub-block): the gradients through the pair matrices A_kk and
+  A_qk with the forward's decay routing through a reference row, giving the final dq, dk, dbeta and dG;
+  ``chunk_kda_bwd_dg_kernel`` then takes dg as the reverse cumulative sum of dG inside the chunk.
 
 Products take 16-bit operands where the inputs are 16-bit (states, V_new, dV_new, dO) with fp32 accumulation; the
 products with T and the fp32 gradients take fp32 operands (tf32 for 16-bit inputs, full fp32 for fp32 inputs).
@@ -60,8 +59,8 @@ from kimi_linear.ops.triton_helpers import dot_precision, interpreting, new_buff
 BWD_CONFIG = {
     "dh_bv": 32,
     "dh_warps": 4,
-    # prefetch depth of the reverse state pass; 3 vs 2: 8k fwd+bwd 4.542 vs 4.589 ms (2026-12-03, 23:10 UTC). Where
-    # it does not fit (K = 256, fp32) launch_fitting takes a shallower depth or a narrower V block
+    # prefetch depth of the reverse state pass; where it does not fit (K = 256, fp32) launch_fitting takes a
+    # shallower depth or a narrower V block
     "dh_stages": 3,
     "inter_bk": 64,  # K block of the state-gradient stage: one program per (chunk, head, K block)
     "inter_bv": 64,  # halved for fp32 inputs (shared memory)
@@ -70,12 +69,8 @@ BWD_CONFIG = {
     "wy_bv": 64,
     "wy_warps": 4,
     "wy_stages": 2,
-    "intra_split": True,  # one program per sub-block (4x the programs) and a separate reverse cumsum
     "intra_warps": 8,
     "intra_stages": 1,
-    # the pairs inside each sub-block by small fp32 products where the block's decay range is at most e^60 (as the
-    # forward's diag_impl "dots"), else element-wise. Checked in the interpreter only: not yet timed on the H200
-    "intra_diag_dots": False,
 }
 
 
@@ -317,36 +312,13 @@ def _bwd_intra_diag_loops(acc_q, acc_r, acc_c, q, k, beta, G, dA, dAqk, G_a, t0,
 
 
 @triton.jit
-def _bwd_intra_diag_dots(acc_q, acc_r, acc_c, q_a, k_a, b_a, G_a, d, dA, dAqk, t0, r_a, n_rows, i_h,
-                         H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, DIAG_CAP: tl.constexpr):
-    """The same pairs as ``_bwd_intra_diag_loops`` by [BC, BC] x [BC, BK] products, for a block whose decay range
-    max(G_t - d) over its rows and K is at most DIAG_CAP (d its exit row): exp(G_t - G_j) = exp(G_t - d)
-    exp(d - G_j), the first factor in [1, e^DIAG_CAP], the second <= 1. The products are fp32 ("ieee"), as the
-    loops' sums are; q_a is already scaled."""
-    o_c = tl.arange(0, BC)
-    low = o_c[:, None] >= o_c[None, :]  # pairs (t, j), j <= t, as the loops take them
-    dqk = tl.where(low, _load_block(dAqk, t0, r_a, r_a, n_rows, i_h, H, BT, BC), 0.0)
-    dkk = tl.where(low, _load_block(dA, t0, r_a, r_a, n_rows, i_h, H, BT, BC), 0.0)
-    a_own = G_a - d[None, :]
-    eU = tl.exp(tl.minimum(a_own, DIAG_CAP))
-    eD = tl.exp(tl.minimum(-a_own, 0.0))
-    kD = k_a * eD
-    acc_q += eU * tl.dot(dqk, kD, input_precision="ieee")
-    acc_r += eU * tl.dot(dkk, kD, input_precision="ieee")
-    acc_c += eD * (tl.dot(tl.trans(dkk), b_a[:, None] * k_a * eU, input_precision="ieee")
-                   + tl.dot(tl.trans(dqk), q_a * eU, input_precision="ieee"))
-    return acc_q, acc_r, acc_c
-
-
-@triton.jit
 def _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows, G_last, i_h, scale,
                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                     DOT_PREC: tl.constexpr, DIAG_DOTS: tl.constexpr = False, DIAG_CAP: tl.constexpr = 60.0):
+                     DOT_PREC: tl.constexpr):
     """Sub-block a of a chunk: its final dq~, dk, dbeta and dG (before the reverse cumulative sum).
 
     Sub-blocks past the chunk's end read zeros, their G is the last valid row's, and produce zeros.
     """
-    o_c = tl.arange(0, BC)
     r_a = a * BC
     q_a = _load_rows(q, t0, r_a, n_rows, i_h, H, K, BC, BK) * scale
     k_a = _load_rows(k, t0, r_a, n_rows, i_h, H, K, BC, BK)
@@ -384,19 +356,9 @@ def _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows, 
             part += _dot(tl.trans(dAqk_ca), q_c * e_c, DOT_PREC)
             acc_c += part * tl.exp(Gr_c[None, :] - G_a)
 
-    # inside block a: element-wise, or (DIAG_DOTS, where the block's decay range allows) by small dots
-    if DIAG_DOTS:
-        # the block's exit row (its last valid row; G_last for a block that is cut short or past the end)
-        d = tl.where(r_a + BC - 1 < n_rows, _load_row(G, t0, r_a + BC - 1, n_rows, i_h, H, K, BK), G_last)
-        if tl.max(tl.max(G_a - d[None, :], 1), 0) <= DIAG_CAP:
-            acc_q, acc_r, acc_c = _bwd_intra_diag_dots(acc_q, acc_r, acc_c, q_a, k_a, b_a, G_a, d, dA, dAqk, t0, r_a,
-                                                       n_rows, i_h, H, BT, BC, DIAG_CAP)
-        else:
-            acc_q, acc_r, acc_c = _bwd_intra_diag_loops(acc_q, acc_r, acc_c, q, k, beta, G, dA, dAqk, G_a, t0, r_a,
-                                                        n_rows, i_h, scale, H, K, BT, BC, BK)
-    else:
-        acc_q, acc_r, acc_c = _bwd_intra_diag_loops(acc_q, acc_r, acc_c, q, k, beta, G, dA, dAqk, G_a, t0, r_a,
-                                                    n_rows, i_h, scale, H, K, BT, BC, BK)
+    # inside block a
+    acc_q, acc_r, acc_c = _bwd_intra_diag_loops(acc_q, acc_r, acc_c, q, k, beta, G, dA, dAqk, G_a, t0, r_a,
+                                                n_rows, i_h, scale, H, K, BT, BC, BK)
 
     dk_row = b_a[:, None] * acc_r
     b_dq = _load_rows(dq, t0, r_a, n_rows, i_h, H, K, BC, BK) + acc_q
@@ -410,52 +372,26 @@ def _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows, 
 def chunk_kda_bwd_intra_kernel(
     q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, dq_out, dk_out, dg_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, DIAG_DOTS: tl.constexpr = False, DIAG_CAP: tl.constexpr = 60.0,
+    DOT_PREC: tl.constexpr,
 ):
-    """Without SPLIT: one program per (chunk, head) walks the four sub-blocks from the last, carrying the reverse
-    cumulative sum, and writes dg. With SPLIT: one program per (chunk, head, sub-block), four times the
-    parallelism; it writes dG, and ``chunk_kda_bwd_dg_kernel`` turns it into dg. With DIAG_DOTS
-    (``BWD_CONFIG["intra_diag_dots"]``) the pairs inside a sub-block are small fp32 products where its decay range
-    is at most DIAG_CAP (``_bwd_intra_diag_dots``), element-wise otherwise."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    """One program per (chunk, head, sub-block): writes dq, dk, dbeta (in place) and dG, which
+    ``chunk_kda_bwd_dg_kernel`` then turns into dg."""
+    i_c, i_h, a = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(chunk_indices + 2 * i_c)
     i_t = tl.load(chunk_indices + 2 * i_c + 1)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     t0 = bos + i_t * BT
     n_rows = tl.minimum(eos - t0, BT)
-    o_c = tl.arange(0, BC)
     G_last = _load_last(G, t0, n_rows, i_h, H, K, BK)
-
-    if SPLIT:
-        a = tl.program_id(2)
-        b_dq, b_dk, b_dG, b_db = _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows,
-                                                  G_last, i_h, scale, H, K, BT, BC, BK, DOT_PREC, DIAG_DOTS,
-                                                  DIAG_CAP)
-        r_a = a * BC
-        _store_rows(dq_out, b_dq * scale, t0, r_a, n_rows, i_h, H, K, BC, BK)
-        _store_rows(dk_out, b_dk, t0, r_a, n_rows, i_h, H, K, BC, BK)
-        _store_rows(dg_out, b_dG, t0, r_a, n_rows, i_h, H, K, BC, BK)
-        o_a = r_a + o_c
-        tl.store(dbeta + (t0 + o_a).to(tl.int64) * H + i_h, b_db, mask=o_a < n_rows)
-    else:
-        carry = tl.zeros([BK], dtype=tl.float32)  # sum of dG over the later sub-blocks of the chunk
-        # static bounds: BT = 4 BC, and the interpreter rejects run-time bounds in range()
-        for i in tl.static_range(4):
-            a = 3 - i
-            b_dq, b_dk, b_dG, b_db = _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows,
-                                                      G_last, i_h, scale, H, K, BT, BC, BK, DOT_PREC, DIAG_DOTS,
-                                                      DIAG_CAP)
-            r_a = a * BC
-            # g_t contributes to every G_s with s >= t in the chunk
-            tot = tl.sum(b_dG, 0)
-            b_dg = tot[None, :] - tl.cumsum(b_dG, 0) + b_dG + carry[None, :]
-            carry += tot
-            _store_rows(dq_out, b_dq * scale, t0, r_a, n_rows, i_h, H, K, BC, BK)
-            _store_rows(dk_out, b_dk, t0, r_a, n_rows, i_h, H, K, BC, BK)
-            _store_rows(dg_out, b_dg, t0, r_a, n_rows, i_h, H, K, BC, BK)
-            o_a = r_a + o_c
-            tl.store(dbeta + (t0 + o_a).to(tl.int64) * H + i_h, b_db, mask=o_a < n_rows)
+    b_dq, b_dk, b_dG, b_db = _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows,
+                                              G_last, i_h, scale, H, K, BT, BC, BK, DOT_PREC)
+    r_a = a * BC
+    _store_rows(dq_out, b_dq * scale, t0, r_a, n_rows, i_h, H, K, BC, BK)
+    _store_rows(dk_out, b_dk, t0, r_a, n_rows, i_h, H, K, BC, BK)
+    _store_rows(dg_out, b_dG, t0, r_a, n_rows, i_h, H, K, BC, BK)
+    o_a = r_a + tl.arange(0, BC)
+    tl.store(dbeta + (t0 + o_a).to(tl.int64) * H + i_h, b_db, mask=o_a < n_rows)
 
 
 @triton.jit
@@ -532,16 +468,14 @@ def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
             H=H, V=V, BT=CHUNK, BV=min(pad_dim(V), c["wy_bv"] // (2 if fp32 else 1)), NK=NK, DOT_PREC=prec,
             num_warps=c["wy_warps"], num_stages=c["wy_stages"],
         )
-        split = c["intra_split"]
-        chunk_kda_bwd_intra_kernel[(NT, H, CHUNK // SUB_CHUNK if split else 1)](
+        chunk_kda_bwd_intra_kernel[(NT, H, CHUNK // SUB_CHUNK)](
             q, k, beta, G, dq, dk, dG, dA, dAqk, db, dq_out, dk_out, dg,
             layout.cu_seqlens, layout.chunk_indices, scale,
-            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC=prec, SPLIT=split, DIAG_DOTS=c["intra_diag_dots"],
+            H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC=prec,
             num_warps=c["intra_warps"], num_stages=c["intra_stages"],
         )
-        if split:
-            chunk_kda_bwd_dg_kernel[(NT, H)](dg, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BK=BK,
-                                             num_warps=4)
+        chunk_kda_bwd_dg_kernel[(NT, H)](dg, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BK=BK,
+                                         num_warps=4)
     return dq_out, dk_out, dv, dg, db, dh0
 
 
@@ -558,8 +492,7 @@ def sm90_build_jobs(H: int, K: int, V: int) -> list:
          c["inter_stages"]),
         (chunk_kda_bwd_wy_kernel, dict(H=H, V=V, BT=CHUNK, BV=min(BVf, c["wy_bv"]), NK=triton.cdiv(K, BKi),
                                        DOT_PREC="tf32"), c["wy_warps"], c["wy_stages"]),
-        (chunk_kda_bwd_intra_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC="tf32",
-                                          SPLIT=c["intra_split"], DIAG_DOTS=c["intra_diag_dots"]), c["intra_warps"],
-         c["intra_stages"]),
+        (chunk_kda_bwd_intra_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC="tf32"),
+         c["intra_warps"], c["intra_stages"]),
         (chunk_kda_bwd_dg_kernel, dict(H=H, K=K, BT=CHUNK, BK=BK), 4, 1),
     ]
