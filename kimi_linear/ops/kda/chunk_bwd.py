@@ -23,10 +23,12 @@ these stages run after the state recompute (``chunk_kda_fwd_state_kernel`` with 
 
 Products take 16-bit operands where the inputs are 16-bit (states, V_new, dV_new, dO) with fp32 accumulation; the
 products with T and the fp32 gradients take fp32 operands (tf32 for 16-bit inputs, full fp32 for fp32 inputs).
-Numerics as in the forward: G fp32, only differences <= 0 are exponentiated. Launch settings: ``BWD_CONFIG``.
+Numerics as in the forward: G fp32, only differences <= 0 are exponentiated. Launch settings: ``bwd_launch``.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -55,23 +57,39 @@ from kimi_linear.ops.kda.chunk_fwd import (
 )
 from kimi_linear.ops.triton_helpers import dot_precision, interpreting, new_buffer, pad_dim
 
-# Launch settings of the backward's kernels (the state recompute uses the forward's ``CONFIG["state_*"]``).
-BWD_CONFIG = {
-    "dh_bv": 32,
-    "dh_warps": 4,
-    # prefetch depth of the reverse state pass; where it does not fit (K = 256, fp32) launch_fitting takes a
-    # shallower depth or a narrower V block
-    "dh_stages": 3,
-    "inter_bk": 64,  # K block of the state-gradient stage: one program per (chunk, head, K block)
-    "inter_bv": 64,  # halved for fp32 inputs (shared memory)
-    "inter_warps": 8,  # 4 warps spill
-    "inter_stages": 2,
-    "wy_bv": 64,
-    "wy_warps": 4,
-    "wy_stages": 2,
-    "intra_warps": 8,
-    "intra_stages": 1,
-}
+@dataclasses.dataclass(frozen=True)
+class BwdLaunch:
+    """Launch settings of the backward's kernels (the state recompute takes the forward's). Blocks are in elements;
+    ``*_warps`` / ``*_stages`` are Triton's num_warps / num_stages."""
+
+    dh_bv: int  # V block of the reverse state pass: N * H * V / dh_bv programs
+    dh_warps: int
+    dh_stages: int  # its prefetch depth; launch_fitting steps down where it does not fit (K = 256, fp32)
+    inter_bk: int  # K block of the state-gradient stage: one program per (chunk, head, K block)
+    inter_bv: int  # its V block
+    inter_warps: int  # 4 spill
+    inter_stages: int
+    wy_bv: int  # V block of the WY / UT stage
+    wy_warps: int
+    wy_stages: int
+    intra_warps: int  # pair-matrix stage, one program per (chunk, head, sub-block)
+    intra_stages: int
+    dg_warps: int  # reverse cumulative sum of dg
+
+
+def bwd_launch(K: int, V: int, dtype: torch.dtype) -> BwdLaunch:
+    """The shipped launch settings for head sizes K, V and input dtype ``dtype``. Blocks are clipped to the padded
+    head size; fp32 inputs take half the V block in the state-gradient and WY stages (their operands take twice the
+    shared memory)."""
+    BK, BV = pad_dim(K), pad_dim(V)
+    halve = 2 if dtype == torch.float32 else 1
+    return BwdLaunch(
+        dh_bv=min(BV, 32), dh_warps=4, dh_stages=3,
+        inter_bk=min(BK, 64), inter_bv=min(BV, 64 // halve), inter_warps=8, inter_stages=2,
+        wy_bv=min(BV, 64 // halve), wy_warps=4, wy_stages=2,
+        intra_warps=8, intra_stages=1,
+        dg_warps=4,
+    )
 
 
 @triton.jit
@@ -410,8 +428,9 @@ def chunk_kda_bwd_dg_kernel(dg, cu_seqlens, chunk_indices, H: tl.constexpr, K: t
     _store_rows(dg, b_dg, t0, 0, n_rows, i_h, H, K, BT, BK)
 
 
-def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
-    """Backward launcher: the forward's inputs and saved intermediates, dO (and dS_T) -> dq, dk, dv, dg, dbeta, dh0."""
+def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout, launch: BwdLaunch | None = None):
+    """Backward launcher: the forward's inputs and saved intermediates, dO (and dS_T) -> dq, dk, dv, dg, dbeta, dh0.
+    ``launch``: the launch settings (default ``bwd_launch(K, V, q.dtype)``)."""
     G, Aqk, Tinv, w, u, qg, kd = saved
     TT, H, K = q.shape
     V = v.shape[-1]
@@ -419,7 +438,7 @@ def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
     dev, dt = q.device, q.dtype
     prec = dot_precision(dt)
     NT = layout.NT
-    c = BWD_CONFIG
+    c = launch or bwd_launch(K, V, dt)
     # states entering each chunk and the pseudo-values V_new, recomputed
     h = new_buffer(NT, H, K, V, device=dev, dtype=dt)
     vn = new_buffer(TT, H, V, device=dev, dtype=dt)
@@ -434,13 +453,12 @@ def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
     dh = new_buffer(NT, H, K, V, device=dev, dtype=dt)
     dvn = new_buffer(TT, H, V, device=dev, dtype=dt)
     dh0 = new_buffer(layout.N, H, K, V, device=dev, dtype=torch.float32) if h0 is not None else None
-    BV = min(pad_dim(V), c["dh_bv"])
     launch_fitting(
-        chunk_kda_bwd_dh_kernel, lambda bv: (triton.cdiv(V, bv), layout.N * H), BV, c["dh_stages"],
+        chunk_kda_bwd_dh_kernel, lambda bv: (triton.cdiv(V, bv), layout.N * H), c.dh_bv, c.dh_stages,
         qg, kd, w, G, Aqk, do, dht if dht is not None else do, dh, dvn, dh0 if dh0 is not None else do,
         layout.cu_seqlens, layout.chunk_offsets, dtype=dt,
         H=H, K=K, V=V, BT=CHUNK, BK=BK, USE_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        DOT_PREC=prec, INTERPRET=interpreting(), num_warps=c["dh_warps"],
+        DOT_PREC=prec, INTERPRET=interpreting(), num_warps=c.dh_warps,
     )
     dv = new_buffer(TT, H, V, device=dev, dtype=v.dtype)
     db = new_buffer(TT, H, device=dev, dtype=torch.float32)
@@ -453,46 +471,42 @@ def chunk_bwd(q, k, v, beta, saved, scale, h0, do, dht, layout):
         dG = new_buffer(TT, H, K, device=dev, dtype=torch.float32)
         dA = new_buffer(TT, H, CHUNK, device=dev, dtype=torch.float32)
         dAqk = new_buffer(TT, H, CHUNK, device=dev, dtype=torch.float32)
-        # fp32 operands take twice the shared memory of 16-bit ones
-        fp32 = dt == torch.float32
-        BKi = min(BK, c["inter_bk"])
-        NK = triton.cdiv(K, BKi)
+        NK = triton.cdiv(K, c.inter_bk)
         dbk = new_buffer(TT, H, NK, device=dev, dtype=torch.float32)
         chunk_kda_bwd_inter_kernel[(NT, H, NK)](
             q, k, beta, G, Tinv, h, dh, vn, dvn, do, dq, dk, dG, dbk, layout.cu_seqlens, layout.chunk_indices,
-            scale, H=H, K=K, V=V, BT=CHUNK, BK=BKi, BV=min(pad_dim(V), c["inter_bv"] // (2 if fp32 else 1)),
-            DOT_PREC=prec, num_warps=c["inter_warps"], num_stages=c["inter_stages"],
+            scale, H=H, K=K, V=V, BT=CHUNK, BK=c.inter_bk, BV=c.inter_bv,
+            DOT_PREC=prec, num_warps=c.inter_warps, num_stages=c.inter_stages,
         )
         chunk_kda_bwd_wy_kernel[(NT, H)](
             v, beta, Tinv, vn, dvn, do, dbk, dA, dAqk, dv, db, layout.cu_seqlens, layout.chunk_indices,
-            H=H, V=V, BT=CHUNK, BV=min(pad_dim(V), c["wy_bv"] // (2 if fp32 else 1)), NK=NK, DOT_PREC=prec,
-            num_warps=c["wy_warps"], num_stages=c["wy_stages"],
+            H=H, V=V, BT=CHUNK, BV=c.wy_bv, NK=NK, DOT_PREC=prec,
+            num_warps=c.wy_warps, num_stages=c.wy_stages,
         )
         chunk_kda_bwd_intra_kernel[(NT, H, CHUNK // SUB_CHUNK)](
             q, k, beta, G, dq, dk, dG, dA, dAqk, db, dq_out, dk_out, dg,
             layout.cu_seqlens, layout.chunk_indices, scale,
             H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC=prec,
-            num_warps=c["intra_warps"], num_stages=c["intra_stages"],
+            num_warps=c.intra_warps, num_stages=c.intra_stages,
         )
         chunk_kda_bwd_dg_kernel[(NT, H)](dg, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BK=BK,
-                                         num_warps=4)
+                                         num_warps=c.dg_warps)
     return dq_out, dk_out, dv, dg, db, dh0
 
 
-def sm90_build_jobs(H: int, K: int, V: int) -> list:
-    """(kernel, constexprs, num_warps, num_stages) as the launcher uses them, for ``benchmarks/kda_chunk_build.py``."""
-    c = BWD_CONFIG
-    BK, BVf = pad_dim(K), pad_dim(V)
+def sm90_build_jobs(H: int, K: int, V: int, launch: BwdLaunch | None = None) -> list:
+    """(kernel, constexprs, num_warps, num_stages) as the launcher uses them (16-bit inputs unless ``launch`` says
+    otherwise), for ``benchmarks/kda_chunk_build.py``."""
+    c = launch or bwd_launch(K, V, torch.bfloat16)
+    BK = pad_dim(K)
     common = dict(H=H, K=K, V=V, BT=CHUNK, BK=BK, DOT_PREC="tf32")
-    BKi = min(BK, c["inter_bk"])
     return [
-        (chunk_kda_bwd_dh_kernel, dict(common, BV=min(BVf, c["dh_bv"]), USE_DHT=True, STORE_DH0=True,
-                                       INTERPRET=False), c["dh_warps"], c["dh_stages"]),
-        (chunk_kda_bwd_inter_kernel, dict(common, BK=BKi, BV=min(BVf, c["inter_bv"])), c["inter_warps"],
-         c["inter_stages"]),
-        (chunk_kda_bwd_wy_kernel, dict(H=H, V=V, BT=CHUNK, BV=min(BVf, c["wy_bv"]), NK=triton.cdiv(K, BKi),
-                                       DOT_PREC="tf32"), c["wy_warps"], c["wy_stages"]),
-        (chunk_kda_bwd_intra_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC="tf32"),
-         c["intra_warps"], c["intra_stages"]),
-        (chunk_kda_bwd_dg_kernel, dict(H=H, K=K, BT=CHUNK, BK=BK), 4, 1),
+        (chunk_kda_bwd_dh_kernel, dict(common, BV=c.dh_bv, USE_DHT=True, STORE_DH0=True, INTERPRET=False),
+         c.dh_warps, c.dh_stages),
+        (chunk_kda_bwd_inter_kernel, dict(common, BK=c.inter_bk, BV=c.inter_bv), c.inter_warps, c.inter_stages),
+        (chunk_kda_bwd_wy_kernel, dict(H=H, V=V, BT=CHUNK, BV=c.wy_bv, NK=triton.cdiv(K, c.inter_bk),
+                                       DOT_PREC="tf32"), c.wy_warps, c.wy_stages),
+        (chunk_kda_bwd_intra_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC="tf32"), c.intra_warps,
+         c.intra_stages),
+        (chunk_kda_bwd_dg_kernel, dict(H=H, K=K, BT=CHUNK, BK=BK), c.dg_warps, 1),
     ]
