@@ -12,8 +12,8 @@ B=1, H=32, K=V=128, bf16 q/k/v/beta, fp32 gates, T in {4k, 8k, 16k, 32k, 64k}:
 
 FLA's numbers (``--compare fla``) sit beside ours in every table. Gates are logsigmoid(N(3, 1)) (decays mostly near 1); ``--gates steep`` draws -r softplus(N(0, 1)) with a rate r in
 [1, 16] per head instead, large decays that send many diagonal blocks of the forward to its element-wise fallback.
-``--sweep`` also times other launch settings (``FwdLaunch`` / ``StateLaunch`` fields, ``dataclasses.replace`` on the
-defaults).
+``--sweep`` also times other launch settings (``FwdLaunch`` / ``StateLaunch`` / ``BwdLaunch`` fields,
+``dataclasses.replace`` on the defaults).
 
 Writes ``kda_kernels.json`` and ``kda_kernels.png`` (log-log ms vs T) into --out and prints the table last.
 Usage (GPU): python -m benchmarks kda_kernels --compare fla [--gates steep] [--sweep]
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import SuiteParser, bench_ms, environment, graph_ms, host_us, load_fla, pyplot, write_json
 from kimi_linear.ops.kda import chunk_kda
+from kimi_linear.ops.kda.chunk_bwd import bwd_launch
 from kimi_linear.ops.kda.chunk_fwd import fwd_launch
 from kimi_linear.ops.kda.chunk_triton import chunk_kda_triton
 
@@ -167,11 +168,13 @@ def time_decode(batches) -> list[dict]:
     return rows
 
 
-def launch_variant(change: dict):
-    """The default launch settings with ``change`` applied: ``{"fwd": {field: value}, "state": {...}}``."""
+def launch_variant(change: dict) -> dict:
+    """The default launch settings with ``change`` applied (``{"fwd": {field: value}, "state": {...}, "bwd":
+    {...}}``), as ``chunk_kda_triton`` keyword arguments."""
     fwd = fwd_launch(K, V, torch.bfloat16)
     state = dataclasses.replace(fwd.state, **change.get("state", {}))
-    return dataclasses.replace(fwd, **change.get("fwd", {}), state=state)
+    return {"fwd": dataclasses.replace(fwd, **change.get("fwd", {}), state=state),
+            "bwd": dataclasses.replace(bwd_launch(K, V, torch.bfloat16), **change.get("bwd", {}))}
 
 
 def sweep_launch_settings(T: int, variants: list[dict] | None = None, gates: str = "mild") -> list[dict]:
@@ -184,23 +187,24 @@ def sweep_launch_settings(T: int, variants: list[dict] | None = None, gates: str
     xg = make_inputs(T, seed=3, requires_grad=True, gates=gates)
     do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
     # the shipped setting is timed first and again last: the first entry of a run also pays for warm-up
-    variants = variants or [{}, {"fwd": {"offdiag_stages": 2}}, {"state": {"bv": 64}}, {}]
+    variants = variants or [{}, {"fwd": {"offdiag_stages": 2}}, {"state": {"bv": 64}}, {"bwd": {"inter_stages": 3}},
+                            {}]
     out = []
     first = None
     for change in variants:
-        fwd = launch_variant(change)
+        launch = launch_variant(change)
         try:
             for t in xg.values():
                 t.grad = None
-            o = chunk_kda_triton(**xg, fwd=fwd)[0]
+            o = chunk_kda_triton(**xg, **launch)[0]
             o.backward(do)
             # copies: the timing below accumulates into these .grad tensors in place
             got = [o.detach().float().clone()] + [t.grad.float().clone() for t in xg.values()]
             first = first or got
             diff = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(got, first))
             with torch.no_grad():
-                f = bench(lambda: chunk_kda_triton(**x, fwd=fwd))
-            fb = bench(lambda: chunk_kda_triton(**xg, fwd=fwd)[0].backward(do), list(xg.values()))
+                f = bench(lambda: chunk_kda_triton(**x, **launch))
+            fb = bench(lambda: chunk_kda_triton(**xg, **launch)[0].backward(do), list(xg.values()))
             out.append({"change": change, "fwd": f, "fwdbwd": fb, "max_rel_diff": diff})
         except Exception as e:  # noqa: BLE001
             out.append({"change": change, "error": repr(e)[:200]})
@@ -247,6 +251,7 @@ def main(argv=None) -> None:
         args,
         gates=args.gates,
         fwd_launch=dataclasses.asdict(fwd_launch(K, V, torch.bfloat16)),
+        bwd_launch=dataclasses.asdict(bwd_launch(K, V, torch.bfloat16)),
         shape={"B": 1, "H": H, "K": K, "V": V, "dtype": "bf16 q/k/v/beta, fp32 g"},
     )
     if args.sweep or args.sweep_only is not None:

@@ -164,6 +164,22 @@ def store_cols(ptr, x, t0, row0, col0, n_rows, i_h, H: tl.constexpr, D: tl.const
 
 
 @triton.jit
+def load_cols_at(ptr, t0, n_rows, i_h, o_d, m_d, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr):
+    """Rows [0, BR) and columns o_d of a chunk of ``ptr`` [T_total, H, D], in the stored dtype; zero where the rows
+    pass the chunk's end or m_d is false."""
+    o_r = tl.arange(0, BR)
+    p = ptr + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
+    return tl.load(p, mask=(o_r < n_rows)[:, None] & m_d[None, :], other=0.0)
+
+
+@triton.jit
+def store_cols_at(ptr, x, t0, n_rows, i_h, o_d, m_d, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr):
+    o_r = tl.arange(0, BR)
+    p = ptr + ((t0 + o_r).to(tl.int64)[:, None] * H + i_h) * D + o_d[None, :]
+    tl.store(p, x.to(ptr.dtype.element_ty), mask=(o_r < n_rows)[:, None] & m_d[None, :])
+
+
+@triton.jit
 def load_vec(ptr, t0, row0, n_rows, i_h, H: tl.constexpr, BR: tl.constexpr):
     """Per-row scalars (beta) of ``ptr`` [T_total, H] for rows [row0, row0 + BR) of a chunk, fp32 [BR]."""
     o_r = row0 + tl.arange(0, BR)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from kimi_linear.ops.kda.chunk_bwd import chunk_bwd
+from kimi_linear.ops.kda.chunk_bwd import BwdLaunch, bwd_launch, chunk_bwd
 from kimi_linear.ops.kda.chunk_common import CHUNK, SUB_CHUNK, layout_for
 from kimi_linear.ops.kda.chunk_fwd import FwdLaunch, chunk_fwd, fwd_launch
 from kimi_linear.ops.kda.common import preprocess
@@ -31,15 +31,15 @@ __all__ = ["CHUNK", "SUB_CHUNK", "ChunkKDAFunction", "chunk_kda_triton"]
 class ChunkKDAFunction(torch.autograd.Function):
     """Packed inputs q, k ``[TT, H, K]``, v ``[TT, H, V]`` (one dtype), g ``[TT, H, K]`` fp32, beta ``[TT, H]``,
     initial state ``[N, H, K, V]`` fp32 or None -> (o ``[TT, H, V]``, final state ``[N, H, K, V]`` or None), with
-    the launch settings ``fwd`` (``FwdLaunch``)."""
+    the launch settings ``fwd`` (``FwdLaunch``) and ``bwd`` (``BwdLaunch``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, layout, fwd):
+    def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, layout, fwd, bwd):
         need_bwd = any(ctx.needs_input_grad[:6])
         o, ht, saved = chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, fwd)
         if need_bwd:
             ctx.save_for_backward(q, k, v, beta, h0, *saved)
-        ctx.scale, ctx.layout, ctx.fwd = scale, layout, fwd
+        ctx.scale, ctx.layout, ctx.fwd, ctx.bwd = scale, layout, fwd, bwd
         return o, ht
 
     @staticmethod
@@ -48,8 +48,8 @@ class ChunkKDAFunction(torch.autograd.Function):
         do = do.contiguous().to(q.dtype)
         dht = None if dht is None else dht.contiguous().float()
         dq, dk, dv, dg, db, dh0 = chunk_bwd(q, k, v, beta, saved, ctx.scale, h0, do, dht, ctx.layout,
-                                            state=ctx.fwd.state)
-        return dq, dk, dv, dg, db.to(beta.dtype), dh0, None, None, None, None
+                                            launch=ctx.bwd, state=ctx.fwd.state)
+        return dq, dk, dv, dg, db.to(beta.dtype), dh0, None, None, None, None, None
 
 
 def chunk_kda_triton(
@@ -68,14 +68,15 @@ def chunk_kda_triton(
     dt_bias: torch.Tensor | None = None,
     use_beta_sigmoid_in_kernel: bool = False,
     fwd: FwdLaunch | None = None,
+    bwd: BwdLaunch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise KDA on the Triton kernels; arguments already validated by ``chunk_kda`` (see its docstring).
 
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; g: ``[B, T, H, K]`` or ``[B, T, H]`` (scalar gate);
         beta: ``[B, T, H]``; initial_state: ``[N, H, K, V]`` fp32; cu_seqlens: int ``[N + 1]`` with B = 1.
-        fwd: the forward kernels' launch settings; None takes ``fwd_launch(K, V, dtype)`` (benchmarks sweep
-            others with ``dataclasses.replace``).
+        fwd, bwd: the forward's and the backward's launch settings; None takes ``fwd_launch(K, V, dtype)`` /
+            ``bwd_launch(K, V, dtype)`` (benchmarks sweep others with ``dataclasses.replace``).
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] fp32 or None)``; differentiable in q, k, v, g,
@@ -99,5 +100,6 @@ def chunk_kda_triton(
     layout = layout_for(cu_seqlens, B, T, q.device)
     h0 = None if initial_state is None else initial_state.contiguous()
     fwd = fwd_launch(K, V, dt) if fwd is None else fwd
-    o, ht = ChunkKDAFunction.apply(q, k, v, g, beta, h0, scale, output_final_state, layout, fwd)
+    bwd = bwd_launch(K, V, dt) if bwd is None else bwd
+    o, ht = ChunkKDAFunction.apply(q, k, v, g, beta, h0, scale, output_final_state, layout, fwd, bwd)
     return o.reshape(B, T, H, V).to(out_dtype), ht
