@@ -37,6 +37,9 @@ class KimiDeltaAttention(nn.Module):
     Cache (``cache_layout``; pools allocated by ``kimi_linear.cache``, one slot per sequence): ``conv``
     ``[3·H·K, W-1]`` (q, k, v conv inputs, oldest first) and ``state`` ``[H, K, V]`` fp32. Row n of a forward
     reads and writes slot ``cache.slots[n]``.
+
+    ``conv_backend`` is the ``backend`` of the ShortConv's ``causal_conv1d`` over whole sequences: "auto" (the fused
+    Triton kernels on CUDA, PyTorch elsewhere), "triton" or "torch".
     """
 
     @classmethod
@@ -60,6 +63,7 @@ class KimiDeltaAttention(nn.Module):
         self.use_short_conv = config.use_short_conv
         self.use_output_gate = config.use_output_gate
         self.conv_size = config.short_conv_kernel_size
+        self.conv_backend = "auto"
 
         self.q_proj = nn.Linear(D, H * K, bias=False)
         self.k_proj = nn.Linear(D, H * K, bias=False)
@@ -157,6 +161,7 @@ class KimiDeltaAttention(nn.Module):
                 initial_state=conv_state,
                 cu_seqlens=cu_seqlens,
                 output_final_state=layer_cache is not None,
+                backend=self.conv_backend,
             )
             if layer_cache is not None:
                 self._store_rows(layer_cache["conv"], conv_final, cache, in_place)
