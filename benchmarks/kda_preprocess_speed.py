@@ -25,29 +25,29 @@ DEVICE = "cuda"
 FWD_BYTES, FWDBWD_BYTES = 14, 14 + 20  # per element of [T, H, K], see the module docstring
 
 
-def build_report() -> None:
-    """Both kernels at the launch settings of ``preprocess_triton.CONFIG``: all three parts with the per-channel
-    gate and dt_bias (the model), the scalar (GDN) gate, and l2norm alone."""
+def build_report(T: int = 32768) -> None:
+    """Both kernels at their shipped launch (``preprocess_launch`` at T tokens): all three parts with the
+    per-channel gate and dt_bias (the model), the scalar (GDN) gate, and l2norm alone."""
     import triton
 
     from kimi_linear.ops.kda import preprocess_triton as pt
     from kimi_linear.ops.norm import L2NORM_EPS
 
-    c = pt.CONFIG
+    c = pt.preprocess_launch(T, K)
     fp32 = {"A_log", "dt_bias", "g_out", "beta_out", "dg_out", "dbeta_out", "dA_part", "ddt_part"}
     variants = {"norm+gate+beta": (True, True, False), "norm+gdn gate+beta": (True, True, True),
                 "norm only": (True, False, False)}
-    print(f"sm_90 build, H={H}, K={K}, bf16 q/k/g/beta, fp32 A_log/dt_bias, CONFIG={c}")
+    print(f"sm_90 build, H={H}, K={K}, T={T}, bf16 q/k/g/beta, fp32 A_log/dt_bias, {c}")
     for tag, (norm, gate, scalar) in variants.items():
-        for fn, elems in ((pt.preprocess_fwd_kernel, c["fwd_elems"]), (pt.preprocess_bwd_kernel, c["bwd_elems"])):
+        for fn, BT in ((pt.preprocess_fwd_kernel, c.fwd_bt), (pt.preprocess_bwd_kernel, c.bwd_bt)):
             BK = triton.next_power_of_2(K)
-            consts = dict(H=H, K=K, BT=elems // BK, BK=BK, NORM_QK=norm, GATE=gate, G_SCALAR=scalar,
+            consts = dict(H=H, K=K, BT=BT, BK=BK, NORM_QK=norm, GATE=gate, G_SCALAR=scalar,
                           HAS_DT_BIAS=gate, SIGMOID_BETA=gate, EPS=L2NORM_EPS, INTERPRET=False)
             names = [n for n in fn.arg_names if n not in consts]
             sig = {n: "i32" if n == "T_total" else "*fp32" if n in fp32 else "*bf16" for n in names}
             attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
-            r = sm90_resources(fn, sig, consts, attrs, c["warps"], 1)
-            print(f"{fn.__name__:22s} {tag:19s} BT={consts['BT']:<3d} {resource_line(r, c['warps'], 1)}", flush=True)
+            r = sm90_resources(fn, sig, consts, attrs, c.warps, 1)
+            print(f"{fn.__name__:22s} {tag:19s} BT={BT:<3d} {resource_line(r, c.warps, 1)}", flush=True)
 
 
 def bench_case(T: int) -> dict:

@@ -18,6 +18,7 @@ With CUDA: the layer's shape, T = 32k, H = 32, K = 128, bf16.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 
@@ -40,13 +41,6 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 FP32_TOL = 1e-6  # the same fp32 formulas; only rounding of exp/log/rsqrt and the order of sums differ
 NAMES = ("q", "k", "g", "beta", "dq", "dk", "dg", "dbeta", "dA_log", "ddt_bias")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Few tokens per program, so the sums over t of dA_log and ddt_bias add many block partials."""
-    monkeypatch.setitem(pt.CONFIG, "fwd_elems", 64)
-    monkeypatch.setitem(pt.CONFIG, "bwd_elems", 32)
 
 
 def make_inputs(B, T, H, K, *, dt_bias=True, scalar_gate=False, gate_range=None, zero_rows=False, seed=0):
@@ -72,23 +66,29 @@ def make_inputs(B, T, H, K, *, dt_bias=True, scalar_gate=False, gate_range=None,
     return {n: None if t is None else t.to(DEVICE) for n, t in out.items()}, [w.to(DEVICE) for w in grads]
 
 
-def run(backend, inputs, upstream, flags, operand_dtype=None, dtype=None, param_dtype=None):
+def run(backend, inputs, upstream, flags, operand_dtype=None, dtype=None, param_dtype=None, launch=None):
     """(q, k, g, beta) out of ``common.preprocess`` and the gradients of a weighted sum of them w.r.t. the raw
     q, k, g, beta, A_log, dt_bias (None where the flags leave a parameter unused). Inputs cast to ``dtype``,
-    A_log/dt_bias to ``param_dtype``, when given."""
+    A_log/dt_bias to ``param_dtype``, when given. ``launch``: the fused kernels (``preprocess_fused``) at that
+    ``PreprocessLaunch`` (per-channel gate only: there is no scalar gate to broadcast)."""
     norm, gate, sig = flags
     x = {}
     for n, t in inputs.items():
         want = param_dtype if n in ("A_log", "dt_bias") else dtype
         x[n] = None if t is None else (t if want is None else t.to(want)).detach().requires_grad_()
     K = x["q"].shape[-1]
-    old = common.PREPROCESS_BACKEND
-    common.PREPROCESS_BACKEND = backend
-    try:
-        outs = common.preprocess(x["q"], x["k"], x["g"], x["beta"], norm, gate, x["A_log"], x["dt_bias"], sig, K,
-                                 operand_dtype=operand_dtype, fused=True)
-    finally:
-        common.PREPROCESS_BACKEND = old
+    if launch is not None:
+        assert backend == "triton"
+        outs = pt.preprocess_fused(x["q"], x["k"], x["g"], x["beta"], norm, gate, x["A_log"], x["dt_bias"], sig,
+                                   operand_dtype, launch=launch)
+    else:
+        old = common.PREPROCESS_BACKEND
+        common.PREPROCESS_BACKEND = backend
+        try:
+            outs = common.preprocess(x["q"], x["k"], x["g"], x["beta"], norm, gate, x["A_log"], x["dt_bias"], sig,
+                                     K, operand_dtype=operand_dtype, fused=True)
+        finally:
+            common.PREPROCESS_BACKEND = old
     loss = sum((o.double() * w.double()).sum() for o, w in zip(outs, upstream, strict=True))
     leaves = [x[n] for n in ("q", "k", "g", "beta")]
     if gate:
@@ -209,16 +209,20 @@ def test_fp32_extreme_gate_preactivations(gate_range, scalar_gate):
 
 @pytest.mark.parametrize("flags", [(True, True, True), (True, False, True), (False, True, False)],
                          ids=["NGS", "N-S", "-G-"])
-def test_fp32_many_blocks(flags, small_blocks):
-    """T = 500 tokens at 4 (forward) / 2 (backward) per program at K = 16: 250 partials per head in the sums."""
+def test_fp32_many_blocks(flags):
+    """T = 500 tokens at 4 (forward) / 2 (backward) per program at K = 16, a launch passed down explicitly: 250
+    partials per head in the sums."""
     inputs, up = make_inputs(1, 500, 3, 16, seed=3)
-    assert_fp32_match(run("triton", inputs, up, flags), run("torch", inputs, up, flags))
+    launch = dataclasses.replace(pt.preprocess_launch(500, 16), fwd_bt=4, bwd_bt=2)
+    assert_fp32_match(run("triton", inputs, up, flags, launch=launch), run("torch", inputs, up, flags))
 
 
-def test_fp32_reductions_are_deterministic(small_blocks):
+def test_fp32_reductions_are_deterministic():
+    """One token per program: 200 partials per head, summed in the same order every time."""
     inputs, up = make_inputs(1, 200, 3, 48, seed=4)
-    a = run("triton", inputs, up, (True, True, True))
-    b = run("triton", inputs, up, (True, True, True))
+    launch = dataclasses.replace(pt.preprocess_launch(200, 48), fwd_bt=1, bwd_bt=1)
+    a = run("triton", inputs, up, (True, True, True), launch=launch)
+    b = run("triton", inputs, up, (True, True, True), launch=launch)
     for name, x, y in zip(NAMES, a, b, strict=True):
         assert torch.equal(x, y), name
 
