@@ -66,34 +66,31 @@ def bench_case(T: int) -> dict:
     up += [torch.randn(1, T, H, K, device=dev, generator=gen), torch.randn(1, T, H, device=dev, generator=gen)]
     leaves = (q, k, g, beta, A_log, dt_bias)
 
-    def forward():
-        return common.preprocess(q, k, g, beta, True, True, A_log, dt_bias, True, K, operand_dtype=bf16, fused=True)
-
-    def fwd():
-        with torch.no_grad():
-            return forward()
-
-    def fwd_bwd():
-        return torch.autograd.grad(forward(), leaves, up)
+    def forward(fused):
+        return common.preprocess(q, k, g, beta, True, True, A_log, dt_bias, True, K, operand_dtype=bf16, fused=fused)
 
     row = {"T": T, "H": H, "K": K}
-    old = common.PREPROCESS_BACKEND
-    try:
-        for backend in ("torch", "triton"):
-            common.PREPROCESS_BACKEND = backend
-            row[f"{backend}_fwd_ms"] = bench_ms(fwd)
-            row[f"{backend}_fwdbwd_ms"] = bench_ms(fwd_bwd)
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            outs = forward()
-            row[f"{backend}_saved_mib"] = (torch.cuda.memory_allocated() - base) / 2**20
-            grads = torch.autograd.grad(outs, leaves, up)
-            row[f"{backend}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            del outs, grads
-    finally:
-        common.PREPROCESS_BACKEND = old
+    for backend in ("torch", "triton"):
+        fused = backend == "triton"
+
+        def fwd(fused=fused):
+            with torch.no_grad():
+                return forward(fused)
+
+        def fwd_bwd(fused=fused):
+            return torch.autograd.grad(forward(fused), leaves, up)
+
+        row[f"{backend}_fwd_ms"] = bench_ms(fwd)
+        row[f"{backend}_fwdbwd_ms"] = bench_ms(fwd_bwd)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        outs = forward(fused)
+        row[f"{backend}_saved_mib"] = (torch.cuda.memory_allocated() - base) / 2**20
+        grads = torch.autograd.grad(outs, leaves, up)
+        row[f"{backend}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del outs, grads
     elems = T * H * K
     row["fwd_gbps"] = FWD_BYTES * elems / row["triton_fwd_ms"] / 1e6
     row["fwdbwd_gbps"] = FWDBWD_BYTES * elems / row["triton_fwdbwd_ms"] / 1e6

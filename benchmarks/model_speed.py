@@ -36,7 +36,6 @@ from kimi_linear.config import KimiLinearConfig
 from kimi_linear.generate import CudaGraphDecoder, decode_step, generate, prefill
 from kimi_linear.layers.kda import KimiDeltaAttention
 from kimi_linear.model import KimiLinearForCausalLM
-from kimi_linear.ops.kda import common as kda_common
 from kimi_linear.ops.kda.chunk_fwd import FWD_CONFIG
 from kimi_linear.serve.engine import Engine, EngineConfig, SamplingParams
 
@@ -71,16 +70,14 @@ def kernel_backends(model, fused: bool):
     """The ShortConv of every KDA layer of ``model`` and chunk_kda's in-op activations on the fused Triton kernels
     (``fused``: their default on CUDA) or on PyTorch, restored on exit."""
     layers = [m for m in model.modules() if isinstance(m, KimiDeltaAttention)]
-    saved = [m.conv_backend for m in layers], kda_common.PREPROCESS_BACKEND
+    saved = [(m.conv_backend, m.preprocess_backend) for m in layers]
     for m in layers:
-        m.conv_backend = "auto" if fused else "torch"
-    kda_common.PREPROCESS_BACKEND = "triton" if fused else "torch"
+        m.conv_backend = m.preprocess_backend = "auto" if fused else "torch"
     try:
         yield
     finally:
-        for m, backend in zip(layers, saved[0]):
-            m.conv_backend = backend
-        kda_common.PREPROCESS_BACKEND = saved[1]
+        for m, (conv_backend, preprocess_backend) in zip(layers, saved):
+            m.conv_backend, m.preprocess_backend = conv_backend, preprocess_backend
 
 
 def ours_prefill(model, T: int, reps: int) -> float:
@@ -388,7 +385,7 @@ def main(argv=None) -> None:
         args,
         hf_kernels=hf_kernels if "transformers" in args.compare else None,
         conv_backend="triton",  # what the layers' "auto" runs on CUDA
-        preprocess_backend=kda_common.PREPROCESS_BACKEND,
+        preprocess_backend="triton",
         pairs_impl=FWD_CONFIG["pairs_impl"],
     )
     write_json(args.out, "model_speed.json", dict(meta=meta, rows=rows, many_prompts=many, end_to_end=e2e))

@@ -38,8 +38,9 @@ class KimiDeltaAttention(nn.Module):
     ``[3·H·K, W-1]`` (q, k, v conv inputs, oldest first) and ``state`` ``[H, K, V]`` fp32. Row n of a forward
     reads and writes slot ``cache.slots[n]``.
 
-    ``conv_backend`` is the ``backend`` of the ShortConv's ``causal_conv1d`` over whole sequences: "auto" (the fused
-    Triton kernels on CUDA, PyTorch elsewhere), "triton" or "torch".
+    ``conv_backend`` is the ``backend`` of the ShortConv's ``causal_conv1d`` over whole sequences, and
+    ``preprocess_backend`` the ``preprocess_backend`` of ``chunk_kda`` (where the in-op activations run): "auto"
+    (the fused Triton kernels on CUDA, PyTorch elsewhere), "triton" or "torch".
     """
 
     @classmethod
@@ -64,6 +65,7 @@ class KimiDeltaAttention(nn.Module):
         self.use_output_gate = config.use_output_gate
         self.conv_size = config.short_conv_kernel_size
         self.conv_backend = "auto"
+        self.preprocess_backend = "auto"
 
         self.q_proj = nn.Linear(D, H * K, bias=False)
         self.k_proj = nn.Linear(D, H * K, bias=False)
@@ -195,11 +197,13 @@ class KimiDeltaAttention(nn.Module):
                 initial_state=initial,
                 output_final_state=True,
                 cu_seqlens=cu_seqlens,
+                preprocess_backend=self.preprocess_backend,
                 **kda_args,
             )
             self._store_rows(layer_cache["state"], state, cache, in_place)
         else:
-            o, _ = chunk_kda(q, k, v, g, beta, cu_seqlens=cu_seqlens, **kda_args)
+            o, _ = chunk_kda(q, k, v, g, beta, cu_seqlens=cu_seqlens, preprocess_backend=self.preprocess_backend,
+                             **kda_args)
 
         # Per-head RMSNorm (one weight shared by the heads) times the low-rank sigmoid output gate, in fp32.
         o = F.rms_norm(o.float(), (K,), self.o_norm.weight.float(), self.config.rms_norm_eps)
