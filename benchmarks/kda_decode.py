@@ -28,12 +28,7 @@ import triton
 
 from benchmarks.common import SuiteParser, copy_us, environment, graph_ms, host_us, load_fla, write_json
 from kimi_linear.ops.kda import fused_recurrent_kda
-from kimi_linear.ops.kda.recurrent_triton import (
-    DECODE_CONFIG,
-    _default_block_v,
-    _default_num_warps,
-    fused_recurrent_kda_triton,
-)
+from kimi_linear.ops.kda.recurrent_triton import _default_block_v, _default_num_warps, fused_recurrent_kda_triton
 
 SWEEP_CONFIGS = [(8, 1), (16, 1), (16, 2), (32, 2), (32, 4), (32, 8), (64, 2), (64, 4), (64, 8)]
 GRAPH_BYTES = 256 * 2**20  # state bytes touched per graph replay, well above the H200's 60 MB L2
@@ -103,14 +98,6 @@ def bench_batch(B, H, K, V, fla, sweep: bool) -> dict:
                 for i in range(layers)
             ]
             row["sweep"][f"BV{BV}-w{warps}"] = time_graph(fns, 30)
-        # the default launch with the state's cache hints switched (DECODE_CONFIG)
-        hints = DECODE_CONFIG["state_cache_hints"]
-        DECODE_CONFIG["state_cache_hints"] = not hints
-        try:
-            row["sweep"][f"BV{default_bv}-w{row['default_warps']}-hints{int(not hints)}"] = time_graph(
-                [ours_pool(i) for i in range(layers)], 30)
-        finally:
-            DECODE_CONFIG["state_cache_hints"] = hints
     return row
 
 

@@ -25,29 +25,29 @@ DEVICE = "cuda"
 FWD_BYTES, FWDBWD_BYTES = 14, 14 + 20  # per element of [T, H, K], see the module docstring
 
 
-def build_report() -> None:
-    """Both kernels at the launch settings of ``preprocess_triton.CONFIG``: all three parts with the per-channel
-    gate and dt_bias (the model), the scalar (GDN) gate, and l2norm alone."""
+def build_report(T: int = 32768) -> None:
+    """Both kernels at their shipped launch (``preprocess_launch`` at T tokens): all three parts with the
+    per-channel gate and dt_bias (the model), the scalar (GDN) gate, and l2norm alone."""
     import triton
 
     from kimi_linear.ops.kda import preprocess_triton as pt
     from kimi_linear.ops.norm import L2NORM_EPS
 
-    c = pt.CONFIG
+    c = pt.preprocess_launch(T, K)
     fp32 = {"A_log", "dt_bias", "g_out", "beta_out", "dg_out", "dbeta_out", "dA_part", "ddt_part"}
     variants = {"norm+gate+beta": (True, True, False), "norm+gdn gate+beta": (True, True, True),
                 "norm only": (True, False, False)}
-    print(f"sm_90 build, H={H}, K={K}, bf16 q/k/g/beta, fp32 A_log/dt_bias, CONFIG={c}")
+    print(f"sm_90 build, H={H}, K={K}, T={T}, bf16 q/k/g/beta, fp32 A_log/dt_bias, {c}")
     for tag, (norm, gate, scalar) in variants.items():
-        for fn, elems in ((pt.preprocess_fwd_kernel, c["fwd_elems"]), (pt.preprocess_bwd_kernel, c["bwd_elems"])):
+        for fn, BT in ((pt.preprocess_fwd_kernel, c.fwd_bt), (pt.preprocess_bwd_kernel, c.bwd_bt)):
             BK = triton.next_power_of_2(K)
-            consts = dict(H=H, K=K, BT=elems // BK, BK=BK, NORM_QK=norm, GATE=gate, G_SCALAR=scalar,
+            consts = dict(H=H, K=K, BT=BT, BK=BK, NORM_QK=norm, GATE=gate, G_SCALAR=scalar,
                           HAS_DT_BIAS=gate, SIGMOID_BETA=gate, EPS=L2NORM_EPS, INTERPRET=False)
             names = [n for n in fn.arg_names if n not in consts]
             sig = {n: "i32" if n == "T_total" else "*fp32" if n in fp32 else "*bf16" for n in names}
             attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
-            r = sm90_resources(fn, sig, consts, attrs, c["warps"], 1)
-            print(f"{fn.__name__:22s} {tag:19s} BT={consts['BT']:<3d} {resource_line(r, c['warps'], 1)}", flush=True)
+            r = sm90_resources(fn, sig, consts, attrs, c.warps, 1)
+            print(f"{fn.__name__:22s} {tag:19s} BT={BT:<3d} {resource_line(r, c.warps, 1)}", flush=True)
 
 
 def bench_case(T: int) -> dict:
@@ -66,34 +66,31 @@ def bench_case(T: int) -> dict:
     up += [torch.randn(1, T, H, K, device=dev, generator=gen), torch.randn(1, T, H, device=dev, generator=gen)]
     leaves = (q, k, g, beta, A_log, dt_bias)
 
-    def forward():
-        return common.preprocess(q, k, g, beta, True, True, A_log, dt_bias, True, K, operand_dtype=bf16, fused=True)
-
-    def fwd():
-        with torch.no_grad():
-            return forward()
-
-    def fwd_bwd():
-        return torch.autograd.grad(forward(), leaves, up)
+    def forward(fused):
+        return common.preprocess(q, k, g, beta, True, True, A_log, dt_bias, True, K, operand_dtype=bf16, fused=fused)
 
     row = {"T": T, "H": H, "K": K}
-    old = common.PREPROCESS_BACKEND
-    try:
-        for backend in ("torch", "triton"):
-            common.PREPROCESS_BACKEND = backend
-            row[f"{backend}_fwd_ms"] = bench_ms(fwd)
-            row[f"{backend}_fwdbwd_ms"] = bench_ms(fwd_bwd)
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            outs = forward()
-            row[f"{backend}_saved_mib"] = (torch.cuda.memory_allocated() - base) / 2**20
-            grads = torch.autograd.grad(outs, leaves, up)
-            row[f"{backend}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            del outs, grads
-    finally:
-        common.PREPROCESS_BACKEND = old
+    for backend in ("torch", "triton"):
+        fused = backend == "triton"
+
+        def fwd(fused=fused):
+            with torch.no_grad():
+                return forward(fused)
+
+        def fwd_bwd(fused=fused):
+            return torch.autograd.grad(forward(fused), leaves, up)
+
+        row[f"{backend}_fwd_ms"] = bench_ms(fwd)
+        row[f"{backend}_fwdbwd_ms"] = bench_ms(fwd_bwd)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        outs = forward(fused)
+        row[f"{backend}_saved_mib"] = (torch.cuda.memory_allocated() - base) / 2**20
+        grads = torch.autograd.grad(outs, leaves, up)
+        row[f"{backend}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del outs, grads
     elems = T * H * K
     row["fwd_gbps"] = FWD_BYTES * elems / row["triton_fwd_ms"] / 1e6
     row["fwdbwd_gbps"] = FWDBWD_BYTES * elems / row["triton_fwdbwd_ms"] / 1e6

@@ -34,9 +34,8 @@ import torch
 from benchmarks.common import SuiteParser, environment, median_ms, spin_up_gpu, write_json
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.generate import CudaGraphDecoder, decode_step, generate, prefill
+from kimi_linear.layers.kda import KimiDeltaAttention
 from kimi_linear.model import KimiLinearForCausalLM
-from kimi_linear.ops import conv
-from kimi_linear.ops.kda import common as kda_common
 from kimi_linear.serve.engine import Engine, EngineConfig, SamplingParams
 
 CONFIGS = {
@@ -66,14 +65,18 @@ CONFIGS = {
 
 
 @contextlib.contextmanager
-def kernel_backends(fused: bool):
-    """Our ShortConv and chunk_kda's in-op activations on the fused Triton kernels (``fused``) or on PyTorch."""
-    saved = conv.DEFAULT_BACKEND, kda_common.PREPROCESS_BACKEND
-    conv.DEFAULT_BACKEND = kda_common.PREPROCESS_BACKEND = "triton" if fused else "torch"
+def kernel_backends(model, fused: bool):
+    """The ShortConv of every KDA layer of ``model`` and chunk_kda's in-op activations on the fused Triton kernels
+    (``fused``: their default on CUDA) or on PyTorch, restored on exit."""
+    layers = [m for m in model.modules() if isinstance(m, KimiDeltaAttention)]
+    saved = [(m.conv_backend, m.preprocess_backend) for m in layers]
+    for m in layers:
+        m.conv_backend = m.preprocess_backend = "auto" if fused else "torch"
     try:
         yield
     finally:
-        conv.DEFAULT_BACKEND, kda_common.PREPROCESS_BACKEND = saved
+        for m, (conv_backend, preprocess_backend) in zip(layers, saved):
+            m.conv_backend, m.preprocess_backend = conv_backend, preprocess_backend
 
 
 def ours_prefill(model, T: int, reps: int) -> float:
@@ -259,7 +262,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--compare-backends",
         action="store_true",
-        help="also time our prefill with the other setting of the fused conv / preprocessing kernels",
+        help="also time our prefill with the ShortConv and the in-op activations on PyTorch (ours_unfused_ms)",
     )
     parser.add_argument(
         "--profile",
@@ -334,9 +337,8 @@ def main(argv=None) -> None:
             ms = ours_prefill(ours, T, reps)
             row = dict(config=name, params=params, phase="prefill", B=1, T=T, ours_ms=ms)
             if args.compare_backends:
-                other = conv.DEFAULT_BACKEND != "triton"
-                with kernel_backends(fused=other):
-                    row["ours_fused_ms" if other else "ours_unfused_ms"] = ours_prefill(ours, T, reps)
+                with kernel_backends(ours, fused=False):
+                    row["ours_unfused_ms"] = ours_prefill(ours, T, reps)
             row["hf_ms"] = (
                 hf_prefill(theirs, T, reps) if theirs is not None and T <= args.hf_prefill_max else None
             )
@@ -381,12 +383,12 @@ def main(argv=None) -> None:
     meta = environment(
         args,
         hf_kernels=hf_kernels if "transformers" in args.compare else None,
-        conv_backend=conv.DEFAULT_BACKEND,
-        preprocess_backend=kda_common.PREPROCESS_BACKEND,
+        conv_backend="triton",  # what the layers' "auto" runs on CUDA
+        preprocess_backend="triton",
     )
     write_json(args.out, "model_speed.json", dict(meta=meta, rows=rows, many_prompts=many, end_to_end=e2e))
     print(f"\n{meta}")
-    alt = next((k for r in rows for k in ("ours_fused_ms", "ours_unfused_ms") if k in r), None)
+    alt = "ours_unfused_ms" if any("ours_unfused_ms" in r for r in rows) else None
     alt_head = f" {'alt ms':>9}" if alt else ""
     print(f"(alt ms = {alt})" if alt else "")
     print(

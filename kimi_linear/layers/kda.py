@@ -37,6 +37,10 @@ class KimiDeltaAttention(nn.Module):
     Cache (``cache_layout``; pools allocated by ``kimi_linear.cache``, one slot per sequence): ``conv``
     ``[3·H·K, W-1]`` (q, k, v conv inputs, oldest first) and ``state`` ``[H, K, V]`` fp32. Row n of a forward
     reads and writes slot ``cache.slots[n]``.
+
+    ``conv_backend`` is the ``backend`` of the ShortConv's ``causal_conv1d`` over whole sequences, and
+    ``preprocess_backend`` the ``preprocess_backend`` of ``chunk_kda`` (where the in-op activations run): "auto"
+    (the fused Triton kernels on CUDA, PyTorch elsewhere), "triton" or "torch".
     """
 
     @classmethod
@@ -60,6 +64,8 @@ class KimiDeltaAttention(nn.Module):
         self.use_short_conv = config.use_short_conv
         self.use_output_gate = config.use_output_gate
         self.conv_size = config.short_conv_kernel_size
+        self.conv_backend = "auto"
+        self.preprocess_backend = "auto"
 
         self.q_proj = nn.Linear(D, H * K, bias=False)
         self.k_proj = nn.Linear(D, H * K, bias=False)
@@ -157,6 +163,7 @@ class KimiDeltaAttention(nn.Module):
                 initial_state=conv_state,
                 cu_seqlens=cu_seqlens,
                 output_final_state=layer_cache is not None,
+                backend=self.conv_backend,
             )
             if layer_cache is not None:
                 self._store_rows(layer_cache["conv"], conv_final, cache, in_place)
@@ -190,11 +197,13 @@ class KimiDeltaAttention(nn.Module):
                 initial_state=initial,
                 output_final_state=True,
                 cu_seqlens=cu_seqlens,
+                preprocess_backend=self.preprocess_backend,
                 **kda_args,
             )
             self._store_rows(layer_cache["state"], state, cache, in_place)
         else:
-            o, _ = chunk_kda(q, k, v, g, beta, cu_seqlens=cu_seqlens, **kda_args)
+            o, _ = chunk_kda(q, k, v, g, beta, cu_seqlens=cu_seqlens, preprocess_backend=self.preprocess_backend,
+                             **kda_args)
 
         # Per-head RMSNorm (one weight shared by the heads) times the low-rank sigmoid output gate, in fp32.
         o = F.rms_norm(o.float(), (K,), self.o_norm.weight.float(), self.config.rms_norm_eps)

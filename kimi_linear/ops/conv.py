@@ -7,7 +7,8 @@ oldest first) or are zero. With ``cu_seqlens`` several sequences are packed alon
 crosses a boundary. Computed in fp32, returned in x's dtype.
 
 Two backends compute ``causal_conv1d``: "torch" (the code below, also the reference) and "triton"
-(``conv_triton``: fused forward and backward kernels). "auto" picks ``DEFAULT_BACKEND`` on CUDA tensors.
+(``conv_triton``: fused forward and backward kernels). "auto", the default, picks "triton" on CUDA tensors and
+"torch" elsewhere; a caller that wants the other one on CUDA passes ``backend``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ import torch.nn.functional as F
 
 ACTIVATIONS = (None, "silu")
 BACKENDS = ("auto", "torch", "triton")
-# What backend="auto" uses on CUDA; CPU always uses "torch". H200, bf16, W = 4, C = 4096-12288: forward 5-19x,
-# forward + backward 2.1-5.0x faster than "torch" (benchmarks/conv_speed.py, 2026-11-26).
-DEFAULT_BACKEND = "triton"
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -72,7 +70,7 @@ def causal_conv1d(
         output_final_state: also return the last W-1 inputs of each sequence (what ``initial_state`` of a
             continuation needs), ``[N, C, W-1]`` in x's dtype.
         backend: "torch" (this module's PyTorch code), "triton" (``conv_triton``; W <= 8; on CPU only through
-            Triton's interpreter), or "auto": ``DEFAULT_BACKEND`` ("triton") on CUDA tensors, "torch" elsewhere.
+            Triton's interpreter), or "auto": "triton" on CUDA tensors, "torch" elsewhere.
 
     Returns:
         ``(y [B, T, C] in x's dtype, final_state [N, C, W-1] or None)``.
@@ -95,7 +93,7 @@ def causal_conv1d(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = DEFAULT_BACKEND if x.is_cuda else "torch"
+        backend = "triton" if x.is_cuda else "torch"
     if backend == "triton":
         from kimi_linear.ops.conv_triton import causal_conv1d_triton
 

@@ -16,16 +16,18 @@ Kernels (all accumulate in fp32; ``x``, ``y``, ``dy``, ``dx`` are in x's dtype, 
                             dpre = dy * act'(pre), pre recomputed from x, nothing saved from the forward), plus the
                             final state's gradient; and this block's partial dweight [W, BC] (summed over blocks
                             afterwards in a fixed order: deterministic).
-    conv_bwd_dpre_kernel,   the same in two passes (CONFIG["bwd_mode"] = "two_pass"): dpre in fp32 with the partial
-    conv_bwd_dx_kernel      dweight, then dx from dpre; same grids.
     conv_bwd_h0_kernel      grid (N, cdiv(C, BC)): d initial_state, from the first W-1 rows of each sequence and
                             from the final state's gradient where a sequence is shorter than W-1.
+
+Launch settings are a ``ConvLaunch`` value, ``conv_launch(C, has_initial_state)`` unless the caller passes one.
 
 Limits: W <= 8 (the taps are unrolled; the backward recomputes pre at W shifts, W^2 loads per element that mostly
 hit L1). Row offsets are 64-bit, so T_total * C may exceed 2^31.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -34,12 +36,27 @@ import triton.language as tl
 from kimi_linear.ops.triton_helpers import cast_to, interpreting, poisoned
 
 MAX_WIDTH = 8
-# Launch settings. Rows x channels per program are kept at 8-16 elements per thread: the backward's W-fold
-# recompute holds W^2 loaded tiles and spills at 64 x 128 (see `conv_speed.py --build-report`).
-# bwd_mode: "fused" recomputes pre at the W shifts each dx row needs (6 bytes of traffic per element, W sigmoids);
-# "two_pass" stores dpre in fp32 and convolves it in a second kernel (14 bytes per element, one sigmoid).
-# With initial states every tap also gathers from the state: fwd_bt_h0 rows per program then.
-CONFIG = dict(fwd_bt=16, fwd_bt_h0=8, bwd_bt=8, bc=128, warps=4, bwd_mode="fused")
+
+
+@dataclass(frozen=True)
+class ConvLaunch:
+    """Launch settings of the conv kernels: rows per program of the forward (``fwd_bt``) and of the backward
+    (``bwd_bt``), channels per program (``bc``, also for the final-state and initial-state-gradient kernels), warps
+    per program of the forward and backward. ``fwd_bt``, ``bwd_bt`` and ``bc`` are powers of two."""
+
+    fwd_bt: int
+    bwd_bt: int
+    bc: int
+    warps: int
+
+
+def conv_launch(C: int, has_initial_state: bool) -> ConvLaunch:
+    """The shipped launch for C channels: 16 rows per forward program (8 with initial states, where every tap also
+    gathers from the state), 8 per backward program, up to 128 channels, 4 warps. Rows x channels per program stay
+    at 8-16 elements per thread: the backward's W-fold recompute holds W^2 loaded tiles and spills at 64 x 128
+    (see ``python -m benchmarks conv_speed --build-report``)."""
+    return ConvLaunch(fwd_bt=8 if has_initial_state else 16, bwd_bt=8, bc=min(128, triton.next_power_of_2(C)),
+                      warps=4)
 
 
 @triton.jit
@@ -168,58 +185,6 @@ def conv_bwd_kernel(x, w, h0, dy, dfinal, dx, dw_part, cu_seqlens, seq_idx, T_to
 
 
 @triton.jit
-def conv_bwd_dpre_kernel(x, w, h0, dy, dpre, dw_part, cu_seqlens, seq_idx, T_total, T_seq, C,
-                         W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr,
-                         HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """First pass of the two-pass backward: dpre[t] = dy[t] act'(pre[t]) (fp32, pre recomputed) for BT rows x BC
-    channels, and dw_part[i_t, j, c] = sum_{t in block} dpre[t, c] x[t - (W-1) + j, c]. Grid (cdiv(T_total, BT),
-    cdiv(C, BC))."""
-    i_t, i_c = tl.program_id(0), tl.program_id(1)
-    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_t, m_c = o_t < T_total, o_c < C
-    m_tc = m_t[:, None] & m_c[None, :]
-    n, start, _ = _row_bounds(cu_seqlens, seq_idx, o_t, m_t, T_seq, IS_VARLEN)
-    b_dpre = tl.load(dy + o_t[:, None] * C + o_c[None, :], mask=m_tc, other=0.0).to(tl.float32)
-    if ACT == 1:
-        b_pre = tl.zeros([BT, BC], dtype=tl.float32)
-        for j in tl.static_range(W):
-            b_wj = tl.load(w + o_c * W + j, mask=m_c, other=0.0).to(tl.float32)
-            b_pre += _tap(x, h0, o_t, start, n, o_c, m_t, m_c, C, W - 1 - j, W, HAS_H0) * b_wj[None, :]
-        b_dpre = b_dpre * _silu_grad(b_pre)
-    tl.store(dpre + o_t[:, None] * C + o_c[None, :], b_dpre, mask=m_tc)
-    for j in tl.static_range(W):
-        b_src = _tap(x, h0, o_t, start, n, o_c, m_t, m_c, C, W - 1 - j, W, HAS_H0)
-        tl.store(dw_part + (i_t * W + j).to(tl.int64) * C + o_c, tl.sum(b_dpre * b_src, axis=0), mask=m_c)
-
-
-@triton.jit
-def conv_bwd_dx_kernel(dpre, w, dfinal, dx, cu_seqlens, seq_idx, T_total, T_seq, C,
-                       W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_DFINAL: tl.constexpr,
-                       IS_VARLEN: tl.constexpr, INTERPRET: tl.constexpr):
-    """Second pass: dx[u] = sum_s w[W-1-s] dpre[u + s] over rows u + s of u's sequence, plus dfinal[n, :, j] where
-    u is the sequence's row end - (W-1) + j. Grid (cdiv(T_total, BT), cdiv(C, BC))."""
-    i_t, i_c = tl.program_id(0), tl.program_id(1)
-    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_t, m_c = o_t < T_total, o_c < C
-    n, _, end = _row_bounds(cu_seqlens, seq_idx, o_t, m_t, T_seq, IS_VARLEN)
-    b_dx = tl.zeros([BT, BC], dtype=tl.float32)
-    for s in tl.static_range(W):
-        o_r = o_t + s
-        m_r = (m_t & (o_r < end))[:, None] & m_c[None, :]
-        b_w = tl.load(w + o_c * W + (W - 1 - s), mask=m_c, other=0.0).to(tl.float32)
-        b_dx += tl.load(dpre + o_r[:, None] * C + o_c[None, :], mask=m_r, other=0.0) * b_w[None, :]
-    if HAS_DFINAL:
-        j_f = o_t - (end - (W - 1))
-        m_f = (m_t & (j_f >= 0))[:, None] & m_c[None, :]
-        b_dx += tl.load(dfinal + (n * C)[:, None] * (W - 1) + o_c[None, :] * (W - 1) + j_f[:, None], mask=m_f,
-                        other=0.0).to(tl.float32)
-    tl.store(dx + o_t[:, None] * C + o_c[None, :], cast_to(b_dx, dx, INTERPRET),
-             mask=m_t[:, None] & m_c[None, :])
-
-
-@triton.jit
 def conv_bwd_h0_kernel(x, w, h0, dy, dfinal, dh0, cu_seqlens, T_seq, C,
                        W: tl.constexpr, BC: tl.constexpr, BW: tl.constexpr, ACT: tl.constexpr,
                        HAS_DFINAL: tl.constexpr, IS_VARLEN: tl.constexpr):
@@ -274,27 +239,26 @@ def _layout(x: torch.Tensor, cu_seqlens: torch.Tensor | None):
     return x2, cu.numel() - 1, cu, seq_idx
 
 
-def _blocks(C: int) -> int:
-    return min(CONFIG["bc"], triton.next_power_of_2(C))
-
-
-def conv_fwd(x, weight, initial_state, cu_seqlens, act: int, output_final_state: bool):
-    """Launch the forward kernels. x [B, T, C], weight [C, W]. Returns (y [B, T, C], final [N, C, W-1] | None)."""
+def conv_fwd(x, weight, initial_state, cu_seqlens, act: int, output_final_state: bool,
+             launch: ConvLaunch | None = None):
+    """Launch the forward kernels. x [B, T, C], weight [C, W]; ``launch`` None: ``conv_launch``'s choice.
+    Returns (y [B, T, C], final [N, C, W-1] | None)."""
     B, T, C = x.shape
     W = weight.shape[-1]
     x2, N, cu, seq_idx = _layout(x, cu_seqlens)
     w = weight.contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
+    launch = launch or conv_launch(C, h0 is not None)
     T_total = x2.shape[0]
     y = poisoned(torch.empty_like(x2))
-    BC = _blocks(C)
+    BC = launch.bc
     varlen = cu is not None
     if T_total > 0:
-        BT = CONFIG["fwd_bt"] if h0 is None else CONFIG["fwd_bt_h0"]
+        BT = launch.fwd_bt
         grid = (triton.cdiv(T_total, BT), triton.cdiv(C, BC))
         conv_fwd_kernel[grid](x2, w, h0, y, cu, seq_idx, T_total, max(T, 1), C, W=W, BT=BT, BC=BC, ACT=act,
                               HAS_H0=h0 is not None, IS_VARLEN=varlen, INTERPRET=interpreting(),
-                              num_warps=CONFIG["warps"])
+                              num_warps=launch.warps)
     final = None
     if output_final_state:
         final = poisoned(torch.empty(N, C, W - 1, dtype=x.dtype, device=x.device))
@@ -305,33 +269,29 @@ def conv_fwd(x, weight, initial_state, cu_seqlens, act: int, output_final_state:
     return y.view(B, T, C), final
 
 
-def conv_bwd(x, weight, initial_state, cu_seqlens, act: int, dy, dfinal):
-    """Launch the backward kernels. Returns (dx [B, T, C] x.dtype, dweight [C, W] fp32, dh0 [N, C, W-1] fp32 | None)."""
+def conv_bwd(x, weight, initial_state, cu_seqlens, act: int, dy, dfinal, launch: ConvLaunch | None = None):
+    """Launch the backward kernels; ``launch`` None: ``conv_launch``'s choice. Returns (dx [B, T, C] x.dtype,
+    dweight [C, W] fp32, dh0 [N, C, W-1] fp32 | None)."""
     B, T, C = x.shape
     W = weight.shape[-1]
     x2, N, cu, seq_idx = _layout(x, cu_seqlens)
     w = weight.contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
+    launch = launch or conv_launch(C, h0 is not None)
     dy2 = dy.reshape(B * T, C).contiguous()
     df = None if dfinal is None else dfinal.contiguous()
     T_total = x2.shape[0]
-    BC = _blocks(C)
+    BC = launch.bc
     varlen = cu is not None
-    BT = CONFIG["bwd_bt"]
+    BT = launch.bwd_bt
     NT = triton.cdiv(T_total, BT)
     dx = poisoned(torch.empty_like(x2))
     dw_part = poisoned(torch.empty(NT, W, C, dtype=torch.float32, device=x.device))
-    grid = (NT, triton.cdiv(C, BC))
-    flags = dict(W=W, BT=BT, BC=BC, IS_VARLEN=varlen, num_warps=CONFIG["warps"])
-    if T_total > 0 and CONFIG["bwd_mode"] == "two_pass":
-        dpre = poisoned(torch.empty(T_total, C, dtype=torch.float32, device=x.device))
-        conv_bwd_dpre_kernel[grid](x2, w, h0, dy2, dpre, dw_part, cu, seq_idx, T_total, max(T, 1), C, ACT=act,
-                                   HAS_H0=h0 is not None, **flags)
-        conv_bwd_dx_kernel[grid](dpre, w, df, dx, cu, seq_idx, T_total, max(T, 1), C, HAS_DFINAL=df is not None,
-                                 INTERPRET=interpreting(), **flags)
-    elif T_total > 0:
-        conv_bwd_kernel[grid](x2, w, h0, dy2, df, dx, dw_part, cu, seq_idx, T_total, max(T, 1), C, ACT=act,
-                              HAS_H0=h0 is not None, HAS_DFINAL=df is not None, INTERPRET=interpreting(), **flags)
+    if T_total > 0:
+        conv_bwd_kernel[(NT, triton.cdiv(C, BC))](
+            x2, w, h0, dy2, df, dx, dw_part, cu, seq_idx, T_total, max(T, 1), C, W=W, BT=BT, BC=BC, ACT=act,
+            HAS_H0=h0 is not None, HAS_DFINAL=df is not None, IS_VARLEN=varlen, INTERPRET=interpreting(),
+            num_warps=launch.warps)
     dweight = dw_part.sum(0).t()  # [C, W], a fixed-order reduction over blocks
     dh0 = None
     if h0 is not None:
@@ -344,28 +304,33 @@ def conv_bwd(x, weight, initial_state, cu_seqlens, act: int, dy, dfinal):
 
 
 class CausalConv1dFunction(torch.autograd.Function):
-    """Autograd wrapper: saves only x, weight and initial_state; the backward recomputes pre-activations."""
+    """Autograd wrapper: saves only x, weight and initial_state; the backward recomputes pre-activations. Forward
+    and backward launch with the same ``ConvLaunch``."""
 
     @staticmethod
-    def forward(ctx, x, weight, initial_state, cu_seqlens, act, output_final_state):
-        y, final = conv_fwd(x, weight, initial_state, cu_seqlens, act, output_final_state)
+    def forward(ctx, x, weight, initial_state, cu_seqlens, act, output_final_state, launch):
+        y, final = conv_fwd(x, weight, initial_state, cu_seqlens, act, output_final_state, launch)
         ctx.save_for_backward(x, weight, initial_state, cu_seqlens)
         ctx.act = act
+        ctx.launch = launch
         return y if final is None else (y, final)
 
     @staticmethod
     def backward(ctx, dy, *dfinal):
         x, weight, initial_state, cu_seqlens = ctx.saved_tensors
         df = dfinal[0] if dfinal else None
-        dx, dw, dh0 = conv_bwd(x, weight, initial_state, cu_seqlens, ctx.act, dy, df)
+        dx, dw, dh0 = conv_bwd(x, weight, initial_state, cu_seqlens, ctx.act, dy, df, ctx.launch)
         dh0 = None if dh0 is None or not ctx.needs_input_grad[2] else dh0.to(initial_state.dtype)
-        return dx, dw.to(weight.dtype), dh0, None, None, None
+        return dx, dw.to(weight.dtype), dh0, None, None, None, None
 
 
-def causal_conv1d_triton(x, weight, initial_state, cu_seqlens, activation, output_final_state):
-    """Triton path of ``causal_conv1d`` (arguments already validated there): (y, final_state | None)."""
+def causal_conv1d_triton(x, weight, initial_state, cu_seqlens, activation, output_final_state,
+                         launch: ConvLaunch | None = None):
+    """Triton path of ``causal_conv1d`` (arguments already validated there, weight ``[C, W]``): (y, final_state |
+    None). ``launch``: the kernels' settings, None for ``conv_launch(C, initial_state is not None)``."""
     if weight.shape[-1] > MAX_WIDTH:
         raise ValueError(f"the Triton causal_conv1d supports W <= {MAX_WIDTH}, got W={weight.shape[-1]}")
     act = 1 if activation == "silu" else 0
-    out = CausalConv1dFunction.apply(x, weight, initial_state, cu_seqlens, act, output_final_state)
+    launch = launch or conv_launch(x.shape[-1], initial_state is not None)
+    out = CausalConv1dFunction.apply(x, weight, initial_state, cu_seqlens, act, output_final_state, launch)
     return out if output_final_state else (out, None)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kimi_linear.layers.kda as kda_module
 from kimi_linear.cache import KimiLinearCache
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.kda import KimiDeltaAttention
@@ -208,3 +209,29 @@ def test_kda_gate_parameters_stay_fp32():
     assert tuple(layer.q_conv1d.weight.shape) == (32, 1, 4) and tuple(layer.o_norm.weight.shape) == (16,)
     y = layer(torch.randn(1, 5, 48, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+def test_kda_layer_passes_its_backends_to_the_ops(monkeypatch):
+    """conv_backend and preprocess_backend ("auto" by default) reach causal_conv1d and chunk_kda, with and without
+    a cache."""
+    seen = []
+
+    def spy(name, fn, key):
+        def wrapped(*args, **kwargs):
+            seen.append((name, kwargs[key]))
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(kda_module, name, wrapped)
+
+    spy("causal_conv1d", kda_module.causal_conv1d, "backend")
+    spy("chunk_kda", kda_module.chunk_kda, "preprocess_backend")
+    config = small_config()
+    layer = randomised_layer(config)
+    x = torch.randn(1, 5, config.hidden_size)
+    with torch.no_grad():
+        layer(x)
+        assert seen == [("causal_conv1d", "auto"), ("chunk_kda", "auto")]
+        seen.clear()
+        layer.conv_backend, layer.preprocess_backend = "torch", "torch"
+        layer(x, cache=KimiLinearCache(config, batch_size=1, max_length=8))
+        assert seen == [("causal_conv1d", "torch"), ("chunk_kda", "torch")]

@@ -3,7 +3,8 @@
 Without CUDA the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set below before Triton is imported)
 at small sizes: W in {2, 3, 4, 8}, C not a multiple of the channel block, batches without cu_seqlens, varlen batches
 with empty, 1-token and shorter-than-W segments and blocks straddling boundaries, initial state on/off, SiLU and
-no activation, the final state and its gradient, both backward schemes (CONFIG["bwd_mode"]). Every buffer the kernels write is poisoned with NaN first.
+no activation, the final state and its gradient, and a non-default launch (small row and channel blocks, passed as
+a ``ConvLaunch``). Every buffer the kernels write is poisoned with NaN first.
 
 fp32: the kernels and the reference differ only in summation order, rel. RMS error <= 1e-6 on y, final state, dx,
 dweight and d initial_state. 16-bit inputs: each output and gradient of the kernels, measured against the reference
@@ -13,6 +14,7 @@ With CUDA: the same cases compiled, plus the layer's shape (T = 32k, C = 4096, b
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -21,8 +23,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import kimi_linear.ops.conv_triton as conv_triton  # noqa: E402
 from kimi_linear.ops.conv import causal_conv1d, naive_causal_conv1d  # noqa: E402
+from kimi_linear.ops.conv_triton import causal_conv1d_triton, conv_launch  # noqa: E402
 from tests.utils import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,12 +34,6 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 FP32_TOL = 1e-6  # same products, only the order of the (at most W-term, or per-block) sums differs
 NAMES = ("y", "final", "dx", "dweight", "dh0")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture(params=["fused", "two_pass"])
-def bwd_mode(request, monkeypatch):
-    """Both backward schemes: pre recomputed at W shifts, or dpre stored and convolved in a second kernel."""
-    monkeypatch.setitem(conv_triton.CONFIG, "bwd_mode", request.param)
 
 
 def make_inputs(B, T, C, W, lengths, with_state, dtype, seed, weight_3d=False):
@@ -93,7 +89,7 @@ IDS = [
 
 
 @pytest.mark.parametrize("B,T,C,W,lengths,with_state,activation", CASES, ids=IDS)
-def test_fp32_matches_torch_path(B, T, C, W, lengths, with_state, activation, bwd_mode):
+def test_fp32_matches_torch_path(B, T, C, W, lengths, with_state, activation):
     x, w, h0, cu, gy, gf = make_inputs(B, T, C, W, lengths, with_state, torch.float32, seed=W * 100 + C)
     ours = run("triton", x, w, h0, cu, gy, gf, activation)
     ref = run("torch", x, w, h0, cu, gy, gf, activation)
@@ -102,6 +98,23 @@ def test_fp32_matches_torch_path(B, T, C, W, lengths, with_state, activation, bw
             assert a is None, name
             continue
         assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert rel_err(a, b) <= FP32_TOL, f"{name}: {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no-h0"])
+def test_fp32_explicit_launch(with_state):
+    """A launch passed down explicitly (4-row forward, 2-row backward, 4-channel blocks) is the one the kernels use
+    in both directions: blocks straddle every boundary of a varlen batch and the channels span 3 blocks."""
+    lengths, C, W = [5, 0, 1, 2, 9], 9, 4
+    x, w, h0, cu, gy, gf = make_inputs(1, None, C, W, lengths, with_state, torch.float32, seed=5)
+    launch = dataclasses.replace(conv_launch(C, with_state), fwd_bt=4, bwd_bt=2, bc=4)
+    leaves = [t.detach().requires_grad_() for t in (x, w, h0) if t is not None]
+    y, final = causal_conv1d_triton(leaves[0], leaves[1], leaves[2] if with_state else None, cu, "silu", True,
+                                    launch=launch)
+    loss = (y.double() * gy.double()).sum() + (final.double() * gf.double()).sum()
+    ours = [y, final, *torch.autograd.grad(loss, leaves)]
+    ref = [t for t in run("torch", x, w, h0, cu, gy, gf, "silu") if t is not None]
+    for name, a, b in zip(NAMES[: len(ref)], ours, ref, strict=True):
         assert rel_err(a, b) <= FP32_TOL, f"{name}: {rel_err(a, b):.2e}"
 
 
@@ -137,7 +150,7 @@ def test_checkpoint_weight_layout_and_no_final_state():
     [(None, 4, True, "silu"), ([5, 0, 1, 2, 70], 4, True, "silu"), ([3, 40, 1], 3, False, None)],
     ids=["B2-T80-W4-h0", "varlen-W4-h0", "varlen-W3-noact"],
 )
-def test_16bit_within_twice_the_torch_path_error(dtype, lengths, W, with_state, activation, bwd_mode):
+def test_16bit_within_twice_the_torch_path_error(dtype, lengths, W, with_state, activation):
     x, w, h0, cu, gy, gf = make_inputs(2, 80, 20, W, lengths, with_state, dtype, seed=7 + W)
     w = w.to(dtype)  # the model's filters are in the model's dtype
     exact = run("torch", x, w, h0, cu, gy, gf, activation, dtype=torch.float64)
@@ -166,7 +179,7 @@ def test_auto_is_the_torch_path_on_cpu():
 
 
 @gpu
-def test_layer_shape_bf16_on_gpu(bwd_mode):
+def test_layer_shape_bf16_on_gpu():
     """T = 32k packed as 4 sequences with initial states, C = 4096, bf16: kernels within 2x the torch path's error
     against the fp32 torch path, for y, the final state and every gradient."""
     lengths = [1, 3, 12284, 20480]

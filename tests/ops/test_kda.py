@@ -354,6 +354,8 @@ def test_bad_misc_arguments():
         chunk_kda(**x, use_gate_in_kernel=True)
     with pytest.raises(ValueError, match="backend must be one of"):
         chunk_kda(**x, backend="cuda")
+    with pytest.raises(ValueError, match="preprocess_backend must be one of"):
+        chunk_kda(**x, preprocess_backend="fused")
     with pytest.raises(ValueError, match="state_indices needs initial_state"):
         fused_recurrent_kda(**x, state_indices=torch.tensor([0]))
 

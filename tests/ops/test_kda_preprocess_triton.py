@@ -11,13 +11,15 @@ poisoned with NaN first.
 fp32: rel. RMS error <= 1e-6 against the PyTorch path (for the sums dA_log and ddt_bias: times their cancellation
 factor, see ``cancellation``). 16-bit inputs: each output and gradient, measured against a float64 reference on the
 same rounded inputs, within 2x the error of the PyTorch path on those inputs (with q_n, k_n cast to the same operand
-dtype), or for fp32 results within the fp32 bound. End to end: chunk_kda(backend="triton") with all three flags gives the same output,
-final state and gradients with the fused activations as with the PyTorch ones.
+dtype), or for fp32 results within the fp32 bound. End to end: chunk_kda with all three flags gives the same output,
+final state and gradients with preprocess_backend="triton" (the fused activations) as with "torch", on either chunk
+backend.
 With CUDA: the layer's shape, T = 32k, H = 32, K = 128, bf16.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 
@@ -40,13 +42,6 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 FP32_TOL = 1e-6  # the same fp32 formulas; only rounding of exp/log/rsqrt and the order of sums differ
 NAMES = ("q", "k", "g", "beta", "dq", "dk", "dg", "dbeta", "dA_log", "ddt_bias")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Few tokens per program, so the sums over t of dA_log and ddt_bias add many block partials."""
-    monkeypatch.setitem(pt.CONFIG, "fwd_elems", 64)
-    monkeypatch.setitem(pt.CONFIG, "bwd_elems", 32)
 
 
 def make_inputs(B, T, H, K, *, dt_bias=True, scalar_gate=False, gate_range=None, zero_rows=False, seed=0):
@@ -72,23 +67,24 @@ def make_inputs(B, T, H, K, *, dt_bias=True, scalar_gate=False, gate_range=None,
     return {n: None if t is None else t.to(DEVICE) for n, t in out.items()}, [w.to(DEVICE) for w in grads]
 
 
-def run(backend, inputs, upstream, flags, operand_dtype=None, dtype=None, param_dtype=None):
+def run(backend, inputs, upstream, flags, operand_dtype=None, dtype=None, param_dtype=None, launch=None):
     """(q, k, g, beta) out of ``common.preprocess`` and the gradients of a weighted sum of them w.r.t. the raw
     q, k, g, beta, A_log, dt_bias (None where the flags leave a parameter unused). Inputs cast to ``dtype``,
-    A_log/dt_bias to ``param_dtype``, when given."""
+    A_log/dt_bias to ``param_dtype``, when given. ``launch``: the fused kernels (``preprocess_fused``) at that
+    ``PreprocessLaunch`` (per-channel gate only: there is no scalar gate to broadcast)."""
     norm, gate, sig = flags
     x = {}
     for n, t in inputs.items():
         want = param_dtype if n in ("A_log", "dt_bias") else dtype
         x[n] = None if t is None else (t if want is None else t.to(want)).detach().requires_grad_()
     K = x["q"].shape[-1]
-    old = common.PREPROCESS_BACKEND
-    common.PREPROCESS_BACKEND = backend
-    try:
+    if launch is not None:
+        assert backend == "triton"
+        outs = pt.preprocess_fused(x["q"], x["k"], x["g"], x["beta"], norm, gate, x["A_log"], x["dt_bias"], sig,
+                                   operand_dtype, launch=launch)
+    else:
         outs = common.preprocess(x["q"], x["k"], x["g"], x["beta"], norm, gate, x["A_log"], x["dt_bias"], sig, K,
-                                 operand_dtype=operand_dtype, fused=True)
-    finally:
-        common.PREPROCESS_BACKEND = old
+                                 operand_dtype=operand_dtype, fused=backend == "triton")
     loss = sum((o.double() * w.double()).sum() for o, w in zip(outs, upstream, strict=True))
     leaves = [x[n] for n in ("q", "k", "g", "beta")]
     if gate:
@@ -209,16 +205,20 @@ def test_fp32_extreme_gate_preactivations(gate_range, scalar_gate):
 
 @pytest.mark.parametrize("flags", [(True, True, True), (True, False, True), (False, True, False)],
                          ids=["NGS", "N-S", "-G-"])
-def test_fp32_many_blocks(flags, small_blocks):
-    """T = 500 tokens at 4 (forward) / 2 (backward) per program at K = 16: 250 partials per head in the sums."""
+def test_fp32_many_blocks(flags):
+    """T = 500 tokens at 4 (forward) / 2 (backward) per program at K = 16, a launch passed down explicitly: 250
+    partials per head in the sums."""
     inputs, up = make_inputs(1, 500, 3, 16, seed=3)
-    assert_fp32_match(run("triton", inputs, up, flags), run("torch", inputs, up, flags))
+    launch = dataclasses.replace(pt.preprocess_launch(500, 16), fwd_bt=4, bwd_bt=2)
+    assert_fp32_match(run("triton", inputs, up, flags, launch=launch), run("torch", inputs, up, flags))
 
 
-def test_fp32_reductions_are_deterministic(small_blocks):
+def test_fp32_reductions_are_deterministic():
+    """One token per program: 200 partials per head, summed in the same order every time."""
     inputs, up = make_inputs(1, 200, 3, 48, seed=4)
-    a = run("triton", inputs, up, (True, True, True))
-    b = run("triton", inputs, up, (True, True, True))
+    launch = dataclasses.replace(pt.preprocess_launch(200, 48), fwd_bt=1, bwd_bt=1)
+    a = run("triton", inputs, up, (True, True, True), launch=launch)
+    b = run("triton", inputs, up, (True, True, True), launch=launch)
     for name, x, y in zip(NAMES, a, b, strict=True):
         assert torch.equal(x, y), name
 
@@ -254,17 +254,12 @@ def _fused(t: torch.Tensor) -> bool:
     return any("PreprocessFunction" in n for n in names)
 
 
-def test_fused_only_where_allowed_and_runnable(monkeypatch):
-    """On by default, but only for callers that allow it (the Triton chunk backend; the PyTorch reference paths do
-    not), and on CPU tensors only under the interpreter."""
-    assert common.PREPROCESS_BACKEND == "triton"
+def test_fused_only_where_asked_and_runnable(monkeypatch):
+    """Only for callers that ask (the Triton chunk backend does; the PyTorch reference paths do not), and on CPU
+    tensors only under the interpreter."""
     q = torch.randn(1, 3, 2, 16, requires_grad=True, device=DEVICE)
     out = common.preprocess(q, q, q, q[..., 0], True, False, None, None, False, 16)
     assert not _fused(out[0])
-    monkeypatch.setattr(common, "PREPROCESS_BACKEND", "torch")
-    out = common.preprocess(q, q, q, q[..., 0], True, False, None, None, False, 16, fused=True)
-    assert not _fused(out[0])
-    monkeypatch.setattr(common, "PREPROCESS_BACKEND", "triton")
     out = common.preprocess(q, q, q, q[..., 0], True, False, None, None, False, 16, fused=True)
     assert _fused(out[0])
     if DEVICE == "cpu":  # (the interpreter is chosen when Triton is imported: only then can CPU tensors run)
@@ -273,9 +268,9 @@ def test_fused_only_where_allowed_and_runnable(monkeypatch):
         assert not _fused(out[0])
 
 
-def chunk_run(switch, seed=0):
-    """Outputs, final state and gradients of chunk_kda(backend="triton") with all three in-op activations, fp32,
-    with ``PREPROCESS_BACKEND = switch``; also the raw inputs."""
+def chunk_run(backend, preprocess_backend, seed=0):
+    """Outputs, final state and gradients of chunk_kda with all three in-op activations, fp32, on the chunk
+    ``backend`` and the ``preprocess_backend``; also the raw inputs."""
     from kimi_linear.ops.kda.chunk import chunk_kda
     from tests.utils import loss_of
 
@@ -286,26 +281,22 @@ def chunk_run(switch, seed=0):
                beta=torch.randn(B, T, H, generator=gen), A_log=torch.randn(H, generator=gen) - 1,
                dt_bias=torch.randn(H * K, generator=gen), initial_state=torch.randn(B, H, K, V, generator=gen))
     x = {n: t.to(DEVICE).requires_grad_() for n, t in raw.items()}
-    old = common.PREPROCESS_BACKEND
-    common.PREPROCESS_BACKEND = switch
-    try:
-        o, ht = chunk_kda(**x, output_final_state=True, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
-                          use_beta_sigmoid_in_kernel=True, backend="triton")
-    finally:
-        common.PREPROCESS_BACKEND = old
+    o, ht = chunk_kda(**x, output_final_state=True, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                      use_beta_sigmoid_in_kernel=True, backend=backend, preprocess_backend=preprocess_backend)
     grads = torch.autograd.grad(loss_of(o, ht), list(x.values()))
     names = ("o", "ht", "dq", "dk", "dv", "dg", "dbeta", "dA_log", "ddt_bias", "dh0")
     return dict(zip(names, [o, ht, *grads], strict=True)), raw
 
 
-def test_chunk_kda_end_to_end_switch_on_matches_off():
-    """The two sides differ only in the last bits of q_n, k_n, g, beta (<= 1e-6 above), which the chunk kernel
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_chunk_kda_end_to_end_fused_matches_torch_activations(backend):
+    """On either chunk backend, with the activations on the fused kernels and on PyTorch. The two sides differ only in the last bits of q_n, k_n, g, beta (<= 1e-6 above), which the chunk kernel
     carries into its outputs and gradients at the same level: FP32_TOL each. dA_log and ddt_bias are sums over
     tokens of terms of both signs, so their relative difference is the per-token one times the cancellation
     ||sum |c||| / ||sum c|| (the rule of test_kda_chunk_triton's fused-activation test), computed from the per-token
     terms: ddt_bias sums dx (x = the gate pre-activation), dA_log sums dx * softplus(x) / sigmoid(x)."""
-    on, _ = chunk_run("triton")
-    off, raw = chunk_run("torch")
+    on, _ = chunk_run(backend, "triton")
+    off, raw = chunk_run(backend, "torch")
     H, K = raw["q"].shape[2:]
     dx = off["dg"].detach().cpu().double()
     z = (raw["g"] + raw["dt_bias"].reshape(H, K)).double()

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from kimi_linear.ops.kda.common import pack_to_batch, preprocess, unpack_from_batch, validate_kda_args
+from kimi_linear.ops.kda.common import BACKENDS, pack_to_batch, preprocess, unpack_from_batch, validate_kda_args
 from kimi_linear.ops.kda.naive import naive_chunk_kda
 
 
@@ -45,6 +45,7 @@ def chunk_kda(
     dt_bias: torch.Tensor | None = None,
     use_beta_sigmoid_in_kernel: bool = False,
     backend: str = "auto",
+    preprocess_backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kimi Delta Attention over whole sequences, chunkwise-parallel (paper §3.1); differentiable.
 
@@ -65,6 +66,9 @@ def chunk_kda(
         A_log: ``[H]`` (or ``[1, 1, H, 1]``), dt_bias: ``[H * K]`` (``[H]`` for a scalar gate) — used only with
             ``use_gate_in_kernel``.
         backend: "auto" (Triton on CUDA tensors, PyTorch otherwise), "torch" or "triton".
+        preprocess_backend: where the in-op activations (``use_*_in_kernel``) run: "auto" (on the chunk's backend:
+            the fused Triton kernels of ``preprocess_triton`` with "triton", PyTorch with "torch"), "torch" or
+            "triton" (either with either chunk backend; same results up to rounding).
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``.
@@ -74,10 +78,21 @@ def chunk_kda(
         cu_seqlens. NaN in g or beta is not checked and propagates.
     """
     validate_kda_args(q, k, v, g, beta, initial_state, cu_seqlens, use_gate_in_kernel, A_log, dt_bias, backend)
+    if preprocess_backend not in BACKENDS:
+        raise ValueError(f"preprocess_backend must be one of {BACKENDS}, got {preprocess_backend!r}")
     backend = resolve_backend(backend, q)
+    preprocess_backend = backend if preprocess_backend == "auto" else resolve_backend(preprocess_backend, q)
+    K = q.shape[-1]
     if backend == "triton":
         from kimi_linear.ops.kda.chunk_triton import chunk_kda_triton
 
+        if preprocess_backend == "torch":
+            # The activations in PyTorch here, q and k in the operand dtype the Triton path picks (the widest of
+            # q, k, v): the kernels then see what their own (fused) preprocessing would have given them.
+            dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+            q, k, g, beta = preprocess(q, k, g, beta, use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias,
+                                       use_beta_sigmoid_in_kernel, K, operand_dtype=dt)
+            use_qk_l2norm_in_kernel = use_gate_in_kernel = use_beta_sigmoid_in_kernel = False
         return chunk_kda_triton(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
@@ -85,10 +100,10 @@ def chunk_kda(
             use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
         )
 
-    K = q.shape[-1]
     scale = K**-0.5 if scale is None else scale
     q, k, g, beta = preprocess(
-        q, k, g, beta, use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, K
+        q, k, g, beta, use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, K,
+        fused=preprocess_backend == "triton",
     )
     if cu_seqlens is None:
         o, final_state = naive_chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state)

@@ -136,17 +136,9 @@ def validate_kda_args(
     return N
 
 
-# Which implementation runs the optional in-op activations of ``preprocess`` when its caller allows the fused one
-# (the Triton chunk backend does; the PyTorch reference paths never): "torch" (PyTorch, fp32, autograd keeps fp32
-# [T, H, K] temporaries) or "triton" (``preprocess_triton``: one fused kernel each way, recomputing in backward).
-# "triton" applies to CUDA tensors and, on CPU, only under Triton's interpreter (TRITON_INTERPRET=1); elsewhere the
-# PyTorch path runs. H200, H = 32, K = 128, bf16: forward 8.0-8.4x, forward + backward 3.3-8.1x faster than "torch"
-# and a third of the saved memory (benchmarks/kda_preprocess_speed.py, 2026-11-26).
-PREPROCESS_BACKEND = "triton"
-
-
-def _fused_preprocess_available(x: torch.Tensor) -> bool:
-    return PREPROCESS_BACKEND == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+def _fused_preprocess_runs(x: torch.Tensor) -> bool:
+    """Whether the fused Triton kernels can run on x: CUDA tensors, or CPU ones under Triton's interpreter."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def preprocess(
@@ -165,13 +157,15 @@ def preprocess(
 ):
     """The optional in-op activations (fp32 math), and the scalar gate broadcast over K.
 
-    l2norm of q and k, the forget gate ``kda_gate`` and the beta sigmoid, each when its flag is set; on the
-    backend chosen by ``PREPROCESS_BACKEND`` when ``fused`` allows the fused kernels (else PyTorch). Normalised q,
-    k come back in ``operand_dtype`` (fp32 when None); g and beta, when activated, in fp32. A scalar gate
-    ``[B, T, H]`` comes back as a fp32 ``[B, T, H, K]`` view.
+    l2norm of q and k, the forget gate ``kda_gate`` and the beta sigmoid, each when its flag is set. With ``fused``
+    they run in the fused Triton kernels of ``preprocess_triton`` (one launch each way, recomputing in backward)
+    where those can run (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1); otherwise, and without
+    ``fused``, in PyTorch (autograd then keeps fp32 ``[T, H, K]`` temporaries). Normalised q, k come back in
+    ``operand_dtype`` (fp32 when None); g and beta, when activated, in fp32. A scalar gate ``[B, T, H]`` comes back
+    as a fp32 ``[B, T, H, K]`` view.
     """
     if (use_qk_l2norm_in_kernel or use_gate_in_kernel or use_beta_sigmoid_in_kernel) and (
-        fused and _fused_preprocess_available(q)
+        fused and _fused_preprocess_runs(q)
     ):
         from kimi_linear.ops.kda.preprocess_triton import preprocess_fused
 

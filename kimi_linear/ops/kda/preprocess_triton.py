@@ -31,23 +31,41 @@ or one K-vector per program and the partial sums over t are plain block reductio
     preprocess_fwd_kernel   the activations above.
     preprocess_bwd_kernel   their gradients, plus the block partials of dA_log and ddt_bias.
 
+Launch settings are a ``PreprocessLaunch`` value, ``preprocess_launch(T_total, K)`` unless the caller passes one.
+
 Limits: K <= 256 (one row of K channels per block row). Under Triton's interpreter fp32 -> bf16 casts truncate, so
 there the rounding to nearest even is done by hand on the bits.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from kimi_linear.ops.norm import L2NORM_EPS
 from kimi_linear.ops.triton_helpers import cast_to, interpreting, poisoned
 
-from kimi_linear.ops.norm import L2NORM_EPS
 
-# Elements per program (BT = elems // BK rows of BK = next_pow2(K) channels): 16-32 fp32 values per thread and
-# tensor at 4 warps; the backward holds about twice as many live tiles as the forward.
-CONFIG = dict(fwd_elems=4096, bwd_elems=2048, warps=4)
+@dataclass(frozen=True)
+class PreprocessLaunch:
+    """Launch settings of the two kernels: tokens per program of the forward (``fwd_bt``) and of the backward
+    (``bwd_bt``), powers of two (each program holds BT x next_pow2(K) elements per tensor), and warps per program."""
+
+    fwd_bt: int
+    bwd_bt: int
+    warps: int
+
+
+def preprocess_launch(T_total: int, K: int) -> PreprocessLaunch:
+    """The shipped launch: 4096 elements per forward program and 2048 per backward program (which holds about twice
+    as many live tiles), i.e. 16-32 fp32 values per thread and tensor at 4 warps; never more tokens than T_total
+    rounded up to a power of two, and at least one."""
+    BK = triton.next_power_of_2(K)
+    most = triton.next_power_of_2(max(T_total, 1))
+    return PreprocessLaunch(fwd_bt=max(1, min(4096 // BK, most)), bwd_bt=max(1, min(2048 // BK, most)), warps=4)
 
 
 @triton.jit
@@ -173,12 +191,6 @@ def preprocess_bwd_kernel(q, k, g, beta, A_log, dt_bias, dq_out, dk_out, dg_out,
         tl.store(dbeta + o_row, cast_to(b_dbo * b_ds, dbeta, INTERPRET), mask=m_t)
 
 
-def _launch_meta(T_total: int, K: int, elems: int) -> tuple[int, int]:
-    BK = triton.next_power_of_2(K)
-    BT = max(1, min(elems // BK, triton.next_power_of_2(max(T_total, 1))))
-    return BT, BK
-
-
 def _ptr(x: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
     """x, or a stand-in pointer for a part whose flag is off (the kernel never touches it)."""
     return stand_in if x is None else x
@@ -188,12 +200,13 @@ class PreprocessFunction(torch.autograd.Function):
     """The fused activations. Parts whose flag is off take None and return None (the caller passes them through).
 
     forward(q, k [T_total, H, K] | None, g [T_total, H, K] or [T_total, H] | None, beta [T_total, H] | None,
-    A_log [H] | None, dt_bias [H * K] or [H] | None, K, operand_dtype) -> (q_n, k_n, g, beta).
-    Saves only the raw inputs; backward relaunches the kernels' recomputation.
+    A_log [H] | None, dt_bias [H * K] or [H] | None, K, operand_dtype, launch: PreprocessLaunch | None)
+    -> (q_n, k_n, g, beta). Saves only the raw inputs; backward relaunches the kernels' recomputation, with the
+    forward's launch (``preprocess_launch(T_total, K)`` when None).
     """
 
     @staticmethod
-    def forward(ctx, q, k, g, beta, A_log, dt_bias, K, operand_dtype):
+    def forward(ctx, q, k, g, beta, A_log, dt_bias, K, operand_dtype, launch):
         norm_qk, gate, sigmoid_beta = q is not None, g is not None, beta is not None
         ref = q if norm_qk else g if gate else beta
         T_total, H = ref.shape[:2]
@@ -212,15 +225,17 @@ class PreprocessFunction(torch.autograd.Function):
         if sigmoid_beta:
             beta = beta.contiguous()
             b_o = poisoned(torch.empty(beta.shape, dtype=torch.float32, device=beta.device))
-        BT, BK = _launch_meta(T_total, K, CONFIG["fwd_elems"])
+        launch = launch or preprocess_launch(T_total, K)
+        BT, BK = launch.fwd_bt, triton.next_power_of_2(K)
         if T_total > 0:
             p = [_ptr(x, ref) for x in (q, k, g, beta, A_log, dt_bias, q_n, k_n, g_o, b_o)]
             preprocess_fwd_kernel[(triton.cdiv(T_total, BT), H)](
                 *p, T_total, H=H, K=K, BT=BT, BK=BK, NORM_QK=norm_qk, GATE=gate, G_SCALAR=g_scalar,
                 HAS_DT_BIAS=dt_bias is not None, SIGMOID_BETA=sigmoid_beta, EPS=L2NORM_EPS,
-                INTERPRET=interpreting(), num_warps=CONFIG["warps"])
+                INTERPRET=interpreting(), num_warps=launch.warps)
         ctx.save_for_backward(q, k, g, beta, A_log, dt_bias)
         ctx.K = K
+        ctx.launch = launch
         return q_n, k_n, g_o, b_o
 
     @staticmethod
@@ -231,7 +246,8 @@ class PreprocessFunction(torch.autograd.Function):
         ref = q if norm_qk else g if gate else beta
         T_total, H = ref.shape[:2]
         g_scalar = gate and g.dim() == 2
-        BT, BK = _launch_meta(T_total, K, CONFIG["bwd_elems"])
+        launch = ctx.launch
+        BT, BK = launch.bwd_bt, triton.next_power_of_2(K)
         NT = triton.cdiv(T_total, BT)
         dq = dk = dg = db = dA = ddt = dA_part = ddt_part = None
         if norm_qk:
@@ -253,13 +269,13 @@ class PreprocessFunction(torch.autograd.Function):
             preprocess_bwd_kernel[(NT, H)](
                 *p, T_total, H=H, K=K, BT=BT, BK=BK, NORM_QK=norm_qk, GATE=gate, G_SCALAR=g_scalar,
                 HAS_DT_BIAS=dt_bias is not None, SIGMOID_BETA=sigmoid_beta, EPS=L2NORM_EPS,
-                INTERPRET=interpreting(), num_warps=CONFIG["warps"])
+                INTERPRET=interpreting(), num_warps=launch.warps)
         if gate:
             # fixed-order sums of the per-block partials over t: deterministic
             dA = dA_part.sum(0).to(A_log.dtype)  # [H]
             if dt_bias is not None:
                 ddt = ddt_part.sum(0).reshape(dt_bias.shape).to(dt_bias.dtype)  # [H * K] or [H]
-        return dq, dk, dg, db, dA, ddt, None, None
+        return dq, dk, dg, db, dA, ddt, None, None, None
 
 
 def preprocess_fused(
@@ -273,6 +289,7 @@ def preprocess_fused(
     dt_bias: torch.Tensor | None,
     use_beta_sigmoid_in_kernel: bool,
     operand_dtype: torch.dtype | None = None,
+    launch: PreprocessLaunch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The in-op activations of ``common.preprocess`` in one Triton kernel (forward) and one (backward).
 
@@ -283,6 +300,7 @@ def preprocess_fused(
         use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel: which parts to compute.
         operand_dtype: the dtype of q_n, k_n (the chunk kernel's operand dtype, rounded to nearest even); None
             keeps fp32, the PyTorch path's dtype.
+        launch: the kernels' settings, None for ``preprocess_launch(B * T, K)``.
 
     Returns:
         ``(q, k, g, beta)``: each activated part in its new dtype (q, k: operand_dtype; g, beta: fp32, shapes
@@ -302,7 +320,7 @@ def preprocess_fused(
         dt = None if dt_bias is None else dt_bias.reshape(-1)
     outs = PreprocessFunction.apply(
         flat(q, use_qk_l2norm_in_kernel), flat(k, use_qk_l2norm_in_kernel), flat(g, use_gate_in_kernel),
-        flat(beta, use_beta_sigmoid_in_kernel), A, dt, K, operand_dtype or torch.float32)
+        flat(beta, use_beta_sigmoid_in_kernel), A, dt, K, operand_dtype or torch.float32, launch)
     q_n, k_n, g_o, b_o = outs
     if use_qk_l2norm_in_kernel:
         q, k = q_n.view(q.shape), k_n.view(k.shape)

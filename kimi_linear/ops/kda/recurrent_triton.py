@@ -33,10 +33,6 @@ from kimi_linear.ops.norm import L2NORM_EPS
 # softplus(x) = x above this, as torch.nn.functional.softplus (threshold=20) does.
 SOFTPLUS_THRESHOLD = 20.0
 
-# Cache hints on the state traffic: loads evict-first, stores streaming (``benchmarks/kda_decode.py --sweep``
-# times both settings).
-DECODE_CONFIG = {"state_cache_hints": False}
-
 
 @triton.jit
 def _fused_recurrent_kda_fwd_kernel(
@@ -49,11 +45,11 @@ def _fused_recurrent_kda_fwd_kernel(
     SCALAR_GATE: tl.constexpr, USE_QK_L2NORM: tl.constexpr, USE_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     USE_BETA_SIGMOID: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
     USE_STATE_INDICES: tl.constexpr, IS_VARLEN: tl.constexpr,
-    L2_EPS: tl.constexpr, SP_THRESHOLD: tl.constexpr, STATE_HINTS: tl.constexpr,
+    L2_EPS: tl.constexpr, SP_THRESHOLD: tl.constexpr,
 ):
     # One flat axis (limit 2^31 - 1; N * H alone can exceed the 65535 of axes 1 and 2), V-blocks fastest:
-    # programs running side by side then cover whole rows of one head's state. With heads fastest instead, a
-    # B=256 step took 317 us at BV=32 on the H200, against 272 us for FLA's kernel, which orders its grid so.
+    # programs running side by side then cover whole rows of one head's state, as in FLA's kernel (heads fastest
+    # was slower: benchmarks/RESULTS.md, "Measured and dropped").
     NV = (V + BV - 1) // BV
     i_nh, i_v = tl.program_id(0) // NV, tl.program_id(0) % NV
     i_n, i_h = i_nh // H, i_nh % H
@@ -76,10 +72,10 @@ def _fused_recurrent_kda_fwd_kernel(
         # and a wrong one must not read or write memory outside the pool.
         has_slot = (slot >= 0) & (slot < num_slots)
         p_h0 = h0 + (tl.where(has_slot, slot, 0) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_h = _load_state(p_h0, m_h & has_slot, STATE_HINTS)  # [BK, BV]
+        b_h = tl.load(p_h0, mask=m_h & has_slot, other=0.0).to(tl.float32)  # [BK, BV]
     elif USE_INITIAL_STATE:
         p_h0 = h0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_h = _load_state(p_h0, m_h, STATE_HINTS)
+        b_h = tl.load(p_h0, mask=m_h, other=0.0).to(tl.float32)
     else:
         b_h = tl.zeros([BK, BV], dtype=tl.float32)
 
@@ -128,30 +124,10 @@ def _fused_recurrent_kda_fwd_kernel(
         t += 1
 
     if USE_STATE_INDICES:
-        _store_state(p_h0, b_h, m_h & has_slot, STATE_HINTS)
+        tl.store(p_h0, b_h, mask=m_h & has_slot)
     elif STORE_FINAL_STATE:
         p_ht = ht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-        _store_state(p_ht, b_h, m_h, STATE_HINTS)
-
-
-@triton.jit
-def _load_state(p, mask, HINTS: tl.constexpr):
-    """A state block, fp32. With HINTS it is marked first to evict from L2: each block is read once per step,
-    while q, k, g of a head are read by all of its V-block programs."""
-    if HINTS:
-        x = tl.load(p, mask=mask, other=0.0, eviction_policy="evict_first")
-    else:
-        x = tl.load(p, mask=mask, other=0.0)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _store_state(p, x, mask, HINTS: tl.constexpr):
-    """A state block back to memory; with HINTS as a streaming store (``.cs``: not kept in the caches)."""
-    if HINTS:
-        tl.store(p, x, mask=mask, cache_modifier=".cs")
-    else:
-        tl.store(p, x, mask=mask)
+        tl.store(p_ht, b_h, mask=m_h)
 
 
 def _token_strides(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -172,7 +148,7 @@ def _token_strides(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 def _default_block_v(n_heads: int, BK: int, V: int) -> int:
-    """V-block per program, from the H200 sweep of ``benchmarks/kda_decode.py --sweep`` (K = V = 128, H = 32):
+    """V-block per program, from the GPU sweep of ``python -m benchmarks kda_decode --sweep`` (K = V = 128, H = 32):
     16 when few (sequence, head) pairs must still spread over 132 SMs (B=1), 32 at B=16, 64 from B=64 on,
     where longer rows per program move the state fastest. Capped at 8192 state elements a program."""
     BV = 16 if n_heads < 256 else 32 if n_heads < 2048 else 64
@@ -274,7 +250,7 @@ def fused_recurrent_kda_triton(
         HAS_DT_BIAS=use_gate and dt_bias is not None, USE_BETA_SIGMOID=bool(use_beta_sigmoid_in_kernel),
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=store_final,
         USE_STATE_INDICES=use_state_indices, IS_VARLEN=cu_seqlens is not None,
-        L2_EPS=L2NORM_EPS, SP_THRESHOLD=SOFTPLUS_THRESHOLD, STATE_HINTS=DECODE_CONFIG["state_cache_hints"],
+        L2_EPS=L2NORM_EPS, SP_THRESHOLD=SOFTPLUS_THRESHOLD,
         num_warps=num_warps or _default_num_warps(BK, BV),
     )
     return o, final_state
