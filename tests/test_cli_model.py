@@ -238,3 +238,20 @@ def test_serve_help_states_the_engine_defaults():
             checked.append(name)
     assert sorted(checked) == ["block_size", "gpu_memory_fraction", "max_num_batched_tokens", "max_num_seqs",
                                "max_queue"]
+
+
+@pytest.mark.parametrize("device, match", [
+    ("tpu9", "--device 'tpu9' is not a device"),
+    ("mps", "--device 'mps': use cpu, cuda or cuda:N"),
+    ("cuda:99", "--device cuda:99"),
+], ids=["unknown", "mps", "no-such-cuda"])
+@pytest.mark.parametrize("sub", ["generate", "chat", "serve", "synth"])
+def test_a_bad_device_is_one_line_in_every_subcommand(capsys, checkpoint, sub, device, match):
+    """Nothing is loaded or served: the device is checked first (no traceback, exit 2)."""
+    argv = {"generate": ["--checkpoint", str(checkpoint), "--prompt", "x"],
+            "chat": ["--checkpoint", str(checkpoint)],
+            "serve": ["--checkpoint", str(checkpoint), "--port", "0"],
+            "synth": ["--steps", "1"]}[sub]
+    rc, out, err = run_cli(capsys, sub, *argv, "--device", device)
+    assert rc == 2 and match in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"kimi-linear {sub}: error:") and out == ""

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from kimi_linear.cli.common import add_threads_argument, set_threads
+from kimi_linear.cli.common import add_threads_argument, resolve_device, set_threads
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMMANDS_HELP = (
@@ -59,6 +59,7 @@ def _load(args: argparse.Namespace):
     from kimi_linear.model import KimiLinearForCausalLM
     from kimi_linear.tokenizer import load_tokenizer
 
+    device = resolve_device(args.device)
     if not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"checkpoint folder not found: {args.checkpoint}")
     config = KimiLinearConfig.from_hf(args.checkpoint)
@@ -73,9 +74,6 @@ def _load(args: argparse.Namespace):
     )
     if args.max_context < 2:
         raise ValueError(f"--max-context must be >= 2, got {args.max_context}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else None
     dtype = dtype or getattr(torch, args.dtype)
     model = KimiLinearForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
