@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from kimi_linear.cli.common import add_threads_argument, resolve_device, set_threads
+from kimi_linear.cli.common import add_threads_argument, resolve_device, set_threads, utf8_problem
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMMANDS_HELP = (
@@ -60,6 +60,8 @@ def _load(args: argparse.Namespace):
     from kimi_linear.tokenizer import load_tokenizer
 
     device = resolve_device(args.device)
+    if args.system is not None and (problem := utf8_problem(args.system)):
+        raise ValueError(f"--system is not valid UTF-8 ({problem})")
     if not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"checkpoint folder not found: {args.checkpoint}")
     config = KimiLinearConfig.from_hf(args.checkpoint)
@@ -125,6 +127,9 @@ def _interactive(session) -> None:
             continue
         if not line.strip():
             continue
+        if problem := utf8_problem(line):
+            print(f"[the line is not valid UTF-8 ({problem}); not sent]", file=sys.stderr)
+            continue
         handled = _command(session, line)
         if handled:
             return
@@ -153,9 +158,14 @@ def _scripted(session) -> int:
     from kimi_linear.chat import ContextFullError
 
     status = 0
-    for line in sys.stdin:
+    for number, line in enumerate(sys.stdin, 1):
         line = line.rstrip("\r\n")
         if not line.strip():
+            continue
+        if problem := utf8_problem(line):
+            print(f"kimi-linear chat: error: input line {number} is not valid UTF-8 ({problem}); skipped",
+                  file=sys.stderr, flush=True)
+            status = 2
             continue
         handled = _command(session, line)
         if handled:
@@ -176,6 +186,8 @@ def _scripted(session) -> int:
 def run(args: argparse.Namespace) -> int:
     set_threads(args)
     session, description = _load(args)
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes reach utf8_problem (named), no traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
     if sys.stdin.isatty():
         print(f"[{args.checkpoint}: {description}; {COMMANDS_HELP}; Ctrl-C stops a reply]", file=sys.stderr)
         _interactive(session)
