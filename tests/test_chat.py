@@ -298,3 +298,19 @@ def test_system_prompt_that_is_not_utf8_is_named(tmp_path, capsys, monkeypatch):
     assert main(["chat", "--checkpoint", str(tmp_path), "--system", "be \udcffbrief"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "kimi-linear chat: error: --system is not valid UTF-8 (byte 0xff at character 3)"
+
+
+def test_chat_on_a_training_run_folder_uses_its_newest_checkpoint(tmp_path, capsys, monkeypatch):
+    """`kimi-linear chat --checkpoint runs/NAME` works as `generate` does on a `kimi-linear train` folder."""
+    import io
+
+    from kimi_linear.cli import main
+
+    for step, seed in ((2, 49), (4, 50)):
+        folder = tmp_path / f"checkpoint-{step:07d}"
+        printable_byte_model(seed=seed).save_pretrained(folder)
+        torch.save({"step": step}, folder / "trainer_state.pt")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert main(["chat", "--checkpoint", str(tmp_path), "--max-new-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert f"using {tmp_path / 'checkpoint-0000004'}" in err and out.endswith("\n\n"), err

@@ -28,7 +28,8 @@ def add_parser(subparsers) -> None:
         "folder's generation_config.json (greedy without one).",
     )
     p.add_argument(
-        "--checkpoint", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer)"
+        "--checkpoint", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer), or a "
+        "`kimi-linear train` run folder (its newest checkpoint that reads is used)"
     )
     p.add_argument("--system", default=None, help="system prompt (default: none, or the template's own)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per reply at most (default 512)")
@@ -55,6 +56,7 @@ def _load(args: argparse.Namespace):
     import torch
 
     from kimi_linear.chat import ChatSession, SamplingSettings
+    from kimi_linear.cli.generate import resolve_checkpoint
     from kimi_linear.config import KimiLinearConfig
     from kimi_linear.model import KimiLinearForCausalLM
     from kimi_linear.tokenizer import load_tokenizer
@@ -64,6 +66,7 @@ def _load(args: argparse.Namespace):
         raise ValueError(f"--system is not valid UTF-8 ({problem})")
     if not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"checkpoint folder not found: {args.checkpoint}")
+    args.checkpoint = resolve_checkpoint(args.checkpoint)  # a `kimi-linear train` run: its newest checkpoint
     config = KimiLinearConfig.from_hf(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint, config)  # fails before the weights are read
     sampling = SamplingSettings.from_generation_config(
