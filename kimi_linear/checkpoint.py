@@ -123,8 +123,16 @@ def _parse_size(size: int | str) -> int:
     return int(float(m[1]) * base**power)
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file under the current umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: str, write) -> None:
-    """``write(tmp_path)`` then rename over ``path`` (same folder, so the rename is atomic)."""
+    """``write(tmp_path)`` then rename over ``path`` (same folder, so the rename is atomic). The file gets
+    the umask's mode, not the 0600 of ``mkstemp``: servers that read a saved folder may run as other users."""
     folder = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
     os.close(fd)
@@ -132,6 +140,7 @@ def _atomic_write(path: str, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

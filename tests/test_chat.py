@@ -271,3 +271,46 @@ def test_terminal_chat_streams_and_ctrl_c_keeps_the_conversation(tmp_path):
             proc.kill()
         os.close(master)
     assert b"Traceback" not in output
+
+
+def test_cli_pipe_names_a_line_that_is_not_utf8_and_goes_on(tmp_path):
+    """A line of undecodable bytes is skipped with an error naming it; the other turns are answered (stdin
+    decoded strictly, as in a UTF-8 locale)."""
+    printable_byte_model(seed=47).save_pretrained(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "PYTHONIOENCODING": "utf-8:strict"}
+    command = [sys.executable, "-m", "kimi_linear", "chat", "--checkpoint", str(tmp_path),
+               "--max-new-tokens", "3"]
+    proc = subprocess.run(command, input=b"ab\xffc\nhello\n", capture_output=True, timeout=300, env=env)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert err.strip() == ("kimi-linear chat: error: input line 1 is not valid UTF-8 (byte 0xff at character 2); "
+                           "skipped")
+    assert len(proc.stdout.decode().split("\n\n")) == 2, "one reply block (to 'hello') and the end"
+
+
+def test_system_prompt_that_is_not_utf8_is_named(tmp_path, capsys, monkeypatch):
+    import io
+
+    from kimi_linear.cli import main
+
+    printable_byte_model(seed=48).save_pretrained(tmp_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert main(["chat", "--checkpoint", str(tmp_path), "--system", "be \udcffbrief"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "kimi-linear chat: error: --system is not valid UTF-8 (byte 0xff at character 3)"
+
+
+def test_chat_on_a_training_run_folder_uses_its_newest_checkpoint(tmp_path, capsys, monkeypatch):
+    """`kimi-linear chat --checkpoint runs/NAME` works as `generate` does on a `kimi-linear train` folder."""
+    import io
+
+    from kimi_linear.cli import main
+
+    for step, seed in ((2, 49), (4, 50)):
+        folder = tmp_path / f"checkpoint-{step:07d}"
+        printable_byte_model(seed=seed).save_pretrained(folder)
+        torch.save({"step": step}, folder / "trainer_state.pt")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert main(["chat", "--checkpoint", str(tmp_path), "--max-new-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert f"using {tmp_path / 'checkpoint-0000004'}" in err and out.endswith("\n\n"), err

@@ -249,3 +249,19 @@ def test_save_pretrained_writes_a_servable_folder(tmp_path):
     generation = json.loads((fresh / "generation_config.json").read_text())
     assert generation == {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
     assert not (fresh / "tiktoken.model").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["022", "077"])
+def test_saved_files_follow_the_umask(tmp_path, umask):
+    """Atomic writes go through mkstemp (mode 0600); the renamed files get the modes a plain write would."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_model(seed=13).save_pretrained(src)
+    (src / "tokenizer_config.json").write_text("{}")
+    old = os.umask(umask)
+    try:
+        KimiLinearForCausalLM.from_pretrained(src).save_pretrained(dst, max_shard_size=20_000)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in dst.iterdir()}
+    assert "model.safetensors.index.json" in modes and "tokenizer_config.json" in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)

@@ -179,14 +179,18 @@ def test_generate_on_a_run_folder_uses_its_newest_readable_checkpoint(capsys, tm
 
 @pytest.mark.parametrize("argv", [
     ["generate", "--prompt", "ab", "--max-new-tokens", "2"],
+    ["chat", "--max-new-tokens", "2"],
     ["synth", "--steps", "1", "--seq-len", "16", "--batch-size", "2", "--eval-examples", "2", "--heads", "1",
      "--head-dim", "16", "--layers", "1", "--vocab-size", "16", "--num-kv-pairs", "2"],
-], ids=["generate", "synth"])
-def test_cpu_heavy_subcommands_default_to_one_thread(capsys, checkpoint, argv):
+], ids=["generate", "chat", "synth"])
+def test_cpu_heavy_subcommands_default_to_one_thread(capsys, checkpoint, argv, monkeypatch):
+    import io
+
     import torch
 
-    if argv[0] == "generate":
+    if argv[0] in ("generate", "chat"):
         argv = [*argv, "--checkpoint", str(checkpoint)]
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))  # chat: one piped turn
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -213,7 +217,7 @@ def test_every_option_documents_its_default():
                 continue
             if "default" not in (action.help or ""):
                 missing.append(f"{name} {action.option_strings[0]}")
-        if name in ("train", "generate", "synth"):
+        if name in ("train", "generate", "chat", "synth", "serve"):  # the CPU-heavy ones
             threads = next(a for a in sub._actions if "--threads" in a.option_strings)
             assert threads.default == 1 and "default 1" in threads.help
     assert missing == []
@@ -238,3 +242,20 @@ def test_serve_help_states_the_engine_defaults():
             checked.append(name)
     assert sorted(checked) == ["block_size", "gpu_memory_fraction", "max_num_batched_tokens", "max_num_seqs",
                                "max_queue"]
+
+
+@pytest.mark.parametrize("device, match", [
+    ("tpu9", "--device 'tpu9' is not a device"),
+    ("mps", "--device 'mps': use cpu, cuda or cuda:N"),
+    ("cuda:99", "--device cuda:99"),
+], ids=["unknown", "mps", "no-such-cuda"])
+@pytest.mark.parametrize("sub", ["generate", "chat", "serve", "synth"])
+def test_a_bad_device_is_one_line_in_every_subcommand(capsys, checkpoint, sub, device, match):
+    """Nothing is loaded or served: the device is checked first (no traceback, exit 2)."""
+    argv = {"generate": ["--checkpoint", str(checkpoint), "--prompt", "x"],
+            "chat": ["--checkpoint", str(checkpoint)],
+            "serve": ["--checkpoint", str(checkpoint), "--port", "0"],
+            "synth": ["--steps", "1"]}[sub]
+    rc, out, err = run_cli(capsys, sub, *argv, "--device", device)
+    assert rc == 2 and match in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"kimi-linear {sub}: error:") and out == ""

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from kimi_linear.cli.common import add_threads_argument, set_threads
+from kimi_linear.cli.common import add_threads_argument, resolve_device, set_threads, utf8_problem
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMMANDS_HELP = (
@@ -28,7 +28,8 @@ def add_parser(subparsers) -> None:
         "folder's generation_config.json (greedy without one).",
     )
     p.add_argument(
-        "--checkpoint", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer)"
+        "--checkpoint", required=True, help="checkpoint folder (config.json, *.safetensors, tokenizer), or a "
+        "`kimi-linear train` run folder (its newest checkpoint that reads is used)"
     )
     p.add_argument("--system", default=None, help="system prompt (default: none, or the template's own)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per reply at most (default 512)")
@@ -55,12 +56,17 @@ def _load(args: argparse.Namespace):
     import torch
 
     from kimi_linear.chat import ChatSession, SamplingSettings
+    from kimi_linear.cli.generate import resolve_checkpoint
     from kimi_linear.config import KimiLinearConfig
     from kimi_linear.model import KimiLinearForCausalLM
     from kimi_linear.tokenizer import load_tokenizer
 
+    device = resolve_device(args.device)
+    if args.system is not None and (problem := utf8_problem(args.system)):
+        raise ValueError(f"--system is not valid UTF-8 ({problem})")
     if not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"checkpoint folder not found: {args.checkpoint}")
+    args.checkpoint = resolve_checkpoint(args.checkpoint)  # a `kimi-linear train` run: its newest checkpoint
     config = KimiLinearConfig.from_hf(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint, config)  # fails before the weights are read
     sampling = SamplingSettings.from_generation_config(
@@ -73,9 +79,6 @@ def _load(args: argparse.Namespace):
     )
     if args.max_context < 2:
         raise ValueError(f"--max-context must be >= 2, got {args.max_context}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else None
     dtype = dtype or getattr(torch, args.dtype)
     model = KimiLinearForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
@@ -127,6 +130,9 @@ def _interactive(session) -> None:
             continue
         if not line.strip():
             continue
+        if problem := utf8_problem(line):
+            print(f"[the line is not valid UTF-8 ({problem}); not sent]", file=sys.stderr)
+            continue
         handled = _command(session, line)
         if handled:
             return
@@ -155,9 +161,14 @@ def _scripted(session) -> int:
     from kimi_linear.chat import ContextFullError
 
     status = 0
-    for line in sys.stdin:
+    for number, line in enumerate(sys.stdin, 1):
         line = line.rstrip("\r\n")
         if not line.strip():
+            continue
+        if problem := utf8_problem(line):
+            print(f"kimi-linear chat: error: input line {number} is not valid UTF-8 ({problem}); skipped",
+                  file=sys.stderr, flush=True)
+            status = 2
             continue
         handled = _command(session, line)
         if handled:
@@ -178,6 +189,8 @@ def _scripted(session) -> int:
 def run(args: argparse.Namespace) -> int:
     set_threads(args)
     session, description = _load(args)
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes reach utf8_problem (named), no traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
     if sys.stdin.isatty():
         print(f"[{args.checkpoint}: {description}; {COMMANDS_HELP}; Ctrl-C stops a reply]", file=sys.stderr)
         _interactive(session)

@@ -46,3 +46,14 @@ def resolve_device(name: str | None):
     elif device.type != "cpu":
         raise ValueError(f"--device {name!r}: use cpu, cuda or cuda:N")
     return device
+
+
+def utf8_problem(text: str) -> str | None:
+    """Where ``text`` (from argv or stdin, undecodable bytes kept as surrogates by Python) is not valid UTF-8,
+    as "byte 0xff at character 2", or None when it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start].encode("utf-8", "surrogateescape")
+        return f"byte {bad[0]:#04x} at character {e.start}"
+    return None

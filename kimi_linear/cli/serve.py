@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from kimi_linear.cli.common import add_threads_argument, set_threads
+from kimi_linear.cli.common import add_threads_argument, resolve_device, set_threads
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -100,9 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     if not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"checkpoint folder not found: {args.checkpoint}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    device = resolve_device(args.device)
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(
         torch, args.dtype
     )
