@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,10 @@ from kimi_linear.ops.kda import (
 from tests.utils import kda_inputs, leaves, loss_of, rel_err
 
 GRAD_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
+
+
+def _triton_runs() -> bool:
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def run_with_grads(fn, inputs, **kwargs):
@@ -366,3 +372,50 @@ def test_naive_chunk_any_length_and_chunk_sizes():
     o64, _ = naive_chunk_kda(**x)
     o32, _ = naive_chunk_kda(**x, chunk_size=32)
     assert rel_err(o32, o64) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("B,T,cu", [(2, 0, None), (0, 5, None), (1, 0, (0, 0, 0))], ids=["T0", "B0", "varlen-empty"])
+def test_no_tokens_return_empty_outputs_and_the_initial_states(backend, B, T, cu):
+    if backend == "triton" and not _triton_runs():
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+    N = B if cu is None else len(cu) - 1
+    x = kda_inputs(max(B, 1), T, 2, 16, 8, N=max(N, 1))
+    x = {n: t[:N] if n == "initial_state" else t[:B] for n, t in x.items()}
+    x = {n: t.requires_grad_(True) for n, t in x.items()}
+    kwargs = {} if cu is None else {"cu_seqlens": torch.tensor(cu, dtype=torch.int32)}
+    o, ht = chunk_kda(**x, output_final_state=True, backend=backend, **kwargs)
+    assert o.shape == (B, T, 2, 8) and o.dtype == x["v"].dtype
+    assert torch.equal(ht, x["initial_state"]) and ht is not x["initial_state"]
+    w = torch.randn_like(ht)
+    ((ht * w).sum() + o.sum()).backward()
+    assert torch.equal(x["initial_state"].grad, w)
+    o, ht = chunk_kda(*(x[n] for n in ("q", "k", "v", "g", "beta")), output_final_state=True, backend=backend,
+                      **kwargs)
+    assert ht.shape == (N, 2, 16, 8) and not ht.any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_minus_inf_gates_reset_the_state_as_the_recurrence_does(backend):
+    """g = -inf in some channels and at some steps (inside a sub-block, at a chunk start): outputs, final state and
+    every gradient equal the recurrence's (exp(-inf) = 0 there) and stay finite."""
+    if backend == "triton" and not _triton_runs():
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+    torch.manual_seed(5)
+    x = kda_inputs(1, 80, 2, 16, 16)
+    x["g"][:, 5] = -torch.inf
+    x["g"][:, 30, :, :8] = -torch.inf
+    x["g"][:, 64, 1] = -torch.inf
+    o_c, s_c, g_c = run_with_grads(chunk_kda, x, backend=backend)
+    o_r, s_r, g_r = run_with_grads(naive_recurrent_kda, x)
+    for t in (o_c, s_c, *g_c.values()):
+        assert torch.isfinite(t).all()
+    # the chunk forms take -inf as -1000, so G reaches ~-1000 inside a chunk: fp32 resolves differences of G to
+    # ~2^-24 * 1000 ~ 6e-5 (the recurrence exponentiates each g alone)
+    assert rel_err(o_c, o_r) < 6e-5
+    assert rel_err(s_c, s_r) < 6e-5
+    for name in ("q", "k", "v", "beta", "initial_state"):
+        assert rel_err(g_c[name], g_r[name]) < 6e-5, name
+    m = torch.isfinite(x["g"])
+    assert rel_err(g_c["g"][m], g_r["g"][m]) < 6e-5
+    assert g_c["g"][~m].abs().max() < 1e-4 * g_c["g"][m].abs().max()  # the true gradient there is 0

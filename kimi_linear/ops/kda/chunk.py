@@ -71,7 +71,9 @@ def chunk_kda(
             "triton" (either with either chunk backend; same results up to rounding).
 
     Returns:
-        ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``.
+        ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``. With no tokens (T = 0 or
+        B = 0) o is empty and each final state is its initial state (zeros without one). A log-decay of -inf (or
+        anything below ``LOG_DECAY_FLOOR`` = -1000) resets the state exactly, as the recurrence does.
 
     Raises:
         ValueError / TypeError naming the argument on wrong shapes, dtypes, devices, K or V > 256, or bad
@@ -83,6 +85,14 @@ def chunk_kda(
     backend = resolve_backend(backend, q)
     preprocess_backend = backend if preprocess_backend == "auto" else resolve_backend(preprocess_backend, q)
     K = q.shape[-1]
+    if q.shape[0] * q.shape[1] == 0:  # no tokens: nothing to compute, each state passes through
+        N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        o = v * 0  # [B, T, H, V] with no elements, on v's autograd graph
+        if not output_final_state:
+            return o, None
+        if initial_state is None:
+            return o, q.new_zeros(N, q.shape[2], K, v.shape[-1], dtype=torch.float32)
+        return o, initial_state.float() + 0  # a copy, differentiable
     if backend == "triton":
         from kimi_linear.ops.kda.chunk_triton import chunk_kda_triton
 

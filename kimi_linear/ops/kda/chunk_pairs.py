@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.ops.kda.chunk_common import CHUNK, SUB_CHUNK
+from kimi_linear.ops.kda.naive import LOG_DECAY_FLOOR
 from kimi_linear.ops.triton_helpers import (
     chunk_rows,
     dot,
@@ -54,13 +55,15 @@ def diag_cap(dtype: torch.dtype) -> float:
 @triton.jit
 def chunk_kda_fwd_cumsum_kernel(
     g, G_out, cu_seqlens, chunk_indices,
-    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BKG: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BKG: tl.constexpr, FLOOR: tl.constexpr,
 ):
     """Per (chunk, head, K block) — grid (NT, H, cdiv(K, BKG)): G = the chunk-local cumulative sum of g over the
-    chunk's rows (fp32), columns [i_k BKG, (i_k + 1) BKG). Rows past the chunk's end are not written."""
+    chunk's rows (fp32), columns [i_k BKG, (i_k + 1) BKG), each g taken no lower than FLOOR (``LOG_DECAY_FLOOR``:
+    -inf is a reset with finite differences of G). Rows past the chunk's end are not written."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, n_rows = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     b_g = load_cols(g, t0, 0, i_k * BKG, n_rows, i_h, H, K, BT, BKG).to(tl.float32)  # [BT, BKG]
+    b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
     store_cols(G_out, tl.cumsum(b_g, 0), t0, 0, i_k * BKG, n_rows, i_h, H, K, BT, BKG)
 
 
@@ -232,7 +235,8 @@ def build_pairs(q, k, g, beta, scale, layout, launch):
     diag_unsafe = torch.empty(layout.NT, H, CHUNK // SUB_CHUNK, device=dev, dtype=torch.int32)
     BKG = min(BK, launch.cumsum_block)
     chunk_kda_fwd_cumsum_kernel[(layout.NT, H, triton.cdiv(K, BKG))](
-        g, G, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BKG=BKG, num_warps=4,
+        g, G, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BKG=BKG, FLOOR=LOG_DECAY_FLOOR,
+        num_warps=4,
     )
     chunk_kda_fwd_offdiag_kernel[(layout.NT, H)](
         q, k, G, beta, Aqk, Tinv, diag_unsafe, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
@@ -252,7 +256,8 @@ def sm90_build_jobs(H: int, K: int, dtype: torch.dtype, launch) -> list:
     """(kernel, constexprs, num_warps, num_stages) as ``build_pairs`` launches them."""
     BK = pad_dim(K)
     return [
-        (chunk_kda_fwd_cumsum_kernel, dict(H=H, K=K, BT=CHUNK, BKG=min(BK, launch.cumsum_block)), 4, 1),
+        (chunk_kda_fwd_cumsum_kernel, dict(H=H, K=K, BT=CHUNK, BKG=min(BK, launch.cumsum_block),
+                                           FLOOR=LOG_DECAY_FLOOR), 4, 1),
         (chunk_kda_fwd_offdiag_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, launch.offdiag_bks),
                                             DIAG_CAP=diag_cap(dtype), DOT_PREC=dot_precision(dtype)),
          launch.offdiag_warps, launch.offdiag_stages),

@@ -25,6 +25,10 @@ from __future__ import annotations
 import torch
 
 CHUNK_SIZE = 64
+# The chunk forms take log-decays below this as this: exp() of it is exactly 0 in fp32 and fp64, so a gate at or
+# below it (-inf included) resets the state as the recurrence does, while the differences of the cumulative decays
+# the chunk forms exponentiate stay finite (-inf - -inf would be NaN). NaN passes through.
+LOG_DECAY_FLOOR = -1000.0
 SUB_CHUNK = 8  # measured fastest on CPU: larger blocks cost more element-wise work, smaller more matmuls
 
 
@@ -237,6 +241,7 @@ def naive_chunk_kda(
         return x.reshape(B, n_chunks, C, H, -1).permute(0, 3, 1, 2, 4)
 
     q_c, k_c, v_c, g_c = (to_chunks(x) for x in (q, k, v, g))
+    g_c = torch.where(g_c < LOG_DECAY_FLOOR, LOG_DECAY_FLOOR, g_c)  # -inf: a reset (see LOG_DECAY_FLOOR)
     beta_c = to_chunks(beta[..., None])  # [B, H, N, C, 1]
     q_c = q_c * scale
     G = g_c.cumsum(dim=-2)  # [B, H, N, C, K], each entry <= 0
