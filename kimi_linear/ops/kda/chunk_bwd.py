@@ -23,6 +23,7 @@ Numerics as in the forward: G fp32, only differences <= 0 are exponentiated. Lau
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -56,6 +57,7 @@ class BwdLaunch:
     dg_warps: int  # reverse cumulative sum of dg
 
 
+@functools.lru_cache(maxsize=None)
 def bwd_launch(K: int, V: int, dtype: torch.dtype) -> BwdLaunch:
     """The shipped launch settings for head sizes K, V and input dtype ``dtype``. Blocks are clipped to the padded
     head size; fp32 inputs take half the V block in stages 2 and 3 (their operands take twice the shared memory)."""

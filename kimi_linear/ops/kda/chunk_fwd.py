@@ -17,6 +17,7 @@ Limits: K, V <= 256 (padded to powers of two >= 16 inside); BT = 64 and BC = 16 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,7 @@ class FwdLaunch:
     state: StateLaunch = field(default_factory=StateLaunch)
 
 
+@functools.lru_cache(maxsize=None)
 def fwd_launch(K: int, V: int, dtype: torch.dtype) -> FwdLaunch:
     """The forward's launch settings for heads of K, V columns and inputs of ``dtype``."""
     return FwdLaunch(state=state_launch(K, V, dtype))

@@ -16,6 +16,7 @@ takes a shallower depth or a narrower V block that does.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,7 @@ class StateLaunch:
     stages: int = 3
 
 
+@functools.lru_cache(maxsize=None)
 def state_launch(K: int, V: int, dtype: torch.dtype) -> StateLaunch:
     """The state pass's settings for a problem: 3 stages for 16-bit inputs, 2 for fp32 ones (3 would need 256 KB
     of shared memory at K = V = 128); ``launch_fitting`` narrows further where K = 256 does not fit."""
