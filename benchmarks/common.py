@@ -69,7 +69,7 @@ class SuiteParser(argparse.ArgumentParser):
 # ---- timing ------------------------------------------------------------------------------------------------
 
 
-def bench_ms(fn: Callable, warmup: int = 100, rep: int = 400, grad_to_none=None) -> float:
+def bench_ms(fn: Callable, *, warmup: int = 100, rep: int = 400, grad_to_none=None) -> float:
     """Median milliseconds of ``fn()`` on the GPU by ``triton.testing.do_bench`` (``warmup`` and ``rep`` are
     milliseconds of warm-up and of timed calls; the L2 is flushed before each call; ``grad_to_none``: tensors
     whose ``.grad`` is reset between calls)."""

@@ -82,9 +82,9 @@ def time_chunk(T: int, fla_kda, fla_gdn, gates: str = "mild") -> dict:
     xg = make_inputs(T, seed=T, requires_grad=True, gates=gates)
     do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
     leaves = list(xg.values())
-    row["ours_fwdbwd"] = bench(lambda: chunk_kda(**xg, backend="triton")[0].backward(do), leaves)
+    row["ours_fwdbwd"] = bench(lambda: chunk_kda(**xg, backend="triton")[0].backward(do), grad_to_none=leaves)
     if fla_kda is not None:
-        row["fla_fwdbwd"] = bench(lambda: fla_kda(**xg)[0].backward(do), leaves)
+        row["fla_fwdbwd"] = bench(lambda: fla_kda(**xg)[0].backward(do), grad_to_none=leaves)
 
     # GDN: one scalar gate per head, same kernels
     xs = make_inputs(T, seed=T + 1, scalar_gate=True, gates=gates)
@@ -102,7 +102,7 @@ def time_chunk(T: int, fla_kda, fla_gdn, gates: str = "mild") -> dict:
         row["sdpa_fwd"] = bench(lambda: F.scaled_dot_product_attention(qa, ka, va, is_causal=True))
     doa = torch.randn_like(qa)
     row["sdpa_fwdbwd"] = bench(
-        lambda: F.scaled_dot_product_attention(qa, ka, va, is_causal=True).backward(doa), [qa, ka, va]
+        lambda: F.scaled_dot_product_attention(qa, ka, va, is_causal=True).backward(doa), grad_to_none=[qa, ka, va]
     )
     del x, xg, xs, qa, ka, va
     torch.cuda.empty_cache()
@@ -204,7 +204,7 @@ def sweep_launch_settings(T: int, variants: list[dict] | None = None, gates: str
             diff = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(got, first))
             with torch.no_grad():
                 f = bench(lambda: chunk_kda_triton(**x, **launch))
-            fb = bench(lambda: chunk_kda_triton(**xg, **launch)[0].backward(do), list(xg.values()))
+            fb = bench(lambda: chunk_kda_triton(**xg, **launch)[0].backward(do), grad_to_none=list(xg.values()))
             out.append({"change": change, "fwd": f, "fwdbwd": fb, "max_rel_diff": diff})
         except Exception as e:  # noqa: BLE001
             out.append({"change": change, "error": repr(e)[:200]})
