@@ -142,7 +142,7 @@ def test_state_stages_below_the_minimum_are_refused(dtype, depth):
     assert launch.state.stages >= chunk_common.min_stages(dtype)
     launch = dataclasses.replace(launch, state=dataclasses.replace(launch.state, stages=depth))
     x = kda_inputs(1, 8, 1, 16, 16, with_state=False)
-    x = {n: (t if t is None or n == "g" else t.to(dtype).to(DEVICE)) for n, t in x.items() if t is not None}
+    x = {n: (t if n == "g" else t.to(dtype)).to(DEVICE) for n, t in x.items() if t is not None}
     with pytest.raises(ValueError, match="StateLaunch.stages"):
         chunk_kda_triton(**x, fwd=launch)
 
