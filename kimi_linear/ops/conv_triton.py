@@ -116,6 +116,18 @@ def conv_fwd_kernel(x, w, h0, y, cu_seqlens, seq_idx, T_total, T_seq, C,
 
 
 @triton.jit
+def _sequence_bounds(cu_seqlens, i_n, T_seq, IS_VARLEN: tl.constexpr):
+    """First and end row of sequence i_n: from ``cu_seqlens``, or T_seq rows each."""
+    if IS_VARLEN:
+        start = tl.load(cu_seqlens + i_n).to(tl.int64)
+        end = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        start = i_n * T_seq
+        end = start + T_seq
+    return start, end
+
+
+@triton.jit
 def conv_final_state_kernel(x, h0, final, cu_seqlens, T_seq, C,
                             W: tl.constexpr, BC: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
                             INTERPRET: tl.constexpr):
@@ -124,12 +136,7 @@ def conv_final_state_kernel(x, h0, final, cu_seqlens, T_seq, C,
     i_n, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
-    if IS_VARLEN:
-        start = tl.load(cu_seqlens + i_n).to(tl.int64)
-        end = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        start = i_n * T_seq
-        end = start + T_seq
+    start, end = _sequence_bounds(cu_seqlens, i_n, T_seq, IS_VARLEN)
     for j in tl.static_range(W - 1):
         t_abs = end - (W - 1) + j
         inside = t_abs >= start
@@ -194,12 +201,7 @@ def conv_bwd_h0_kernel(x, w, h0, dy, dfinal, dh0, cu_seqlens, T_seq, C,
     o_c = i_c * BC + tl.arange(0, BC)
     o_i = tl.arange(0, BW)
     m_c = o_c < C
-    if IS_VARLEN:
-        start = tl.load(cu_seqlens + i_n).to(tl.int64)
-        end = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        start = i_n * T_seq
-        end = start + T_seq
+    start, end = _sequence_bounds(cu_seqlens, i_n, T_seq, IS_VARLEN)
     p_state = h0 + (i_n * C + o_c) * (W - 1)
     b_dh = tl.zeros([BC, BW], dtype=tl.float32)
     for p in tl.static_range(W - 1):
