@@ -125,12 +125,14 @@ def definitions(x: dict, do, dht, bounds):
 
 
 @functools.cache
-def case(T_total, H, K, V, cu, dtype, with_state=True, seed=0):
-    """Packed inputs, the layout, dO, dS_T and the definitions (for the 16-bit-rounded inputs). Cached: the
-    tests share them and must not write to them."""
+def case(T_total, H, K, V, cu, dtype, with_state=True, seed=0, steep=()):
+    """Packed inputs, the layout, dO, dS_T and the definitions (for the 16-bit-rounded inputs); ``steep``: (row,
+    head, column) entries of g set to -100. Cached: the tests share them and must not write to them."""
     gen = torch.Generator().manual_seed(seed)
     N = len(cu) - 1
     x = kda_inputs(1, T_total, H, K, V, N=N, with_state=with_state, generator=gen)
+    for t, h, c in steep:
+        x["g"][0, t, h, c] = -100.0
     packed = {n: x[n][0].to(dtype) for n in ("q", "k", "v", "beta")}
     packed["g"], packed["h0"] = x["g"][0], x["initial_state"]
     do = torch.randn(T_total, H, V, generator=gen).to(dtype)
@@ -206,6 +208,21 @@ def test_chunk_bwd_matches_definitions():
     x, layout, do, dht, d = case(*VARLEN, torch.float32)
     launch = dataclasses.replace(bwd_launch(96, 48, torch.float32), inter_bk=32)
     check(run_chunk_bwd(x, layout, do, dht, d, torch.float32, launch), d, FP32_TOL)
+
+
+def test_in_block_pairs_by_products_and_element_wise():
+    """The pairs inside a sub-block go by fp32 products where its decay range is at most ``intra_diag_cap``,
+    element-wise where it passes: g = -100 at row 20 of head 1 sends that block (chunk 0, sub-block 1) to the
+    loops, the others take the products, and all match the definitions. With the cap below 0 every block goes
+    element-wise: the same values up to rounding, and not bit-equal where the products ran (so they did)."""
+    x, layout, do, dht, d = case(*HEADS, torch.float32, steep=((20, 1, 3),))
+    launch = bwd_launch(32, 16, torch.float32)
+    got = run_stages(x, layout, do, dht, d, torch.float32, launch)
+    check(got, d, FP32_TOL)
+    loops = run_stages(x, layout, do, dht, d, torch.float32, dataclasses.replace(launch, intra_diag_cap=-1.0))
+    check(loops, d, FP32_TOL)
+    assert not torch.equal(got["dq"][:16], loops["dq"][:16])  # block 0 of chunk 0: products vs loops
+    assert torch.equal(got["dq"][16:32, 1], loops["dq"][16:32, 1])  # the steep block: loops both times
 
 
 def test_launch_settings():

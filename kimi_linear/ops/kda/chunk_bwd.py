@@ -54,6 +54,9 @@ class BwdLaunch:
     wy_stages: int
     intra_warps: int  # pair-matrix stage (stage 4), one program per (chunk, head, sub-block)
     intra_stages: int
+    # the pairs inside a sub-block by fp32 products where its decay range max(G_t - G_exit) is at most this (the
+    # factors reach e^cap: 60 leaves fp32 room), element-wise where it is larger
+    intra_diag_cap: float
     dg_warps: int  # reverse cumulative sum of dg
 
 
@@ -67,7 +70,7 @@ def bwd_launch(K: int, V: int, dtype: torch.dtype) -> BwdLaunch:
         dh_bv=min(BV, 32), dh_warps=4, dh_stages=3,
         inter_bk=min(BK, 64), inter_bv=min(BV, 64 // halve), inter_warps=8, inter_stages=2,
         wy_bv=min(BV, 64 // halve), wy_warps=4, wy_stages=2,
-        intra_warps=8, intra_stages=1,
+        intra_warps=4, intra_stages=1, intra_diag_cap=60.0,
         dg_warps=4,
     )
 
@@ -119,7 +122,7 @@ def sm90_build_jobs(H: int, K: int, V: int, launch: BwdLaunch | None = None) -> 
         (chunk_kda_bwd_inter_kernel, dict(common, BK=c.inter_bk, BV=c.inter_bv), c.inter_warps, c.inter_stages),
         (chunk_kda_bwd_wy_kernel, dict(H=H, V=V, BT=CHUNK, BV=c.wy_bv, NK=triton.cdiv(K, c.inter_bk),
                                        DOT_PREC="tf32"), c.wy_warps, c.wy_stages),
-        (chunk_kda_bwd_intra_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC="tf32"), c.intra_warps,
-         c.intra_stages),
+        (chunk_kda_bwd_intra_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC="tf32",
+                                          DIAG_CAP=c.intra_diag_cap), c.intra_warps, c.intra_stages),
         (chunk_kda_bwd_dg_kernel, dict(H=H, K=K, BT=CHUNK, BK=BK), c.dg_warps, 1),
     ]

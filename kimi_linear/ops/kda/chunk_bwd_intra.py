@@ -13,9 +13,12 @@ Given dA_qk and dA (stage 3), with r_t = sum_j dA[t, j] k_j exp(G_t - G_j) (the 
 added to stage 2's partial dq~, dk, dG and stage 3's dbeta. One program per (chunk, head, 16-row sub-block a) of
 the 64-row chunk. The pairs across sub-blocks (b < a as rows of a, c > a as columns of a) are [16, 16] x [16, K]
 products, with the decay routed through the first row of the later sub-block, so every exponent is <= 0 (the
-forward does the same); the pairs inside sub-block a go element-wise, one row or column per step, each exponent
-clamped at 0, so any gate is safe. Sub-blocks past the chunk's end read zeros and write nothing. The products take
-the stored fp32 dA / dA_qk and fp32 q, k (tf32 for 16-bit inputs, full fp32 for fp32 inputs).
+forward does the same). The pairs inside sub-block a are [16, 16] x [16, K] fp32 products too, with one decay
+reference, the block's exit row d: exp(G_t - G_j) = exp(G_t - d) exp(d - G_j), the first factor capped at
+e^``BwdLaunch.intra_diag_cap``; a block whose decay range passes the cap (steep gates, g = -1000) goes element-wise
+instead, one row or column per step, each exponent clamped at 0, so any gate is safe. Sub-blocks past the chunk's
+end read zeros and write nothing. The products across sub-blocks take the stored fp32 dA / dA_qk and fp32 q, k
+(tf32 for 16-bit inputs, full fp32 for fp32 inputs); the in-block ones are full fp32.
 
 Then ``chunk_kda_bwd_dg_kernel``, one program per (chunk, head): g_t enters every G_s with s >= t in its chunk,
 so dg_t = sum_{s >= t} dG_s (in place, fp32).
@@ -86,9 +89,31 @@ def _bwd_intra_diag_loops(acc_q, acc_r, acc_c, q, k, beta, G, dA, dAqk, G_a, t0,
 
 
 @triton.jit
+def _bwd_intra_diag_dots(acc_q, acc_r, acc_c, q_a, k_a, b_a, G_a, d, dA, dAqk, t0, r_a, n_rows, i_h,
+                         H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, DIAG_CAP: tl.constexpr):
+    """The same pairs as ``_bwd_intra_diag_loops`` by [BC, BC] x [BC, BK] products, for a block whose decay range
+    max(G_t - d) over its rows and K is at most DIAG_CAP (d its exit row): exp(G_t - G_j) = exp(G_t - d)
+    exp(d - G_j), the first factor in [1, e^DIAG_CAP], the second <= 1. The products are fp32 ("ieee"), as the
+    loops' sums are; q_a is already scaled."""
+    o_c = tl.arange(0, BC)
+    low = o_c[:, None] >= o_c[None, :]  # pairs (t, j), j <= t, as the loops take them
+    dqk = tl.where(low, load_block(dAqk, t0, r_a, r_a, n_rows, i_h, H, BT, BC), 0.0)
+    dkk = tl.where(low, load_block(dA, t0, r_a, r_a, n_rows, i_h, H, BT, BC), 0.0)
+    a_own = G_a - d[None, :]
+    eU = tl.exp(tl.minimum(a_own, DIAG_CAP))
+    eD = tl.exp(tl.minimum(-a_own, 0.0))
+    kD = k_a * eD
+    acc_q += eU * tl.dot(dqk, kD, input_precision="ieee")
+    acc_r += eU * tl.dot(dkk, kD, input_precision="ieee")
+    acc_c += eD * (tl.dot(tl.trans(dkk), b_a[:, None] * k_a * eU, input_precision="ieee")
+                   + tl.dot(tl.trans(dqk), q_a * eU, input_precision="ieee"))
+    return acc_q, acc_r, acc_c
+
+
+@triton.jit
 def _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows, G_last, i_h, scale,
                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
+                     DOT_PREC: tl.constexpr, DIAG_CAP: tl.constexpr):
     """Sub-block a of a chunk: its final dq~, dk, dbeta and dG (before the reverse cumulative sum).
 
     Sub-blocks past the chunk's end read zeros, their G is the last valid row's, and produce zeros.
@@ -130,9 +155,15 @@ def _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows, 
             part += dot(tl.trans(dAqk_ca), q_c * e_c, DOT_PREC)
             acc_c += part * tl.exp(Gr_c[None, :] - G_a)
 
-    # inside block a
-    acc_q, acc_r, acc_c = _bwd_intra_diag_loops(acc_q, acc_r, acc_c, q, k, beta, G, dA, dAqk, G_a, t0, r_a,
-                                                n_rows, i_h, scale, H, K, BT, BC, BK)
+    # inside block a: by small products where the block's decay range allows, else element-wise
+    # the block's exit row (its last valid row; G_last for a block that is cut short or past the end)
+    d = tl.where(r_a + BC - 1 < n_rows, load_row(G, t0, r_a + BC - 1, n_rows, i_h, H, K, BK), G_last)
+    if tl.max(tl.max(G_a - d[None, :], 1), 0) <= DIAG_CAP:
+        acc_q, acc_r, acc_c = _bwd_intra_diag_dots(acc_q, acc_r, acc_c, q_a, k_a, b_a, G_a, d, dA, dAqk, t0, r_a,
+                                                   n_rows, i_h, H, BT, BC, DIAG_CAP)
+    else:
+        acc_q, acc_r, acc_c = _bwd_intra_diag_loops(acc_q, acc_r, acc_c, q, k, beta, G, dA, dAqk, G_a, t0, r_a,
+                                                    n_rows, i_h, scale, H, K, BT, BC, BK)
 
     dk_row = b_a[:, None] * acc_r
     b_dq = load_rows(dq, t0, r_a, n_rows, i_h, H, K, BC, BK) + acc_q
@@ -146,7 +177,7 @@ def _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows, 
 def chunk_kda_bwd_intra_kernel(
     q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, dq_out, dk_out, dg_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, DIAG_CAP: tl.constexpr,
 ):
     """One program per (chunk, head, sub-block): writes dq, dk, dbeta (in place) and dG, which
     ``chunk_kda_bwd_dg_kernel`` then turns into dg."""
@@ -154,7 +185,7 @@ def chunk_kda_bwd_intra_kernel(
     t0, n_rows = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     G_last = load_last(G, t0, n_rows, i_h, H, K, BK)
     b_dq, b_dk, b_dG, b_db = _bwd_intra_block(a, q, k, beta, G, dq, dk, dG, dA, dAqk, dbeta, t0, n_rows,
-                                              G_last, i_h, scale, H, K, BT, BC, BK, DOT_PREC)
+                                              G_last, i_h, scale, H, K, BT, BC, BK, DOT_PREC, DIAG_CAP)
     r_a = a * BC
     store_rows(dq_out, b_dq * scale, t0, r_a, n_rows, i_h, H, K, BC, BK)
     store_rows(dk_out, b_dk, t0, r_a, n_rows, i_h, H, K, BC, BK)
@@ -185,7 +216,7 @@ def bwd_pairs(q, k, beta, G, dq, dk, dG, dA, dAqk, db, scale: float, layout, lau
     dg = new_buffer(TT, H, K, device=dev, dtype=torch.float32)
     chunk_kda_bwd_intra_kernel[(layout.NT, H, CHUNK // SUB_CHUNK)](
         q, k, beta, G, dq, dk, dG, dA, dAqk, db, dq_out, dk_out, dg, layout.cu_seqlens, layout.chunk_indices, scale,
-        H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC=dot_precision(dt),
+        H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DOT_PREC=dot_precision(dt), DIAG_CAP=launch.intra_diag_cap,
         num_warps=launch.intra_warps, num_stages=launch.intra_stages,
     )
     chunk_kda_bwd_dg_kernel[(layout.NT, H)](dg, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BK=BK,
