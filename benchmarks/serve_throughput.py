@@ -2,6 +2,8 @@
 
     python -m benchmarks serve_throughput [--out DIR] [--config 0.75b] [--clients 64] [--requests 128]
         [--prompt-len 1024] [--output-len 256] [--prefix-len 32768] [--compare transformers]
+        [--phases static,server,prefix,floor,long] [--long-context 32768 131072] [--cache-gib 8]
+        [--long-output 1024]
 
 One run, side by side on one card, bf16 random weights (``benchmarks/model_speed.py``'s configs):
 
@@ -13,6 +15,15 @@ One run, side by side on one card, bf16 random weights (``benchmarks/model_speed
    output tokens/s, TTFT and TPOT p50/p99.
 4. prefix cache: one streaming request with a fresh ``prefix-len``-token prompt (a miss), then one sharing that
    prefix with a new 64-token tail (a hit): TTFT of each.
+5. floor: the engine's B = 1 decode step (its CUDA graph, 1k tokens of context) against its weight-read floor
+   (bytes of the weights a token reads / the measured copy bandwidth), and where the step's time goes (kernel
+   times from the profiler, grouped).
+6. long: the paper's Fig. 1 regime through the server. For Kimi Linear and the MLA-only model of the same shape,
+   one cache budget (``cache-gib``: KDA state slots + MLA latent blocks): each server gets the sequences of
+   ``context`` + ``long-output`` tokens that fit the budget (``--max-num-seqs``, ``--num-blocks``), and as many
+   clients send one such request each at once. Reported: concurrent sequences (the peak of the server's
+   ``requests_running``), output tokens/s over the whole run, and the decode throughput: generated tokens per
+   second over the stretch where every sequence decodes and no prefill runs (``/metrics`` sampled during the run).
 
 Prints a table last and writes ``DIR/serve_throughput.json``.
 """
@@ -20,24 +31,32 @@ Prints a table last and writes ``DIR/serve_throughput.json``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
+import math
 import os
 import random
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
 
 import httpx
 import torch
 
-from benchmarks.common import SuiteParser, environment, spin_up_gpu, write_json
+from benchmarks.common import SuiteParser, ceiling_gbps, environment, spin_up_gpu, write_json
 from benchmarks.model_speed import CONFIGS, hf_model
+from kimi_linear.cache import cache_bytes
 from kimi_linear.generate import generate
 from kimi_linear.model import KimiLinearForCausalLM
+from kimi_linear.serve.engine import KDA_CHUNK, Engine, EngineConfig
 from kimi_linear.serve.loadgen import LengthDist, LoadSpec, run_load
+
+PHASES = ("static", "server", "prefix", "floor", "long")
 
 
 def timed(fn) -> float:
@@ -86,6 +105,196 @@ def ttft_of(url: str, prompt: list[int]) -> float:
     raise RuntimeError("no token streamed")
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The server's /metrics as {name: value} (unlabelled series only)."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.split()
+            out[name] = float(value)
+    return out
+
+
+# ---- floor: the B = 1 decode step against its weight-read floor ----------------------------------------------
+
+
+def kernel_group(name: str) -> str:
+    n = name.lower()
+    if any(t in n for t in ("gemm", "gemv", "nvjet", "cutlass", "sm90_xmma", "cublas")):
+        return "matmuls (cuBLAS)"
+    if "kda" in n or "recurrent" in n:
+        return "KDA recurrence"
+    if "mla" in n or "latent" in n:
+        return "MLA decode"
+    if "conv" in n:
+        return "short conv"
+    if "norm" in n:
+        return "norms"
+    return "other (element-wise, copies, softmax, rope, sampling inputs)"
+
+
+def decode_floor(model, context: int = 1024, reps: int = 300) -> dict:
+    """The engine's B = 1 decode graph at ``context`` tokens: median step time, the weight-read floor and the
+    kernel time by group (profiler, over 20 replays)."""
+    bs = 64
+    blocks = math.ceil((context + 1) / bs)
+    engine = Engine(model, EngineConfig(max_num_seqs=1, max_model_len=blocks * bs, num_blocks=blocks,
+                                        enable_prefix_caching=False, max_num_batched_tokens=64))
+    graph = engine.graphs.get(1)
+    if graph is None:
+        raise RuntimeError("the engine captured no CUDA graph for one row")
+    graph.slots[0] = 0
+    graph.block_table[0, :blocks] = torch.arange(blocks, device=graph.block_table.device)
+    graph.lengths[0] = context
+    for _ in range(20):
+        graph.graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    step_ms = sorted(times)[len(times) // 2]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            graph.graph.replay()
+        torch.cuda.synchronize()
+    groups: dict[str, float] = defaultdict(float)
+    kernels: dict[str, float] = defaultdict(float)
+    launches = 0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
+            groups[kernel_group(e.name)] += e.device_time / 20  # us per step
+            kernels[e.name[:90]] += e.device_time / 20
+            launches += 1
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    slot_bytes, token_bytes = cache_bytes(model.config, 2)
+    cache_read = slot_bytes + token_bytes * context  # states read (and written), latents read
+    gbps = ceiling_gbps()  # read + write GB/s of a copy kernel
+    floor_ms = weight_bytes / (gbps * 1e9) * 1e3
+    del engine, graph
+    return {
+        "context": context, "step_ms": step_ms, "weight_bytes": weight_bytes, "cache_bytes": cache_read,
+        "copy_gbps": gbps, "weight_floor_ms": floor_ms, "ratio_to_floor": step_ms / floor_ms,
+        "floor_with_cache_ms": (weight_bytes + cache_read + slot_bytes) / (gbps * 1e9) * 1e3,
+        "kernel_us_by_group": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+        "kernel_us_sum": sum(groups.values()), "kernels_per_step": launches / 20,
+        "top_kernels_us": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12]),
+    }
+
+
+# ---- long: concurrent sequences and decode throughput at long context, one cache budget ---------------------
+
+
+def mla_only(config):
+    """The MLA-only model of ``config``'s shape: every layer MLA."""
+    return dataclasses.replace(config, layer_types=["mla"] * config.num_hidden_layers, kda_layers=None,
+                               full_attn_layers=None)
+
+
+def seqs_in_budget(config, context: int, budget_bytes: int, block_size: int = KDA_CHUNK) -> tuple[int, int]:
+    """(sequences, MLA blocks) of ``context`` tokens each that ``budget_bytes`` of cache holds (bf16 latents and
+    conv tails, fp32 KDA states; one scratch slot and block)."""
+    slot, token = cache_bytes(config, 2)
+    per_seq = slot + math.ceil(context / block_size) * block_size * token
+    n = int((budget_bytes - slot - block_size * token) // per_seq)
+    return n, n * math.ceil(context / block_size)
+
+
+class MetricsPoller:
+    """Samples the server's /metrics every ``period`` s in a thread: (t, generated, prefilled, running)."""
+
+    def __init__(self, url: str, period: float = 0.2):
+        self.url, self.period, self.samples = url, period, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                m = scrape(self.url)
+                self.samples.append((time.perf_counter(), m["kimi_linear_generation_tokens_total"],
+                                     m["kimi_linear_prefill_tokens_total"], m["kimi_linear_requests_running"]))
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def decode_rate(self) -> tuple[int, float | None, float]:
+        """(peak running, generated tokens/s over the samples where the peak decodes with no prefill, seconds)."""
+        if not self.samples:
+            return 0, None, 0.0
+        peak = max(s[3] for s in self.samples)
+        tokens = seconds = 0.0
+        for (t0, g0, p0, r0), (t1, g1, p1, r1) in zip(self.samples, self.samples[1:]):
+            if p1 == p0 and r0 == r1 == peak and g1 > g0:
+                tokens += g1 - g0
+                seconds += t1 - t0
+        return int(peak), (tokens / seconds if seconds else None), seconds
+
+
+def long_context(base_config, context: int, output_len: int, budget_bytes: int, out_dir: str) -> dict:
+    rows = {}
+    rng = random.Random(context)
+    for name, config in (("kimi_linear", base_config), ("mla_only", mla_only(base_config))):
+        n, blocks = seqs_in_budget(config, context + output_len, budget_bytes)
+        if n < 1:
+            rows[name] = {"error": f"no sequence of {context + output_len} tokens fits {budget_bytes / 2**30:.1f} GiB"}
+            continue
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = KimiLinearForCausalLM(config).to(torch.bfloat16)
+        checkpoint = os.path.join(tempfile.mkdtemp(), f"long-{name}")
+        model.save_pretrained(checkpoint)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        flags = ["--max-num-seqs", str(n), "--num-blocks", str(blocks), "--max-model-len",
+                 str(context + output_len), "--no-prefix-caching", "--max-num-batched-tokens", "16384",
+                 "--max-queue", str(4 * n)]
+        proc = start_server(checkpoint, port, flags, os.path.join(out_dir, f"server-long-{name}-{context}.log"))
+        try:
+            warm = LoadSpec(url=url, num_clients=n, num_requests=n, prompt_len=LengthDist("fixed", 64),
+                            output_len=LengthDist("fixed", 8), seed=3)
+            asyncio.run(run_load(warm))  # every CUDA graph bucket replayed once
+            spec = LoadSpec(url=url, num_clients=n, num_requests=n, prompt_len=LengthDist("fixed", context),
+                            output_len=LengthDist("fixed", output_len), seed=rng.randrange(1 << 30))
+            with MetricsPoller(url) as poller:
+                report = asyncio.run(run_load(spec))
+            peak, decode_tps, window = poller.decode_rate()
+            rows[name] = {"max_num_seqs": n, "num_blocks": blocks, "peak_running": peak,
+                          "output_tokens_per_s": report.output_tokens_per_s, "decode_tokens_per_s": decode_tps,
+                          "decode_window_s": window, "duration_s": report.duration_s,
+                          "ttft_p50_ms": report.ttft_p50_ms, "tpot_p50_ms": report.tpot_p50_ms,
+                          "failed": report.num_failed, "errors": report.errors}
+            print(f"long {context}: {name} {n} seqs, peak running {peak}, decode "
+                  f"{decode_tps or 0:,.0f} tok/s over {window:.1f} s, overall {report.output_tokens_per_s:,.0f} "
+                  f"tok/s", flush=True)
+        finally:
+            stop_server(proc)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = SuiteParser(__name__, __doc__, peers=("transformers",))
     parser.add_argument("--config", default="0.75b", choices=sorted(CONFIGS), help="model size; default 0.75b")
@@ -94,8 +303,17 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens; default 1024")
     parser.add_argument("--output-len", type=int, default=256, help="output tokens; default 256")
     parser.add_argument("--prefix-len", type=int, default=32768,
-                        help="shared prefix of the prefix-cache phase, 0 skips it; default 32768")
+                        help="shared prefix of the prefix-cache phase; default 32768")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"comma-separated phases to run, of {','.join(PHASES)} (default all)")
+    parser.add_argument("--long-context", type=int, nargs="+", default=[32768],
+                        help="prompt lengths of the long phase; default 32768")
+    parser.add_argument("--long-output", type=int, default=1024, help="output tokens in the long phase")
+    parser.add_argument("--cache-gib", type=float, default=8.0, help="cache budget of the long phase; default 8")
     args = parser.parse_args(argv)
+    phases = set(args.phases.split(","))
+    if not phases <= set(PHASES):
+        parser.error(f"--phases: unknown {sorted(phases - set(PHASES))}; phases are {','.join(PHASES)}")
     if not torch.cuda.is_available():
         raise SystemExit("serve_throughput needs a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -112,19 +330,29 @@ def main(argv=None) -> None:
     n_out = args.clients * args.output_len
     spin_up_gpu()
 
-    def ours():
+    if "floor" in phases:
         with torch.no_grad():
-            generate(model, prompts, max_new_tokens=args.output_len, temperature=0.0, stop_tokens=[])
+            results["floor"] = floor = decode_floor(model)
+        print(f"B=1 decode step {floor['step_ms']:.3f} ms, weight-read floor {floor['weight_floor_ms']:.3f} ms "
+              f"({floor['ratio_to_floor']:.2f}x; {floor['weight_bytes'] / 1e9:.2f} GB at {floor['copy_gbps']:.0f} "
+              f"GB/s), {floor['kernels_per_step']:.0f} kernels", flush=True)
+        for group, us in floor["kernel_us_by_group"].items():
+            print(f"  {group}: {us:.1f} us", flush=True)
 
-    ours()  # warm-up: kernels compiled, CUDA graph captured
-    static_s = min(timed(ours) for _ in range(2))
-    results["static"] = {"seconds": static_s, "output_tokens_per_s": n_out / static_s}
-    print(f"static generate: {n_out / static_s:,.0f} tok/s", flush=True)
+    if "static" in phases:
+        def ours():
+            with torch.no_grad():
+                generate(model, prompts, max_new_tokens=args.output_len, temperature=0.0, stop_tokens=[])
+
+        ours()  # warm-up: kernels compiled, CUDA graph captured
+        static_s = min(timed(ours) for _ in range(2))
+        results["static"] = {"seconds": static_s, "output_tokens_per_s": n_out / static_s}
+        print(f"static generate: {n_out / static_s:,.0f} tok/s", flush=True)
     del model
     gc.collect()
     torch.cuda.empty_cache()
 
-    if "transformers" in args.compare:
+    if "static" in phases and "transformers" in args.compare:
         try:
             hf = hf_model(config)
             ids = torch.tensor(prompts, device="cuda")
@@ -145,56 +373,86 @@ def main(argv=None) -> None:
         gc.collect()
         torch.cuda.empty_cache()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    max_len = max(args.prompt_len + args.output_len, args.prefix_len + 128)
-    # This process keeps its CUDA context, so the server gets a little less than the usual fraction.
-    flags = ["--max-num-seqs", str(args.clients), "--max-model-len", str(max_len), "--gpu-memory-fraction", "0.8"]
-    proc = start_server(checkpoint, port, flags, os.path.join(args.out, "server.log"))
-    try:
-        spec = LoadSpec(url=url, num_clients=args.clients, num_requests=args.clients,
-                        prompt_len=LengthDist("fixed", args.prompt_len),
-                        output_len=LengthDist("fixed", args.output_len), seed=1)
-        asyncio.run(run_load(spec))  # warm-up wave (CUDA graphs of every batch size, allocator)
-        spec = LoadSpec(url=url, num_clients=args.clients, num_requests=args.requests,
-                        prompt_len=LengthDist("fixed", args.prompt_len),
-                        output_len=LengthDist("fixed", args.output_len), seed=2)
-        report = asyncio.run(run_load(spec))
-        results["server"] = json.loads(report.to_json())
-        print(report.table(), flush=True)
-        if args.prefix_len:
-            prefix = [rng.randrange(32, 127) for _ in range(args.prefix_len)]
-            miss = ttft_of(url, prefix + [rng.randrange(32, 127) for _ in range(64)])
-            hit = ttft_of(url, prefix + [rng.randrange(32, 127) for _ in range(64)])
-            results["prefix_cache"] = {"prefix_len": args.prefix_len, "ttft_miss_s": miss, "ttft_hit_s": hit,
-                                       "speedup": miss / hit}
-        metrics = httpx.get(f"{url}/metrics", timeout=30).text
-        results["metrics"] = [line for line in metrics.splitlines() if line and not line.startswith("#")]
-    finally:
-        proc.terminate()
+    if phases & {"server", "prefix"}:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        max_len = max(args.prompt_len + args.output_len, args.prefix_len + 128)
+        # This process keeps its CUDA context, so the server gets a little less than the usual fraction.
+        flags = ["--max-num-seqs", str(args.clients), "--max-model-len", str(max_len), "--gpu-memory-fraction",
+                 "0.8"]
+        proc = start_server(checkpoint, port, flags, os.path.join(args.out, "server.log"))
         try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            spec = LoadSpec(url=url, num_clients=args.clients, num_requests=args.clients,
+                            prompt_len=LengthDist("fixed", args.prompt_len),
+                            output_len=LengthDist("fixed", args.output_len), seed=1)
+            asyncio.run(run_load(spec))  # warm-up wave (CUDA graphs of every batch size, allocator)
+            if "server" in phases:
+                spec = LoadSpec(url=url, num_clients=args.clients, num_requests=args.requests,
+                                prompt_len=LengthDist("fixed", args.prompt_len),
+                                output_len=LengthDist("fixed", args.output_len), seed=2)
+                report = asyncio.run(run_load(spec))
+                results["server"] = json.loads(report.to_json())
+                print(report.table(), flush=True)
+            if "prefix" in phases:
+                prefix = [rng.randrange(32, 127) for _ in range(args.prefix_len)]
+                miss = ttft_of(url, prefix + [rng.randrange(32, 127) for _ in range(64)])
+                hit = ttft_of(url, prefix + [rng.randrange(32, 127) for _ in range(64)])
+                results["prefix_cache"] = {"prefix_len": args.prefix_len, "ttft_miss_s": miss, "ttft_hit_s": hit,
+                                           "speedup": miss / hit}
+            metrics = httpx.get(f"{url}/metrics", timeout=30).text
+            results["metrics"] = [line for line in metrics.splitlines() if line and not line.startswith("#")]
+        finally:
+            stop_server(proc)
+
+    if "long" in phases:
+        results["long"] = {
+            str(context): long_context(config, context, args.long_output, int(args.cache_gib * 2**30), str(args.out))
+            for context in args.long_context
+        }
 
     write_json(args.out, "serve_throughput.json", results)
-    server_tps = results["server"]["output_tokens_per_s"]
-    print(f"\n{results['device']}, {args.config}, {args.clients} clients, {args.prompt_len}-token prompts, "
-          f"{args.output_len} output tokens")
-    print("| path | output tok/s | server / path |")
-    print("|---|---|---|")
-    print(f"| server ({args.requests} requests) | {server_tps:,.0f} | 1.00 |")
-    for name in ("static", "hf"):
-        if "output_tokens_per_s" in results.get(name, {}):
-            tps = results[name]["output_tokens_per_s"]
-            print(f"| {name} generate, batch {args.clients} | {tps:,.0f} | {server_tps / tps:.2f} |")
-    s = results["server"]
-    print(f"TTFT p50/p99 {s['ttft_p50_ms']:.0f}/{s['ttft_p99_ms']:.0f} ms, "
-          f"TPOT p50/p99 {s['tpot_p50_ms']:.1f}/{s['tpot_p99_ms']:.1f} ms")
+    print_tables(results, args)
+
+
+def print_tables(results: dict, args) -> None:
+    print(f"\n{results['device']}, {args.config}")
+    if "server" in results:
+        server_tps = results["server"]["output_tokens_per_s"]
+        print(f"{args.clients} clients, {args.prompt_len}-token prompts, {args.output_len} output tokens")
+        print("| path | output tok/s | server / path |")
+        print("|---|---|---|")
+        print(f"| server ({args.requests} requests) | {server_tps:,.0f} | 1.00 |")
+        for name in ("static", "hf"):
+            if "output_tokens_per_s" in results.get(name, {}):
+                tps = results[name]["output_tokens_per_s"]
+                print(f"| {name} generate, batch {args.clients} | {tps:,.0f} | {server_tps / tps:.2f} |")
+        s = results["server"]
+        print(f"TTFT p50/p99 {s['ttft_p50_ms']:.0f}/{s['ttft_p99_ms']:.0f} ms, "
+              f"TPOT p50/p99 {s['tpot_p50_ms']:.1f}/{s['tpot_p99_ms']:.1f} ms")
     if "prefix_cache" in results:
         p = results["prefix_cache"]
         print(f"prefix cache, {p['prefix_len']}-token prefix: TTFT miss {p['ttft_miss_s'] * 1e3:.0f} ms, "
-              f"hit {p['ttft_hit_s'] * 1e3:.0f} ms ({p['speedup']:.1f}x)")
+              f"hit {p['ttft_hit_s'] * 1e3:.1f} ms ({p['speedup']:.1f}x)")
+    if "floor" in results:
+        f = results["floor"]
+        print(f"B=1 decode step {f['step_ms']:.3f} ms = {f['ratio_to_floor']:.2f}x the weight-read floor "
+              f"{f['weight_floor_ms']:.3f} ms")
+    for context, rows in results.get("long", {}).items():
+        print(f"\nlong context {context} + {args.long_output} output tokens, {args.cache_gib:g} GiB cache")
+        print("| model | sequences | peak running | decode tok/s | overall output tok/s | TPOT p50 ms |")
+        print("|---|---|---|---|---|---|")
+        for name, r in rows.items():
+            if "error" in r:
+                print(f"| {name} | {r['error']} | | | | |")
+                continue
+            print(f"| {name} | {r['max_num_seqs']} | {r['peak_running']} | {r['decode_tokens_per_s'] or 0:,.0f} | "
+                  f"{r['output_tokens_per_s']:,.0f} | {r['tpot_p50_ms'] or 0:.2f} |")
+        kl, mla = rows.get("kimi_linear", {}), rows.get("mla_only", {})
+        if kl.get("peak_running") and mla.get("peak_running"):
+            ratio = (kl["decode_tokens_per_s"] or 0) / (mla["decode_tokens_per_s"] or float("inf"))
+            print(f"Kimi Linear / MLA-only: {kl['peak_running'] / mla['peak_running']:.2f}x sequences, "
+                  f"{ratio:.2f}x decode throughput, "
+                  f"{kl['output_tokens_per_s'] / mla['output_tokens_per_s']:.2f}x overall output throughput")
 
 
 if __name__ == "__main__":

@@ -534,6 +534,8 @@ class Server:
              f"Generated tokens per second over the last {RATE_WINDOW_S:g} s.", self.loop.tokens_per_second()),
             ("generation_tokens_total", "counter", "Generated tokens.", s.generated_tokens_total),
             ("prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", s.prompt_tokens_total),
+            ("prefill_tokens_total", "counter", "Prompt tokens computed by prefill (prefix-cache hits excluded).",
+             s.prefill_tokens_total),
             ("requests_finished_total", "counter", "Finished requests.", s.finished_requests_total),
             ("engine_step_errors_total", "counter", "Engine steps that raised.", self.loop.step_errors),
         ]

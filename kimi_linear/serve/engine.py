@@ -119,6 +119,7 @@ class EngineStats:
     prefix_cache_hits: int  # in tokens: prompt tokens served from the cache
     generated_tokens_total: int
     prompt_tokens_total: int
+    prefill_tokens_total: int  # prompt tokens computed by prefill pieces (not those served from the prefix cache)
     finished_requests_total: int
 
 
@@ -292,7 +293,7 @@ class Engine:
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self._outstanding = 0  # blocks admitted sequences may still take (sum of reserve - held)
-        self._stats = dict(queries=0, hits=0, generated=0, prompt=0, finished=0)
+        self._stats = dict(queries=0, hits=0, generated=0, prompt=0, prefilled=0, finished=0)
 
         self.graphs: dict[int, _DecodeGraph] = {}
         if c.use_cuda_graph and self.device.type == "cuda":
@@ -380,6 +381,7 @@ class Engine:
                 prefix_cache_hits=s["hits"],
                 generated_tokens_total=s["generated"],
                 prompt_tokens_total=s["prompt"],
+                prefill_tokens_total=s["prefilled"],
                 finished_requests_total=s["finished"],
             )
 
@@ -540,6 +542,7 @@ class Engine:
         done = [i for i, (seq, _, end) in enumerate(pieces) if end == len(seq.prompt)]
         for seq, _, end in pieces:
             seq.computed = end
+        self._stats["prefilled"] += len(ids)
         logits = None
         if done:
             last = torch.tensor([cu_host[i + 1] - 1 for i in done], dtype=torch.long).to(self.device)

@@ -91,6 +91,7 @@ def test_greedy_equals_generate_alone_with_requests_joining_and_leaving(model):
     stats = engine.stats()
     assert stats.running == stats.waiting == 0 and stats.free_slots == 8
     assert stats.generated_tokens_total == sum(max_tokens) and stats.finished_requests_total == 12
+    assert stats.prefill_tokens_total == stats.prompt_tokens_total == sum(len(p) for p, _ in requests.values())
     assert stats.free_blocks == stats.num_blocks  # all blocks free or only held by the prefix cache
 
 
@@ -154,8 +155,14 @@ def test_prefix_cache_on_equals_off_mid_block_hit_and_multi_turn(model):
         return out, logits, cached
 
     config = dict(max_num_seqs=4, max_model_len=400, max_num_batched_tokens=512)
-    on_tokens, on_logits, cached = scenario(Engine(model, EngineConfig(**config, enable_prefix_caching=True)))
-    off_tokens, off_logits, off_cached = scenario(Engine(model, EngineConfig(**config, enable_prefix_caching=False)))
+    on_engine = Engine(model, EngineConfig(**config, enable_prefix_caching=True))
+    off_engine = Engine(model, EngineConfig(**config, enable_prefix_caching=False))
+    on_tokens, on_logits, cached = scenario(on_engine)
+    off_tokens, off_logits, off_cached = scenario(off_engine)
+    on_stats, off_stats = on_engine.stats(), off_engine.stats()
+    # prefill computes exactly the prompt tokens the cache did not serve
+    assert on_stats.prefill_tokens_total == on_stats.prompt_tokens_total - sum(cached.values())
+    assert off_stats.prefill_tokens_total == off_stats.prompt_tokens_total
     assert cached == {"sys1": 0, "sys2": 0, "sys3": 128, "a": 0, "a_mid": 192, "a_again": 192, "turn1": 0,
                       "turn2": 128}
     assert all(v == 0 for v in off_cached.values())

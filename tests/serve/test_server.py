@@ -77,7 +77,7 @@ def test_models_health_and_metrics(server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     metrics = server.metrics()
     for name in ("requests_waiting", "requests_running", "generation_tokens_per_second", "cache_usage_ratio",
-                 "prefix_cache_hit_rate", "state_slots_free"):
+                 "prefix_cache_hit_rate", "state_slots_free", "prefill_tokens_total"):
         assert f"kimi_linear_{name}" in metrics
     assert metrics["kimi_linear_state_slots"] == 6
 
