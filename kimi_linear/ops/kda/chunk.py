@@ -203,10 +203,17 @@ def chunk_kda(
                  use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel, backend, preprocess_backend,
                  chunk_size)
     if return_intermediate_states:
-        o, final_state, h = chunk_kda_with_states(*core_args)
+        if torch.compiler.is_compiling():
+            o, final_state, h = torch.ops.kimi_linear.chunk_kda_with_states(*core_args)
+            final_state = final_state if output_final_state else None
+        else:
+            o, final_state, h = chunk_kda_with_states(*core_args)
         h = h.to(k_dtype)
         if state_v_first:
             h = h.transpose(-1, -2).contiguous()  # [B, NT, HV, V, K]
+    elif torch.compiler.is_compiling():
+        o, final_state = torch.ops.kimi_linear.chunk_kda(*core_args)
+        final_state = final_state if output_final_state else None
     else:
         o, final_state = chunk_kda_core(*core_args)
     if final_state is not None and state_v_first:

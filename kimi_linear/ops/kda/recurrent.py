@@ -144,11 +144,23 @@ def fused_recurrent_kda(
     backend = resolve_backend(backend, q)
     refuse_float64_on_triton(backend, q, k, v, g, beta, initial_state)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o, states = fused_recurrent_kda_core(
-        q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, indices, num_accepted_tokens, scale,
-        output_final_state, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
-        allow_neg_eigval, lower_bound, state_v_first, backend, inplace_final_state=inplace_final_state, out=out,
-    )
+    in_place = indices is not None and inplace_final_state
+
+    if torch.compiler.is_compiling():
+        args = (q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, indices, num_accepted_tokens, scale,
+                output_final_state, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
+                allow_neg_eigval, lower_bound, state_v_first, backend)
+        if in_place:
+            o, states = torch.ops.kimi_linear.fused_recurrent_kda_pool_(*args), initial_state
+        else:
+            o, states = torch.ops.kimi_linear.fused_recurrent_kda(*args)
+            states = states if (indices is not None or output_final_state) else None
+    else:
+        o, states = fused_recurrent_kda_core(
+            q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, indices, num_accepted_tokens, scale,
+            output_final_state, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
+            allow_neg_eigval, lower_bound, state_v_first, backend, inplace_final_state=inplace_final_state, out=out,
+        )
     if out is not None and o is not out:
         o = out.copy_(o)
     return o, states
