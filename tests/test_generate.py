@@ -141,6 +141,32 @@ def test_bad_arguments(model, kwargs, match):
         generate(model, **args)
 
 
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile (Dynamo) is unsupported here")
+def test_decode_step_compiles_with_fullgraph(model):
+    """The whole decode step traces without a graph break: the KDA ops and the MoE expert loop are registered
+    torch.library ops (opaque to Dynamo, with fake kernels), and the MoE no longer picks torch._grouped_mm, whose
+    fake kernel takes bf16 only, for fp32. Two compiled steps give the eager steps' logits and cache. ``aot_eager``
+    runs the traced graph (fake kernels, functionalization of the in-place state update) without Inductor's C++
+    code generation, which would take minutes on a small CPU."""
+    import copy
+
+    cache = KimiLinearCache(model.config, len(PROMPTS), 24)
+    tokens = prefill(model, PROMPTS, cache).argmax(-1)
+    eager_cache = copy.deepcopy(cache)
+    step = torch.compile(decode_step, fullgraph=True, backend="aot_eager")
+    try:
+        for _ in range(2):
+            logits = step(model, tokens, cache)
+            want = decode_step(model, tokens, eager_cache)
+            assert rel_err(logits, want) < 1e-6
+            tokens = want.argmax(-1)
+        for layer, (got, ref) in enumerate(zip(cache.layers, eager_cache.layers, strict=True)):
+            for name in ref:
+                assert rel_err(got[name].float(), ref[name].float()) < 1e-6, (layer, name)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decode_matches_eager():

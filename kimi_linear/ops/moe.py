@@ -25,6 +25,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from kimi_linear.ops.custom_ops import grads_by_recompute
+
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
 EXPERT_BACKENDS = ("auto", "grouped_mm", "loop", "gemv")
 # "auto" takes the decode kernels (``moe_triton.moe_experts_gemv_triton``) up to this many token-slots
@@ -118,24 +120,34 @@ class _CombineSlots(torch.autograd.Function):
 
 
 def _grouped_mm_aligned(*tensors: torch.Tensor) -> bool:
-    """torch._grouped_mm exists and its layout rule holds: 16-byte aligned data pointers and strides."""
+    """torch._grouped_mm exists and its layout rule holds: 16-byte aligned data pointers and strides. While
+    torch.compile traces, data pointers do not exist (fake tensors) and only the strides are checked: the
+    compiled graph's buffers and the parameters are allocated 16-byte aligned."""
     if not hasattr(torch, "_grouped_mm"):
         return False
+    tracing = torch.compiler.is_compiling()
     for t in tensors:
         align = 16 // t.element_size()
-        if t.data_ptr() % 16 or any(stride % align for stride in t.stride() if stride != 1):
+        if (not tracing and t.data_ptr() % 16) or any(stride % align for stride in t.stride() if stride != 1):
             return False
     return True
+
+
+def _grouped_mm_traceable(x_SD: torch.Tensor) -> bool:
+    """torch._grouped_mm's fake (meta) kernel, which torch.compile runs to trace it, accepts bf16 only (its CUDA
+    kernel's rule), though the eager CPU kernel takes fp32 too."""
+    return not torch.compiler.is_compiling() or x_SD.dtype == torch.bfloat16
 
 
 def _grouped_mm_preferred(x_SD: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether "auto" takes torch._grouped_mm: aligned operands, and on CUDA only bf16 on sm90+, which has the
     fused kernel; other CUDA dtypes go through torch's own loop, which copies the offsets to the host anyway.
+    Under torch.compile only bf16 (``_grouped_mm_traceable``).
     """
     if x_SD.is_cuda:
         if x_SD.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x_SD.device)[0] < 9:
             return False
-    return _grouped_mm_aligned(x_SD, *weights)
+    return _grouped_mm_traceable(x_SD) and _grouped_mm_aligned(x_SD, *weights)
 
 
 def swiglu_weighted(gate_SF: torch.Tensor, up_SF: torch.Tensor, weights_S: torch.Tensor) -> torch.Tensor:
@@ -179,6 +191,49 @@ def _experts_loop(x_SD, weights_S, offsets_E, w1_EFD, w3_EFD, w2_EDF):
         outs.append(F.linear(h_TF, w2_DF[e]))
         start = end
     return torch.cat(outs) if outs else x_SD.new_zeros(0, w2_EDF.shape[1])
+
+
+@torch.library.custom_op("kimi_linear::moe_experts_loop", mutates_args=())
+def _experts_loop_op(x_SD: torch.Tensor, weights_S: torch.Tensor, offsets_E: torch.Tensor, w1_EFD: torch.Tensor,
+                     w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+    """``_experts_loop`` as an op opaque to torch.compile: the loop reads the run boundaries on the host, which
+    Dynamo cannot trace without a graph break. Its backward (``moe_experts_loop_backward``) runs the loop again
+    under autograd."""
+    return _experts_loop(x_SD, weights_S, offsets_E, w1_EFD, w3_EFD, w2_EDF)
+
+
+@_experts_loop_op.register_fake
+def _(x_SD, weights_S, offsets_E, w1_EFD, w3_EFD, w2_EDF):
+    return x_SD.new_empty(x_SD.shape[0], w2_EDF.shape[1])
+
+
+@torch.library.custom_op("kimi_linear::moe_experts_loop_backward", mutates_args=())
+def _experts_loop_backward_op(dy_SD: torch.Tensor, x_SD: torch.Tensor, weights_S: torch.Tensor,
+                              offsets_E: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
+                              w2_EDF: torch.Tensor) -> list[torch.Tensor]:
+    def run(x_SD, weights_S, w1_EFD, w3_EFD, w2_EDF):
+        return [_experts_loop(x_SD, weights_S, offsets_E, w1_EFD, w3_EFD, w2_EDF)]
+
+    return grads_by_recompute(run, [x_SD, weights_S, w1_EFD, w3_EFD, w2_EDF], [dy_SD])
+
+
+@_experts_loop_backward_op.register_fake
+def _(dy_SD, x_SD, weights_S, offsets_E, w1_EFD, w3_EFD, w2_EDF):
+    return [torch.empty_like(t) for t in (x_SD, weights_S, w1_EFD, w3_EFD, w2_EDF)]
+
+
+def _experts_loop_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _experts_loop_backward(ctx, dy_SD):
+    x_SD, weights_S, offsets_E, w1_EFD, w3_EFD, w2_EDF = ctx.saved_tensors
+    dx, dw, dw1, dw3, dw2 = torch.ops.kimi_linear.moe_experts_loop_backward(dy_SD, x_SD, weights_S, offsets_E,
+                                                                             w1_EFD, w3_EFD, w2_EDF)
+    return dx, dw, None, dw1, dw3, dw2
+
+
+_experts_loop_op.register_autograd(_experts_loop_backward, setup_context=_experts_loop_setup)
 
 
 def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
@@ -259,6 +314,9 @@ def grouped_experts(
     w1_EFD, w3_EFD, w2_EDF = w1_EFD.to(dtype), w3_EFD.to(dtype), w2_EDF.to(dtype)
     if backend == "auto":
         backend = "grouped_mm" if _grouped_mm_preferred(x_SD, w1_EFD, w3_EFD, w2_EDF) else "loop"
+    elif backend == "grouped_mm" and not _grouped_mm_traceable(x_SD):
+        raise ValueError(f"backend='grouped_mm' under torch.compile needs bfloat16 operands (torch._grouped_mm's "
+                         f"fake kernel takes no other dtype), got {x_SD.dtype}: use backend='auto' or 'loop'")
     elif backend == "grouped_mm" and not _grouped_mm_aligned(x_SD, w1_EFD, w3_EFD, w2_EDF):
         raise ValueError(
             f"backend='grouped_mm' needs torch._grouped_mm (torch {torch.__version__}: "
@@ -270,6 +328,8 @@ def grouped_experts(
     with torch.autocast(x_ND.device.type, enabled=False):
         if backend == "grouped_mm":
             y_SD = _experts_grouped_mm(x_SD, weights_S, ends_E.to(torch.int32), w1_EFD, w3_EFD, w2_EDF)
+        elif torch.compiler.is_compiling():
+            y_SD = torch.ops.kimi_linear.moe_experts_loop(x_SD, weights_S, ends_E, w1_EFD, w3_EFD, w2_EDF)
         else:
             y_SD = _experts_loop(x_SD, weights_S, ends_E, w1_EFD, w3_EFD, w2_EDF)
     return _CombineSlots.apply(y_SD, order_S, inverse_S, K), tokens_per_expert_E

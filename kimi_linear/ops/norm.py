@@ -8,11 +8,11 @@ L2NORM_EPS = 1e-6
 
 
 def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
-    """x / sqrt(sum(x^2) + eps) over the last dim, computed in fp32, returned in fp32.
+    """x / sqrt(sum(x^2) + eps) over the last dim, computed in fp32, returned in fp32 (fp64 in and out for fp64 x).
 
     The eps sits inside the square root (not a clamp), the convention of the released model's kernels.
     """
-    x = x.float()
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     return x * torch.rsqrt(x.pow(2).sum(dim=-1, keepdim=True) + eps)
 
 

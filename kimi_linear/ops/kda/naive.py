@@ -1,6 +1,6 @@
 """Kimi Delta Attention in plain PyTorch: the specification and the CPU path.
 
-Three functions, all in fp32 internally, all differentiable by autograd:
+Three functions, all in fp32 internally (fp64 for fp64 inputs), all differentiable by autograd:
 
 * ``naive_recurrent_kda`` — the token-by-token loop of paper Eq. 1. It is the spec every other implementation is
   tested against; it is slow (one Python step per token) and meant for tests only.
@@ -9,9 +9,11 @@ Three functions, all in fp32 internally, all differentiable by autograd:
   over chunks that carries the state. Fast enough to train small models on a CPU.
 * ``naive_recurrent_dplr`` — the general diagonal-plus-low-rank recurrence, for comparisons.
 
-Layouts: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, g ``[B, T, H, K]`` (natural-log decay, ≤ 0),
-beta ``[B, T, H]``, states ``[B, H, K, V]`` fp32. These functions take already-validated, already-activated inputs
-(no gate activation, no L2 norm, no sigmoid): the public ops in ``chunk.py`` / ``recurrent.py`` do that.
+Layouts: q, k ``[B, T, H, K]``, v ``[B, T, HV, V]``, g ``[B, T, HV, K]`` (natural-log decay, ≤ 0),
+beta ``[B, T, HV]``, states ``[B, HV, K, V]`` fp32. HV is a multiple of H (grouped value heads, GVA: value head
+``hv`` reads query/key head ``hv // (HV // H)``); HV = H is plain KDA. Math runs in fp32, or in fp64 when an input
+is fp64. These functions take already-validated, already-activated inputs (no gate activation, no L2 norm, no
+sigmoid): the public ops in ``chunk.py`` / ``recurrent.py`` do that.
 
 Numerics of the chunked form: cumulative log-decays stay in fp32 and only *differences* measured forward in time are
 exponentiated (every factor is ≤ 1), so g = -1000 gives exact zeros instead of inf/NaN. Inside a chunk, pairs of
@@ -32,6 +34,21 @@ LOG_DECAY_FLOOR = -1000.0
 SUB_CHUNK = 8  # measured fastest on CPU: larger blocks cost more element-wise work, smaller more matmuls
 
 
+def math_dtype(*xs: torch.Tensor | None) -> torch.dtype:
+    """The references' compute dtype: fp64 if any of ``xs`` is fp64, else fp32."""
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def expand_qk_heads(q: torch.Tensor, k: torch.Tensor, value_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GVA: query/key heads ``[B, T, H, K]`` -> ``[B, T, HV, K]``, each repeated HV // H times in place, so value
+    head hv reads head hv // (HV // H). A no-op (no copy) when HV = H."""
+    H = q.shape[2]
+    if value_heads == H:
+        return q, k
+    group = value_heads // H
+    return q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
+
+
 def naive_recurrent_kda(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -41,29 +58,44 @@ def naive_recurrent_kda(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Paper Eq. 1, one token at a time, in fp32.
+    output_all_states: bool = False,
+):
+    """Paper Eq. 1, one token at a time, in fp32 (fp64 if an input is fp64).
 
     S_t = (I - beta_t k_t k_t^T) Diag(exp g_t) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T (scale q_t)
 
-    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32 or None)``.
+    q, k ``[B, T, H, K]``; v ``[B, T, HV, V]``; g ``[B, T, HV, K]``; beta ``[B, T, HV]``, or ``[B, T, HV, V]`` for
+    a step size per value channel (delta_t = beta_t * (v_t - k_t^T S) element-wise); initial_state
+    ``[B, HV, K, V]``. Returns ``(o [B, T, HV, V] in v's dtype, final state [B, HV, K, V] or None)``, plus, with
+    ``output_all_states``, the state after every token ``[B, T, HV, K, V]`` as a third element. States are in
+    the compute dtype.
     """
     dtype = v.dtype
     B, T, H, K = q.shape
-    V = v.shape[-1]
+    HV, V = v.shape[2], v.shape[-1]
     scale = K**-0.5 if scale is None else scale
-    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
-    outputs = []
+    ct = math_dtype(q, k, v, g, beta, initial_state)
+    q, k = expand_qk_heads(q, k, HV)
+    q, k, v, g, beta = (x.to(ct) for x in (q, k, v, g, beta))
+    S = q.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(ct)
+    per_channel_beta = beta.dim() == 4
+    outputs, states = [], []
     for t in range(T):
-        S = S * g[:, t].exp()[..., None]  # decay along K: [B, H, K, V]
-        k_t = k[:, t]  # [B, H, K]
+        S = S * g[:, t].exp()[..., None]  # decay along K: [B, HV, K, V]
+        k_t = k[:, t]  # [B, HV, K]
         prediction = torch.einsum("bhk,bhkv->bhv", k_t, S)
-        delta = beta[:, t, :, None] * (v[:, t] - prediction)  # [B, H, V]
+        beta_t = beta[:, t] if per_channel_beta else beta[:, t, :, None]  # [B, HV, V] or [B, HV, 1]
+        delta = beta_t * (v[:, t] - prediction)  # [B, HV, V]
         S = S + k_t[..., None] * delta[..., None, :]
         outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
-    o = torch.stack(outputs, dim=1) if T > 0 else v.new_zeros(B, 0, H, V)  # [B, T, H, V]
-    return o.to(dtype), (S if output_final_state else None)
+        if output_all_states:
+            states.append(S)
+    o = torch.stack(outputs, dim=1) if T > 0 else v.new_zeros(B, 0, HV, V)  # [B, T, HV, V]
+    final = S if output_final_state else None
+    if output_all_states:
+        all_states = torch.stack(states, dim=1) if T > 0 else S.new_zeros(B, 0, HV, K, V)  # [B, T, HV, K, V]
+        return o.to(dtype), final, all_states
+    return o.to(dtype), final
 
 
 def naive_recurrent_dplr(
@@ -209,8 +241,10 @@ def naive_chunk_kda(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = CHUNK_SIZE,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunkwise-parallel KDA (paper §3.1), fp32, any T (padded internally to a multiple of ``chunk_size``).
+    return_chunk_states: bool = False,
+):
+    """Chunkwise-parallel KDA (paper §3.1), fp32 (fp64 if an input is fp64), any T (padded internally to a
+    multiple of ``chunk_size``). Shapes as ``naive_recurrent_kda`` (GVA included; beta one per head).
 
     Per chunk with cumulative log-decay G (``[C, K]``, G_t = g_1 + ... + g_t):
 
@@ -221,9 +255,13 @@ def naive_chunk_kda(
       S <- exp(G_C) * S + (K * exp(G_C - G))^T V_new.
 
     Padding rows have k = v = beta = g = 0, which leaves the state unchanged.
-    Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32 or None)``.
+    Returns ``(o [B, T, HV, V] in v's dtype, final state [B, HV, K, V] or None)``, plus, with
+    ``return_chunk_states``, the state entering each chunk ``[B, ceil(T / chunk_size), HV, K, V]`` (the first is
+    the initial state) as a third element. States are in the compute dtype.
     """
     dtype = v.dtype
+    ct = math_dtype(q, k, v, g, beta, initial_state)
+    q, k = expand_qk_heads(q, k, v.shape[2])
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size
@@ -234,8 +272,8 @@ def naive_chunk_kda(
     n_chunks = (T + pad) // C
 
     def to_chunks(x: torch.Tensor) -> torch.Tensor:
-        # [B, T, H, D] -> [B, H, N, C, D] in fp32, zero-padded at the end
-        x = x.float()
+        # [B, T, H, D] -> [B, H, N, C, D] in the compute dtype, zero-padded at the end
+        x = x.to(ct)
         if pad:
             x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
         return x.reshape(B, n_chunks, C, H, -1).permute(0, 3, 1, 2, 4)
@@ -264,7 +302,7 @@ def naive_chunk_kda(
     M = torch.diag_embed(G_last.squeeze(-2).exp()) - k_dec_t @ W  # [B, H, N, K, K]
     M = M.movedim(2, 0).reshape(n_chunks, B * H, K, K)
     kU = (k_dec_t @ U).movedim(2, 0).reshape(n_chunks, B * H, K, V)
-    S = q.new_zeros(B * H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float().reshape(B * H, K, V)
+    S = q.new_zeros(B * H, K, V, dtype=ct) if initial_state is None else initial_state.to(ct).reshape(B * H, K, V)
     states = []  # the state entering each chunk
     for n in range(n_chunks):
         states.append(S)
@@ -273,10 +311,12 @@ def naive_chunk_kda(
     if n_chunks:
         S_in = torch.stack(states, dim=0).reshape(n_chunks, B, H, K, V).movedim(0, 2)  # [B, H, N, K, V]
     else:
-        S_in = q.new_zeros(B, H, 0, K, V, dtype=torch.float32)
+        S_in = q.new_zeros(B, H, 0, K, V, dtype=ct)
 
     # Outputs of all chunks at once, Eq. 9: O = (Q * exp(G)) S_in + A_qk (U - W S_in).
     v_new = U - W @ S_in  # [B, H, N, C, V]
     o = q_dec @ S_in + A_qk @ v_new  # [B, H, N, C, V]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, n_chunks * C, H, V)[:, :T]  # [B, T, H, V]
+    if return_chunk_states:
+        return o.to(dtype), (S if output_final_state else None), S_in.transpose(1, 2)  # [B, N, H, K, V]
     return o.to(dtype), (S if output_final_state else None)
