@@ -31,6 +31,7 @@ Prints a table last and writes ``DIR/serve_throughput.json``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import gc
 import json
@@ -55,6 +56,7 @@ from kimi_linear.generate import generate
 from kimi_linear.model import KimiLinearForCausalLM
 from kimi_linear.serve.engine import KDA_CHUNK, Engine, EngineConfig
 from kimi_linear.serve.loadgen import LengthDist, LoadSpec, run_load
+from kimi_linear.tokenizer import NUM_RESERVED_SPECIAL_TOKENS, TIKTOKEN_FILE
 
 PHASES = ("static", "server", "prefix", "floor", "long")
 
@@ -105,6 +107,25 @@ def ttft_of(url: str, prompt: list[int]) -> float:
     raise RuntimeError("no token streamed")
 
 
+def write_bpe(checkpoint: str, vocab_size: int) -> None:
+    """A tiktoken.model filling ``vocab_size`` with the reserved special tokens: the 256 bytes, then two-byte
+    tokens (random weights emit any id; every id must decode)."""
+    n = vocab_size - NUM_RESERVED_SPECIAL_TOKENS - 256
+    if not 0 <= n <= 256 * 256:
+        raise ValueError(f"cannot build a benchmark BPE for vocab_size={vocab_size}")
+    tokens = [bytes([i]) for i in range(256)] + [bytes([a, b]) for a in range(256) for b in range(256)][:n]
+    with open(os.path.join(checkpoint, TIKTOKEN_FILE), "w") as f:
+        f.writelines(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(tokens))
+
+
+def save_checkpoint(model, name: str) -> str:
+    """``model`` saved with a benchmark tokenizer in a fresh temporary folder."""
+    checkpoint = os.path.join(tempfile.mkdtemp(), name)
+    model.save_pretrained(checkpoint)
+    write_bpe(checkpoint, model.config.vocab_size)
+    return checkpoint
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -153,13 +174,14 @@ def decode_floor(model, context: int = 1024, reps: int = 300) -> dict:
         raise RuntimeError("the engine captured no CUDA graph for one row")
     graph.slots[0] = 0
     graph.block_table[0, :blocks] = torch.arange(blocks, device=graph.block_table.device)
-    graph.lengths[0] = context
     for _ in range(20):
+        graph.lengths.fill_(context)  # a replay advances the length by one
         graph.graph.replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.lengths.fill_(context)
         a.record()
         graph.graph.replay()
         b.record()
@@ -168,6 +190,7 @@ def decode_floor(model, context: int = 1024, reps: int = 300) -> dict:
     step_ms = sorted(times)[len(times) // 2]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
+            graph.lengths.fill_(context)
             graph.graph.replay()
         torch.cuda.synchronize()
     groups: dict[str, float] = defaultdict(float)
@@ -262,8 +285,7 @@ def long_context(base_config, context: int, output_len: int, budget_bytes: int, 
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = KimiLinearForCausalLM(config).to(torch.bfloat16)
-        checkpoint = os.path.join(tempfile.mkdtemp(), f"long-{name}")
-        model.save_pretrained(checkpoint)
+        checkpoint = save_checkpoint(model, f"long-{name}")
         del model
         gc.collect()
         torch.cuda.empty_cache()
@@ -323,8 +345,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = KimiLinearForCausalLM(config).to(torch.bfloat16).eval()
-    checkpoint = os.path.join(tempfile.mkdtemp(), f"kimi-{args.config}")
-    model.save_pretrained(checkpoint)
+    checkpoint = save_checkpoint(model, f"kimi-{args.config}")
     rng = random.Random(0)
     prompts = [[rng.randrange(32, 127) for _ in range(args.prompt_len)] for _ in range(args.clients)]
     n_out = args.clients * args.output_len
