@@ -146,18 +146,23 @@ class EngineLoop:
                 self._generated += new_tokens
                 self._rate_samples.append((now, self._generated))
                 self._trim_rate_samples(now)
-            for ev in events:
-                self._deliver(ev)
+            self._deliver(events)
 
-    def _deliver(self, event: TokenEvent) -> None:
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        """Hand a step's events to their requests' queues: one wake-up of each event loop per step, not one
+        per token."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
-            target = self._streams.pop(event.request_id, None) if event.finished else self._streams.get(
-                event.request_id
-            )
-        if target is not None:
-            loop, queue = target
+            for event in events:
+                target = self._streams.pop(event.request_id, None) if event.finished else self._streams.get(
+                    event.request_id
+                )
+                if target is not None:
+                    loop, queue = target
+                    batches.setdefault(loop, []).append((queue, event))
+        for loop, batch in batches.items():
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
+                loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:  # the event loop has closed: the server is exiting
                 pass
 
@@ -169,7 +174,12 @@ class EngineLoop:
                 self.engine.abort(request_id)
             except Exception:  # noqa: BLE001
                 logger.exception("abort of %s failed", request_id)
-            self._deliver(TokenEvent(request_id, None, True, "error", error=message))
+            self._deliver([TokenEvent(request_id, None, True, "error", error=message)])
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
+    for queue, event in batch:
+        queue.put_nowait(event)
 
 
 # ---- errors -----------------------------------------------------------------------------------------------
@@ -457,34 +467,48 @@ class Server:
 
     async def pieces(self, request: Request, request_id: str, queue: asyncio.Queue, num_prompt: int,
                      stops: list[str]) -> AsyncIterator[Piece]:
-        """The request's text as it is produced; aborts the request if the consumer stops early."""
+        """The request's text as it is produced; aborts the request if the consumer stops early.
+
+        Tokens that arrived while the consumer was busy (a slow client, a loaded server) come out as one piece,
+        so the per-piece work does not grow with the backlog. The client's connection is checked while the
+        request waits and at most every ``DISCONNECT_POLL_S`` while tokens flow, not once per token."""
         decoder = StreamDecoder(self.tokenizer)
         matcher = StopStringMatcher(stops)
         completion_tokens = 0
         done = False
+        text_parts: list[str] = []
+        ids: list[int] = []
+        next_poll = time.monotonic() + DISCONNECT_POLL_S
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
-                text, ids = "", []
+                if queue.empty():
+                    if text_parts or ids:  # the backlog is drained: hand it out as one piece
+                        yield Piece("".join(text_parts), ids)
+                        text_parts, ids = [], []
+                    try:
+                        event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
+                else:
+                    event = queue.get_nowait()
+                text = ""
                 if event.token_id is not None:
                     completion_tokens += 1
-                    ids = [event.token_id]
+                    ids.append(event.token_id)
                     # A token that ended the request as a stop token is not part of the text.
                     if not (event.finished and event.finish_reason == "stop"):
                         text = decoder(event.token_id)
                 if event.finished:
                     text += decoder.flush()
                 safe, matched = matcher.feed(text, final=event.finished)
+                text_parts.append(safe)
                 if matched:
                     self.loop.abort(request_id)
                     done = True
                     cached = await self._cached_tokens_after_abort(queue, event)
-                    yield Piece(safe, ids, "stop", _usage(num_prompt, completion_tokens, cached))
+                    yield Piece("".join(text_parts), ids, "stop", _usage(num_prompt, completion_tokens, cached))
                     return
                 if event.finished:
                     done = True
@@ -493,12 +517,12 @@ class Server:
                     reason = "stop" if event.finish_reason in ("stop", "abort") else event.finish_reason
                     usage = _usage(event.prompt_tokens or num_prompt,
                                    event.completion_tokens or completion_tokens, event.cached_tokens)
-                    yield Piece(safe, ids, reason, usage)
+                    yield Piece("".join(text_parts), ids, reason, usage)
                     return
-                if safe or ids:
-                    yield Piece(safe, ids)
-                if await request.is_disconnected():
-                    return
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + DISCONNECT_POLL_S
+                    if await request.is_disconnected():
+                        return
         finally:
             if not done:
                 self.loop.abort(request_id)

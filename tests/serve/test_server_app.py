@@ -75,7 +75,9 @@ class ScriptedEngine:
     def stats(self):
         with self.lock:
             n = len(self.requests)
-        return EngineStats(0, n, 4, 4 - n, 16, 16, 0, 0, self.generated, 0, 0)
+        return EngineStats(waiting=0, running=n, num_slots=4, free_slots=4 - n, num_blocks=16, free_blocks=16,
+                           prefix_cache_queries=0, prefix_cache_hits=0, generated_tokens_total=self.generated,
+                           prompt_tokens_total=0, prefill_tokens_total=0, finished_requests_total=0)
 
 
 @pytest.fixture
@@ -144,6 +146,36 @@ def test_a_request_the_engine_finishes_with_error(client):
         lines = [line for line in s.iter_lines() if line]
     assert "scripted request failure" in lines[-2] and '"error"' in lines[-2] and lines[-1] == "data: [DONE]"
     assert client.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+def test_tokens_waiting_in_the_queue_come_out_as_one_piece():
+    """A consumer that falls behind gets the backlog as one piece (text, ids, then the finish); a stop string
+    spanning queued tokens still cuts the text at its start and aborts the request."""
+    import asyncio
+
+    from kimi_linear.serve.api import Server
+
+    class Connected:
+        async def is_disconnected(self):
+            return False
+
+    config = KimiLinearConfig.from_preset("debug")
+    server = Server(ScriptedEngine(config), ByteTokenizer(config), ServerSettings(model_name="s", max_model_len=64))
+    text = b"happy families"
+
+    async def drain(stops, backlog):
+        queue = asyncio.Queue()
+        for i, t in enumerate(text[:backlog]):
+            done = i == len(text) - 1
+            queue.put_nowait(TokenEvent("r", t, done, "length" if done else None, 3, i + 1))
+        return [p async for p in server.pieces(Connected(), "r", queue, 3, stops)]
+
+    pieces = asyncio.run(drain([], len(text)))
+    assert [(p.text, p.token_ids, p.finish_reason) for p in pieces] == [("happy families", list(text), "length")]
+    assert pieces[0].usage["completion_tokens"] == len(text)
+    pieces = asyncio.run(drain(["y fam"], len(text)))
+    assert [(p.text, p.finish_reason) for p in pieces] == [("happ", "stop")]
+    assert "r" in server.engine.aborted
 
 
 def test_load_generator_lengths_and_percentiles():
