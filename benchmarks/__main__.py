@@ -23,6 +23,7 @@ SUITES = (
     "model_speed",
     "model_efficiency",
     "serve_throughput",
+    "serve_http",
     "train_speed",
     "train_speed_gpu",
     "kda_cpu",

@@ -50,3 +50,14 @@ def test_cpu_suite_runs_at_a_tiny_size(tmp_path):
     assert all(t > 0 for t in times.values())
     last = p.stdout.strip().splitlines()[-1]  # the table comes last
     assert last.startswith("| recurrent reference (paper Eq. 1)") and last.endswith("x |")
+
+
+def test_serve_http_suite_runs_at_a_tiny_size(tmp_path):
+    """The HTTP-layer ceiling suite (CPU, no model): every stream gets its tokens, and no faster than the steps."""
+    p = run_benchmarks("serve_http", "--out", str(tmp_path), "--streams", "3", "--step-ms", "2",
+                       "--output-len", "6")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "serve_http.json").read_text())["rows"]
+    assert row["failed"] == 0 and row["streams"] == 3
+    assert 0 < row["tokens_per_s"] <= row["ideal_tokens_per_s"] and row["achieved_step_ms"] >= 2.0
+    assert p.stdout.strip().splitlines()[-1].startswith("| 3 | 2 |")
