@@ -22,6 +22,7 @@ from kimi_linear.layers import mixer_class
 from kimi_linear.layers.mlp import SwiGLUMLP
 from kimi_linear.layers.moe import MoE
 from kimi_linear.layers.norm import RMSNorm
+from kimi_linear.ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 
 def count_parameters(config: KimiLinearConfig) -> tuple[int, int]:
     """(total, active-per-token) parameter counts from the config alone (no model is built).
@@ -67,10 +68,12 @@ def count_parameters(config: KimiLinearConfig) -> tuple[int, int]:
 
 @dataclass
 class CausalLMOutput:
-    """``logits [B, T, vocab]`` (the head's dtype) and the cache that was passed in (updated), if any."""
+    """``logits [B, T, vocab]`` (the head's dtype) and the cache that was passed in (updated), if any; with
+    ``labels``, instead of the logits, ``loss_sum``: the fp32 sum of the labelled tokens' cross-entropies."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     cache: KimiLinearCache | None = None
+    loss_sum: torch.Tensor | None = None
 
 
 class DecoderLayer(nn.Module):
@@ -217,6 +220,7 @@ class KimiLinearForCausalLM(nn.Module):
         cache: KimiLinearCache | None = None,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """Args:
             input_ids: ``[B, T]`` int64.
@@ -226,17 +230,27 @@ class KimiLinearForCausalLM(nn.Module):
                 logits. Not together with ``cache`` or ``cu_seqlens``.
             cu_seqlens: int ``[N + 1]``; B = 1 and N documents packed along T, with no attention, state or
                 conv leakage across boundaries.
+            labels: ``[B, T]`` int, the target of each position (already shifted: label t is the token that
+                follows position t), -100 where there is none. Training passes them: the loss is then computed
+                chunk by chunk from the hidden states (``kimi_linear.ops.cross_entropy``) and the
+                ``[B, T, vocab]`` logits are never held whole.
 
         Returns:
-            ``CausalLMOutput`` with ``.logits [B, T, vocab_size]`` and ``.cache``.
+            ``CausalLMOutput`` with ``.logits [B, T, vocab_size]`` and ``.cache``; with ``labels``,
+            ``.loss_sum`` (fp32, summed over the labelled tokens) and ``.logits`` None.
 
         Raises:
             TypeError / ValueError naming the argument for bad ids, shapes, boundaries or a too-small cache.
         """
         new_tokens = self._validate(input_ids, cache, attention_mask, cu_seqlens)
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+            raise ValueError(f"labels must be a tensor shaped like input_ids {tuple(input_ids.shape)}")
         hidden = self.model(input_ids, cache=cache, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
         if cache is not None:
             cache.lengths += new_tokens
+        if labels is not None:
+            loss_sum = linear_cross_entropy(hidden, self.lm_head.weight, labels, ignore_index=IGNORE_INDEX)
+            return CausalLMOutput(logits=None, cache=cache, loss_sum=loss_sum)
         return CausalLMOutput(logits=self.lm_head(hidden), cache=cache)
 
     def hidden_states(self, input_ids, cache=None, cu_seqlens=None) -> torch.Tensor:

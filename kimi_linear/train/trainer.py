@@ -14,6 +14,7 @@ optimizer step); resuming additionally needs ``state_dict()`` / ``load_state_dic
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -86,14 +87,24 @@ class TrainConfig:
 
 def causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropies in float32, number of labelled tokens) for a batch whose ``labels``
-    are already aligned with ``input_ids`` (label t is the target of position t)."""
+    are already aligned with ``input_ids`` (label t is the target of position t).
+
+    A model whose ``forward`` takes ``labels`` (``KimiLinearForCausalLM``) computes the loss itself, chunk by
+    chunk, without the ``[tokens, vocab]`` logits; any other model returns logits and the loss is taken from
+    them."""
     kwargs = {"cu_seqlens": batch["cu_seqlens"]} if batch.get("cu_seqlens") is not None else {}
+    labels = batch["labels"]
+    if _takes_labels(unwrap(model)):
+        return model(batch["input_ids"], labels=labels, **kwargs).loss_sum, (labels != IGNORE_INDEX).sum()
     out = model(batch["input_ids"], **kwargs)
     logits = out.logits if hasattr(out, "logits") else out
-    labels = batch["labels"]
     loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
     return loss, (labels != IGNORE_INDEX).sum()
+
+
+def _takes_labels(model: nn.Module) -> bool:
+    return "labels" in inspect.signature(model.forward).parameters
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
