@@ -3,6 +3,7 @@ autocast_input(): one cast under autocast, none otherwise."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -76,3 +77,26 @@ def test_autocast_input_casts_once_and_only_under_autocast():
         assert autocast_input(x).dtype == torch.bfloat16
         low = x.to(torch.bfloat16)
         assert autocast_input(low) is low
+
+
+@pytest.mark.parametrize("layer", ["mlp", "moe", "mla"])
+def test_layers_keep_one_low_precision_copy_of_their_input_under_autocast(layer):
+    """Several projections read the same fp32 input: autocast would cast (and keep) it once per projection."""
+    from kimi_linear.config import KimiLinearConfig
+    from kimi_linear.layers.mla import MultiheadLatentAttention
+    from kimi_linear.layers.mlp import SwiGLUMLP
+    from kimi_linear.layers.moe import MoE
+    from kimi_linear.train.activation_memory import saved_activations
+
+    config = KimiLinearConfig.from_preset("debug")
+    torch.manual_seed(0)
+    module = {"mlp": lambda: SwiGLUMLP(config.hidden_size, 96), "moe": lambda: MoE(config),
+              "mla": lambda: MultiheadLatentAttention(config, 1)}[layer]()
+    leaf = torch.randn(1, 12, config.hidden_size, requires_grad=True)
+    x = leaf * 1.0  # not a leaf, as in the model (autocast caches the casts of leaves only)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = saved_activations(module, lambda: module(x).float().sum())
+    copies = [t for t in report.tensors if t.dtype == torch.bfloat16 and t.nbytes == 2 * x.numel()
+              and t.kind == "activation" and t.shape[-1] == config.hidden_size
+              and not t.module.endswith(("o_proj", "down_proj"))]
+    assert len(copies) == 1, [(t.module, t.node, t.shape) for t in copies]
