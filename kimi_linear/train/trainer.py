@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kimi_linear.model import parse_activation_checkpointing
 from kimi_linear.train.checkpointing import (
     agree_on_latest,
     latest_checkpoint,
@@ -44,7 +45,9 @@ NO_DECAY_NAMES = ("A_log", "dt_bias")
 @dataclass
 class TrainConfig:
     """Optimisation settings. ``dtype`` is the autocast compute dtype (weights stay float32): "auto" is
-    bfloat16 on CUDA and float32 on the CPU."""
+    bfloat16 on CUDA and float32 on the CPU. ``activation_checkpointing`` is what the backward recomputes instead
+    of keeping: "none", "full" or a list of parts such as "mla,moe" (``kimi_linear.model``'s
+    ``ACTIVATION_CHECKPOINTING_HELP``); only a model with ``set_activation_checkpointing`` takes one."""
 
     max_steps: int = 300
     lr: float = 3e-3
@@ -60,6 +63,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     eval_every: int = 0
     keep_checkpoints: int = 2
+    activation_checkpointing: str = "none"
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of its range."""
@@ -83,6 +87,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)}")
         if self.dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"dtype must be one of {AUTOCAST_DTYPES}, got {self.dtype!r}")
+        try:
+            parse_activation_checkpointing(self.activation_checkpointing)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"activation_checkpointing: {e}") from None
 
 
 def causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,6 +235,12 @@ class Trainer:
         config.validate()
         self.model, self.config, self.loss_fn = model, config, loss_fn
         self.ctx = ctx or DistContext()
+        target = unwrap(model)
+        if hasattr(target, "set_activation_checkpointing"):
+            target.set_activation_checkpointing(config.activation_checkpointing)
+        elif parse_activation_checkpointing(config.activation_checkpointing):
+            raise ValueError(f"activation_checkpointing={config.activation_checkpointing!r} needs a model with "
+                             f"set_activation_checkpointing; {type(target).__name__} has none")
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.run_info = run_info or {}
         self.progress = progress

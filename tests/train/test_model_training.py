@@ -60,3 +60,56 @@ def test_labels_must_match_the_input_shape(debug_model):
     ids = torch.zeros(1, 5, dtype=torch.long)
     with pytest.raises(ValueError, match="labels"):
         debug_model(ids, labels=torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("spec", ["full", "kda,mlp", "mla,moe", "kda,mla,mlp,moe"])
+def test_activation_checkpointing_keeps_the_loss_and_every_gradient(debug_model, spec):
+    model, batch = debug_model, packed_batch(debug_model.config.vocab_size, seed=1)
+    results = []
+    for setting in ("none", spec):
+        model.set_activation_checkpointing(setting)
+        model.zero_grad(set_to_none=True)
+        loss = model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], labels=batch["labels"]).loss_sum
+        loss.backward()
+        loads = [layer.block_sparse_moe.last_expert_load.clone() for layer in model.model.layers if layer.is_moe]
+        results.append((loss.detach(), grads(model), loads))
+    model.set_activation_checkpointing("none")
+    (ref, ref_grads, ref_loads), (loss, ours, loads) = results
+    assert rel_err(loss, ref) < 1e-6
+    assert ours.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert rel_err(ours[name], ref_grads[name]) < 1e-6, name
+    for a, b in zip(loads, ref_loads, strict=True):  # the recomputed routing is the forward's
+        assert torch.equal(a, b)
+
+
+def test_activation_checkpointing_flags_follow_the_spec(debug_model):
+    layers = debug_model.model.layers  # debug: 0 KDA+dense, 1 MLA+dense, 2 KDA+MoE, 3 MLA+MoE
+    debug_model.set_activation_checkpointing("mla, moe")
+    assert [(la.checkpoint_mixer, la.checkpoint_ffn, la.checkpoint_block) for la in layers] == [
+        (False, False, False), (True, False, False), (False, True, False), (True, True, False)]
+    debug_model.set_activation_checkpointing("full")
+    assert all(la.checkpoint_block and not la.checkpoint_mixer for la in layers)
+    debug_model.set_activation_checkpointing("none")
+    assert not any(la.checkpoint_block or la.checkpoint_mixer or la.checkpoint_ffn for la in layers)
+    for bad in ("attention", "full,mla", "none,moe"):
+        with pytest.raises(ValueError, match="activation checkpointing"):
+            debug_model.set_activation_checkpointing(bad)
+
+
+def test_checkpointed_forward_without_grad_or_with_a_cache_is_plain(debug_model, monkeypatch):
+    import kimi_linear.model as model_module
+
+    calls = []
+    monkeypatch.setattr(model_module, "_recompute_in_backward", lambda fn, *a: calls.append(fn) or fn(*a))
+    debug_model.set_activation_checkpointing("full")
+    ids = torch.randint(0, debug_model.config.vocab_size, (1, 9))
+    try:
+        with torch.no_grad():
+            debug_model(ids)
+        debug_model(ids, cache=debug_model.allocate_cache(1, 16))
+        assert calls == []
+        debug_model(ids)
+        assert len(calls) == len(debug_model.model.layers)
+    finally:
+        debug_model.set_activation_checkpointing("none")

@@ -65,7 +65,8 @@ def test_warmup_cosine_shape():
 
 @pytest.mark.parametrize("field,value", [("lr", 0.0), ("lr", float("nan")), ("max_steps", 0),
                                          ("grad_accum", 0), ("warmup_steps", 500), ("weight_decay", -0.1),
-                                         ("beta2", 1.0), ("dtype", "float16"), ("grad_clip", -1.0)])
+                                         ("beta2", 1.0), ("dtype", "float16"), ("grad_clip", -1.0),
+                                         ("activation_checkpointing", "attention")])
 def test_config_out_of_range_raises(field, value):
     config = TrainConfig(max_steps=100, warmup_steps=10)
     setattr(config, field, value)
@@ -140,6 +141,12 @@ def test_resume_refuses_a_different_run(tmp_path):
     other = Trainer(make_model(0), config, out_dir=tmp_path, run_info={"seq_len": 64}, progress=False)
     with pytest.raises(ValueError, match="seq_len: 32 -> 64"):
         other.fit(PackedBatches(tokens, 32, 8))
+
+
+def test_activation_checkpointing_needs_a_model_that_takes_it():
+    with pytest.raises(ValueError, match="set_activation_checkpointing"):
+        Trainer(ToyLM(), TrainConfig(max_steps=2, warmup_steps=1, activation_checkpointing="moe"), progress=False)
+    Trainer(ToyLM(), TrainConfig(max_steps=2, warmup_steps=1, activation_checkpointing="none"), progress=False)
 
 
 def test_step_without_labels_raises():
