@@ -133,6 +133,7 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
     ("batch_not_divisible", ["--batch-size", "3", "--grad-accum", "2"], "multiple of processes"),
     ("release_preset", ["--preset", "48b-a3b"], "byte-level tokens"),
     ("unknown_preset", ["--preset", "huge"], "unknown preset"),
+    ("zero_log_every", ["--log-every", "0"], "log_every must be >= 1"),
     ("unknown_checkpointing", ["--activation-checkpointing", "mla,attention"], "unknown part(s) ['attention']"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys, case, flags, message):
