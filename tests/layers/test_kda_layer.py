@@ -254,7 +254,7 @@ def stored_layer(layer: KimiDeltaAttention, x: torch.Tensor, cu_seqlens=None) ->
     H, K = layer.num_heads, layer.head_dim
     qkv = torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], dim=-1)
     if layer.use_short_conv:
-        qkv, _ = causal_conv1d(qkv, layer.conv_weight(), cu_seqlens=cu_seqlens)
+        qkv, _ = causal_conv1d(qkv, layer.conv_weight(), cu_seqlens=cu_seqlens, backend=layer.conv_backend)
     else:
         qkv = F.silu(qkv)
     q, k, v = qkv.view(B, T, 3, H, K).unbind(2)
