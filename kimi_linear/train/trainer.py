@@ -1,6 +1,7 @@
-"""The training loop: AdamW with warmup + cosine, gradient accumulation and clipping, bf16 autocast on GPU,
-auxiliary-loss-free MoE balancing, checkpoint/resume (also to a larger ``max_steps``), a clean stop on
-SIGINT/SIGTERM, progress bar and metrics.
+"""The training loop: AdamW (fused on CUDA, foreach elsewhere) with warmup + cosine, gradient accumulation and
+clipping, bf16 autocast on GPU, auxiliary-loss-free MoE balancing, optional activation checkpointing,
+checkpoint/resume (also to a larger ``max_steps``), a clean stop on SIGINT/SIGTERM, progress bar and metrics. A step
+never waits for the device: its statistics are read every ``log_every`` steps.
 
 Any ``nn.Module`` trains: a batch is a dict with ``input_ids`` and ``labels`` (``IGNORE_INDEX`` where there is
 no target), optionally ``cu_seqlens``; ``loss_fn(model, batch)`` returns the *sum* of token losses and the

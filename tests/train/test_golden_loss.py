@@ -53,14 +53,6 @@ def golden_run(steps: int = 8, **train_options) -> list[float]:
     return trainer.fit(batches)["losses"]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_debug_run_follows_the_golden_losses(one_thread):
     losses = golden_run()
     assert len(losses) == len(GOLDEN_LOSSES)

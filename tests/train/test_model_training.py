@@ -28,6 +28,11 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Tiny tensors: one thread is faster and steadier on a shared 2-core machine."""
+
+
 @pytest.fixture(scope="module")
 def debug_model():
     torch.manual_seed(0)

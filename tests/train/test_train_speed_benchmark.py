@@ -5,18 +5,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from benchmarks import train_speed_gpu
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_smoke_run_reports_every_configuration_and_the_layer_profile(tmp_path, capsys, one_thread):
