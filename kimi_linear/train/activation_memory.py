@@ -6,7 +6,9 @@ the autograd graph from the result and reads every node's saved tensors (``_save
 ``saved_tensors`` of custom ``autograd.Function``\\s). A storage saved several times (one input read by several
 projections) is counted once, for the first module that saved it; a saved view counts its whole storage (that is
 what stays allocated); parameters are listed apart (they are not activations). Works on any device; the numbers
-are exact byte counts of what the graph holds, not allocator statistics.
+are exact byte counts of what the graph holds, not allocator statistics. Inside a ``torch.utils.checkpoint`` region
+its own hooks take over: what that region keeps (its inputs) is not seen, so measure without activation
+checkpointing (``layers.memory.recompute`` is an ordinary autograd Function and is counted).
 
 ``format_saved(report)`` prints a table per layer and per tensor (Markdown).
 """
