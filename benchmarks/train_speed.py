@@ -1,6 +1,7 @@
 """Training step tokens/s on the CPU: ours ([B, T] and packed) vs transformers' kimi_linear, same weights.
 
-One optimizer step (forward, loss, backward, AdamW). With ``--compare transformers``, HF transformers'
+One optimizer step (forward, loss, backward, AdamW); ours computes the loss as the trainer does (``labels=``: the
+chunked linear + cross-entropy, no whole logits). With ``--compare transformers``, HF transformers'
 ``kimi_linear`` (its PyTorch fallback; FLA is not used on the CPU) runs the same step on identical weights: ours
 is saved with ``save_pretrained`` and loaded by transformers, and the first step's losses must agree. Ours runs
 twice: on a ``[B, T]`` batch like transformers, and on the same tokens packed along one row with ``cu_seqlens``
@@ -30,8 +31,12 @@ def step_time(model, batch: dict, optimizer, steps: int, warmup: int) -> tuple[f
 
     def step():
         kwargs = {"cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else {}
-        logits = model(input_ids=batch["input_ids"], **kwargs).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+        if isinstance(model, KimiLinearForCausalLM):  # the loss as the trainer computes it: chunked, from hidden
+            loss = model(input_ids=batch["input_ids"], labels=batch["labels"], **kwargs).loss_sum
+            loss = loss / batch["labels"].numel()
+        else:
+            logits = model(input_ids=batch["input_ids"], **kwargs).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -14,14 +14,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from kimi_linear.cache import KimiLinearCache
 from kimi_linear.checkpoint import load_pretrained, save_pretrained
 from kimi_linear.config import KimiLinearConfig
-from kimi_linear.layers import mixer_class
+from kimi_linear.layers import MIXERS, mixer_class
 from kimi_linear.layers.mlp import SwiGLUMLP
 from kimi_linear.layers.moe import MoE
 from kimi_linear.layers.norm import RMSNorm
+from kimi_linear.ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 
 def count_parameters(config: KimiLinearConfig) -> tuple[int, int]:
     """(total, active-per-token) parameter counts from the config alone (no model is built).
@@ -67,14 +69,54 @@ def count_parameters(config: KimiLinearConfig) -> tuple[int, int]:
 
 @dataclass
 class CausalLMOutput:
-    """``logits [B, T, vocab]`` (the head's dtype) and the cache that was passed in (updated), if any."""
+    """``logits [B, T, vocab]`` (the head's dtype) and the cache that was passed in (updated), if any; with
+    ``labels``, instead of the logits, ``loss_sum``: the fp32 sum of the labelled tokens' cross-entropies."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     cache: KimiLinearCache | None = None
+    loss_sum: torch.Tensor | None = None
+
+
+ACTIVATION_CHECKPOINTING_HELP = (
+    "activation checkpointing: 'none'; 'full' (every block recomputed in backward, only its input kept); or a "
+    "comma-separated list of parts whose input norm + module are recomputed: the token mixers 'kda', 'gdn', "
+    "'mla', 'mamba2' (of that layer type) and the feed-forwards 'mlp' (dense) and 'moe' — e.g. 'mla,moe'"
+)
+CHECKPOINT_PARTS = frozenset({*MIXERS, "mlp", "moe"})
+
+
+def parse_activation_checkpointing(spec: str) -> frozenset[str]:
+    """``"none"`` -> {}, ``"full"`` -> {"full"}, ``"mla,moe"`` -> {"mla", "moe"}.
+
+    Raises:
+        ValueError: an unknown part, or "full"/"none" combined with others.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"activation checkpointing must be a string, got {type(spec).__name__}")
+    parts = frozenset(p.strip() for p in spec.split(",") if p.strip())
+    if parts in (frozenset({"none"}), frozenset()):
+        return frozenset()
+    if parts == {"full"}:
+        return parts
+    unknown = sorted(parts - CHECKPOINT_PARTS)
+    if unknown:
+        raise ValueError(f"activation checkpointing {spec!r}: unknown part(s) {unknown}; "
+                         f"{ACTIVATION_CHECKPOINTING_HELP}")
+    return parts
+
+
+def _recompute_in_backward(fn, *args):
+    """``fn(*args)`` keeping only its inputs; the backward runs it again (``torch.utils.checkpoint``)."""
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block: token mixer, then dense SwiGLU (``mlp``) or MoE (``block_sparse_moe``)."""
+    """One pre-norm block: token mixer, then dense SwiGLU (``mlp``) or MoE (``block_sparse_moe``).
+
+    ``checkpoint_block`` / ``checkpoint_mixer`` / ``checkpoint_ffn`` (set by
+    ``KimiLinearForCausalLM.set_activation_checkpointing``) recompute the whole block, or the norm + mixer, or
+    the norm + feed-forward, in backward instead of keeping their activations (training without a cache only).
+    """
 
     def __init__(self, config: KimiLinearConfig, layer_idx: int):
         super().__init__()
@@ -88,12 +130,30 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
+        self.checkpoint_block = self.checkpoint_mixer = self.checkpoint_ffn = False
+
     def forward(self, x, cache=None, cu_seqlens=None, attention_mask=None):
-        x = x + self.self_attn(
-            self.input_layernorm(x), cache=cache, cu_seqlens=cu_seqlens, attention_mask=attention_mask
-        )
+        recompute = cache is None and torch.is_grad_enabled()
+        if recompute and self.checkpoint_block:
+            return _recompute_in_backward(self._block, x, None, cu_seqlens, attention_mask)
+        return self._block(x, cache, cu_seqlens, attention_mask, recompute)
+
+    def _block(self, x, cache=None, cu_seqlens=None, attention_mask=None, recompute=False):
+        if recompute and self.checkpoint_mixer:
+            x = x + _recompute_in_backward(self._mix, x, None, cu_seqlens, attention_mask)
+        else:
+            x = x + self._mix(x, cache, cu_seqlens, attention_mask)
+        if recompute and self.checkpoint_ffn:
+            return x + _recompute_in_backward(self._feed_forward, x)
+        return x + self._feed_forward(x)
+
+    def _mix(self, x, cache, cu_seqlens, attention_mask):
+        return self.self_attn(self.input_layernorm(x), cache=cache, cu_seqlens=cu_seqlens,
+                              attention_mask=attention_mask)
+
+    def _feed_forward(self, x):
         ffn = self.block_sparse_moe if self.is_moe else self.mlp
-        return x + ffn(self.post_attention_layernorm(x))
+        return ffn(self.post_attention_layernorm(x))
 
 
 class KimiLinearModel(nn.Module):
@@ -217,6 +277,7 @@ class KimiLinearForCausalLM(nn.Module):
         cache: KimiLinearCache | None = None,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """Args:
             input_ids: ``[B, T]`` int64.
@@ -226,17 +287,27 @@ class KimiLinearForCausalLM(nn.Module):
                 logits. Not together with ``cache`` or ``cu_seqlens``.
             cu_seqlens: int ``[N + 1]``; B = 1 and N documents packed along T, with no attention, state or
                 conv leakage across boundaries.
+            labels: ``[B, T]`` int, the target of each position (already shifted: label t is the token that
+                follows position t), -100 where there is none. Training passes them: the loss is then computed
+                chunk by chunk from the hidden states (``kimi_linear.ops.cross_entropy``) and the
+                ``[B, T, vocab]`` logits are never held whole.
 
         Returns:
-            ``CausalLMOutput`` with ``.logits [B, T, vocab_size]`` and ``.cache``.
+            ``CausalLMOutput`` with ``.logits [B, T, vocab_size]`` and ``.cache``; with ``labels``,
+            ``.loss_sum`` (fp32, summed over the labelled tokens) and ``.logits`` None.
 
         Raises:
             TypeError / ValueError naming the argument for bad ids, shapes, boundaries or a too-small cache.
         """
         new_tokens = self._validate(input_ids, cache, attention_mask, cu_seqlens)
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+            raise ValueError(f"labels must be a tensor shaped like input_ids {tuple(input_ids.shape)}")
         hidden = self.model(input_ids, cache=cache, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
         if cache is not None:
             cache.lengths += new_tokens
+        if labels is not None:
+            loss_sum = linear_cross_entropy(hidden, self.lm_head.weight, labels, ignore_index=IGNORE_INDEX)
+            return CausalLMOutput(logits=None, cache=cache, loss_sum=loss_sum)
         return CausalLMOutput(logits=self.lm_head(hidden), cache=cache)
 
     def hidden_states(self, input_ids, cache=None, cu_seqlens=None) -> torch.Tensor:
@@ -249,6 +320,24 @@ class KimiLinearForCausalLM(nn.Module):
         if cache is not None:
             cache.lengths += new_tokens
         return hidden
+
+    def set_activation_checkpointing(self, spec: str = "none") -> None:
+        """Choose what training recomputes in backward instead of keeping (``ACTIVATION_CHECKPOINTING_HELP``).
+
+        ``"none"`` keeps every activation (the layers still recompute their own cheap glue); ``"full"``
+        recomputes every block from its input (the least memory: one ``[B, T, D]`` per layer, about a third
+        more compute); a list such as ``"mla,moe"`` recomputes the norm + module of those parts only (MLA's
+        attention and the MoE's expert activations are the usual choice: they keep the most per token). Values
+        and gradients are unchanged; forwards with a cache or without grad are never recomputed.
+
+        Raises:
+            ValueError: an unknown part (the message lists them).
+        """
+        parts = parse_activation_checkpointing(spec)
+        for layer in self.model.layers:
+            layer.checkpoint_block = "full" in parts
+            layer.checkpoint_mixer = layer.layer_type in parts
+            layer.checkpoint_ffn = ("moe" if layer.is_moe else "mlp") in parts
 
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count; ``active=True`` counts only the routed experts a token uses (top-k of E)."""

@@ -73,6 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--dtype", choices=DTYPE_CHOICES, default="auto",
         help="compute dtype under autocast; weights stay float32 (default auto: bfloat16 on CUDA, float32 "
              "on CPU)")
+    arg("--activation-checkpointing", default="none", metavar="PARTS",
+        help="what the backward recomputes instead of keeping, to train longer sequences in less memory: "
+             "'none' (default; the KDA layers still recompute their cheap glue), 'full' (every block from its "
+             "input: least memory, about a third more compute), or a comma-separated list of parts among "
+             "kda, gdn, mla, mamba2 (token mixers of that type, with their input norm) and mlp, moe "
+             "(feed-forwards) — e.g. 'mla,moe'. Changes no value; a resumed run may use another setting")
     arg("--strategy", choices=("ddp", "fsdp"), default="ddp",
         help="data-parallel engine under torchrun: DDP or FSDP2 fully_shard (default ddp)")
     arg("--checkpoint-every", type=int, default=50,
@@ -81,6 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                          "(default 2)")
     arg("--eval-every", type=int, default=40,
         help="steps between validation passes; 0 = only at the end (default 40)")
+    arg("--log-every", type=int, default=None,
+        help="steps between reads of the loss and other statistics from the device, the only points where "
+             "training waits for it; metrics.jsonl still gets every step (default: 1 on the CPU, 10 on a GPU)")
     arg("--eval-windows", type=int, default=64, help="validation windows per pass (default 64)")
     arg("--prompt", default="def ", help="prompt of the sample printed at the end (default 'def ')")
     arg("--sample-tokens", type=int, default=200, help="length of that sample; 0 = no sample (default 200)")
@@ -201,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=settings["weight_decay"], grad_clip=settings["grad_clip"], grad_accum=args.grad_accum,
         bias_update_rate=settings["bias_update_rate"],
         dtype=args.dtype, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
-        keep_checkpoints=args.keep_checkpoints,
+        keep_checkpoints=args.keep_checkpoints, activation_checkpointing=args.activation_checkpointing,
+        log_every=args.log_every,
     )
     train_config.validate()
 

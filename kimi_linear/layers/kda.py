@@ -9,8 +9,11 @@ x ─┬─ q_proj ─ q_conv1d ─ SiLU ─┐
    └─ g_a_proj ─ g_b_proj ───────────────────────┘
 
 Whole sequences go through ``chunk_kda``; a one-token step with a cache goes through ``fused_recurrent_kda``,
-which updates the cached state in place. The gate/beta activations and the q/k L2 norm are requested from the
-ops (``use_*_in_kernel``) so the Triton kernels can fuse them.
+which updates the cached state in place and applies the gate/beta activations and the q/k L2 norm itself
+(``use_*_in_kernel``). For whole sequences the layer runs those activations (with the short conv + SiLU) through
+the ops' own preprocessing, fused Triton kernels on CUDA, before ``chunk_kda``: in training this glue, and the
+output norm × gate after the op, are recomputed in backward (``layers.memory.recompute``), so the layer keeps
+only x, the projections, the op's own saved tensors and the op's output.
 
 With ``layer_type="gdn"`` (the paper's Gated DeltaNet baseline) the forget gate is one scalar per head:
 f_b_proj maps to H values and dt_bias has H entries.
@@ -18,6 +21,7 @@ f_b_proj maps to H values and dt_bias has H entries.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,8 +30,11 @@ import torch.nn.functional as F
 
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.cache_layout import CacheEntry
+from kimi_linear.layers.memory import autocast_input, recompute
 from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update
 from kimi_linear.ops.kda import chunk_kda, fused_recurrent_kda
+from kimi_linear.ops.kda.chunk import resolve_backend
+from kimi_linear.ops.kda.common import preprocess
 
 
 class KimiDeltaAttention(nn.Module):
@@ -143,74 +150,109 @@ class KimiDeltaAttention(nn.Module):
         # The dense cache's row n is slot n (update the pools in place); otherwise gather / scatter the rows.
         in_place = layer_cache is not None and cache.identity_rows
 
+        x = autocast_input(x)  # one low-precision copy of x for all the projections, not one each
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3·H·K]
-        if not self.use_short_conv:
-            qkv = F.silu(qkv)
-        elif decoding:
-            pool = layer_cache["conv"]
-            conv_state = pool if in_place else pool.index_select(0, cache.slots)  # [N, 3·H·K, W-1]
-            qkv = causal_conv1d_update(qkv[:, 0], conv_state, self.conv_weight())[:, None]
-            if not in_place:
-                pool.index_copy_(0, cache.slots, conv_state)
-        else:
-            conv_state = None
-            if history:
-                pool = layer_cache["conv"]
-                conv_state = pool if in_place else pool.index_select(0, cache.slots)
-            qkv, conv_final = causal_conv1d(
-                qkv,
-                self.conv_weight(),
-                initial_state=conv_state,
-                cu_seqlens=cu_seqlens,
-                output_final_state=layer_cache is not None,
-                backend=self.conv_backend,
-            )
-            if layer_cache is not None:
-                self._store_rows(layer_cache["conv"], conv_final, cache, in_place)
-        q, k, v = qkv.view(B, T, 3, H, K).unbind(2)  # [B, T, H, K] each
+        f_low = self.f_a_proj(x)  # [B, T, K]
+        beta_logits = self.b_proj(x)  # [B, T, H]
 
-        g = self.f_b_proj(self.f_a_proj(x))
-        g = g.view(B, T, H) if self.scalar_gate else g.view(B, T, H, K)
-        beta = self.b_proj(x)  # [B, T, H] logits
-        kda_args = dict(
-            use_qk_l2norm_in_kernel=True,
-            use_gate_in_kernel=True,
-            A_log=self.A_log,
-            dt_bias=self.dt_bias,
-            use_beta_sigmoid_in_kernel=True,
-        )
         if decoding:
+            if self.use_short_conv:
+                pool = layer_cache["conv"]
+                conv_state = pool if in_place else pool.index_select(0, cache.slots)  # [N, 3·H·K, W-1]
+                qkv = causal_conv1d_update(qkv[:, 0], conv_state, self.conv_weight())[:, None]
+                if not in_place:
+                    pool.index_copy_(0, cache.slots, conv_state)
+            else:
+                qkv = F.silu(qkv)
+            q, k, v = qkv.view(B, T, 3, H, K).unbind(2)  # [B, T, H, K] each
+            g = self.f_b_proj(f_low)
+            g = g.view(B, T, H) if self.scalar_gate else g.view(B, T, H, K)
             o, _ = fused_recurrent_kda(
-                q, k, v, g, beta, initial_state=layer_cache["state"], state_indices=cache.slots, **kda_args
+                q, k, v, g, beta_logits, initial_state=layer_cache["state"], state_indices=cache.slots,
+                use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
+                use_beta_sigmoid_in_kernel=True,
             )
         elif layer_cache is not None:
+            conv_state = None
+            if history and self.use_short_conv:
+                pool = layer_cache["conv"]
+                conv_state = pool if in_place else pool.index_select(0, cache.slots)
+            q, k, v, g, beta, conv_final = self._op_inputs(
+                qkv, f_low, beta_logits, self._conv_weight_or_none(), self.f_b_proj.weight, self.A_log,
+                self.dt_bias, cu_seqlens=cu_seqlens, conv_state=conv_state, output_conv_state=True,
+            )
+            if self.use_short_conv:
+                self._store_rows(layer_cache["conv"], conv_final, cache, in_place)
             initial = None
             if history:
                 pool = layer_cache["state"]
                 initial = pool if in_place else pool.index_select(0, cache.slots)
-            o, state = chunk_kda(
-                q,
-                k,
-                v,
-                g,
-                beta,
-                initial_state=initial,
-                output_final_state=True,
-                cu_seqlens=cu_seqlens,
-                preprocess_backend=self.preprocess_backend,
-                **kda_args,
-            )
+            o, state = chunk_kda(q, k, v, g, beta, initial_state=initial, output_final_state=True,
+                                 cu_seqlens=cu_seqlens)
             self._store_rows(layer_cache["state"], state, cache, in_place)
         else:
-            o, _ = chunk_kda(q, k, v, g, beta, cu_seqlens=cu_seqlens, preprocess_backend=self.preprocess_backend,
-                             **kda_args)
+            # Training / a plain forward: the conv, SiLU, q/k L2 norms, gate and beta are recomputed in backward
+            # from the projections (recompute keeps only its inputs); chunk_kda keeps what its own backward needs.
+            q, k, v, g, beta = recompute(
+                functools.partial(self._op_inputs, cu_seqlens=cu_seqlens),
+                qkv, f_low, beta_logits, self._conv_weight_or_none(), self.f_b_proj.weight, self.A_log,
+                self.dt_bias,
+            )
+            o, _ = chunk_kda(q, k, v, g, beta, cu_seqlens=cu_seqlens)
 
-        # Per-head RMSNorm (one weight shared by the heads) times the low-rank sigmoid output gate, in fp32.
-        o = F.rms_norm(o.float(), (K,), self.o_norm.weight.float(), self.config.rms_norm_eps)
-        if self.use_output_gate:
-            gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
-            o = o * torch.sigmoid(gate.float())
-        return self.o_proj(o.to(hidden_states.dtype).reshape(B, T, H * K))
+        # The output norm and gate are recomputed in backward too: only o and the low-rank gate input are kept.
+        g_low = self.g_a_proj(x) if self.use_output_gate else None  # [B, T, K]
+        g_b_weight = self.g_b_proj.weight if self.use_output_gate else None
+        o = recompute(self._gated_norm, o, g_low, self.o_norm.weight, g_b_weight)  # [B, T, H·V]
+        return self.o_proj(o)
+
+    def _conv_weight_or_none(self) -> torch.Tensor | None:
+        return self.conv_weight() if self.use_short_conv else None
+
+    def _op_backends(self, x: torch.Tensor) -> tuple[str, str]:
+        """(chunk_kda's backend, where its in-op activations run) for x, as ``chunk_kda`` resolves them."""
+        backend = resolve_backend("auto", x)
+        pre = backend if self.preprocess_backend == "auto" else resolve_backend(self.preprocess_backend, x)
+        return backend, pre
+
+    def _op_inputs(self, qkv, f_low, beta_logits, conv_weight, f_b_weight, A_log, dt_bias, *, cu_seqlens=None,
+                   conv_state=None, output_conv_state=False):
+        """Projections -> chunk_kda's inputs: short conv + SiLU of q, k, v; q, k L2-normalised; the forget gate
+        g = -exp(A_log) softplus(f_b(f_low) + dt_bias) and beta = sigmoid(beta_logits), in fp32.
+
+        The activations are those ``chunk_kda`` applies with ``use_*_in_kernel`` (the same functions, the same
+        fused Triton kernels where it would use them, the same operand dtype), so the results are identical;
+        running them here lets ``recompute`` drop their intermediates. Returns ``(q, k, v, g, beta)``, and the
+        conv's final state with ``output_conv_state``.
+        """
+        B, T, _ = qkv.shape
+        H, K = self.num_heads, self.head_dim
+        conv_final = None
+        if conv_weight is None:
+            qkv = F.silu(qkv)
+        else:
+            qkv, conv_final = causal_conv1d(qkv, conv_weight, initial_state=conv_state, cu_seqlens=cu_seqlens,
+                                            output_final_state=output_conv_state, backend=self.conv_backend)
+        q, k, v = qkv.view(B, T, 3, H, K).unbind(2)  # [B, T, H, K] each
+        g = F.linear(f_low, f_b_weight)
+        g = g.view(B, T, H) if self.scalar_gate else g.view(B, T, H, K)
+        backend, pre = self._op_backends(q)
+        q, k, g, beta = preprocess(q, k, g, beta_logits, True, True, A_log, dt_bias, True, K,
+                                   operand_dtype=q.dtype if backend == "triton" else None, fused=pre == "triton")
+        if self.scalar_gate:  # preprocess broadcast the gate over K; chunk_kda does that itself
+            g = g[..., 0]
+        out = (q, k, v.contiguous(), g, beta)
+        return (*out, conv_final) if output_conv_state else out
+
+    def _gated_norm(self, o, g_low, norm_weight, g_b_weight):
+        """Per-head RMSNorm (one weight shared by the heads) times the low-rank sigmoid output gate, in fp32:
+        ``o [B, T, H, V]`` -> ``[B, T, H·V]`` in o's dtype."""
+        B, T, H, V = o.shape
+        out = F.rms_norm(o.float(), (V,), norm_weight.float(), self.config.rms_norm_eps)
+        if g_low is not None:
+            gate = F.linear(g_low, g_b_weight).view(B, T, H, V)
+            out = out * torch.sigmoid(gate.float())
+        return out.to(o.dtype).reshape(B, T, H * V)
 
     @staticmethod
     def _store_rows(pool: torch.Tensor, rows: torch.Tensor, cache, in_place: bool) -> None:

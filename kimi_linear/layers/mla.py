@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.cache_layout import CacheEntry
+from kimi_linear.layers.memory import autocast_input
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.ops.mla_decode import mla_decode_attention
 
@@ -173,6 +174,7 @@ class MultiheadLatentAttention(nn.Module):
         B, T, _ = hidden_states.shape
         if cache is not None and T == 1 and cu_seqlens is None:
             return self.decode(hidden_states, cache)
+        hidden_states = autocast_input(hidden_states)  # one low-precision copy for both projections
         q = self._queries(hidden_states)
         latent, k_pe = self._latents(hidden_states)
         offsets = None if cache is None else cache.lengths

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kimi_linear.layers.memory import autocast_input
+
 
 class SwiGLUMLP(nn.Module):
     """``down_proj(silu(gate_proj(x)) * up_proj(x))``, no biases (the checkpoint's names).
@@ -42,6 +44,7 @@ class SwiGLUMLP(nn.Module):
             raise TypeError(f"x must be a floating-point tensor [..., {self.hidden_size}]")
         if x.dim() == 0 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have shape [..., hidden_size={self.hidden_size}], got {tuple(x.shape)}")
+        x = autocast_input(x)  # one low-precision copy for gate_proj and up_proj, not one each
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def extra_repr(self) -> str:

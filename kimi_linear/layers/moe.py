@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kimi_linear.layers.memory import autocast_input
 from kimi_linear.layers.mlp import SwiGLUMLP
 from kimi_linear.ops.moe import EXPERT_BACKENDS, ROUTER_ACTIVATIONS, grouped_experts, route_tokens
 
@@ -176,11 +177,13 @@ class MoE(nn.Module):
             raise ValueError(f"x must have shape [B, T, hidden_size={self.hidden_size}], "
                              f"got {tuple(x.shape)}")
         x_ND = x.reshape(-1, self.hidden_size)
-        weights_NK, experts_NK = self.route(x_ND)
-        y_ND, tokens_per_expert_E = self.experts(x_ND, weights_NK, experts_NK)
+        weights_NK, experts_NK = self.route(x_ND)  # from x as given (fp32 routing)
+        # The experts compute in autocast's dtype: one copy of x in it for the routed and the shared experts.
+        x_low_ND = autocast_input(x_ND)
+        y_ND, tokens_per_expert_E = self.experts(x_low_ND, weights_NK, experts_NK)
         self.last_expert_load = tokens_per_expert_E.detach().float()
         if self.shared_experts is not None:
-            y_ND = y_ND + self.shared_experts(x_ND)
+            y_ND = y_ND + self.shared_experts(x_low_ND)
         return y_ND.view(x.shape)
 
     @torch.no_grad()

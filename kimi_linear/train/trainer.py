@@ -1,6 +1,7 @@
-"""The training loop: AdamW with warmup + cosine, gradient accumulation and clipping, bf16 autocast on GPU,
-auxiliary-loss-free MoE balancing, checkpoint/resume (also to a larger ``max_steps``), a clean stop on
-SIGINT/SIGTERM, progress bar and metrics.
+"""The training loop: AdamW (fused on CUDA, foreach elsewhere) with warmup + cosine, gradient accumulation and
+clipping, bf16 autocast on GPU, auxiliary-loss-free MoE balancing, optional activation checkpointing,
+checkpoint/resume (also to a larger ``max_steps``), a clean stop on SIGINT/SIGTERM, progress bar and metrics. A step
+never waits for the device: its statistics are read every ``log_every`` steps.
 
 Any ``nn.Module`` trains: a batch is a dict with ``input_ids`` and ``labels`` (``IGNORE_INDEX`` where there is
 no target), optionally ``cu_seqlens``; ``loss_fn(model, batch)`` returns the *sum* of token losses and the
@@ -14,6 +15,7 @@ optimizer step); resuming additionally needs ``state_dict()`` / ``load_state_dic
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kimi_linear.model import parse_activation_checkpointing
 from kimi_linear.train.checkpointing import (
     agree_on_latest,
     latest_checkpoint,
@@ -43,7 +46,12 @@ NO_DECAY_NAMES = ("A_log", "dt_bias")
 @dataclass
 class TrainConfig:
     """Optimisation settings. ``dtype`` is the autocast compute dtype (weights stay float32): "auto" is
-    bfloat16 on CUDA and float32 on the CPU."""
+    bfloat16 on CUDA and float32 on the CPU. ``activation_checkpointing`` is what the backward recomputes instead
+    of keeping: "none", "full" or a list of parts such as "mla,moe" (``kimi_linear.model``'s
+    ``ACTIVATION_CHECKPOINTING_HELP``); only a model with ``set_activation_checkpointing`` takes one.
+    ``log_every``: steps between reads of the step statistics (loss, gradient norm, ...) from the device, the only
+    points where training waits for it; every step still gets its line in ``metrics.jsonl``. None: 1 on the CPU
+    (reading costs nothing there), 10 on an accelerator."""
 
     max_steps: int = 300
     lr: float = 3e-3
@@ -59,6 +67,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     eval_every: int = 0
     keep_checkpoints: int = 2
+    activation_checkpointing: str = "none"
+    log_every: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of its range."""
@@ -76,24 +86,39 @@ class TrainConfig:
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0: only at the end)"),
             ("eval_every", self.eval_every >= 0, ">= 0 (0: only at the end)"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+            ("log_every", self.log_every is None or self.log_every >= 1, ">= 1 (or None: automatic)"),
         ]
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)}")
         if self.dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"dtype must be one of {AUTOCAST_DTYPES}, got {self.dtype!r}")
+        try:
+            parse_activation_checkpointing(self.activation_checkpointing)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"activation_checkpointing: {e}") from None
 
 
 def causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropies in float32, number of labelled tokens) for a batch whose ``labels``
-    are already aligned with ``input_ids`` (label t is the target of position t)."""
+    are already aligned with ``input_ids`` (label t is the target of position t).
+
+    A model whose ``forward`` takes ``labels`` (``KimiLinearForCausalLM``) computes the loss itself, chunk by
+    chunk, without the ``[tokens, vocab]`` logits; any other model returns logits and the loss is taken from
+    them."""
     kwargs = {"cu_seqlens": batch["cu_seqlens"]} if batch.get("cu_seqlens") is not None else {}
+    labels = batch["labels"]
+    if _takes_labels(unwrap(model)):
+        return model(batch["input_ids"], labels=labels, **kwargs).loss_sum, (labels != IGNORE_INDEX).sum()
     out = model(batch["input_ids"], **kwargs)
     logits = out.logits if hasattr(out, "logits") else out
-    labels = batch["labels"]
     loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
     return loss, (labels != IGNORE_INDEX).sum()
+
+
+def _takes_labels(model: nn.Module) -> bool:
+    return "labels" in inspect.signature(model.forward).parameters
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -216,23 +241,60 @@ class Trainer:
         config.validate()
         self.model, self.config, self.loss_fn = model, config, loss_fn
         self.ctx = ctx or DistContext()
+        target = unwrap(model)
+        if hasattr(target, "set_activation_checkpointing"):
+            target.set_activation_checkpointing(config.activation_checkpointing)
+        elif parse_activation_checkpointing(config.activation_checkpointing):
+            raise ValueError(f"activation_checkpointing={config.activation_checkpointing!r} needs a model with "
+                             f"set_activation_checkpointing; {type(target).__name__} has none")
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.run_info = run_info or {}
         self.progress = progress
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
-                                           betas=(config.beta1, config.beta2))
+                                           betas=(config.beta1, config.beta2), **self._adamw_kernel())
         self.schedule = LRSchedule.warmup_cosine(config.warmup_steps, config.max_steps, config.min_lr_ratio)
         self.moe = moe_modules(model)
         self.step = 0
         self.tokens_seen = 0
+        self._pending: list[tuple[int, dict]] = []  # steps whose statistics are still on the device
         dev = self.ctx.device
         want_bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and dev.type == "cuda")
         self._autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if want_bf16 else \
             contextlib.nullcontext
 
+    def _adamw_kernel(self) -> dict:
+        """AdamW's implementation: the fused kernel when every parameter is on CUDA, else the multi-tensor
+        (foreach) one; both update all parameters in a few launches instead of a Python loop over them."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if params and all(p.is_cuda and p.is_floating_point() for p in params):
+            return {"fused": True}
+        return {"foreach": True}
+
+    def _restore_adamw_kernel(self) -> None:
+        """After loading optimizer state (which brings the saving run's group settings): this run's kernel, with
+        the step counters where it wants them (the fused kernel reads them on the parameters' device)."""
+        kernel = self._adamw_kernel()
+        for group in self.optimizer.param_groups:
+            group["fused"], group["foreach"] = kernel.get("fused", False), kernel.get("foreach", False)
+            for p in group["params"]:
+                state = self.optimizer.state.get(p, {})
+                if "step" in state and torch.is_tensor(state["step"]):
+                    device = p.device if kernel.get("fused") else torch.device("cpu")
+                    state["step"] = state["step"].to(device=device, dtype=torch.float32)
+
     def _to_device(self, batch: dict) -> dict:
-        return {k: (v.to(self.ctx.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                for k, v in batch.items()}
+        """Host tensors go to the device from pinned memory, so the copy does not wait for the device's queue
+        (a copy from pageable memory does)."""
+        dev = self.ctx.device
+
+        def move(v):
+            if not isinstance(v, torch.Tensor) or v.device == dev:
+                return v
+            if dev.type == "cuda" and v.device.type == "cpu":
+                v = v.pin_memory()
+            return v.to(dev, non_blocking=True)
+
+        return {k: move(v) for k, v in batch.items()}
 
     def _sync_gradients(self, enabled: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of a step."""
@@ -244,26 +306,45 @@ class Trainer:
             return m.no_sync()
         return contextlib.nullcontext()
 
-    def train_step(self, micro_batches: list[dict]) -> dict:
+    def train_step(self, micro_batches: list[dict], *, sync: bool = True) -> dict:
         """One optimizer step over this process's micro-batches. Returns loss (mean over the global batch),
-        grad_norm (before clipping), lr, tokens (global input tokens) and, with MoE layers, expert loads."""
+        grad_norm (before clipping), lr, tokens (global input tokens) and, with MoE layers, the expert load
+        max/mean per MoE layer.
+
+        Nothing in the step waits for the device, provided the batches are host tensors (their label counts are
+        read on the host). With ``sync=True`` the statistics are then read (one wait) and returned as Python
+        numbers; with ``sync=False`` they stay queued on the device and the return value is ``{}``: read them
+        later, for many steps at once, with ``read_stats()`` (``fit`` does, every ``log_every`` steps).
+        ``tokens_seen`` advances when they are read.
+
+        Raises:
+            ValueError: a step without labelled tokens (known on the host: one process, or CPU processes).
+        """
         model, ctx = self.model, self.ctx
         model.train()
+        local_labels = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        local_inputs = sum(b["input_ids"].numel() for b in micro_batches)
         batches = [self._to_device(b) for b in micro_batches]
-        counts = torch.tensor([float((b["labels"] != IGNORE_INDEX).sum()) for b in batches] +
-                              [float(sum(b["input_ids"].numel() for b in batches))], dtype=torch.float64)
-        counts = all_reduce_sum(counts.to(ctx.device), ctx).cpu()
-        total_labels, total_inputs = counts[:-1].sum().item(), int(counts[-1].item())
-        if total_labels == 0:
+        if ctx.distributed:
+            counts = torch.tensor([local_labels, local_inputs], dtype=torch.float64, device=ctx.device)
+            counts = all_reduce_sum(counts, ctx)
+            if counts.device.type == "cpu":
+                total_labels, total_inputs = counts[0].item(), int(counts[1].item())
+            else:  # stays on the device; a global batch without labels then gives zero loss and gradients
+                total_labels, total_inputs = counts[0].clamp_min(1.0), counts[1]
+        else:
+            total_labels, total_inputs = float(local_labels), local_inputs
+        if isinstance(total_labels, float) and total_labels == 0:
             raise ValueError("a training step has no labelled tokens")
+        # DDP/FSDP average gradients over processes; scaling by world_size makes it a global sum.
+        scale = ctx.world_size / total_labels
         loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         loads = [None] * len(self.moe)
         for i, batch in enumerate(batches):
             with self._sync_gradients(i == len(batches) - 1):
                 with self._autocast():
                     loss, _ = self.loss_fn(model, batch)
-                # DDP/FSDP average gradients over processes; scaling by world_size makes it a global sum.
-                (loss * (ctx.world_size / total_labels)).backward()
+                (loss * (scale.float() if torch.is_tensor(scale) else scale)).backward()
             loss_sum += loss.detach().double()
             for j, m in enumerate(self.moe):
                 load = m.last_expert_load.detach().double()
@@ -278,27 +359,52 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = all_reduce_sum(loss_sum, ctx).item() / total_labels
-        stats = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": total_inputs}
+        stats = {"loss": all_reduce_sum(loss_sum, ctx) / total_labels, "grad_norm": grad_norm, "lr": lr,
+                 "tokens": total_inputs}
         if self.moe:
             imbalance = []
             for m, load in zip(self.moe, loads, strict=True):
                 load = all_reduce_sum(load, ctx).float()
                 if self.config.bias_update_rate > 0:
                     m.update_correction_bias(self.config.bias_update_rate, load=load)
-                imbalance.append(round((load.max() / load.mean().clamp_min(1e-12)).item(), 4))
-            stats["expert_load_max_over_mean"] = imbalance
+                imbalance.append(load.max() / load.mean().clamp_min(1e-12))
+            stats["expert_load_max_over_mean"] = torch.stack(imbalance)
         self.step += 1
-        self.tokens_seen += total_inputs
-        return stats
+        self._pending.append((self.step, stats))
+        return self.read_stats()[-1][1] if sync else {}
 
-    def _clip(self) -> float:
+    def read_stats(self) -> list[tuple[int, dict]]:
+        """The statistics of the steps not read yet, as ``[(step, stats)]`` with Python numbers, oldest first;
+        waits for the device once for all of them. Advances ``tokens_seen``."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return []
+        tensors = [v.detach().reshape(-1).to(self.ctx.device, torch.float64) for _, stats in pending
+                   for v in stats.values() if torch.is_tensor(v)]
+        flat = iter(torch.cat(tensors).tolist() if tensors else [])
+        out = []
+        for step, stats in pending:
+            read = {}
+            for key, v in stats.items():
+                if torch.is_tensor(v):
+                    values = [next(flat) for _ in range(v.numel())]
+                    v = values if v.dim() else values[0]
+                read[key] = v
+            read["tokens"] = int(read["tokens"])
+            if "expert_load_max_over_mean" in read:
+                read["expert_load_max_over_mean"] = [round(x, 4) for x in read["expert_load_max_over_mean"]]
+            self.tokens_seen += read["tokens"]
+            out.append((step, read))
+        return out
+
+    def _clip(self) -> torch.Tensor:
+        """Clip the gradients to ``grad_clip`` (0: no clipping) and return their norm before it, on the device."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
             norm = norm.full_tensor()
-        return norm.item()
+        return norm
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> tuple[float, int]:
@@ -337,6 +443,7 @@ class Trainer:
         if path is None:
             return 0
         saved = load_checkpoint(path, self.model, self.optimizer, self.ctx)
+        self._restore_adamw_kernel()
         if saved.get("run_info") != self.run_info:
             diff = describe_difference(saved.get("run_info"), self.run_info)
             raise ValueError(f"{self.out_dir} holds a different run ({diff}); pass the same settings to "
@@ -358,27 +465,39 @@ class Trainer:
                   f"({self.schedule.min_lr_ratio:g} x peak) at step {end}", flush=True)
         return self.step
 
-    def _stop_requested(self, stop: StopOnSignal | None) -> bool:
-        """Whether any process got a stop signal (collective when distributed, so all stop at one step)."""
+    def _stop_requested(self, stop: StopOnSignal | None, collective: bool) -> bool:
+        """Whether any process got a stop signal. Distributed, this is a collective (all stop at one step) that
+        waits for the device, so it is asked only when ``collective`` (at the steps where statistics are read
+        anyway); a single process asks its own flag at every step."""
         if stop is None:
             return False
         if not self.ctx.distributed:
             return stop.requested
+        if not collective:
+            return False
         got = torch.tensor([float(stop.signum == sig) for sig in STOP_SIGNALS], device=self.ctx.device)
         got = all_reduce_sum(got, self.ctx).tolist()
         if stop.signum is None and any(got):  # another process got it: stop with it, under its signal's name
             stop.signum = next(sig for sig, n in zip(STOP_SIGNALS, got, strict=True) if n > 0)
         return stop.signum is not None
 
+    def log_interval(self) -> int:
+        """Steps between reads of the statistics (``TrainConfig.log_every``; automatic: 1 on the CPU, else 10)."""
+        if self.config.log_every is not None:
+            return self.config.log_every
+        return 1 if self.ctx.device.type == "cpu" else 10
+
     def fit(self, batches, *, eval_data: list[dict] | None = None,
             on_step: Callable[[int, dict], None] | None = None, stop: StopOnSignal | None = None) -> dict:
         """Train until ``config.max_steps``, resuming from ``out_dir`` when it holds a checkpoint.
 
         Evaluates ``eval_data`` every ``eval_every`` steps and at the end; checkpoints every
-        ``checkpoint_every`` steps and at the end; logs every step to ``metrics.jsonl`` and the progress bar
-        (rank 0 only). ``on_step(step, stats)`` is called after each step. With ``stop`` (an active
-        ``StopOnSignal``), a signal makes it finish the current step, checkpoint and raise
-        ``TrainingStopped``.
+        ``checkpoint_every`` steps and at the end; writes every step to ``metrics.jsonl`` and the progress bar
+        (rank 0 only), reading the step statistics from the device every ``log_interval()`` steps (and before an
+        evaluation, a checkpoint or a stop) — the steps between never wait for the device. ``on_step(step,
+        stats)`` is called after each step (it makes every step read its statistics). With ``stop`` (an active
+        ``StopOnSignal``), a signal makes it finish the current step, checkpoint and raise ``TrainingStopped``
+        (distributed: at the next step where statistics are read).
 
         Returns ``{"start_step", "step", "losses" (this call's steps), "val_loss", "tokens_per_s",
         "checkpoint"}``.
@@ -398,36 +517,52 @@ class Trainer:
                    disable=not (self.progress and ctx.is_main))
         losses, val_loss, checkpoint, saved_step = [], None, None, start
         t0, tokens0 = time.perf_counter(), self.tokens_seen
+        interval = self.log_interval()
+        read_at = [t0, start]  # time and step of the last read
+
+        def read() -> None:
+            """Read the pending statistics: losses, metrics lines, progress bar, on_step."""
+            records = self.read_stats()
+            if not records:
+                return
+            now = time.perf_counter()
+            step_time = (now - read_at[0]) / max(1, records[-1][0] - read_at[1])
+            read_at[:] = [now, records[-1][0]]
+            tok_s = (self.tokens_seen - tokens0) / max(now - t0, 1e-9)
+            for step, stats in records:
+                losses.append(stats["loss"])
+                log.write({"step": step, **stats, "tokens_seen": self.tokens_seen, "tokens_per_s": round(tok_s),
+                           "step_time_s": round(step_time, 4)})
+                if on_step is not None:
+                    on_step(step, stats)
+            bar.set_postfix(loss=f"{records[-1][1]['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            bar.update(len(records))
+
         try:
             while self.step < cfg.max_steps:
-                if self._stop_requested(stop):
+                if self._stop_requested(stop, collective=not self._pending):
                     if saved_step != self.step:
                         checkpoint = self.save(data_state(batches))
                     elif checkpoint is None and self.out_dir is not None:
                         checkpoint = latest_checkpoint(self.out_dir)
                     raise TrainingStopped(stop.signum, self.step, checkpoint)
-                step_start = time.perf_counter()
-                stats = self.train_step(batches.next_step())
-                now = time.perf_counter()
-                tok_s = (self.tokens_seen - tokens0) / max(now - t0, 1e-9)
-                losses.append(stats["loss"])
-                record = {"step": self.step, **stats, "tokens_seen": self.tokens_seen,
-                          "tokens_per_s": round(tok_s), "step_time_s": round(now - step_start, 4)}
-                log.write(record)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                bar.update(1)
-                if on_step is not None:
-                    on_step(self.step, stats)
+                self.train_step(batches.next_step(), sync=False)
                 last = self.step == cfg.max_steps
-                if eval_data is not None and (last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
+                evaluate = eval_data is not None and (last or (cfg.eval_every and self.step % cfg.eval_every == 0))
+                save = last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
+                stopping = stop is not None and not ctx.distributed and stop.requested
+                if on_step is not None or evaluate or save or stopping or self.step % interval == 0:
+                    read()
+                if evaluate:
                     total, n = self.evaluate(eval_data)
                     val_loss = total / max(n, 1)
                     log.write({"step": self.step, "val_loss": val_loss})
                     if ctx.is_main:
                         bar.write(f"step {self.step}: validation loss {val_loss:.4f}")
-                if last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                if save:
                     checkpoint = self.save(data_state(batches))
                     saved_step = self.step
+            read()
         finally:
             bar.close()
         if start >= cfg.max_steps and eval_data is not None:

@@ -212,26 +212,120 @@ def test_kda_gate_parameters_stay_fp32():
 
 
 def test_kda_layer_passes_its_backends_to_the_ops(monkeypatch):
-    """conv_backend and preprocess_backend ("auto" by default) reach causal_conv1d and chunk_kda, with and without
-    a cache."""
+    """conv_backend reaches causal_conv1d and preprocess_backend ("auto" by default) decides, as chunk_kda would,
+    whether the activations before the op run in the fused kernels; with and without a cache."""
     seen = []
 
-    def spy(name, fn, key):
+    def spy(name, fn, keys, **replace):
         def wrapped(*args, **kwargs):
-            seen.append((name, kwargs[key]))
-            return fn(*args, **kwargs)
+            seen.append((name, *(kwargs[k] for k in keys)))
+            return fn(*args, **{**kwargs, **replace})
 
         monkeypatch.setattr(kda_module, name, wrapped)
 
-    spy("causal_conv1d", kda_module.causal_conv1d, "backend")
-    spy("chunk_kda", kda_module.chunk_kda, "preprocess_backend")
+    spy("causal_conv1d", kda_module.causal_conv1d, ["backend"])
+    # the spy records where the activations were asked to run and then runs them in PyTorch (no interpreter here)
+    spy("preprocess", kda_module.preprocess, ["fused", "operand_dtype"], fused=False)
     config = small_config()
     layer = randomised_layer(config)
     x = torch.randn(1, 5, config.hidden_size)
     with torch.no_grad():
         layer(x)
-        assert seen == [("causal_conv1d", "auto"), ("chunk_kda", "auto")]
+        assert seen == [("causal_conv1d", "auto"), ("preprocess", False, None)]
         seen.clear()
         layer.conv_backend, layer.preprocess_backend = "torch", "torch"
         layer(x, cache=KimiLinearCache(config, batch_size=1, max_length=8))
-        assert seen == [("causal_conv1d", "torch"), ("chunk_kda", "torch")]
+        assert seen == [("causal_conv1d", "torch"), ("preprocess", False, None)]
+        seen.clear()
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        layer.preprocess_backend = "triton"
+        layer(x)
+        assert seen == [("causal_conv1d", "torch"), ("preprocess", True, None)]
+
+
+# ---- what the layer keeps for its backward -----------------------------------------------------------------
+
+
+def stored_layer(layer: KimiDeltaAttention, x: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+    """The layer as it was before it recomputed its glue: every step's result kept by autograd, the activations
+    applied inside chunk_kda (``use_*_in_kernel``). Same ops, so the same numbers: the recomputing layer must
+    match it in the output and every gradient."""
+    B, T, _ = x.shape
+    H, K = layer.num_heads, layer.head_dim
+    qkv = torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], dim=-1)
+    if layer.use_short_conv:
+        qkv, _ = causal_conv1d(qkv, layer.conv_weight(), cu_seqlens=cu_seqlens, backend=layer.conv_backend)
+    else:
+        qkv = F.silu(qkv)
+    q, k, v = qkv.view(B, T, 3, H, K).unbind(2)
+    g = layer.f_b_proj(layer.f_a_proj(x))
+    g = g.view(B, T, H) if layer.scalar_gate else g.view(B, T, H, K)
+    o, _ = kda_module.chunk_kda(q, k, v, g, layer.b_proj(x), cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True,
+                                use_gate_in_kernel=True, A_log=layer.A_log, dt_bias=layer.dt_bias,
+                                use_beta_sigmoid_in_kernel=True)
+    o = F.rms_norm(o.float(), (K,), layer.o_norm.weight.float(), layer.config.rms_norm_eps)
+    if layer.use_output_gate:
+        o = o * torch.sigmoid(layer.g_b_proj(layer.g_a_proj(x)).view(B, T, H, K).float())
+    return layer.o_proj(o.to(x.dtype).reshape(B, T, H * K))
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize(
+    "overrides,packed,autocast,device",
+    [({}, True, False, "cpu"), (dict(mixer="gdn"), False, False, "cpu"),
+     (dict(use_output_gate=False, use_short_conv=False), True, False, "cpu"), ({}, True, True, "cpu"),
+     pytest.param({}, True, True, "cuda", marks=CUDA), pytest.param(dict(mixer="gdn"), True, True, "cuda", marks=CUDA)],
+    ids=["kda-packed", "gdn", "no-gate-no-conv-packed", "kda-packed-bf16-autocast", "kda-packed-bf16-cuda",
+         "gdn-packed-bf16-cuda"],
+)
+def test_recomputing_layer_matches_the_stored_one_in_every_gradient(overrides, packed, autocast, device):
+    """On CUDA the conv, the activations and chunk_kda run their Triton kernels."""
+    config = small_config(**overrides)
+    layer = randomised_layer(config, seed=5).to(device)
+    gen = torch.Generator().manual_seed(8)
+    B, T = (1, 45) if packed else (2, 30)
+    cu = torch.tensor([0, 13, 14, 45], device=device) if packed else None
+    x = torch.randn(B, T, config.hidden_size, generator=gen).to(device).requires_grad_()
+    gy = torch.randn(B, T, config.hidden_size, generator=gen).to(device)
+    params = dict(layer.named_parameters())
+    results = []
+    for forward in (layer, lambda x, cu_seqlens: stored_layer(layer, x, cu_seqlens)):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            y = forward(x, cu_seqlens=cu)
+        results.append((y, torch.autograd.grad((y.float() * gy).sum(), [x, *params.values()])))
+    (y, grads), (y_ref, grads_ref) = results
+    # The same ops on the same values: on the CPU equal up to GEMM blocking (1e-6, bf16 autocast included); on CUDA
+    # bf16 results may differ where a kernel sums in a run-dependent order, by an ulp here and there (1e-3), far
+    # below what a missing or doubled gradient term does (> 1e-1).
+    tol = 1e-6 if device == "cpu" else 1e-3
+    assert rel_err(y, y_ref) < tol
+    for name, g, g_ref in zip(["x", *params], grads, grads_ref, strict=True):
+        assert g_ref.norm() > 0, f"{name}: reference gradient is zero, the check would be vacuous"
+        assert rel_err(g, g_ref) < tol, name
+
+
+def test_training_forward_keeps_only_inputs_projections_and_the_op_output(monkeypatch):
+    """Beyond chunk_kda's own saved tensors, the layer keeps exactly: x, the q/k/v projections (the conv's input),
+    the two low-rank inputs and the beta logits, the stacked conv filters, the op's output and the o_proj input.
+    The conv output, SiLU, the L2 norms, gate, beta, the output norm and gate are recomputed."""
+    from kimi_linear.train import activation_memory
+
+    op = kda_module.chunk_kda
+
+    def scoped(*args, **kwargs):
+        with activation_memory.scope("op"):
+            return op(*args, **kwargs)
+
+    monkeypatch.setattr(kda_module, "chunk_kda", scoped)
+    config = small_config()
+    layer = randomised_layer(config)
+    T, D, H, K = 37, config.hidden_size, config.kda_num_heads, config.kda_head_dim
+    E = H * K
+    x = torch.randn(1, T, D, requires_grad=True)
+    report = activation_memory.saved_activations(layer, lambda: layer(x, cu_seqlens=torch.tensor([0, 20, T])))
+    glue = report.activation_bytes() - report.activation_bytes("op")
+    expected = 4 * (T * D + T * 3 * E + T * K + T * H + 3 * E * layer.conv_size + T * E + T * K + T * E)
+    assert glue == expected, activation_memory.format_saved(report)
+    assert report.activation_bytes("op") > 0

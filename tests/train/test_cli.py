@@ -133,6 +133,8 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
     ("batch_not_divisible", ["--batch-size", "3", "--grad-accum", "2"], "multiple of processes"),
     ("release_preset", ["--preset", "48b-a3b"], "byte-level tokens"),
     ("unknown_preset", ["--preset", "huge"], "unknown preset"),
+    ("zero_log_every", ["--log-every", "0"], "log_every must be >= 1"),
+    ("unknown_checkpointing", ["--activation-checkpointing", "mla,attention"], "unknown part(s) ['attention']"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys, case, flags, message):
     (tmp_path / "empty").mkdir()
@@ -144,11 +146,11 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, capsys, case, 
     assert not out.exists()
 
 
-@pytest.mark.parametrize("mixer,expected", [("gdn", {"gdn", "mla"}), ("mla", {"mla"})])
-def test_baseline_mixers_train_and_save(tmp_path, capsys, mixer, expected):
+@pytest.mark.parametrize("mixer,expected,recompute", [("gdn", {"gdn", "mla"}, "gdn,moe"), ("mla", {"mla"}, "full")])
+def test_baseline_mixers_train_and_save(tmp_path, capsys, mixer, expected, recompute):
     data, out = write_corpus(tmp_path / "data", seed=3), tmp_path / "run"
     assert main(["train", *SMALL_RUN, "--max-steps", "2", "--mixer", mixer, "--data", str(data),
-                 "--out", str(out), "--sample-tokens", "0"]) == 0
+                 "--out", str(out), "--sample-tokens", "0", "--activation-checkpointing", recompute]) == 0
     model = KimiLinearForCausalLM.from_pretrained(out / "checkpoint-0000002")
     assert set(model.config.layer_types) == expected
     if mixer == "gdn":  # the debug preset's layout, its linear layers as GDN

@@ -65,7 +65,8 @@ def test_warmup_cosine_shape():
 
 @pytest.mark.parametrize("field,value", [("lr", 0.0), ("lr", float("nan")), ("max_steps", 0),
                                          ("grad_accum", 0), ("warmup_steps", 500), ("weight_decay", -0.1),
-                                         ("beta2", 1.0), ("dtype", "float16"), ("grad_clip", -1.0)])
+                                         ("beta2", 1.0), ("dtype", "float16"), ("grad_clip", -1.0),
+                                         ("activation_checkpointing", "attention")])
 def test_config_out_of_range_raises(field, value):
     config = TrainConfig(max_steps=100, warmup_steps=10)
     setattr(config, field, value)
@@ -140,6 +141,12 @@ def test_resume_refuses_a_different_run(tmp_path):
     other = Trainer(make_model(0), config, out_dir=tmp_path, run_info={"seq_len": 64}, progress=False)
     with pytest.raises(ValueError, match="seq_len: 32 -> 64"):
         other.fit(PackedBatches(tokens, 32, 8))
+
+
+def test_activation_checkpointing_needs_a_model_that_takes_it():
+    with pytest.raises(ValueError, match="set_activation_checkpointing"):
+        Trainer(ToyLM(), TrainConfig(max_steps=2, warmup_steps=1, activation_checkpointing="moe"), progress=False)
+    Trainer(ToyLM(), TrainConfig(max_steps=2, warmup_steps=1, activation_checkpointing="none"), progress=False)
 
 
 def test_step_without_labels_raises():
@@ -231,3 +238,88 @@ def test_resume_with_more_steps_continues_the_schedule(tmp_path):
     values = [lrs[s] for s in range(4, 13)]
     assert all(a > b for a, b in zip(values, values[1:-1])) and values[-1] > 1e-3
     assert resumed.schedule(12) == pytest.approx(0.1)
+
+
+def test_adamw_runs_the_multi_tensor_kernel_on_the_cpu():
+    trainer = Trainer(ToyLM(), TrainConfig(max_steps=2, warmup_steps=1), progress=False)
+    assert all(g["foreach"] and not g.get("fused") for g in trainer.optimizer.param_groups)
+
+
+def test_deferred_statistics_are_the_synchronous_ones():
+    """train_step(sync=False) queues its statistics; read_stats() returns them for all steps at once, equal to
+    what sync=True returns step by step, and fit with a longer log interval writes every step alike."""
+    tokens = random_stream(3000, seed=4)
+    runs = []
+    for sync in (True, False):
+        trainer = Trainer(make_model(0), TrainConfig(max_steps=5, lr=1e-2, warmup_steps=2), progress=False)
+        batches = PackedBatches(tokens, 32, 8, seed=3)
+        got = [trainer.train_step(batches.next_step(), sync=sync) for _ in range(5)]
+        if not sync:
+            assert got == [{}] * 5 and trainer.tokens_seen == 0
+            got = [stats for _, stats in trainer.read_stats()]
+            assert trainer.read_stats() == []
+        runs.append((got, trainer.tokens_seen))
+    (eager, eager_tokens), (deferred, deferred_tokens) = runs
+    assert deferred == eager and deferred_tokens == eager_tokens == 5 * 8 * 32
+    assert set(eager[0]) == {"loss", "grad_norm", "lr", "tokens", "expert_load_max_over_mean"}
+    assert all(isinstance(v, float) for s in eager for v in (s["loss"], s["grad_norm"], s["lr"]))
+
+
+def test_fit_reads_every_few_steps_and_logs_every_step(tmp_path):
+    tokens = random_stream(3000, seed=5)
+    _, every = run_steps(make_model(0), tokens, steps=7, out_dir=tmp_path / "a")
+    _, fourth = run_steps(make_model(0), tokens, steps=7, out_dir=tmp_path / "b", log_every=4)
+    assert fourth["losses"] == every["losses"] and len(every["losses"]) == 7
+    for run in ("a", "b"):
+        lines = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in lines if "loss" in r] == list(range(1, 8))
+        assert lines[-1]["tokens_seen"] == 7 * 8 * 32
+
+
+def test_resume_into_the_fused_kernel_continues_the_run(tmp_path, monkeypatch):
+    """A checkpoint written by the multi-tensor AdamW resumes in the fused one (the CUDA choice, here on the
+    CPU): the group settings and step counters are this run's, and the losses continue as without the stop."""
+    tokens = random_stream(3000, seed=6)
+    _, straight = run_steps(make_model(0), tokens, steps=4)
+    run_steps(make_model(0), tokens, steps=2, out_dir=tmp_path)
+    monkeypatch.setattr(Trainer, "_adamw_kernel", lambda self: {"fused": True})
+    trainer, resumed = run_steps(make_model(0), tokens, steps=4, out_dir=tmp_path)
+    assert resumed["start_step"] == 2
+    assert all(g["fused"] and not g["foreach"] for g in trainer.optimizer.param_groups)
+    steps = [s["step"] for s in trainer.optimizer.state.values()]
+    assert all(s.dtype == torch.float32 and float(s) == 4 for s in steps)
+    assert resumed["losses"] == pytest.approx(straight["losses"][2:], rel=1e-6)
+
+
+class NoSyncLM(torch.nn.Module):
+    """A model whose forward never waits for the device (no data-dependent shapes), to test the trainer alone."""
+
+    def __init__(self, vocab_size: int = 259, dim: int = 32):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab_size, dim)
+        self.mix = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, vocab_size, bias=False)
+
+    def forward(self, input_ids, cu_seqlens=None):
+        return self.head(torch.tanh(self.mix(self.embed(input_ids))))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_step_never_waits_for_the_device():
+    torch.manual_seed(0)
+    from kimi_linear.train.distributed import DistContext
+
+    model = NoSyncLM().cuda()
+    trainer = Trainer(model, TrainConfig(max_steps=10, warmup_steps=1), ctx=DistContext(device=torch.device("cuda")),
+                      progress=False)
+    assert all(g["fused"] for g in trainer.optimizer.param_groups)
+    batches = PackedBatches(random_stream(3000, seed=7), 32, 8, seed=3)
+    trainer.train_step(batches.next_step())  # warm-up: kernels, pinned host buffers
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer.train_step(batches.next_step(), sync=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [s for s, _ in trainer.read_stats()] == [2, 3, 4]
