@@ -284,6 +284,12 @@ class Engine:
         ]
         self.prefix = PrefixCache(num_blocks, c.block_size, range(c.max_num_seqs, c.max_num_seqs + num_snapshots))
         self.free_slots = list(range(c.max_num_seqs))[::-1]
+        # The block table of each sequence slot, on the device: a step gathers its rows instead of building the
+        # table on the host. Changes (blocks appended, slots freed) are queued and applied once per forward.
+        self.block_tables = torch.full((c.max_num_seqs, self.blocks_per_seq), num_blocks, dtype=torch.long,
+                                       device=self.device)
+        self._table_writes: list[tuple[int, int, int]] = []  # (slot, column, block)
+        self._table_clears: list[int] = []  # slots whose row goes back to the scratch block
         self._eos = () if mc.eos_token_id is None else (int(mc.eos_token_id),)
 
         self._lock = threading.Lock()
@@ -448,6 +454,7 @@ class Engine:
             self.waiting.popleft()
             seq.slot = self.free_slots.pop()
             seq.blocks = list(hit_blocks)
+            self._table_writes += [(seq.slot, j, b) for j, b in enumerate(hit_blocks)]
             seq.reserve = reserve
             self._outstanding += reserve - len(hit_blocks)
             seq.computed = seq.cached_tokens = len(hit_blocks) * c.block_size
@@ -494,15 +501,24 @@ class Engine:
     def _ensure_blocks(self, seq: _Sequence, length: int) -> None:
         need = math.ceil(length / self.config.block_size) - len(seq.blocks)
         if need > 0:
-            seq.blocks.extend(self.prefix.allocate(need))
+            first = len(seq.blocks)
+            new = self.prefix.allocate(need)
+            seq.blocks.extend(new)
+            self._table_writes += [(seq.slot, first + j, b) for j, b in enumerate(new)]
             self._outstanding -= need
 
     def _rows(self, seqs) -> tuple[torch.Tensor, torch.Tensor]:
-        table = torch.full((len(seqs), self.blocks_per_seq), self.scratch_block, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            table[i, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.long)
-        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
-        return slots.to(self.device), table.to(self.device)
+        """The sequences' slots ``[n]`` and block-table rows ``[n, blocks_per_seq]`` on the device, after the
+        queued table changes."""
+        if self._table_clears:
+            self.block_tables[torch.tensor(self._table_clears, device=self.device)] = self.scratch_block
+            self._table_clears = []
+        if self._table_writes:
+            slot, col, block = torch.tensor(self._table_writes, dtype=torch.long).to(self.device).unbind(1)
+            self.block_tables[slot, col] = block
+            self._table_writes = []
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long).to(self.device)
+        return slots, self.block_tables.index_select(0, slots)
 
     def _decode(self, seqs: list[_Sequence], events) -> None:
         for s in seqs:
@@ -613,6 +629,8 @@ class Engine:
             self.prefix.release(seq.blocks)
             self._outstanding -= seq.reserve - len(seq.blocks)
             self.free_slots.append(seq.slot)
+            self._table_writes = [w for w in self._table_writes if w[0] != seq.slot]
+            self._table_clears.append(seq.slot)
             seq.blocks, seq.slot = [], -1
         with self._lock:
             self._known.discard(seq.request_id)
