@@ -210,11 +210,12 @@ class MultiheadLatentAttention(nn.Module):
     def _attend_packed(self, q, k, v, seg_lens: list[int]) -> torch.Tensor:
         """Causal attention inside each of the sequences packed along T (``q [1, T, H, E]``).
 
-        Sequences of similar length (same power-of-two bucket) are gathered into one right-padded batch and
-        attended with the plain causal kernel: a real query never sees a padding key (padding comes after
-        it), so no mask is needed and the work stays proportional to each sequence's own length squared. A
-        bucket of one sequence is a slice, no copy. Cost: one attention call per bucket (<= log2 T + 1),
-        whatever the number of sequences.
+        Sequences of similar length (same power-of-two bucket) are attended as one batch with the plain causal
+        kernel: equal lengths back to back (same-length prompts, or one sequence) are a reshape of the packed
+        tensors, no copy; otherwise they are gathered into a right-padded batch, where a real query never sees a
+        padding key (padding comes after it), so no mask is needed and the work stays proportional to each
+        sequence's own length squared. Cost: one attention call per bucket (<= log2 T + 1), whatever the number
+        of sequences.
         """
         T = q.shape[1]
         starts = [0] * len(seg_lens)
@@ -224,23 +225,33 @@ class MultiheadLatentAttention(nn.Module):
         for i, n in enumerate(seg_lens):
             if n > 0:
                 buckets.setdefault(max(n - 1, 0).bit_length(), []).append(i)
-        if len(buckets) == 1 and len(next(iter(buckets.values()))) == 1:
-            return self._attend(q, k, v, is_causal=True)
-        out = q.new_empty(T, q.shape[2], v.shape[-1])  # [T, H, dv]
+        out = None
         for members in buckets.values():
-            if len(members) == 1:
-                a, n = starts[members[0]], seg_lens[members[0]]
-                out[a : a + n] = self._attend(q[:, a : a + n], k[:, a : a + n], v[:, a : a + n], is_causal=True)[0]
-                continue
-            lens = torch.tensor([seg_lens[i] for i in members])  # host
-            first = torch.tensor([starts[i] for i in members])
-            t_b = int(lens.max())
-            pos = torch.arange(t_b)
-            # right padding repeats each sequence's last token (never seen by its real queries)
-            gather = (first[:, None] + torch.minimum(pos[None, :], lens[:, None] - 1)).to(q.device)  # [n, t_b]
-            o = self._attend(q[0][gather], k[0][gather], v[0][gather], is_causal=True)  # [n, t_b, H, dv]
-            src, dst = self._real_rows(lens, t_b, first)
-            out.index_copy_(0, dst.to(q.device), o.flatten(0, 1).index_select(0, src.to(q.device)))
+            n, a, width = len(members), starts[members[0]], seg_lens[members[0]]
+            if all(seg_lens[i] == width and starts[i] == a + j * width for j, i in enumerate(members)):
+                rows, shape = slice(a, a + n * width), (n, width, q.shape[2], -1)
+                o = self._attend(q[0, rows].reshape(shape), k[0, rows].reshape(shape), v[0, rows].reshape(shape),
+                                 is_causal=True)  # [n, width, H, dv]
+                if n * width == T:
+                    return o.reshape(1, T, *o.shape[2:])
+                src = dst = None
+            else:
+                lens = torch.tensor([seg_lens[i] for i in members])  # host
+                first = torch.tensor([starts[i] for i in members])
+                t_b = int(lens.max())
+                pos = torch.arange(t_b)
+                # right padding repeats each sequence's last token (never seen by its real queries)
+                gather = (first[:, None] + torch.minimum(pos[None, :], lens[:, None] - 1)).to(q.device)  # [n, t_b]
+                o = self._attend(q[0][gather], k[0][gather], v[0][gather], is_causal=True)  # [n, t_b, H, dv]
+                src, dst = self._real_rows(lens, t_b, first)
+            if out is None:
+                out = q.new_empty(T, q.shape[2], v.shape[-1])  # [T, H, dv]
+            if src is None:
+                out[rows] = o.reshape(n * width, *o.shape[2:])
+            else:
+                out.index_copy_(0, dst.to(q.device), o.flatten(0, 1).index_select(0, src.to(q.device)))
+        if out is None:  # no tokens
+            out = q.new_empty(T, q.shape[2], v.shape[-1])
         return out[None]
 
     @staticmethod

@@ -125,6 +125,21 @@ def test_absorbed_decode_and_cached_prefill_match_full_forward(use_nope):
         assert cache.layers[0]["latent"].shape[-1] + cache.layers[0]["k_pe"].shape[-1] == 24 + 6
 
 
+@pytest.mark.parametrize("lengths", [[5, 0, 5, 5, 12, 2], [6, 6, 6], [7]])
+def test_packed_equal_lengths_are_attended_without_a_gather(lengths):
+    """Equal-length sequences back to back (an empty one between them) are one reshaped batch; with other
+    buckets beside them, or covering the whole pack, or alone: each sequence's output is its own."""
+    config = small_config()
+    layer = randomised_layer(config, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    xs = [torch.randn(L, config.hidden_size, generator=gen) for L in lengths]
+    with torch.no_grad():
+        separate = [layer(x[None])[0] for x in xs if len(x)]
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+        packed = layer(torch.cat(xs)[None], cu_seqlens=cu)[0]
+    assert rel_err(packed, torch.cat(separate)) < 1e-5
+
+
 def test_varlen_and_padding_match_separate_sequences():
     config = small_config()
     layer = randomised_layer(config, seed=5)
