@@ -396,7 +396,7 @@ def test_chunk_size_and_no_op_knobs():
                dict(use_graph=True), dict(use_graph=True, max_num_seqs=2)):
         o2, s2 = chunk_kda(**x, cu_seqlens=cu, output_final_state=True, **kw)
         assert rel_err(o2, o) < TOL and rel_err(s2, s) < TOL, kw
-    with pytest.raises(ValueError, match="chunk_size must be 32 or 64"):
+    with pytest.raises(ValueError, match=r"`chunk_size` must be either 32 or 64"):  # FLA's message, FLA's test
         chunk_kda(**x, cu_seqlens=cu, chunk_size=16)
     with pytest.raises(ValueError, match="max_num_seqs"):
         chunk_kda(**x, cu_seqlens=cu, use_graph=True, max_num_seqs=3)

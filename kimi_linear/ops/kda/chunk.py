@@ -161,7 +161,8 @@ def chunk_kda(
         raise NotImplementedError("cp_context (FLA's context parallelism across GPUs) is not supported: run each "
                                   "sequence on one device, passing its initial_state")
     if chunk_size not in FLA_CHUNK_SIZES:
-        raise ValueError(f"chunk_size must be 32 or 64 for KDA, got {chunk_size}")
+        # FLA's wording, so callers (and FLA's own test) matching its message keep working
+        raise ValueError(f"`chunk_size` must be either 32 or 64 for KDA, got {chunk_size}")
     if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
         raise ValueError("allow_neg_eigval=True requires use_beta_sigmoid_in_kernel=True (as in FLA)")
     if use_gate_in_kernel:
