@@ -18,13 +18,12 @@ reshape, not by atomics: results are deterministic and the sum is taken in the r
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 
 import torch
 import torch.nn.functional as F
 
+from kimi_linear.ops import TRITON_INSTALLED
 from kimi_linear.ops.custom_ops import grads_by_recompute
 
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
@@ -156,16 +155,11 @@ def swiglu_weighted(gate_SF: torch.Tensor, up_SF: torch.Tensor, weights_S: torch
     On CUDA with Triton installed this is one fused kernel each way (``kimi_linear.ops.moe_triton``);
     elsewhere plain PyTorch, which is also its reference.
     """
-    if gate_SF.is_cuda and _triton_available():
+    if gate_SF.is_cuda and TRITON_INSTALLED:
         from kimi_linear.ops.moe_triton import swiglu_weighted_triton
 
         return swiglu_weighted_triton(gate_SF, up_SF, weights_S)
     return (F.silu(gate_SF.float()) * up_SF.float() * weights_S.float()[:, None]).to(gate_SF.dtype)
-
-
-@functools.cache
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def _experts_grouped_mm(x_SD, weights_S, offsets_E, w1_EFD, w3_EFD, w2_EDF):
@@ -285,11 +279,11 @@ def grouped_experts(
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x_ND, weights_NK, w1_EFD, w3_EFD, w2_EDF))
     decode_sized = x_ND.is_cuda and N * K <= GEMV_MAX_SLOTS
-    if backend == "auto" and decode_sized and not needs_grad and _triton_available():
+    if backend == "auto" and decode_sized and not needs_grad and TRITON_INSTALLED:
         backend = "gemv"
     if backend == "gemv":
         runnable = x_ND.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-        if needs_grad or not _triton_available() or not runnable:
+        if needs_grad or not TRITON_INSTALLED or not runnable:
             raise ValueError("backend='gemv' needs CUDA tensors and Triton, and runs without autograd "
                              "(torch.no_grad / inference_mode)")
         from kimi_linear.ops.moe_triton import moe_experts_gemv_triton

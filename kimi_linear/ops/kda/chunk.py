@@ -3,12 +3,11 @@ the PyTorch path otherwise."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 
 import torch
 
+from kimi_linear.ops import TRITON_INSTALLED
 from kimi_linear.ops.kda.common import (
     BACKENDS,
     adapt_fla_args,
@@ -24,18 +23,13 @@ from kimi_linear.ops.kda.naive import CHUNK_SIZE, math_dtype, naive_chunk_kda
 FLA_CHUNK_SIZES = (32, 64)
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """'auto' -> 'triton' for CUDA tensors when Triton is installed, 'torch' otherwise.
 
     'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter).
     """
     if backend == "auto":
-        return "triton" if x.is_cuda and _triton_installed() else "torch"
+        return "triton" if x.is_cuda and TRITON_INSTALLED else "torch"
     if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
     return backend
