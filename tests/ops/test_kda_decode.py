@@ -18,9 +18,11 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kimi_linear.cache import KimiLinearCache  # noqa: E402
 from kimi_linear.ops.kda import kda_decode_step, kda_gate, naive_recurrent_kda  # noqa: E402
 from kimi_linear.ops.kda.decode_triton import DecodeLaunch, default_launch, kda_decode_step_triton  # noqa: E402
 from kimi_linear.ops.norm import l2norm  # noqa: E402
+from tests.layers.test_kda_layer import randomised_layer, small_config  # noqa: E402
 from tests.utils import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -319,6 +321,37 @@ BAD = {
 def test_bad_input_raises(change, error, match):
     with pytest.raises(error, match=match):
         kda_decode_step(**_bad(**change))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The layer's decode step through the kernel (the interpreter on CPU).
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, dict(mixer="gdn"), dict(use_output_gate=False, use_short_conv=False)],
+    ids=["kda", "gdn", "no-gate-no-conv"],
+)
+def test_layer_decode_through_the_kernel_matches_full_forward(overrides):
+    """Prefill then token-by-token decode with the fused kernel equals the full forward: on the dense cache (rows
+    are slots) and on a pooled cache whose rows sit at slots out of order."""
+    config = small_config(**overrides)
+    layer = randomised_layer(config, seed=3).to(DEVICE)
+    layer.decode_backend = "triton"
+    gen = torch.Generator().manual_seed(41)
+    x = torch.randn(2, 9, config.hidden_size, generator=gen).to(DEVICE)
+    with torch.no_grad():
+        full = layer(x)
+        dense = KimiLinearCache(config, batch_size=2, max_length=16, device=DEVICE)
+        pooled = KimiLinearCache.pooled(config, num_slots=5, num_blocks=2, block_size=16, device=DEVICE)
+        rows = pooled.view(torch.tensor([4, 1], device=DEVICE), torch.tensor([[0], [1]], device=DEVICE),
+                           torch.zeros(2, dtype=torch.long, device=DEVICE))
+        for cache in (dense, rows):
+            steps = [layer(x[:, :6], cache=cache)]
+            cache.lengths += 6
+            for t in range(6, 9):
+                steps.append(layer(x[:, t : t + 1], cache=cache))
+                cache.lengths += 1
+            assert rel_err(torch.cat(steps, 1).cpu(), full.cpu()) < FP32_TOL
 
 
 # ------------------------------------------------------------------------------------------------------------
