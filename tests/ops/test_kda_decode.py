@@ -155,12 +155,12 @@ def test_several_v_blocks_and_rank_slices(config):
 
 @pytest.mark.parametrize("config", [CONFIGS["kda"], CONFIGS["gdn"]], ids=["kda", "gdn"])
 def test_consecutive_steps(config):
-    """Four steps on the same pools: each reads what the previous one wrote (conv tails and states)."""
+    """Four steps on the same pools: each reads what the previous one wrote (conv tails and states); int32 slots."""
     N, H, K, V, R, W, P = 3, 2, 32, 32, 16, 4, 4
     gen = torch.Generator().manual_seed(23)
     w = weights(H, K, V, R, W, config, gen=gen)
     start = pools(P, H, K, V, W, config, gen=gen)
-    slots = torch.tensor([3, 1, 0])
+    slots = torch.tensor([3, 1, 0], dtype=torch.int32)
     kernel_pools = on({n: t.clone() for n, t in start.items()}, DEVICE)
     ref_pools = {n: t.clone() for n, t in start.items()}
     for _ in range(4):

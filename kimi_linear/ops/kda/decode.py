@@ -95,7 +95,7 @@ def kda_decode_step(
             slot outside 0..P-1, the Triton kernel treats it as "no slot" (zero state and tails in, nothing
             written).
     """
-    H, K, V, W = _validate(qkv, f_low, beta_logits, state_pool, slots, f_b_weight, A_log, dt_bias, norm_weight,
+    _, K, _, _ = _validate(qkv, f_low, beta_logits, state_pool, slots, f_b_weight, A_log, dt_bias, norm_weight,
                            conv_pool, conv_weights, g_low, g_b_weight, eps, scale, backend)
     backend = resolve_backend(backend, qkv)
     tensors = (qkv, f_low, beta_logits, state_pool, f_b_weight, A_log, dt_bias, norm_weight, conv_pool, g_low,
@@ -151,10 +151,11 @@ def kda_decode_step_reference(
     N = qkv.shape[0]
     _, H, K, V = state_pool.shape
     if conv_pool is not None:
-        tails = conv_pool.index_select(0, slots)  # [N, C, W-1]
+        rows = slots.long()  # index_copy_ takes int64 only
+        tails = conv_pool.index_select(0, rows)  # [N, C, W-1]
         filters = torch.cat([w.reshape(w.shape[0], -1) for w in conv_weights])  # [C, W]
         qkv = causal_conv1d_update(qkv, tails, filters)  # shifts tails in place
-        conv_pool.index_copy_(0, slots, tails)
+        conv_pool.index_copy_(0, rows, tails)
     else:
         qkv = F.silu(qkv)
     q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
