@@ -35,6 +35,7 @@ Offline sm_90 registers and spills of the fused layer kernel (no GPU needed): py
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -211,6 +212,8 @@ def build_report(H: int = 32, D: int = 128) -> None:
     release configuration at 4, 8 and 16 warps, at K = V = D and K = V = 256."""
     import triton
 
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("--build-report compiles for sm_90: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     from kimi_linear.ops.kda.decode_triton import _kda_decode_step_kernel as fn
     from kimi_linear.ops.kda.decode_triton import default_launch
     from kimi_linear.ops.kda.recurrent_triton import SOFTPLUS_THRESHOLD
