@@ -249,7 +249,7 @@ def test_reference_is_the_step_written_out():
 
 
 def test_default_launch():
-    assert default_launch(128, 128, 128) == DecodeLaunch(block_v=128, block_r=64, num_warps=8)
+    assert default_launch(128, 128, 128) == DecodeLaunch(block_v=128, block_r=64, num_warps=4)
     assert default_launch(256, 256, 256) == DecodeLaunch(block_v=64, block_r=32, num_warps=16)
     assert default_launch(16, 16, 16).num_warps == 2
 

@@ -31,7 +31,9 @@ Register budget (sm_90, bf16 activations, offline build: ``python -m benchmarks 
 at K = V = 128 the [128, 128] fp32 block is 64 registers a thread at 8 warps; the kernel builds to 128 registers,
 no spills, in every configuration with the short conv (two programs per SM), to about 190 without it; 4 warps
 needs ~254, 16 warps ~90. At K = V = 256 ([256, 64] blocks) 8 warps reach ~250 registers, 16 warps 128.
-``default_launch`` takes 8 warps for a 16384-element block (16 when K = 256), 4 from 2048, 2 below.
+``default_launch`` nevertheless takes 4 warps for the [128, 128] block: measured faster than 8 and 16 at B = 1
+and at B = 256 (``python -m benchmarks kda_decode --layer-sweep``; benchmarks/RESULTS.md, "Decode"); 16 when
+K = 256, 2 below 2048 elements.
 
 Limits and caveats:
 
@@ -83,13 +85,13 @@ class DecodeLaunch:
 
 def default_launch(K: int, V: int, rank: int) -> DecodeLaunch:
     """The whole V row in one block up to K * V = 16384 (K = V = 128), else V-blocks of 16384 // BK; weight slices
-    of at most 8192 elements; warps by the block size, so that the sm_90 build spills nothing (see the module
-    docstring): 8 for a [128, 128] block, 16 for [256, 64]."""
+    of at most 8192 elements; warps by the block size (see the module docstring): 4 for a [128, 128] block, 16 for
+    [256, 64]."""
     BK = triton.next_power_of_2(K)
     BV = min(triton.next_power_of_2(V), max(16, MAX_STATE_BLOCK // BK))
     BR = min(triton.next_power_of_2(rank), max(16, MAX_WEIGHT_SLICE // max(BK, BV)))
     size = BK * BV
-    warps = 16 if BK >= 256 else 8 if size >= 8192 else 4 if size >= 2048 else 2
+    warps = 16 if BK >= 256 else 4 if size >= 2048 else 2
     return DecodeLaunch(block_v=BV, block_r=BR, num_warps=warps)
 
 
