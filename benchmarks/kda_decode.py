@@ -1,4 +1,5 @@
-"""Recurrent KDA decode step: ours (and FLA with --compare fla), eager and in a CUDA graph (GPU).
+"""Recurrent KDA decode step: ours (and FLA with --compare fla), eager and in a CUDA graph (GPU); and a whole KDA
+layer's decode step, fused in one launch against the unfused sequence it replaced.
 
 One decode step of one layer: one token per sequence, H heads, K x V fp32 state per (sequence, head), bf16
 inputs. The step is bound by the state traffic (read + write K*V*4 bytes per head), so the figure of merit is
@@ -11,27 +12,46 @@ Modes:
   fla    ``fla.ops.kda.fused_recurrent_kda`` with ``initial_state`` and ``output_final_state=True``
          (``--compare fla``).
 
+Layer step (``--layer-batches``, default B = 1 and 256; H = 32, K = V = R = 128, W = 4, bf16 projections and
+weights, fp32 state, the dense cache's in-place pools): everything between the input projections and o_proj.
+  fused    ``kda_decode_step``: one Triton launch (conv, activations, gate and output-gate GEMVs, recurrence,
+           gated RMSNorm).
+  unfused  what the layer ran before it: conv filter cat, ``causal_conv1d_update``, the f_b GEMV,
+           ``fused_recurrent_kda`` with its in-kernel activations, fp32 RMSNorm, the g_b GEMV, sigmoid, cast.
+Reported in µs per layer-step (eager and graph, as below) and as the fraction of the state-traffic floor: the
+copy time of the state's bytes (read and written once) over the graph time.
+
 Timing: "eager" is host wall-clock per call over back-to-back calls (what a Python decode loop pays, launch
 overhead included); "graph" is one CUDA graph holding L consecutive layer-steps, each on its own state, timed
 by ``triton.testing.do_bench_cudagraph`` (median) and divided by L (L is chosen so the states of one replay far exceed the L2, as
-across a real model). ``--sweep`` also times every (BV, num_warps) launch configuration in graph mode.
+across a real model). ``--sweep`` also times every (BV, num_warps) launch configuration in graph mode;
+``--layer-sweep`` the fused layer step at 4, 8 and 16 warps.
 
-Usage (GPU): python -m benchmarks kda_decode --compare fla [--sweep] [--batches 1 16 64 256]
+Usage (GPU): python -m benchmarks kda_decode --compare fla [--sweep] [--batches 1 16 64 256] [--layer-sweep]
+Offline sm_90 registers and spills of the fused layer kernel (no GPU needed): python -m benchmarks kda_decode
+--build-report
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+import torch.nn.functional as F
 import triton
 
-from benchmarks.common import SuiteParser, copy_us, environment, graph_ms, host_us, load_fla, write_json
-from kimi_linear.ops.kda import fused_recurrent_kda
+from benchmarks.common import (SuiteParser, copy_us, environment, graph_ms, host_us, load_fla, resource_line,
+                               sm90_resources, write_json)
+from kimi_linear.ops.conv import causal_conv1d_update
+from kimi_linear.ops.kda import fused_recurrent_kda, kda_decode_step
 from kimi_linear.ops.kda.recurrent_triton import _default_block_v, _default_num_warps, fused_recurrent_kda_triton
 
 SWEEP_CONFIGS = [(8, 1), (16, 1), (16, 2), (32, 2), (32, 4), (32, 8), (64, 2), (64, 4), (64, 8)]
 GRAPH_BYTES = 256 * 2**20  # state bytes touched per graph replay, well above the H200's 60 MB L2
+LAYER_WARPS = (4, 8, 16)
+CONV_WIDTH = 4
+EPS = 1e-5
 
 
 def make_inputs(B: int, H: int, K: int, V: int, device: str, seed: int) -> dict:
@@ -105,21 +125,152 @@ def gbps(state_bytes: float, us: float) -> float:
     return 2 * state_bytes / (us * 1e-6) / 1e9
 
 
+# ---- the whole layer step: fused vs unfused ---------------------------------------------------------------
+
+
+def make_layer(B: int, H: int, K: int, device: str, seed: int) -> tuple[dict, dict, dict]:
+    """(projections of one token, the layer's weights, its pools) at the release's proportions: R = V = K."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape, scale=1.0, dtype=torch.bfloat16):
+        return (torch.randn(*shape, device=device, generator=gen) * scale).to(dtype)
+
+    x = dict(qkv=randn(B, 3 * H * K), f_low=randn(B, K), beta_logits=randn(B, H), g_low=randn(B, K))
+    w = dict(conv_weights=tuple(randn(H * K, 1, CONV_WIDTH, scale=0.5) for _ in range(3)),
+             f_b_weight=randn(H * K, K, scale=K**-0.5), A_log=randn(1, 1, H, 1, scale=0.3, dtype=torch.float32),
+             dt_bias=randn(H * K, dtype=torch.float32), norm_weight=randn(K, scale=0.1) + 1,
+             g_b_weight=randn(H * K, K, scale=K**-0.5))
+    pools = dict(conv_pool=randn(B, 3 * H * K, CONV_WIDTH - 1), state_pool=randn(B, H, K, K, dtype=torch.float32))
+    return x, w, pools
+
+
+def fused_step(x: dict, w: dict, pools: dict, slots: torch.Tensor) -> torch.Tensor:
+    return kda_decode_step(**x, **w, **pools, slots=slots, eps=EPS)
+
+
+def unfused_step(x: dict, w: dict, pools: dict, slots: torch.Tensor) -> torch.Tensor:
+    """The layer's decode step as it ran before ``kda_decode_step`` (dense cache: the pools updated in place)."""
+    B, H, K, V = x["qkv"].shape[0], *pools["state_pool"].shape[1:]
+    conv_weight = torch.cat(w["conv_weights"], dim=0)[:, 0]  # [3·H·K, W], every step
+    qkv = causal_conv1d_update(x["qkv"], pools["conv_pool"], conv_weight)[:, None]  # [B, 1, 3·H·K]
+    q, k, v = qkv.view(B, 1, 3, H, K).unbind(2)
+    g = F.linear(x["f_low"][:, None], w["f_b_weight"]).view(B, 1, H, K)
+    o, _ = fused_recurrent_kda(
+        q, k, v, g, x["beta_logits"][:, None], initial_state=pools["state_pool"], state_indices=slots,
+        use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=w["A_log"], dt_bias=w["dt_bias"],
+        use_beta_sigmoid_in_kernel=True,
+    )
+    out = F.rms_norm(o.float(), (V,), w["norm_weight"].float(), EPS)
+    out = out * torch.sigmoid(F.linear(x["g_low"][:, None], w["g_b_weight"]).view(B, 1, H, V).float())
+    return out.to(o.dtype).reshape(B, H * V)
+
+
+def bench_layer(B: int, H: int, K: int, sweep: bool) -> dict:
+    from kimi_linear.ops.kda.decode_triton import DecodeLaunch, default_launch, kda_decode_step_triton
+
+    state_bytes = B * H * K * K * 4
+    layers = max(1, min(32, math.ceil(GRAPH_BYTES / state_bytes)))
+    x, w, _ = make_layer(B, H, K, "cuda", seed=B)
+    pools = [make_layer(B, H, K, "cuda", seed=1000 + i)[2] for i in range(layers)]
+    slots = torch.arange(B, device="cuda")
+    launch = default_launch(K, K, K)
+    row = dict(B=B, H=H, K=K, V=K, R=K, W=CONV_WIDTH, layers_in_graph=layers, state_MB=state_bytes / 2**20,
+               block_v=launch.block_v, block_r=launch.block_r, warps=launch.num_warps)
+
+    def steps(fn):
+        return [lambda i=i: fn(x, w, pools[i], slots) for i in range(layers)]
+
+    iters = 200 if B <= 64 else 50
+    for name, fn in (("fused", fused_step), ("unfused", unfused_step)):
+        row[f"{name}_eager_us"] = host_us(lambda fn=fn: fn(x, w, pools[0], slots), iters)
+        row[f"{name}_graph_us"] = time_graph(steps(fn), 50)
+    row["copy_us"] = copy_us(state_bytes)
+
+    # the same step on copies of the same pools: the two paths agree to bf16 rounding
+    start = make_layer(B, H, K, "cuda", seed=7)[2]
+    outs = [fn(x, w, {n: t.clone() for n, t in start.items()}, slots).float() for fn in (fused_step, unfused_step)]
+    row["o_rel_diff_fused_vs_unfused"] = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
+
+    if sweep:
+        row["sweep"] = {}
+        for warps in LAYER_WARPS:
+            cfg = DecodeLaunch(block_v=launch.block_v, block_r=launch.block_r, num_warps=warps)
+
+            def fused_with(x, w, p, slots, cfg=cfg):
+                return kda_decode_step_triton(
+                    x["qkv"], x["f_low"], x["beta_logits"], x["g_low"], p["conv_pool"], w["conv_weights"],
+                    w["f_b_weight"], w["A_log"], w["dt_bias"], p["state_pool"], slots, w["norm_weight"],
+                    w["g_b_weight"], EPS, K**-0.5, launch=cfg)
+
+            row["sweep"][f"w{warps}"] = time_graph(steps(fused_with), 30)
+    return row
+
+
+def build_report(H: int = 32, D: int = 128) -> None:
+    """Registers and spills of the fused layer kernel compiled for sm_90 (Triton's bundled ptxas, no GPU), bf16
+    activations and weights, fp32 state, R = K: each configuration of the layer at its default launch, and the
+    release configuration at 4, 8 and 16 warps, at K = V = D and K = V = 256."""
+    import triton
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("--build-report compiles for sm_90: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+    from kimi_linear.ops.kda.decode_triton import _kda_decode_step_kernel as fn
+    from kimi_linear.ops.kda.decode_triton import default_launch
+    from kimi_linear.ops.kda.recurrent_triton import SOFTPLUS_THRESHOLD
+
+    fp32 = {"state_pool", "A_log", "dt_bias"}
+    configs = {"kda": (True, True, False), "gdn": (True, True, True), "kda-no-conv": (False, True, False),
+               "kda-no-gate": (True, False, False), "gdn-no-conv-no-gate": (False, False, True)}
+    jobs = [(D, name, None) for name in configs] + [(D, "kda", w) for w in LAYER_WARPS]
+    jobs += [(256, "kda", None), (256, "gdn-no-conv-no-gate", None)]
+    for K, name, warps in jobs:
+        conv, gate, scalar = configs[name]
+        launch = default_launch(K, K, K)
+        warps = warps or launch.num_warps
+        NV = triton.cdiv(K, launch.block_v)
+        consts = dict(H=H, K=K, V=K, W=CONV_WIDTH, R_F=K, R_G=K, BK=K, BV=launch.block_v, NV=NV,
+                      BNV=triton.next_power_of_2(NV), BW=triton.next_power_of_2(CONV_WIDTH), BR=launch.block_r,
+                      USE_CONV=conv, SCALAR_GATE=scalar, USE_OUTPUT_GATE=gate, L2_EPS=1e-6,
+                      SP_THRESHOLD=SOFTPLUS_THRESHOLD, INTERPRET=False)
+        absent = ([] if conv else ["conv_pool", "w_q", "w_k", "w_v"]) + ([] if gate else ["g_low", "g_b"])
+        consts.update(dict.fromkeys(absent))
+        names = [n for n in fn.arg_names if n not in consts]
+        sig = {n: "fp32" if n in ("eps", "scale") else "i32" if n == "num_slots" or n.startswith("stride")
+               else "*i64" if n == "slots" else "*fp32" if n in fp32 else "*bf16" for n in names}
+        sig.update(dict.fromkeys(absent, "constexpr"))
+        # attributes are keyed by the argument's position among all of the kernel's arguments
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*")}
+        r = sm90_resources(fn, sig, consts, attrs, warps, 1)
+        print(f"K=V={K:3d} {name:20s} BV={launch.block_v:3d} BR={launch.block_r:3d} {resource_line(r, warps, 1)}",
+              flush=True)
+
+
 def main(argv=None) -> None:
     parser = SuiteParser(__name__, __doc__, peers=("fla",))
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64, 256],
+                        help="batch sizes of the recurrent op's table (none: skip it)")
+    parser.add_argument("--layer-batches", type=int, nargs="*", default=[1, 256],
+                        help="batch sizes of the fused vs unfused layer step (none: skip it)")
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--sweep", action="store_true", help="also time every (BV, num_warps) configuration")
+    parser.add_argument("--layer-sweep", action="store_true",
+                        help=f"also time the fused layer step at {', '.join(map(str, LAYER_WARPS))} warps")
+    parser.add_argument("--build-report", action="store_true",
+                        help="compile the fused layer kernel for sm_90 offline (no GPU) and print its registers")
     args = parser.parse_args(argv)
+    if args.build_report:
+        build_report(args.heads, args.head_dim)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
 
     H, D = args.heads, args.head_dim
     fla = load_fla().fused_recurrent_kda if "fla" in args.compare else None
     rows = [bench_batch(B, H, D, D, fla, args.sweep) for B in args.batches]
+    layer_rows = [bench_layer(B, H, D, args.layer_sweep) for B in args.layer_batches]
     meta = environment(args)
-    write_json(args.out, "kda_decode.json", dict(meta=meta, rows=rows))
+    write_json(args.out, "kda_decode.json", dict(meta=meta, rows=rows, layer_rows=layer_rows))
 
     if args.sweep:
         print("\nGraph-mode us per layer-step by launch configuration (pool mode):")
@@ -128,18 +279,36 @@ def main(argv=None) -> None:
             cells = "  ".join(f"{n}={t:.1f}" for n, t in r["sweep"].items())
             print(f"B={r['B']}: best {best} {r['sweep'][best]:.1f} us | default BV{r['default_BV']}-w"
                   f"{r['default_warps']} | {cells}")
+    if args.layer_sweep:
+        print("\nGraph-mode us per fused layer-step by num_warps:")
+        for r in layer_rows:
+            cells = "  ".join(f"{n}={t:.1f}" for n, t in r["sweep"].items())
+            print(f"B={r['B']}: default w{r['warps']} | {cells}")
 
     print(f"\n{meta}")
-    print(f"Decode step, one layer, H={H}, K=V={D}, bf16 inputs, fp32 state; us per step "
-          "(eager = host wall-clock per call; graph = per layer-step inside a CUDA graph)\n")
-    print("| B | ours pool eager | ours pool graph | ours h0 eager | ours h0 graph | FLA eager | FLA graph "
-          "| ours pool graph GB/s | copy GB/s | graph ratio FLA/ours (h0) | o diff vs FLA |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        sb = r["state_MB"] * 2**20
-        fla_e, fla_g = r.get("fla_eager_us", float("nan")), r.get("fla_graph_us", float("nan"))
-        print(f"| {r['B']} | {r['pool_eager_us']:.1f} | {r['pool_graph_us']:.1f} | {r['h0_eager_us']:.1f} | "
-              f"{r['h0_graph_us']:.1f} | {fla_e:.1f} | {fla_g:.1f} | {gbps(sb, r['pool_graph_us']):.0f} | "
-              f"{gbps(sb, r['copy_us']):.0f} | {fla_g / r['h0_graph_us']:.2f} | "
-              f"{r.get('o_rel_diff_vs_fla', float('nan')):.1e} |")
-
+    if rows:
+        print(f"Decode step, one layer, H={H}, K=V={D}, bf16 inputs, fp32 state; us per step "
+              "(eager = host wall-clock per call; graph = per layer-step inside a CUDA graph)\n")
+        print("| B | ours pool eager | ours pool graph | ours h0 eager | ours h0 graph | FLA eager | FLA graph "
+              "| ours pool graph GB/s | copy GB/s | graph ratio FLA/ours (h0) | o diff vs FLA |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            sb = r["state_MB"] * 2**20
+            fla_e, fla_g = r.get("fla_eager_us", float("nan")), r.get("fla_graph_us", float("nan"))
+            print(f"| {r['B']} | {r['pool_eager_us']:.1f} | {r['pool_graph_us']:.1f} | {r['h0_eager_us']:.1f} | "
+                  f"{r['h0_graph_us']:.1f} | {fla_e:.1f} | {fla_g:.1f} | {gbps(sb, r['pool_graph_us']):.0f} | "
+                  f"{gbps(sb, r['copy_us']):.0f} | {fla_g / r['h0_graph_us']:.2f} | "
+                  f"{r.get('o_rel_diff_vs_fla', float('nan')):.1e} |")
+    if layer_rows:
+        print(f"\nWhole KDA layer decode step between the projections and o_proj, H={H}, K=V=R={D}, W={CONV_WIDTH}, "
+              "bf16 projections and weights, fp32 state; us per layer-step; floor = copy of the state's bytes "
+              "(read + write) in a graph\n")
+        print("| B | fused eager | fused graph | unfused eager | unfused graph | graph speed-up | fused GB/s "
+              "| floor us | fused / floor | unfused / floor | o diff fused vs unfused |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in layer_rows:
+            sb = r["state_MB"] * 2**20
+            fg, ug = r["fused_graph_us"], r["unfused_graph_us"]
+            print(f"| {r['B']} | {r['fused_eager_us']:.1f} | {fg:.1f} | {r['unfused_eager_us']:.1f} | {ug:.1f} | "
+                  f"{ug / fg:.2f}x | {gbps(sb, fg):.0f} | {r['copy_us']:.1f} | {r['copy_us'] / fg:.0%} | "
+                  f"{r['copy_us'] / ug:.0%} | {r['o_rel_diff_fused_vs_unfused']:.1e} |")

@@ -61,3 +61,38 @@ def test_serve_http_suite_runs_at_a_tiny_size(tmp_path):
     assert row["failed"] == 0 and row["streams"] == 3
     assert 0 < row["tokens_per_s"] <= row["ideal_tokens_per_s"] and row["achieved_step_ms"] >= 2.0
     assert p.stdout.strip().splitlines()[-1].startswith("| 3 | 2 |")
+
+
+def test_kda_decode_suite_parses_builds_and_times_the_same_step(monkeypatch):
+    """The decode suite imports and parses without a GPU; its offline sm_90 build of the fused layer kernel compiles
+    every configuration, the release one without spills; its unfused layer step (the sequence the fused op
+    replaced) computes what the fused one does."""
+    import torch
+
+    from benchmarks.kda_decode import fused_step, make_layer, unfused_step
+
+    p = run_benchmarks("kda_decode", "--help")
+    assert p.returncode == 0, p.stderr
+    assert "--layer-batches" in p.stdout and "--layer-sweep" in p.stdout and "--build-report" in p.stdout
+    if not torch.cuda.is_available():
+        p = run_benchmarks("kda_decode", "--batches", "--layer-batches", "1")
+        assert p.returncode == 1 and "needs a CUDA GPU" in p.stderr
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/ops run the interpreter; this compiles
+    p = run_benchmarks("kda_decode", "--build-report")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 10 and all("regs=" in line for line in lines)
+    assert lines[0].startswith("K=V=128 kda ") and "stack=    0 B" in lines[0]
+
+    x, w, pools = make_layer(3, 2, 16, "cpu", seed=0)
+    x = {n: t.float() for n, t in x.items()}
+    w = {n: (tuple(f.float() for f in t) if isinstance(t, tuple) else t.float()) for n, t in w.items()}
+    pools = {n: t.float() for n, t in pools.items()}
+    slots = torch.arange(3)  # the dense cache the unfused step was written for: row n is slot n
+    unfused_pools = {n: t.clone() for n, t in pools.items()}
+    fused = fused_step(x, w, pools, slots)
+    unfused = unfused_step(x, w, unfused_pools, slots)
+    assert fused.shape == (3, 32) and (fused - unfused).norm() <= 1e-6 * unfused.norm()
+    for name in pools:
+        assert (pools[name] - unfused_pools[name]).norm() <= 1e-6 * unfused_pools[name].norm(), name

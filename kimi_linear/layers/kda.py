@@ -8,12 +8,13 @@ x ─┬─ q_proj ─ q_conv1d ─ SiLU ─┐
    │                          KDA ─ o_norm (per-head RMSNorm) × sigmoid(g_b_proj(g_a_proj(x))) ─ o_proj
    └─ g_a_proj ─ g_b_proj ───────────────────────┘
 
-Whole sequences go through ``chunk_kda``; a one-token step with a cache goes through ``fused_recurrent_kda``,
-which updates the cached state in place and applies the gate/beta activations and the q/k L2 norm itself
-(``use_*_in_kernel``). For whole sequences the layer runs those activations (with the short conv + SiLU) through
-the ops' own preprocessing, fused Triton kernels on CUDA, before ``chunk_kda``: in training this glue, and the
-output norm × gate after the op, are recomputed in backward (``layers.memory.recompute``), so the layer keeps
-only x, the projections, the op's own saved tensors and the op's output.
+Whole sequences go through ``chunk_kda``; a one-token step with a cache goes through ``kda_decode_step``, one
+fused kernel on CUDA for everything between the projections and o_proj (short conv and SiLU, the q/k L2 norm, the
+gate and beta activations, the recurrent update of the cached state in place, the output norm and gate). For
+whole sequences the layer runs those activations (with the short conv + SiLU) through the ops' own preprocessing,
+fused Triton kernels on CUDA, before ``chunk_kda``: in training this glue, and the output norm × gate after the
+op, are recomputed in backward (``layers.memory.recompute``), so the layer keeps only x, the projections, the
+op's own saved tensors and the op's output.
 
 With ``layer_type="gdn"`` (the paper's Gated DeltaNet baseline) the forget gate is one scalar per head:
 f_b_proj maps to H values and dt_bias has H entries.
@@ -31,8 +32,8 @@ import torch.nn.functional as F
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.cache_layout import CacheEntry
 from kimi_linear.layers.memory import autocast_input, recompute
-from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update
-from kimi_linear.ops.kda import chunk_kda, fused_recurrent_kda
+from kimi_linear.ops.conv import causal_conv1d
+from kimi_linear.ops.kda import chunk_kda, kda_decode_step
 from kimi_linear.ops.kda.chunk import resolve_backend
 from kimi_linear.ops.kda.common import preprocess
 
@@ -45,9 +46,10 @@ class KimiDeltaAttention(nn.Module):
     ``[3·H·K, W-1]`` (q, k, v conv inputs, oldest first) and ``state`` ``[H, K, V]`` fp32. Row n of a forward
     reads and writes slot ``cache.slots[n]``.
 
-    ``conv_backend`` is the ``backend`` of the ShortConv's ``causal_conv1d`` over whole sequences, and
-    ``preprocess_backend`` the ``preprocess_backend`` of ``chunk_kda`` (where the in-op activations run): "auto"
-    (the fused Triton kernels on CUDA, PyTorch elsewhere), "triton" or "torch".
+    ``conv_backend`` is the ``backend`` of the ShortConv's ``causal_conv1d`` over whole sequences,
+    ``preprocess_backend`` the ``preprocess_backend`` of ``chunk_kda`` (where the in-op activations run) and
+    ``decode_backend`` the ``backend`` of ``kda_decode_step`` (a one-token step with a cache): "auto" (the fused
+    Triton kernels on CUDA, PyTorch elsewhere), "triton" or "torch".
     """
 
     @classmethod
@@ -73,6 +75,7 @@ class KimiDeltaAttention(nn.Module):
         self.conv_size = config.short_conv_kernel_size
         self.conv_backend = "auto"
         self.preprocess_backend = "auto"
+        self.decode_backend = "auto"
 
         self.q_proj = nn.Linear(D, H * K, bias=False)
         self.k_proj = nn.Linear(D, H * K, bias=False)
@@ -156,23 +159,20 @@ class KimiDeltaAttention(nn.Module):
         beta_logits = self.b_proj(x)  # [B, T, H]
 
         if decoding:
-            if self.use_short_conv:
-                pool = layer_cache["conv"]
-                conv_state = pool if in_place else pool.index_select(0, cache.slots)  # [N, 3·H·K, W-1]
-                qkv = causal_conv1d_update(qkv[:, 0], conv_state, self.conv_weight())[:, None]
-                if not in_place:
-                    pool.index_copy_(0, cache.slots, conv_state)
-            else:
-                qkv = F.silu(qkv)
-            q, k, v = qkv.view(B, T, 3, H, K).unbind(2)  # [B, T, H, K] each
-            g = self.f_b_proj(f_low)
-            g = g.view(B, T, H) if self.scalar_gate else g.view(B, T, H, K)
-            o, _ = fused_recurrent_kda(
-                q, k, v, g, beta_logits, initial_state=layer_cache["state"], state_indices=cache.slots,
-                use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
-                use_beta_sigmoid_in_kernel=True,
-            )
-        elif layer_cache is not None:
+            # Everything between the projections and o_proj in one op, the pools updated in place at the rows'
+            # slots (the dense cache's slots are its rows).
+            conv = self.use_short_conv
+            gate = self.use_output_gate
+            o = kda_decode_step(
+                qkv[:, 0], f_low[:, 0], beta_logits[:, 0], state_pool=layer_cache["state"], slots=cache.slots,
+                f_b_weight=self.f_b_proj.weight, A_log=self.A_log, dt_bias=self.dt_bias,
+                norm_weight=self.o_norm.weight, conv_pool=layer_cache["conv"] if conv else None,
+                conv_weights=(self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight) if conv else None,
+                g_low=self.g_a_proj(x)[:, 0] if gate else None, g_b_weight=self.g_b_proj.weight if gate else None,
+                eps=self.config.rms_norm_eps, backend=self.decode_backend,
+            )  # [B, H·V]
+            return self.o_proj(o[:, None])
+        if layer_cache is not None:
             conv_state = None
             if history and self.use_short_conv:
                 pool = layer_cache["conv"]

@@ -19,6 +19,8 @@ Ops (namespace ``kimi_linear``):
   backend through ``fused_recurrent_kda_backward`` (recompute, as above); the Triton backend is forward-only.
 * ``fused_recurrent_kda_pool_`` -> o; updates the state pool (``initial_state``) in place. Not differentiable
   (a mutating op cannot have an autograd formula).
+* ``kda_decode_step_`` -> the layer's fused decode output; updates the conv and state pools in place. Not
+  differentiable.
 
 The ops take the arguments the public functions have already validated and reduced (``scale`` a float, the
 backend resolved, GVA and the bounded gate of ``chunk_kda`` already applied); call the public functions, not these.
@@ -31,6 +33,7 @@ from torch import Tensor
 
 from kimi_linear.ops.custom_ops import grads_by_recompute
 from kimi_linear.ops.kda.chunk import chunk_kda_core, chunk_kda_with_states
+from kimi_linear.ops.kda.decode import kda_decode_step_core
 from kimi_linear.ops.kda.naive import math_dtype
 from kimi_linear.ops.kda.recurrent import fused_recurrent_kda_core
 
@@ -267,3 +270,24 @@ def _fused_recurrent_kda_pool_op(
 @_fused_recurrent_kda_pool_op.register_fake
 def _(q, k, v, *rest):
     return v.new_empty(v.shape)
+
+
+# --- kda_decode_step -----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("kimi_linear::kda_decode_step_", mutates_args=("conv_pool", "state_pool"))
+def _kda_decode_step_op(
+    qkv: Tensor, f_low: Tensor, beta_logits: Tensor, g_low: Tensor | None, conv_pool: Tensor | None,
+    w_q: Tensor | None, w_k: Tensor | None, w_v: Tensor | None, f_b_weight: Tensor, A_log: Tensor, dt_bias: Tensor,
+    state_pool: Tensor, slots: Tensor, norm_weight: Tensor, g_b_weight: Tensor | None, eps: float, scale: float,
+    backend: str,
+) -> Tensor:
+    with torch.no_grad():
+        return kda_decode_step_core(qkv, f_low, beta_logits, g_low, conv_pool, w_q, w_k, w_v, f_b_weight, A_log,
+                                    dt_bias, state_pool, slots, norm_weight, g_b_weight, eps, scale, backend)
+
+
+@_kda_decode_step_op.register_fake
+def _(qkv, f_low, beta_logits, g_low, conv_pool, w_q, w_k, w_v, f_b_weight, A_log, dt_bias, state_pool, *rest):
+    _, H, _, V = state_pool.shape
+    return qkv.new_empty(qkv.shape[0], H * V)
