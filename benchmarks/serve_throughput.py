@@ -172,16 +172,17 @@ def decode_floor(model, context: int = 1024, reps: int = 300) -> dict:
     graph = engine.graphs.get(1)
     if graph is None:
         raise RuntimeError("the engine captured no CUDA graph for one row")
-    graph.slots[0] = 0
-    graph.block_table[0, :blocks] = torch.arange(blocks, device=graph.block_table.device)
+    engine.block_tables[0, :blocks] = torch.arange(blocks, device=engine.block_tables.device)
+    graph(tokens=[5], slots=[0], rows=[0], lengths=[context])  # slot 0, its block-table row, the context
+    lengths = graph.inputs[3]
     for _ in range(20):
-        graph.lengths.fill_(context)  # a replay advances the length by one
+        lengths.fill_(context)  # a replay advances the length by one
         graph.graph.replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        graph.lengths.fill_(context)
+        lengths.fill_(context)
         a.record()
         graph.graph.replay()
         b.record()
@@ -190,7 +191,7 @@ def decode_floor(model, context: int = 1024, reps: int = 300) -> dict:
     step_ms = sorted(times)[len(times) // 2]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
-            graph.lengths.fill_(context)
+            lengths.fill_(context)
             graph.graph.replay()
         torch.cuda.synchronize()
     groups: dict[str, float] = defaultdict(float)

@@ -41,6 +41,7 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kimi_linear.cache import KimiLinearCache, cache_bytes, layer_cache_layout
@@ -159,40 +160,54 @@ def _bucket_sizes(max_num_seqs: int) -> list[int]:
 
 
 class _DecodeGraph:
-    """``decode_step`` for up to ``size`` rows captured in a CUDA graph over static row tensors; padding rows
-    point at the scratch slot and block."""
+    """``decode_step`` for up to ``size`` rows captured in a CUDA graph, with the greedy argmax.
 
-    def __init__(self, model, pools: KimiLinearCache, size: int, blocks_per_row: int, scratch_slot: int,
-                 scratch_block: int):
+    A step's host inputs (tokens, state slots, block-table rows, lengths) travel in one ``[4, size]`` buffer and
+    one copy; the graph gathers the rows' block tables from the engine's device tables itself. A replay is then
+    one copy, one launch and one read-back: every torch call of the engine thread lets go of the GIL and must
+    take it back from the HTTP thread, so the fewer calls a step makes, the less it waits. Padding rows point at
+    the scratch slot and the scratch block-table row."""
+
+    def __init__(self, model, pools: KimiLinearCache, block_tables: torch.Tensor, size: int, scratch_slot: int,
+                 scratch_row: int):
         device = pools.device
         self.size = size
-        self.tokens = torch.zeros(size, dtype=torch.long, device=device)
-        self.slots = torch.full((size,), scratch_slot, dtype=torch.long, device=device)
-        self.block_table = torch.full((size, blocks_per_row), scratch_block, dtype=torch.long, device=device)
-        self.lengths = torch.zeros(size, dtype=torch.long, device=device)
-        self.view = pools.view(self.slots, self.block_table, self.lengths)
+        self.padding = np.array([0, scratch_slot, scratch_row, 0], dtype=np.int64)[:, None]
+        self.host = np.repeat(self.padding, size, axis=1)  # [4, size]: tokens, slots, table rows, lengths
+        self.inputs = torch.from_numpy(self.host).to(device)
+        self.model, self.pools, self.block_tables = model, pools, block_tables
+        self.capture()
+
+    def run(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step over the static inputs: ``(logits [size, V] fp32, their argmax [size])``."""
+        tokens, slots, rows, lengths = self.inputs.unbind(0)
+        view = self.pools.view(slots, self.block_tables.index_select(0, rows), lengths)  # block tables [size, M]
+        logits = decode_step(self.model, tokens, view)  # advances lengths by one
+        return logits, logits.argmax(-1)
+
+    def capture(self) -> None:
+        """Warm up (compiles kernels, settles allocations) outside the graph, then capture ``run``; sets
+        ``replay``, ``logits`` and ``greedy``."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # compile kernels and settle allocations outside the graph
+        with torch.cuda.stream(stream):
             for _ in range(2):
-                decode_step(model, self.tokens, self.view)
+                self.run()
         torch.cuda.current_stream().wait_stream(stream)
-        self.lengths.zero_()
+        self.inputs.copy_(torch.from_numpy(self.host))
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = decode_step(model, self.tokens, self.view)
+            self.logits, self.greedy = self.run()
+        self.replay = self.graph.replay
 
-    def __call__(self, tokens, slots, block_table, lengths, scratch_slot, scratch_block) -> torch.Tensor:
-        n = tokens.numel()
-        self.tokens[:n].copy_(tokens)
-        self.slots[:n].copy_(slots)
-        self.slots[n:].fill_(scratch_slot)
-        self.block_table[:n].copy_(block_table)
-        self.block_table[n:].fill_(scratch_block)
-        self.lengths[:n].copy_(lengths)
-        self.lengths[n:].zero_()
-        self.graph.replay()
-        return self.logits[:n]
+    def __call__(self, tokens: list[int], slots: list[int], rows: list[int], lengths: list[int]):
+        """Replay for ``n = len(tokens)`` rows: ``(logits [n, V] fp32, greedy tokens [n])`` on the device."""
+        n = len(tokens)
+        self.host[:, :n] = (tokens, slots, rows, lengths)
+        self.host[:, n:] = self.padding
+        self.inputs.copy_(torch.from_numpy(self.host))
+        self.replay()
+        return self.logits[:n], self.greedy[:n]
 
 
 class Engine:
@@ -285,8 +300,10 @@ class Engine:
         self.prefix = PrefixCache(num_blocks, c.block_size, range(c.max_num_seqs, c.max_num_seqs + num_snapshots))
         self.free_slots = list(range(c.max_num_seqs))[::-1]
         # The block table of each sequence slot, on the device: a step gathers its rows instead of building the
-        # table on the host. Changes (blocks appended, slots freed) are queued and applied once per forward.
-        self.block_tables = torch.full((c.max_num_seqs, self.blocks_per_seq), num_blocks, dtype=torch.long,
+        # table on the host. Changes (blocks appended, slots freed) are queued and applied once per forward. The
+        # last row stays all scratch: CUDA-graph padding rows read it.
+        self.scratch_row = c.max_num_seqs
+        self.block_tables = torch.full((c.max_num_seqs + 1, self.blocks_per_seq), num_blocks, dtype=torch.long,
                                        device=self.device)
         self._table_writes: list[tuple[int, int, int]] = []  # (slot, column, block)
         self._table_clears: list[int] = []  # slots whose row goes back to the scratch block
@@ -306,7 +323,7 @@ class Engine:
             try:
                 for size in _bucket_sizes(c.max_num_seqs):
                     self.graphs[size] = _DecodeGraph(
-                        model, self.pools, size, self.blocks_per_seq, self.scratch_slot, self.scratch_block
+                        model, self.pools, self.block_tables, size, self.scratch_slot, self.scratch_row
                     )
             except Exception as e:  # noqa: BLE001 - a mixer that cannot be captured: decode eagerly
                 warnings.warn(
@@ -507,9 +524,7 @@ class Engine:
             self._table_writes += [(seq.slot, first + j, b) for j, b in enumerate(new)]
             self._outstanding -= need
 
-    def _rows(self, seqs) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sequences' slots ``[n]`` and block-table rows ``[n, blocks_per_seq]`` on the device, after the
-        queued table changes."""
+    def _apply_table_changes(self) -> None:
         if self._table_clears:
             self.block_tables[torch.tensor(self._table_clears, device=self.device)] = self.scratch_block
             self._table_clears = []
@@ -517,27 +532,34 @@ class Engine:
             slot, col, block = torch.tensor(self._table_writes, dtype=torch.long).to(self.device).unbind(1)
             self.block_tables[slot, col] = block
             self._table_writes = []
+
+    def _rows(self, seqs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequences' slots ``[n]`` and block-table rows ``[n, blocks_per_seq]`` on the device, after the
+        queued table changes."""
+        self._apply_table_changes()
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long).to(self.device)
         return slots, self.block_tables.index_select(0, slots)
 
     def _decode(self, seqs: list[_Sequence], events) -> None:
         for s in seqs:
             self._ensure_blocks(s, s.computed + 1)
-        tokens = torch.tensor([s.tokens[s.computed] for s in seqs], dtype=torch.long).to(self.device)
-        lengths_host = [s.computed for s in seqs]
-        lengths = torch.tensor(lengths_host, dtype=torch.long).to(self.device)
-        slots, table = self._rows(seqs)
+        tokens = [s.tokens[s.computed] for s in seqs]
+        lengths = [s.computed for s in seqs]
         graph = next((self.graphs[b] for b in sorted(self.graphs) if b >= len(seqs)), None)
+        greedy = None
         if graph is not None:
-            logits = graph(tokens, slots, table, lengths, self.scratch_slot, self.scratch_block)
+            self._apply_table_changes()
+            slots = [s.slot for s in seqs]
+            logits, greedy = graph(tokens, slots, slots, lengths)  # a sequence's table row is its slot
         else:
-            view = self.pools.view(slots, table, lengths)
-            view.set_host_lengths(lengths_host)
-            logits = decode_step(self.model, tokens, view)
+            slots, table = self._rows(seqs)
+            view = self.pools.view(slots, table, torch.tensor(lengths, dtype=torch.long).to(self.device))
+            view.set_host_lengths(lengths)
+            logits = decode_step(self.model, torch.tensor(tokens, dtype=torch.long).to(self.device), view)
         for s in seqs:
             s.computed += 1
         self._register(seqs)
-        self._after_forward(seqs, logits, events)
+        self._after_forward(seqs, logits, events, greedy)
 
     def _prefill(self, pieces, events) -> None:
         seqs = [p[0] for p in pieces]
@@ -588,9 +610,10 @@ class Engine:
         if src:
             self._copy_slots(src, dst)
 
-    def _after_forward(self, seqs, logits: torch.Tensor, events) -> None:
-        """Sample one token per sequence from ``logits [n, V]`` and emit it; finish the ones that stop."""
-        tokens = self._sample(seqs, logits)
+    def _after_forward(self, seqs, logits: torch.Tensor, events, greedy: torch.Tensor | None = None) -> None:
+        """Sample one token per sequence from ``logits [n, V]`` (``greedy [n]``: their argmax, when the caller
+        has it) and emit it; finish the ones that stop."""
+        tokens = self._sample(seqs, logits, greedy)
         for seq, token in zip(seqs, tokens, strict=True):
             if isinstance(token, Exception):
                 self._finish(seq, "error", events, error=f"{type(token).__name__}: {token}")
@@ -603,11 +626,15 @@ class Engine:
             else:
                 self._finish(seq, reason, events, token=token)
 
-    def _sample(self, seqs, logits: torch.Tensor) -> list:
+    def _sample(self, seqs, logits: torch.Tensor, argmax: torch.Tensor | None = None) -> list:
         """Next token per sequence (an exception in place of a token for a request whose sampling failed)."""
         greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
         out: list = [None] * len(seqs)
-        if greedy:
+        if greedy and argmax is not None:
+            picked = argmax.tolist()
+            for i in greedy:
+                out[i] = picked[i]
+        elif greedy:
             picked = logits[torch.tensor(greedy, device=logits.device)].argmax(-1).tolist()
             for i, t in zip(greedy, picked, strict=True):
                 out[i] = t

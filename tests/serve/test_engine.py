@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kimi_linear.generate import generate
-from kimi_linear.serve.engine import Engine, EngineConfig, QueueFullError, SamplingParams
+from kimi_linear.serve.engine import Engine, EngineConfig, QueueFullError, SamplingParams, _bucket_sizes, _DecodeGraph
 from tests.test_model import make_model
 from tests.utils import rel_err
 
@@ -43,10 +43,10 @@ def run(engine: Engine, requests: dict, capture_logits: bool = False, max_steps:
     if capture_logits:
         original = engine._sample
 
-        def spy(seqs, rows):
+        def spy(seqs, rows, argmax=None):
             for s, row in zip(seqs, rows, strict=True):
                 logits.setdefault(s.request_id, []).append(row.clone())
-            return original(seqs, rows)
+            return original(seqs, rows, argmax)
 
         engine._sample = spy
     for rid, (prompt, params) in requests.items():
@@ -108,9 +108,9 @@ def test_chunked_prefill_equals_whole_and_does_not_stall_streams(model):
     chunked.add_request("long", long_prompt, SamplingParams(max_tokens=4, **GREEDY))
     logits_long = []
     original = chunked._sample
-    chunked._sample = lambda seqs, rows: (
+    chunked._sample = lambda seqs, rows, argmax=None: (
         [logits_long.append(r.clone()) for s, r in zip(seqs, rows, strict=True) if s.request_id == "long"],
-        original(seqs, rows),
+        original(seqs, rows, argmax),
     )[1]
     steps_while_prefilling = 0
     while chunked.has_unfinished():
@@ -310,6 +310,47 @@ def test_config_checked_at_start(model):
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         Engine(model, EngineConfig(max_num_seqs=16, max_num_batched_tokens=8))
     assert Engine(model, EngineConfig(max_num_seqs=2, max_model_len=128)).model_config is model.config
+
+
+class _ReplayEagerly(_DecodeGraph):
+    """The CUDA-graph decode path with ``run`` called in place of a replay: everything a replay does but the
+    graph (the host buffer, padding rows, the in-step block-table gather, the argmax), on the CPU."""
+
+    def capture(self) -> None:
+        def replay():
+            self.logits, self.greedy = self.run()
+
+        self.replay = replay
+
+
+def test_graph_decode_path_pads_rows_and_equals_generate_alone(model):
+    """The engine's graph-bucket decode (one [4, size] input buffer, padding rows on the scratch slot and the
+    scratch block-table row, the argmax taken with the step) on the CPU: 7 requests through 4 slots, buckets
+    1, 2, 4 (3 running rows pad to 4), each completion == generate() alone."""
+    engine = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64))
+    assert engine.graphs == {}  # none on the CPU
+    engine.graphs = {
+        size: _ReplayEagerly(model, engine.pools, engine.block_tables, size, engine.scratch_slot, engine.scratch_row)
+        for size in _bucket_sizes(4)
+    }
+    calls = {size: 0 for size in engine.graphs}
+
+    class Counted(dict):
+        def __getitem__(self, size):
+            calls[size] += 1
+            return dict.__getitem__(self, size)
+
+    engine.graphs = Counted(engine.graphs)
+    lengths = [3, 70, 1, 130, 9, 65, 40]
+    requests = {f"r{i}": (random_prompt(n, seed=50 + i), SamplingParams(max_tokens=5 + i % 4, **GREEDY))
+                for i, n in enumerate(lengths)}
+    tokens, finished = run(engine, requests)
+    for rid, (prompt, params) in requests.items():
+        assert tokens[rid] == alone(model, prompt, params.max_tokens), rid
+        assert finished[rid].finish_reason == "length"
+    assert calls[4] > 0 and calls[2] + calls[1] > 0, calls  # full, padded and small buckets all ran
+    assert (engine.block_tables[engine.scratch_row] == engine.scratch_block).all()
+
 
 
 @pytest.mark.gpu
