@@ -288,7 +288,10 @@ class MultiheadLatentAttention(nn.Module):
     def _attend_cached(self, q, latent, k_pe, cache, cu_seqlens) -> torch.Tensor:
         """Append the new latents to the cache rows, then attend over each row's cached prefix (decompressed).
 
-        When the rows were empty (a prefill) only the new tokens exist and the cache is not read back.
+        When the rows were empty (a prefill) only the new tokens exist and the cache is not read back. Otherwise
+        each row attends on its own: its queries are the last of its keys, so the mask is the causal one aligned
+        to the lower right, which SDPA runs in its fused (flash) kernels without building a mask; a padded
+        batch of rows needs a boolean mask, which the flash kernel does not take.
         """
         B, T = q.shape[:2]
         entry = cache.layers[self.layer_idx]
@@ -312,28 +315,24 @@ class MultiheadLatentAttention(nn.Module):
         flat_pe.index_copy_(0, index, k_pe.reshape(-1, self.rope_dim).to(flat_pe.dtype))
         if max(starts_host, default=0) == 0:
             return self._attend_fresh(q, latent, k_pe, cu_seqlens, None, seg_lens)
-        N = cache.batch_size
-        if cu_seqlens is None:
-            q_rows, t_max = q, T
-        else:
-            t_max = max(max(seg_lens), 1)
-            lens = torch.tensor(seg_lens)
-            first = torch.tensor(cu_host[:-1])
-            pos = torch.arange(t_max)
-            gather = (first[:, None] + torch.minimum(pos[None, :], (lens[:, None] - 1).clamp(min=0)))
-            gather = gather.clamp(max=max(T - 1, 0)).to(q.device)  # [N, t_max]
-            q_rows = q[0][gather]  # [N, t_max, H, E]
-        n_keys = max(s + n for s, n in zip(starts_host, seg_lens or [T] * N, strict=True))
-        key_pos = torch.arange(n_keys, device=q.device)
-        key_index = self._token_index(cache, torch.arange(N, device=q.device)[:, None], key_pos[None, :])
-        k, v = self._expand(flat_latent[key_index].to(q.dtype), flat_pe[key_index].to(q.dtype))
-        q_pos = torch.arange(t_max, device=q.device)
-        mask = key_pos[None, None, :] <= (start[:, None] + q_pos)[..., None]  # [N, Tq, S]
-        o = self._attend(q_rows, k, v, mask=mask[:, None])
-        if seg_lens is None:
-            return o
-        src, _ = self._real_rows(torch.tensor(seg_lens), t_max, torch.tensor(cu_host[:-1]))
-        return o.flatten(0, 1).index_select(0, src.to(q.device))[None]  # [1, T, H, dv]
+        # Imported here: torch.nn.attention.bias pulls in torch._dynamo (and Triton) when imported.
+        from torch.nn.attention.bias import causal_lower_right
+
+        outs = []
+        for n, past in enumerate(starts_host):
+            if seg_lens is None:
+                q_n, new = q[n], T  # [T, H, E]
+            else:
+                new = seg_lens[n]
+                q_n = q[0, cu_host[n] : cu_host[n + 1]]  # [new, H, E]
+                if new == 0:
+                    continue
+            keys = self._token_index(cache, torch.full((past + new,), n, device=q.device),
+                                     torch.arange(past + new, device=q.device))  # [S]
+            k, v = self._expand(flat_latent[keys][None].to(q.dtype), flat_pe[keys][None].to(q.dtype))  # [1, S, H, ·]
+            mask = causal_lower_right(new, past + new)
+            outs.append(self._attend(q_n[None], k, v, mask=mask)[0])  # [new, H, dv]
+        return torch.stack(outs) if seg_lens is None else torch.cat(outs)[None]  # [B, T, H, dv] / [1, T, H, dv]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W_uk ``[H, dn, r]`` (keys) and W_uv ``[H, dv, r]`` (values)."""
