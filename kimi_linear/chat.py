@@ -18,6 +18,7 @@ and ``kimi_linear.generate.decode_step``.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -138,7 +139,7 @@ class ChatSession:
         self.system = system
         self.messages: list[dict] = []
         self._replies: dict[int, list[int]] = {}  # index into messages -> generated tokens
-        self._generator: torch.Generator | None = None
+        self._generator: random.Random | None = None
         self.reset()
 
     # ---- conversation --------------------------------------------------------------------------------------
@@ -254,13 +255,12 @@ class ChatSession:
         hidden = self.model.hidden_states(ids, cache=self.cache)  # [1, T, D]
         return self.model.lm_head(hidden[:, -1]).float()
 
-    def _sampling_generator(self) -> torch.Generator | None:
+    def _sampling_generator(self) -> random.Random | None:
         if self.sampling.temperature == 0:
             return None
         if self._generator is None:
             seed = self.sampling.seed
             if seed is None:
                 seed = int(torch.randint(0, 2**62, ()).item())
-            self._generator = torch.Generator(device=self.model.device)
-            self._generator.manual_seed(seed)
+            self._generator = random.Random(seed)
         return self._generator

@@ -13,6 +13,7 @@ step).
 from __future__ import annotations
 
 import math
+import random
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -54,31 +55,60 @@ def sample(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    rng: random.Random | None = None,
 ) -> torch.Tensor:
-    """Next token per row of ``logits [N, V]`` -> ``[N]`` long.
+    """Next token per row of ``logits [N, V]`` -> ``[N]`` long, one setting for all rows (see ``sample_rows``).
 
-    temperature 0 is greedy (argmax); otherwise softmax(logits / temperature) restricted to the top_k most
-    likely tokens (0 = all) and to the smallest set whose probability reaches top_p (the most likely token
-    always stays).
+    temperature 0 is greedy (argmax). Otherwise each row takes one uniform draw from ``rng`` in row order (None:
+    torch's global generator), so a seeded ``random.Random`` makes the tokens reproducible.
     """
     validate_sampling(temperature, top_k, top_p)
-    logits = logits.float()
+    N = logits.shape[0]
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
+        return logits.float().argmax(dim=-1)
+    uniforms = [rng.random() for _ in range(N)] if rng is not None else torch.rand(N, dtype=torch.float64).tolist()
+    return sample_rows(logits, [temperature] * N, [top_k] * N, [top_p] * N, uniforms)
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    temperatures: Sequence[float],
+    top_ks: Sequence[int],
+    top_ps: Sequence[float],
+    uniforms: Sequence[float],
+) -> torch.Tensor:
+    """Next token per row of ``logits [N, V]``, each row with its own settings, in one batch of kernels.
+
+    Row i with temperatures[i] = 0 takes its argmax. Otherwise the distribution is softmax(logits_i /
+    temperature_i) restricted to its top_ks[i] most likely tokens (0 = all; ties broken by the sort) and to the
+    smallest set of those whose probability reaches top_ps[i] (the most likely token always stays),
+    renormalised; the token is the one at which the cumulative probability, most likely first, passes
+    uniforms[i] in [0, 1) (inverse-CDF sampling: one number per row, drawn by the caller, so a row's tokens do
+    not depend on the other rows of the batch). Settings are the caller's to validate (``validate_sampling``).
+
+    Returns ``[N]`` long on logits' device.
+    """
+    logits = logits.float()  # [N, V]
+    N, V = logits.shape
+    device = logits.device
+    params = torch.tensor([temperatures, top_ks, top_ps, uniforms], dtype=torch.float64).to(device)  # [4, N]
+    temperature, top_k, top_p, u = params.unbind(0)
+    greedy = temperature == 0
+    scaled = logits / torch.where(greedy, 1.0, temperature).float()[:, None]
+    if all(k == 0 or k >= V for k in top_ks) and all(p >= 1 for p in top_ps):
+        order, probs = None, scaled.softmax(-1)  # no filter: no sort
+    else:
+        scaled, order = scaled.sort(dim=-1, descending=True)  # [N, V] most likely first
+        rank = torch.arange(V, device=device)
+        keep = rank[None, :] < torch.where(top_k > 0, top_k, V)[:, None]
+        probs = scaled.masked_fill(~keep, float("-inf")).softmax(-1)
         # drop a token when the tokens before it already reach top_p
-        drop = probs.cumsum(-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        keep &= (probs.cumsum(-1) - probs) < top_p.float()[:, None]
+        probs = probs.masked_fill(~keep, 0.0)
+    cdf = probs.double().cumsum(-1)  # [N, V]
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=V - 1)  # [N, 1]
+    tokens = pick[:, 0] if order is None else order.gather(-1, pick)[:, 0]
+    return torch.where(greedy, logits.argmax(-1), tokens)
 
 
 @torch.no_grad()
@@ -198,11 +228,10 @@ def generate(
     stop = set(int(t) for t in stop_tokens)
 
     device = model.device
-    generator = None
+    rng = None
     if temperature > 0:
-        generator = torch.Generator(device=device)
         # Without a seed, draw one from torch's global generator (reproducible under torch.manual_seed).
-        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        rng = random.Random(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
     N = len(prompts)
     # Room for the warm-up steps of the graph capture; prefill starts from the reset (empty) cache anyway.
     cache = KimiLinearCache(
@@ -224,7 +253,7 @@ def generate(
     outputs: list[list[int]] = [[] for _ in range(N)]
     done = [False] * N
     for i in range(max_new_tokens):
-        tokens = sample(logits, temperature, top_k, top_p, generator)  # [N]
+        tokens = sample(logits, temperature, top_k, top_p, rng)  # [N]
         host = tokens.tolist()
         for n, t in enumerate(host):
             if done[n]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from kimi_linear.cache import KimiLinearCache
-from kimi_linear.generate import decode_step, generate, prefill, sample
+from kimi_linear.generate import decode_step, generate, prefill, sample, sample_rows
 from tests.test_model import make_model
 from tests.utils import rel_err
 
@@ -92,15 +94,16 @@ def test_sampling_controls(model):
     assert a == b and a != greedy
 
     gen = torch.Generator().manual_seed(0)
+    rng = random.Random(0)
     logits = torch.randn(4, 50, generator=gen)
     top3 = logits.topk(3).indices
-    draws = torch.stack([sample(logits, temperature=2.0, top_k=3, generator=gen) for _ in range(200)], 1)
+    draws = torch.stack([sample(logits, temperature=2.0, top_k=3, rng=rng) for _ in range(200)], 1)
     assert all(set(draws[i].tolist()) <= set(top3[i].tolist()) for i in range(4))
     assert len(set(draws[0].tolist())) > 1  # really sampling
     probs = logits.softmax(-1)
     sorted_p, order = probs.sort(-1, descending=True)
     keep = (sorted_p.cumsum(-1) - sorted_p) < 0.5  # the nucleus of top_p = 0.5
-    draws = torch.stack([sample(logits, temperature=1.0, top_p=0.5, generator=gen) for _ in range(200)], 1)
+    draws = torch.stack([sample(logits, temperature=1.0, top_p=0.5, rng=rng) for _ in range(200)], 1)
     for i in range(4):
         assert set(draws[i].tolist()) <= set(order[i][keep[i]].tolist())
 
@@ -209,3 +212,36 @@ def test_cuda_generate_fp32_same_tokens_with_or_without_graph():
         graphed = generate(model, PROMPTS, max_new_tokens=10, stop_tokens=[], use_cuda_graph=True)
     eager = generate(model, PROMPTS, max_new_tokens=10, stop_tokens=[], use_cuda_graph=False)
     assert graphed == eager
+
+
+def test_sample_rows_inverse_cdf_per_row_settings():
+    """Each row with its own settings in one batch: the token where the cumulative probability (most likely
+    first, after top-k / top-p, renormalised) passes the row's uniform number; greedy rows take the argmax."""
+    probs = torch.tensor([0.2, 0.5, 0.3])  # by likelihood: token 1 (0.5), token 2 (0.3), token 0 (0.2)
+    logits = probs.log()[None].repeat(7, 1)
+    got = sample_rows(
+        logits,
+        temperatures=[1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0],
+        top_ks=[0, 0, 0, 2, 0, 0, 1],
+        top_ps=[1.0, 1.0, 1.0, 1.0, 0.6, 1.0, 1.0],
+        uniforms=[0.1, 0.6, 0.85, 0.7, 0.9, 0.99, 0.99],
+    ).tolist()
+    # cdf 0.5 / 0.8 / 1.0; top-2 renormalised: 0.625 / 1.0; top_p 0.6 keeps tokens 1 and 2 (0.5 < 0.6)
+    assert got == [1, 2, 0, 2, 2, 1, 1]
+
+
+def test_sample_rows_frequencies_follow_the_distribution():
+    """4,000 uniform draws per row: frequencies within 5 standard errors of softmax(logits / T) restricted."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 6, generator=gen)
+    n = 4000
+    u = torch.rand(n, generator=gen, dtype=torch.float64).tolist()
+    rows = logits.repeat_interleave(n, 0)
+    draws = sample_rows(rows, [0.7] * n + [1.5] * n, [0] * n + [3] * n, [1.0] * 2 * n, u + u).view(2, n)
+    want0 = (logits[0] / 0.7).softmax(-1)
+    top3 = (logits[1] / 1.5).topk(3)
+    want1 = torch.zeros(6).scatter(0, top3.indices, top3.values.softmax(-1))
+    for row, want in ((draws[0], want0), (draws[1], want1)):
+        freq = torch.bincount(row, minlength=6).float() / n
+        se = (want * (1 - want) / n).sqrt()
+        assert ((freq - want).abs() <= 5 * se + 1e-9).all(), (freq, want)

@@ -27,13 +27,15 @@ A step (``step``):
 
 Exactness: a sequence's computation never depends on its batch neighbours (packed varlen prefill, per-row
 decode, its own slot and blocks); the prefix cache restores exactly the state and latents the prefix
-produced. Sampling uses one ``torch.Generator`` per request (seeded by ``SamplingParams.seed``), so sampled
+produced. Sampling takes one uniform number per token from the request's own ``random.Random`` (seeded by
+``SamplingParams.seed``) and samples every row of a step in one batch (``generate.sample_rows``), so sampled
 tokens do not depend on the batch either.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 import traceback
@@ -46,7 +48,7 @@ import torch
 
 from kimi_linear.cache import KimiLinearCache, cache_bytes, layer_cache_layout
 from kimi_linear.config import KimiLinearConfig
-from kimi_linear.generate import decode_step, sample, validate_sampling
+from kimi_linear.generate import decode_step, sample_rows, validate_sampling
 from kimi_linear.serve.prefix_cache import PrefixCache
 
 KDA_CHUNK = 64  # prefix-cache boundaries are multiples of the KDA chunk kernel's chunk size
@@ -130,7 +132,7 @@ class _Sequence:
     prompt: list[int]
     params: SamplingParams
     stop: frozenset[int]
-    generator: torch.Generator | None
+    rng: random.Random | None  # the request's sampling draws (None: greedy)
     arrival: float
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     slot: int = -1
@@ -364,13 +366,11 @@ class Engine:
             )
         if not all(0 <= t < vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, vocab_size={vocab})")
-        generator = None
+        rng = None
         if params.temperature > 0:
-            generator = torch.Generator(device=self.device)
-            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            generator.manual_seed(seed)
+            rng = random.Random(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
         stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self._eos))
-        seq = _Sequence(request_id, prompt, params, stop, generator, time.monotonic(), tokens=list(prompt))
+        seq = _Sequence(request_id, prompt, params, stop, rng, time.monotonic(), tokens=list(prompt))
         with self._lock:
             if request_id in self._known:
                 raise ValueError(f"request id {request_id!r} is already in use")
@@ -627,26 +627,30 @@ class Engine:
                 self._finish(seq, reason, events, token=token)
 
     def _sample(self, seqs, logits: torch.Tensor, argmax: torch.Tensor | None = None) -> list:
-        """Next token per sequence (an exception in place of a token for a request whose sampling failed)."""
-        greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
-        out: list = [None] * len(seqs)
-        if greedy and argmax is not None:
-            picked = argmax.tolist()
-            for i in greedy:
-                out[i] = picked[i]
-        elif greedy:
-            picked = logits[torch.tensor(greedy, device=logits.device)].argmax(-1).tolist()
-            for i, t in zip(greedy, picked, strict=True):
-                out[i] = t
-        for i, s in enumerate(seqs):
-            if out[i] is not None:
-                continue
-            p = s.params
-            try:
-                out[i] = int(sample(logits[i : i + 1], p.temperature, p.top_k, p.top_p, s.generator)[0])
-            except Exception as e:  # noqa: BLE001 - finishes this request only
-                out[i] = e
-        return out
+        """Next token per sequence: all of them in one batch (``sample_rows``, one uniform draw from each
+        sampling request's own generator), or the argmax the graph took when every request is greedy. If the
+        batch fails, the rows are sampled one at a time, and a request whose own sampling fails gets the
+        exception in place of its token."""
+        if argmax is not None and all(s.params.temperature == 0 for s in seqs):
+            return argmax.tolist()
+        draws = [s.rng.random() if s.rng is not None else 0.0 for s in seqs]
+
+        def rows(idx):
+            p = [seqs[i].params for i in idx]
+            rows_logits = logits if len(idx) == len(seqs) else logits[idx]
+            return sample_rows(rows_logits, [q.temperature for q in p], [q.top_k for q in p],
+                               [q.top_p for q in p], [draws[i] for i in idx]).tolist()
+
+        try:
+            return rows(list(range(len(seqs))))
+        except Exception:  # noqa: BLE001 - find the requests whose sampling fails; the others go on
+            out: list = []
+            for i in range(len(seqs)):
+                try:
+                    out.append(rows([i])[0])
+                except Exception as e:  # noqa: BLE001 - finishes this request only
+                    out.append(e)
+            return out
 
     def _finish(self, seq: _Sequence, reason: str, events, token: int | None = None, error: str | None = None):
         if seq in self.running:

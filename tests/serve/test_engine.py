@@ -244,14 +244,14 @@ def test_failing_requests_do_not_stop_the_engine(model, monkeypatch):
     # a sampling failure finishes only its request
     import kimi_linear.serve.engine as engine_module
 
-    real_sample = engine_module.sample
+    real_sample = engine_module.sample_rows
 
-    def flaky_sample(logits, temperature, top_k, top_p, generator):
-        if temperature == 0.5:
+    def flaky_sample(logits, temperatures, top_ks, top_ps, uniforms):
+        if 0.5 in temperatures:
             raise RuntimeError("sampler exploded")
-        return real_sample(logits, temperature, top_k, top_p, generator)
+        return real_sample(logits, temperatures, top_ks, top_ps, uniforms)
 
-    monkeypatch.setattr(engine_module, "sample", flaky_sample)
+    monkeypatch.setattr(engine_module, "sample_rows", flaky_sample)
     requests = {rid: (p, SamplingParams(max_tokens=5, **GREEDY)) for rid, p in prompts.items()}
     requests["bad"] = (random_prompt(9, seed=70), SamplingParams(max_tokens=5, temperature=0.5))
     tokens, finished = run(engine, requests)
