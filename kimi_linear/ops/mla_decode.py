@@ -171,6 +171,20 @@ def mla_decode_attention(
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     backend = resolve_backend(backend, latent_cache)
+    if torch.compiler.is_compiling():
+        # Opaque to torch.compile (Dynamo cannot trace the Triton launch): the registered op, default launch.
+        if launch is not None:
+            raise ValueError("launch cannot be given under torch.compile (the registered op takes num_splits only)")
+        return torch.ops.kimi_linear.mla_decode_attention(
+            q_latent, q_pe, latent_cache, pe_cache, lengths, float(scale), backend, block_table, num_splits
+        )
+    return _mla_decode_core(q_latent, q_pe, latent_cache, pe_cache, lengths, scale, backend, block_table, num_splits,
+                            launch)
+
+
+def _mla_decode_core(q_latent, q_pe, latent_cache, pe_cache, lengths, scale, backend, block_table, num_splits,
+                     launch=None) -> torch.Tensor:
+    """``mla_decode_attention`` on validated arguments and a resolved backend."""
     if backend == "triton":
         from kimi_linear.ops.mla_decode_triton import mla_decode_attention_triton
 
@@ -181,6 +195,20 @@ def mla_decode_attention(
             q_latent, q_pe, latent_cache, pe_cache, lengths, scale, launch, block_table
         )
     return mla_decode_attention_reference(q_latent, q_pe, latent_cache, pe_cache, lengths, scale, block_table)
+
+
+@torch.library.custom_op("kimi_linear::mla_decode_attention", mutates_args=())
+def _mla_decode_op(
+    q_latent: torch.Tensor, q_pe: torch.Tensor, latent_cache: torch.Tensor, pe_cache: torch.Tensor,
+    lengths: torch.Tensor, scale: float, backend: str, block_table: torch.Tensor | None, num_splits: int | None,
+) -> torch.Tensor:
+    """What torch.compile sees in place of ``mla_decode_attention`` (called by it while compiling)."""
+    return _mla_decode_core(q_latent, q_pe, latent_cache, pe_cache, lengths, scale, backend, block_table, num_splits)
+
+
+@_mla_decode_op.register_fake
+def _(q_latent, q_pe, latent_cache, pe_cache, lengths, scale, backend, block_table, num_splits):
+    return q_latent.new_empty(q_latent.shape, dtype=latent_cache.dtype)
 
 
 def _validate(q_latent, q_pe, latent_cache, pe_cache, lengths, block_table=None) -> None:
