@@ -121,6 +121,7 @@ class ChatSession:
         tools: list[dict] | None = None,
         stop_token_ids: list[int] | None = None,
     ):
+        model.pack_for_inference()
         config = model.config
         if max_length is None:
             max_length = min(config.model_max_length, 32768)

@@ -227,6 +227,7 @@ def generate(
         stop_tokens = [] if config.eos_token_id is None else [config.eos_token_id]
     stop = set(int(t) for t in stop_tokens)
 
+    model.pack_for_inference()
     device = model.device
     rng = None
     if temperature > 0:

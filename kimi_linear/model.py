@@ -339,6 +339,14 @@ class KimiLinearForCausalLM(nn.Module):
             layer.checkpoint_mixer = layer.layer_type in parts
             layer.checkpoint_ffn = ("moe" if layer.is_moe else "mlp") in parts
 
+    def pack_for_inference(self) -> None:
+        """Pack each KDA layer's input projections into one matrix (``KimiDeltaAttention.pack_input_projections``):
+        the same parameters and values, one matmul per layer in forwards without autograd. ``generate``, the chat
+        session and the serving engine call it; idempotent."""
+        for module in self.modules():
+            if hasattr(module, "pack_input_projections") and module._packed_weight() is None:
+                module.pack_input_projections()
+
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count; ``active=True`` counts only the routed experts a token uses (top-k of E)."""
         total, act = count_parameters(self.config)

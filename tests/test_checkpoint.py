@@ -95,6 +95,20 @@ def test_single_file_and_resave_removes_stale_shards(tmp_path):
         assert f.get_tensor("model.layers.0.self_attn.dt_bias").dtype == torch.float32
 
 
+def test_a_model_packed_for_inference_saves_and_loads(tmp_path):
+    """pack_for_inference makes weights views of one storage; saving writes each tensor and the loaded model
+    computes the same logits."""
+    model = make_model(seed=12)
+    ids = random_ids(2, 9, model.config, seed=1)
+    with torch.no_grad():
+        want = model(ids).logits
+    model.pack_for_inference()
+    model.save_pretrained(tmp_path)
+    loaded = KimiLinearForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
 def test_tied_embeddings_save_one_tensor(tmp_path):
     model = make_model(seed=5, tie_word_embeddings=True)
     model.save_pretrained(tmp_path)

@@ -96,6 +96,7 @@ class KimiDeltaAttention(nn.Module):
         self.o_norm = nn.Module()
         self.o_norm.weight = nn.Parameter(torch.ones(K))
         self.o_proj = nn.Linear(H * K, D, bias=False)
+        self._packed_input: torch.Tensor | None = None  # see pack_input_projections
         self.reset_gate_parameters()
 
     @torch.no_grad()
@@ -111,12 +112,73 @@ class KimiDeltaAttention(nn.Module):
         # The gate parameters stay fp32 whatever dtype the rest of the model is cast to (as in the release);
         # the fp32 values from before the cast are kept, not a round trip through the lower precision.
         before = {name: getattr(self, name).data for name in ("A_log", "dt_bias")}
+        packed = self._packed_input is not None
         super()._apply(fn, *args, **kwargs)
         for name, old in before.items():
             p = getattr(self, name)
             if old.dtype == torch.float32 and p.dtype != torch.float32:
                 p.data = old.to(p.device)
+        if packed:  # the cast gave each weight its own tensor: pack the new ones
+            self.pack_input_projections()
         return self
+
+    def _input_projections(self) -> list[nn.Linear]:
+        """The projections that read x, in the order of the packed matrix's rows."""
+        return [self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.b_proj] + (
+            [self.g_a_proj] if self.use_output_gate else []
+        )
+
+    @torch.no_grad()
+    def pack_input_projections(self) -> None:
+        """Inference layout: the weights of the projections that read x become row blocks (views) of one matrix
+        ``[3·H·K + K + H (+ K), D]``, so a forward without autograd makes one matmul for all of them: at decode
+        an M = 1 matmul of a small matrix reads its weights at a fraction of the copy bandwidth (one matrix
+        instead of six is about 3x faster at the 0.75b size; benchmarks/RESULTS.md, "Serving"). The parameters,
+        their names and values stay as they are, and no memory is added. Forwards with autograd keep computing
+        the projections one by one. A weight replaced later (not updated in place) undoes the packing."""
+        linears = self._input_projections()
+        if any(type(m.weight.data) is not torch.Tensor for m in linears):
+            return  # sharded (DTensor) or otherwise wrapped weights stay as they are
+        packed = torch.cat([m.weight.detach() for m in linears])  # [ΣN, D]
+        row = 0
+        for m in linears:
+            n = m.weight.shape[0]
+            # the same Parameter object, its data now a view: optimizers and hooks holding it stay valid, and
+            # in-place updates of the weight update the packed matrix
+            m.weight.data = packed[row : row + n]
+            row += n
+        self._packed_input = packed
+
+    def _packed_weight(self) -> torch.Tensor | None:
+        """The packed matrix, while every input projection's weight is still its view (host-side checks only)."""
+        packed = self._packed_input
+        if packed is None or torch.compiler.is_compiling():  # Dynamo cannot trace storage pointers
+            return packed
+        base, row = packed.untyped_storage().data_ptr(), 0
+        for m in self._input_projections():
+            w = m.weight
+            if (w.untyped_storage().data_ptr() != base or w.storage_offset() != row * packed.shape[1]
+                    or w.dtype != packed.dtype):
+                return None
+            row += w.shape[0]
+        return packed
+
+    def _projections(self, x: torch.Tensor, decoding: bool):
+        """``(qkv [B, T, 3·H·K], f_low [B, T, K], beta_logits [B, T, H], g_low [B, T, K] or None)`` of x; g_low only
+        from the packed matrix (unpacked, the output gate's projection runs after the mixer, as in training, so
+        that the gradient of x sums in the same order)."""
+        HK, K, H = self.qkv_dim, self.head_dim, self.num_heads
+        packed = None if torch.is_grad_enabled() else self._packed_weight()
+        if packed is None:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3·H·K]
+            return qkv, self.f_a_proj(x), self.b_proj(x), None
+        y = F.linear(x, packed)  # [B, T, ΣN]
+        sizes = [3 * HK, K, H] + ([K] if self.use_output_gate else [])
+        parts = y.split(sizes, dim=-1)
+        if not decoding:  # the chunk path's kernels take contiguous rows; the decode kernel takes strides
+            parts = [t.contiguous() for t in parts]
+        qkv, f_low, beta_logits = parts[:3]
+        return qkv, f_low, beta_logits, parts[3] if self.use_output_gate else None
 
     def conv_weight(self) -> torch.Tensor:
         """The three depthwise filters stacked: ``[3·H·K, W]``."""
@@ -154,9 +216,7 @@ class KimiDeltaAttention(nn.Module):
         in_place = layer_cache is not None and cache.identity_rows
 
         x = autocast_input(x)  # one low-precision copy of x for all the projections, not one each
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3·H·K]
-        f_low = self.f_a_proj(x)  # [B, T, K]
-        beta_logits = self.b_proj(x)  # [B, T, H]
+        qkv, f_low, beta_logits, g_low = self._projections(x, decoding)
 
         if decoding:
             # Everything between the projections and o_proj in one op, the pools updated in place at the rows'
@@ -168,7 +228,8 @@ class KimiDeltaAttention(nn.Module):
                 f_b_weight=self.f_b_proj.weight, A_log=self.A_log, dt_bias=self.dt_bias,
                 norm_weight=self.o_norm.weight, conv_pool=layer_cache["conv"] if conv else None,
                 conv_weights=(self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight) if conv else None,
-                g_low=self.g_a_proj(x)[:, 0] if gate else None, g_b_weight=self.g_b_proj.weight if gate else None,
+                g_low=(self.g_a_proj(x) if g_low is None else g_low)[:, 0] if gate else None,
+                g_b_weight=self.g_b_proj.weight if gate else None,
                 eps=self.config.rms_norm_eps, backend=self.decode_backend,
             )  # [B, H·V]
             return self.o_proj(o[:, None])
@@ -201,7 +262,8 @@ class KimiDeltaAttention(nn.Module):
             o, _ = chunk_kda(q, k, v, g, beta, cu_seqlens=cu_seqlens)
 
         # The output norm and gate are recomputed in backward too: only o and the low-rank gate input are kept.
-        g_low = self.g_a_proj(x) if self.use_output_gate else None  # [B, T, K]
+        if g_low is None and self.use_output_gate:
+            g_low = self.g_a_proj(x)  # [B, T, K]
         g_b_weight = self.g_b_proj.weight if self.use_output_gate else None
         o = recompute(self._gated_norm, o, g_low, self.o_norm.weight, g_b_weight)  # [B, T, H·V]
         return self.o_proj(o)

@@ -224,6 +224,7 @@ class Engine:
     """
 
     def __init__(self, model, config: EngineConfig = EngineConfig()):
+        model.pack_for_inference()
         self.model = model
         self.config = config
         mc: KimiLinearConfig = model.config

@@ -196,6 +196,68 @@ def test_kda_layer_decode_and_varlen_match_full_forward():
         assert rel_err(packed[0, 5:], full[1]) < 1e-5
 
 
+@pytest.mark.parametrize("overrides", [{}, {"use_output_gate": False}, {"mixer": "gdn"}],
+                         ids=["kda", "no-output-gate", "gdn"])
+def test_packed_input_projections_same_layer_one_matmul(overrides):
+    """pack_input_projections: the projections' weights become views of one matrix (same names, values and
+    storage size); inference forwards (prefill + decode steps) then match the unpacked layer; a cast re-packs,
+    a replaced weight undoes the packing (its new values are used); autograd still reaches every weight."""
+    config = small_config(**overrides)
+    layer = randomised_layer(config, seed=17)
+    ref = randomised_layer(config, seed=17)
+    before = {n: p.clone() for n, p in layer.state_dict().items()}
+    layer.pack_input_projections()
+    packed = layer._packed_weight()
+    assert packed is not None and packed.shape == (3 * 2 * 16 + 16 + 2 + (16 if config.use_output_gate else 0), 48)
+    after = layer.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+    assert all(m.weight.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+               for m in layer._input_projections())
+    calls = []
+    real_linear = kda_module.F.linear
+
+    def counting(x, w, *args):
+        calls.append(tuple(w.shape))
+        return real_linear(x, w, *args)
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 20, 48, generator=gen)
+
+    def prefill_and_decode(m):
+        with torch.no_grad():
+            cache = KimiLinearCache(config, batch_size=2, max_length=24)
+            out = [m(x[:, :13], cache=cache)]
+            out += [m(x[:, t : t + 1], cache=cache) for t in range(13, 20)]
+        return torch.cat(out, 1)
+
+    want = prefill_and_decode(ref)
+    kda_module.F.linear = counting
+    try:
+        got = prefill_and_decode(layer)
+    finally:
+        kda_module.F.linear = real_linear
+    assert rel_err(got, want) < TOL
+    assert calls.count(tuple(packed.shape)) == 8  # one packed matmul per forward: the prefill and 7 steps
+    layer.double()
+    assert layer._packed_weight() is not None and layer._packed_weight().dtype == torch.float64
+    with torch.no_grad():
+        assert rel_err(layer(x.double()), ref.double()(x.double())) < TOL
+        layer.q_proj.weight.data = layer.q_proj.weight.data * 2  # replaced, not updated in place
+        ref.q_proj.weight.data = ref.q_proj.weight.data * 2
+    assert layer._packed_weight() is None
+    with torch.no_grad():
+        assert rel_err(layer(x.double()), ref(x.double())) < TOL
+    params = [m.weight for m in layer._input_projections()]
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer.pack_input_projections()
+    assert [m.weight for m in layer._input_projections()] == params  # the same Parameter objects
+    layer(x.double()).square().sum().backward()  # with autograd: the projections one by one, as in training
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    optimizer.step()  # updates the weights in place: the packed matrix follows
+    packed = layer._packed_weight()
+    assert packed is not None and torch.equal(packed[: params[0].shape[0]], params[0])
+
+
 def test_kda_gate_parameters_stay_fp32():
     layer = randomised_layer(small_config())
     A_log, dt_bias = layer.A_log.detach().clone(), layer.dt_bias.detach().clone()
