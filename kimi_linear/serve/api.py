@@ -90,19 +90,31 @@ class EngineLoop:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+        """The thread runs and so does the engine (an ``EngineProcess`` whose process died is not alive)."""
+        return (self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+                and getattr(self.engine, "alive", True))
 
     # -- called from the event loop
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
-        """``engine.add_request`` and a queue that receives the request's events; raises what it raises."""
+    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+        """``engine.add_request`` and a queue that receives the request's events; raises what it raises.
+
+        An engine with ``add_request_future`` (``EngineProcess``) is awaited rather than waited for: its answer
+        comes from another process between two of its steps, and the event loop serves the other requests
+        meanwhile."""
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         with self._lock:
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        add_future = getattr(self.engine, "add_request_future", None)
         try:
-            self.engine.add_request(request_id, prompt_ids, params)
-        except BaseException:
+            if add_future is None:
+                self.engine.add_request(request_id, prompt_ids, params)
+            else:
+                await asyncio.wrap_future(add_future(request_id, prompt_ids, params))
+        except BaseException as e:
             with self._lock:
                 self._streams.pop(request_id, None)
+            if isinstance(e, asyncio.CancelledError):  # the engine may have queued it: nobody would read it
+                self.engine.abort(request_id)
             raise
         self._wake.set()
         return queue
@@ -453,17 +465,19 @@ class Server:
             raise APIError(400, str(e)) from None
 
     # -- running a request
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
         if not self.loop.alive:
             raise APIError(503, "the engine is not running", type="server_error")
         try:
-            return self.loop.submit(request_id, prompt_ids, params)
+            return await self.loop.submit(request_id, prompt_ids, params)
         except QueueFullError as e:
             self.rejected["queue_full"] += 1
             raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full") from None
         except ValueError as e:
             self.rejected["invalid"] += 1
             raise APIError(400, str(e)) from None
+        except RuntimeError as e:  # the engine's process died meanwhile
+            raise APIError(503, f"the engine is not running: {e}", type="server_error") from None
 
     async def pieces(self, request: Request, request_id: str, queue: asyncio.Queue, num_prompt: int,
                      stops: list[str]) -> AsyncIterator[Piece]:
@@ -632,7 +646,9 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
     @app.get("/health")
     async def health():
         if not server.loop.alive:
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
+            death = getattr(engine, "death", None)  # an EngineProcess's child that died
+            return JSONResponse({"status": "engine stopped", **({"error": death} if death else {})},
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -661,7 +677,7 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
             default_stop_ids = ()
         params = server.sampling_params(body, prompt_ids, max_tokens, default_stop_ids)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        queue = server.submit(request_id, prompt_ids, params)
+        queue = await server.submit(request_id, prompt_ids, params)
         pieces = server.pieces(request, request_id, queue, len(prompt_ids), stops)
         head = {"id": request_id, "created": int(time.time()), "model": settings.model_name}
         if body.stream:
