@@ -1,4 +1,9 @@
-"""`kimi-linear serve`: an OpenAI-compatible HTTP server over a checkpoint folder (continuous batching)."""
+"""`kimi-linear serve`: an OpenAI-compatible HTTP server over a checkpoint folder (continuous batching).
+
+Two processes: this one serves HTTP (FastAPI on uvicorn, ``serve.api``) with the checkpoint's config and tokenizer
+but not its weights; the engine (``serve.engine.Engine`` over the loaded model) runs in a spawned child
+(``serve.engine_process.EngineProcess``), so stepping it does not compete with the HTTP event loop for one GIL.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ def add_parser(subparsers) -> None:
         help="serve a checkpoint over the OpenAI HTTP API",
         description="Loads --checkpoint and serves POST /v1/completions, POST /v1/chat/completions, "
         "GET /v1/models, GET /health and GET /metrics. Requests are batched continuously on --max-num-seqs "
-        "KDA state slots with a paged MLA latent cache; prompts sharing a prefix reuse it exactly. SIGTERM "
+        "KDA state slots with a paged MLA latent cache; prompts sharing a prefix reuse it exactly. The engine "
+        "runs in a child process (the HTTP process does not load the weights); if it dies, the requests in "
+        "flight fail and the server exits with status 1. SIGTERM "
         "stops accepting connections, lets running requests finish (up to --drain-timeout) and exits. "
         "Engine settings left out take the engine's defaults (kimi_linear.serve.engine.EngineConfig).",
     )
@@ -84,13 +91,14 @@ def engine_config(args: argparse.Namespace, model_max_length: int):
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    import threading
 
     import torch
     import uvicorn
 
-    from kimi_linear.model import KimiLinearForCausalLM
+    from kimi_linear.config import KimiLinearConfig
     from kimi_linear.serve.api import ServerSettings, create_app
-    from kimi_linear.serve.engine import Engine
+    from kimi_linear.serve.engine_process import EngineProcess, load_engine
     from kimi_linear.tokenizer import load_tokenizer
 
     set_threads(args)
@@ -105,33 +113,53 @@ def run(args: argparse.Namespace) -> int:
         torch, args.dtype
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logger = logging.getLogger("kimi_linear.serve")
 
-    model = KimiLinearForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
-    config = engine_config(args, model.config.model_max_length)
-    # The engine checks its memory budget here and raises ValueError naming the setting that does not fit.
-    engine = Engine(model, config)
-    tokenizer = load_tokenizer(args.checkpoint, model.config)
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
-    app = create_app(engine, tokenizer, ServerSettings(model_name=name, max_model_len=config.max_model_len))
+    # This process serves HTTP only: it needs the model's config (vocabulary, context) and the tokenizer, not
+    # the weights, which the engine process loads.
+    model_config = KimiLinearConfig.from_hf(args.checkpoint)
+    config = engine_config(args, model_config.model_max_length)
+    tokenizer = load_tokenizer(args.checkpoint, model_config)
+    # The engine checks its memory budget as it starts and raises ValueError naming the setting that does not
+    # fit; EngineProcess raises it here.
+    engine = EngineProcess(
+        load_engine, (args.checkpoint, config, str(device), str(dtype).removeprefix("torch."), args.threads)
+    )
+    try:
+        name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
+        app = create_app(engine, tokenizer, ServerSettings(model_name=name, max_model_len=config.max_model_len))
+        uv_config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=args.drain_timeout,
+            access_log=args.log_level == "debug",
+        )
+        server = uvicorn.Server(uv_config)
 
-    uv_config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=args.drain_timeout,
-        access_log=args.log_level == "debug",
-    )
-    server = uvicorn.Server(uv_config)
-    print(
-        f"kimi-linear serve: {name} on http://{args.host}:{args.port} ({device}, "
-        f"{str(dtype).removeprefix('torch.')}, {config.max_num_seqs} slots, max_model_len "
-        f"{config.max_model_len}, prefix caching {'on' if config.enable_prefix_caching else 'off'})",
-        file=sys.stderr,
-        flush=True,
-    )
-    # uvicorn drains on SIGTERM/SIGINT and then re-raises the signal it caught under the handler that was in
-    # place before it started; a no-op handler makes a drained shutdown exit normally (status 0).
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server.run()
+        def stop_when_the_engine_dies() -> None:
+            engine.exited.wait()
+            if engine.death is not None:  # the requests in flight have been failed by the engine loop
+                logger.error("%s; shutting the server down", engine.death)
+                server.should_exit = True
+
+        threading.Thread(target=stop_when_the_engine_dies, name="kimi-linear-engine-watch", daemon=True).start()
+        print(
+            f"kimi-linear serve: {name} on http://{args.host}:{args.port} ({device}, "
+            f"{str(dtype).removeprefix('torch.')}, {config.max_num_seqs} slots, max_model_len "
+            f"{config.max_model_len}, prefix caching {'on' if config.enable_prefix_caching else 'off'}, "
+            f"engine process {engine.pid})",
+            file=sys.stderr,
+            flush=True,
+        )
+        # uvicorn drains on SIGTERM/SIGINT and then re-raises the signal it caught under the handler that was in
+        # place before it started; a no-op handler makes a drained shutdown exit normally (status 0).
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        server.run()
+    finally:
+        engine.close()
+    if engine.death is not None:
+        print(f"kimi-linear serve: error: {engine.death}", file=sys.stderr, flush=True)
+        return 1
     return 0
