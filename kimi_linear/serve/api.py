@@ -592,8 +592,15 @@ def _fmt(value) -> str:
     return str(value) if isinstance(value, int) else f"{value:.6g}"
 
 
+# Characters JSON leaves raw that str.splitlines (and so httpx's iter_lines) takes for line ends: escaped, so an
+# event stays one line for such clients too.
+_SPLITLINES_ESCAPES = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+    if not isinstance(payload, str):
+        payload = json.dumps(payload, ensure_ascii=False).translate(_SPLITLINES_ESCAPES)
+    return f"data: {payload}\n\n"
 
 
 def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:

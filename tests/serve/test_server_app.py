@@ -7,6 +7,7 @@ test_server.py.
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 
@@ -176,6 +177,18 @@ def test_tokens_waiting_in_the_queue_come_out_as_one_piece():
     pieces = asyncio.run(drain(["y fam"], len(text)))
     assert [(p.text, p.finish_reason) for p in pieces] == [("happ", "stop")]
     assert "r" in server.engine.aborted
+
+
+def test_an_event_is_one_line_for_clients_that_split_on_unicode_line_ends():
+    """U+0085, U+2028 and U+2029 are legal raw in JSON, but str.splitlines (httpx's iter_lines) ends lines there."""
+    from httpx._decoders import LineDecoder
+
+    from kimi_linear.serve.api import _sse
+
+    text = "a\x85b\u2028c\u2029d\u00e9\u4e2d"
+    lines = [line for line in LineDecoder().decode(_sse({"text": text})) if line]
+    assert len(lines) == 1 and json.loads(lines[0][len("data: "):]) == {"text": text}
+    assert "\u00e9\u4e2d" in lines[0]  # other non-ASCII text stays raw
 
 
 def test_load_generator_lengths_and_percentiles():
