@@ -139,6 +139,20 @@ def test_a_failing_step_fails_only_the_requests_in_flight(client):
     assert "kimi_linear_engine_step_errors_total 1" in client.get("/metrics").text
 
 
+def test_an_engine_that_is_not_alive_makes_health_and_requests_503():
+    """An EngineProcess whose child died says so through ``alive`` and ``death``."""
+    config = KimiLinearConfig.from_preset("debug")
+    engine = ScriptedEngine(config)
+    app = create_app(engine, ByteTokenizer(config), ServerSettings(model_name="scripted", max_model_len=256))
+    with TestClient(app) as c:
+        assert c.get("/health").json() == {"status": "ok"}
+        engine.alive, engine.death = False, "the engine process died (killed by signal 9)"
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "engine stopped", "error": engine.death}
+        r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+
+
 def test_a_request_the_engine_finishes_with_error(client):
     r = client.post("/v1/completions", json={"prompt": [256, FAIL_REQUEST], "max_tokens": 5})
     assert r.status_code == 500 and "scripted request failure" in r.json()["error"]["message"]
