@@ -3,7 +3,10 @@
 * ``EngineLoop`` runs ``engine.step()`` in one background thread. Request handlers submit with
   ``EngineLoop.submit`` (``engine.add_request`` plus a per-request ``asyncio.Queue``) and read that request's
   ``TokenEvent``s from the queue; a handler that stops early (client gone, stop string matched) calls
-  ``EngineLoop.abort``, and the engine frees the slot at its next step.
+  ``EngineLoop.abort``, and the engine frees the slot at its next step. ``kimi-linear serve`` hands it an
+  ``EngineProcess`` (``serve.engine_process``): the engine steps in a child process, ``step()`` only waits for
+  that step's events, and this process's GIL is left to HTTP (an in-process ``Engine`` also works, as in the
+  tests, but its Python then competes with the event loop for the GIL).
 * ``create_app`` builds the FastAPI app: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the
   checkpoint's chat template), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format).
   Streaming responses are server-sent events ending in ``data: [DONE]``; errors are OpenAI-style bodies
@@ -56,8 +59,9 @@ class EngineLoop:
     """Runs ``engine.step()`` in one background thread and routes each ``TokenEvent`` to its request's queue.
 
     ``submit`` and ``abort`` are called from the asyncio event loop; everything the thread hands back goes
-    through ``loop.call_soon_threadsafe``. If ``step()`` itself raises (a bug outside any one request), every
-    request in flight is finished with ``"error"`` and aborted, and the thread keeps serving new requests.
+    through ``loop.call_soon_threadsafe``. If ``step()`` itself raises (a bug outside any one request, or an
+    ``EngineProcess`` whose process died), every request in flight is finished with ``"error"`` and aborted, and
+    the thread keeps serving new requests (none, once the engine is not ``alive``: they get 503).
     """
 
     def __init__(self, engine, idle_wait_s: float = 0.05):
