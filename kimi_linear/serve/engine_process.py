@@ -21,7 +21,7 @@ order. Sends are serialized by a lock. If the child dies, waiting and later call
 ``step()`` raises once so the caller fails the requests in flight, and ``exited`` is set.
 
 Messages (tuples, first item the kind). Parent -> child: ``("add", seq, request_id, prompt_ids, params)``,
-``("abort", request_id)``, ``("stop",)``. Child -> parent: ``("ready", model_config, engine_config, stats)`` or
+``("abort", request_id)``, ``("stop",)``. Child -> parent: ``("ready", model_config, engine_config, stats, info)`` or
 ``("failed", exception)`` once at start; then ``("added", [(seq, exception or None), ...])`` and
 ``("step", events, stats, exception or None)``, an event being a ``TokenEvent``'s fields as a tuple.
 """
@@ -41,9 +41,10 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+from typing import TYPE_CHECKING
 
-from kimi_linear.serve.engine import EngineStats, SamplingParams, TokenEvent
+if TYPE_CHECKING:  # imported where used: importing this module does not import torch (see EngineProcess)
+    from kimi_linear.serve.engine import EngineStats, SamplingParams, TokenEvent
 
 logger = logging.getLogger("kimi_linear.serve")
 
@@ -111,10 +112,20 @@ def _child_main(conn, factory: Callable, args: tuple, kwargs: dict) -> None:
         conn.send(("failed", _portable(e)))
         return
     try:
-        conn.send(("ready", engine.model_config, getattr(engine, "config", None), engine.stats()))
+        conn.send(("ready", engine.model_config, getattr(engine, "config", None), engine.stats(), _describe(engine)))
         _serve(conn, engine, parent)
     except (EOFError, OSError):  # the parent is gone
         pass
+
+
+def _describe(engine) -> dict[str, str]:
+    """The engine's device and dtype as text, where it has them (an ``Engine``: ``device``, ``model.dtype``)."""
+    info = {}
+    if getattr(engine, "device", None) is not None:
+        info["device"] = str(engine.device)
+    if getattr(getattr(engine, "model", None), "dtype", None) is not None:
+        info["dtype"] = str(engine.model.dtype).removeprefix("torch.")
+    return info
 
 
 def _serve(conn, engine, parent: int) -> None:
@@ -159,22 +170,26 @@ class EngineProcess:
     """An ``Engine`` in a child process, with the engine's interface (see the module docstring).
 
     The child is spawned, so it imports the parent's ``__main__`` module again when that is a script: a script
-    that creates an ``EngineProcess`` must do so under ``if __name__ == "__main__":``.
+    that creates an ``EngineProcess`` must do so under ``if __name__ == "__main__":``. Importing this module does
+    not import torch, so a parent can start the child first and import the rest while the child loads
+    (``wait=False``, then ``wait_ready()``).
 
     Args:
         factory: a picklable callable (a module-level function) that the child calls as
             ``factory(*args, **kwargs)`` to build the engine, e.g. ``load_engine``.
         args, kwargs: its picklable arguments.
         name: the child's process name.
+        wait: wait for the engine to be ready (or raise its start-up error) here. With False, call
+            ``wait_ready()`` before anything else (``close()`` may come first: it kills the starting child).
 
-    Raises:
+    Raises (here, or from ``wait_ready`` with ``wait=False``):
         Whatever ``factory`` raised in the child (its class and message; a class that cannot be pickled becomes
         its nearest built-in base), with the child's traceback as a note. RuntimeError: the child exited before
         it reported. Pickling errors: ``factory`` or its arguments cannot be sent.
     """
 
     def __init__(self, factory: Callable, args: tuple = (), kwargs: dict | None = None, *,
-                 name: str = "kimi-linear-engine"):
+                 name: str = "kimi-linear-engine", wait: bool = True):
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe(duplex=True)
         self._process = context.Process(target=_child_main, args=(child_conn, factory, tuple(args), kwargs or {}),
@@ -189,29 +204,42 @@ class EngineProcess:
         self._closing = False
         self.death: str | None = None  # set when the child died without being closed
         self.exited = threading.Event()  # the child is gone (closed or died)
+        self._reader: threading.Thread | None = None  # started once the child is ready
+        self._info: dict[str, str] = {}
         try:
             self._process.start()
         finally:
             child_conn.close()  # the child's copy is its only one: the pipe ends when the child does
+        atexit.register(self.close)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> EngineProcess:
+        """Wait until the child's engine is built (a no-op once it is). On a start-up error the child is gone
+        and the error raised (see the class docstring); later calls raise RuntimeError."""
+        if self._reader is not None:
+            return self
+        if self._closing:
+            raise RuntimeError(self._failure or "the engine process is closed")
         try:
             reply = self._conn.recv()
         except EOFError:
             self._process.join(10)
-            self._conn.close()
+            self._abandon("the engine process did not start")
             raise RuntimeError(
                 f"the engine process exited with code {self._process.exitcode} before it was ready"
             ) from None
         except BaseException:
-            self._kill()
+            self._abandon("the engine process did not start")
             raise
         if reply[0] == "failed":
             self._process.join(CLOSE_TIMEOUT_S)
-            self._kill()
+            self._abandon("the engine process did not start")
             raise reply[1]
-        _, self._model_config, self._config, self._stats = reply
-        self._reader = threading.Thread(target=self._read, name=f"{name}-reader", daemon=True)
+        _, self._model_config, self._config, self._stats, self._info = reply
+        self._reader = threading.Thread(target=self._read, name=f"{self._process.name}-reader", daemon=True)
         self._reader.start()
-        atexit.register(self.close)
+        return self
 
     # -- properties
     @property
@@ -223,6 +251,16 @@ class EngineProcess:
     def config(self):
         """The engine's ``EngineConfig`` (None if the factory's engine has no ``config``)."""
         return self._config
+
+    @property
+    def device(self) -> str | None:
+        """The engine's device ("cuda:0", "cpu"), if it has one."""
+        return self._info.get("device")
+
+    @property
+    def dtype(self) -> str | None:
+        """The engine's model dtype ("bfloat16"), if it has one."""
+        return self._info.get("dtype")
 
     @property
     def pid(self) -> int | None:
@@ -242,6 +280,8 @@ class EngineProcess:
             TypeError: ``params`` is not a SamplingParams, or the arguments cannot be pickled.
             RuntimeError: the engine process died or was closed.
         """
+        from kimi_linear.serve.engine import SamplingParams
+
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         future: Future = Future()
@@ -304,6 +344,8 @@ class EngineProcess:
         tuples, error = item
         if error is not None:
             raise error
+        from kimi_linear.serve.engine import TokenEvent
+
         events = [TokenEvent(*t) for t in tuples]
         with self._lock:
             for event in events:
@@ -322,6 +364,9 @@ class EngineProcess:
             if self._closing:
                 return
             self._closing = True
+        if self._reader is None:  # still starting (or failed to): nothing to finish
+            self._abandon()
+            return
         atexit.unregister(self.close)
         try:
             self._send(ForkingPickler.dumps(("stop",)))
@@ -352,6 +397,15 @@ class EngineProcess:
         if self._process.is_alive():
             self._process.kill()
         self._process.join()
+
+    def _abandon(self, failure: str = "the engine process is closed") -> None:
+        """Before the child was ready: kill it and let every later call fail with ``failure``."""
+        self._closing = True
+        atexit.unregister(self.close)
+        self._kill()
+        self._conn.close()
+        self._failure = self._failure or failure
+        self.exited.set()
 
     def _read(self) -> None:
         """The reader thread: route the child's messages until the pipe ends."""

@@ -92,6 +92,7 @@ def test_same_greedy_tokens_and_events_as_the_in_process_engine(engine_process):
                         after.finished_requests_total - before.finished_requests_total, after.running,
                         after.free_slots))
     (tokens, finished, generated, done, running, free), process_result = results
+    assert (engine_process.device, engine_process.dtype) == ("cpu", "float32")
     assert process_result[0] == tokens
     assert process_result[1] == finished
     assert process_result[2:] == (generated, done, running, free) == (sum(max_tokens), 7, 0, 3)
@@ -174,6 +175,20 @@ def test_start_up_errors_are_raised_in_the_parent():
     assert not isinstance(custom.value, UnpicklableError)
     with pytest.raises(RuntimeError, match="exited with code 3 before it was ready"):
         EngineProcess(raising_factory, ("exit",))
+
+
+def test_close_before_ready_kills_the_starting_child():
+    """``wait=False`` returns at once; a close before ``wait_ready`` (the CLI's path when the tokenizer fails) does
+    not wait for the engine to load."""
+    engine = EngineProcess(tiny_engine, (SEED, CONFIG), wait=False)
+    pid = engine.pid
+    start = time.monotonic()
+    engine.close()
+    assert time.monotonic() - start < 5 and gone(pid) and engine.exited.is_set()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.wait_ready()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.add_request("late", [1], SamplingParams(max_tokens=2, **GREEDY))
 
 
 def test_a_killed_child_fails_step_then_every_call():
