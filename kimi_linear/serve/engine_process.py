@@ -3,10 +3,10 @@ process does).
 
 An ``Engine`` stepping in a thread of the HTTP process competes with the event loop for the GIL: each of a step's
 torch calls lets the GIL go and must wait to take it back, so a step whose Python takes ~0.4 ms alone took
-2.5-4 ms beside a busy HTTP thread (``python -m benchmarks serve_http --engine thread process`` compares the two
-arrangements). ``EngineProcess`` is a
-transport around an ``Engine`` living in a child process, with the interface ``serve.api.EngineLoop`` uses:
-``add_request`` / ``add_request_future``, ``abort``, ``has_unfinished``, ``step``, ``stats``, ``model_config``.
+2.5-4 ms beside a busy HTTP thread. ``python -m benchmarks serve_http --engine thread process`` compares the two
+arrangements (benchmarks/RESULTS.md, Serving). ``EngineProcess`` is a transport around an ``Engine`` living in a
+child process, with the interface ``serve.api.EngineLoop`` uses: ``add_request`` / ``add_request_future``,
+``abort``, ``has_unfinished``, ``step``, ``stats``, ``model_config``.
 
 The child (a multiprocessing "spawn" process: CUDA cannot be forked) builds its engine by calling a picklable
 ``factory(*args, **kwargs)`` (``load_engine`` for a checkpoint; tests and benchmarks pass their own), reports
@@ -17,8 +17,10 @@ stops it) and exits when told to, or when the pipe closes because the HTTP proce
 
 In the parent one reader thread owns the pipe: it completes the futures of add requests with the engine's answer
 (the engine's own ValueError / TypeError / QueueFullError) and queues each step's events, which ``step()`` takes in
-order. Sends are serialized by a lock. If the child dies, waiting and later calls raise RuntimeError saying so,
-``step()`` raises once so the caller fails the requests in flight, and ``exited`` is set.
+order. Sends are serialized by a lock and made by the caller: a message larger than the socket's buffer (an add
+of a prompt of ~100k tokens) waits until the child reads it, between two of its steps. If the child dies, waiting
+and later calls raise RuntimeError saying so, ``step()`` raises once so the caller fails the requests in flight,
+and ``exited`` is set.
 
 Messages (tuples, first item the kind). Parent -> child: ``("add", seq, request_id, prompt_ids, params)``,
 ``("abort", request_id)``, ``("stop",)``. Child -> parent: ``("ready", model_config, engine_config, stats, info)`` or

@@ -1,22 +1,27 @@
-"""Picklable engine factories for ``EngineProcess`` tests: the spawned child imports this module and calls one."""
+"""Picklable engine factories for ``EngineProcess`` tests: the spawned child imports this module and calls one.
+
+torch is imported inside the factories that need it, so a child running ``raising_factory`` starts in a fraction
+of a second (``kimi_linear.serve.engine_process`` does not import it either).
+"""
 
 from __future__ import annotations
 
 import os
 
-import torch
 
-from kimi_linear.serve.engine import Engine, EngineConfig
-from tests.test_model import make_model
+def tiny_engine(seed: int, config):
+    """An ``Engine`` with ``config`` over ``make_model(seed)`` (the same weights as in the parent), one torch
+    thread."""
+    import torch
 
+    from kimi_linear.serve.engine import Engine
+    from tests.test_model import make_model
 
-def tiny_engine(seed: int, config: EngineConfig) -> Engine:
-    """An engine over ``make_model(seed)`` (the same weights as in the parent), one torch thread."""
     torch.set_num_threads(1)
     return Engine(make_model(seed=seed), config)
 
 
-def failing_step_engine(seed: int, config: EngineConfig) -> Engine:
+def failing_step_engine(seed: int, config):
     """``tiny_engine`` whose step raises RuntimeError once while a request whose id starts with "boom" runs."""
     engine = tiny_engine(seed, config)
     step, failed = engine.step, []

@@ -34,8 +34,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def engine_process():
-    """One child for the tests that leave it healthy (a spawn costs seconds)."""
-    with EngineProcess(tiny_engine, (SEED, CONFIG)) as process:
+    """One child for the tests that leave it healthy (a spawn with a model costs seconds); its step raises once
+    while a request "boom..." runs."""
+    with EngineProcess(failing_step_engine, (SEED, CONFIG)) as process:
         yield process
 
 
@@ -148,17 +149,17 @@ def test_queue_full_is_raised_as_queue_full_error(engine_process):
     assert len(drain(engine_process)[0]["after"]) == 2
 
 
-def test_a_failing_step_is_raised_by_step_and_the_engine_goes_on():
-    with EngineProcess(failing_step_engine, (SEED, CONFIG)) as engine:
-        engine.add_request("boom", [1, 2, 3], SamplingParams(max_tokens=20, **GREEDY))
-        with pytest.raises(RuntimeError, match="scripted step failure") as raised:
-            for _ in range(100):
-                engine.step()
-        assert any("in the engine process" in note for note in raised.value.__notes__)
-        engine.abort("boom")  # what EngineLoop does with the requests in flight
-        assert drain(engine)[1]["boom"].finish_reason == "abort"
-        engine.add_request("fine", [1, 2, 3], SamplingParams(max_tokens=3, **GREEDY))
-        assert len(drain(engine)[0]["fine"]) == 3
+def test_a_failing_step_is_raised_by_step_and_the_engine_goes_on(engine_process):
+    engine = engine_process
+    engine.add_request("boom", [1, 2, 3], SamplingParams(max_tokens=20, **GREEDY))
+    with pytest.raises(RuntimeError, match="scripted step failure") as raised:
+        for _ in range(100):
+            engine.step()
+    assert any("in the engine process" in note for note in raised.value.__notes__)
+    engine.abort("boom")  # what EngineLoop does with the requests in flight
+    assert drain(engine)[1]["boom"].finish_reason == "abort"
+    engine.add_request("fine", [1, 2, 3], SamplingParams(max_tokens=3, **GREEDY))
+    assert len(drain(engine)[0]["fine"]) == 3
 
 
 def test_start_up_errors_are_raised_in_the_parent():
