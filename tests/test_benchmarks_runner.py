@@ -53,14 +53,18 @@ def test_cpu_suite_runs_at_a_tiny_size(tmp_path):
 
 
 def test_serve_http_suite_runs_at_a_tiny_size(tmp_path):
-    """The HTTP-layer ceiling suite (CPU, no model): every stream gets its tokens, and no faster than the steps."""
+    """The HTTP-layer ceiling suite (CPU, no GPU), with the stand-in engine and the real one in its own process
+    (its factory runs in the spawned child): every stream gets its tokens, and no faster than the steps."""
     p = run_benchmarks("serve_http", "--out", str(tmp_path), "--streams", "3", "--step-ms", "2",
-                       "--output-len", "6")
+                       "--output-len", "6", "--engine", "sleep", "process")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    (row,) = json.loads((tmp_path / "serve_http.json").read_text())["rows"]
-    assert row["failed"] == 0 and row["streams"] == 3
-    assert 0 < row["tokens_per_s"] <= row["ideal_tokens_per_s"] and row["achieved_step_ms"] >= 2.0
-    assert p.stdout.strip().splitlines()[-1].startswith("| 3 | 2 |")
+    rows = json.loads((tmp_path / "serve_http.json").read_text())["rows"]
+    assert [r["engine"] for r in rows] == ["sleep", "process"]
+    for row in rows:
+        assert row["failed"] == 0 and row["streams"] == 3 and row["runs"] == 1
+        assert 0 < row["tokens_per_s"] <= row["ideal_tokens_per_s"] and row["achieved_step_ms"] > 0
+    assert rows[0]["achieved_step_ms"] >= 2.0  # the stand-in emits a token only after its sleep
+    assert p.stdout.strip().splitlines()[-1].startswith("| process | 3 | 2 |")
 
 
 def test_kda_decode_suite_parses_builds_and_times_the_same_step(monkeypatch):

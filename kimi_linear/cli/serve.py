@@ -1,4 +1,9 @@
-"""`kimi-linear serve`: an OpenAI-compatible HTTP server over a checkpoint folder (continuous batching)."""
+"""`kimi-linear serve`: an OpenAI-compatible HTTP server over a checkpoint folder (continuous batching).
+
+Two processes: this one serves HTTP (FastAPI on uvicorn, ``serve.api``) with the checkpoint's config and tokenizer
+but not its weights; the engine (``serve.engine.Engine`` over the loaded model) runs in a spawned child
+(``serve.engine_process.EngineProcess``), so stepping it does not compete with the HTTP event loop for one GIL.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import os
 import signal
 import sys
 
-from kimi_linear.cli.common import add_threads_argument, resolve_device, set_threads
+from kimi_linear.cli.common import add_threads_argument, resolve_device
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -18,7 +23,9 @@ def add_parser(subparsers) -> None:
         help="serve a checkpoint over the OpenAI HTTP API",
         description="Loads --checkpoint and serves POST /v1/completions, POST /v1/chat/completions, "
         "GET /v1/models, GET /health and GET /metrics. Requests are batched continuously on --max-num-seqs "
-        "KDA state slots with a paged MLA latent cache; prompts sharing a prefix reuse it exactly. SIGTERM "
+        "KDA state slots with a paged MLA latent cache; prompts sharing a prefix reuse it exactly. The engine "
+        "runs in a child process (the HTTP process does not load the weights); if it dies, the requests in "
+        "flight fail and the server exits with status 1. SIGTERM "
         "stops accepting connections, lets running requests finish (up to --drain-timeout) and exits. "
         "Engine settings left out take the engine's defaults (kimi_linear.serve.engine.EngineConfig).",
     )
@@ -50,11 +57,10 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def engine_config(args: argparse.Namespace, model_max_length: int):
-    """``EngineConfig`` from the flags; flags left out keep the engine's defaults. Raises ValueError."""
-    from kimi_linear.serve.engine import EngineConfig
-
-    defaults = EngineConfig()
+def engine_settings(args: argparse.Namespace, model_max_length: int) -> dict:
+    """The ``EngineConfig`` fields the flags set, checked (flags left out keep the engine's defaults, and
+    ``max_model_len`` left out becomes ``min(default, model_max_length)`` in ``build_engine``). Needs no torch, so
+    the engine process can start while this process goes on. Raises ValueError."""
     chosen = {
         "max_num_seqs": args.max_num_seqs,
         "max_model_len": args.max_model_len,
@@ -70,68 +76,104 @@ def engine_config(args: argparse.Namespace, model_max_length: int):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {chosen[name]}")
     if chosen["gpu_memory_fraction"] is not None and not 0 < chosen["gpu_memory_fraction"] <= 1:
         raise ValueError(f"--gpu-memory-fraction must be in (0, 1], got {chosen['gpu_memory_fraction']}")
-    if chosen["max_model_len"] is None:
-        chosen["max_model_len"] = min(defaults.max_model_len, model_max_length)
-    elif chosen["max_model_len"] > model_max_length:
+    if chosen["max_model_len"] is not None and chosen["max_model_len"] > model_max_length:
         raise ValueError(
             f"--max-model-len {chosen['max_model_len']} exceeds the model's model_max_length={model_max_length}"
         )
-    kwargs = {name: value for name, value in chosen.items() if value is not None}
-    return EngineConfig(
-        **kwargs, enable_prefix_caching=not args.no_prefix_caching, use_cuda_graph=not args.no_cuda_graph
-    )
+    settings = {name: value for name, value in chosen.items() if value is not None}
+    return {**settings, "enable_prefix_caching": not args.no_prefix_caching, "use_cuda_graph": not args.no_cuda_graph}
+
+
+def build_engine(checkpoint: str, settings: dict, model_max_length: int, device: str | None, dtype: str,
+                 threads: int):
+    """The engine process's factory: ``--device`` and ``--dtype`` resolved there (before anything is loaded), the
+    ``EngineConfig`` of ``settings`` (``engine_settings``), the checkpoint loaded (``load_engine``).
+
+    Raises:
+        ValueError: a bad ``--device``, or an engine setting or memory budget that does not fit.
+        FileNotFoundError / ValueError: the checkpoint does not load.
+    """
+    from kimi_linear.serve.engine import EngineConfig
+    from kimi_linear.serve.engine_process import load_engine
+
+    resolved = resolve_device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if resolved.type == "cuda" else "float32"
+    config = EngineConfig(**{"max_model_len": min(EngineConfig.max_model_len, model_max_length), **settings})
+    return load_engine(checkpoint, config, str(resolved), dtype, threads)
 
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    import threading
 
-    import torch
-    import uvicorn
+    from kimi_linear.config import KimiLinearConfig
+    from kimi_linear.serve.engine_process import EngineProcess
 
-    from kimi_linear.model import KimiLinearForCausalLM
-    from kimi_linear.serve.api import ServerSettings, create_app
-    from kimi_linear.serve.engine import Engine
-    from kimi_linear.tokenizer import load_tokenizer
-
-    set_threads(args)
+    if args.threads < 1:  # the engine process applies it (set_threads's check, without importing torch here)
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.drain_timeout < 0:
         raise ValueError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     if not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"checkpoint folder not found: {args.checkpoint}")
-    device = resolve_device(args.device)
-    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(
-        torch, args.dtype
-    )
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logger = logging.getLogger("kimi_linear.serve")
 
-    model = KimiLinearForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
-    config = engine_config(args, model.config.model_max_length)
-    # The engine checks its memory budget here and raises ValueError naming the setting that does not fit.
-    engine = Engine(model, config)
-    tokenizer = load_tokenizer(args.checkpoint, model.config)
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
-    app = create_app(engine, tokenizer, ServerSettings(model_name=name, max_model_len=config.max_model_len))
+    # This process serves HTTP only: it needs the model's config (vocabulary, context) and the tokenizer, not the
+    # weights. The engine process starts first and loads them while this one imports torch and the HTTP stack,
+    # checks --device (the engine process is killed if it is bad) and reads the tokenizer; wait_ready raises what
+    # the engine raised as it started (a ValueError naming the setting that does not fit the memory budget).
+    model_config = KimiLinearConfig.from_hf(args.checkpoint)
+    settings = engine_settings(args, model_config.model_max_length)
+    engine = EngineProcess(
+        build_engine,
+        (args.checkpoint, settings, model_config.model_max_length, args.device, args.dtype, args.threads),
+        wait=False,
+    )
+    try:
+        resolve_device(args.device)
+        import uvicorn
 
-    uv_config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=args.drain_timeout,
-        access_log=args.log_level == "debug",
-    )
-    server = uvicorn.Server(uv_config)
-    print(
-        f"kimi-linear serve: {name} on http://{args.host}:{args.port} ({device}, "
-        f"{str(dtype).removeprefix('torch.')}, {config.max_num_seqs} slots, max_model_len "
-        f"{config.max_model_len}, prefix caching {'on' if config.enable_prefix_caching else 'off'})",
-        file=sys.stderr,
-        flush=True,
-    )
-    # uvicorn drains on SIGTERM/SIGINT and then re-raises the signal it caught under the handler that was in
-    # place before it started; a no-op handler makes a drained shutdown exit normally (status 0).
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server.run()
+        from kimi_linear.serve.api import ServerSettings, create_app
+        from kimi_linear.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.checkpoint, model_config)
+        config = engine.wait_ready().config
+        name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
+        app = create_app(engine, tokenizer, ServerSettings(model_name=name, max_model_len=config.max_model_len))
+        uv_config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=args.drain_timeout,
+            access_log=args.log_level == "debug",
+        )
+        server = uvicorn.Server(uv_config)
+
+        def stop_when_the_engine_dies() -> None:
+            engine.exited.wait()
+            if engine.death is not None:  # the requests in flight have been failed by the engine loop
+                logger.error("%s; shutting the server down", engine.death)
+                server.should_exit = True
+
+        threading.Thread(target=stop_when_the_engine_dies, name="kimi-linear-engine-watch", daemon=True).start()
+        print(
+            f"kimi-linear serve: {name} on http://{args.host}:{args.port} ({engine.device}, {engine.dtype}, "
+            f"{config.max_num_seqs} slots, max_model_len {config.max_model_len}, prefix caching "
+            f"{'on' if config.enable_prefix_caching else 'off'}, engine process {engine.pid})",
+            file=sys.stderr,
+            flush=True,
+        )
+        # uvicorn drains on SIGTERM/SIGINT and then re-raises the signal it caught under the handler that was in
+        # place before it started; a no-op handler makes a drained shutdown exit normally (status 0).
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        server.run()
+    finally:
+        engine.close()
+    if engine.death is not None:
+        print(f"kimi-linear serve: error: {engine.death}", file=sys.stderr, flush=True)
+        return 1
     return 0

@@ -3,7 +3,10 @@
 * ``EngineLoop`` runs ``engine.step()`` in one background thread. Request handlers submit with
   ``EngineLoop.submit`` (``engine.add_request`` plus a per-request ``asyncio.Queue``) and read that request's
   ``TokenEvent``s from the queue; a handler that stops early (client gone, stop string matched) calls
-  ``EngineLoop.abort``, and the engine frees the slot at its next step.
+  ``EngineLoop.abort``, and the engine frees the slot at its next step. ``kimi-linear serve`` hands it an
+  ``EngineProcess`` (``serve.engine_process``): the engine steps in a child process, ``step()`` only waits for
+  that step's events, and this process's GIL is left to HTTP (an in-process ``Engine`` also works, as in the
+  tests, but its Python then competes with the event loop for the GIL).
 * ``create_app`` builds the FastAPI app: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the
   checkpoint's chat template), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format).
   Streaming responses are server-sent events ending in ``data: [DONE]``; errors are OpenAI-style bodies
@@ -56,8 +59,9 @@ class EngineLoop:
     """Runs ``engine.step()`` in one background thread and routes each ``TokenEvent`` to its request's queue.
 
     ``submit`` and ``abort`` are called from the asyncio event loop; everything the thread hands back goes
-    through ``loop.call_soon_threadsafe``. If ``step()`` itself raises (a bug outside any one request), every
-    request in flight is finished with ``"error"`` and aborted, and the thread keeps serving new requests.
+    through ``loop.call_soon_threadsafe``. If ``step()`` itself raises (a bug outside any one request, or an
+    ``EngineProcess`` whose process died), every request in flight is finished with ``"error"`` and aborted, and
+    the thread keeps serving new requests (none, once the engine is not ``alive``: they get 503).
     """
 
     def __init__(self, engine, idle_wait_s: float = 0.05):
@@ -90,19 +94,31 @@ class EngineLoop:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+        """The thread runs and so does the engine (an ``EngineProcess`` whose process died is not alive)."""
+        return (self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+                and getattr(self.engine, "alive", True))
 
     # -- called from the event loop
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
-        """``engine.add_request`` and a queue that receives the request's events; raises what it raises."""
+    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+        """``engine.add_request`` and a queue that receives the request's events; raises what it raises.
+
+        An engine with ``add_request_future`` (``EngineProcess``) is awaited rather than waited for: its answer
+        comes from another process between two of its steps, and the event loop serves the other requests
+        meanwhile."""
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         with self._lock:
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        add_future = getattr(self.engine, "add_request_future", None)
         try:
-            self.engine.add_request(request_id, prompt_ids, params)
-        except BaseException:
+            if add_future is None:
+                self.engine.add_request(request_id, prompt_ids, params)
+            else:
+                await asyncio.wrap_future(add_future(request_id, prompt_ids, params))
+        except BaseException as e:
             with self._lock:
                 self._streams.pop(request_id, None)
+            if isinstance(e, asyncio.CancelledError):  # the engine may have queued it: nobody would read it
+                self.engine.abort(request_id)
             raise
         self._wake.set()
         return queue
@@ -453,17 +469,19 @@ class Server:
             raise APIError(400, str(e)) from None
 
     # -- running a request
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
         if not self.loop.alive:
             raise APIError(503, "the engine is not running", type="server_error")
         try:
-            return self.loop.submit(request_id, prompt_ids, params)
+            return await self.loop.submit(request_id, prompt_ids, params)
         except QueueFullError as e:
             self.rejected["queue_full"] += 1
             raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full") from None
         except ValueError as e:
             self.rejected["invalid"] += 1
             raise APIError(400, str(e)) from None
+        except RuntimeError as e:  # the engine's process died meanwhile
+            raise APIError(503, f"the engine is not running: {e}", type="server_error") from None
 
     async def pieces(self, request: Request, request_id: str, queue: asyncio.Queue, num_prompt: int,
                      stops: list[str]) -> AsyncIterator[Piece]:
@@ -578,8 +596,15 @@ def _fmt(value) -> str:
     return str(value) if isinstance(value, int) else f"{value:.6g}"
 
 
+# Characters JSON leaves raw that str.splitlines (and so httpx's iter_lines) takes for line ends: escaped, so an
+# event stays one line for such clients too.
+_SPLITLINES_ESCAPES = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+    if not isinstance(payload, str):
+        payload = json.dumps(payload, ensure_ascii=False).translate(_SPLITLINES_ESCAPES)
+    return f"data: {payload}\n\n"
 
 
 def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
@@ -632,7 +657,9 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
     @app.get("/health")
     async def health():
         if not server.loop.alive:
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
+            death = getattr(engine, "death", None)  # an EngineProcess's child that died
+            return JSONResponse({"status": "engine stopped", **({"error": death} if death else {})},
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -661,7 +688,7 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
             default_stop_ids = ()
         params = server.sampling_params(body, prompt_ids, max_tokens, default_stop_ids)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        queue = server.submit(request_id, prompt_ids, params)
+        queue = await server.submit(request_id, prompt_ids, params)
         pieces = server.pieces(request, request_id, queue, len(prompt_ids), stops)
         head = {"id": request_id, "created": int(time.time()), "model": settings.model_name}
         if body.stream:

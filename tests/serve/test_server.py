@@ -6,7 +6,9 @@ The reference for every greedy completion is ``generate()`` on the same prompt a
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import signal
 import threading
 import time
@@ -314,7 +316,30 @@ def test_sigterm_drains_running_requests_then_exits(start_server):
         httpx.get(f"{server.url}/health", timeout=5)
 
 
-def test_a_memory_budget_that_does_not_fit_is_a_clear_startup_error(tiny_checkpoint, capsys):
-    rc = main(["serve", "--checkpoint", str(tiny_checkpoint), "--max-model-len", "100000"])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-model-len", "100000"], "--max-model-len"),  # checked against config.json in this process
+        (["--max-model-len", "512", "--num-blocks", "1"], "cannot hold one sequence"),  # the engine process's check
+    ],
+    ids=["context-over-the-model", "block-pool-too-small"],
+)
+def test_a_memory_budget_that_does_not_fit_is_a_clear_startup_error(tiny_checkpoint, capsys, flags, message):
+    rc = main(["serve", "--checkpoint", str(tiny_checkpoint), *flags])
     err = capsys.readouterr().err
-    assert rc == 2 and "--max-model-len" in err and "Traceback" not in err
+    assert rc == 2 and message in err and "Traceback" not in err, err
+
+
+def test_a_dead_engine_process_fails_the_requests_in_flight_and_stops_the_server(start_server):
+    server = start_server("--max-num-seqs", "2", "--max-model-len", "512")
+    engine_pid = int(re.search(r"engine process (\d+)", server.log()).group(1))
+    body = {"prompt": "doomed", "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        os.kill(engine_pid, signal.SIGKILL)
+        rest = [line for line in lines if line]
+    assert any('"error"' in line and "engine process died" in line for line in rest), rest[-3:]
+    assert rest[-1] == "data: [DONE]"
+    assert server.proc.wait(30) == 1
+    assert "killed by signal 9" in server.log()

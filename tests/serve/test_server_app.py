@@ -7,6 +7,7 @@ test_server.py.
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 
@@ -138,6 +139,20 @@ def test_a_failing_step_fails_only_the_requests_in_flight(client):
     assert "kimi_linear_engine_step_errors_total 1" in client.get("/metrics").text
 
 
+def test_an_engine_that_is_not_alive_makes_health_and_requests_503():
+    """An EngineProcess whose child died says so through ``alive`` and ``death``."""
+    config = KimiLinearConfig.from_preset("debug")
+    engine = ScriptedEngine(config)
+    app = create_app(engine, ByteTokenizer(config), ServerSettings(model_name="scripted", max_model_len=256))
+    with TestClient(app) as c:
+        assert c.get("/health").json() == {"status": "ok"}
+        engine.alive, engine.death = False, "the engine process died (killed by signal 9)"
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "engine stopped", "error": engine.death}
+        r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+
+
 def test_a_request_the_engine_finishes_with_error(client):
     r = client.post("/v1/completions", json={"prompt": [256, FAIL_REQUEST], "max_tokens": 5})
     assert r.status_code == 500 and "scripted request failure" in r.json()["error"]["message"]
@@ -176,6 +191,18 @@ def test_tokens_waiting_in_the_queue_come_out_as_one_piece():
     pieces = asyncio.run(drain(["y fam"], len(text)))
     assert [(p.text, p.finish_reason) for p in pieces] == [("happ", "stop")]
     assert "r" in server.engine.aborted
+
+
+def test_an_event_is_one_line_for_clients_that_split_on_unicode_line_ends():
+    """U+0085, U+2028 and U+2029 are legal raw in JSON, but str.splitlines (httpx's iter_lines) ends lines there."""
+    from httpx._decoders import LineDecoder
+
+    from kimi_linear.serve.api import _sse
+
+    text = "a\x85b\u2028c\u2029d\u00e9\u4e2d"
+    lines = [line for line in LineDecoder().decode(_sse({"text": text})) if line]
+    assert len(lines) == 1 and json.loads(lines[0][len("data: "):]) == {"text": text}
+    assert "\u00e9\u4e2d" in lines[0]  # other non-ASCII text stays raw
 
 
 def test_load_generator_lengths_and_percentiles():
