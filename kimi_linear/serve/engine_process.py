@@ -89,7 +89,8 @@ def _portable(error: BaseException) -> BaseException:
     except Exception:  # noqa: BLE001 - an exception class whose arguments do not round-trip
         base = next(c for c in type(error).__mro__ if getattr(builtins, c.__name__, None) is c)
         error = base(f"{type(error).__name__}: {error}")
-    error.add_note(f"in the engine process:\n{trace}")
+    # BaseException.add_note, which Python 3.10 lacks
+    error.__notes__ = [*getattr(error, "__notes__", ()), f"in the engine process:\n{trace}"]
     return error
 
 
