@@ -132,8 +132,8 @@ class KimiDeltaAttention(nn.Module):
     def pack_input_projections(self) -> None:
         """Inference layout: the weights of the projections that read x become row blocks (views) of one matrix
         ``[3·H·K + K + H (+ K), D]``, so a forward without autograd makes one matmul for all of them: at decode
-        an M = 1 matmul of a small matrix reads its weights at a fraction of the copy bandwidth (one matrix
-        instead of six is about 3x faster at the 0.75b size; benchmarks/RESULTS.md, "Serving"). The parameters,
+        an M = 1 matmul of a small matrix reads its weights at a fraction of the copy bandwidth, and one matrix
+        instead of six is much faster (benchmarks/RESULTS.md, "Serving"). The parameters,
         their names and values stay as they are, and no memory is added. Forwards with autograd keep computing
         the projections one by one. A weight replaced later (not updated in place) undoes the packing."""
         linears = self._input_projections()
