@@ -2,8 +2,8 @@
 process does).
 
 An ``Engine`` stepping in a thread of the HTTP process competes with the event loop for the GIL: each of a step's
-torch calls lets the GIL go and must wait to take it back, so a step whose Python takes ~0.4 ms alone took
-2.5-4 ms beside a busy HTTP thread. ``python -m benchmarks serve_http --engine thread process`` compares the two
+torch calls lets the GIL go and must wait to take it back, so the step's Python stretches several times over
+beside a busy HTTP thread. ``python -m benchmarks serve_http --engine thread process`` compares the two
 arrangements (benchmarks/RESULTS.md, Serving). ``EngineProcess`` is a transport around an ``Engine`` living in a
 child process, with the interface ``serve.api.EngineLoop`` uses: ``add_request`` / ``add_request_future``,
 ``abort``, ``has_unfinished``, ``step``, ``stats``, ``model_config``.
