@@ -164,25 +164,26 @@ def _bucket_sizes(max_num_seqs: int) -> list[int]:
 class _DecodeGraph:
     """``decode_step`` for up to ``size`` rows captured in a CUDA graph, with the greedy argmax.
 
-    A step's host inputs (tokens, state slots, block-table rows, lengths) travel in one ``[4, size]`` buffer and
-    one copy; the graph gathers the rows' block tables from the engine's device tables itself. A replay is then
+    A step's host inputs (tokens, state slots, lengths) travel in one ``[3, size]`` buffer and one copy; the graph
+    gathers the rows' block tables from the engine's device tables itself (a sequence's table row is its slot). A replay is then
     one copy, one launch and one read-back: every torch call of the engine thread lets go of the GIL and must
     take it back from the HTTP thread, so the fewer calls a step makes, the less it waits. Padding rows point at
-    the scratch slot and the scratch block-table row."""
+    the scratch slot, and through it at the last block-table row (all scratch)."""
 
-    def __init__(self, model, pools: KimiLinearCache, block_tables: torch.Tensor, size: int, scratch_slot: int,
-                 scratch_row: int):
+    def __init__(self, model, pools: KimiLinearCache, block_tables: torch.Tensor, size: int, scratch_slot: int):
         device = pools.device
         self.size = size
-        self.padding = np.array([0, scratch_slot, scratch_row, 0], dtype=np.int64)[:, None]
-        self.host = np.repeat(self.padding, size, axis=1)  # [4, size]: tokens, slots, table rows, lengths
+        self.padding = np.array([0, scratch_slot, 0], dtype=np.int64)[:, None]
+        self.host = np.repeat(self.padding, size, axis=1)  # [3, size]: tokens, slots, lengths
         self.inputs = torch.from_numpy(self.host).to(device)
         self.model, self.pools, self.block_tables = model, pools, block_tables
         self.capture()
 
     def run(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The step over the static inputs: ``(logits [size, V] fp32, their argmax [size])``."""
-        tokens, slots, rows, lengths = self.inputs.unbind(0)
+        tokens, slots, lengths = self.inputs.unbind(0)
+        # sequence slots are below the table's last row; the scratch slot (above) clamps to it
+        rows = slots.clamp(max=self.block_tables.shape[0] - 1)
         view = self.pools.view(slots, self.block_tables.index_select(0, rows), lengths)  # block tables [size, M]
         logits = decode_step(self.model, tokens, view)  # advances lengths by one
         return logits, logits.argmax(-1)
@@ -202,10 +203,10 @@ class _DecodeGraph:
             self.logits, self.greedy = self.run()
         self.replay = self.graph.replay
 
-    def __call__(self, tokens: list[int], slots: list[int], rows: list[int], lengths: list[int]):
+    def __call__(self, tokens: list[int], slots: list[int], lengths: list[int]):
         """Replay for ``n = len(tokens)`` rows: ``(logits [n, V] fp32, greedy tokens [n])`` on the device."""
         n = len(tokens)
-        self.host[:, :n] = (tokens, slots, rows, lengths)
+        self.host[:, :n] = (tokens, slots, lengths)
         self.host[:, n:] = self.padding
         self.inputs.copy_(torch.from_numpy(self.host))
         self.replay()
@@ -305,7 +306,6 @@ class Engine:
         # The block table of each sequence slot, on the device: a step gathers its rows instead of building the
         # table on the host. Changes (blocks appended, slots freed) are queued and applied once per forward. The
         # last row stays all scratch: CUDA-graph padding rows read it.
-        self.scratch_row = c.max_num_seqs
         self.block_tables = torch.full((c.max_num_seqs + 1, self.blocks_per_seq), num_blocks, dtype=torch.long,
                                        device=self.device)
         self._table_writes: list[tuple[int, int, int]] = []  # (slot, column, block)
@@ -326,7 +326,7 @@ class Engine:
             try:
                 for size in _bucket_sizes(c.max_num_seqs):
                     self.graphs[size] = _DecodeGraph(
-                        model, self.pools, self.block_tables, size, self.scratch_slot, self.scratch_row
+                        model, self.pools, self.block_tables, size, self.scratch_slot
                     )
             except Exception as e:  # noqa: BLE001 - a mixer that cannot be captured: decode eagerly
                 warnings.warn(
@@ -550,8 +550,7 @@ class Engine:
         greedy = None
         if graph is not None:
             self._apply_table_changes()
-            slots = [s.slot for s in seqs]
-            logits, greedy = graph(tokens, slots, slots, lengths)  # a sequence's table row is its slot
+            logits, greedy = graph(tokens, [s.slot for s in seqs], lengths)
         else:
             slots, table = self._rows(seqs)
             view = self.pools.view(slots, table, torch.tensor(lengths, dtype=torch.long).to(self.device))

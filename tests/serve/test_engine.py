@@ -330,7 +330,7 @@ def test_graph_decode_path_pads_rows_and_equals_generate_alone(model):
     engine = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64))
     assert engine.graphs == {}  # none on the CPU
     engine.graphs = {
-        size: _ReplayEagerly(model, engine.pools, engine.block_tables, size, engine.scratch_slot, engine.scratch_row)
+        size: _ReplayEagerly(model, engine.pools, engine.block_tables, size, engine.scratch_slot)
         for size in _bucket_sizes(4)
     }
     calls = {size: 0 for size in engine.graphs}
@@ -349,7 +349,7 @@ def test_graph_decode_path_pads_rows_and_equals_generate_alone(model):
         assert tokens[rid] == alone(model, prompt, params.max_tokens), rid
         assert finished[rid].finish_reason == "length"
     assert calls[4] > 0 and calls[2] + calls[1] > 0, calls  # full, padded and small buckets all ran
-    assert (engine.block_tables[engine.scratch_row] == engine.scratch_block).all()
+    assert (engine.block_tables[-1] == engine.scratch_block).all()
 
 
 
