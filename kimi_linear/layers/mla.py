@@ -281,7 +281,7 @@ class MultiheadLatentAttention(nn.Module):
     @staticmethod
     def _token_index(cache, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flat index into a token pool viewed as ``[num_blocks * block_size, ·]`` of token ``positions`` of
-        cache ``rows`` (same shapes)."""
+        cache ``rows`` (same shapes, or one int row for all)."""
         bs = cache.block_size
         return cache.block_table[rows, positions // bs] * bs + positions % bs
 
@@ -327,8 +327,7 @@ class MultiheadLatentAttention(nn.Module):
                 q_n = q[0, cu_host[n] : cu_host[n + 1]]  # [new, H, E]
                 if new == 0:
                     continue
-            keys = self._token_index(cache, torch.full((past + new,), n, device=q.device),
-                                     torch.arange(past + new, device=q.device))  # [S]
+            keys = self._token_index(cache, n, torch.arange(past + new, device=q.device))  # [S]
             k, v = self._expand(flat_latent[keys][None].to(q.dtype), flat_pe[keys][None].to(q.dtype))  # [1, S, H, ·]
             mask = causal_lower_right(new, past + new)
             outs.append(self._attend(q_n[None], k, v, mask=mask)[0])  # [new, H, dv]
