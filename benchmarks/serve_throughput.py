@@ -173,8 +173,9 @@ def decode_floor(model, context: int = 1024, reps: int = 300) -> dict:
     if graph is None:
         raise RuntimeError("the engine captured no CUDA graph for one row")
     engine.block_tables[0, :blocks] = torch.arange(blocks, device=engine.block_tables.device)
-    graph(tokens=[5], slots=[0], lengths=[context])  # slot 0 (and its block-table row), the context
-    lengths = graph.inputs[2]
+    engine.next_tokens[0] = 5  # slot 0's input token
+    graph(slots=[0], lengths=[context])  # slot 0 (and its block-table row), the context
+    lengths = graph.inputs[1]
     for _ in range(20):
         lengths.fill_(context)  # a replay advances the length by one
         graph.graph.replay()

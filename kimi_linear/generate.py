@@ -91,7 +91,9 @@ def sample_rows(
     logits = logits.float()  # [N, V]
     N, V = logits.shape
     device = logits.device
-    params = torch.tensor([temperatures, top_ks, top_ps, uniforms], dtype=torch.float64).to(device)  # [4, N]
+    # through pinned memory on CUDA: the copy does not wait for the GPU (a serving engine runs ahead of it)
+    params = torch.tensor([temperatures, top_ks, top_ps, uniforms], dtype=torch.float64,
+                          pin_memory=device.type == "cuda").to(device, non_blocking=True)  # [4, N]
     temperature, top_k, top_p, u = params.unbind(0)
     greedy = temperature == 0
     scaled = logits / torch.where(greedy, 1.0, temperature).float()[:, None]

@@ -16,14 +16,23 @@ A step (``step``):
 1. admit waiting requests while a slot is free and their worst-case blocks fit; look their prompt up in the
    prefix cache (``prefix_cache.PrefixCache``) and restore the hit's KDA snapshot into the new slot (or zero
    the slot);
-2. one decode step for every sequence that has finished its prompt: one token each (on CUDA one graph
-   replay, graphs captured per batch-size bucket at start);
-3. prefill pieces of the sequences still in their prompt, packed varlen into one forward, within the step's
-   token budget (``max_num_batched_tokens`` minus the decode tokens). A piece ends on a block boundary unless
-   it ends the prompt; with prefix caching the last full block boundary of the prompt also ends a piece, so
-   its state can be snapshotted. A piece that ends the prompt samples the first token;
-4. register the sequences' newly filled blocks in the prefix cache and snapshot the KDA slot at the block
-   boundary a piece or a decode step ended on; retire finished sequences (slot and blocks freed at once).
+2. launch one decode step for every sequence that has finished its prompt: one token each (on CUDA one
+   graph replay, graphs captured per batch-size bucket at start);
+3. launch the prefill pieces of the sequences still in their prompt, packed varlen into one forward, within
+   the step's token budget (``max_num_batched_tokens`` minus the decode tokens). A piece ends on a block
+   boundary unless it ends the prompt; with prefix caching the last full block boundary of the prompt also
+   ends a piece, so its state can be snapshotted. A piece that ends the prompt samples the first token;
+4. read back the tokens the previous iteration launched (the GPU meanwhile runs this one's forwards), emit
+   them and retire the finished sequences (slot and blocks freed at once);
+5. register the sequences' newly filled blocks in the prefix cache and snapshot the KDA slot at the block
+   boundary a piece or a decode step ended on.
+
+Running one iteration ahead: a decode step reads each row's input token from ``next_tokens`` (per slot, on the
+device), where the forward that sampled it left it, so the host launches iteration N before it has read N-1's
+tokens, and every host-to-device copy goes through pinned memory without waiting for the GPU. A request that
+samples a stop token in N-1 has been stepped once more in N; that token is dropped and the extra latent and state
+update stay inside its own slot and blocks, which the next owner overwrites. A request is not stepped past
+``max_tokens``.
 
 Exactness: a sequence's computation never depends on its batch neighbours (packed varlen prefill, per-row
 decode, its own slot and blocks); the prefix cache restores exactly the state and latents the prefix
@@ -143,6 +152,8 @@ class _Sequence:
     node: int = 0  # prefix-cache node of the last registered full block (0 = root)
     registered: int = 0  # full blocks registered in the prefix cache
     branch: int = 0  # tokens of the prompt the prefix cache holds latents for (a piece ends there)
+    pending: int = 0  # tokens launched but not yet read back (at most one)
+    done: bool = False  # finished: tokens still in flight for it are dropped
 
     @property
     def prefilling(self) -> bool:
@@ -161,32 +172,42 @@ def _bucket_sizes(max_num_seqs: int) -> list[int]:
     return [*sizes, max_num_seqs]
 
 
+@dataclass
+class _Launched:
+    """What one iteration launched: ``(sequences, their tokens in host memory)`` per forward, and the CUDA event
+    after which the host copies are complete (None on the CPU, where they already are)."""
+
+    rows: list[tuple[list[_Sequence], torch.Tensor]] = field(default_factory=list)
+    done: torch.cuda.Event | None = None
+
+
 class _DecodeGraph:
-    """``decode_step`` for up to ``size`` rows captured in a CUDA graph, with the greedy argmax.
+    """``decode_rows`` for up to ``size`` rows captured in a CUDA graph.
 
-    A step's host inputs (tokens, state slots, lengths) travel in one ``[3, size]`` buffer and one copy; the graph
-    gathers the rows' block tables from the engine's device tables itself (a sequence's table row is its slot). A replay is then
-    one copy, one launch and one read-back: every torch call of the engine thread lets go of the GIL and must
-    take it back from the HTTP thread, so the fewer calls a step makes, the less it waits. Padding rows point at
-    the scratch slot, and through it at the last block-table row (all scratch)."""
+    A step's host inputs (state slots, lengths) travel in one ``[2, size]`` pinned buffer and one copy that does
+    not wait for the GPU; the graph gathers each row's input token from the engine's per-slot ``next_tokens``
+    (where the step before left it, on the device) and its block table from the engine's device tables (a
+    sequence's table row is its slot). Padding rows point at the scratch slot, and through it at the last
+    block-table row (all scratch). Two host buffers alternate, so the one being written was copied two steps
+    ago (the engine has waited for the step before)."""
 
-    def __init__(self, model, pools: KimiLinearCache, block_tables: torch.Tensor, size: int, scratch_slot: int):
-        device = pools.device
+    def __init__(self, engine: Engine, size: int):
+        device = engine.device
         self.size = size
-        self.padding = np.array([0, scratch_slot, 0], dtype=np.int64)[:, None]
-        self.host = np.repeat(self.padding, size, axis=1)  # [3, size]: tokens, slots, lengths
-        self.inputs = torch.from_numpy(self.host).to(device)
-        self.model, self.pools, self.block_tables = model, pools, block_tables
+        self.padding = np.array([engine.scratch_slot, 0], dtype=np.int64)[:, None]
+        pin = device.type == "cuda"
+        self.hosts = [torch.empty((2, size), dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        for h in self.hosts:
+            h.numpy()[:] = self.padding
+        self.turn = 0
+        self.inputs = self.hosts[0].to(device)
+        self.engine = engine
         self.capture()
 
     def run(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The step over the static inputs: ``(logits [size, V] fp32, their argmax [size])``."""
-        tokens, slots, lengths = self.inputs.unbind(0)
-        # sequence slots are below the table's last row; the scratch slot (above) clamps to it
-        rows = slots.clamp(max=self.block_tables.shape[0] - 1)
-        view = self.pools.view(slots, self.block_tables.index_select(0, rows), lengths)  # block tables [size, M]
-        logits = decode_step(self.model, tokens, view)  # advances lengths by one
-        return logits, logits.argmax(-1)
+        slots, lengths = self.inputs.unbind(0)
+        return self.engine.decode_rows(slots, lengths)
 
     def capture(self) -> None:
         """Warm up (compiles kernels, settles allocations) outside the graph, then capture ``run``; sets
@@ -197,18 +218,20 @@ class _DecodeGraph:
             for _ in range(2):
                 self.run()
         torch.cuda.current_stream().wait_stream(stream)
-        self.inputs.copy_(torch.from_numpy(self.host))
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits, self.greedy = self.run()
         self.replay = self.graph.replay
 
-    def __call__(self, tokens: list[int], slots: list[int], lengths: list[int]):
-        """Replay for ``n = len(tokens)`` rows: ``(logits [n, V] fp32, greedy tokens [n])`` on the device."""
-        n = len(tokens)
-        self.host[:, :n] = (tokens, slots, lengths)
-        self.host[:, n:] = self.padding
-        self.inputs.copy_(torch.from_numpy(self.host))
+    def __call__(self, slots: list[int], lengths: list[int]):
+        """Replay for ``n = len(slots)`` rows: ``(logits [n, V] fp32, greedy tokens [n])`` on the device."""
+        n = len(slots)
+        self.turn ^= 1
+        host = self.hosts[self.turn]
+        view = host.numpy()
+        view[:, :n] = (slots, lengths)
+        view[:, n:] = self.padding
+        self.inputs.copy_(host, non_blocking=True)
         self.replay()
         return self.logits[:n], self.greedy[:n]
 
@@ -311,6 +334,10 @@ class Engine:
         self._table_writes: list[tuple[int, int, int]] = []  # (slot, column, block)
         self._table_clears: list[int] = []  # slots whose row goes back to the scratch block
         self._eos = () if mc.eos_token_id is None else (int(mc.eos_token_id),)
+        # each slot's next input token, where the step that sampled it left it: a decode step reads its rows'
+        # tokens here, so the host can launch it before it has read the tokens of the step before
+        self.next_tokens = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        self._inflight: _Launched | None = None
 
         self._lock = threading.Lock()
         self._incoming: deque[_Sequence] = deque()
@@ -325,9 +352,7 @@ class Engine:
         if c.use_cuda_graph and self.device.type == "cuda":
             try:
                 for size in _bucket_sizes(c.max_num_seqs):
-                    self.graphs[size] = _DecodeGraph(
-                        model, self.pools, self.block_tables, size, self.scratch_slot
-                    )
+                    self.graphs[size] = _DecodeGraph(self, size)
             except Exception as e:  # noqa: BLE001 - a mixer that cannot be captured: decode eagerly
                 warnings.warn(
                     f"CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); decoding eagerly",
@@ -389,7 +414,7 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         with self._lock:
-            return bool(self._incoming or self.waiting or self.running or self._aborts)
+            return bool(self._incoming or self.waiting or self.running or self._aborts or self._inflight)
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -413,8 +438,11 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
-        """One iteration (one thread only): admit, one decode step for the running sequences, prefill pieces
-        within the token budget, retire the finished. A failure inside a request finishes it with "error"."""
+        """One iteration (one thread only): admit; launch one decode step for the running sequences and the
+        prefill pieces within the token budget; then read the tokens the previous iteration launched, emit
+        them and retire the finished. The GPU runs this iteration's forward while the host reads and emits the
+        previous one's tokens (a decode step takes its input tokens from ``next_tokens`` on the device), so
+        events come one iteration after their forward. A failure inside a request finishes it with "error"."""
         events: list[TokenEvent] = []
         with self._lock:
             self.waiting.extend(self._incoming)
@@ -427,7 +455,9 @@ class Engine:
             self._finish(seq, "abort", events)
         self._admit(events)
 
-        decoding = [s for s in self.running if not s.prefilling]
+        # a sequence whose in-flight token may be its last is not stepped on
+        decoding = [s for s in self.running
+                    if not s.prefilling and s.completion + s.pending < s.params.max_tokens]
         budget = self.config.max_num_batched_tokens - len(decoding)
         pieces = []
         for seq in self.running:
@@ -437,10 +467,18 @@ class Engine:
                 end = self._piece_end(seq, budget)
                 pieces.append((seq, seq.computed, end))
                 budget -= end - seq.computed
+        launched = _Launched()
         if decoding:
-            self._guarded(decoding, lambda: self._decode(decoding, events), events)
+            self._guarded(decoding, lambda: self._decode(decoding, launched, events), events)
         if pieces:
-            self._guarded([p[0] for p in pieces], lambda: self._prefill(pieces, events), events)
+            self._guarded([p[0] for p in pieces], lambda: self._prefill(pieces, launched, events), events)
+        if launched.rows and self.device.type == "cuda":
+            launched.done = torch.cuda.Event()
+            launched.done.record()
+        previous, self._inflight = self._inflight, (launched if launched.rows else None)
+        if previous is not None:
+            self._resolve(previous, events)
+        self._register([s for s in decoding + [p[0] for p in pieces] if not s.done])
         return events
 
     def _guarded(self, seqs, run, events) -> None:
@@ -485,10 +523,9 @@ class Engine:
                 self._stats["queries"] += len(seq.prompt)
                 self._stats["hits"] += seq.cached_tokens
         if restores:
-            dst = torch.tensor([d for _, d in restores], device=self.device)
-            fresh = [i for i, (s, _) in enumerate(restores) if s is None]
+            fresh = [d for s, d in restores if s is None]
             if fresh:
-                zero_rows = dst[torch.tensor(fresh, device=self.device)]
+                zero_rows = self._to_device(fresh)
                 for t in self.slot_tensors:
                     t.index_fill_(0, zero_rows, 0)
             hits = [(s, d) for s, d in restores if s is not None]
@@ -496,8 +533,7 @@ class Engine:
                 self._copy_slots([s for s, _ in hits], [d for _, d in hits])
 
     def _copy_slots(self, src: list[int], dst: list[int]) -> None:
-        src_t = torch.tensor(src, device=self.device)
-        dst_t = torch.tensor(dst, device=self.device)
+        src_t, dst_t = self._to_device([src, dst]).unbind(0)
         for t in self.slot_tensors:
             t.index_copy_(0, dst_t, t.index_select(0, src_t))
 
@@ -527,41 +563,57 @@ class Engine:
 
     def _apply_table_changes(self) -> None:
         if self._table_clears:
-            self.block_tables[torch.tensor(self._table_clears, device=self.device)] = self.scratch_block
+            self.block_tables[self._to_device(self._table_clears)] = self.scratch_block
             self._table_clears = []
         if self._table_writes:
-            slot, col, block = torch.tensor(self._table_writes, dtype=torch.long).to(self.device).unbind(1)
+            slot, col, block = self._to_device(self._table_writes).unbind(1)
             self.block_tables[slot, col] = block
             self._table_writes = []
+
+    def _to_device(self, values, dtype=torch.long) -> torch.Tensor:
+        """A host list as a tensor on the engine's device, through pinned memory on CUDA: the copy does not
+        wait for the GPU to finish what it is running."""
+        if self.device.type != "cuda":
+            return torch.tensor(values, dtype=dtype)
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
 
     def _rows(self, seqs) -> tuple[torch.Tensor, torch.Tensor]:
         """The sequences' slots ``[n]`` and block-table rows ``[n, blocks_per_seq]`` on the device, after the
         queued table changes."""
         self._apply_table_changes()
-        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long).to(self.device)
+        slots = self._to_device([s.slot for s in seqs])
         return slots, self.block_tables.index_select(0, slots)
 
-    def _decode(self, seqs: list[_Sequence], events) -> None:
+    def decode_rows(self, slots: torch.Tensor, lengths: torch.Tensor, host_lengths: list[int] | None = None):
+        """One decode step for the rows at state slots ``slots [n]`` whose caches hold ``lengths [n]`` tokens
+        (advanced by one): each row's input token is ``next_tokens[slot]``. Returns ``(logits [n, V] fp32,
+        argmax [n])`` and leaves the argmax in ``next_tokens``. No host sync: what the CUDA graphs capture.
+        Slots past the sequence slots (the scratch slot) read the last block-table row, which is all scratch."""
+        rows = slots.clamp(max=self.block_tables.shape[0] - 1)
+        view = self.pools.view(slots, self.block_tables.index_select(0, rows), lengths)
+        if host_lengths is not None:
+            view.set_host_lengths(host_lengths)
+        logits = decode_step(self.model, self.next_tokens.index_select(0, slots), view)
+        greedy = logits.argmax(-1)
+        self.next_tokens.index_copy_(0, slots, greedy)
+        return logits, greedy
+
+    def _decode(self, seqs: list[_Sequence], launched: _Launched, events) -> None:
         for s in seqs:
             self._ensure_blocks(s, s.computed + 1)
-        tokens = [s.tokens[s.computed] for s in seqs]
+        slots = [s.slot for s in seqs]
         lengths = [s.computed for s in seqs]
         graph = next((self.graphs[b] for b in sorted(self.graphs) if b >= len(seqs)), None)
-        greedy = None
+        self._apply_table_changes()
         if graph is not None:
-            self._apply_table_changes()
-            logits, greedy = graph(tokens, [s.slot for s in seqs], lengths)
+            logits, greedy = graph(slots, lengths)
         else:
-            slots, table = self._rows(seqs)
-            view = self.pools.view(slots, table, torch.tensor(lengths, dtype=torch.long).to(self.device))
-            view.set_host_lengths(lengths)
-            logits = decode_step(self.model, torch.tensor(tokens, dtype=torch.long).to(self.device), view)
+            logits, greedy = self.decode_rows(self._to_device(slots), self._to_device(lengths), lengths)
         for s in seqs:
             s.computed += 1
-        self._register(seqs)
-        self._after_forward(seqs, logits, events, greedy)
+        self._choose(seqs, slots, logits, greedy, launched, events)
 
-    def _prefill(self, pieces, events) -> None:
+    def _prefill(self, pieces, launched: _Launched, events) -> None:
         seqs = [p[0] for p in pieces]
         for seq, _, end in pieces:
             self._ensure_blocks(seq, end)
@@ -570,24 +622,24 @@ class Engine:
         cu_host = [0]
         for n in lens:
             cu_host.append(cu_host[-1] + n)
-        ids_t = torch.tensor(ids, dtype=torch.long).to(self.device)[None]
-        cu = torch.tensor(cu_host, dtype=torch.long).to(self.device)
+        ids_t = self._to_device(ids)[None]
+        cu = self._to_device(cu_host)
         starts = [a for _, a, _ in pieces]
         slots, table = self._rows(seqs)
-        view = self.pools.view(slots, table, torch.tensor(starts, dtype=torch.long).to(self.device))
+        view = self.pools.view(slots, table, self._to_device(starts))
         view.set_host_lengths(starts)
         hidden = self.model.hidden_states(ids_t, cache=view, cu_seqlens=cu)  # [1, T, D]
         done = [i for i, (seq, _, end) in enumerate(pieces) if end == len(seq.prompt)]
         for seq, _, end in pieces:
             seq.computed = end
         self._stats["prefilled"] += len(ids)
-        logits = None
         if done:
-            last = torch.tensor([cu_host[i + 1] - 1 for i in done], dtype=torch.long).to(self.device)
+            last = self._to_device([cu_host[i + 1] - 1 for i in done])
             logits = self.model.lm_head(hidden[0, last]).float()
-        self._register(seqs)
-        if done:
-            self._after_forward([seqs[i] for i in done], logits, events)
+            greedy = logits.argmax(-1)
+            done_slots = [seqs[i].slot for i in done]
+            self.next_tokens.index_copy_(0, self._to_device(done_slots), greedy)
+            self._choose([seqs[i] for i in done], done_slots, logits, greedy, launched, events)
 
     def _register(self, seqs) -> None:
         """Put the sequences' newly filled blocks in the prefix cache; snapshot the KDA slot of each that
@@ -610,49 +662,65 @@ class Engine:
         if src:
             self._copy_slots(src, dst)
 
-    def _after_forward(self, seqs, logits: torch.Tensor, events, greedy: torch.Tensor | None = None) -> None:
-        """Sample one token per sequence from ``logits [n, V]`` (``greedy [n]``: their argmax, when the caller
-        has it) and emit it; finish the ones that stop."""
-        tokens = self._sample(seqs, logits, greedy)
-        for seq, token in zip(seqs, tokens, strict=True):
-            if isinstance(token, Exception):
-                self._finish(seq, "error", events, error=f"{type(token).__name__}: {token}")
-                continue
-            seq.tokens.append(token)
-            self._stats["generated"] += 1
-            reason = "stop" if token in seq.stop else ("length" if seq.completion >= seq.params.max_tokens else None)
-            if reason is None:
-                events.append(TokenEvent(seq.request_id, token, False, None))
-            else:
-                self._finish(seq, reason, events, token=token)
+    def _choose(self, seqs, slots: list[int], logits: torch.Tensor, greedy: torch.Tensor, launched: _Launched,
+                events) -> None:
+        """Pick each row's next token on the device from ``logits [n, V]`` (``greedy [n]``: their argmax, which
+        the caller has put in ``next_tokens``), leave it in ``next_tokens`` for the next decode step and queue its copy to the host in ``launched``. All rows
+        are sampled in one batch (``sample_rows``, one uniform draw from each sampling request's own generator)
+        unless every request is greedy. If the batch fails, the rows are sampled one at a time, and a request
+        whose own sampling fails is finished with "error" at once."""
+        chosen = greedy
+        if not all(s.params.temperature == 0 for s in seqs):
+            draws = [s.rng.random() if s.rng is not None else 0.0 for s in seqs]
 
-    def _sample(self, seqs, logits: torch.Tensor, argmax: torch.Tensor | None = None) -> list:
-        """Next token per sequence: all of them in one batch (``sample_rows``, one uniform draw from each
-        sampling request's own generator), or the argmax the graph took when every request is greedy. If the
-        batch fails, the rows are sampled one at a time, and a request whose own sampling fails gets the
-        exception in place of its token."""
-        if argmax is not None and all(s.params.temperature == 0 for s in seqs):
-            return argmax.tolist()
-        draws = [s.rng.random() if s.rng is not None else 0.0 for s in seqs]
+            def rows(idx):
+                p = [seqs[i].params for i in idx]
+                rows_logits = logits if len(idx) == len(seqs) else logits[idx]
+                return sample_rows(rows_logits, [q.temperature for q in p], [q.top_k for q in p],
+                                   [q.top_p for q in p], [draws[i] for i in idx])
 
-        def rows(idx):
-            p = [seqs[i].params for i in idx]
-            rows_logits = logits if len(idx) == len(seqs) else logits[idx]
-            return sample_rows(rows_logits, [q.temperature for q in p], [q.top_k for q in p],
-                               [q.top_p for q in p], [draws[i] for i in idx]).tolist()
+            try:
+                chosen = rows(list(range(len(seqs))))
+            except Exception:  # noqa: BLE001 - find the requests whose sampling fails; the others go on
+                parts = []
+                for i, seq in enumerate(seqs):
+                    try:
+                        parts.append(rows([i]))
+                    except Exception as e:  # noqa: BLE001 - finishes this request only
+                        parts.append(greedy[i : i + 1])
+                        self._finish(seq, "error", events, error=f"{type(e).__name__}: {e}")
+                chosen = torch.cat(parts)
+            self.next_tokens.index_copy_(0, self._to_device(slots), chosen)
+        if self.device.type == "cuda":
+            host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+            host.copy_(chosen, non_blocking=True)
+        else:
+            host = chosen.clone()
+        launched.rows.append((seqs, host))
+        for seq in seqs:
+            seq.pending += 1
 
-        try:
-            return rows(list(range(len(seqs))))
-        except Exception:  # noqa: BLE001 - find the requests whose sampling fails; the others go on
-            out: list = []
-            for i in range(len(seqs)):
-                try:
-                    out.append(rows([i])[0])
-                except Exception as e:  # noqa: BLE001 - finishes this request only
-                    out.append(e)
-            return out
+    def _resolve(self, launched: _Launched, events) -> None:
+        """Wait for a launched iteration, then take each row's token: emit it, or finish the request on a stop
+        token or at max_tokens. Rows of requests finished since their launch are dropped."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        for seqs, host in launched.rows:
+            for seq, token in zip(seqs, host.tolist(), strict=True):
+                if seq.done:
+                    continue
+                seq.pending -= 1
+                seq.tokens.append(token)
+                self._stats["generated"] += 1
+                reason = ("stop" if token in seq.stop
+                          else "length" if seq.completion >= seq.params.max_tokens else None)
+                if reason is None:
+                    events.append(TokenEvent(seq.request_id, token, False, None))
+                else:
+                    self._finish(seq, reason, events, token=token)
 
     def _finish(self, seq: _Sequence, reason: str, events, token: int | None = None, error: str | None = None):
+        seq.done = True
         if seq in self.running:
             self.running.remove(seq)
             if reason in ("stop", "length"):

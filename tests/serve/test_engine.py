@@ -41,14 +41,14 @@ def run(engine: Engine, requests: dict, capture_logits: bool = False, max_steps:
     {id: [logits per token]} with capture_logits)."""
     logits: dict[str, list[torch.Tensor]] = {}
     if capture_logits:
-        original = engine._sample
+        original = engine._choose
 
-        def spy(seqs, rows, argmax=None):
+        def spy(seqs, slots, rows, *args):
             for s, row in zip(seqs, rows, strict=True):
                 logits.setdefault(s.request_id, []).append(row.clone())
-            return original(seqs, rows, argmax)
+            return original(seqs, slots, rows, *args)
 
-        engine._sample = spy
+        engine._choose = spy
     for rid, (prompt, params) in requests.items():
         engine.add_request(rid, prompt, params)
     tokens: dict[str, list[int]] = {rid: [] for rid in requests}
@@ -63,7 +63,7 @@ def run(engine: Engine, requests: dict, capture_logits: bool = False, max_steps:
                 finished[e.request_id] = e
     assert not engine.has_unfinished()
     if capture_logits:
-        engine._sample = original
+        engine._choose = original
         return tokens, finished, logits
     return tokens, finished
 
@@ -107,10 +107,10 @@ def test_chunked_prefill_equals_whole_and_does_not_stall_streams(model):
     got = {"short": [e.token_id for e in chunked.step()], "long": []}
     chunked.add_request("long", long_prompt, SamplingParams(max_tokens=4, **GREEDY))
     logits_long = []
-    original = chunked._sample
-    chunked._sample = lambda seqs, rows, argmax=None: (
+    original = chunked._choose
+    chunked._choose = lambda seqs, slots, rows, *args: (
         [logits_long.append(r.clone()) for s, r in zip(seqs, rows, strict=True) if s.request_id == "long"],
-        original(seqs, rows, argmax),
+        original(seqs, slots, rows, *args),
     )[1]
     steps_while_prefilling = 0
     while chunked.has_unfinished():
@@ -214,6 +214,42 @@ def test_stop_tokens_and_eos(model):
     tokens, finished = run(Engine(eos_model, EngineConfig(max_num_seqs=2, max_model_len=64)),
                            {"eos": (prompt, SamplingParams(max_tokens=12, temperature=0.0))})
     assert tokens["eos"][-1] == stop and finished["eos"].finish_reason == "stop"
+
+
+def test_stepping_ahead_drops_tokens_after_a_stop_and_reuses_the_slot(model):
+    """The engine launches an iteration before it reads the previous one's tokens, so a sequence that samples
+    a stop token has already been stepped once more. That token must be dropped, and the slot (its state and
+    next token overwritten by the extra step) must serve the next request exactly: 6 requests through 2 slots,
+    stops at different points, sequences crossing a 64-token block boundary, prefix cache on, each == alone."""
+    engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=256, max_num_batched_tokens=96))
+    requests = {}
+    for i in range(6):
+        prompt = random_prompt(30 + 17 * i, seed=80 + i)
+        free = alone(model, prompt, 40)
+        stop = free[3 + 5 * i]
+        want = free[: free.index(stop) + 1]
+        params = SamplingParams(max_tokens=40, temperature=0.0, stop_token_ids=(stop,), ignore_eos=True)
+        requests[f"s{i}"] = (prompt, params, want)
+    engine.add_request("s0", requests["s0"][0], requests["s0"][1])
+    assert engine.step() == []  # the first iteration's token is read in the next one
+    first = engine.step()
+    assert [(e.request_id, e.token_id) for e in first] == [("s0", requests["s0"][2][0])]
+    for rid, (p, params, _) in requests.items():
+        if rid != "s0":
+            engine.add_request(rid, p, params)
+    tokens = {rid: [] for rid in requests}
+    tokens["s0"].append(first[0].token_id)
+    finished = {}
+    while engine.has_unfinished():
+        for e in engine.step():
+            if e.token_id is not None:
+                tokens[e.request_id].append(e.token_id)
+            if e.finished:
+                finished[e.request_id] = e.finish_reason
+    for rid, (_, _, want) in requests.items():
+        assert tokens[rid] == want and finished[rid] == "stop", rid
+    stats = engine.stats()
+    assert stats.running == 0 and stats.free_slots == 2
 
 
 def test_abort_frees_slot_and_blocks(model):
@@ -324,13 +360,13 @@ class _ReplayEagerly(_DecodeGraph):
 
 
 def test_graph_decode_path_pads_rows_and_equals_generate_alone(model):
-    """The engine's graph-bucket decode (one [4, size] input buffer, padding rows on the scratch slot and the
+    """The engine's graph-bucket decode (one [2, size] input buffer, padding rows on the scratch slot and the
     scratch block-table row, the argmax taken with the step) on the CPU: 7 requests through 4 slots, buckets
     1, 2, 4 (3 running rows pad to 4), each completion == generate() alone."""
     engine = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64))
     assert engine.graphs == {}  # none on the CPU
     engine.graphs = {
-        size: _ReplayEagerly(model, engine.pools, engine.block_tables, size, engine.scratch_slot)
+        size: _ReplayEagerly(engine, size)
         for size in _bucket_sizes(4)
     }
     calls = {size: 0 for size in engine.graphs}
