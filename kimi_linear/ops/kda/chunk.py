@@ -12,6 +12,7 @@ from kimi_linear.ops.kda.common import (
     BACKENDS,
     adapt_fla_args,
     check_lower_bound,
+    check_model_call_keywords,
     pack_to_batch,
     preprocess,
     state_layout_alias,
@@ -71,14 +72,16 @@ def chunk_kda(
     transpose_state_layout: bool | None = None,
     backend: str = "auto",
     preprocess_backend: str = "auto",
+    **model_call_kwargs,
 ):
     """Kimi Delta Attention over whole sequences, chunkwise-parallel (paper §3.1); differentiable.
 
     S_t = (I - beta_t k_t k_t^T) Diag(exp g_t) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T (scale q_t)   (paper Eq. 1)
 
     The positional order is FLA 0.6.0's; ``A_log``, ``dt_bias`` and ``chunk_size`` are keyword-only there too (FLA
-    reads them from ``**kwargs``), and this library's ``backend`` / ``preprocess_backend`` come last. Unknown
-    keywords raise TypeError (FLA swallows them).
+    reads them from ``**kwargs``), and this library's ``backend`` / ``preprocess_backend`` come last. FLA swallows
+    any other keyword; this op accepts only those model code forwards without meaning a change in the computation
+    (``**model_call_kwargs`` below) and raises TypeError naming any other, so a typo does not pass silently.
 
     Args:
         q, k: ``[B, T, H, K]`` float16/bfloat16/float32 (float64 on the torch backend). L2-normalised by the caller
@@ -135,6 +138,14 @@ def chunk_kda(
             the fused Triton kernels of ``preprocess_triton`` with "triton", PyTorch with "torch"), "torch" or
             "triton" (either with either chunk backend; same results up to rounding). The bounded gate and
             ``allow_neg_eigval`` always run in PyTorch.
+        **model_call_kwargs: keywords that model code forwards to its attention op with a model call's own
+            (transformers' ``kimi_linear`` passes its TransformersKwargs on), accepted as no-ops: those of
+            ``common.MODEL_CALL_NO_OP_KEYWORDS`` (``num_items_in_batch``, ``output_attentions``,
+            ``output_hidden_states``, ``output_router_logits``) always; the packed-sequence keywords of
+            ``common.PACKED_SEQUENCE_KEYWORDS`` (``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``,
+            ``max_length_k``, ``seq_idx``) when None or beside ``cu_seqlens`` (alone they raise ValueError: the op
+            would run across the sequences' boundaries, as FLA silently does); ``is_causal`` when True or None
+            (False raises ValueError). Any other keyword raises TypeError.
 
     Returns:
         ``(o [B, T, HV, V] in v's dtype, final_state [N, HV, K, V] float32 or None)`` (float64 for float64 inputs;
@@ -147,9 +158,11 @@ def chunk_kda(
         ValueError / TypeError naming the argument on wrong shapes, dtypes, devices, K or V > 256, bad cu_seqlens,
         flag combinations FLA refuses (``allow_neg_eigval`` without ``use_beta_sigmoid_in_kernel``, ``safe_gate``
         with the in-op gate but no lower_bound, ``use_gate_in_kernel`` without A_log or lower_bound), a chunk_size
-        other than 32 / 64, float64 on the Triton backend. NotImplementedError for ``cp_context``. NaN in g or beta
+        other than 32 / 64, float64 on the Triton backend, a keyword outside the signature and the accepted
+        model-call keywords (TypeError). NotImplementedError for ``cp_context``. NaN in g or beta
         is not checked and propagates.
     """
+    check_model_call_keywords("chunk_kda", model_call_kwargs, cu_seqlens)
     state_v_first = state_layout_alias(state_v_first, transpose_state_layout)
     if cp_context is not None:
         raise NotImplementedError("cp_context (FLA's context parallelism across GPUs) is not supported: run each "

@@ -8,6 +8,7 @@ import torch
 from kimi_linear.ops.kda.chunk import refuse_float64_on_triton, resolve_backend
 from kimi_linear.ops.kda.common import (
     adapt_fla_args,
+    check_model_call_keywords,
     pack_to_batch,
     preprocess,
     state_layout_alias,
@@ -44,6 +45,7 @@ def fused_recurrent_kda(
     safe_gate: bool = False,
     backend: str = "auto",
     state_indices: torch.Tensor | None = None,
+    **model_call_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kimi Delta Attention token by token (paper Eq. 1): the decoding path.
 
@@ -100,6 +102,11 @@ def fused_recurrent_kda(
             ignores it); no effect: the recurrence is exact for any gate.
         backend: "auto" (Triton on CUDA tensors, PyTorch otherwise), "torch" or "triton".
         state_indices: this library's name of ``ssm_state_indices`` (the same argument; pass one of the two).
+        **model_call_kwargs: keywords model code forwards with a model call's own, accepted as no-ops exactly as by
+            ``chunk_kda`` (``common.MODEL_CALL_NO_OP_KEYWORDS`` always: ``num_items_in_batch``,
+            ``output_attentions``, ``output_hidden_states``, ``output_router_logits``; the packed-sequence keywords
+            when None or beside ``cu_seqlens``; ``is_causal`` when True or None). Any other keyword raises TypeError
+            (FLA swallows every unknown keyword).
 
     Returns:
         ``(o [B, T, HV, V] in v's dtype, states)`` where states is the pool itself (in place) with state indices,
@@ -110,9 +117,11 @@ def fused_recurrent_kda(
     Raises:
         ValueError / TypeError naming the argument on wrong shapes, dtypes, devices, flag combinations FLA refuses
         (``allow_neg_eigval`` without ``use_beta_sigmoid_in_kernel``; ``use_gate_in_kernel`` without A_log or
-        lower_bound), float64 on the Triton backend, or bad cu_seqlens. IndexError (torch backend only) for a slot
+        lower_bound), float64 on the Triton backend, bad cu_seqlens, or a keyword outside the signature and the
+        accepted model-call keywords (TypeError). IndexError (torch backend only) for a slot
         >= S; the Triton backend treats it as "no slot" (checking would need a host sync).
     """
+    check_model_call_keywords("fused_recurrent_kda", model_call_kwargs, cu_seqlens)
     state_v_first = state_layout_alias(state_v_first, transpose_state_layout)
     if state_indices is not None and ssm_state_indices is not None:
         raise ValueError("pass state_indices or ssm_state_indices (the same argument), not both")
