@@ -83,6 +83,14 @@ def chunk_kda(
     any other keyword; this op accepts only those model code forwards without meaning a change in the computation
     (``**model_call_kwargs`` below) and raises TypeError naming any other, so a typo does not pass silently.
 
+    From vLLM's copy of FLA: its ``chunk_kda`` calls mean the same here, with ``state_v_first=True`` for the
+    ``[N, H, V, K]`` states its current copy keeps. Its ``chunk_kda_with_fused_gate(q, k, v, raw_g, beta, A_log,
+    g_bias, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens, safe_gate,
+    lower_bound)`` is ``chunk_kda(q, k, v, g=raw_g, beta=beta, A_log=A_log, dt_bias=g_bias, use_gate_in_kernel=True,
+    ...)``, the softplus gate; where that call applies the bounded gate, add its ``lower_bound`` (and
+    ``safe_gate=True``). Its variant taking ``raw_beta`` logits adds ``use_beta_sigmoid_in_kernel=True``.
+    tests/test_interop_vllm_calls.py runs these calls as vLLM's layer makes them.
+
     Args:
         q, k: ``[B, T, H, K]`` float16/bfloat16/float32 (float64 on the torch backend). L2-normalised by the caller
             unless ``use_qk_l2norm_in_kernel``.

@@ -55,6 +55,8 @@ def fused_recurrent_kda(
     keyword-only. Where FLA's public op silently drops its spec-decoding keywords (``ssm_state_indices``,
     ``num_accepted_tokens``, ``inplace_final_state``, ``out``), this op implements them with the semantics of
     FLA's / vLLM's decode kernel (``fused_recurrent_kda_fwd``).
+    vLLM's layer calls it by keyword with the state pool, ``ssm_state_indices`` and ``cu_seqlens``; its current FLA
+    copy keeps the pool ``[S, H, V, K]``: pass ``state_v_first=True`` (tests/test_interop_vllm_calls.py).
 
     Args:
         q, k: ``[B, T, H, K]`` float16/bfloat16/float32 (float64 on the torch backend). L2-normalised by the caller
