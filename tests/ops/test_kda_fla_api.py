@@ -551,6 +551,21 @@ def test_compiled_ops_match_eager_with_grads():
     assert torch.equal(o_c, o_e) and torch.equal(pool_c, pool_e) and not torch.equal(pool_c, pool)
 
 
+def test_compiled_varlen_prefill_with_model_call_keywords():
+    """torch.compile(fullgraph=True) of a packed prefill as model code writes it (cu_seqlens, keywords forwarded
+    from the model call): no graph break, the reference's result."""
+    x = inputs(1, 30, 2, 16, 8, N=2)
+    cu = torch.tensor([0, 12, 30])
+
+    def prefill(cu_seqlens, **z):
+        return chunk_kda(**z, cu_seqlens=cu_seqlens, output_final_state=True, output_hidden_states=True,
+                         output_attentions=False)
+
+    o, s = torch.compile(prefill, fullgraph=True, backend="aot_eager")(cu, **x)
+    o_ref, s_ref = reference(**x, cu_seqlens=cu)
+    assert rel_err(o, o_ref) < TOL and rel_err(s, s_ref) < TOL
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Real sizes on the GPU.
 
