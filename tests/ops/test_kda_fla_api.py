@@ -344,6 +344,20 @@ def test_float64_on_the_torch_path(op):
             fn(**x, backend="triton")
 
 
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["chunk", "recurrent"])
+def test_float64_cuda_inputs_take_the_torch_path_under_auto(op):
+    """FLA's ops take float64 CUDA tensors (FLA's own KDA test builds its fp64 gold that way): "auto" runs them on
+    the torch path instead of refusing them."""
+    x = {n: t.double().cuda() for n, t in inputs(2, 70, 2, 16, 8, HV=4).items()}
+    fn = chunk_kda if op == "chunk" else fused_recurrent_kda
+    o, s = fn(**x, output_final_state=True)
+    o_ref, s_ref = reference(**{n: t.cpu() for n, t in x.items()})
+    assert o.dtype == s.dtype == torch.float64
+    assert rel_err(o.cpu(), o_ref) < 1e-12 and rel_err(s.cpu(), s_ref) < 1e-12
+
+
 def _prefix_states(x, chunk, lengths):
     """The state entering each chunk of each sequence, by the reference over the prefix."""
     out, start = [], 0

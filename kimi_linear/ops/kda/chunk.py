@@ -38,8 +38,19 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 
 def refuse_float64_on_triton(backend: str, *xs: torch.Tensor | None) -> None:
     if backend == "triton" and torch.float64 in [x.dtype for x in xs if x is not None]:
-        raise TypeError("float64 inputs run on the torch backend only (backend='torch'; 'auto' picks it on CPU): "
-                        "the Triton kernels compute in fp32")
+        raise TypeError("float64 inputs run on the torch backend only (backend='torch'): the Triton kernels "
+                        "compute in fp32")
+
+
+def resolve_kda_backend(backend: str, q: torch.Tensor, *xs: torch.Tensor | None) -> str:
+    """The backend of a KDA op call: ``resolve_backend``, except that "auto" picks "torch" when an input is float64
+    (FLA's ops take float64 tensors on the GPU, so such a call must not fail; the Triton kernels compute in fp32,
+    the torch path in float64). An explicit "triton" with float64 inputs raises TypeError."""
+    if backend == "auto" and torch.float64 in [x.dtype for x in (q, *xs) if x is not None]:
+        return "torch"
+    backend = resolve_backend(backend, q)
+    refuse_float64_on_triton(backend, q, *xs)
+    return backend
 
 
 def chunk_kda(
@@ -141,7 +152,7 @@ def chunk_kda(
         chunk_size: 32 or 64 (FLA's choices, checked). Only ``h`` of ``return_intermediate_states`` depends on it;
             the Triton kernels always run 64-token chunks (the output is the same function).
         transpose_state_layout: FLA's deprecated name of ``state_v_first`` (warns).
-        backend: "auto" (Triton on CUDA tensors, PyTorch otherwise), "torch" or "triton".
+        backend: "auto" (Triton on CUDA tensors, PyTorch otherwise and for float64 inputs), "torch" or "triton".
         preprocess_backend: where the in-op activations (``use_*_in_kernel``) run: "auto" (on the chunk's backend:
             the fused Triton kernels of ``preprocess_triton`` with "triton", PyTorch with "torch"), "torch" or
             "triton" (either with either chunk backend; same results up to rounding). The bounded gate and
@@ -201,9 +212,8 @@ def chunk_kda(
     ):
         raise ValueError("chunk_kda with cu_seqlens cannot be captured in a CUDA graph: it reads cu_seqlens on the "
                          "host (FLA's use_graph mode has no counterpart here); capture fixed-length calls instead")
-    backend = resolve_backend(backend, q)
+    backend = resolve_kda_backend(backend, q, k, v, g, beta, initial_state)
     preprocess_backend = backend if preprocess_backend == "auto" else resolve_backend(preprocess_backend, q)
-    refuse_float64_on_triton(backend, q, k, v, g, beta, initial_state)
     if return_intermediate_states and torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state, A_log, dt_bias)
     ):

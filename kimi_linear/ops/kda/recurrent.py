@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kimi_linear.ops.kda.chunk import refuse_float64_on_triton, resolve_backend
+from kimi_linear.ops.kda.chunk import resolve_kda_backend
 from kimi_linear.ops.kda.common import (
     adapt_fla_args,
     check_model_call_keywords,
@@ -103,7 +103,7 @@ def fused_recurrent_kda(
         transpose_state_layout: FLA's deprecated name of ``state_v_first`` (warns).
         safe_gate: accepted for symmetry with ``chunk_kda`` (FLA's recurrent op takes it into ``**kwargs`` and
             ignores it); no effect: the recurrence is exact for any gate.
-        backend: "auto" (Triton on CUDA tensors, PyTorch otherwise), "torch" or "triton".
+        backend: "auto" (Triton on CUDA tensors, PyTorch otherwise and for float64 inputs), "torch" or "triton".
         state_indices: this library's name of ``ssm_state_indices`` (the same argument; pass one of the two).
         **model_call_kwargs: keywords model code forwards with a model call's own, accepted as no-ops exactly as by
             ``chunk_kda`` (``common.MODEL_CALL_NO_OP_KEYWORDS`` always: ``num_items_in_batch``,
@@ -153,8 +153,7 @@ def fused_recurrent_kda(
             raise ValueError(f"out must be a tensor of v's shape {tuple(v.shape)} on {v.device}")
         if not out.is_floating_point():
             raise TypeError(f"out must be a float tensor, got {out.dtype}")
-    backend = resolve_backend(backend, q)
-    refuse_float64_on_triton(backend, q, k, v, g, beta, initial_state)
+    backend = resolve_kda_backend(backend, q, k, v, g, beta, initial_state)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     in_place = indices is not None and inplace_final_state
 
