@@ -9,9 +9,10 @@ left-padded prefill and greedy decode steps (chunk op for the prefill, recurrent
 * assigning our ops to those names (what a user without FLA does by hand);
 * transformers' own resolution, with ``kimi_linear`` standing where it looks for ``fla`` (what it does with FLA).
 
-Noted difference: by the first route, keywords transformers forwards from the model call (``output_attentions``,
-``output_hidden_states``) reach the op unfiltered; FLA's ops swallow unknown keywords, ours raise TypeError naming
-them, so use the second route (or drop those keywords) for such calls.
+By the first route the keywords of the model call reach the op unfiltered (the layer forwards its ``**kwargs``):
+FLA's ops swallow any keyword, ours accept the ones that do not change the computation (``output_attentions``,
+``output_hidden_states``, ``output_router_logits``, ``num_items_in_batch``; see ``MODEL_CALL_NO_OP_KEYWORDS``), so
+the first route runs with them set; packed-sequence keywords without ``cu_seqlens`` are refused by name.
 """
 
 from __future__ import annotations
@@ -66,10 +67,12 @@ def prefill_and_decode(model, ids, mask, **call_kwargs):
     return torch.cat(logits, dim=1)
 
 
-def counted(op, calls):
+def counted(op, calls, seen_keywords=None):
     @functools.wraps(op)  # keeps op's signature: transformers filters keywords by it
     def wrapper(*args, **kwargs):
         calls[op.__name__] += 1
+        if seen_keywords is not None:
+            seen_keywords.update(kwargs)
         return op(*args, **kwargs)
 
     return wrapper
@@ -81,12 +84,16 @@ def assert_same_logits(got, want, mask):
 
 
 def test_our_ops_assigned_to_hf_names_match_its_fallback(hf_model, monkeypatch):
+    """Assigned by hand, the ops receive the model call's keywords too: the output flags change nothing."""
     ids, mask = left_padded_batch(seed=0)
     want = prefill_and_decode(hf_model, ids, mask)
     calls = {name: 0 for name in HF_NAMES}
+    seen = set()
     for ours, hf_name in HF_NAMES.items():
-        monkeypatch.setattr(modeling_kimi_linear, hf_name, counted(getattr(kda_ops, ours), calls))
-    got = prefill_and_decode(hf_model, ids, mask)
+        monkeypatch.setattr(modeling_kimi_linear, hf_name, counted(getattr(kda_ops, ours), calls, seen))
+    got = prefill_and_decode(hf_model, ids, mask, output_hidden_states=True, output_attentions=True,
+                             output_router_logits=True)
+    assert {"output_hidden_states", "output_attentions", "output_router_logits"} <= seen  # they reached the ops
     linear_layers = hf_model.config.layer_types.count("linear_attention")
     assert calls == {"chunk_kda": linear_layers, "fused_recurrent_kda": linear_layers * DECODE_STEPS}
     assert_same_logits(got, want, mask)
@@ -107,3 +114,15 @@ def test_transformers_resolves_our_ops_in_place_of_fla(hf_model, monkeypatch):
     linear_layers = hf_model.config.layer_types.count("linear_attention")
     assert calls == {"chunk_kda": linear_layers, "fused_recurrent_kda": linear_layers * DECODE_STEPS}
     assert_same_logits(got, want, mask)
+
+
+def test_assigned_ops_refuse_packed_sequences_without_cu_seqlens(hf_model, monkeypatch):
+    """A flattened batch described only by FlashAttention's keywords (DataCollatorWithFlattening): FLA's op would
+    run the recurrence across the sequences' boundaries; ours names the keyword and cu_seqlens."""
+    for ours, hf_name in HF_NAMES.items():
+        monkeypatch.setattr(modeling_kimi_linear, hf_name, getattr(kda_ops, ours))
+    ids = torch.randint(1, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seq_lens_q describes packed sequences.*pass cu_seqlens"), torch.no_grad():
+        hf_model(input_ids=ids, position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None],
+                 cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7)

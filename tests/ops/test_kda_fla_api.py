@@ -23,6 +23,7 @@ from kimi_linear.ops.kda import (
     naive_chunk_kda,
     naive_recurrent_kda,
 )
+from kimi_linear.ops.kda.common import MODEL_CALL_NO_OP_KEYWORDS
 from kimi_linear.ops.norm import l2norm
 from tests.utils import leaves, loss_of, rel_err
 
@@ -343,6 +344,20 @@ def test_float64_on_the_torch_path(op):
             fn(**x, backend="triton")
 
 
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["chunk", "recurrent"])
+def test_float64_cuda_inputs_take_the_torch_path_under_auto(op):
+    """FLA's ops take float64 CUDA tensors (FLA's own KDA test builds its fp64 gold that way): "auto" runs them on
+    the torch path instead of refusing them."""
+    x = {n: t.double().cuda() for n, t in inputs(2, 70, 2, 16, 8, HV=4).items()}
+    fn = chunk_kda if op == "chunk" else fused_recurrent_kda
+    o, s = fn(**x, output_final_state=True)
+    o_ref, s_ref = reference(**{n: t.cpu() for n, t in x.items()})
+    assert o.dtype == s.dtype == torch.float64
+    assert rel_err(o.cpu(), o_ref) < 1e-12 and rel_err(s.cpu(), s_ref) < 1e-12
+
+
 def _prefix_states(x, chunk, lengths):
     """The state entering each chunk of each sequence, by the reference over the prefix."""
     out, start = [], 0
@@ -402,6 +417,33 @@ def test_chunk_size_and_no_op_knobs():
         chunk_kda(**x, cu_seqlens=cu, use_graph=True, max_num_seqs=3)
     with pytest.raises(NotImplementedError, match="cp_context"):
         chunk_kda(**x, cu_seqlens=cu, cp_context=object())
+
+
+@pytest.mark.parametrize("op", [chunk_kda, fused_recurrent_kda], ids=["chunk", "recurrent"])
+def test_model_call_keywords_are_no_ops_and_others_are_refused(op):
+    """What model code forwards with a model call's keywords (transformers' kimi_linear) changes nothing; packing
+    keywords pass only beside cu_seqlens; is_causal=False and typos are refused by name."""
+    x = inputs(1, 30, 2, 16, 8, N=2)
+    cu = torch.tensor([0, 12, 30])
+    o, s = op(**x, cu_seqlens=cu, output_final_state=True)
+    o_ref, s_ref = reference(**x, cu_seqlens=cu)
+    assert rel_err(o, o_ref) < TOL and rel_err(s, s_ref) < TOL
+    packing = dict(cu_seq_lens_q=cu.int(), cu_seq_lens_k=cu.int(), max_length_q=18, max_length_k=18,
+                   seq_idx=torch.repeat_interleave(torch.arange(2), torch.tensor([12, 18]))[None].int())
+    no_ops = {name: True for name in MODEL_CALL_NO_OP_KEYWORDS} | packing | dict(is_causal=True)
+    no_ops["num_items_in_batch"] = torch.tensor(7)
+    o2, s2 = op(**x, cu_seqlens=cu, output_final_state=True, **no_ops)
+    assert torch.equal(o2, o) and torch.equal(s2, s)
+    one = inputs(1, 30, 2, 16, 8)
+    o3, _ = op(**one, seq_idx=None, output_attentions=False, is_causal=None)  # None describes nothing
+    assert rel_err(o3, reference(**one)[0]) < TOL
+    for name, value in packing.items():
+        with pytest.raises(ValueError, match=rf"{name} describes packed sequences.*pass cu_seqlens"):
+            op(**one, **{name: value})
+    with pytest.raises(ValueError, match="is_causal=False"):
+        op(**one, is_causal=False)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'output_final_states'.*output_hidden_states"):
+        op(**one, output_final_states=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -521,6 +563,21 @@ def test_compiled_ops_match_eager_with_grads():
     o_c = torch.compile(decode, fullgraph=True, backend="aot_eager")(pool_c)
     o_e = decode(pool_e)
     assert torch.equal(o_c, o_e) and torch.equal(pool_c, pool_e) and not torch.equal(pool_c, pool)
+
+
+def test_compiled_varlen_prefill_with_model_call_keywords():
+    """torch.compile(fullgraph=True) of a packed prefill as model code writes it (cu_seqlens, keywords forwarded
+    from the model call): no graph break, the reference's result."""
+    x = inputs(1, 30, 2, 16, 8, N=2)
+    cu = torch.tensor([0, 12, 30])
+
+    def prefill(cu_seqlens, **z):
+        return chunk_kda(**z, cu_seqlens=cu_seqlens, output_final_state=True, output_hidden_states=True,
+                         output_attentions=False)
+
+    o, s = torch.compile(prefill, fullgraph=True, backend="aot_eager")(cu, **x)
+    o_ref, s_ref = reference(**x, cu_seqlens=cu)
+    assert rel_err(o, o_ref) < TOL and rel_err(s, s_ref) < TOL
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -281,6 +281,35 @@ def test_non_contiguous_pool_is_refused():
                             backend="triton")
 
 
+@pytest.mark.parametrize("per_token", [False, True], ids=["slot-per-sequence", "slot-per-token"])
+def test_paged_pool_and_strided_slots(per_token):
+    """A serving engine's cache: pool slots spaced wider than one state (a page holding more than this layer's
+    state) and slots read from a column of a wider table. Same result as a contiguous pool and index tensor;
+    nothing between the slots is touched."""
+    H, D, S, N = 2, 16, 6, 3
+    x = kda_inputs(1, 2 * N, H, D, D, with_state=False)
+    del x["initial_state"]
+    cu_seqlens = torch.tensor([0, 2, 4, 6])
+    pages = torch.randn(S, H * D * D + 5)  # 5 elements of something else after each slot's state
+    table = torch.tensor([[4, 7, 7], [-1, 7, 7], [1, 7, 7]]) if not per_token else torch.tensor(
+        [[4, 0, 9], [-1, 3, 9], [1, 5, 9]])
+    slots = table[:, 0] if not per_token else table[:, :2]  # strided views of the table
+    assert not slots.is_contiguous() or slots.dim() == 1 and slots.stride(0) != 1
+    pool = pages[:, : H * D * D].view(S, H, D, D)  # [S, H, K, V], slot stride H*D*D + 5
+    assert not pool.is_contiguous()
+    pool_ref = pool.clone()
+    o_ref, _ = fused_recurrent_kda(**x, initial_state=pool_ref, state_indices=slots.contiguous(),
+                                   cu_seqlens=cu_seqlens, backend="torch")
+    pages_k = pages.clone().to(DEVICE)
+    pool_k = pages_k[:, : H * D * D].view(S, H, D, D)
+    o_k, ret = fused_recurrent_kda(**to(x), initial_state=pool_k, state_indices=slots.to(DEVICE),
+                                   cu_seqlens=cu_seqlens.to(DEVICE), backend="triton")
+    assert ret is pool_k
+    assert rel_err(o_k.cpu(), o_ref) < FP32_TOL
+    assert rel_err(pool_k.cpu(), pool_ref) < FP32_TOL
+    assert torch.equal(pages_k.cpu()[:, H * D * D :], pages[:, H * D * D :])
+
+
 def test_bad_state_indices_shape_is_refused():
     x = to(kda_inputs(2, 1, 2, 16, 16, with_state=False))
     del x["initial_state"]

@@ -12,6 +12,7 @@ from kimi_linear.ops.kda.common import (
     BACKENDS,
     adapt_fla_args,
     check_lower_bound,
+    check_model_call_keywords,
     pack_to_batch,
     preprocess,
     state_layout_alias,
@@ -37,8 +38,19 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 
 def refuse_float64_on_triton(backend: str, *xs: torch.Tensor | None) -> None:
     if backend == "triton" and torch.float64 in [x.dtype for x in xs if x is not None]:
-        raise TypeError("float64 inputs run on the torch backend only (backend='torch'; 'auto' picks it on CPU): "
-                        "the Triton kernels compute in fp32")
+        raise TypeError("float64 inputs run on the torch backend only (backend='torch'): the Triton kernels "
+                        "compute in fp32")
+
+
+def resolve_kda_backend(backend: str, q: torch.Tensor, *xs: torch.Tensor | None) -> str:
+    """The backend of a KDA op call: ``resolve_backend``, except that "auto" picks "torch" when an input is float64
+    (FLA's ops take float64 tensors on the GPU, so such a call must not fail; the Triton kernels compute in fp32,
+    the torch path in float64). An explicit "triton" with float64 inputs raises TypeError."""
+    if backend == "auto" and torch.float64 in [x.dtype for x in (q, *xs) if x is not None]:
+        return "torch"
+    backend = resolve_backend(backend, q)
+    refuse_float64_on_triton(backend, q, *xs)
+    return backend
 
 
 def chunk_kda(
@@ -71,14 +83,24 @@ def chunk_kda(
     transpose_state_layout: bool | None = None,
     backend: str = "auto",
     preprocess_backend: str = "auto",
+    **model_call_kwargs,
 ):
     """Kimi Delta Attention over whole sequences, chunkwise-parallel (paper §3.1); differentiable.
 
     S_t = (I - beta_t k_t k_t^T) Diag(exp g_t) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T (scale q_t)   (paper Eq. 1)
 
     The positional order is FLA 0.6.0's; ``A_log``, ``dt_bias`` and ``chunk_size`` are keyword-only there too (FLA
-    reads them from ``**kwargs``), and this library's ``backend`` / ``preprocess_backend`` come last. Unknown
-    keywords raise TypeError (FLA swallows them).
+    reads them from ``**kwargs``), and this library's ``backend`` / ``preprocess_backend`` come last. FLA swallows
+    any other keyword; this op accepts only those model code forwards without meaning a change in the computation
+    (``**model_call_kwargs`` below) and raises TypeError naming any other, so a typo does not pass silently.
+
+    From vLLM's copy of FLA: its ``chunk_kda`` calls mean the same here, with ``state_v_first=True`` for the
+    ``[N, H, V, K]`` states its current copy keeps. Its ``chunk_kda_with_fused_gate(q, k, v, raw_g, beta, A_log,
+    g_bias, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens, safe_gate,
+    lower_bound)`` is ``chunk_kda(q, k, v, g=raw_g, beta=beta, A_log=A_log, dt_bias=g_bias, use_gate_in_kernel=True,
+    ...)``, the softplus gate; where that call applies the bounded gate, add its ``lower_bound`` (and
+    ``safe_gate=True``). Its variant taking ``raw_beta`` logits adds ``use_beta_sigmoid_in_kernel=True``.
+    tests/test_interop_vllm_calls.py runs these calls as vLLM's layer makes them.
 
     Args:
         q, k: ``[B, T, H, K]`` float16/bfloat16/float32 (float64 on the torch backend). L2-normalised by the caller
@@ -130,11 +152,19 @@ def chunk_kda(
         chunk_size: 32 or 64 (FLA's choices, checked). Only ``h`` of ``return_intermediate_states`` depends on it;
             the Triton kernels always run 64-token chunks (the output is the same function).
         transpose_state_layout: FLA's deprecated name of ``state_v_first`` (warns).
-        backend: "auto" (Triton on CUDA tensors, PyTorch otherwise), "torch" or "triton".
+        backend: "auto" (Triton on CUDA tensors, PyTorch otherwise and for float64 inputs), "torch" or "triton".
         preprocess_backend: where the in-op activations (``use_*_in_kernel``) run: "auto" (on the chunk's backend:
             the fused Triton kernels of ``preprocess_triton`` with "triton", PyTorch with "torch"), "torch" or
             "triton" (either with either chunk backend; same results up to rounding). The bounded gate and
             ``allow_neg_eigval`` always run in PyTorch.
+        **model_call_kwargs: keywords that model code forwards to its attention op with a model call's own
+            (transformers' ``kimi_linear`` passes its TransformersKwargs on), accepted as no-ops: those of
+            ``common.MODEL_CALL_NO_OP_KEYWORDS`` (``num_items_in_batch``, ``output_attentions``,
+            ``output_hidden_states``, ``output_router_logits``) always; the packed-sequence keywords of
+            ``common.PACKED_SEQUENCE_KEYWORDS`` (``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``,
+            ``max_length_k``, ``seq_idx``) when None or beside ``cu_seqlens`` (alone they raise ValueError: the op
+            would run across the sequences' boundaries, as FLA silently does); ``is_causal`` when True or None
+            (False raises ValueError). Any other keyword raises TypeError.
 
     Returns:
         ``(o [B, T, HV, V] in v's dtype, final_state [N, HV, K, V] float32 or None)`` (float64 for float64 inputs;
@@ -147,9 +177,11 @@ def chunk_kda(
         ValueError / TypeError naming the argument on wrong shapes, dtypes, devices, K or V > 256, bad cu_seqlens,
         flag combinations FLA refuses (``allow_neg_eigval`` without ``use_beta_sigmoid_in_kernel``, ``safe_gate``
         with the in-op gate but no lower_bound, ``use_gate_in_kernel`` without A_log or lower_bound), a chunk_size
-        other than 32 / 64, float64 on the Triton backend. NotImplementedError for ``cp_context``. NaN in g or beta
+        other than 32 / 64, float64 on the Triton backend, a keyword outside the signature and the accepted
+        model-call keywords (TypeError). NotImplementedError for ``cp_context``. NaN in g or beta
         is not checked and propagates.
     """
+    check_model_call_keywords("chunk_kda", model_call_kwargs, cu_seqlens)
     state_v_first = state_layout_alias(state_v_first, transpose_state_layout)
     if cp_context is not None:
         raise NotImplementedError("cp_context (FLA's context parallelism across GPUs) is not supported: run each "
@@ -180,9 +212,8 @@ def chunk_kda(
     ):
         raise ValueError("chunk_kda with cu_seqlens cannot be captured in a CUDA graph: it reads cu_seqlens on the "
                          "host (FLA's use_graph mode has no counterpart here); capture fixed-length calls instead")
-    backend = resolve_backend(backend, q)
+    backend = resolve_kda_backend(backend, q, k, v, g, beta, initial_state)
     preprocess_backend = backend if preprocess_backend == "auto" else resolve_backend(preprocess_backend, q)
-    refuse_float64_on_triton(backend, q, k, v, g, beta, initial_state)
     if return_intermediate_states and torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state, A_log, dt_bias)
     ):

@@ -19,6 +19,15 @@ MAX_HEAD_DIM = 256
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "torch", "triton")
 
+# Keywords model code forwards to its attention op among the rest of a model call's keywords (transformers'
+# ``kimi_linear`` KDA layer hands its ``**kwargs``, the model call's TransformersKwargs, to the op). They ask the model
+# for extra outputs or normalise its loss and do not change what KDA computes: the ops accept and ignore them.
+MODEL_CALL_NO_OP_KEYWORDS = ("num_items_in_batch", "output_attentions", "output_hidden_states", "output_router_logits")
+# Model-call keywords describing packed sequences (transformers' DataCollatorWithFlattening). Beside cu_seqlens, or
+# None, they add nothing and are ignored; alone they would be the only record of where sequences end, which the ops
+# do not read, so they are refused rather than run the recurrence across the boundaries.
+PACKED_SEQUENCE_KEYWORDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
 
 def _is_capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -39,6 +48,33 @@ def _check_float(name: str, x: torch.Tensor) -> None:
 
 def _shape(*dims) -> str:
     return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def check_model_call_keywords(op_name: str, extra: dict, cu_seqlens: torch.Tensor | None) -> None:
+    """Keywords beyond an op's own parameters: those of ``MODEL_CALL_NO_OP_KEYWORDS`` pass (ignored), as do those of
+    ``PACKED_SEQUENCE_KEYWORDS`` when None or given beside ``cu_seqlens``, and ``is_causal`` when True or None (KDA
+    is causal). Anything else raises: TypeError for an unknown keyword (a typo must not pass silently, as it does
+    in FLA), ValueError for a known one whose value the op cannot honour."""
+    for name, value in extra.items():
+        if name in MODEL_CALL_NO_OP_KEYWORDS:
+            continue
+        if name in PACKED_SEQUENCE_KEYWORDS:
+            if value is None or cu_seqlens is not None:
+                continue
+            raise ValueError(
+                f"{op_name}: {name} describes packed sequences, and this op keeps sequences apart only by cu_seqlens "
+                f"(int [N + 1] boundaries, B = 1): pass cu_seqlens as well. (FLA ignores {name} and runs the "
+                "recurrence across the packed sequences' boundaries.)"
+            )
+        if name == "is_causal":
+            if value is None or value is True:
+                continue
+            raise ValueError(f"{op_name}: is_causal={value!r} cannot be honoured: KDA is a causal recurrence")
+        raise TypeError(
+            f"{op_name}() got an unexpected keyword argument {name!r}. Beyond its own parameters it accepts only the "
+            f"model-call keywords {', '.join(MODEL_CALL_NO_OP_KEYWORDS)} (ignored), "
+            f"{', '.join(PACKED_SEQUENCE_KEYWORDS)} (ignored beside cu_seqlens) and is_causal=True."
+        )
 
 
 def check_lower_bound(lower_bound, safe_gate: bool = False) -> None:

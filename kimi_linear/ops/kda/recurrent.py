@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from kimi_linear.ops.kda.chunk import refuse_float64_on_triton, resolve_backend
+from kimi_linear.ops.kda.chunk import resolve_kda_backend
 from kimi_linear.ops.kda.common import (
     adapt_fla_args,
+    check_model_call_keywords,
     pack_to_batch,
     preprocess,
     state_layout_alias,
@@ -44,6 +45,7 @@ def fused_recurrent_kda(
     safe_gate: bool = False,
     backend: str = "auto",
     state_indices: torch.Tensor | None = None,
+    **model_call_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kimi Delta Attention token by token (paper Eq. 1): the decoding path.
 
@@ -53,6 +55,8 @@ def fused_recurrent_kda(
     keyword-only. Where FLA's public op silently drops its spec-decoding keywords (``ssm_state_indices``,
     ``num_accepted_tokens``, ``inplace_final_state``, ``out``), this op implements them with the semantics of
     FLA's / vLLM's decode kernel (``fused_recurrent_kda_fwd``).
+    vLLM's layer calls it by keyword with the state pool, ``ssm_state_indices`` and ``cu_seqlens``; its current FLA
+    copy keeps the pool ``[S, H, V, K]``: pass ``state_v_first=True`` (tests/test_interop_vllm_calls.py).
 
     Args:
         q, k: ``[B, T, H, K]`` float16/bfloat16/float32 (float64 on the torch backend). L2-normalised by the caller
@@ -70,7 +74,8 @@ def fused_recurrent_kda(
         scale: query scale, default K ** -0.5.
         initial_state: ``[N, HV, K, V]`` (``[N, HV, V, K]`` with ``state_v_first``), float32; float16/bfloat16 are
             read as fp32 (FLA casts too). With state indices it is the state pool ``[S, HV, K, V]`` (any of those
-            dtypes; updated in place, stores rounded to its dtype).
+            dtypes; each slot contiguous, any stride between slots, as in vLLM's paged cache; updated in place,
+            stores rounded to its dtype).
         output_final_state: also return the state after the last token of each sequence (without state indices).
         use_qk_l2norm_in_kernel: L2-normalise q and k (eps 1e-6 inside the square root) first.
         use_gate_in_kernel: g is the gate pre-activation: g = -exp(A_log) softplus(g + dt_bias), or with
@@ -98,8 +103,13 @@ def fused_recurrent_kda(
         transpose_state_layout: FLA's deprecated name of ``state_v_first`` (warns).
         safe_gate: accepted for symmetry with ``chunk_kda`` (FLA's recurrent op takes it into ``**kwargs`` and
             ignores it); no effect: the recurrence is exact for any gate.
-        backend: "auto" (Triton on CUDA tensors, PyTorch otherwise), "torch" or "triton".
+        backend: "auto" (Triton on CUDA tensors, PyTorch otherwise and for float64 inputs), "torch" or "triton".
         state_indices: this library's name of ``ssm_state_indices`` (the same argument; pass one of the two).
+        **model_call_kwargs: keywords model code forwards with a model call's own, accepted as no-ops exactly as by
+            ``chunk_kda`` (``common.MODEL_CALL_NO_OP_KEYWORDS`` always: ``num_items_in_batch``,
+            ``output_attentions``, ``output_hidden_states``, ``output_router_logits``; the packed-sequence keywords
+            when None or beside ``cu_seqlens``; ``is_causal`` when True or None). Any other keyword raises TypeError
+            (FLA swallows every unknown keyword).
 
     Returns:
         ``(o [B, T, HV, V] in v's dtype, states)`` where states is the pool itself (in place) with state indices,
@@ -110,9 +120,11 @@ def fused_recurrent_kda(
     Raises:
         ValueError / TypeError naming the argument on wrong shapes, dtypes, devices, flag combinations FLA refuses
         (``allow_neg_eigval`` without ``use_beta_sigmoid_in_kernel``; ``use_gate_in_kernel`` without A_log or
-        lower_bound), float64 on the Triton backend, or bad cu_seqlens. IndexError (torch backend only) for a slot
+        lower_bound), float64 on the Triton backend, bad cu_seqlens, or a keyword outside the signature and the
+        accepted model-call keywords (TypeError). IndexError (torch backend only) for a slot
         >= S; the Triton backend treats it as "no slot" (checking would need a host sync).
     """
+    check_model_call_keywords("fused_recurrent_kda", model_call_kwargs, cu_seqlens)
     state_v_first = state_layout_alias(state_v_first, transpose_state_layout)
     if state_indices is not None and ssm_state_indices is not None:
         raise ValueError("pass state_indices or ssm_state_indices (the same argument), not both")
@@ -141,8 +153,7 @@ def fused_recurrent_kda(
             raise ValueError(f"out must be a tensor of v's shape {tuple(v.shape)} on {v.device}")
         if not out.is_floating_point():
             raise TypeError(f"out must be a float tensor, got {out.dtype}")
-    backend = resolve_backend(backend, q)
-    refuse_float64_on_triton(backend, q, k, v, g, beta, initial_state)
+    backend = resolve_kda_backend(backend, q, k, v, g, beta, initial_state)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     in_place = indices is not None and inplace_final_state
 

@@ -43,7 +43,7 @@ SOFTPLUS_THRESHOLD = 20.0
 def _fused_recurrent_kda_fwd_kernel(
     q, k, v, g, beta, o,
     h0, ht, cu_seqlens, state_indices, num_accepted, A_log, dt_bias,
-    scale, lower_bound, T, num_slots, index_cols, stride_idx_n,
+    scale, lower_bound, T, num_slots, index_cols, stride_idx_n, stride_pool_s,
     stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h,
     stride_g_t, stride_g_h, stride_b_t, stride_b_h,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -91,11 +91,11 @@ def _fused_recurrent_kda_fwd_kernel(
             slot = tl.load(state_indices + i_n * stride_idx_n + tl.where(col_ok, col, 0)).to(tl.int64)
             slot = tl.where(col_ok, slot, -1)
         else:
-            slot = tl.load(state_indices + i_n).to(tl.int64)
+            slot = tl.load(state_indices + i_n * stride_idx_n).to(tl.int64)
         # Slots outside the pool count as "no slot": the indices cannot be checked on the host without a sync,
         # and a wrong one must not read or write memory outside the pool.
         has_slot = (slot >= 0) & (slot < num_slots)
-        p_h0 = h0 + (tl.where(has_slot, slot, 0) * HV + i_hv) * K * V + o_kv
+        p_h0 = h0 + tl.where(has_slot, slot, 0) * stride_pool_s + i_hv * K * V + o_kv
         b_h = tl.load(p_h0, mask=m_h & has_slot, other=0.0).to(tl.float32)  # [BK, BV]
     elif USE_INITIAL_STATE:
         p_h0 = h0 + i_nh.to(tl.int64) * K * V + o_kv
@@ -164,7 +164,7 @@ def _fused_recurrent_kda_fwd_kernel(
             slot_t = tl.load(state_indices + i_n * stride_idx_n + col_t, mask=col_t < index_cols, other=-1)
             slot_t = slot_t.to(tl.int64)
             ok_t = (slot_t >= 0) & (slot_t < num_slots)
-            tl.store(h0 + (tl.where(ok_t, slot_t, 0) * HV + i_hv) * K * V + o_kv, b_h, mask=m_h & ok_t)
+            tl.store(h0 + tl.where(ok_t, slot_t, 0) * stride_pool_s + i_hv * K * V + o_kv, b_h, mask=m_h & ok_t)
         t += 1
 
     if USE_STATE_INDICES:
@@ -240,10 +240,11 @@ def fused_recurrent_kda_triton(
             ``[B, T, HV, V]`` (one per value channel) — float16/bfloat16/float32, any mix; math is fp32.
         scale: query scale, default K ** -0.5.
         initial_state: ``[N, HV, K, V]`` (``[N, HV, V, K]`` with ``state_v_first``), any float dtype (read as
-            fp32), or with ``state_indices`` the pool ``[S, HV, K, V]`` (contiguous; updated in place unless
-            ``inplace_final_state`` is False; stores round to its dtype).
+            fp32), or with ``state_indices`` the pool ``[S, HV, K, V]`` (each slot contiguous, any stride between
+            slots, as in a serving engine's paged cache; updated in place unless ``inplace_final_state`` is False;
+            stores round to its dtype).
         cu_seqlens: int ``[N + 1]`` on q's device, B == 1; values are trusted (not read on the host).
-        state_indices: int ``[N]`` on q's device, a slot per sequence (start there, write the final state back),
+        state_indices: int ``[N]`` on q's device (any stride: a column of a block table works), a slot per sequence (start there, write the final state back),
             or ``[N, C]``, a slot per token (start from column ``num_accepted_tokens - 1``, or 0, and write the
             state after token t into column t). A negative index, or one >= S, means "no slot": start from zeros
             and write nothing there (the torch backend raises IndexError for one >= S; checking here would need a
@@ -263,7 +264,7 @@ def fused_recurrent_kda_triton(
         ``state_v_first``) if ``output_final_state``, else None.
 
     Raises:
-        ValueError: the state pool is not contiguous (it could not be updated in place), or cu_seqlens /
+        ValueError: a slot of the state pool is not contiguous (it could not be updated in place), or cu_seqlens /
             state_indices / A_log / dt_bias are not on q's device.
     """
     B, T, H, K = q.shape
@@ -278,9 +279,9 @@ def fused_recurrent_kda_triton(
     use_state_indices = state_indices is not None
     per_token_index = use_state_indices and state_indices.dim() == 2
     every_state = use_state_indices and not inplace_final_state
-    if use_state_indices and not initial_state.is_contiguous():
-        raise ValueError("initial_state (the state pool [S, HV, K, V]) must be contiguous: it is updated in "
-                         "place")
+    if use_state_indices and initial_state.shape[0] and not initial_state[0].is_contiguous():
+        raise ValueError("each slot of the state pool initial_state [S, HV, K, V] must be contiguous (any stride "
+                         f"between slots is fine): it is updated in place; got strides {initial_state.stride()}")
     if initial_state is not None and not use_state_indices:
         initial_state = initial_state.contiguous()
     store_final = output_final_state and not use_state_indices
@@ -321,7 +322,8 @@ def fused_recurrent_kda_triton(
         scale, 0.0 if lower_bound is None else float(lower_bound), T,
         initial_state.shape[0] if use_state_indices else 0,
         state_indices.shape[1] if per_token_index else 1,
-        state_indices.stride(0) if per_token_index else 1,
+        state_indices.stride(0) if use_state_indices else 1,
+        initial_state.stride(0) if use_state_indices else 0,
         s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_gt, s_gh, s_bt, s_bh,
         H=H, HV=HV, K=K, V=V, BK=BK, BV=BV,
         SCALAR_GATE=g.dim() == 3, USE_QK_L2NORM=bool(use_qk_l2norm_in_kernel), USE_GATE=use_gate,
