@@ -4,9 +4,10 @@ Forward (``chunk_fwd.py``): the per-chunk stages (cumulative decays and pair mat
 the decayed q/k the state pass reads), then a sequential state pass per (sequence, head, V block) that also writes
 the output. Backward (``chunk_bwd.py``): the state pass again, writing the state entering each chunk (recomputed,
 not kept from the forward), a reverse pass for the state gradients, then the per-chunk stages for dq, dk, dv, dg,
-dbeta. The forward keeps its per-token intermediates for the backward (G fp32, A_qk, T fp32, W, U, q~ exp(G),
-K exp(G_last - G): about seven tensors the size of q), but no per-chunk states. The optional activations (q/k L2
-norm, the gate, the beta sigmoid) run in fused Triton kernels before and after the chunk kernels
+dbeta. For the backward the forward keeps its inputs and the products of its matrix stages (A_qk, T fp32, W, U:
+about three and a half tensors the size of q at K = 128), but no per-chunk states; the element-wise ones (G,
+q~ exp(G), K exp(G_last - G)) are recomputed by one kernel at the start of the backward. The optional activations
+(q/k L2 norm, the gate, the beta sigmoid) run in fused Triton kernels before and after the chunk kernels
 (``preprocess_triton.py``, with their own backward); a scalar (GDN) gate is broadcast over K and runs through the
 same kernels. Launch settings are values (``FwdLaunch``), chosen from the problem unless a caller passes its own.
 
@@ -23,9 +24,36 @@ import torch
 from kimi_linear.ops.kda.chunk_bwd import BwdLaunch, bwd_launch, chunk_bwd
 from kimi_linear.ops.kda.chunk_common import CHUNK, SUB_CHUNK, layout_for
 from kimi_linear.ops.kda.chunk_fwd import FwdLaunch, chunk_fwd, fwd_launch
+from kimi_linear.ops.kda.chunk_pairs import decay_operands
 from kimi_linear.ops.kda.common import preprocess
 
 __all__ = ["CHUNK", "SUB_CHUNK", "ChunkKDAFunction", "chunk_kda_triton"]
+
+
+def _forward(q, k, v, g, beta, h0, scale, output_final_state, layout, fwd):
+    """``chunk_fwd`` -> (o, final state or None, what the backward needs besides the inputs: A_qk, T fp32, W, U)."""
+    o, ht, (_, Aqk, Tinv, w, u, _, _) = chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, fwd)
+    return o, ht, (Aqk, Tinv, w, u)
+
+
+def _backward(q, k, v, g, beta, h0, kept, do, dht, scale, layout, fwd, bwd):
+    """``chunk_bwd`` from the forward's inputs and ``kept`` (``_forward``'s): G, q~ exp(G) and K exp(G_last - G)
+    are made again first (element-wise, as the forward made them). Returns dq, dk, dv, dg, dbeta, dh0."""
+    Aqk, Tinv, w, u = kept
+    G, qg, kd = decay_operands(q, k, g, scale, layout, fwd)
+    return chunk_bwd(q, k, v, beta, (G, Aqk, Tinv, w, u, qg, kd), scale, h0, do.contiguous().to(q.dtype), dht,
+                     layout, launch=bwd, state=fwd.state)
+
+
+def _operands(q, k, v, g, beta):
+    """``[B, T, H, ·]`` inputs -> the kernels' packed operands ``[B * T, H, ·]``, contiguous: q, k, v in one dtype
+    (the widest of the three), g fp32 (a scalar gate ``[B, T, H]`` broadcast over K), beta as it is."""
+    B, T, H, K = q.shape
+    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    if g.dim() == 3:
+        g = g[..., None].expand(B, T, H, K)
+    q, k, v = (x.to(dt).reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v))
+    return q, k, v, g.float().reshape(B * T, H, K).contiguous(), beta.reshape(B * T, H).contiguous()
 
 
 class ChunkKDAFunction(torch.autograd.Function):
@@ -36,19 +64,18 @@ class ChunkKDAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state, layout, fwd, bwd):
         need_bwd = any(ctx.needs_input_grad[:6])
-        o, ht, saved = chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, fwd)
+        o, ht, kept = _forward(q, k, v, g, beta, h0, scale, output_final_state, layout, fwd)
         if need_bwd:
-            ctx.save_for_backward(q, k, v, beta, h0, *saved)
+            ctx.save_for_backward(q, k, v, g, beta, h0, *kept)
         ctx.scale, ctx.layout, ctx.fwd, ctx.bwd = scale, layout, fwd, bwd
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, h0, *saved = ctx.saved_tensors
-        do = do.contiguous().to(q.dtype)
+        q, k, v, g, beta, h0, *kept = ctx.saved_tensors
         dht = None if dht is None else dht.contiguous().float()
-        dq, dk, dv, dg, db, dh0 = chunk_bwd(q, k, v, beta, saved, ctx.scale, h0, do, dht, ctx.layout,
-                                            launch=ctx.bwd, state=ctx.fwd.state)
+        dq, dk, dv, dg, db, dh0 = _backward(q, k, v, g, beta, h0, kept, do, dht, ctx.scale, ctx.layout, ctx.fwd,
+                                            ctx.bwd)
         return dq, dk, dv, dg, db.to(beta.dtype), dh0, None, None, None, None, None
 
 
@@ -94,9 +121,7 @@ def chunk_kda_triton(
         q, k, g, beta, use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, K,
         operand_dtype=dt, fused=True,
     )
-    q, k, v = (x.to(dt).reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v))
-    g = g.float().reshape(B * T, H, K).contiguous()
-    beta = beta.reshape(B * T, H).contiguous()
+    q, k, v, g, beta = _operands(q, k, v, g, beta)
     layout = layout_for(cu_seqlens, B, T, q.device)
     h0 = None if initial_state is None else initial_state.contiguous()
     fwd = fwd_launch(K, V, dt) if fwd is None else fwd
