@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kimi_linear.layers.kda as kda_module
-from kimi_linear.cache import KimiLinearCache
-from kimi_linear.config import KimiLinearConfig
-from kimi_linear.layers.kda import KimiDeltaAttention
-from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update, naive_causal_conv1d
-from kimi_linear.ops.kda import naive_recurrent_kda
-from tests.utils import rel_err
+if not torch.cuda.is_available():
+    # before anything imports the kernel modules: their kernels are defined for the interpreter then
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kimi_linear.layers.kda as kda_module  # noqa: E402
+from kimi_linear.cache import KimiLinearCache  # noqa: E402
+from kimi_linear.config import KimiLinearConfig  # noqa: E402
+from kimi_linear.layers.kda import KimiDeltaAttention  # noqa: E402
+from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update, naive_causal_conv1d  # noqa: E402
+from kimi_linear.ops.kda import naive_recurrent_kda  # noqa: E402
+from tests.utils import rel_err  # noqa: E402
 
 TOL = 1e-5  # fp32 throughout; differences are only summation order
 
@@ -324,7 +330,8 @@ def stored_layer(layer: KimiDeltaAttention, x: torch.Tensor, cu_seqlens=None) ->
     g = g.view(B, T, H) if layer.scalar_gate else g.view(B, T, H, K)
     o, _ = kda_module.chunk_kda(q, k, v, g, layer.b_proj(x), cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True,
                                 use_gate_in_kernel=True, A_log=layer.A_log, dt_bias=layer.dt_bias,
-                                use_beta_sigmoid_in_kernel=True)
+                                use_beta_sigmoid_in_kernel=True, backend=layer.chunk_backend,
+                                preprocess_backend=layer.preprocess_backend)
     o = F.rms_norm(o.float(), (K,), layer.o_norm.weight.float(), layer.config.rms_norm_eps)
     if layer.use_output_gate:
         o = o * torch.sigmoid(layer.g_b_proj(layer.g_a_proj(x)).view(B, T, H, K).float())
@@ -332,20 +339,38 @@ def stored_layer(layer: KimiDeltaAttention, x: torch.Tensor, cu_seqlens=None) ->
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# the Triton path on the CPU: Triton's interpreter, which must have been on when the kernels were defined
+INTERPRETER = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs the Triton kernels in the interpreter (CPU only)")
+
+
+def use_triton(layer: KimiDeltaAttention) -> KimiDeltaAttention:
+    """The conv, the activations and chunk_kda on their Triton kernels, as "auto" picks them on CUDA."""
+    layer.conv_backend = layer.preprocess_backend = layer.chunk_backend = "triton"
+    return layer
 
 
 @pytest.mark.parametrize(
-    "overrides,packed,autocast,device",
-    [({}, True, False, "cpu"), (dict(mixer="gdn"), False, False, "cpu"),
-     (dict(use_output_gate=False, use_short_conv=False), True, False, "cpu"), ({}, True, True, "cpu"),
-     pytest.param({}, True, True, "cuda", marks=CUDA), pytest.param(dict(mixer="gdn"), True, True, "cuda", marks=CUDA)],
-    ids=["kda-packed", "gdn", "no-gate-no-conv-packed", "kda-packed-bf16-autocast", "kda-packed-bf16-cuda",
-         "gdn-packed-bf16-cuda"],
+    "overrides,packed,autocast,device,triton",
+    [({}, True, False, "cpu", False), (dict(mixer="gdn"), False, False, "cpu", False),
+     (dict(use_output_gate=False, use_short_conv=False), True, False, "cpu", False), ({}, True, True, "cpu", False),
+     pytest.param({}, True, False, "cpu", True, marks=INTERPRETER),
+     pytest.param(dict(mixer="gdn"), False, False, "cpu", True, marks=INTERPRETER),
+     pytest.param(dict(use_output_gate=False, use_short_conv=False), True, False, "cpu", True, marks=INTERPRETER),
+     pytest.param({}, True, True, "cuda", False, marks=CUDA),
+     pytest.param(dict(mixer="gdn"), True, True, "cuda", False, marks=CUDA)],
+    ids=["kda-packed", "gdn", "no-gate-no-conv-packed", "kda-packed-bf16-autocast", "kda-packed-triton-interp",
+         "gdn-triton-interp", "no-gate-no-conv-packed-triton-interp", "kda-packed-bf16-cuda", "gdn-packed-bf16-cuda"],
 )
-def test_recomputing_layer_matches_the_stored_one_in_every_gradient(overrides, packed, autocast, device):
-    """On CUDA the conv, the activations and chunk_kda run their Triton kernels."""
+def test_recomputing_layer_matches_the_stored_one_in_every_gradient(overrides, packed, autocast, device, triton):
+    """On CUDA (and with ``triton`` on the CPU, through the interpreter, in fp32: its emulation of 16-bit dots
+    is not what the GPU computes) the conv, the activations and chunk_kda run their Triton kernels: there the op
+    reruns the glue in its own backward (``chunk_kda_triton_recomputing``) while the stored layer keeps everything
+    and differentiates the glue inside chunk_kda."""
     config = small_config(**overrides)
     layer = randomised_layer(config, seed=5).to(device)
+    if triton:
+        use_triton(layer)
     gen = torch.Generator().manual_seed(8)
     B, T = (1, 45) if packed else (2, 30)
     cu = torch.tensor([0, 13, 14, 45], device=device) if packed else None

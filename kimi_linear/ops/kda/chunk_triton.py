@@ -6,8 +6,10 @@ the output. Backward (``chunk_bwd.py``): the state pass again, writing the state
 not kept from the forward), a reverse pass for the state gradients, then the per-chunk stages for dq, dk, dv, dg,
 dbeta. For the backward the forward keeps its inputs and the products of its matrix stages (A_qk, T fp32, W, U:
 about three and a half tensors the size of q at K = 128), but no per-chunk states; the element-wise ones (G,
-q~ exp(G), K exp(G_last - G)) are recomputed by one kernel at the start of the backward. The optional activations
-(q/k L2 norm, the gate, the beta sigmoid) run in fused Triton kernels before and after the chunk kernels
+q~ exp(G), K exp(G_last - G)) are recomputed by one kernel at the start of the backward.
+``chunk_kda_triton_recomputing`` keeps not even the inputs: it takes a function that makes q, k, v, g, beta from
+tensors its caller keeps anyway (a layer's projections) and reruns it in backward. The optional activations (q/k
+L2 norm, the gate, the beta sigmoid) run in fused Triton kernels before and after the chunk kernels
 (``preprocess_triton.py``, with their own backward); a scalar (GDN) gate is broadcast over K and runs through the
 same kernels. Launch settings are values (``FwdLaunch``), chosen from the problem unless a caller passes its own.
 
@@ -27,7 +29,7 @@ from kimi_linear.ops.kda.chunk_fwd import FwdLaunch, chunk_fwd, fwd_launch
 from kimi_linear.ops.kda.chunk_pairs import decay_operands
 from kimi_linear.ops.kda.common import preprocess
 
-__all__ = ["CHUNK", "SUB_CHUNK", "ChunkKDAFunction", "chunk_kda_triton"]
+__all__ = ["CHUNK", "SUB_CHUNK", "ChunkKDAFunction", "chunk_kda_triton", "chunk_kda_triton_recomputing"]
 
 
 def _forward(q, k, v, g, beta, h0, scale, output_final_state, layout, fwd):
@@ -77,6 +79,72 @@ class ChunkKDAFunction(torch.autograd.Function):
         dq, dk, dv, dg, db, dh0 = _backward(q, k, v, g, beta, h0, kept, do, dht, ctx.scale, ctx.layout, ctx.fwd,
                                             ctx.bwd)
         return dq, dk, dv, dg, db.to(beta.dtype), dh0, None, None, None, None, None
+
+
+class ChunkKDARecomputingFunction(torch.autograd.Function):
+    """o ``[B, T, H, V]`` (v's dtype) of ``prepare(*inputs)`` (no initial or final state), keeping ``inputs`` and
+    ``_forward``'s matrix products; the backward reruns ``prepare`` under the forward's autocast state."""
+
+    @staticmethod
+    def forward(ctx, prepare, autocast_state, scale, cu_seqlens, fwd, bwd, *inputs):
+        q, k, v, g, beta = prepare(*inputs)
+        B, T, H, K = q.shape
+        V, out_dtype = v.shape[-1], v.dtype
+        q, k, v, g, beta = _operands(q, k, v, g, beta)
+        ctx.scale = K**-0.5 if scale is None else float(scale)
+        ctx.layout = layout_for(cu_seqlens, B, T, q.device)
+        ctx.fwd = fwd_launch(K, V, q.dtype) if fwd is None else fwd
+        ctx.bwd = bwd_launch(K, V, q.dtype) if bwd is None else bwd
+        o, _, kept = _forward(q, k, v, g, beta, None, ctx.scale, False, ctx.layout, ctx.fwd)
+        ctx.save_for_backward(*inputs, *kept)
+        ctx.prepare, ctx.autocast_state, ctx.n_inputs = prepare, autocast_state, len(inputs)
+        return o.reshape(B, T, H, V).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        saved = ctx.saved_tensors
+        inputs, kept = saved[: ctx.n_inputs], saved[ctx.n_inputs :]
+        needs = ctx.needs_input_grad[6:]
+        detached = [None if t is None else t.detach().requires_grad_(need and t.is_floating_point())
+                    for t, need in zip(inputs, needs, strict=True)]
+        device_type, enabled, dtype = ctx.autocast_state
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            operands = _operands(*ctx.prepare(*detached))
+        q, k, v, g, beta = (x.detach() for x in operands)
+        do = do.reshape(q.shape[0], q.shape[1], -1)  # [TT, H, V]
+        grads = _backward(q, k, v, g, beta, None, kept, do, None, ctx.scale, ctx.layout, ctx.fwd, ctx.bwd)[:5]
+        del q, k, v, g, beta, do
+        pairs = [(x, dx.to(x.dtype)) for x, dx in zip(operands, grads, strict=True) if x.requires_grad]
+        wanted = [t for t in detached if t is not None and t.requires_grad]
+        got = iter(torch.autograd.grad([x for x, _ in pairs], wanted, [dx for _, dx in pairs], allow_unused=True)
+                   if pairs and wanted else [])
+        return (None,) * 6 + tuple(next(got) if t is not None and t.requires_grad else None for t in detached)
+
+
+def chunk_kda_triton_recomputing(prepare, *inputs, scale: float | None = None,
+                                 cu_seqlens: torch.Tensor | None = None, fwd: FwdLaunch | None = None,
+                                 bwd: BwdLaunch | None = None) -> torch.Tensor:
+    """The output of ``chunk_kda_triton(*prepare(*inputs), cu_seqlens=cu_seqlens)`` (no initial or final state),
+    keeping for the backward only ``inputs`` and the chunk's matrix products (A_qk, T, W, U): q, k, v, g and beta
+    come back in backward by running ``prepare`` again (under the forward's autocast state), and G, q~ exp(G),
+    K exp(G_last - G) from them. For a layer whose op inputs are cheap functions of tensors it keeps anyway.
+
+    Args:
+        prepare: deterministic function of ``inputs`` returning ``(q [B, T, H, K], k, v [B, T, H, V], g [B, T, H, K]
+            or [B, T, H] (log-decay, fp32), beta [B, T, H])``, activated as ``chunk_kda`` takes them without the
+            ``use_*_in_kernel`` flags; run again it must give the same values. Every tensor it differentiates
+            through must be one of ``inputs`` (parameters included).
+        inputs: tensors (or None).
+        scale, cu_seqlens, fwd, bwd: as ``chunk_kda_triton``.
+
+    Returns:
+        o ``[B, T, H, V]`` in v's dtype; differentiable in ``inputs``.
+    """
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
+        return chunk_kda_triton(*prepare(*inputs), scale=scale, cu_seqlens=cu_seqlens, fwd=fwd, bwd=bwd)[0]
+    device = next(t.device for t in inputs if t is not None)
+    state = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+    return ChunkKDARecomputingFunction.apply(prepare, state, scale, cu_seqlens, fwd, bwd, *inputs)
 
 
 def chunk_kda_triton(
