@@ -13,8 +13,8 @@ fused kernel on CUDA for everything between the projections and o_proj (short co
 gate and beta activations, the recurrent update of the cached state in place, the output norm and gate). For
 whole sequences the layer runs those activations (with the short conv + SiLU) through the ops' own preprocessing,
 fused Triton kernels on CUDA, before ``chunk_kda``: in training this glue, and the output norm × gate after the
-op, are recomputed in backward (``layers.memory``), so the layer keeps only x, the projections, the op's output
-and the o_proj input besides what the op keeps. On the Triton kernels the op itself reruns the glue in its backward
+op, are recomputed in backward (``layers.memory``), so the layer keeps only x, the projections and the op's output
+besides what the op keeps. On the Triton kernels the op itself reruns the glue in its backward
 (``chunk_kda_triton_recomputing``), so it keeps neither q, k, v, g, beta nor its element-wise intermediates, only
 the products of its matrix stages.
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.cache_layout import CacheEntry
-from kimi_linear.layers.memory import autocast_input, recompute
+from kimi_linear.layers.memory import autocast_input, recompute, recompute_linear
 from kimi_linear.ops.conv import causal_conv1d
 from kimi_linear.ops.kda import chunk_kda, kda_decode_step
 from kimi_linear.ops.kda.chunk import resolve_backend
@@ -271,12 +271,12 @@ class KimiDeltaAttention(nn.Module):
                 # the reference keeps its own inputs
                 o, _ = chunk_kda(*recompute(prepare, *inputs), cu_seqlens=cu_seqlens, backend=self.chunk_backend)
 
-        # The output norm and gate are recomputed in backward too: only o and the low-rank gate input are kept.
+        # The output norm and gate are recomputed in backward too (for o_proj's weight gradient as well): only o
+        # and the low-rank gate input are kept.
         if g_low is None and self.use_output_gate:
             g_low = self.g_a_proj(x)  # [B, T, K]
         g_b_weight = self.g_b_proj.weight if self.use_output_gate else None
-        o = recompute(self._gated_norm, o, g_low, self.o_norm.weight, g_b_weight)  # [B, T, H·V]
-        return self.o_proj(o)
+        return recompute_linear(self._gated_norm, self.o_proj.weight, o, g_low, self.o_norm.weight, g_b_weight)
 
     def _conv_weight_or_none(self) -> torch.Tensor | None:
         return self.conv_weight() if self.use_short_conv else None
