@@ -416,3 +416,41 @@ def test_training_forward_keeps_only_inputs_projections_and_the_op_output(monkey
     expected = 4 * (T * D + T * 3 * E + T * K + T * H + 3 * E * layer.conv_size + T * E + T * K)
     assert glue == expected, activation_memory.format_saved(report)
     assert report.activation_bytes("op") > 0
+
+
+@INTERPRETER
+def test_kda_layer_keeps_less_than_an_mla_layer_per_token():
+    """What a KDA layer keeps for its backward on the path training takes on the GPU (Triton kernels; here the
+    interpreter), bf16 autocast, packed documents, at the 1.2B benchmark's proportions scaled down (H·K = hidden,
+    K = 128, MLA heads of 128 + 64 over a latent of hidden / 4): exactly x, the q/k/v projections, the low-rank
+    inputs, the beta logits, the conv filters, the op output and the chunk kernels' four matrix products (A_qk,
+    T fp32, W, U), and at most 0.85x the bytes per token of an MLA layer of the same hidden size measured the same
+    way (before the chunk op reran the glue, 1.47x). The CPU's MLA runs SDPA's math path, which keeps fp32 copies
+    of q, k, v and the softmax where the GPU's flash kernel keeps bf16 q, k, v, output and the log-sum-exp, so on the
+    GPU the two are closer (benchmarks/RESULTS.md, Training, has both counted at the 1.2B shape)."""
+    from kimi_linear.layers.mla import MultiheadLatentAttention
+    from kimi_linear.train import activation_memory
+
+    D, H, K, T = 256, 2, 128, 128
+    config = KimiLinearConfig.from_preset(
+        "debug", hidden_size=D, kda_num_heads=H, kda_head_dim=K, num_attention_heads=H, num_key_value_heads=H,
+        kv_lora_rank=D // 4, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, num_hidden_layers=2,
+        kda_layers=[0], full_attn_layers=[1], layer_types=None,
+    )
+    cu = torch.tensor([0, 32, 64, T])  # packed documents, as training feeds them
+    x = torch.randn(1, T, D, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    per_token = {}
+    layers = {"kda": use_triton(KimiDeltaAttention(config, 0)), "mla": MultiheadLatentAttention(config, 1)}
+    for name, layer in layers.items():
+        def forward(layer=layer):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return layer(x, cu_seqlens=cu).float().sum()
+
+        report = activation_memory.saved_activations(layer, forward)
+        per_token[name] = report.activation_bytes() / T
+        if name == "kda":
+            E, C, W = H * K, 64, config.short_conv_kernel_size  # C: the chunk, the width of A_qk and T
+            bf16 = D + 3 * E + K + H + E + K + H * C + E + E  # x, qkv, f_low, beta logits, o, g_low, A_qk, W, U
+            expected = T * (2 * bf16 + 4 * H * C) + 4 * 3 * E * W  # T fp32; the conv filters do not grow with T
+            assert report.activation_bytes() == expected, activation_memory.format_saved(report)
+    assert per_token["kda"] <= 0.85 * per_token["mla"], per_token
