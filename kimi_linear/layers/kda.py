@@ -261,14 +261,16 @@ class KimiDeltaAttention(nn.Module):
             prepare = functools.partial(self._op_inputs, cu_seqlens=cu_seqlens)
             inputs = (qkv, f_low, beta_logits, self._conv_weight_or_none(), self.f_b_proj.weight, self.A_log,
                       self.dt_bias)
-            if B * T > 0 and self._op_backends(qkv)[0] == "triton":
+            if (B * T > 0 and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                    and self._op_backends(qkv)[0] == "triton"):
                 from kimi_linear.ops.kda.chunk_triton import chunk_kda_triton_recomputing
 
                 # the op reruns them itself at the start of its backward, which needs them: one recomputation,
                 # and q, k, v, g, beta are not kept
                 o = chunk_kda_triton_recomputing(prepare, *inputs, cu_seqlens=cu_seqlens)
             else:
-                # the reference keeps its own inputs
+                # the reference keeps its own inputs; without grad, or traced by torch.compile (which sees
+                # chunk_kda as its registered op), nothing is kept
                 o, _ = chunk_kda(*recompute(prepare, *inputs), cu_seqlens=cu_seqlens, backend=self.chunk_backend)
 
         # The output norm and gate are recomputed in backward too (for o_proj's weight gradient as well): only o
