@@ -26,6 +26,7 @@ SUITES = (
     "serve_http",
     "train_speed",
     "train_speed_gpu",
+    "train_memory",
     "kda_cpu",
     "kda_chunk_build",
     "kda_profile",

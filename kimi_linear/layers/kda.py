@@ -13,8 +13,10 @@ fused kernel on CUDA for everything between the projections and o_proj (short co
 gate and beta activations, the recurrent update of the cached state in place, the output norm and gate). For
 whole sequences the layer runs those activations (with the short conv + SiLU) through the ops' own preprocessing,
 fused Triton kernels on CUDA, before ``chunk_kda``: in training this glue, and the output norm × gate after the
-op, are recomputed in backward (``layers.memory.recompute``), so the layer keeps only x, the projections, the
-op's own saved tensors and the op's output.
+op, are recomputed in backward (``layers.memory``), so the layer keeps only x, the projections and the op's output
+besides what the op keeps. On the Triton kernels the op itself reruns the glue in its backward
+(``chunk_kda_triton_recomputing``), so it keeps neither q, k, v, g, beta nor its element-wise intermediates, only
+the products of its matrix stages.
 
 With ``layer_type="gdn"`` (the paper's Gated DeltaNet baseline) the forget gate is one scalar per head:
 f_b_proj maps to H values and dt_bias has H entries.
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.cache_layout import CacheEntry
-from kimi_linear.layers.memory import autocast_input, recompute
+from kimi_linear.layers.memory import autocast_input, recompute, recompute_linear
 from kimi_linear.ops.conv import causal_conv1d
 from kimi_linear.ops.kda import chunk_kda, kda_decode_step
 from kimi_linear.ops.kda.chunk import resolve_backend
@@ -47,9 +49,10 @@ class KimiDeltaAttention(nn.Module):
     reads and writes slot ``cache.slots[n]``.
 
     ``conv_backend`` is the ``backend`` of the ShortConv's ``causal_conv1d`` over whole sequences,
-    ``preprocess_backend`` the ``preprocess_backend`` of ``chunk_kda`` (where the in-op activations run) and
-    ``decode_backend`` the ``backend`` of ``kda_decode_step`` (a one-token step with a cache): "auto" (the fused
-    Triton kernels on CUDA, PyTorch elsewhere), "triton" or "torch".
+    ``preprocess_backend`` the ``preprocess_backend`` of ``chunk_kda`` (where the in-op activations run),
+    ``chunk_backend`` the ``backend`` of ``chunk_kda`` and ``decode_backend`` the ``backend`` of
+    ``kda_decode_step`` (a one-token step with a cache): "auto" (the fused Triton kernels on CUDA, PyTorch
+    elsewhere), "triton" or "torch" (Triton on CPU tensors only through Triton's interpreter).
     """
 
     @classmethod
@@ -75,6 +78,7 @@ class KimiDeltaAttention(nn.Module):
         self.conv_size = config.short_conv_kernel_size
         self.conv_backend = "auto"
         self.preprocess_backend = "auto"
+        self.chunk_backend = "auto"
         self.decode_backend = "auto"
 
         self.q_proj = nn.Linear(D, H * K, bias=False)
@@ -249,31 +253,39 @@ class KimiDeltaAttention(nn.Module):
                 pool = layer_cache["state"]
                 initial = pool if in_place else pool.index_select(0, cache.slots)
             o, state = chunk_kda(q, k, v, g, beta, initial_state=initial, output_final_state=True,
-                                 cu_seqlens=cu_seqlens)
+                                 cu_seqlens=cu_seqlens, backend=self.chunk_backend)
             self._store_rows(layer_cache["state"], state, cache, in_place)
         else:
             # Training / a plain forward: the conv, SiLU, q/k L2 norms, gate and beta are recomputed in backward
-            # from the projections (recompute keeps only its inputs); chunk_kda keeps what its own backward needs.
-            q, k, v, g, beta = recompute(
-                functools.partial(self._op_inputs, cu_seqlens=cu_seqlens),
-                qkv, f_low, beta_logits, self._conv_weight_or_none(), self.f_b_proj.weight, self.A_log,
-                self.dt_bias,
-            )
-            o, _ = chunk_kda(q, k, v, g, beta, cu_seqlens=cu_seqlens)
+            # from the projections, which are kept (with the conv filters and the gate parameters).
+            prepare = functools.partial(self._op_inputs, cu_seqlens=cu_seqlens)
+            inputs = (qkv, f_low, beta_logits, self._conv_weight_or_none(), self.f_b_proj.weight, self.A_log,
+                      self.dt_bias)
+            if (B * T > 0 and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                    and self._op_backends(qkv)[0] == "triton"):
+                from kimi_linear.ops.kda.chunk_triton import chunk_kda_triton_recomputing
 
-        # The output norm and gate are recomputed in backward too: only o and the low-rank gate input are kept.
+                # the op reruns them itself at the start of its backward, which needs them: one recomputation,
+                # and q, k, v, g, beta are not kept
+                o = chunk_kda_triton_recomputing(prepare, *inputs, cu_seqlens=cu_seqlens)
+            else:
+                # the reference keeps its own inputs; without grad, or traced by torch.compile (which sees
+                # chunk_kda as its registered op), nothing is kept
+                o, _ = chunk_kda(*recompute(prepare, *inputs), cu_seqlens=cu_seqlens, backend=self.chunk_backend)
+
+        # The output norm and gate are recomputed in backward too (for o_proj's weight gradient as well): only o
+        # and the low-rank gate input are kept.
         if g_low is None and self.use_output_gate:
             g_low = self.g_a_proj(x)  # [B, T, K]
         g_b_weight = self.g_b_proj.weight if self.use_output_gate else None
-        o = recompute(self._gated_norm, o, g_low, self.o_norm.weight, g_b_weight)  # [B, T, H·V]
-        return self.o_proj(o)
+        return recompute_linear(self._gated_norm, self.o_proj.weight, o, g_low, self.o_norm.weight, g_b_weight)
 
     def _conv_weight_or_none(self) -> torch.Tensor | None:
         return self.conv_weight() if self.use_short_conv else None
 
     def _op_backends(self, x: torch.Tensor) -> tuple[str, str]:
         """(chunk_kda's backend, where its in-op activations run) for x, as ``chunk_kda`` resolves them."""
-        backend = resolve_backend("auto", x)
+        backend = resolve_backend(self.chunk_backend, x)
         pre = backend if self.preprocess_backend == "auto" else resolve_backend(self.preprocess_backend, x)
         return backend, pre
 

@@ -1,4 +1,5 @@
 """recompute(): the same values and gradients as calling the function, only its inputs kept, autocast replayed;
+recompute_linear(): the same as F.linear of the function, keeping only the weight and the function's inputs;
 autocast_input(): one cast under autocast, none otherwise."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kimi_linear.layers.memory import autocast_input, recompute
+from kimi_linear.layers.memory import autocast_input, recompute, recompute_linear
 from tests.utils import rel_err
 
 
@@ -100,3 +101,47 @@ def test_layers_keep_one_low_precision_copy_of_their_input_under_autocast(layer)
               and t.kind == "activation" and t.shape[-1] == config.hidden_size
               and not t.module.endswith(("o_proj", "down_proj"))]
     assert len(copies) == 1, [(t.module, t.node, t.shape) for t in copies]
+
+
+def norm_gate(x, gate, w):
+    """An RMSNorm times a sigmoid gate, in fp32, back in x's dtype: what a layer feeds its output projection."""
+    return (F.rms_norm(x.float(), (x.shape[-1],), w.float()) * torch.sigmoid(gate.float())).to(x.dtype)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_recompute_linear_equals_the_plain_linear_keeping_only_weight_and_inputs(autocast):
+    gen = torch.Generator().manual_seed(4)
+    x, gate = (torch.randn(2, 5, 16, generator=gen).requires_grad_() for _ in range(2))
+    w = (torch.rand(16, generator=gen) + 0.5).requires_grad_()
+    weight = torch.randn(12, 16, generator=gen).requires_grad_()
+    gy = torch.randn(2, 5, 12, generator=gen)
+    leaves = [x, gate, w, weight]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y_ref = F.linear(norm_gate(x, gate, w), weight)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = recompute_linear(norm_gate, weight, x, gate, w)
+    assert {id(t) for t in saved} == {id(weight), id(x), id(gate), id(w)}
+    assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
+    # backward outside autocast: the recomputation and the products run as the forward's autocast had them
+    grads = torch.autograd.grad((y.float() * gy).sum(), leaves)
+    grads_ref = torch.autograd.grad((y_ref.float() * gy).sum(), leaves)
+    for name, g, g_ref in zip(["x", "gate", "w", "weight"], grads, grads_ref, strict=True):
+        assert g.dtype == g_ref.dtype and torch.equal(g, g_ref), name
+
+
+def test_recompute_linear_with_a_frozen_weight_or_inputs():
+    gen = torch.Generator().manual_seed(5)
+    x, gate = torch.randn(3, 8, generator=gen).requires_grad_(), torch.randn(3, 8, generator=gen)
+    w, weight = torch.ones(8), torch.randn(4, 8, generator=gen)
+    y = recompute_linear(norm_gate, weight, x, gate, w)
+    (gx,) = torch.autograd.grad(y.sum(), [x])
+    (gx_ref,) = torch.autograd.grad(F.linear(norm_gate(x, gate, w), weight).sum(), [x])
+    assert torch.equal(gx, gx_ref)
+    weight.requires_grad_()
+    y = recompute_linear(norm_gate, weight, x.detach(), gate, w)
+    (gw,) = torch.autograd.grad(y.sum(), [weight])
+    (gw_ref,) = torch.autograd.grad(F.linear(norm_gate(x.detach(), gate, w), weight).sum(), [weight])
+    assert torch.equal(gw, gw_ref)
+    with torch.no_grad():
+        assert recompute_linear(norm_gate, weight, x, gate, w).grad_fn is None

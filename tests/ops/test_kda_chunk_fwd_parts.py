@@ -84,6 +84,11 @@ def definitions_of(x, scale):
 def run_parts(x, scale, cu_seqlens=None, launch=None):
     (q, k, v, g, beta), layout = _packed(x, cu_seqlens)
     _, _, saved = chunk_fwd(q, k, v, g, beta, scale, None, False, layout, launch)
+    # the backward's recomputation of the element-wise parts gives the forward's bit for bit
+    recomputed = chunk_pairs.decay_operands(q, k, g, scale, layout, launch or fwd_launch(q.shape[-1], v.shape[-1],
+                                                                                        q.dtype))
+    for name, t in zip(("G", "qg", "kd"), recomputed):
+        assert torch.equal(t, saved[NAMES.index(name)]), f"decay_operands' {name} is not the forward's"
     bounds = layout.cu_seqlens.tolist()
     want = reference_parts(q.cpu(), k.cpu(), v.cpu(), g.cpu(), beta.cpu(), scale, bounds)
     got = dict(zip(NAMES, (t.cpu() for t in saved)))

@@ -25,7 +25,7 @@ import torch
 import kimi_linear.ops.kda.chunk_common as chunk_common
 from kimi_linear.ops.kda import beta_activation, chunk_kda, kda_gate, naive_chunk_kda, naive_recurrent_kda
 from kimi_linear.ops.kda.chunk_fwd import fwd_launch
-from kimi_linear.ops.kda.chunk_triton import chunk_kda_triton
+from kimi_linear.ops.kda.chunk_triton import chunk_kda_triton, chunk_kda_triton_recomputing
 from kimi_linear.ops.norm import l2norm
 from tests.utils import kda_inputs, leaves, loss_of, rel_err
 
@@ -281,6 +281,44 @@ def test_no_final_state_and_no_grad():
     o_ref, _ = reference(**{n: (t.cpu() if t is not None else None) for n, t in x.items()})
     assert ht is None
     assert rel_err(o.cpu(), o_ref) < FP32_TOL
+
+
+
+def prepare_op_inputs(xq, xk, xv, f, b, scale_f):
+    """Element-wise glue a layer runs before the op: SiLU, the q/k L2 norm, a gate and the beta sigmoid."""
+    q = l2norm(torch.nn.functional.silu(xq))
+    k = l2norm(torch.nn.functional.silu(xk))
+    scale_f = scale_f[:, None] if f.dim() == 4 else scale_f  # per head
+    return q, k, torch.nn.functional.silu(xv), -torch.nn.functional.softplus(f) * scale_f, torch.sigmoid(b)
+
+
+@pytest.mark.parametrize("scalar_gate", [False, True], ids=["kda", "gdn"])
+def test_recomputing_op_equals_the_op_on_the_glue_and_keeps_only_inputs_and_products(scalar_gate):
+    """``chunk_kda_triton_recomputing`` against ``chunk_kda_triton`` on the glue's results (same kernels, so the
+    same numbers up to fp32 summation order): output and the gradients of every input; it keeps the inputs and
+    four products (A_qk, T, W, U), not q, k, v, g, beta or any element-wise intermediate."""
+    gen = torch.Generator().manual_seed(21)
+    B, T, H, K, V = 1, 90, 2, 16, 32
+    shapes = [(B, T, H, K), (B, T, H, K), (B, T, H, V), (B, T, H) if scalar_gate else (B, T, H, K), (B, T, H), (H,)]
+    x = {n: torch.randn(*shape, generator=gen) for n, shape in zip(("xq", "xk", "xv", "f", "b", "scale_f"), shapes)}
+    x["scale_f"] = x["scale_f"].abs() + 0.1
+    cu = torch.tensor([0, 30, 31, 90], device=DEVICE)
+    a = {n: t.to(DEVICE) for n, t in leaves(x).items()}
+    b = {n: t.to(DEVICE) for n, t in leaves(x).items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        o = chunk_kda_triton_recomputing(prepare_op_inputs, *a.values(), cu_seqlens=cu)
+    inputs = {id(t) for t in a.values()}
+    products = [t for t in saved if id(t) not in inputs]
+    assert inputs <= {id(t) for t in saved} and len(products) == 4
+    assert sorted(tuple(t.shape) for t in products) == sorted([(T, H, 64)] * 2 + [(T, H, K), (T, H, V)])
+    o_ref, _ = chunk_kda_triton(*prepare_op_inputs(*b.values()), cu_seqlens=cu)
+    assert torch.equal(o, o_ref)
+    loss_of(o, None).backward()
+    loss_of(o_ref, None).backward()
+    for n in x:
+        assert b[n].grad.norm() > 0, n
+        assert rel_err(a[n].grad, b[n].grad) < 1e-6, n
 
 
 def half_budget(x32: dict, dtype, n_check=None, **kwargs):

@@ -7,7 +7,8 @@ Per chunk of BT = 64 rows (four sub-blocks of BC = 16), with G the chunk-local c
 stored as beta_t A_kk (fp32, into the buffer the UT solve then turns into T) and scale A_qk (inputs' dtype). Three
 kernels:
 
-* ``chunk_kda_fwd_cumsum_kernel`` — G per (chunk, head, K block), fp32.
+* ``chunk_kda_fwd_cumsum_kernel`` — G per (chunk, head, K block), fp32; in the backward (``decay_operands``) also
+  the state pass's operands below, which the forward's autograd does not keep.
 * ``chunk_kda_fwd_offdiag_kernel`` — per (chunk, head), every block of both matrices as [BT, BKS] x [BKS, BT]
   tensor-core dots over K slices, one decay reference per column block (below); it also writes the state pass's
   operands scale q exp(G) and K exp(G_last - G) from the tiles it holds, and flags the diagonal blocks whose decay
@@ -54,17 +55,27 @@ def diag_cap(dtype: torch.dtype) -> float:
 
 @triton.jit
 def chunk_kda_fwd_cumsum_kernel(
-    g, G_out, cu_seqlens, chunk_indices,
+    g, q, k, G_out, qg_out, kd_out, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BKG: tl.constexpr, FLOOR: tl.constexpr,
+    DECAYED: tl.constexpr,
 ):
     """Per (chunk, head, K block) — grid (NT, H, cdiv(K, BKG)): G = the chunk-local cumulative sum of g over the
     chunk's rows (fp32), columns [i_k BKG, (i_k + 1) BKG), each g taken no lower than FLOOR (``LOG_DECAY_FLOOR``:
-    -inf is a reset with finite differences of G). Rows past the chunk's end are not written."""
+    -inf is a reset with finite differences of G). With DECAYED also scale q exp(G) and K exp(G_last - G) of those
+    columns, by the off-diagonal kernel's expressions on the same fp32 G, so they come out bit for bit as it
+    writes them. Rows past the chunk's end are not written."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, n_rows = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     b_g = load_cols(g, t0, 0, i_k * BKG, n_rows, i_h, H, K, BT, BKG).to(tl.float32)  # [BT, BKG]
     b_g = tl.where(b_g < FLOOR, FLOOR, b_g)
-    store_cols(G_out, tl.cumsum(b_g, 0), t0, 0, i_k * BKG, n_rows, i_h, H, K, BT, BKG)
+    b_G = tl.cumsum(b_g, 0)
+    store_cols(G_out, b_G, t0, 0, i_k * BKG, n_rows, i_h, H, K, BT, BKG)
+    if DECAYED:
+        last = tl.sum(tl.where((tl.arange(0, BT) == n_rows - 1)[:, None], b_G, 0.0), 0)  # [BKG] G_last
+        b_k = load_cols(k, t0, 0, i_k * BKG, n_rows, i_h, H, K, BT, BKG).to(tl.float32)
+        b_q = load_cols(q, t0, 0, i_k * BKG, n_rows, i_h, H, K, BT, BKG).to(tl.float32)
+        store_cols(kd_out, b_k * tl.exp(last[None, :] - b_G), t0, 0, i_k * BKG, n_rows, i_h, H, K, BT, BKG)
+        store_cols(qg_out, scale * b_q * tl.exp(b_G), t0, 0, i_k * BKG, n_rows, i_h, H, K, BT, BKG)
 
 
 @triton.jit
@@ -235,8 +246,8 @@ def build_pairs(q, k, g, beta, scale, layout, launch):
     diag_unsafe = torch.empty(layout.NT, H, CHUNK // SUB_CHUNK, device=dev, dtype=torch.int32)
     BKG = min(BK, launch.cumsum_block)
     chunk_kda_fwd_cumsum_kernel[(layout.NT, H, triton.cdiv(K, BKG))](
-        g, G, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, BT=CHUNK, BKG=BKG, FLOOR=LOG_DECAY_FLOOR,
-        num_warps=4,
+        g, q, k, G, G, G, layout.cu_seqlens, layout.chunk_indices, scale, H=H, K=K, BT=CHUNK, BKG=BKG,
+        FLOOR=LOG_DECAY_FLOOR, DECAYED=False, num_warps=4,
     )
     chunk_kda_fwd_offdiag_kernel[(layout.NT, H)](
         q, k, G, beta, Aqk, Tinv, diag_unsafe, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale,
@@ -252,12 +263,31 @@ def build_pairs(q, k, g, beta, scale, layout, launch):
     return G, Aqk, Tinv, qg, kd
 
 
+
+def decay_operands(q, k, g, scale, layout, launch):
+    """What the backward needs of the pair stage's element-wise outputs, recomputed rather than kept from the
+    forward: packed q, k [TT, H, K], g [TT, H, K] fp32 -> (G fp32, scale q exp(G), K exp(G_last - G) in q's dtype),
+    equal to ``build_pairs``'s. ``launch``: the forward's ``FwdLaunch``."""
+    TT, H, K = q.shape
+    dev = q.device
+    G = new_buffer(TT, H, K, device=dev, dtype=torch.float32)
+    qg = new_buffer(TT, H, K, device=dev, dtype=q.dtype)
+    kd = new_buffer(TT, H, K, device=dev, dtype=q.dtype)
+    if layout.NT == 0:
+        return G, qg, kd
+    BKG = min(pad_dim(K), launch.cumsum_block)
+    chunk_kda_fwd_cumsum_kernel[(layout.NT, H, triton.cdiv(K, BKG))](
+        g, q, k, G, qg, kd, layout.cu_seqlens, layout.chunk_indices, scale, H=H, K=K, BT=CHUNK, BKG=BKG,
+        FLOOR=LOG_DECAY_FLOOR, DECAYED=True, num_warps=4,
+    )
+    return G, qg, kd
+
 def sm90_build_jobs(H: int, K: int, dtype: torch.dtype, launch) -> list:
     """(kernel, constexprs, num_warps, num_stages) as ``build_pairs`` launches them."""
     BK = pad_dim(K)
     return [
         (chunk_kda_fwd_cumsum_kernel, dict(H=H, K=K, BT=CHUNK, BKG=min(BK, launch.cumsum_block),
-                                           FLOOR=LOG_DECAY_FLOOR), 4, 1),
+                                           FLOOR=LOG_DECAY_FLOOR, DECAYED=False), 4, 1),
         (chunk_kda_fwd_offdiag_kernel, dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BKS=min(BK, launch.offdiag_bks),
                                             DIAG_CAP=diag_cap(dtype), DOT_PREC=dot_precision(dtype)),
          launch.offdiag_warps, launch.offdiag_stages),
