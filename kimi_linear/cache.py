@@ -3,7 +3,8 @@
 Each mixer that can decode states its cache as ``cache_layout(config, layer_idx)`` (``layers.cache_layout``):
 
 * KDA / GDN layer: ``conv`` ``[3·H·K, W-1]`` (the last W-1 inputs of the q, k, v short convolutions, model
-  dtype) and ``state`` ``[H, K, V]`` fp32, per sequence ("slot" entries, fixed size whatever the length).
+  dtype) and ``state`` ``[H, K, V]`` in the cache's ``state_dtype``, per sequence ("slot" entries, fixed size
+  whatever the length).
 * MLA layer: ``latent`` ``[kv_lora_rank]`` and ``k_pe`` ``[qk_rope_head_dim]`` per token ("token" entries).
 
 Storage. Slot entries are pools ``[num_slots, *shape]``; token entries are paged, ``[num_blocks, block_size,
@@ -18,6 +19,12 @@ Storage. Slot entries are pools ``[num_slots, *shape]``; token entries are paged
 and one block of ``max_length`` tokens per row (``slots = arange(N)``, ``block_table = arange(N)[:, None]``),
 so ``layers[i]["latent"]`` is ``[N, max_length, r]``. The serving engine allocates pools with
 ``KimiLinearCache.pooled`` and runs each step on a ``view`` whose rows are the running sequences.
+
+State dtype. ``state_dtype`` (``STATE_DTYPES``) is float32 by default; bfloat16 halves the KDA state bytes, which
+dominate a decode step's memory traffic at large batch. The kernels read a bf16 state widened to fp32, compute in
+fp32 and store the new state rounded to nearest bf16 (once per decode step, once per prefill forward), so the
+model runs the fp32 recurrence with its state rounded to bf16 between forwards; benchmarks/RESULTS.md ("Decode")
+has the measured effect on the logits.
 """
 
 from __future__ import annotations
@@ -32,6 +39,15 @@ from kimi_linear.layers.cache_layout import CacheEntry
 from kimi_linear.layers.mla import MultiheadLatentAttention
 
 LINEAR_TYPES = ("kda", "gdn")
+STATE_DTYPES = (torch.float32, torch.bfloat16)  # what a cache may store the KDA recurrent states in
+
+
+def check_state_dtype(state_dtype) -> torch.dtype:
+    """``state_dtype`` if it is one of ``STATE_DTYPES``; raises ValueError naming it otherwise."""
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16 (the KDA recurrent states), got "
+                         f"{state_dtype!r}")
+    return state_dtype
 
 
 def layer_cache_layout(config: KimiLinearConfig, layer_idx: int) -> tuple[CacheEntry, ...]:
@@ -56,17 +72,19 @@ class KimiLinearCache:
         config: the model's config.
         batch_size: number of rows N (>= 1).
         max_length: tokens per row the MLA layers can hold (>= 1).
-        dtype: dtype of the conv tails and MLA latents (the model's); KDA states are always fp32.
+        dtype: dtype of the conv tails and MLA latents (the model's).
         device: where to allocate.
+        state_dtype: dtype of the KDA recurrent states, float32 (default) or bfloat16 (see the module docstring).
 
     Attributes:
         layers: one dict per layer, entry name -> pool tensor (see the module docstring).
         slots, block_table, lengths: the rows (see the module docstring).
         block_size, num_slots, num_blocks: the pool geometry.
+        dtype, state_dtype: as given.
 
     Raises:
-        ValueError: batch_size or max_length < 1, max_length beyond config.model_max_length, or a layer that
-            cannot decode.
+        ValueError: batch_size or max_length < 1, max_length beyond config.model_max_length, a state_dtype outside
+            ``STATE_DTYPES``, or a layer that cannot decode.
     """
 
     def __init__(
@@ -76,6 +94,7 @@ class KimiLinearCache:
         max_length: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        state_dtype: torch.dtype = torch.float32,
     ):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -85,7 +104,7 @@ class KimiLinearCache:
             raise ValueError(
                 f"max_length={max_length} exceeds the model's model_max_length={config.model_max_length}"
             )
-        self._allocate(config, batch_size, batch_size, max_length, dtype, device)
+        self._allocate(config, batch_size, batch_size, max_length, dtype, device, state_dtype)
         rows = torch.arange(batch_size, dtype=torch.long, device=self.device)
         self._set_rows(rows, rows[:, None].clone(), torch.zeros(batch_size, dtype=torch.long, device=self.device))
         # Row i is slot i: the KDA layers update the pools in place without gathering.
@@ -100,26 +119,29 @@ class KimiLinearCache:
         block_size: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        state_dtype: torch.dtype = torch.float32,
     ) -> KimiLinearCache:
         """Pools for a serving engine: ``num_slots`` KDA slots, ``num_blocks`` MLA blocks of ``block_size``
-        tokens, and no rows yet (run forwards on ``view``s).
+        tokens, and no rows yet (run forwards on ``view``s). ``dtype``, ``device`` and ``state_dtype`` as for the
+        dense cache.
 
         Raises:
-            ValueError: a size < 1, or a layer that cannot decode.
+            ValueError: a size < 1, a state_dtype outside ``STATE_DTYPES``, or a layer that cannot decode.
         """
         for name, v in (("num_slots", num_slots), ("num_blocks", num_blocks), ("block_size", block_size)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         cache = cls.__new__(cls)
-        cache._allocate(config, num_slots, num_blocks, block_size, dtype, device)
+        cache._allocate(config, num_slots, num_blocks, block_size, dtype, device, state_dtype)
         empty = torch.zeros(0, dtype=torch.long, device=cache.device)
         cache._set_rows(empty, empty[:, None], empty)
         cache.identity_rows = False
         return cache
 
-    def _allocate(self, config, num_slots, num_blocks, block_size, dtype, device) -> None:
+    def _allocate(self, config, num_slots, num_blocks, block_size, dtype, device, state_dtype) -> None:
         self.config = config
         self.dtype = dtype
+        self.state_dtype = check_state_dtype(state_dtype)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.num_slots, self.num_blocks, self.block_size = num_slots, num_blocks, block_size
         self.layers: list[dict[str, torch.Tensor]] = []
@@ -127,7 +149,8 @@ class KimiLinearCache:
             entries = {}
             for e in layer_cache_layout(config, i):
                 lead = (num_slots,) if e.per == "slot" else (num_blocks, block_size)
-                entries[e.name] = torch.zeros(*lead, *e.shape, dtype=e.dtype or dtype, device=self.device)
+                entries[e.name] = torch.zeros(*lead, *e.shape, dtype=e.storage_dtype(dtype, state_dtype),
+                                              device=self.device)
             self.layers.append(entries)
 
     def _set_rows(self, slots: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> None:
@@ -197,23 +220,25 @@ class KimiLinearCache:
         return sum(t.numel() * t.element_size() for entry in self.layers for t in entry.values())
 
 
-def cache_bytes(config: KimiLinearConfig, dtype_bytes: int = 2) -> tuple[int, int]:
-    """(bytes per sequence slot, bytes per cached token) of the whole model, summed over its layers."""
+def cache_bytes(config: KimiLinearConfig, dtype_bytes: int = 2, state_dtype_bytes: int = 4) -> tuple[int, int]:
+    """(bytes per sequence slot, bytes per cached token) of the whole model, summed over its layers
+    (``state_dtype_bytes``: 4 for fp32 KDA states, 2 for bf16)."""
     slot = token = 0
     for i in range(config.num_hidden_layers):
         for e in layer_cache_layout(config, i):
             if e.per == "slot":
-                slot += e.nbytes(dtype_bytes)
+                slot += e.nbytes(dtype_bytes, state_dtype_bytes)
             else:
-                token += e.nbytes(dtype_bytes)
+                token += e.nbytes(dtype_bytes, state_dtype_bytes)
     return slot, token
 
 
-def cache_bytes_per_sequence(config: KimiLinearConfig, context: int, dtype_bytes: int = 2) -> dict[str, int]:
+def cache_bytes_per_sequence(config: KimiLinearConfig, context: int, dtype_bytes: int = 2,
+                             state_dtype_bytes: int = 4) -> dict[str, int]:
     """Cache bytes of one sequence at ``context`` tokens, and of an MLA-only model of the same shape.
 
-    Loops over the layers' own cache layouts (KDA: conv tails in dtype and an fp32 K×V state per head, fixed;
-    MLA: r + dr values per token).
+    Loops over the layers' own cache layouts (KDA: conv tails in dtype and a K×V state per head in
+    ``state_dtype_bytes`` each, fixed; MLA: r + dr values per token).
 
     Returns:
         ``{"hybrid": bytes, "mla_only": bytes, "kda_layer": bytes per KDA layer, "mla_layer": bytes per MLA
@@ -224,9 +249,9 @@ def cache_bytes_per_sequence(config: KimiLinearConfig, context: int, dtype_bytes
         slot = token = 0
         for e in layer_cache_layout(config, i):
             if e.per == "slot":
-                slot += e.nbytes(dtype_bytes)
+                slot += e.nbytes(dtype_bytes, state_dtype_bytes)
             else:
-                token += e.nbytes(dtype_bytes)
+                token += e.nbytes(dtype_bytes, state_dtype_bytes)
         per_layer.append(slot + context * token)
     mla = sum(e.nbytes(dtype_bytes) for e in MultiheadLatentAttention.cache_layout(config, 0)) * context
     linear = [b for b, t in zip(per_layer, config.layer_types, strict=True) if t in LINEAR_TYPES]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kimi_linear.cache import KimiLinearCache
+from kimi_linear.cache import KimiLinearCache, check_state_dtype
 
 
 def _validate_prompts(prompts, vocab_size: int) -> list[list[int]]:
@@ -180,6 +180,7 @@ def generate(
     max_length: int | None = None,
     seed: int | None = None,
     use_cuda_graph: bool = True,
+    state_dtype: torch.dtype = torch.float32,
 ) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -197,16 +198,20 @@ def generate(
             from torch's global generator.
         use_cuda_graph: on CUDA, capture the decode step in a CUDA graph (falls back to eager with a warning
             if capture fails).
+        state_dtype: dtype of the cache's KDA recurrent states: torch.float32 (default) or torch.bfloat16, half
+            the state bytes a decode step moves (``cache.KimiLinearCache``; its effect on the logits is
+            measured in benchmarks/RESULTS.md, "Decode").
 
     Returns:
         The generated tokens of each prompt (without the prompt).
 
     Raises:
         ValueError: empty prompts or prompt list, ids outside the vocabulary, bad sampling parameters,
-            max_new_tokens < 1, or prompt + max_new_tokens longer than max_length / the model's
-            model_max_length.
+            max_new_tokens < 1, prompt + max_new_tokens longer than max_length / the model's model_max_length,
+            or a state_dtype other than float32 / bfloat16.
     """
     config = model.config
+    check_state_dtype(state_dtype)
     prompts = _validate_prompts(prompts, config.vocab_size)
     validate_sampling(temperature, top_k, top_p)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -238,7 +243,8 @@ def generate(
     N = len(prompts)
     # Room for the warm-up steps of the graph capture; prefill starts from the reset (empty) cache anyway.
     cache = KimiLinearCache(
-        config, N, min(max(max_length, 3), config.model_max_length), dtype=model.dtype, device=device
+        config, N, min(max(max_length, 3), config.model_max_length), dtype=model.dtype, device=device,
+        state_dtype=state_dtype,
     )
     step = lambda tokens: decode_step(model, tokens, cache)
     if use_cuda_graph and device.type == "cuda" and max_new_tokens > 1:

@@ -211,9 +211,12 @@ class KimiLinearForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def allocate_cache(self, batch_size: int, max_length: int) -> KimiLinearCache:
-        """A zeroed cache for ``batch_size`` sequences of up to ``max_length`` tokens, model device/dtype."""
-        return KimiLinearCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)
+    def allocate_cache(self, batch_size: int, max_length: int,
+                       state_dtype: torch.dtype = torch.float32) -> KimiLinearCache:
+        """A zeroed cache for ``batch_size`` sequences of up to ``max_length`` tokens, model device/dtype, KDA
+        states in ``state_dtype`` (float32 or bfloat16: ``KimiLinearCache``)."""
+        return KimiLinearCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device,
+                               state_dtype=state_dtype)
 
     def _validate(self, input_ids, cache, attention_mask, cu_seqlens) -> torch.Tensor | None:
         """Check the public inputs; return the new tokens per cache row (None without a cache)."""

@@ -52,6 +52,19 @@ def test_cpu_suite_runs_at_a_tiny_size(tmp_path):
     assert last.startswith("| recurrent reference (paper Eq. 1)") and last.endswith("x |")
 
 
+def test_kda_decode_accuracy_mode_runs_on_the_cpu(tmp_path):
+    """``kda_decode --accuracy`` (bf16 vs fp32 KDA state) at a tiny size: the bf16 state's error is measured,
+    nonzero (its states are really bf16) and below the whole-bf16 model's here."""
+    p = run_benchmarks("kda_decode", "--accuracy", "--preset", "debug", "--steps", "12", "--rows", "2",
+                       "--prompt-len", "16", "--out", str(tmp_path))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    doc = json.loads((tmp_path / "kda_decode_accuracy.json").read_text())
+    state, model = doc["teacher_forced"]["bf16 state"], doc["teacher_forced"]["bf16 model, fp32 state"]
+    assert 0 < state["logits_rel_err_mean"] < model["logits_rel_err_mean"]
+    assert len(doc["free_running"]["bf16 state"]["tokens_before_divergence"]) == 2
+    assert p.stdout.strip().splitlines()[-1].startswith("| bf16 model, fp32 state |")
+
+
 def test_serve_http_suite_runs_at_a_tiny_size(tmp_path):
     """The HTTP-layer ceiling suite (CPU, no GPU), with the stand-in engine and the real one in its own process
     (its factory runs in the spawned child): every stream gets its tokens, and no faster than the steps."""

@@ -33,6 +33,30 @@ def test_layouts_come_from_the_mixers():
     assert per_seq["hybrid"] * 3 == cache.nbytes()
 
 
+def test_state_dtype_applies_to_the_kda_states_only():
+    """``state_dtype=bfloat16`` stores the KDA recurrent states in bf16 (dense and pooled caches, and views of
+    them); conv tails and MLA latents keep the model's dtype; the bytes follow; other dtypes are refused."""
+    config = KimiLinearConfig.from_preset("debug")
+    dense = KimiLinearCache(config, batch_size=2, max_length=9, dtype=torch.float16, state_dtype=torch.bfloat16)
+    pooled = KimiLinearCache.pooled(config, num_slots=3, num_blocks=2, block_size=64, state_dtype=torch.bfloat16)
+    rows = pooled.view(torch.tensor([2]), torch.tensor([[1]]), torch.zeros(1, dtype=torch.long))
+    for cache, dtype in ((dense, torch.float16), (pooled, torch.float32), (rows, torch.float32)):
+        assert cache.state_dtype == torch.bfloat16
+        for i, layer_type in enumerate(config.layer_types):
+            entry = cache.layers[i]
+            if layer_type == "kda":
+                assert entry["state"].dtype == torch.bfloat16 and entry["conv"].dtype == dtype
+            else:
+                assert entry["latent"].dtype == entry["k_pe"].dtype == dtype
+    assert cache_bytes_per_sequence(config, 9, dtype_bytes=2, state_dtype_bytes=2)["hybrid"] * 2 == dense.nbytes()
+    assert KimiLinearCache(config, 1, 4).state_dtype == torch.float32
+    for bad in (torch.float16, torch.float64, "bfloat16"):
+        with pytest.raises(ValueError, match="state_dtype must be torch.float32 or torch.bfloat16"):
+            KimiLinearCache(config, 1, 4, state_dtype=bad)
+        with pytest.raises(ValueError, match="state_dtype"):
+            KimiLinearCache.pooled(config, 1, 1, 64, state_dtype=bad)
+
+
 def test_mamba2_layers_cannot_decode():
     config = KimiLinearConfig.from_preset("debug", mixer="mamba2")
     with pytest.raises(ValueError, match="cannot decode"):

@@ -37,6 +37,43 @@ def test_info_release_preset_shows_the_cache_reduction(capsys):
     assert rc == 0 and "% less" in out and "active" in out
 
 
+def test_kda_state_dtype_flag_reaches_generate_and_the_engine(capsys, checkpoint, monkeypatch):
+    """``--kda-state-dtype bfloat16`` (default float32) becomes generate()'s ``state_dtype`` and, through
+    ``kimi-linear serve``'s settings, the engine's ``kda_state_dtype`` and its slot pool's dtype."""
+    import torch
+
+    import kimi_linear.generate
+    from kimi_linear.cli import build_parser
+    from kimi_linear.cli.serve import build_engine, engine_settings
+
+    seen = []
+    real = kimi_linear.generate.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["state_dtype"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kimi_linear.generate, "generate", spy)
+    for flags, dtype in (([], torch.float32), (["--kda-state-dtype", "bfloat16"], torch.bfloat16)):
+        rc, _, _ = run_cli(capsys, "generate", "--checkpoint", str(checkpoint), "--prompt", "ab",
+                           "--max-new-tokens", "2", *flags)
+        assert rc == 0 and seen[-1] == dtype
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--checkpoint", str(checkpoint), "--kda-state-dtype", "bfloat16"])
+    settings = engine_settings(args, 8192)
+    assert settings["kda_state_dtype"] == "bfloat16"
+    threads = torch.get_num_threads()
+    try:
+        engine = build_engine(str(checkpoint), settings, 8192, "cpu", "auto", 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert engine.config.kda_state_dtype == torch.bfloat16
+    assert {layer["state"].dtype for layer in engine.pools.layers if "state" in layer} == {torch.bfloat16}
+    default = engine_settings(parser.parse_args(["serve", "--checkpoint", str(checkpoint)]), 8192)
+    assert default["kda_state_dtype"] == "float32"
+
+
 def test_info_reads_a_checkpoint_folder(capsys, checkpoint):
     rc, out, _ = run_cli(capsys, "info", str(checkpoint), "--context", "1000", "--json")
     info = json.loads(out)

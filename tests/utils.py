@@ -14,6 +14,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).norm().item() / max(denom.item(), 1e-30)
 
 
+def rounded_to_nearest(stored: torch.Tensor, exact: torch.Tensor, slack: float = 1e-5) -> bool:
+    """Whether ``stored`` (bf16 / fp16) is ``exact`` (fp32, computed independently) rounded to nearest, up to the fp32
+    noise of two summation orders: every element within half a unit in the last place of ``exact`` plus ``slack``
+    relative to exact's largest magnitude. Truncation misses this on about half the elements (up to one unit), and
+    a state that was never rounded (fp32 carried over) is not stored in ``stored``'s dtype to begin with."""
+    assert stored.shape == exact.shape, (stored.shape, exact.shape)
+    exact = exact.double()
+    info = torch.finfo(stored.dtype)  # eps = 2^-7 for bf16, 2^-10 for fp16: one unit at 1.0
+    exponent = torch.floor(torch.log2(exact.abs().clamp(min=info.tiny)))
+    half_ulp = torch.exp2(exponent) * info.eps / 2
+    bound = half_ulp + slack * exact.abs().max()
+    return bool(((stored.double() - exact).abs() <= bound).all())
+
+
 def kda_inputs(B, T, H, K, V, *, dtype=torch.float32, device="cpu", gate_scale=1.0, scalar_gate=False,
                with_state=True, N=None, generator=None):
     """Random KDA inputs: normalised q/k, log-decay g in [-gate_scale, 0), beta in (0, 1), fp32 state [N, H, K, V]."""

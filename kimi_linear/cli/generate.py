@@ -9,6 +9,7 @@ from pathlib import Path
 from kimi_linear.cli.common import add_threads_argument, resolve_device, set_threads
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+STATE_DTYPES = ("float32", "bfloat16")
 
 
 def add_parser(subparsers) -> None:
@@ -43,6 +44,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weights and compute dtype (default auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--kda-state-dtype", default="float32", choices=STATE_DTYPES,
+                   help="dtype of the cached KDA recurrent states (default float32); bfloat16 halves the state "
+                        "bytes a decode step moves (computed in fp32, stored rounded)")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
     add_threads_argument(p)
     p.set_defaults(func=run)
@@ -137,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         on_token=on_token if streaming else None,
         use_cuda_graph=not args.no_cuda_graph,
+        state_dtype=getattr(torch, args.kda_state_dtype),
     )
     if streaming:
         sys.stdout.write(stream.flush() + "\n")

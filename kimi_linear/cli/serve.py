@@ -15,6 +15,7 @@ import sys
 from kimi_linear.cli.common import add_threads_argument, resolve_device
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+STATE_DTYPES = ("float32", "bfloat16")
 
 
 def add_parser(subparsers) -> None:
@@ -47,6 +48,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-blocks", type=int, default=None, help="MLA cache blocks (default: derived)")
     p.add_argument("--gpu-memory-fraction", type=float, default=None,
                    help="fraction of GPU memory the engine may use for weights and caches (default 0.9)")
+    p.add_argument("--kda-state-dtype", default="float32", choices=STATE_DTYPES,
+                   help="dtype of the KDA recurrent states in the slot pool (default float32); bfloat16 halves the "
+                        "state bytes a decode step moves (computed in fp32, stored rounded)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
     p.add_argument("--drain-timeout", type=float, default=30.0,
@@ -60,7 +64,8 @@ def add_parser(subparsers) -> None:
 def engine_settings(args: argparse.Namespace, model_max_length: int) -> dict:
     """The ``EngineConfig`` fields the flags set, checked (flags left out keep the engine's defaults, and
     ``max_model_len`` left out becomes ``min(default, model_max_length)`` in ``build_engine``). Needs no torch, so
-    the engine process can start while this process goes on. Raises ValueError."""
+    the engine process can start while this process goes on (``kda_state_dtype`` stays a name until
+    ``build_engine``). Raises ValueError."""
     chosen = {
         "max_num_seqs": args.max_num_seqs,
         "max_model_len": args.max_model_len,
@@ -81,7 +86,8 @@ def engine_settings(args: argparse.Namespace, model_max_length: int) -> dict:
             f"--max-model-len {chosen['max_model_len']} exceeds the model's model_max_length={model_max_length}"
         )
     settings = {name: value for name, value in chosen.items() if value is not None}
-    return {**settings, "enable_prefix_caching": not args.no_prefix_caching, "use_cuda_graph": not args.no_cuda_graph}
+    return {**settings, "enable_prefix_caching": not args.no_prefix_caching, "use_cuda_graph": not args.no_cuda_graph,
+            "kda_state_dtype": args.kda_state_dtype}
 
 
 def build_engine(checkpoint: str, settings: dict, model_max_length: int, device: str | None, dtype: str,
@@ -93,12 +99,17 @@ def build_engine(checkpoint: str, settings: dict, model_max_length: int, device:
         ValueError: a bad ``--device``, or an engine setting or memory budget that does not fit.
         FileNotFoundError / ValueError: the checkpoint does not load.
     """
+    import torch
+
     from kimi_linear.serve.engine import EngineConfig
     from kimi_linear.serve.engine_process import load_engine
 
     resolved = resolve_device(device)
     if dtype == "auto":
         dtype = "bfloat16" if resolved.type == "cuda" else "float32"
+    settings = dict(settings)
+    if "kda_state_dtype" in settings:
+        settings["kda_state_dtype"] = getattr(torch, settings["kda_state_dtype"])
     config = EngineConfig(**{"max_model_len": min(EngineConfig.max_model_len, model_max_length), **settings})
     return load_engine(checkpoint, config, str(resolved), dtype, threads)
 

@@ -45,8 +45,9 @@ class KimiDeltaAttention(nn.Module):
     -> ``[B, T, D]``.
 
     Cache (``cache_layout``; pools allocated by ``kimi_linear.cache``, one slot per sequence): ``conv``
-    ``[3·H·K, W-1]`` (q, k, v conv inputs, oldest first) and ``state`` ``[H, K, V]`` fp32. Row n of a forward
-    reads and writes slot ``cache.slots[n]``.
+    ``[3·H·K, W-1]`` (q, k, v conv inputs, oldest first) and ``state`` ``[H, K, V]`` in the cache's
+    ``state_dtype`` (fp32, or bf16: the ops compute in fp32 and store rounded to nearest; a prefill's fp32 final
+    state is rounded as it is written). Row n of a forward reads and writes slot ``cache.slots[n]``.
 
     ``conv_backend`` is the ``backend`` of the ShortConv's ``causal_conv1d`` over whole sequences,
     ``preprocess_backend`` the ``preprocess_backend`` of ``chunk_kda`` (where the in-op activations run),
@@ -57,11 +58,12 @@ class KimiDeltaAttention(nn.Module):
 
     @classmethod
     def cache_layout(cls, config: KimiLinearConfig, layer_idx: int) -> tuple[CacheEntry, ...]:
-        """Per-sequence conv tails (model dtype) and recurrent state (fp32): fixed size, any length."""
+        """Per-sequence conv tails (model dtype) and recurrent state (the cache's state_dtype, fp32 by default):
+        fixed size, any length."""
         H, K = config.kda_num_heads, config.kda_head_dim
         return (
             CacheEntry("conv", "slot", (3 * H * K, config.short_conv_kernel_size - 1)),
-            CacheEntry("state", "slot", (H, K, K), torch.float32),
+            CacheEntry("state", "slot", (H, K, K), recurrent=True),
         )
 
     def __init__(self, config: KimiLinearConfig, layer_idx: int):

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kimi_linear.cache import KimiLinearCache, cache_bytes, layer_cache_layout
+from kimi_linear.cache import STATE_DTYPES, KimiLinearCache, cache_bytes, layer_cache_layout
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.generate import decode_step, sample_rows, validate_sampling
 from kimi_linear.serve.prefix_cache import PrefixCache
@@ -89,7 +89,9 @@ class SamplingParams:
 class EngineConfig:
     """Engine sizes. ``num_blocks`` None: ``max_num_seqs * ceil(max_model_len / block_size)`` on the CPU, or
     what ``gpu_memory_fraction`` of the GPU leaves after the weights and the slots on CUDA.
-    ``num_snapshots`` None: ``4 * max_num_seqs`` KDA snapshot slots for the prefix cache (0 when it is off)."""
+    ``num_snapshots`` None: ``4 * max_num_seqs`` KDA snapshot slots for the prefix cache (0 when it is off).
+    ``kda_state_dtype``: the KDA recurrent states' dtype in the slot pool, torch.float32 or torch.bfloat16 (half
+    the state bytes per decode step; ``cache.KimiLinearCache``). Snapshots copy slots in that dtype."""
 
     max_num_seqs: int = 16  # concurrently running sequences = KDA state slots
     max_model_len: int = 4096  # prompt + generated tokens per sequence
@@ -101,6 +103,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     use_cuda_graph: bool = True
     num_snapshots: int | None = None
+    kda_state_dtype: torch.dtype = torch.float32
 
 
 class QueueFullError(RuntimeError):
@@ -281,8 +284,11 @@ class Engine:
         self.num_seq_slots = c.max_num_seqs
         num_slots = c.max_num_seqs + num_snapshots + 1
         self.scratch_slot = num_slots - 1
+        if c.kda_state_dtype not in STATE_DTYPES:
+            raise ValueError(f"EngineConfig.kda_state_dtype must be torch.float32 or torch.bfloat16, got "
+                             f"{c.kda_state_dtype!r}")
         dtype_bytes = torch.empty((), dtype=model.dtype).element_size()
-        slot_bytes, token_bytes = cache_bytes(mc, dtype_bytes)
+        slot_bytes, token_bytes = cache_bytes(mc, dtype_bytes, c.kda_state_dtype.itemsize)
         block_bytes = token_bytes * c.block_size
         num_blocks = c.num_blocks
         if num_blocks is None:
@@ -315,7 +321,8 @@ class Engine:
         self.num_blocks = num_blocks
         self.scratch_block = num_blocks
         self.pools = KimiLinearCache.pooled(
-            mc, num_slots, num_blocks + 1, c.block_size, dtype=model.dtype, device=self.device
+            mc, num_slots, num_blocks + 1, c.block_size, dtype=model.dtype, device=self.device,
+            state_dtype=c.kda_state_dtype,
         )
         # the per-slot tensors (KDA conv tails and states): what a prefix-cache snapshot copies
         self.slot_tensors = [

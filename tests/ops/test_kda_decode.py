@@ -23,7 +23,7 @@ from kimi_linear.ops.kda import kda_decode_step, kda_gate, naive_recurrent_kda  
 from kimi_linear.ops.kda.decode_triton import DecodeLaunch, default_launch, kda_decode_step_triton  # noqa: E402
 from kimi_linear.ops.norm import l2norm  # noqa: E402
 from tests.layers.test_kda_layer import randomised_layer, small_config  # noqa: E402
-from tests.utils import rel_err  # noqa: E402
+from tests.utils import rel_err, rounded_to_nearest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -210,6 +210,60 @@ def test_bf16_within_twice_the_reference_rounding():
     assert torch.equal(after["conv_pool"], after_16["conv_pool"])  # bf16 values shifted, the bf16 input appended
 
 
+def _widened(pool: dict) -> dict:
+    """The pools with the state widened to fp32 (the conv tails as they are)."""
+    return {n: (t.float() if n == "state_pool" else t) for n, t in pool.items()}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("config", [CONFIGS["kda"], CONFIGS["gdn-no-conv-no-gate"]], ids=["kda", "gdn-no-conv-no-gate"])
+def test_bf16_state_pool_stores_the_fp32_step_rounded(config, backend):
+    """A bf16 state pool: the step reads the state widened to fp32, computes in fp32 and stores the new state
+    rounded to nearest bf16. Reference: the torch step on the same states in an fp32 pool. The output matches it
+    to fp32 precision, every written state is its state rounded to nearest, the conv tails are exact and slots
+    no row names stay bit-identical."""
+    N, H, K, V, R, W, P = 3, 2, 32, 32, 16, 4, 5
+    gen = torch.Generator().manual_seed(53)
+    args = {**weights(H, K, V, R, W, config, gen=gen), **token(N, H, K, V, R, config, gen=gen)}
+    before = pools(P, H, K, V, W, config, gen=gen)
+    before["state_pool"] = before["state_pool"].bfloat16()
+    slots = torch.tensor([4, 0, 2])
+    out, after = step(args, before, slots, backend)
+    out_ref, after_ref = step(args, _widened(before), slots, "torch", device="cpu")
+    assert after["state_pool"].dtype == torch.bfloat16
+    assert rel_err(out, out_ref) < FP32_TOL
+    assert rounded_to_nearest(after["state_pool"][slots], after_ref["state_pool"][slots])
+    untouched = torch.bincount(slots, minlength=P) == 0
+    assert torch.equal(after["state_pool"][untouched], before["state_pool"][untouched])
+    if config[0]:
+        assert torch.equal(after["conv_pool"], after_ref["conv_pool"])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bf16_state_pool_steps_follow_the_rounded_reference(backend):
+    """Eight steps on one bf16 state pool against the reference chain that rounds its fp32 state to bf16 after
+    every step: equal up to the rare element whose rounding an fp32 summation-order difference flips (measured
+    on the CPU: ~1e-6 relative on the outputs). The reference chain with its state kept in fp32 differs from the
+    rounded one by ~2e-3 (outputs) and ~1e-3 (states), truncating by ~4e-3: 1e-4 tells the contract apart."""
+    N, H, K, V, R, W, P = 3, 2, 32, 32, 16, 4, 4
+    config = CONFIGS["kda"]
+    gen = torch.Generator().manual_seed(59)
+    w = weights(H, K, V, R, W, config, gen=gen)
+    start = pools(P, H, K, V, W, config, gen=gen)
+    start["state_pool"] = start["state_pool"].bfloat16()
+    slots = torch.tensor([3, 1, 0], dtype=torch.int32)
+    kernel_pools = on({n: t.clone() for n, t in start.items()}, DEVICE)
+    ref_pools = _widened(start)
+    outs, outs_ref = [], []
+    for _ in range(8):
+        args = {**w, **token(N, H, K, V, R, config, gen=gen)}
+        outs.append(kda_decode_step(**on(args, DEVICE), **kernel_pools, slots=slots.to(DEVICE), backend=backend))
+        outs_ref.append(kda_decode_step(**args, **ref_pools, slots=slots, backend="torch"))
+        ref_pools["state_pool"] = ref_pools["state_pool"].bfloat16().float()
+    assert rel_err(torch.stack(outs).cpu(), torch.stack(outs_ref)) < 1e-4
+    assert rel_err(kernel_pools["state_pool"].cpu().float(), ref_pools["state_pool"]) < 1e-4
+
+
 def test_no_rows():
     config = CONFIGS["kda"]
     args = {**weights(2, 16, 16, 16, 4, config), **token(0, 2, 16, 16, 16, config)}
@@ -290,7 +344,8 @@ def _bad(**change):
 BAD = {
     "qkv-width": (dict(qkv=torch.randn(3, 40)), ValueError, r"qkv must be \[3, 48\]"),
     "qkv-int": (dict(qkv=torch.ones(3, 48, dtype=torch.long)), TypeError, "qkv must be float16"),
-    "state-fp16": (dict(state_pool=torch.randn(4, 2, 8, 8).half()), TypeError, "state_pool must be float32"),
+    "state-fp16": (dict(state_pool=torch.randn(4, 2, 8, 8).half()), TypeError,
+                   "state_pool must be float32 or bfloat16"),
     "state-strided": (dict(state_pool=torch.randn(4, 2, 8, 16)[..., :8]), ValueError, "state_pool must be contiguous"),
     "state-3d": (dict(state_pool=torch.randn(4, 2, 8)), ValueError, r"state_pool must be \[P, H, K, V\]"),
     "head-dim": (dict(state_pool=torch.randn(1, 1, 300, 8)), ValueError, "K, V in 1..256"),
@@ -392,6 +447,24 @@ def test_gpu_real_size(N, name, dtype):
     assert rel_err(state, state_32) <= 2 * rel_err(state_16, state_32) + 1e-6
     if "conv_pool" in after:
         assert torch.equal(after["conv_pool"], after_16["conv_pool"])
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("N", [1, 256])
+def test_gpu_real_size_bf16_state_pool(N):
+    """H = 32, K = V = R = 128, bf16 activations and a bf16 state pool (what ``state_dtype=bfloat16`` serves): the
+    output within twice the reference's own bf16 error; every written state is the fp32 step on the same (bf16)
+    values rounded to nearest."""
+    args, before, slots = _real(N, CONFIGS["kda"], torch.bfloat16, seed=3)
+    before["state_pool"] = before["state_pool"].bfloat16()
+    out, after = step(args, before, slots, "triton", device="cuda")
+    out_16, _ = step(args, _widened(before), slots, "torch", device="cpu")
+    as_fp32 = {n: (tuple(w.float() for w in t) if isinstance(t, tuple) else t.float()) for n, t in args.items()}
+    out_32, after_32 = step(as_fp32, {n: t.float() for n, t in before.items()}, slots, "torch", device="cpu")
+    assert after["state_pool"].dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert rel_err(out, out_32) <= 2 * rel_err(out_16, out_32) + 1e-6
+    assert rounded_to_nearest(after["state_pool"][slots], after_32["state_pool"][slots])
 
 
 @pytest.mark.gpu

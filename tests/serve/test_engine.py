@@ -172,6 +172,45 @@ def test_prefix_cache_on_equals_off_mid_block_hit_and_multi_turn(model):
     assert on_tokens["turn2"] == alone(model, first_turn + on_tokens["turn1"] + user, 6)
 
 
+def test_bf16_state_engine_equals_generate_alone_and_restores_bf16_snapshots(model):
+    """``kda_state_dtype=bfloat16``: the slot pool holds bf16 KDA states, rounded at the end of every forward. So
+    the engine equals generate(state_dtype=bfloat16) alone where each prompt is prefilled in one piece (prompts
+    under one block, a budget above them); and prefix-cache snapshots (copies of bf16 slots) give the tokens and
+    logits of the cache off when both prefill in the same block-aligned pieces (a budget of one block)."""
+    bf16 = torch.bfloat16
+    engine = Engine(model, EngineConfig(max_num_seqs=3, max_model_len=128, max_num_batched_tokens=256,
+                                        kda_state_dtype=bf16))
+    states = [layer["state"] for layer in engine.pools.layers if "state" in layer]
+    assert states and all(t.dtype == bf16 for t in states)
+    lengths, max_tokens = [1, 40, 63, 7, 20], [6, 3, 5, 8, 4]
+    requests = {f"r{i}": (random_prompt(n, seed=60 + i), SamplingParams(max_tokens=m, **GREEDY))
+                for i, (n, m) in enumerate(zip(lengths, max_tokens, strict=True))}
+    tokens, _ = run(engine, requests)
+    for rid, (prompt, params) in requests.items():
+        want = generate(model, [prompt], max_new_tokens=params.max_tokens, stop_tokens=[], state_dtype=bf16)[0]
+        assert tokens[rid] == want, rid
+
+    system = random_prompt(150, seed=70)
+    turns = {"first": (system + random_prompt(10, seed=71), 3), "second": (system + random_prompt(20, seed=72), 5)}
+
+    def scenario(engine):
+        out, logits, cached = {}, {}, {}
+        for rid, (prompt, m) in turns.items():
+            t, f, lg = run(engine, {rid: (prompt, SamplingParams(max_tokens=m, **GREEDY))}, True)
+            out[rid], logits[rid], cached[rid] = t[rid], torch.stack(lg[rid]), f[rid].cached_tokens
+        return out, logits, cached
+
+    config = dict(max_num_seqs=2, max_model_len=256, max_num_batched_tokens=64, kda_state_dtype=bf16)
+    on_tokens, on_logits, cached = scenario(Engine(model, EngineConfig(**config, enable_prefix_caching=True)))
+    off_tokens, off_logits, _ = scenario(Engine(model, EngineConfig(**config, enable_prefix_caching=False)))
+    assert cached == {"first": 0, "second": 128}
+    assert on_tokens == off_tokens
+    for rid in turns:
+        assert rel_err(on_logits[rid], off_logits[rid]) < 1e-5, rid
+    with pytest.raises(ValueError, match="kda_state_dtype"):
+        Engine(model, EngineConfig(max_num_seqs=2, max_model_len=128, kda_state_dtype=torch.float16))
+
+
 def test_prefix_cache_concurrent_sharers_and_eviction(model):
     """Requests sharing a prefix run together (blocks held by several), and a pool too small to keep
     everything evicts cached blocks and snapshots without changing any completion."""

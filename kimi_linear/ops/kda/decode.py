@@ -27,6 +27,7 @@ from kimi_linear.ops.kda.common import BACKENDS, FLOAT_DTYPES, MAX_HEAD_DIM
 from kimi_linear.ops.kda.recurrent import fused_recurrent_kda
 
 MAX_CONV_WIDTH = 16
+STATE_DTYPES = (torch.float32, torch.bfloat16)  # dtypes of a decode state pool
 
 
 def kda_decode_step(
@@ -60,8 +61,10 @@ def kda_decode_step(
             ``[N, 3*H*K]``), float16/bfloat16/float32; unit last stride. The output has its dtype.
         f_low: ``[N, R]`` the forget gate's low-rank input (``f_a_proj`` output), float.
         beta_logits: ``[N, H]`` (``b_proj`` output), float.
-        state_pool: ``[P, H, K, V]`` float32, contiguous: the recurrent states, row n's at ``slots[n]``; updated in
-            place. K, V <= 256.
+        state_pool: ``[P, H, K, V]`` float32 or bfloat16, contiguous: the recurrent states, row n's at
+            ``slots[n]``; updated in place. A bf16 pool halves the state traffic: each step reads it widened to
+            fp32, computes in fp32 and stores the new state rounded to nearest bf16 (the step equals the fp32
+            step from the bf16 state, rounded once on store). K, V <= 256.
         slots: int32/int64 ``[N]``, each row's slot in ``state_pool`` and ``conv_pool`` (0..P-1, values trusted:
             see Raises). Rows naming the same slot (CUDA-graph padding rows on one scratch slot) race on it: that
             slot's contents and those rows' outputs are then unspecified; other rows and slots are unaffected.
@@ -86,8 +89,8 @@ def kda_decode_step(
         ``[N, H*V]`` in qkv's dtype: the input of o_proj.
 
     Raises:
-        TypeError: a tensor argument that is not a tensor, a non-float tensor, a state pool that is not float32,
-            int slots of another dtype, float64 on the Triton backend.
+        TypeError: a tensor argument that is not a tensor, a non-float tensor, a state pool that is neither
+            float32 nor bfloat16, int slots of another dtype, float64 on the Triton backend.
         ValueError: shapes that do not agree (the message names the argument and the expected shape), tensors on
             another device than qkv, pools that are not contiguous, conv_pool / conv_weights or g_low /
             g_b_weight given one without the other, K or V outside 1..256, W outside 2..16, eps <= 0, an unknown
@@ -147,7 +150,8 @@ def kda_decode_step_reference(
 ) -> torch.Tensor:
     """The spec: the layer's decode step as the existing ops compose it (``kda_decode_step``'s arguments and
     result, unvalidated). The conv runs in the pool's dtype and the GEMVs in the operands' (as the layer's
-    unfused step did); the gate, recurrence, norm and output gate in fp32."""
+    unfused step did); the gate, recurrence, norm and output gate in fp32, the new state stored in the pool's
+    dtype (rounded to nearest)."""
     N = qkv.shape[0]
     _, H, K, V = state_pool.shape
     if conv_pool is not None:
@@ -195,8 +199,8 @@ def _validate(qkv, f_low, beta_logits, state_pool, slots, f_b_weight, A_log, dt_
                     ("f_b_weight", f_b_weight), ("A_log", A_log), ("dt_bias", dt_bias),
                     ("norm_weight", norm_weight)):
         _check_tensor(name, x)
-    if state_pool.dtype != torch.float32:
-        raise TypeError(f"state_pool must be float32 (the recurrent states), got {state_pool.dtype}")
+    if state_pool.dtype not in STATE_DTYPES:
+        raise TypeError(f"state_pool must be float32 or bfloat16 (the recurrent states), got {state_pool.dtype}")
     if state_pool.dim() != 4:
         raise ValueError(f"state_pool must be [P, H, K, V], got {tuple(state_pool.shape)}")
     P, H, K, V = state_pool.shape

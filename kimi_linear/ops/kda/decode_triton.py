@@ -14,7 +14,8 @@ and beta loads). With s = slots[n] the program computes, in fp32 (the reference 
    over K (``gate.kda_gate``). beta = sigmoid(beta_logits[n, h]).
 4. for each [BK, BV] block of the head's state (one block up to K * V = 16384, i.e. K = V = 128; K = V = 256
    takes four [256, 64] blocks): short conv + SiLU of the block's v channels; the block loaded once from
-   ``state_pool[s, h]``, decayed, the delta-rule update, stored once (paper Eq. 1, ``naive.naive_recurrent_kda``);
+   ``state_pool[s, h]`` (fp32 or bf16, widened to fp32), decayed, the delta-rule update, stored once rounded to
+   nearest in the pool's dtype (paper Eq. 1, ``naive.naive_recurrent_kda``);
    o = S^T q for the block; y = o * o_norm.weight * sigmoid(g_b[h] @ g_low[n]) for the block, kept in
    registers; sum(o^2) accumulated.
 5. out[n, h*V : (h+1)*V] = y * rsqrt(sum(o^2) / V + eps): the per-head RMSNorm (``F.rms_norm``) times the gate,
@@ -24,7 +25,7 @@ Why one program per (n, h) and not V-blocks in parallel: the RMSNorm needs the w
 whole state of the head. Programs splitting V would need a cross-program reduction (a second launch, or a
 semaphore and a last-arriver pass); a program that owns the head gets the row's RMS from a running sum in
 registers, and the state is still read once and written once. The price is parallelism at small batch: B = 1,
-H = 32 is 32 programs, each moving 64 KiB of state in and 64 KiB out plus its slices of f_b and g_b (32 KiB each
+H = 32 is 32 programs, each moving 64 KiB of state in and 64 KiB out (32 KiB each with a bf16 pool) plus its slices of f_b and g_b (32 KiB each
 in bf16 at R = K = 128; every row's program of a head reads the same slices, so they stay in L2 across rows).
 
 Register budget (sm_90, bf16 activations, offline build: ``python -m benchmarks kda_decode --build-report``):
@@ -200,7 +201,8 @@ def _kda_decode_step_kernel(
             b_v = _load_silu(row + v0, o_bv, m_v)  # [BV]
         m_h = m_k[:, None] & m_v[None, :]
         p_h = p_state + o_k[:, None] * V + o_v[None, :]
-        b_h = tl.load(p_h, mask=m_h & has_slot, other=0.0) * b_decay[:, None]  # [BK, BV]
+        # the pool is fp32 or bf16: the block is computed in fp32 and stored back rounded to the pool's dtype
+        b_h = tl.load(p_h, mask=m_h & has_slot, other=0.0).to(tl.float32) * b_decay[:, None]  # [BK, BV]
         # the delta rule: replace what the state predicts for k by v, with step size beta
         b_delta = b_beta * (b_v - tl.sum(b_h * b_k[:, None], 0))  # [BV]
         b_h += b_k[:, None] * b_delta[None, :]
@@ -213,7 +215,7 @@ def _kda_decode_step_kernel(
         if USE_CONV:
             tl.debug_barrier()  # every thread has read the v tails before any is overwritten
             _store_tails(tails + v0 * (W - 1), b_win_v, o_bv, m_v, has_slot, W, BW, INTERPRET)
-        tl.store(p_h, b_h, mask=m_h & has_slot)
+        tl.store(p_h, cast_to(b_h, state_pool, INTERPRET), mask=m_h & has_slot)
     if USE_CONV:
         tl.debug_barrier()
         _store_tails(tails + q0 * (W - 1), b_win_q, o_k, m_k, has_slot, W, BW, INTERPRET)

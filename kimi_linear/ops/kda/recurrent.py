@@ -74,8 +74,9 @@ def fused_recurrent_kda(
         scale: query scale, default K ** -0.5.
         initial_state: ``[N, HV, K, V]`` (``[N, HV, V, K]`` with ``state_v_first``), float32; float16/bfloat16 are
             read as fp32 (FLA casts too). With state indices it is the state pool ``[S, HV, K, V]`` (any of those
-            dtypes; each slot contiguous, any stride between slots, as in vLLM's paged cache; updated in place,
-            stores rounded to its dtype).
+            dtypes; each slot contiguous, any stride between slots, as in vLLM's paged cache; updated in place:
+            read widened to fp32, the call's tokens run in fp32, each store rounded to nearest in the pool's
+            dtype, so a bf16 pool halves the decode traffic).
         output_final_state: also return the state after the last token of each sequence (without state indices).
         use_qk_l2norm_in_kernel: L2-normalise q and k (eps 1e-6 inside the square root) first.
         use_gate_in_kernel: g is the gate pre-activation: g = -exp(A_log) softplus(g + dt_bias), or with

@@ -24,6 +24,9 @@ Limits and caveats:
   configuration depends on shapes only. Compile (call once) before capturing.
 * With ``state_indices`` the pool is read and written in place; two sequences naming the same non-negative
   slot in one call race (the result is one of them, unspecified), as in every serving engine's slot pool.
+* A pool (or initial state) of any float dtype is read widened to fp32; the state stays fp32 in registers across
+  the call's tokens and each store into the pool rounds it to nearest in the pool's dtype (a bf16 pool halves the
+  decode traffic). The new tensors of final / per-token states are fp32.
 * Offsets into the state pool and the token axis are computed in int64, so pools over 2^31 elements work.
 """
 
@@ -34,6 +37,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.ops.norm import L2NORM_EPS
+from kimi_linear.ops.triton_helpers import cast_to, interpreting
 
 # softplus(x) = x above this, as torch.nn.functional.softplus (threshold=20) does.
 SOFTPLUS_THRESHOLD = 20.0
@@ -53,7 +57,7 @@ def _fused_recurrent_kda_fwd_kernel(
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
     USE_STATE_INDICES: tl.constexpr, INDEX_PER_TOKEN: tl.constexpr, USE_NUM_ACCEPTED: tl.constexpr,
     STORE_EVERY_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    L2_EPS: tl.constexpr, SP_THRESHOLD: tl.constexpr,
+    L2_EPS: tl.constexpr, SP_THRESHOLD: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # One flat axis (limit 2^31 - 1; N * HV alone can exceed the 65535 of axes 1 and 2), V-blocks fastest:
     # programs running side by side then cover whole rows of one head's state, as in FLA's kernel (heads fastest
@@ -164,12 +168,13 @@ def _fused_recurrent_kda_fwd_kernel(
             slot_t = tl.load(state_indices + i_n * stride_idx_n + col_t, mask=col_t < index_cols, other=-1)
             slot_t = slot_t.to(tl.int64)
             ok_t = (slot_t >= 0) & (slot_t < num_slots)
-            tl.store(h0 + tl.where(ok_t, slot_t, 0) * stride_pool_s + i_hv * K * V + o_kv, b_h, mask=m_h & ok_t)
+            p_t = h0 + tl.where(ok_t, slot_t, 0) * stride_pool_s + i_hv * K * V + o_kv
+            tl.store(p_t, cast_to(b_h, h0, INTERPRET), mask=m_h & ok_t)
         t += 1
 
     if USE_STATE_INDICES:
         if not STORE_EVERY_STATE and not INDEX_PER_TOKEN:
-            tl.store(p_h0, b_h, mask=m_h & has_slot)
+            tl.store(p_h0, cast_to(b_h, h0, INTERPRET), mask=m_h & has_slot)
     elif STORE_FINAL_STATE:
         p_ht = ht + i_nh.to(tl.int64) * K * V + o_kv
         tl.store(p_ht, b_h, mask=m_h)
@@ -334,7 +339,7 @@ def fused_recurrent_kda_triton(
         USE_STATE_INDICES=use_state_indices, INDEX_PER_TOKEN=per_token_index,
         USE_NUM_ACCEPTED=per_token_index and num_accepted_tokens is not None,
         STORE_EVERY_STATE=every_state, IS_VARLEN=cu_seqlens is not None,
-        L2_EPS=L2NORM_EPS, SP_THRESHOLD=SOFTPLUS_THRESHOLD,
+        L2_EPS=L2NORM_EPS, SP_THRESHOLD=SOFTPLUS_THRESHOLD, INTERPRET=interpreting(),
         num_warps=num_warps or _default_num_warps(BK, BV),
     )
     return _into(out, o_buffer), final_state
