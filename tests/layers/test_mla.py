@@ -176,16 +176,19 @@ def test_varlen_and_padding_match_separate_sequences():
 
 
 def _triton_decode_runs_here() -> bool:
-    """CUDA, or Triton's interpreter with the kernel module defined under it (the environment variable must
-    have been set before the module was first imported)."""
+    """CUDA, or Triton's interpreter with the kernel module and Triton's own language helpers (``tl.cdiv``)
+    defined under it: the environment variable must have been set before either was first imported, which an
+    earlier test file importing Triton prevents."""
     if torch.cuda.is_available():
         return True
     try:
+        import triton.language as tl
+
         import kimi_linear.ops.mla_decode_triton as mla_decode_triton
     except ImportError:
         return False
     kernel = getattr(mla_decode_triton, "_mla_decode_split_kernel", None)
-    return type(kernel).__name__ == "InterpretedFunction"
+    return all(type(f).__name__ == "InterpretedFunction" for f in (kernel, tl.cdiv))
 
 
 def _decode_steps(layer, x, cache, prefill_len):
