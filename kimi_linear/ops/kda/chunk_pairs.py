@@ -263,7 +263,6 @@ def build_pairs(q, k, g, beta, scale, layout, launch):
     return G, Aqk, Tinv, qg, kd
 
 
-
 def decay_operands(q, k, g, scale, layout, launch):
     """What the backward needs of the pair stage's element-wise outputs, recomputed rather than kept from the
     forward: packed q, k [TT, H, K], g [TT, H, K] fp32 -> (G fp32, scale q exp(G), K exp(G_last - G) in q's dtype),
@@ -281,6 +280,7 @@ def decay_operands(q, k, g, scale, layout, launch):
         FLOOR=LOG_DECAY_FLOOR, DECAYED=True, num_warps=4,
     )
     return G, qg, kd
+
 
 def sm90_build_jobs(H: int, K: int, dtype: torch.dtype, launch) -> list:
     """(kernel, constexprs, num_warps, num_stages) as ``build_pairs`` launches them."""
