@@ -66,6 +66,12 @@ def paged_pool(S: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return pages, pages[:, : H * D * D].view(S, H, D, D)
 
 
+def pool_on_device(pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of ``pages`` on the test device and its pool view, as ``paged_pool`` makes them."""
+    pages_d = pages.clone().to(DEVICE)
+    return pages_d, pages_d[:, : H * D * D].view(pages.shape[0], H, D, D)
+
+
 def to_device(x: dict) -> dict:
     return {n: t.to(DEVICE) for n, t in x.items()}
 
@@ -101,8 +107,7 @@ def test_prefill_with_states_gathered_from_the_pool(backend, v_first):
     pool_before = pool.clone()
 
     dev = to_device(x)
-    pages_d = pages.clone().to(DEVICE)
-    pool_d = pages_d[:, : H * D * D].view(pool.shape)
+    pages_d, pool_d = pool_on_device(pages)
     slots_d = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
     fresh = ~torch.tensor(has_initial_state, device=DEVICE)
     pool_d[slots_d[fresh]] = 0
@@ -164,8 +169,7 @@ def test_decode_in_place_on_the_pool(backend, v_first):
     pool_before = pool.clone()
 
     dev = to_device(x)
-    pages_d = pages.clone().to(DEVICE)
-    pool_d = pages_d[:, : H * D * D].view(pool.shape)
+    pages_d, pool_d = pool_on_device(pages)
     g = kda_gate(dev["raw_g"], dev["A_log"], dev["dt_bias"])
     beta = dev["raw_beta"].float().sigmoid()
     o, returned = fused_recurrent_kda(q=dev["q"], k=dev["k"], v=dev["v"], g=g, beta=beta, initial_state=pool_d,
@@ -199,8 +203,7 @@ def test_speculative_decode_writes_every_tokens_state(backend):
     pool_before = pool.clone()
 
     dev = to_device(x)
-    pages_d = pages.clone().to(DEVICE)
-    pool_d = pages_d[:, : H * D * D].view(pool.shape)
+    pages_d, pool_d = pool_on_device(pages)
     out_storage = torch.full((1, bounds[-1], H * D + 5), float("nan"), device=DEVICE)
     out = out_storage[..., : H * D].view(1, bounds[-1], H, D)  # not contiguous
     g = kda_gate(dev["raw_g"], dev["A_log"], dev["dt_bias"])

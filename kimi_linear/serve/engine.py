@@ -181,7 +181,7 @@ class _Launched:
     after which the host copies are complete (None on the CPU, where they already are)."""
 
     rows: list[tuple[list[_Sequence], torch.Tensor]] = field(default_factory=list)
-    done: torch.cuda.Event | None = None
+    event: torch.cuda.Event | None = None
 
 
 class _DecodeGraph:
@@ -480,8 +480,8 @@ class Engine:
         if pieces:
             self._guarded([p[0] for p in pieces], lambda: self._prefill(pieces, launched, events), events)
         if launched.rows and self.device.type == "cuda":
-            launched.done = torch.cuda.Event()
-            launched.done.record()
+            launched.event = torch.cuda.Event()
+            launched.event.record()
         previous, self._inflight = self._inflight, (launched if launched.rows else None)
         if previous is not None:
             self._resolve(previous, events)
@@ -710,8 +710,8 @@ class Engine:
     def _resolve(self, launched: _Launched, events) -> None:
         """Wait for a launched iteration, then take each row's token: emit it, or finish the request on a stop
         token or at max_tokens. Rows of requests finished since their launch are dropped."""
-        if launched.done is not None:
-            launched.done.synchronize()
+        if launched.event is not None:
+            launched.event.synchronize()
         for seqs, host in launched.rows:
             for seq, token in zip(seqs, host.tolist(), strict=True):
                 if seq.done:

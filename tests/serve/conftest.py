@@ -79,6 +79,16 @@ class ServerProcess:
             self.proc.wait(10)
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one CPU thread for the test (tiny matrices: one thread is several times faster than two
+    contending ones)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A random "debug"-preset model (byte tokenizer, all four layer kinds) saved in the release format."""

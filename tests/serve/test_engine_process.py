@@ -24,12 +24,7 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 CONFIG = EngineConfig(max_num_seqs=3, max_model_len=320, max_num_batched_tokens=96, max_queue=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
