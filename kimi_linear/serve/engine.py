@@ -91,14 +91,18 @@ class EngineConfig:
     what ``gpu_memory_fraction`` of the GPU leaves after the weights and the slots on CUDA.
     ``num_snapshots`` None: ``4 * max_num_seqs`` KDA snapshot slots for the prefix cache (0 when it is off).
     ``kda_state_dtype``: the KDA recurrent states' dtype in the slot pool, torch.float32 or torch.bfloat16 (half
-    the state bytes per decode step; ``cache.KimiLinearCache``). Snapshots copy slots in that dtype."""
+    the state bytes per decode step; ``cache.KimiLinearCache``). Snapshots copy slots in that dtype.
+    ``max_num_batched_tokens``: the tokens one step may run (decode rows + prefill pieces). A larger budget runs
+    prompts in fewer, more efficient forwards (a prefill forward has a fixed cost of several hundred kernel
+    launches) and so lowers TTFT under load; each step that carries a piece also delays the running streams'
+    next token by its time."""
 
     max_num_seqs: int = 16  # concurrently running sequences = KDA state slots
     max_model_len: int = 4096  # prompt + generated tokens per sequence
     block_size: int = 64  # MLA latent tokens per block = prefix-cache granularity (multiple of 64)
     num_blocks: int | None = None
     gpu_memory_fraction: float = 0.9
-    max_num_batched_tokens: int = 2048  # per-step token budget: decode tokens + prefill-piece tokens
+    max_num_batched_tokens: int = 8192  # per-step token budget: decode tokens + prefill-piece tokens
     max_queue: int = 256  # waiting requests; more -> QueueFullError
     enable_prefix_caching: bool = True
     use_cuda_graph: bool = True
