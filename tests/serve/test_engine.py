@@ -437,7 +437,9 @@ def test_cuda_graph_engine_equals_generate_alone():
     }
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed capture would warn and fall back to eager
-        engine = Engine(model, EngineConfig(max_num_seqs=8, max_model_len=320, max_num_batched_tokens=128))
+        # num_blocks given: by default the engine would take 90 % of the GPU's free memory for latent blocks
+        engine = Engine(model, EngineConfig(max_num_seqs=8, max_model_len=320, max_num_batched_tokens=128,
+                                            num_blocks=8 * 5 + 8))
     assert sorted(engine.graphs) == [1, 2, 4, 8]
     tokens, _ = run(engine, requests)
     for rid, (prompt, params) in requests.items():
