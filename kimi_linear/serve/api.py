@@ -19,6 +19,11 @@ is not part of the text, and stop *strings* are matched on the text: the text is
 the request is aborted and finishes with ``"stop"``. While streaming, the last ``len(longest stop) - 1``
 characters are held back until they can no longer start a match, so the streamed pieces always concatenate
 to the non-streaming text.
+
+Log probabilities (``logprobs`` on completions, ``logprobs`` / ``top_logprobs`` on chat) are the engine's: of the
+model's own distribution, before temperature and top-k / top-p (``serve.engine``), for each token of the output
+text (a stop token that ended the request is not in the text and has none); a token's text is its bytes decoded
+with U+FFFD for incomplete UTF-8, and chat entries also give the exact ``bytes``.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kimi_linear.serve.engine import QueueFullError, SamplingParams, TokenEvent
+from kimi_linear.serve.engine import MAX_LOGPROBS, QueueFullError, SamplingParams, TokenEvent
 from kimi_linear.tokenizer import StreamDecoder
 
 logger = logging.getLogger("kimi_linear.serve")
@@ -272,7 +277,7 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
@@ -291,7 +296,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 def _check_unsupported(body: _SamplingFields) -> None:
@@ -305,16 +310,21 @@ def _check_unsupported(body: _SamplingFields) -> None:
     if isinstance(body, CompletionRequest):
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
-        if body.logprobs is not None:
-            raise APIError(400, "logprobs is not supported", param="logprobs")
         if body.best_of not in (None, 1):
             raise APIError(400, "only best_of=1 is supported", param="best_of")
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-    if isinstance(body, ChatCompletionRequest) and (body.logprobs or body.top_logprobs is not None):
-        raise APIError(400, "logprobs are not supported", param="logprobs")
+    if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+
+
+def _logprobs_wanted(body: _SamplingFields) -> int | None:
+    """``SamplingParams.logprobs`` for a request: how many alternatives, or None for no log probabilities."""
+    if isinstance(body, ChatCompletionRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
 
 
 def _stop_strings(stop: str | list[str] | None) -> list[str]:
@@ -352,12 +362,71 @@ class StopStringMatcher:
 
 @dataclass
 class Piece:
-    """A piece of a request's text; the last one has ``finish_reason`` and ``usage``."""
+    """A piece of a request's text; the last one has ``finish_reason`` and ``usage``. ``logprobs``: the
+    formatted log probabilities of its tokens (``Logprobs``), when the request asked for them."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
     usage: dict | None = None
+    logprobs: dict | None = None
+
+
+class Logprobs:
+    """A request's log probabilities in the OpenAI format, piece by piece. Completions: ``{"tokens",
+    "token_logprobs", "top_logprobs" ([{token text: logprob}]), "text_offset"}``; chat: ``{"content": [{"token",
+    "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}``."""
+
+    def __init__(self, tokenizer, chat: bool):
+        self.tokenizer, self.chat = tokenizer, chat
+        self.offset = 0  # text offset of the next token (completions)
+        self.entries: list[tuple[int, float, tuple]] = []
+
+    def add(self, event: TokenEvent) -> None:
+        self.entries.append((event.token_id, event.logprob, event.top_logprobs or ()))
+
+    def _bytes(self, token: int) -> bytes:
+        return self.tokenizer.token_bytes(token, skip_special_tokens=False)
+
+    def take(self) -> dict:
+        """The entries added since the last ``take``, formatted."""
+        entries, self.entries = self.entries, []
+        if self.chat:
+            def item(token, logprob):
+                raw = self._bytes(token)
+                return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+            return {"content": [{**item(t, lp), "top_logprobs": [item(a, v) for a, v in top]}
+                                for t, lp, top in entries], "refusal": None}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, logprob, top in entries:
+            text = self._bytes(token).decode("utf-8", errors="replace")
+            out["tokens"].append(text)
+            out["token_logprobs"].append(logprob)
+            alternatives: dict[str, float] = {}
+            for a, v in top:  # tokens of one text (U+FFFD for partial UTF-8) share a key: the likeliest stays
+                alternatives.setdefault(self._bytes(a).decode("utf-8", errors="replace"), v)
+            out["top_logprobs"].append(alternatives)
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        return out
+
+    @staticmethod
+    def size(formatted: dict) -> int:
+        """How many tokens a formatted piece holds."""
+        return len(formatted["content"] if "content" in formatted else formatted["tokens"])
+
+    @staticmethod
+    def join(parts: list[dict]) -> dict | None:
+        """One request's pieces' formatted log probabilities as one (the non-streaming response's)."""
+        if not parts:
+            return None
+        out = {key: [] if key != "refusal" else None for key in parts[0]}
+        for part in parts:
+            for key, values in part.items():
+                if key != "refusal":
+                    out[key] += values
+        return out
 
 
 class RequestFailed(Exception):
@@ -463,7 +532,7 @@ class Server:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                 seed=body.seed, stop_token_ids=tuple(dict.fromkeys(stop_ids + default_stop_ids)),
-                ignore_eos=body.ignore_eos,
+                ignore_eos=body.ignore_eos, logprobs=_logprobs_wanted(body),
             )
         except ValueError as e:
             raise APIError(400, str(e)) from None
@@ -484,12 +553,13 @@ class Server:
             raise APIError(503, f"the engine is not running: {e}", type="server_error") from None
 
     async def pieces(self, request: Request, request_id: str, queue: asyncio.Queue, num_prompt: int,
-                     stops: list[str]) -> AsyncIterator[Piece]:
+                     stops: list[str], logprobs: Logprobs | None = None) -> AsyncIterator[Piece]:
         """The request's text as it is produced; aborts the request if the consumer stops early.
 
         Tokens that arrived while the consumer was busy (a slow client, a loaded server) come out as one piece,
         so the per-piece work does not grow with the backlog. The client's connection is checked while the
-        request waits and at most every ``DISCONNECT_POLL_S`` while tokens flow, not once per token."""
+        request waits and at most every ``DISCONNECT_POLL_S`` while tokens flow, not once per token. With
+        ``logprobs`` each piece carries those of its tokens."""
         decoder = StreamDecoder(self.tokenizer)
         matcher = StopStringMatcher(stops)
         completion_tokens = 0
@@ -501,7 +571,7 @@ class Server:
             while True:
                 if queue.empty():
                     if text_parts or ids:  # the backlog is drained: hand it out as one piece
-                        yield Piece("".join(text_parts), ids)
+                        yield Piece("".join(text_parts), ids, logprobs=logprobs and logprobs.take())
                         text_parts, ids = [], []
                     try:
                         event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
@@ -518,6 +588,8 @@ class Server:
                     # A token that ended the request as a stop token is not part of the text.
                     if not (event.finished and event.finish_reason == "stop"):
                         text = decoder(event.token_id)
+                        if logprobs is not None and event.logprob is not None:
+                            logprobs.add(event)
                 if event.finished:
                     text += decoder.flush()
                 safe, matched = matcher.feed(text, final=event.finished)
@@ -526,7 +598,8 @@ class Server:
                     self.loop.abort(request_id)
                     done = True
                     cached = await self._cached_tokens_after_abort(queue, event)
-                    yield Piece("".join(text_parts), ids, "stop", _usage(num_prompt, completion_tokens, cached))
+                    yield Piece("".join(text_parts), ids, "stop", _usage(num_prompt, completion_tokens, cached),
+                                logprobs and logprobs.take())
                     return
                 if event.finished:
                     done = True
@@ -535,7 +608,7 @@ class Server:
                     reason = "stop" if event.finish_reason in ("stop", "abort") else event.finish_reason
                     usage = _usage(event.prompt_tokens or num_prompt,
                                    event.completion_tokens or completion_tokens, event.cached_tokens)
-                    yield Piece("".join(text_parts), ids, reason, usage)
+                    yield Piece("".join(text_parts), ids, reason, usage, logprobs and logprobs.take())
                     return
                 if time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + DISCONNECT_POLL_S
@@ -689,25 +762,28 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
         params = server.sampling_params(body, prompt_ids, max_tokens, default_stop_ids)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         queue = await server.submit(request_id, prompt_ids, params)
-        pieces = server.pieces(request, request_id, queue, len(prompt_ids), stops)
+        logprobs = Logprobs(tokenizer, chat) if params.logprobs is not None else None
+        pieces = server.pieces(request, request_id, queue, len(prompt_ids), stops, logprobs)
         head = {"id": request_id, "created": int(time.time()), "model": settings.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = _event_stream(head, pieces, chat, include_usage, body.return_token_ids)
             return StreamingResponse(stream, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        texts, ids, last = [], [], None
+        texts, ids, last, scores = [], [], None, []
         try:
             async for piece in pieces:
                 texts.append(piece.text)
                 ids += piece.token_ids
                 last = piece
+                if piece.logprobs is not None:
+                    scores.append(piece.logprobs)
         except RequestFailed as e:
             raise APIError(500, str(e), type="server_error") from None
         if last is None or last.finish_reason is None:  # the client went away
             return Response(status_code=499)
         choice = _choice(chat, "".join(texts), last.finish_reason, ids if body.return_token_ids else None,
-                         delta=False)
+                         delta=False, logprobs=Logprobs.join(scores))
         kind = "chat.completion" if chat else "text_completion"
         return JSONResponse({**head, "object": kind, "choices": [choice], "usage": last.usage})
 
@@ -723,14 +799,14 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
 
 
 def _choice(chat: bool, text: str, finish_reason: str | None, token_ids: list[int] | None, delta: bool,
-            first: bool = False) -> dict:
+            first: bool = False, logprobs: dict | None = None) -> dict:
     if not chat:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     elif delta:
         content = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                   "finish_reason": finish_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids
@@ -748,9 +824,10 @@ async def _event_stream(head: dict, pieces: AsyncIterator[Piece], chat: bool, in
         yield _sse({**head, "choices": [first], **usage_field})
     try:
         async for piece in pieces:
-            if piece.text or piece.finish_reason or (return_token_ids and piece.token_ids):
+            scored = piece.logprobs is not None and Logprobs.size(piece.logprobs) > 0
+            if piece.text or piece.finish_reason or (return_token_ids and piece.token_ids) or scored:
                 choice = _choice(chat, piece.text, piece.finish_reason,
-                                 piece.token_ids if return_token_ids else None, delta=True)
+                                 piece.token_ids if return_token_ids else None, delta=True, logprobs=piece.logprobs)
                 yield _sse({**head, "choices": [choice], **usage_field})
             if piece.finish_reason and include_usage:
                 yield _sse({**head, "choices": [], "usage": piece.usage})

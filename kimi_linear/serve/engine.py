@@ -39,6 +39,10 @@ decode, its own slot and blocks); the prefix cache restores exactly the state an
 produced. Sampling takes one uniform number per token from the request's own ``random.Random`` (seeded by
 ``SamplingParams.seed``) and samples every row of a step in one batch (``generate.sample_rows``), so sampled
 tokens do not depend on the batch either.
+
+Log probabilities (``SamplingParams.logprobs``): those of the model's own distribution, log_softmax of the
+step's fp32 logits, before temperature, top-k and top-p (what vLLM reports by default), for the chosen token and
+the ``logprobs`` most likely ones; computed on the device in the same iteration and read back with the tokens.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from kimi_linear.generate import decode_step, sample_rows, validate_sampling
 from kimi_linear.serve.prefix_cache import PrefixCache
 
 KDA_CHUNK = 64  # prefix-cache boundaries are multiples of the KDA chunk kernel's chunk size
+MAX_LOGPROBS = 20  # most likely tokens a request may ask for with each token (the OpenAI API's limit)
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class SamplingParams:
     seed: int | None = None  # per-request generator: same seed -> same tokens, whatever the batch
     stop_token_ids: tuple[int, ...] = ()  # ids that end the request ("stop"); eos added unless ignore_eos
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the chosen token's log probability and the k most likely
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -83,6 +89,9 @@ class SamplingParams:
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be ints, got {self.stop_token_ids!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,8 @@ class TokenEvent:
     completion_tokens: int = 0  # set on the finishing event
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None
+    logprob: float | None = None  # the token's log probability, if the request asked for logprobs
+    top_logprobs: tuple[tuple[int, float], ...] | None = None  # (id, log probability), most likely first
 
 
 @dataclass(frozen=True)
@@ -181,10 +192,12 @@ def _bucket_sizes(max_num_seqs: int) -> list[int]:
 
 @dataclass
 class _Launched:
-    """What one iteration launched: ``(sequences, their tokens in host memory)`` per forward, and the CUDA event
-    after which the host copies are complete (None on the CPU, where they already are)."""
+    """What one iteration launched: ``(sequences, their tokens in host memory, their log probabilities or
+    None)`` per forward, and the CUDA event after which the host copies are complete (None on the CPU, where they
+    already are). The log probabilities are ``(rows, chosen [m], top values [m, k], top ids [m, k])`` for the
+    ``m`` rows that asked for them."""
 
-    rows: list[tuple[list[_Sequence], torch.Tensor]] = field(default_factory=list)
+    rows: list[tuple[list[_Sequence], torch.Tensor, tuple | None]] = field(default_factory=list)
     event: torch.cuda.Event | None = None
 
 
@@ -702,22 +715,45 @@ class Engine:
                         self._finish(seq, "error", events, error=f"{type(e).__name__}: {e}")
                 chosen = torch.cat(parts)
             self.next_tokens.index_copy_(0, self._to_device(slots), chosen)
-        if self.device.type == "cuda":
-            host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
-            host.copy_(chosen, non_blocking=True)
-        else:
-            host = chosen.clone()
-        launched.rows.append((seqs, host))
+        launched.rows.append((seqs, self._to_host(chosen), self._logprobs(seqs, logits, chosen)))
         for seq in seqs:
             seq.pending += 1
+
+    def _to_host(self, x: torch.Tensor) -> torch.Tensor:
+        """A copy of ``x`` in host memory that is complete once the iteration's event has passed (pinned and
+        not waited for on CUDA)."""
+        if self.device.type != "cuda":
+            return x.clone()
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        return host.copy_(x, non_blocking=True)
+
+    def _logprobs(self, seqs, logits: torch.Tensor, chosen: torch.Tensor) -> tuple | None:
+        """The log probabilities the rows of ``seqs`` asked for (see the module docstring), on their way to the
+        host: ``(rows, chosen [m], top values [m, k], top ids [m, k])`` with k the largest request's, or None."""
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if not rows:
+            return None
+        idx = self._to_device(rows) if len(rows) < len(seqs) else None
+        lp = torch.log_softmax((logits if idx is None else logits.index_select(0, idx)).float(), dim=-1)
+        picked = chosen if idx is None else chosen.index_select(0, idx)
+        k = max(seqs[i].params.logprobs for i in rows)
+        top_values, top_ids = lp.topk(k, dim=-1)  # [m, k], most likely first
+        return (rows, self._to_host(lp.gather(1, picked[:, None])[:, 0]), self._to_host(top_values),
+                self._to_host(top_ids))
 
     def _resolve(self, launched: _Launched, events) -> None:
         """Wait for a launched iteration, then take each row's token: emit it, or finish the request on a stop
         token or at max_tokens. Rows of requests finished since their launch are dropped."""
         if launched.event is not None:
             launched.event.synchronize()
-        for seqs, host in launched.rows:
-            for seq, token in zip(seqs, host.tolist(), strict=True):
+        for seqs, host, logprobs in launched.rows:
+            scores = dict.fromkeys(range(len(seqs)), (None, None))
+            if logprobs is not None:
+                rows, chosen, top_values, top_ids = (x if isinstance(x, list) else x.tolist() for x in logprobs)
+                for i, lp, values, ids in zip(rows, chosen, top_values, top_ids, strict=True):
+                    k = seqs[i].params.logprobs
+                    scores[i] = (lp, tuple(zip(ids[:k], values[:k], strict=True)))
+            for i, (seq, token) in enumerate(zip(seqs, host.tolist(), strict=True)):
                 if seq.done:
                     continue
                 seq.pending -= 1
@@ -725,12 +761,14 @@ class Engine:
                 self._stats["generated"] += 1
                 reason = ("stop" if token in seq.stop
                           else "length" if seq.completion >= seq.params.max_tokens else None)
+                lp, top = scores[i]
                 if reason is None:
-                    events.append(TokenEvent(seq.request_id, token, False, None))
+                    events.append(TokenEvent(seq.request_id, token, False, None, logprob=lp, top_logprobs=top))
                 else:
-                    self._finish(seq, reason, events, token=token)
+                    self._finish(seq, reason, events, token=token, logprob=lp, top_logprobs=top)
 
-    def _finish(self, seq: _Sequence, reason: str, events, token: int | None = None, error: str | None = None):
+    def _finish(self, seq: _Sequence, reason: str, events, token: int | None = None, error: str | None = None,
+                logprob: float | None = None, top_logprobs: tuple | None = None):
         seq.done = True
         if seq in self.running:
             self.running.remove(seq)
@@ -748,6 +786,7 @@ class Engine:
         events.append(
             TokenEvent(
                 seq.request_id, token, True, reason, prompt_tokens=len(seq.prompt),
-                completion_tokens=seq.completion, cached_tokens=seq.cached_tokens, error=error,
+                completion_tokens=seq.completion, cached_tokens=seq.cached_tokens, error=error, logprob=logprob,
+                top_logprobs=top_logprobs,
             )
         )

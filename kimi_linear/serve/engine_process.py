@@ -95,10 +95,12 @@ def _portable(error: BaseException) -> BaseException:
 
 
 def _event_tuple(event: TokenEvent) -> tuple:
-    if not event.finished:
+    """``event``'s fields in order, as short as its content allows (most events are a running token)."""
+    if not event.finished and event.logprob is None:
         return event.request_id, event.token_id, False, event.finish_reason
-    return (event.request_id, event.token_id, True, event.finish_reason, event.prompt_tokens,
+    head = (event.request_id, event.token_id, event.finished, event.finish_reason, event.prompt_tokens,
             event.completion_tokens, event.cached_tokens, event.error)
+    return head if event.logprob is None else (*head, event.logprob, event.top_logprobs)
 
 
 # ---- the child ----------------------------------------------------------------------------------------------

@@ -234,6 +234,58 @@ def test_seeded_sampling_is_independent_of_the_batch(model):
     assert alone_tokens["x"] == ref[0]
 
 
+def model_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """log_softmax of the model's logits for each completion token, from one forward of prompt + completion."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits, dim=-1)  # [len(completion), V]
+
+
+def test_logprobs_are_the_models_distribution_whatever_the_batch(model):
+    """Greedy with 3 alternatives, seeded sampling with none (its logprobs are before temperature / top-p), and a
+    request without logprobs, batched with prompts crossing block boundaries and a stop token: each token's
+    logprob and top list equal log_softmax of the model's own logits, and the tokens equal those of the same
+    requests without logprobs."""
+    prompts = {"g": random_prompt(70, seed=7), "s": random_prompt(9, seed=8), "n": random_prompt(33, seed=9)}
+    params = {
+        "g": SamplingParams(max_tokens=9, logprobs=3, **GREEDY),
+        "s": SamplingParams(max_tokens=7, temperature=0.9, top_p=0.9, seed=5, logprobs=0, ignore_eos=True),
+        "n": SamplingParams(max_tokens=6, **GREEDY),
+    }
+    free = alone(model, prompts["g"], 9)
+    params["g"] = SamplingParams(max_tokens=9, logprobs=3, temperature=0.0, stop_token_ids=(free[6],))
+    engine = Engine(model, EngineConfig(max_num_seqs=3, max_model_len=128, max_num_batched_tokens=48))
+    for rid in prompts:
+        engine.add_request(rid, prompts[rid], params[rid])
+    events: dict[str, list] = {rid: [] for rid in prompts}
+    while engine.has_unfinished():
+        for e in engine.step():
+            if e.token_id is not None:
+                events[e.request_id].append(e)
+    plain = dict(params, g=SamplingParams(max_tokens=9, temperature=0.0, stop_token_ids=(free[6],)),
+                 s=SamplingParams(max_tokens=7, temperature=0.9, top_p=0.9, seed=5, ignore_eos=True))
+    tokens, _ = run(Engine(model, EngineConfig(max_num_seqs=3, max_model_len=128)),
+                    {rid: (prompts[rid], plain[rid]) for rid in prompts})
+    for rid, evs in events.items():
+        assert [e.token_id for e in evs] == tokens[rid], rid
+    assert tokens["g"] == free[:7] and events["g"][-1].finished and events["g"][-1].finish_reason == "stop"
+    assert all(e.logprob is None and e.top_logprobs is None for e in events["n"])
+    for rid, k in (("g", 3), ("s", 0)):
+        want = model_logprobs(model, prompts[rid], tokens[rid])
+        for j, e in enumerate(events[rid]):
+            assert abs(e.logprob - want[j, e.token_id].item()) < 1e-5, (rid, j)
+            values, ids = want[j].topk(k)
+            assert [t for t, _ in e.top_logprobs] == ids.tolist(), (rid, j)
+            assert torch.allclose(torch.tensor([v for _, v in e.top_logprobs]), values, atol=1e-5), (rid, j)
+    assert all(e.top_logprobs[0][0] == e.token_id for e in events["g"])  # greedy: the chosen one is the top
+
+
+def test_logprobs_out_of_range_are_refused():
+    for bad in (-1, 21, 2.0, True):
+        with pytest.raises(ValueError, match="logprobs"):
+            SamplingParams(logprobs=bad)
+
+
 def test_stop_tokens_and_eos(model):
     prompt = random_prompt(20, seed=4)
     free = alone(model, prompt, 12)

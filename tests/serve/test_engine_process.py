@@ -95,6 +95,21 @@ def test_same_greedy_tokens_and_events_as_the_in_process_engine(engine_process):
     assert all(len(tokens[rid]) == p.max_tokens for rid, (_, p) in requests.items())
 
 
+def test_logprobs_come_through_the_process_unchanged(engine_process):
+    """Every event of a request with logprobs (running ones too) equals the in-process engine's."""
+    prompt = random_prompt(40, seed=11)
+    params = SamplingParams(max_tokens=5, logprobs=2, **GREEDY)
+    runs = []
+    for engine in (Engine(make_model(seed=SEED), CONFIG), engine_process):
+        engine.add_request("lp", prompt, params)
+        events = []
+        while engine.has_unfinished():
+            events += [e for e in engine.step() if e.token_id is not None]
+        runs.append(events)
+    assert len(runs[0]) == 5 and all(e.logprob is not None and len(e.top_logprobs) == 2 for e in runs[0])
+    assert runs[1] == runs[0]
+
+
 def test_add_request_errors_are_raised_synchronously_with_the_engine_message(engine_process):
     local = Engine(make_model(seed=SEED), CONFIG)
     params = SamplingParams(max_tokens=4, **GREEDY)

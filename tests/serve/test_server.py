@@ -21,7 +21,7 @@ import torch
 
 from kimi_linear.cli import main
 from kimi_linear.generate import generate
-from kimi_linear.tokenizer import ByteTokenizer
+from kimi_linear.tokenizer import ByteTokenizer, load_tokenizer
 from tests.serve.conftest import ServerProcess
 
 BOS = 256
@@ -162,6 +162,63 @@ def test_stop_strings_and_stop_token_ids(server, tiny_model):
         "return_token_ids": True}).json()
     assert out["choices"][0]["token_ids"] == want and out["choices"][0]["finish_reason"] == "stop"
     assert out["choices"][0]["text"] == ByteTokenizer(tiny_model.config).decode(tokens[:k])
+
+
+def model_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """log_softmax of the model's logits for each completion token, from one forward of prompt + completion."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_completion_logprobs_are_the_models(server, tiny_model):
+    """The openai client's ``logprobs=3``: each token's logprob and its 3 alternatives are log_softmax of the
+    model's logits on prompt + completion (the greedy token is the first alternative); streamed the same."""
+    prompt = [BOS, *b"Once upon a time"]
+    want = reference(tiny_model, prompt, 12, stop_tokens=[])
+    lp = model_logprobs(tiny_model, prompt, want)
+    oai = client(server)
+    out = oai.completions.create(model="tiny-kimi", prompt=prompt, max_tokens=12, temperature=0, logprobs=3,
+                                 extra_body={"ignore_eos": True})
+    got = out.choices[0].logprobs
+    assert out.choices[0].text == text_of(want, tiny_model)
+    assert len(got.token_logprobs) == 12
+    for j, token in enumerate(want):
+        assert abs(got.token_logprobs[j] - lp[j, token].item()) < 1e-4, j
+        values = lp[j].topk(3).values.tolist()
+        top = got.top_logprobs[j]  # {text: logprob}: two byte tokens may share a text (U+FFFD), so one key
+        assert 1 <= len(top) <= 3 and all(min(abs(v - w) for w in values) < 1e-4 for v in top.values())
+        assert max(top.values()) == pytest.approx(values[0], abs=1e-4) == got.token_logprobs[j]
+    streamed = [c.choices[0].logprobs for c in oai.completions.create(
+        model="tiny-kimi", prompt=prompt, max_tokens=12, temperature=0, logprobs=3, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
+    assert sum((s.token_logprobs for s in streamed), []) == got.token_logprobs
+
+
+def test_chat_completions_equal_generate_alone_with_logprobs(server, tiny_model, tiny_checkpoint):
+    """/v1/chat/completions through the openai client: the checkpoint's chat template renders the conversation,
+    the greedy reply equals generate() on the rendered prompt alone (streamed too), and ``logprobs`` /
+    ``top_logprobs`` give each reply token's log probability with its exact bytes."""
+    tokenizer = load_tokenizer(tiny_checkpoint, tiny_model.config)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"},
+                {"role": "assistant", "content": "hi"}, {"role": "user", "content": "and now?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    want = reference(tiny_model, prompt, 10, stop_tokens=list(tokenizer.stop_token_ids))
+    reply = [t for t in want if t not in tokenizer.stop_token_ids]
+    oai = client(server)
+    out = oai.chat.completions.create(model="tiny-kimi", messages=messages, max_tokens=10, temperature=0,
+                                      logprobs=True, top_logprobs=2)
+    choice = out.choices[0]
+    assert choice.message.content == tokenizer.decode(reply)
+    assert out.usage.prompt_tokens == len(prompt) and out.usage.completion_tokens == len(want)
+    lp = model_logprobs(tiny_model, prompt, want)
+    assert [bytes(e.bytes) for e in choice.logprobs.content] == [tokenizer.token_bytes(t, False) for t in reply]
+    for j, e in enumerate(choice.logprobs.content):
+        assert abs(e.logprob - lp[j, reply[j]].item()) < 1e-4, j
+        assert [a.logprob for a in e.top_logprobs] == pytest.approx(lp[j].topk(2).values.tolist(), abs=1e-4)
+    streamed = "".join(c.choices[0].delta.content or "" for c in oai.chat.completions.create(
+        model="tiny-kimi", messages=messages, max_tokens=10, temperature=0, stream=True) if c.choices)
+    assert streamed == choice.message.content
 
 
 def test_seeded_sampling_repeats(server):

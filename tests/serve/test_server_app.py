@@ -70,7 +70,12 @@ class ScriptedEngine:
                 done = n >= params.max_tokens
                 if done:
                     del self.requests[request_id]
-                events.append(TokenEvent(request_id, token, done, "length" if done else None, len(prompt), n))
+                scores = {}
+                if params.logprobs is not None:  # scripted: the token scores -n / 100, its neighbours lower
+                    top = ((token, -n / 100), (token + 1, -1 - n / 100), (token + 2, -2 - n / 100))
+                    scores = dict(logprob=-n / 100, top_logprobs=top[: params.logprobs])
+                events.append(TokenEvent(request_id, token, done, "length" if done else None, len(prompt), n,
+                                         **scores))
         return events
 
     def stats(self):
@@ -223,3 +228,54 @@ def test_load_generator_lengths_and_percentiles():
     for q in (0, 50, 99, 100):
         assert percentile(values, q) == pytest.approx(np.percentile(values, q))
     assert percentile([], 50) is None
+
+
+def test_completion_logprobs_follow_the_text_streamed_or_not(client):
+    body = {"prompt": "Tolstoy", "max_tokens": 12, "temperature": 0, "logprobs": 2}
+    full = client.post("/v1/completions", json=body).json()["choices"][0]
+    lp = full["logprobs"]
+    assert "".join(lp["tokens"]) == full["text"] == SCRIPT[:12]
+    assert lp["token_logprobs"] == [-n / 100 for n in range(1, 13)]
+    assert lp["text_offset"] == list(range(12))
+    assert lp["top_logprobs"][0] == {SCRIPT[0]: -0.01, chr(ord(SCRIPT[0]) + 1): -1.01}
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert {k: sum((part[k] for part in streamed), []) for k in lp} == lp
+    plain = client.post("/v1/completions", json={**body, "logprobs": None}).json()["choices"][0]
+    assert plain["logprobs"] is None and plain["text"] == full["text"]
+
+
+def test_completion_logprobs_stop_at_a_stop_string(client):
+    out = client.post("/v1/completions", json={"prompt": "T", "max_tokens": 40, "temperature": 0, "logprobs": 0,
+                                               "stop": "families"}).json()["choices"][0]
+    assert out["text"] == "All happy " and out["finish_reason"] == "stop"
+    # the tokens up to the one that completed the stop string, each with no alternatives
+    assert "".join(out["logprobs"]["tokens"]).startswith(out["text"] + "famil")
+    assert all(top == {} for top in out["logprobs"]["top_logprobs"])
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ({"prompt": "hi", "logprobs": -1}, "logprobs"),
+    ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
+])
+def test_completion_logprobs_out_of_range_get_400(client, body, param):
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.json()
+
+
+def test_chat_logprobs_format_and_their_checks(client):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}
+    out = client.post("/v1/chat/completions", json={**body, "logprobs": True, "top_logprobs": 1}).json()
+    choice = out["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert "".join(e["token"] for e in content) == choice["message"]["content"] == SCRIPT[:5]
+    assert content[0] == {"token": "A", "logprob": -0.01, "bytes": [65],
+                          "top_logprobs": [{"token": "A", "logprob": -0.01, "bytes": [65]}]}
+    plain = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert plain["logprobs"] is None
+    r = client.post("/v1/chat/completions", json={**body, "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+    r = client.post("/v1/chat/completions", json={**body, "logprobs": True, "top_logprobs": 21})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
