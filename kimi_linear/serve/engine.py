@@ -43,6 +43,10 @@ tokens do not depend on the batch either.
 Log probabilities (``SamplingParams.logprobs``): those of the model's own distribution, log_softmax of the
 step's fp32 logits, before temperature, top-k and top-p (what vLLM reports by default), for the chosen token and
 the ``logprobs`` most likely ones; computed on the device in the same iteration and read back with the tokens.
+``SamplingParams.prompt_logprobs`` asks the same of every prompt token after the first (an evaluation harness
+scoring a text): computed from each prefill piece's hidden states, ``PROMPT_LOGPROBS_ROWS`` positions at a time,
+and given out with the request's first token. Such a request computes its whole prompt (no prefix-cache hit:
+a cached prefix has no logits), and still fills the cache for others.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ from kimi_linear.serve.prefix_cache import PrefixCache
 
 KDA_CHUNK = 64  # prefix-cache boundaries are multiples of the KDA chunk kernel's chunk size
 MAX_LOGPROBS = 20  # most likely tokens a request may ask for with each token (the OpenAI API's limit)
+PROMPT_LOGPROBS_ROWS = 1024  # prompt positions whose [rows, vocab] logits exist at once (prompt_logprobs)
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # ids that end the request ("stop"); eos added unless ignore_eos
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token's log probability and the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -89,9 +95,10 @@ class SamplingParams:
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be ints, got {self.stop_token_ids!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an int in [0, {MAX_LOGPROBS}], got {k!r}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,8 @@ class TokenEvent:
     error: str | None = None
     logprob: float | None = None  # the token's log probability, if the request asked for logprobs
     top_logprobs: tuple[tuple[int, float], ...] | None = None  # (id, log probability), most likely first
+    # on the first token's event, with prompt_logprobs: (log probability, top) of prompt tokens 1 .. P - 1
+    prompt_logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +181,7 @@ class _Sequence:
     branch: int = 0  # tokens of the prompt the prefix cache holds latents for (a piece ends there)
     pending: int = 0  # tokens launched but not yet read back (at most one)
     done: bool = False  # finished: tokens still in flight for it are dropped
+    prompt_scores: list = field(default_factory=list)  # prompt logprobs on their way to the host, per piece
 
     @property
     def prefilling(self) -> bool:
@@ -524,7 +534,7 @@ class Engine:
             seq = self.waiting[0]
             reserve = math.ceil((len(seq.prompt) + seq.params.max_tokens) / c.block_size)
             hit_blocks, snapshot, node, matched = [], None, 0, 0
-            if c.enable_prefix_caching:
+            if c.enable_prefix_caching and seq.params.prompt_logprobs is None:
                 hit_blocks, snapshot, node, matched = self.prefix.lookup(seq.prompt)
             # blocks that only the prefix cache held become this sequence's: count them as taken
             self.prefix.acquire(hit_blocks)
@@ -657,6 +667,9 @@ class Engine:
         for seq, _, end in pieces:
             seq.computed = end
         self._stats["prefilled"] += len(ids)
+        for i, (seq, a, b) in enumerate(pieces):
+            if seq.params.prompt_logprobs is not None:
+                seq.prompt_scores.append(self._prompt_logprobs(seq, hidden[0, cu_host[i] : cu_host[i + 1]], a, b))
         if done:
             last = self._to_device([cu_host[i + 1] - 1 for i in done])
             logits = self.model.lm_head(hidden[0, last]).float()
@@ -664,6 +677,35 @@ class Engine:
             done_slots = [seqs[i].slot for i in done]
             self.next_tokens.index_copy_(0, self._to_device(done_slots), greedy)
             self._choose([seqs[i] for i in done], done_slots, logits, greedy, launched, events)
+
+    def _prompt_logprobs(self, seq: _Sequence, hidden: torch.Tensor, a: int, b: int) -> tuple:
+        """Log probabilities of prompt tokens a + 1 .. min(b, P - 1) from the hidden states ``[b - a, D]`` of
+        positions a .. b - 1 (the last prompt position predicts the first generated token: not a prompt
+        token's), ``PROMPT_LOGPROBS_ROWS`` at a time: host copies of (chosen [n], top values [n, k], top ids)."""
+        n = min(b, len(seq.prompt) - 1) - a
+        targets = self._to_device(seq.prompt[a + 1 : a + 1 + n])
+        k = seq.params.prompt_logprobs
+        parts = []
+        for r in range(0, n, PROMPT_LOGPROBS_ROWS):
+            rows = hidden[r : min(r + PROMPT_LOGPROBS_ROWS, n)]
+            lp = torch.log_softmax(self.model.lm_head(rows).float(), dim=-1)
+            values, ids = lp.topk(k, dim=-1)
+            parts.append((lp.gather(1, targets[r : r + PROMPT_LOGPROBS_ROWS, None])[:, 0], values, ids))
+        if not parts:
+            return ()
+        return tuple(self._to_host(torch.cat(x)) for x in zip(*parts, strict=True))
+
+    def _prompt_scores(self, seq: _Sequence) -> tuple | None:
+        """The prompt logprobs ``_prompt_logprobs`` gathered for ``seq``, as ``TokenEvent.prompt_logprobs``."""
+        if seq.params.prompt_logprobs is None:
+            return None
+        out = []
+        for piece in seq.prompt_scores:
+            if piece:
+                chosen, values, ids = (x.tolist() for x in piece)
+                out += [(lp, tuple(zip(i, v, strict=True))) for lp, v, i in zip(chosen, values, ids, strict=True)]
+        seq.prompt_scores = []
+        return tuple(out)
 
     def _register(self, seqs) -> None:
         """Put the sequences' newly filled blocks in the prefix cache; snapshot the KDA slot of each that
@@ -762,13 +804,16 @@ class Engine:
                 reason = ("stop" if token in seq.stop
                           else "length" if seq.completion >= seq.params.max_tokens else None)
                 lp, top = scores[i]
+                prompt = self._prompt_scores(seq) if seq.completion == 1 else None
                 if reason is None:
-                    events.append(TokenEvent(seq.request_id, token, False, None, logprob=lp, top_logprobs=top))
+                    events.append(TokenEvent(seq.request_id, token, False, None, logprob=lp, top_logprobs=top,
+                                             prompt_logprobs=prompt))
                 else:
-                    self._finish(seq, reason, events, token=token, logprob=lp, top_logprobs=top)
+                    self._finish(seq, reason, events, token=token, logprob=lp, top_logprobs=top,
+                                 prompt_logprobs=prompt)
 
     def _finish(self, seq: _Sequence, reason: str, events, token: int | None = None, error: str | None = None,
-                logprob: float | None = None, top_logprobs: tuple | None = None):
+                logprob: float | None = None, top_logprobs: tuple | None = None, prompt_logprobs: tuple | None = None):
         seq.done = True
         if seq in self.running:
             self.running.remove(seq)
@@ -787,6 +832,6 @@ class Engine:
             TokenEvent(
                 seq.request_id, token, True, reason, prompt_tokens=len(seq.prompt),
                 completion_tokens=seq.completion, cached_tokens=seq.cached_tokens, error=error, logprob=logprob,
-                top_logprobs=top_logprobs,
+                top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
             )
         )

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -96,11 +97,9 @@ def _portable(error: BaseException) -> BaseException:
 
 def _event_tuple(event: TokenEvent) -> tuple:
     """``event``'s fields in order, as short as its content allows (most events are a running token)."""
-    if not event.finished and event.logprob is None:
+    if not event.finished and event.logprob is None and event.prompt_logprobs is None:
         return event.request_id, event.token_id, False, event.finish_reason
-    head = (event.request_id, event.token_id, event.finished, event.finish_reason, event.prompt_tokens,
-            event.completion_tokens, event.cached_tokens, event.error)
-    return head if event.logprob is None else (*head, event.logprob, event.top_logprobs)
+    return tuple(getattr(event, f.name) for f in dataclasses.fields(event))
 
 
 # ---- the child ----------------------------------------------------------------------------------------------

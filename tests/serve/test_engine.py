@@ -280,6 +280,32 @@ def test_logprobs_are_the_models_distribution_whatever_the_batch(model):
     assert all(e.top_logprobs[0][0] == e.token_id for e in events["g"])  # greedy: the chosen one is the top
 
 
+def test_prompt_logprobs_are_the_models_and_skip_the_prefix_cache(model, monkeypatch):
+    """A 150-token prompt in pieces of at most 48 tokens, with 2 alternatives, computed 7 positions at a time,
+    after the same prompt filled the prefix cache: every prompt token after the first gets log_softmax of the
+    model's logits on the prompt, on the first token's event; the cache is not used for it (no cached tokens)
+    and the completion is the same."""
+    import kimi_linear.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PROMPT_LOGPROBS_ROWS", 7)
+    prompt = random_prompt(150, seed=12)
+    engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=256, max_num_batched_tokens=48))
+    first, _ = run(engine, {"warm": (prompt, SamplingParams(max_tokens=3, **GREEDY))})
+    engine.add_request("p", prompt, SamplingParams(max_tokens=3, prompt_logprobs=2, **GREEDY))
+    events = []
+    while engine.has_unfinished():
+        events += engine.step()
+    assert [e.token_id for e in events] == first["warm"]
+    scores = events[0].prompt_logprobs
+    assert all(e.prompt_logprobs is None for e in events[1:]) and events[-1].cached_tokens == 0
+    want = model_logprobs(model, prompt[:1], prompt[1:])
+    assert len(scores) == len(prompt) - 1
+    for j, (lp, top) in enumerate(scores):
+        assert abs(lp - want[j, prompt[j + 1]].item()) < 1e-5, j
+        values, ids = want[j].topk(2)
+        assert [t for t, _ in top] == ids.tolist() and torch.allclose(torch.tensor([v for _, v in top]), values)
+
+
 def test_logprobs_out_of_range_are_refused():
     for bad in (-1, 21, 2.0, True):
         with pytest.raises(ValueError, match="logprobs"):

@@ -96,9 +96,10 @@ def test_same_greedy_tokens_and_events_as_the_in_process_engine(engine_process):
 
 
 def test_logprobs_come_through_the_process_unchanged(engine_process):
-    """Every event of a request with logprobs (running ones too) equals the in-process engine's."""
+    """Every event of a request with logprobs and prompt logprobs (running ones too) equals the in-process
+    engine's."""
     prompt = random_prompt(40, seed=11)
-    params = SamplingParams(max_tokens=5, logprobs=2, **GREEDY)
+    params = SamplingParams(max_tokens=5, logprobs=2, prompt_logprobs=1, **GREEDY)
     runs = []
     for engine in (Engine(make_model(seed=SEED), CONFIG), engine_process):
         engine.add_request("lp", prompt, params)
@@ -107,6 +108,7 @@ def test_logprobs_come_through_the_process_unchanged(engine_process):
             events += [e for e in engine.step() if e.token_id is not None]
         runs.append(events)
     assert len(runs[0]) == 5 and all(e.logprob is not None and len(e.top_logprobs) == 2 for e in runs[0])
+    assert len(runs[0][0].prompt_logprobs) == len(prompt) - 1
     assert runs[1] == runs[0]
 
 
