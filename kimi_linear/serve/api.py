@@ -23,13 +23,18 @@ to the non-streaming text.
 Log probabilities (``logprobs`` on completions, ``logprobs`` / ``top_logprobs`` on chat) are the engine's: of the
 model's own distribution, before temperature and top-k / top-p (``serve.engine``), for each token of the output
 text (a stop token that ended the request is not in the text and has none); a token's text is its bytes decoded
-with U+FFFD for incomplete UTF-8, and chat entries also give the exact ``bytes``.
+with U+FFFD for incomplete UTF-8 (a special token the text skips, as BOS, is ""), so the tokens concatenate to
+the text where it is valid UTF-8, and chat entries also give the exact ``bytes``. A completion with ``echo``
+returns the prompt's text (its tokens decoded) before the completion, and with ``logprobs`` also those of the
+prompt's tokens (None for the first), as evaluation harnesses read them; ``max_tokens`` 0 (with ``echo`` only)
+returns the prompt alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import logging
 import threading
@@ -275,7 +280,7 @@ class _SamplingFields(_Body):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
@@ -308,8 +313,8 @@ def _check_unsupported(body: _SamplingFields) -> None:
     if body.logit_bias:
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
     if isinstance(body, CompletionRequest):
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens=0 needs echo=true (a completion of no tokens)", param="max_tokens")
         if body.best_of not in (None, 1):
             raise APIError(400, "only best_of=1 is supported", param="best_of")
         if body.suffix:
@@ -325,6 +330,10 @@ def _logprobs_wanted(body: _SamplingFields) -> int | None:
     if isinstance(body, ChatCompletionRequest):
         return (body.top_logprobs or 0) if body.logprobs else None
     return body.logprobs
+
+
+def _echoed(body: _SamplingFields) -> bool:
+    return isinstance(body, CompletionRequest) and body.echo
 
 
 def _stop_strings(stop: str | list[str] | None) -> list[str]:
@@ -385,8 +394,14 @@ class Logprobs:
     def add(self, event: TokenEvent) -> None:
         self.entries.append((event.token_id, event.logprob, event.top_logprobs or ()))
 
+    def add_prompt(self, prompt_ids: list[int], scores: tuple) -> None:
+        """The prompt's tokens (``echo``): the first has no log probability, the others ``scores``
+        (``TokenEvent.prompt_logprobs``)."""
+        self.entries.append((prompt_ids[0], None, None))
+        self.entries += [(t, lp, top) for t, (lp, top) in zip(prompt_ids[1:], scores, strict=True)]
+
     def _bytes(self, token: int) -> bytes:
-        return self.tokenizer.token_bytes(token, skip_special_tokens=False)
+        return self.tokenizer.token_bytes(token)  # as in the text: a skipped special token is b""
 
     def take(self) -> dict:
         """The entries added since the last ``take``, formatted."""
@@ -403,8 +418,8 @@ class Logprobs:
             text = self._bytes(token).decode("utf-8", errors="replace")
             out["tokens"].append(text)
             out["token_logprobs"].append(logprob)
-            alternatives: dict[str, float] = {}
-            for a, v in top:  # tokens of one text (U+FFFD for partial UTF-8) share a key: the likeliest stays
+            alternatives: dict[str, float] | None = None if top is None else {}
+            for a, v in top or ():  # tokens of one text (U+FFFD for partial UTF-8) share a key: the likeliest stays
                 alternatives.setdefault(self._bytes(a).decode("utf-8", errors="replace"), v)
             out["top_logprobs"].append(alternatives)
             out["text_offset"].append(self.offset)
@@ -533,6 +548,7 @@ class Server:
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                 seed=body.seed, stop_token_ids=tuple(dict.fromkeys(stop_ids + default_stop_ids)),
                 ignore_eos=body.ignore_eos, logprobs=_logprobs_wanted(body),
+                prompt_logprobs=_logprobs_wanted(body) if _echoed(body) else None,
             )
         except ValueError as e:
             raise APIError(400, str(e)) from None
@@ -552,19 +568,23 @@ class Server:
         except RuntimeError as e:  # the engine's process died meanwhile
             raise APIError(503, f"the engine is not running: {e}", type="server_error") from None
 
-    async def pieces(self, request: Request, request_id: str, queue: asyncio.Queue, num_prompt: int,
-                     stops: list[str], logprobs: Logprobs | None = None) -> AsyncIterator[Piece]:
+    async def pieces(self, request: Request, request_id: str, queue: asyncio.Queue, prompt_ids: list[int],
+                     stops: list[str], logprobs: Logprobs | None = None, echo: bool = False,
+                     completion: bool = True) -> AsyncIterator[Piece]:
         """The request's text as it is produced; aborts the request if the consumer stops early.
 
         Tokens that arrived while the consumer was busy (a slow client, a loaded server) come out as one piece,
         so the per-piece work does not grow with the backlog. The client's connection is checked while the
         request waits and at most every ``DISCONNECT_POLL_S`` while tokens flow, not once per token. With
-        ``logprobs`` each piece carries those of its tokens."""
+        ``logprobs`` each piece carries those of its tokens; ``echo`` puts the prompt's text (and log
+        probabilities) first; without ``completion`` the request's one generated token is dropped
+        (``max_tokens`` 0)."""
+        num_prompt = len(prompt_ids)
         decoder = StreamDecoder(self.tokenizer)
         matcher = StopStringMatcher(stops)
         completion_tokens = 0
         done = False
-        text_parts: list[str] = []
+        text_parts: list[str] = [self.tokenizer.decode(prompt_ids)] if echo else []
         ids: list[int] = []
         next_poll = time.monotonic() + DISCONNECT_POLL_S
         try:
@@ -582,6 +602,11 @@ class Server:
                 else:
                     event = queue.get_nowait()
                 text = ""
+                if echo and logprobs is not None and event.prompt_logprobs is not None:
+                    logprobs.add_prompt(prompt_ids, event.prompt_logprobs)
+                if not completion:
+                    event = dataclasses.replace(event, token_id=None, completion_tokens=0, finish_reason=(
+                        "length" if event.finish_reason == "stop" else event.finish_reason))
                 if event.token_id is not None:
                     completion_tokens += 1
                     ids.append(event.token_id)
@@ -759,11 +784,13 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
             prompt_ids = server.completion_prompt(body)
             max_tokens = 16 if body.max_tokens is None else body.max_tokens
             default_stop_ids = ()
-        params = server.sampling_params(body, prompt_ids, max_tokens, default_stop_ids)
+        # max_tokens 0 (echo only): the engine runs the prompt and chooses one token, which is dropped
+        params = server.sampling_params(body, prompt_ids, max(max_tokens, 1), default_stop_ids)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         queue = await server.submit(request_id, prompt_ids, params)
         logprobs = Logprobs(tokenizer, chat) if params.logprobs is not None else None
-        pieces = server.pieces(request, request_id, queue, len(prompt_ids), stops, logprobs)
+        pieces = server.pieces(request, request_id, queue, prompt_ids, stops, logprobs, echo=_echoed(body),
+                               completion=max_tokens != 0)
         head = {"id": request_id, "created": int(time.time()), "model": settings.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -195,6 +195,28 @@ def test_completion_logprobs_are_the_models(server, tiny_model):
     assert sum((s.token_logprobs for s in streamed), []) == got.token_logprobs
 
 
+def test_echo_scores_a_text_as_evaluation_harnesses_ask(server, tiny_model):
+    """A loglikelihood request as lm-evaluation-harness sends it (token prompt, ``echo``, ``logprobs`` 1,
+    ``max_tokens`` 1 or 0): each prompt token after the first gets log_softmax of the model's logits on the
+    prompt, and the greedy check (is each token the likeliest?) reads the top alternative; a second scoring of the
+    same prompt (prefix cached by then) gives the same numbers."""
+    prompt = [BOS, *b"A long time ago in a galaxy far, far away. " * 4]  # 173 tokens: two full cache blocks
+    want = model_logprobs(tiny_model, prompt[:1], prompt[1:])
+    oai = client(server)
+    for max_tokens in (1, 0, 1):
+        out = oai.completions.create(model="tiny-kimi", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                     echo=True, logprobs=1)
+        lp = out.choices[0].logprobs
+        assert len(lp.token_logprobs) == len(prompt) + max_tokens and lp.token_logprobs[0] is None
+        assert out.choices[0].text.startswith(prompt_text := bytes(prompt[1:]).decode())
+        assert "".join(lp.tokens[: len(prompt)]) == prompt_text
+        for j in range(1, len(prompt)):
+            assert abs(lp.token_logprobs[j] - want[j - 1, prompt[j]].item()) < 1e-4, j
+            greedy = want[j - 1].argmax().item()
+            assert next(iter(lp.top_logprobs[j].values())) == pytest.approx(want[j - 1, greedy].item(), abs=1e-4)
+        assert out.usage.completion_tokens == max_tokens
+
+
 def test_chat_completions_equal_generate_alone_with_logprobs(server, tiny_model, tiny_checkpoint):
     """/v1/chat/completions through the openai client: the checkpoint's chat template renders the conversation,
     the greedy reply equals generate() on the rendered prompt alone (streamed too), and ``logprobs`` /
@@ -212,7 +234,7 @@ def test_chat_completions_equal_generate_alone_with_logprobs(server, tiny_model,
     assert choice.message.content == tokenizer.decode(reply)
     assert out.usage.prompt_tokens == len(prompt) and out.usage.completion_tokens == len(want)
     lp = model_logprobs(tiny_model, prompt, want)
-    assert [bytes(e.bytes) for e in choice.logprobs.content] == [tokenizer.token_bytes(t, False) for t in reply]
+    assert [bytes(e.bytes) for e in choice.logprobs.content] == [tokenizer.token_bytes(t) for t in reply]
     for j, e in enumerate(choice.logprobs.content):
         assert abs(e.logprob - lp[j, reply[j]].item()) < 1e-4, j
         assert [a.logprob for a in e.top_logprobs] == pytest.approx(lp[j].topk(2).values.tolist(), abs=1e-4)

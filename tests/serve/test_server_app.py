@@ -74,6 +74,9 @@ class ScriptedEngine:
                 if params.logprobs is not None:  # scripted: the token scores -n / 100, its neighbours lower
                     top = ((token, -n / 100), (token + 1, -1 - n / 100), (token + 2, -2 - n / 100))
                     scores = dict(logprob=-n / 100, top_logprobs=top[: params.logprobs])
+                if params.prompt_logprobs is not None and n == 1:  # scripted: prompt token j scores -j / 10
+                    scores["prompt_logprobs"] = tuple((-j / 10, ((t, -j / 10),)[: params.prompt_logprobs])
+                                                      for j, t in enumerate(prompt[1:], 1))
                 events.append(TokenEvent(request_id, token, done, "length" if done else None, len(prompt), n,
                                          **scores))
         return events
@@ -188,7 +191,7 @@ def test_tokens_waiting_in_the_queue_come_out_as_one_piece():
         for i, t in enumerate(text[:backlog]):
             done = i == len(text) - 1
             queue.put_nowait(TokenEvent("r", t, done, "length" if done else None, 3, i + 1))
-        return [p async for p in server.pieces(Connected(), "r", queue, 3, stops)]
+        return [p async for p in server.pieces(Connected(), "r", queue, [1, 2, 3], stops)]
 
     pieces = asyncio.run(drain([], len(text)))
     assert [(p.text, p.token_ids, p.finish_reason) for p in pieces] == [("happy families", list(text), "length")]
@@ -258,7 +261,6 @@ def test_completion_logprobs_stop_at_a_stop_string(client):
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "hi", "logprobs": 21}, "logprobs"),
     ({"prompt": "hi", "logprobs": -1}, "logprobs"),
-    ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
 ])
 def test_completion_logprobs_out_of_range_get_400(client, body, param):
     r = client.post("/v1/completions", json=body)
@@ -279,3 +281,30 @@ def test_chat_logprobs_format_and_their_checks(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
     r = client.post("/v1/chat/completions", json={**body, "logprobs": True, "top_logprobs": 21})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+def test_echo_returns_the_prompt_and_its_logprobs_first(client):
+    """echo: the prompt's text leads the completion; with logprobs the prompt's tokens lead the token lists
+    (the first with no log probability), as evaluation harnesses read them; max_tokens 0 returns the prompt alone."""
+    body = {"prompt": "Tolstoy", "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 1}
+    out = client.post("/v1/completions", json=body).json()
+    choice = out["choices"][0]
+    assert choice["text"] == "Tolstoy" + SCRIPT[:3]
+    lp = choice["logprobs"]
+    assert lp["tokens"] == ["", *"Tolstoy" + SCRIPT[:3]]  # BOS first: skipped in the text
+    assert lp["token_logprobs"] == [None, *(-j / 10 for j in range(1, 8)), -0.01, -0.02, -0.03]
+    assert lp["top_logprobs"][:2] == [None, {"T": -0.1}] and lp["text_offset"] == [0, *range(10)]
+    assert out["usage"]["prompt_tokens"] == 8 and out["usage"]["completion_tokens"] == 3
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert {k: sum((part[k] for part in streamed), []) for k in lp} == lp
+    alone = client.post("/v1/completions", json={**body, "max_tokens": 0}).json()
+    assert alone["choices"][0]["text"] == "Tolstoy" and alone["usage"]["completion_tokens"] == 0
+    assert alone["choices"][0]["logprobs"]["tokens"] == ["", *"Tolstoy"]
+    assert alone["choices"][0]["finish_reason"] == "length"
+    plain = client.post("/v1/completions", json={**body, "logprobs": None}).json()["choices"][0]
+    assert plain["text"] == choice["text"] and plain["logprobs"] is None
+    r = client.post("/v1/completions", json={"prompt": "T", "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
