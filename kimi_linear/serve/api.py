@@ -28,6 +28,10 @@ the text where it is valid UTF-8, and chat entries also give the exact ``bytes``
 returns the prompt's text (its tokens decoded) before the completion, and with ``logprobs`` also those of the
 prompt's tokens (None for the first), as evaluation harnesses read them; ``max_tokens`` 0 (with ``echo`` only)
 returns the prompt alone.
+
+A chat request with ``tools`` gets the reply's tool calls as ``message.tool_calls`` (streamed as ``tool_calls``
+deltas, each call whole once complete) and ``finish_reason`` "tool_calls"; the text before them is the content
+(``serve.tool_calls``). ``tool_choice`` "auto" and "none" (no parsing) are served; forcing a call is refused.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kimi_linear.serve.engine import MAX_LOGPROBS, QueueFullError, SamplingParams, TokenEvent
+from kimi_linear.serve.tool_calls import ToolCallParser
 from kimi_linear.tokenizer import StreamDecoder
 
 logger = logging.getLogger("kimi_linear.serve")
@@ -298,6 +303,8 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -321,6 +328,9 @@ def _check_unsupported(body: _SamplingFields) -> None:
             raise APIError(400, "suffix is not supported", param="suffix")
     if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    if isinstance(body, ChatCompletionRequest) and body.tool_choice not in (None, "auto", "none"):
+        raise APIError(400, "tool_choice must be 'auto' or 'none': forcing a tool call needs constrained decoding, "
+                       "which this server does not do", param="tool_choice")
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
 
@@ -334,6 +344,28 @@ def _logprobs_wanted(body: _SamplingFields) -> int | None:
 
 def _echoed(body: _SamplingFields) -> bool:
     return isinstance(body, CompletionRequest) and body.echo
+
+
+def _parses_tool_calls(body: _SamplingFields) -> bool:
+    return isinstance(body, ChatCompletionRequest) and bool(body.tools) and body.tool_choice != "none"
+
+
+async def _with_tool_calls(pieces: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
+    """``pieces`` with the reply's tool calls split out of the text (``Piece.tool_calls``); a reply that made
+    calls finishes with "tool_calls" where it would have finished with "stop"."""
+    parser = ToolCallParser()
+    try:
+        async for piece in pieces:
+            content, calls = parser.feed(piece.text)
+            entries = [c.openai(parser.calls - len(calls) + i) for i, c in enumerate(calls)]
+            reason = piece.finish_reason
+            if reason is not None:
+                content += parser.finish()
+                if parser.calls and reason == "stop":
+                    reason = "tool_calls"
+            yield dataclasses.replace(piece, text=content, tool_calls=entries or None, finish_reason=reason)
+    finally:
+        await pieces.aclose()
 
 
 def _stop_strings(stop: str | list[str] | None) -> list[str]:
@@ -379,6 +411,7 @@ class Piece:
     finish_reason: str | None = None
     usage: dict | None = None
     logprobs: dict | None = None
+    tool_calls: list[dict] | None = None  # OpenAI entries completed in this piece (chat with tools)
 
 
 class Logprobs:
@@ -791,13 +824,15 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
         logprobs = Logprobs(tokenizer, chat) if params.logprobs is not None else None
         pieces = server.pieces(request, request_id, queue, prompt_ids, stops, logprobs, echo=_echoed(body),
                                completion=max_tokens != 0)
+        if _parses_tool_calls(body):
+            pieces = _with_tool_calls(pieces)
         head = {"id": request_id, "created": int(time.time()), "model": settings.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = _event_stream(head, pieces, chat, include_usage, body.return_token_ids)
             return StreamingResponse(stream, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        texts, ids, last, scores = [], [], None, []
+        texts, ids, last, scores, calls = [], [], None, [], []
         try:
             async for piece in pieces:
                 texts.append(piece.text)
@@ -805,12 +840,13 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
                 last = piece
                 if piece.logprobs is not None:
                     scores.append(piece.logprobs)
+                calls += piece.tool_calls or []
         except RequestFailed as e:
             raise APIError(500, str(e), type="server_error") from None
         if last is None or last.finish_reason is None:  # the client went away
             return Response(status_code=499)
         choice = _choice(chat, "".join(texts), last.finish_reason, ids if body.return_token_ids else None,
-                         delta=False, logprobs=Logprobs.join(scores))
+                         delta=False, logprobs=Logprobs.join(scores), tool_calls=calls)
         kind = "chat.completion" if chat else "text_completion"
         return JSONResponse({**head, "object": kind, "choices": [choice], "usage": last.usage})
 
@@ -826,15 +862,20 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
 
 
 def _choice(chat: bool, text: str, finish_reason: str | None, token_ids: list[int] | None, delta: bool,
-            first: bool = False, logprobs: dict | None = None) -> dict:
+            first: bool = False, logprobs: dict | None = None, tool_calls: list[dict] | None = None) -> dict:
     if not chat:
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     elif delta:
         content = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
         choice = {"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                  "finish_reason": finish_reason}
+        message = {"role": "assistant", "content": text}
+        if tool_calls:
+            message = {"role": "assistant", "content": text or None,
+                       "tool_calls": [{k: v for k, v in call.items() if k != "index"} for call in tool_calls]}
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+    if delta and tool_calls:
+        choice["delta"]["tool_calls"] = tool_calls
     if token_ids is not None:
         choice["token_ids"] = token_ids
     return choice
@@ -852,9 +893,10 @@ async def _event_stream(head: dict, pieces: AsyncIterator[Piece], chat: bool, in
     try:
         async for piece in pieces:
             scored = piece.logprobs is not None and Logprobs.size(piece.logprobs) > 0
-            if piece.text or piece.finish_reason or (return_token_ids and piece.token_ids) or scored:
-                choice = _choice(chat, piece.text, piece.finish_reason,
-                                 piece.token_ids if return_token_ids else None, delta=True, logprobs=piece.logprobs)
+            if (piece.text or piece.finish_reason or (return_token_ids and piece.token_ids) or scored
+                    or piece.tool_calls):
+                choice = _choice(chat, piece.text, piece.finish_reason, piece.token_ids if return_token_ids else None,
+                                 delta=True, logprobs=piece.logprobs, tool_calls=piece.tool_calls)
                 yield _sse({**head, "choices": [choice], **usage_field})
             if piece.finish_reason and include_usage:
                 yield _sse({**head, "choices": [], "usage": piece.usage})

@@ -26,8 +26,9 @@ FAIL_STEP, FAIL_REQUEST = 1, 2  # the first prompt token that makes step() raise
 class ScriptedEngine:
     """Replays SCRIPT as byte tokens, one per step, for every request; prompt[1] selects a failure."""
 
-    def __init__(self, config: KimiLinearConfig, max_queue: int = 8):
+    def __init__(self, config: KimiLinearConfig, max_queue: int = 8, script: str = SCRIPT):
         self.model_config = config
+        self.script = script.encode()
         self.max_queue = max_queue
         self.lock = threading.Lock()
         self.requests: dict[str, list] = {}
@@ -63,11 +64,12 @@ class ScriptedEngine:
                     del self.requests[request_id]
                     events.append(TokenEvent(request_id, None, True, "error", error="scripted request failure"))
                     continue
-                token = SCRIPT.encode()[n % len(SCRIPT)]
+                token = self.script[n % len(self.script)]
                 n += 1
                 self.generated += 1
                 self.requests[request_id][2] = n
-                done = n >= params.max_tokens
+                stop = token in params.stop_token_ids
+                done = stop or n >= params.max_tokens
                 if done:
                     del self.requests[request_id]
                 scores = {}
@@ -77,8 +79,8 @@ class ScriptedEngine:
                 if params.prompt_logprobs is not None and n == 1:  # scripted: prompt token j scores -j / 10
                     scores["prompt_logprobs"] = tuple((-j / 10, ((t, -j / 10),)[: params.prompt_logprobs])
                                                       for j, t in enumerate(prompt[1:], 1))
-                events.append(TokenEvent(request_id, token, done, "length" if done else None, len(prompt), n,
-                                         **scores))
+                reason = "stop" if stop else "length" if done else None
+                events.append(TokenEvent(request_id, token, done, reason, len(prompt), n, **scores))
         return events
 
     def stats(self):
@@ -308,3 +310,34 @@ def test_echo_returns_the_prompt_and_its_logprobs_first(client):
     assert plain["text"] == choice["text"] and plain["logprobs"] is None
     r = client.post("/v1/completions", json={"prompt": "T", "max_tokens": 0})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+TOOL_REPLY = ('Checking.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0'
+              '<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>\n')
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def test_chat_tool_calls_are_parsed_streamed_or_not():
+    config = KimiLinearConfig.from_preset("debug")
+    app = create_app(ScriptedEngine(config, script=TOOL_REPLY), ByteTokenizer(config),
+                     ServerSettings(model_name="scripted", max_model_len=512))
+    body = {"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 300, "temperature": 0,
+            "tools": TOOLS, "tool_choice": "auto", "stop_token_ids": [10]}
+    call = {"id": "functions.get_weather:0", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    with TestClient(app) as c:
+        out = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+        assert out["finish_reason"] == "tool_calls"
+        assert out["message"] == {"role": "assistant", "content": "Checking.", "tool_calls": [call]}
+        with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        deltas = [ch["choices"][0]["delta"] for ch in chunks]
+        assert "".join(d.get("content") or "" for d in deltas) == "Checking."
+        assert [t for d in deltas for t in d.get("tool_calls", [])] == [{"index": 0, **call}]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        raw = c.post("/v1/chat/completions", json={**body, "tool_choice": "none"}).json()["choices"][0]
+        assert raw["message"]["content"] == TOOL_REPLY[:-1] and raw["finish_reason"] == "stop"
+        bare = c.post("/v1/chat/completions", json={k: v for k, v in body.items() if k != "tools"}).json()
+        assert "tool_calls" not in bare["choices"][0]["message"]
+        r = c.post("/v1/chat/completions", json={**body, "tool_choice": "required"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
