@@ -256,6 +256,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 # ---- request bodies -----------------------------------------------------------------------------------------
 
 
+MAX_CHOICES = 64  # n, and prompts x n of one completions request: each is one engine request
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -270,7 +273,7 @@ class _SamplingFields(_Body):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = off (an extension of the OpenAI API)")
     seed: int | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -312,8 +315,6 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 def _check_unsupported(body: _SamplingFields) -> None:
-    if body.n != 1:
-        raise APIError(400, f"only n=1 is supported, got n={body.n}", param="n")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name) != 0:
             raise APIError(400, f"{name} is not supported (must be 0)", param=name)
@@ -322,8 +323,8 @@ def _check_unsupported(body: _SamplingFields) -> None:
     if isinstance(body, CompletionRequest):
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens=0 needs echo=true (a completion of no tokens)", param="max_tokens")
-        if body.best_of not in (None, 1):
-            raise APIError(400, "only best_of=1 is supported", param="best_of")
+        if body.best_of not in (None, body.n):
+            raise APIError(400, "best_of must equal n (no ranking of candidates)", param="best_of")
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
     if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
@@ -512,13 +513,17 @@ class Server:
         self.rejected = collections.Counter()
 
     # -- prompts
-    def completion_prompt(self, body: CompletionRequest) -> list[int]:
+    def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
+        """The request's prompts (one, or a list of texts or of token lists) as token ids."""
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, "one prompt per request (a list of several prompts is not supported)",
-                               param="prompt")
-            prompt = prompt[0]
+        several = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
+        prompts = prompt if several else [prompt]
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n={body.n} completions exceed {MAX_CHOICES} a request",
+                           param="prompt")
+        return [self._prompt_ids(p) for p in prompts]
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
             if getattr(self.tokenizer, "add_bos", False) and self.tokenizer.bos_token_id is not None:
@@ -558,7 +563,9 @@ class Server:
                            param="messages") from None
 
     def sampling_params(self, body: _SamplingFields, prompt_ids: list[int], max_tokens: int | None,
-                        default_stop_ids: tuple[int, ...] = ()) -> SamplingParams:
+                        default_stop_ids: tuple[int, ...] = (), sample: int = 0) -> SamplingParams:
+        """The engine's settings for one completion; ``sample`` (0 .. n - 1) offsets the seed, so the n samples
+        of a seeded request differ and repeat."""
         limit = self.settings.max_model_len
         if len(prompt_ids) >= limit:
             raise APIError(
@@ -579,7 +586,8 @@ class Server:
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                seed=body.seed, stop_token_ids=tuple(dict.fromkeys(stop_ids + default_stop_ids)),
+                seed=None if body.seed is None else body.seed + sample,
+                stop_token_ids=tuple(dict.fromkeys(stop_ids + default_stop_ids)),
                 ignore_eos=body.ignore_eos, logprobs=_logprobs_wanted(body),
                 prompt_logprobs=_logprobs_wanted(body) if _echoed(body) else None,
             )
@@ -810,45 +818,55 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
         _check_unsupported(body)
         stops = _stop_strings(body.stop)
         if chat:
-            prompt_ids = server.chat_prompt(body)
+            prompts = [server.chat_prompt(body)]
             max_tokens = body.max_completion_tokens or body.max_tokens
             default_stop_ids = tuple(getattr(tokenizer, "stop_token_ids", ()) or ())
         else:
-            prompt_ids = server.completion_prompt(body)
+            prompts = server.completion_prompts(body)
             max_tokens = 16 if body.max_tokens is None else body.max_tokens
             default_stop_ids = ()
         # max_tokens 0 (echo only): the engine runs the prompt and chooses one token, which is dropped
-        params = server.sampling_params(body, prompt_ids, max(max_tokens, 1), default_stop_ids)
+        jobs = [(p, server.sampling_params(body, p, max(max_tokens, 1), default_stop_ids, sample=j))
+                for p in prompts for j in range(body.n)]  # choice k = prompt k // n, sample k % n
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        queue = await server.submit(request_id, prompt_ids, params)
-        logprobs = Logprobs(tokenizer, chat) if params.logprobs is not None else None
-        pieces = server.pieces(request, request_id, queue, prompt_ids, stops, logprobs, echo=_echoed(body),
-                               completion=max_tokens != 0)
-        if _parses_tool_calls(body):
-            pieces = _with_tool_calls(pieces)
+        ids = [request_id] if len(jobs) == 1 else [f"{request_id}-{k}" for k in range(len(jobs))]
+        queues = []
+        try:
+            for rid, (prompt_ids, params) in zip(ids, jobs, strict=True):
+                queues.append(await server.submit(rid, prompt_ids, params))
+        except BaseException:
+            for rid in ids[: len(queues)]:
+                server.loop.abort(rid)
+            raise
+        choices = []
+        for rid, queue, (prompt_ids, params) in zip(ids, queues, jobs, strict=True):
+            logprobs = Logprobs(tokenizer, chat) if params.logprobs is not None else None
+            pieces = server.pieces(request, rid, queue, prompt_ids, stops, logprobs, echo=_echoed(body),
+                                   completion=max_tokens != 0)
+            choices.append(_with_tool_calls(pieces) if _parses_tool_calls(body) else pieces)
         head = {"id": request_id, "created": int(time.time()), "model": settings.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = _event_stream(head, pieces, chat, include_usage, body.return_token_ids)
+            stream = _event_stream(head, choices, body.n, chat, include_usage, body.return_token_ids)
             return StreamingResponse(stream, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        texts, ids, last, scores, calls = [], [], None, [], []
+        tasks = [asyncio.ensure_future(_collect(pieces)) for pieces in choices]
         try:
-            async for piece in pieces:
-                texts.append(piece.text)
-                ids += piece.token_ids
-                last = piece
-                if piece.logprobs is not None:
-                    scores.append(piece.logprobs)
-                calls += piece.tool_calls or []
+            results = await asyncio.gather(*tasks)
         except RequestFailed as e:
             raise APIError(500, str(e), type="server_error") from None
-        if last is None or last.finish_reason is None:  # the client went away
+        finally:  # a failed choice ends the others (their pieces abort their requests)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if any(last is None or last.finish_reason is None for *_, last in results):  # the client went away
             return Response(status_code=499)
-        choice = _choice(chat, "".join(texts), last.finish_reason, ids if body.return_token_ids else None,
-                         delta=False, logprobs=Logprobs.join(scores), tool_calls=calls)
+        out = [_choice(chat, text, last.finish_reason, token_ids if body.return_token_ids else None, delta=False,
+                       logprobs=scores, tool_calls=calls, index=k)
+               for k, (text, token_ids, scores, calls, last) in enumerate(results)]
         kind = "chat.completion" if chat else "text_completion"
-        return JSONResponse({**head, "object": kind, "choices": [choice], "usage": last.usage})
+        usage = _total_usage([last.usage for *_, last in results], body.n)
+        return JSONResponse({**head, "object": kind, "choices": out, "usage": usage})
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
@@ -861,19 +879,41 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
     return app
 
 
+async def _collect(pieces: AsyncIterator[Piece]) -> tuple:
+    """One choice's pieces gathered: ``(text, token ids, logprobs, tool calls, last piece or None)``."""
+    texts, ids, scores, calls, last = [], [], [], [], None
+    async for piece in pieces:
+        texts.append(piece.text)
+        ids += piece.token_ids
+        last = piece
+        if piece.logprobs is not None:
+            scores.append(piece.logprobs)
+        calls += piece.tool_calls or []
+    return "".join(texts), ids, Logprobs.join(scores), calls, last
+
+
+def _total_usage(usages: list[dict], n: int) -> dict:
+    """The usage of a request's choices together: each prompt counted once (choices k // n share prompt k)."""
+    prompt = sum(u["prompt_tokens"] for u in usages[::n])
+    completion = sum(u["completion_tokens"] for u in usages)
+    cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages[::n])
+    return _usage(prompt, completion, cached)
+
+
 def _choice(chat: bool, text: str, finish_reason: str | None, token_ids: list[int] | None, delta: bool,
-            first: bool = False, logprobs: dict | None = None, tool_calls: list[dict] | None = None) -> dict:
+            first: bool = False, logprobs: dict | None = None, tool_calls: list[dict] | None = None,
+            index: int = 0) -> dict:
     if not chat:
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     elif delta:
         content = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        choice = {"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
         message = {"role": "assistant", "content": text}
         if tool_calls:
             message = {"role": "assistant", "content": text or None,
                        "tool_calls": [{k: v for k, v in call.items() if k != "index"} for call in tool_calls]}
-        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
     if delta and tool_calls:
         choice["delta"]["tool_calls"] = tool_calls
     if token_ids is not None:
@@ -881,27 +921,73 @@ def _choice(chat: bool, text: str, finish_reason: str | None, token_ids: list[in
     return choice
 
 
-async def _event_stream(head: dict, pieces: AsyncIterator[Piece], chat: bool, include_usage: bool,
+async def _merged(choices: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece | Exception | None]]:
+    """The choices' pieces as they come, as ``(choice index, piece)``; ``(index, None)`` when a choice ends and
+    ``(index, RequestFailed)`` if it fails. Closing this generator stops (and so aborts) what is left."""
+    if len(choices) == 1:  # no task per choice for the common case
+        try:
+            async for piece in choices[0]:
+                yield 0, piece
+        except RequestFailed as e:
+            yield 0, e
+        yield 0, None
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k: int, pieces: AsyncIterator[Piece]) -> None:
+        try:
+            async for piece in pieces:
+                await queue.put((k, piece))
+        except RequestFailed as e:
+            await queue.put((k, e))
+        await queue.put((k, None))
+
+    tasks = [asyncio.create_task(pump(k, pieces)) for k, pieces in enumerate(choices)]
+    try:
+        running = len(choices)
+        while running:
+            k, item = await queue.get()
+            yield k, item
+            running -= item is None
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _event_stream(head: dict, choices: list[AsyncIterator[Piece]], n: int, chat: bool, include_usage: bool,
                         return_token_ids: bool):
-    """Server-sent events of one request: a chunk per piece of text, the finish reason, optionally the
-    usage, then ``[DONE]`` (an engine error becomes an error event before ``[DONE]``)."""
+    """Server-sent events of one request: a chunk per piece of text of each choice (its ``index``), each one's
+    finish reason, optionally the usage of all, then ``[DONE]`` (an engine error becomes an error event before
+    ``[DONE]``, and ends the other choices)."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     usage_field = {"usage": None} if include_usage else {}
     if chat:
-        first = _choice(chat, "", None, [] if return_token_ids else None, delta=True, first=True)
-        yield _sse({**head, "choices": [first], **usage_field})
+        first = [_choice(chat, "", None, [] if return_token_ids else None, delta=True, first=True, index=k)
+                 for k in range(len(choices))]
+        yield _sse({**head, "choices": first, **usage_field})
+    usages: dict[int, dict] = {}
+    items = _merged(choices)
     try:
-        async for piece in pieces:
+        async for k, piece in items:
+            if isinstance(piece, RequestFailed):
+                yield _sse(APIError(500, str(piece), type="server_error").body())
+                break
+            if piece is None:
+                continue
             scored = piece.logprobs is not None and Logprobs.size(piece.logprobs) > 0
             if (piece.text or piece.finish_reason or (return_token_ids and piece.token_ids) or scored
                     or piece.tool_calls):
                 choice = _choice(chat, piece.text, piece.finish_reason, piece.token_ids if return_token_ids else None,
-                                 delta=True, logprobs=piece.logprobs, tool_calls=piece.tool_calls)
+                                 delta=True, logprobs=piece.logprobs, tool_calls=piece.tool_calls, index=k)
                 yield _sse({**head, "choices": [choice], **usage_field})
-            if piece.finish_reason and include_usage:
-                yield _sse({**head, "choices": [], "usage": piece.usage})
-    except RequestFailed as e:
-        yield _sse(APIError(500, str(e), type="server_error").body())
+            if piece.finish_reason:
+                usages[k] = piece.usage
+        else:
+            if include_usage and len(usages) == len(choices):
+                yield _sse({**head, "choices": [], "usage": _total_usage([usages[k] for k in sorted(usages)], n)})
     finally:
-        await pieces.aclose()
+        await items.aclose()
+        for pieces in choices:
+            await pieces.aclose()
     yield _sse("[DONE]")

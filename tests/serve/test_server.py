@@ -245,10 +245,40 @@ def test_chat_completions_equal_generate_alone_with_logprobs(server, tiny_model,
 
 def test_seeded_sampling_repeats(server):
     body = {"prompt": "Once upon", "max_tokens": 12, "temperature": 0.9, "top_p": 0.9, "top_k": 50, "seed": 5,
-            "return_token_ids": True}
+            "return_token_ids": True, "ignore_eos": True}
     a, b = (httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json() for _ in range(2))
     assert a["choices"][0]["token_ids"] == b["choices"][0]["token_ids"]
     assert len(a["choices"][0]["token_ids"]) == a["usage"]["completion_tokens"] > 0
+    # n samples: sample j is the request with seed 5 + j; each prompt is counted once in the usage
+    several = httpx.post(f"{server.url}/v1/completions", json={**body, "n": 3}, timeout=60).json()
+    assert [c["index"] for c in several["choices"]] == [0, 1, 2]
+    for j, choice in enumerate(several["choices"]):
+        alone = httpx.post(f"{server.url}/v1/completions", json={**body, "seed": 5 + j}, timeout=60).json()
+        assert choice["token_ids"] == alone["choices"][0]["token_ids"], j
+    assert len({tuple(c["token_ids"]) for c in several["choices"]}) > 1
+    assert several["usage"]["prompt_tokens"] == a["usage"]["prompt_tokens"]
+    assert several["usage"]["completion_tokens"] == 36
+
+
+def test_several_prompts_and_choices_in_one_request(server, tiny_model):
+    """Three prompts (texts and token lists) x n = 2 greedy choices in one completions request, and streamed:
+    choice k answers prompt k // 2 and equals generate() on it alone; usage counts each prompt once."""
+    rng = random.Random(3)
+    prompts = [random_prompt(rng, 30), random_prompt(rng, 90), random_prompt(rng, 5)]
+    want = [text_of(reference(tiny_model, p, 10), tiny_model) for p in prompts]
+    body = {"prompt": prompts, "n": 2, "max_tokens": 10, "temperature": 0}
+    out = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    assert [c["text"] for c in out["choices"]] == [w for w in want for _ in range(2)]
+    assert [c["index"] for c in out["choices"]] == list(range(6))
+    assert out["usage"]["prompt_tokens"] == sum(len(p) for p in prompts)
+    chunks, done = stream_raw(server.url, {**body, "stream_options": {"include_usage": True}})
+    usage = chunks[-1]["usage"]  # the prompts' first blocks are cached by now
+    assert done and [usage[k] for k in ("prompt_tokens", "completion_tokens")] == [out["usage"]["prompt_tokens"], 60]
+    texts = [""] * 6
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] += choice["text"]
+    assert texts == [c["text"] for c in out["choices"]]
 
 
 @pytest.mark.parametrize(
@@ -260,17 +290,17 @@ def test_seeded_sampling_repeats(server):
         ({"prompt": "hi", "top_p": 1.5}, "top_p"),
         ({"prompt": "hi", "top_k": -1}, "top_k"),
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-        ({"prompt": "hi", "n": 2}, "n"),
+        ({"prompt": "hi", "n": 65}, "n"),
         ({"prompt": "hi", "stop": [""]}, "stop"),
         ({"prompt": "x" * 600, "max_tokens": 4}, "prompt"),  # over --max-model-len 512
         ({"prompt": "hi", "max_tokens": 600}, "max_tokens"),
         ({"prompt": [1, 2, 99999]}, "prompt"),
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": ["a", "b"], "n": 33}, "prompt"),  # 66 completions in one request
         ({"prompt": []}, "prompt"),
         ({"max_tokens": 3}, "prompt"),
     ],
-    ids=["unknown-field", "temperature", "top_p-0", "top_p-1.5", "top_k", "max_tokens-0", "n-2", "empty-stop",
-         "prompt-over-context", "max_tokens-over-context", "id-outside-vocab", "two-prompts", "empty-prompt",
+    ids=["unknown-field", "temperature", "top_p-0", "top_p-1.5", "top_k", "max_tokens-0", "n-65", "empty-stop",
+         "prompt-over-context", "max_tokens-over-context", "id-outside-vocab", "prompts-x-n", "empty-prompt",
          "no-prompt"],
 )
 def test_invalid_requests_get_400_with_an_openai_error_body(server, body, param):

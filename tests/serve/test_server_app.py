@@ -341,3 +341,26 @@ def test_chat_tool_calls_are_parsed_streamed_or_not():
         assert "tool_calls" not in bare["choices"][0]["message"]
         r = c.post("/v1/chat/completions", json={**body, "tool_choice": "required"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+
+
+def test_chat_n_choices_streamed_or_not_carry_their_index_and_summed_usage(client):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0, "n": 2}
+    out = client.post("/v1/chat/completions", json=body).json()
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    assert [c["message"]["content"] for c in out["choices"]] == [SCRIPT[:6]] * 2
+    one = client.post("/v1/chat/completions", json={**body, "n": 1}).json()["usage"]
+    assert out["usage"]["prompt_tokens"] == one["prompt_tokens"]  # the shared prompt counted once
+    assert out["usage"]["completion_tokens"] == 2 * one["completion_tokens"] == 12
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=stream) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    texts, finished = {0: "", 1: ""}, {}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] += choice["delta"].get("content") or ""
+            if choice["finish_reason"]:
+                finished[choice["index"]] = choice["finish_reason"]
+    assert texts == {0: SCRIPT[:6], 1: SCRIPT[:6]} and finished == {0: "length", 1: "length"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == out["usage"]
+    r = client.post("/v1/chat/completions", json={**body, "n": 65})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
