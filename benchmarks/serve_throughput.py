@@ -10,15 +10,19 @@ One run, side by side on one card, bf16 random weights (``benchmarks/model_speed
 1. static: our ``generate()`` on ``clients`` prompts of ``prompt-len`` tokens at once, ``output-len`` new tokens
    each (no stop token), prefill included: output tokens / wall time.
 2. HF (``--compare transformers``): transformers' ``KimiLinearForCausalLM.generate`` on the same prompts (FLA kernels when importable).
-3. server: the checkpoint served by ``kimi-linear serve --max-num-seqs clients`` in a subprocess, loaded by
+3. engine: the server's ``Engine`` in this process (no HTTP, no engine process), the same prompts submitted at
+   once: output tokens/s, every ``step()``'s wall time split into steps that only decode and steps that carry
+   prefill, and a profile of 20 decode-only steps (host time by operator, GPU time by kernel group). Together with
+   ``static`` and ``server`` it splits the server's gap into the engine's and the HTTP path's.
+4. server: the checkpoint served by ``kimi-linear serve --max-num-seqs clients`` in a subprocess, loaded by
    ``clients`` streaming clients sending ``requests`` requests of the same lengths (``kimi_linear.serve.loadgen``):
    output tokens/s, TTFT and TPOT p50/p99.
-4. prefix cache: one streaming request with a fresh ``prefix-len``-token prompt (a miss), then one sharing that
+5. prefix cache: one streaming request with a fresh ``prefix-len``-token prompt (a miss), then one sharing that
    prefix with a new 64-token tail (a hit): TTFT of each.
-5. floor: the engine's B = 1 decode step (its CUDA graph, 1k tokens of context) against its weight-read floor
+6. floor: the engine's B = 1 decode step (its CUDA graph, 1k tokens of context) against its weight-read floor
    (bytes of the weights a token reads / the measured copy bandwidth), and where the step's time goes (kernel
    times from the profiler, grouped).
-6. long: the paper's Fig. 1 regime through the server. For Kimi Linear and the MLA-only model of the same shape,
+7. long: the paper's Fig. 1 regime through the server. For Kimi Linear and the MLA-only model of the same shape,
    one cache budget (``cache-gib``: KDA state slots + MLA latent blocks): each server gets the sequences of
    ``context`` + ``long-output`` tokens that fit the budget (``--max-num-seqs``, ``--num-blocks``), and as many
    clients send one such request each at once. Reported: concurrent sequences (the peak of the server's
@@ -58,7 +62,7 @@ from kimi_linear.serve.engine import KDA_CHUNK, Engine, EngineConfig
 from kimi_linear.serve.loadgen import LengthDist, LoadSpec, run_load
 from kimi_linear.tokenizer import NUM_RESERVED_SPECIAL_TOKENS, TIKTOKEN_FILE
 
-PHASES = ("static", "server", "prefix", "floor", "long")
+PHASES = ("static", "engine", "server", "prefix", "floor", "long")
 
 
 def timed(fn) -> float:
@@ -219,6 +223,104 @@ def decode_floor(model, context: int = 1024, reps: int = 300) -> dict:
     }
 
 
+# ---- engine: the continuous-batching engine alone ---------------------------------------------------------
+
+
+def engine_alone(model, prompts: list[list[int]], output_len: int, max_model_len: int) -> dict:
+    """Run ``prompts`` through an in-process ``Engine`` (the server's defaults, ``len(prompts)`` slots) twice
+    (the first warms up every graph bucket); the second is timed step by step, and 20 of its decode-only steps
+    are profiled (per-step figures assume ``output_len`` leaves 20 decode-only steps past the prefill)."""
+    from kimi_linear.serve.engine import SamplingParams
+
+    engine = Engine(model, EngineConfig(max_num_seqs=len(prompts), max_model_len=max_model_len,
+                                        gpu_memory_fraction=0.8))
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+
+    def wave(tag: str, profile: bool = False):
+        for i, p in enumerate(prompts):
+            engine.add_request(f"{tag}-{i}", p, params)
+        steps, prof, profiled = [], None, 0
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        while engine.has_unfinished():
+            before = engine.stats().prefill_tokens_total
+            t0 = time.perf_counter()
+            if profile and prof is None and len(steps) > 0 and steps[-1][1] == 0 and len(steps) >= min(40, output_len // 2):
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])
+                prof.__enter__()
+            engine.step()
+            t1 = time.perf_counter()
+            prefilled = engine.stats().prefill_tokens_total - before
+            steps.append((t1 - t0, prefilled))
+            if prof is not None and profiled < 20:
+                profiled += 1
+                if profiled == 20 or not engine.has_unfinished():
+                    torch.cuda.synchronize()
+                    prof.__exit__(None, None, None)
+                    profiled = 20
+        return time.perf_counter() - start, steps, prof
+
+    wave("warm")
+    seconds, steps, prof = wave("timed", profile=True)
+    decode = sorted(t for t, p in steps if p == 0)
+    mixed = [t for t, p in steps if p > 0]
+    out = {"seconds": seconds, "output_tokens_per_s": len(prompts) * output_len / seconds, "steps": len(steps),
+           "decode_steps": len(decode), "decode_step_ms_p50": 1e3 * decode[len(decode) // 2] if decode else None,
+           "prefill_steps": len(mixed), "prefill_steps_ms_total": 1e3 * sum(mixed),
+           "time_to_last_prefill_s": sum(t for t, _ in steps[: max(i for i, (_, p) in enumerate(steps) if p) + 1])}
+    if prof is not None:
+        host = sorted(((e.key, e.self_cpu_time_total / 20) for e in prof.key_averages()),
+                      key=lambda kv: -kv[1])[:15]
+        groups: dict[str, float] = defaultdict(float)
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
+                groups[kernel_group(e.name)] += e.device_time / 20
+        out["profile"] = {"host_us_per_step_top": dict(host), "kernel_us_per_step": dict(groups),
+                          "kernel_us_sum": sum(groups.values())}
+    del engine
+    return out
+
+
+def prefix_in_process(model, prefix_len: int, rng: random.Random) -> dict:
+    """TTFT of a ``prefix_len``-token miss and of a hit (same prefix, new 64-token tail) through an in-process
+    ``Engine``: from ``add_request`` to the request's first token event, with the hit profiled (host time by
+    operator, GPU time by kernel group), so the HTTP path's share of the server's hit TTFT shows."""
+    from kimi_linear.serve.engine import SamplingParams
+
+    engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=prefix_len + 256, gpu_memory_fraction=0.8))
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    prefix = [rng.randrange(32, 127) for _ in range(prefix_len)]
+
+    def ttft(request_id: str, prompt: list[int]) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.add_request(request_id, prompt, params)
+        first = None
+        while engine.has_unfinished():
+            for event in engine.step():
+                if event.request_id == request_id and first is None and event.token_id is not None:
+                    first = time.perf_counter() - start
+        return first
+
+    ttft("warm", [rng.randrange(32, 127) for _ in range(prefix_len + 64)])  # kernels at this length
+    miss = ttft("miss", prefix + [rng.randrange(32, 127) for _ in range(64)])
+    hit = ttft("hit", prefix + [rng.randrange(32, 127) for _ in range(64)])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        hit2 = ttft("hit2", prefix + [rng.randrange(32, 127) for _ in range(64)])
+    host = sorted(((e.key, e.self_cpu_time_total) for e in prof.key_averages()), key=lambda kv: -kv[1])[:15]
+    kernels: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
+            kernels[e.name[:80]] += e.device_time
+    del engine
+    return {"prefix_len": prefix_len, "ttft_miss_s": miss, "ttft_hit_s": hit, "ttft_hit_profiled_s": hit2,
+            "speedup": miss / hit, "hit_host_us_top": dict(host),
+            "hit_kernel_us_top": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:15]),
+            "hit_kernel_us_sum": sum(kernels.values())}
+
+
 # ---- long: concurrent sequences and decode throughput at long context, one cache budget ---------------------
 
 
@@ -371,6 +473,24 @@ def main(argv=None) -> None:
         static_s = min(timed(ours) for _ in range(2))
         results["static"] = {"seconds": static_s, "output_tokens_per_s": n_out / static_s}
         print(f"static generate: {n_out / static_s:,.0f} tok/s", flush=True)
+    if "engine" in phases:
+        with torch.no_grad():
+            results["engine"] = e = engine_alone(model, prompts, args.output_len, args.prompt_len + args.output_len)
+        print(f"engine alone: {e['output_tokens_per_s']:,.0f} tok/s, {e['steps']} steps: {e['decode_steps']} decode "
+              f"(p50 {e['decode_step_ms_p50']:.2f} ms), {e['prefill_steps']} with prefill "
+              f"({e['prefill_steps_ms_total']:.0f} ms), last prefill done at {e['time_to_last_prefill_s']:.3f} s",
+              flush=True)
+        print(json.dumps(e.get("profile", {}), indent=1), flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+    if "prefix" in phases:
+        with torch.no_grad():
+            results["prefix_cache_engine"] = p = prefix_in_process(model, args.prefix_len, random.Random(5))
+        print(f"prefix cache in process: TTFT miss {p['ttft_miss_s'] * 1e3:.1f} ms, hit {p['ttft_hit_s'] * 1e3:.1f} ms "
+              f"({p['speedup']:.1f}x)", flush=True)
+        print(json.dumps({k: v for k, v in p.items() if k.startswith("hit_")}, indent=1), flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -445,10 +565,11 @@ def print_tables(results: dict, args) -> None:
         print("| path | output tok/s | server / path |")
         print("|---|---|---|")
         print(f"| server ({args.requests} requests) | {server_tps:,.0f} | 1.00 |")
-        for name in ("static", "hf"):
+        for name in ("static", "engine", "hf"):
             if "output_tokens_per_s" in results.get(name, {}):
                 tps = results[name]["output_tokens_per_s"]
-                print(f"| {name} generate, batch {args.clients} | {tps:,.0f} | {server_tps / tps:.2f} |")
+                label = {"static": "static generate()", "engine": "engine alone, in process", "hf": "HF generate"}[name]
+                print(f"| {label}, batch {args.clients} | {tps:,.0f} | {server_tps / tps:.2f} |")
         s = results["server"]
         print(f"TTFT p50/p99 {s['ttft_p50_ms']:.0f}/{s['ttft_p99_ms']:.0f} ms, "
               f"TPOT p50/p99 {s['tpot_p50_ms']:.1f}/{s['tpot_p99_ms']:.1f} ms")
