@@ -21,12 +21,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.cache_layout import CacheEntry
 from kimi_linear.layers.memory import autocast_input
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.ops.mla_decode import mla_decode_attention
+
+# SDPA's backends for MLA's prefill and training attention, cuDNN's left out: it builds an execution plan for
+# every new shape (milliseconds of host time each), and packed prompts, prefill pieces and packed documents bring
+# new shapes at nearly every call. The flash kernel takes each shape as it comes; the memory-efficient one takes
+# the boolean masks; the math one is the fallback.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def token_positions(
@@ -143,14 +150,15 @@ class MultiheadLatentAttention(nn.Module):
         if q.is_cuda and dv < q.shape[-1]:
             # The fused (flash) kernels want one head dim for q, k and v: zero-pad v, drop the padding after.
             v = F.pad(v, (0, q.shape[-1] - dv))
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask,
-            is_causal=is_causal,
-            scale=self.scale,
-        )
+        with sdpa_kernel(SDPA_BACKENDS):
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=mask,
+                is_causal=is_causal,
+                scale=self.scale,
+            )
         return o.transpose(1, 2)[..., :dv]  # [B, Tq, H, dv]
 
     # ---- forward -------------------------------------------------------------------------------------------
