@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kimi_linear.cache import KimiLinearCache, check_state_dtype
+from kimi_linear.ops.varlen import remember_host_values
 
 
 def _validate_prompts(prompts, vocab_size: int) -> list[list[int]]:
@@ -122,7 +123,9 @@ def prefill(model, prompts: list[list[int]], cache: KimiLinearCache) -> torch.Te
     device = model.device
     lengths = [len(p) for p in prompts]
     ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)[None]  # [1, sum T]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.long, device=device)
+    bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    cu = torch.tensor(bounds, dtype=torch.long, device=device)
+    remember_host_values(cu, bounds)  # the ops read the boundaries on the host: no read-back
     hidden = model.hidden_states(ids, cache=cache, cu_seqlens=cu)  # [1, sum T, D]
     last = hidden[0, cu[1:] - 1]  # [N, D]
     return model.lm_head(last).float()

@@ -24,6 +24,7 @@ from kimi_linear.layers.mlp import SwiGLUMLP
 from kimi_linear.layers.moe import MoE
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from kimi_linear.ops.varlen import host_values
 
 def count_parameters(config: KimiLinearConfig) -> tuple[int, int]:
     """(total, active-per-token) parameter counts from the config alone (no model is built).
@@ -254,7 +255,7 @@ class KimiLinearForCausalLM(nn.Module):
                     f"with cu_seqlens, input_ids must be [1, T] (sequences packed along T), got B={B}"
                 )
             if not capturing:
-                c = cu_seqlens.tolist()
+                c = host_values(cu_seqlens)
                 if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:], strict=False)):
                     raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {c}")
             new_tokens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=input_ids.device, dtype=torch.long)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from kimi_linear.ops.norm import rms_norm
 from kimi_linear.ops.ssd import chunk_ssd
+from kimi_linear.ops.varlen import host_values
 
 CONV_KERNEL = 4
 N_GROUPS = 1
@@ -168,7 +169,7 @@ class Mamba2Mixer(nn.Module):
     def _check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, T: int) -> list[int]:
         if batch != 1:
             raise ValueError(f"with cu_seqlens the batch size must be 1, got {batch}")
-        bounds = [int(b) for b in cu_seqlens.tolist()]
+        bounds = list(host_values(cu_seqlens))
         if (
             cu_seqlens.dim() != 1
             or len(bounds) < 2

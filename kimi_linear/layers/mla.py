@@ -28,6 +28,7 @@ from kimi_linear.layers.cache_layout import CacheEntry
 from kimi_linear.layers.memory import autocast_input
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.ops.mla_decode import mla_decode_attention
+from kimi_linear.ops.varlen import host_to_device, host_values
 
 # SDPA's backends for MLA's prefill and training attention, cuDNN's left out: it builds an execution plan for
 # every new shape (milliseconds of host time each), and packed prompts, prefill pieces and packed documents bring
@@ -210,7 +211,7 @@ class MultiheadLatentAttention(nn.Module):
             return self._attend(q, k, v, is_causal=True)
         if cu_seqlens is not None and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
             if seg_lens is None:
-                cu = cu_seqlens.tolist()
+                cu = host_values(cu_seqlens)
                 seg_lens = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
             return self._attend_packed(q, k, v, seg_lens)
         return self._attend(q, k, v, mask=self._mask(B, T, q.device, cu_seqlens, attention_mask))
@@ -249,7 +250,7 @@ class MultiheadLatentAttention(nn.Module):
                 t_b = int(lens.max())
                 pos = torch.arange(t_b)
                 # right padding repeats each sequence's last token (never seen by its real queries)
-                gather = (first[:, None] + torch.minimum(pos[None, :], lens[:, None] - 1)).to(q.device)  # [n, t_b]
+                gather = host_to_device(first[:, None] + torch.minimum(pos[None, :], lens[:, None] - 1), q.device)
                 o = self._attend(q[0][gather], k[0][gather], v[0][gather], is_causal=True)  # [n, t_b, H, dv]
                 src, dst = self._real_rows(lens, t_b, first)
             if out is None:
@@ -257,7 +258,8 @@ class MultiheadLatentAttention(nn.Module):
             if src is None:
                 out[rows] = o.reshape(n * width, *o.shape[2:])
             else:
-                out.index_copy_(0, dst.to(q.device), o.flatten(0, 1).index_select(0, src.to(q.device)))
+                rows_out = o.flatten(0, 1).index_select(0, host_to_device(src, q.device))
+                out.index_copy_(0, host_to_device(dst, q.device), rows_out)
         if out is None:  # no tokens
             out = q.new_empty(T, q.shape[2], v.shape[-1])
         return out[None]
@@ -316,7 +318,7 @@ class MultiheadLatentAttention(nn.Module):
             cu = cu_seqlens.to(device=q.device, dtype=torch.long)
             rows = torch.searchsorted(cu[1:], t, right=True)
             cols = start[rows] + t - cu[rows]
-            cu_host = cu_seqlens.tolist()
+            cu_host = host_values(cu_seqlens)
             seg_lens = [b - a for a, b in zip(cu_host[:-1], cu_host[1:], strict=True)]
         index = self._token_index(cache, rows, cols).reshape(-1)
         flat_latent.index_copy_(0, index, latent.reshape(-1, self.kv_lora_rank).to(flat_latent.dtype))

@@ -66,6 +66,7 @@ import torch
 from kimi_linear.cache import STATE_DTYPES, KimiLinearCache, cache_bytes, layer_cache_layout
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.generate import decode_step, sample_rows, validate_sampling
+from kimi_linear.ops.varlen import remember_host_values
 from kimi_linear.serve.prefix_cache import PrefixCache
 
 KDA_CHUNK = 64  # prefix-cache boundaries are multiples of the KDA chunk kernel's chunk size
@@ -658,6 +659,7 @@ class Engine:
             cu_host.append(cu_host[-1] + n)
         ids_t = self._to_device(ids)[None]
         cu = self._to_device(cu_host)
+        remember_host_values(cu, cu_host)  # the ops read the boundaries on the host: no read-back
         starts = [a for _, a, _ in pieces]
         slots, table = self._rows(seqs)
         view = self.pools.view(slots, table, self._to_device(starts))

@@ -30,7 +30,7 @@ from kimi_linear.ops.kda.chunk_bwd_dh import bwd_state_grads  # noqa: E402
 from kimi_linear.ops.kda.chunk_bwd_inter import bwd_through_states  # noqa: E402
 from kimi_linear.ops.kda.chunk_bwd_intra import bwd_pairs  # noqa: E402
 from kimi_linear.ops.kda.chunk_bwd_wy import bwd_wy  # noqa: E402
-from kimi_linear.ops.kda.chunk_common import CHUNK, _Layout  # noqa: E402
+from kimi_linear.ops.kda.chunk_common import CHUNK, layout_for  # noqa: E402
 from tests.utils import kda_inputs, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,7 +137,7 @@ def case(T_total, H, K, V, cu, dtype, with_state=True, seed=0, steep=()):
     packed["g"], packed["h0"] = x["g"][0], x["initial_state"]
     do = torch.randn(T_total, H, V, generator=gen).to(dtype)
     dht = torch.randn(N, H, K, V, generator=gen)
-    layout = _Layout(torch.tensor(cu, dtype=torch.int32, device=DEVICE), 1, T_total, torch.device(DEVICE))
+    layout = layout_for(torch.tensor(cu, dtype=torch.int32, device=DEVICE), 1, T_total, torch.device(DEVICE))
     return packed, layout, do, dht, definitions(packed, do, dht, cu)
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kimi_linear.ops.kda import chunk_pairs
-from kimi_linear.ops.kda.chunk_common import CHUNK, _Layout
+from kimi_linear.ops.kda.chunk_common import CHUNK, layout_for
 from kimi_linear.ops.kda.chunk_fwd import chunk_fwd, fwd_launch
 from tests.utils import kda_inputs, rel_err
 
@@ -71,7 +71,7 @@ def _packed(x, cu_seqlens=None):
     q, k, v = (x[n].reshape(B * T, H, -1).contiguous().to(DEVICE) for n in ("q", "k", "v"))
     g = x["g"].float().reshape(B * T, H, K).contiguous().to(DEVICE)
     beta = x["beta"].reshape(B * T, H).contiguous().to(DEVICE)
-    layout = _Layout(None if cu_seqlens is None else cu_seqlens.to(DEVICE), B, T, q.device)
+    layout = layout_for(None if cu_seqlens is None else cu_seqlens.to(DEVICE), B, T, q.device)
     return (q, k, v, g, beta), layout
 
 

@@ -120,18 +120,20 @@ def test_varlen_with_empty_and_single_token_segments():
     check_fwd_bwd(x, cu_seqlens=cu.to(DEVICE))
 
 
-def test_equal_length_layout_is_cached_and_right():
-    """Equal-length batches reuse one device layout per (B, T, device) (building one stalls the stream); it must
-    describe the same packing as cu_seqlens would, and varlen layouts are built per call."""
+def test_layouts_are_cached_per_sequence_lengths_and_right():
+    """One device layout per (sequence lengths, device), equal-length batch or varlen (building one copies host
+    tensors to the device); an equal-length batch and its cu_seqlens describe the same packing."""
     dev = torch.device(DEVICE)
     a = chunk_common.layout_for(None, 3, 130, dev)
     assert chunk_common.layout_for(None, 3, 130, dev) is a
     cu = torch.tensor([0, 130, 260, 390], dtype=torch.int32, device=DEVICE)
     b = chunk_common.layout_for(cu, 1, 390, dev)
-    assert b is not chunk_common.layout_for(cu, 1, 390, dev)
-    assert (a.N, a.NT) == (b.N, b.NT) == (3, 9)
-    for name in ("cu_seqlens", "chunk_offsets", "chunk_indices"):
-        assert torch.equal(getattr(a, name).cpu(), getattr(b, name).cpu()), name
+    assert b is a
+    c = chunk_common.layout_for(torch.tensor([0, 100, 390], dtype=torch.int32, device=DEVICE), 1, 390, dev)
+    assert c is not a and (c.N, c.NT) == (2, 2 + 5)
+    assert (a.N, a.NT) == (3, 9)
+    assert a.cu_seqlens.tolist() == [0, 130, 260, 390] and a.chunk_offsets.tolist() == [0, 3, 6, 9]
+    assert a.chunk_indices.tolist() == [[i, j] for i in range(3) for j in range(3)]
 
 
 @pytest.mark.parametrize("dtype,depth", [(torch.float16, 1), (torch.float32, 0)], ids=["fp16", "fp32"])

@@ -7,43 +7,45 @@ import functools
 
 import torch
 
+from kimi_linear.ops.varlen import host_to_device, host_values
+
 
 CHUNK = 64
 SUB_CHUNK = 16
 
 
 class _Layout:
-    """Where each sequence and chunk lives in the packed ``[T_total, ...]`` tensors."""
+    """Where each sequence and chunk lives in the packed ``[T_total, ...]`` tensors (``lengths``: the sequences'
+    token counts, on the host)."""
 
-    def __init__(self, cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.device):
-        if cu_seqlens is None:
-            lengths = [T] * B
-        else:
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        counts = torch.tensor([-(-n // CHUNK) for n in lengths], dtype=torch.int64)
+    def __init__(self, lengths: tuple[int, ...], device: torch.device):
+        counts = [-(-n // CHUNK) for n in lengths]
         self.N = len(lengths)
-        self.NT = int(counts.sum())
-        starts = torch.cumsum(torch.tensor([0] + lengths), 0)
-        self.cu_seqlens = starts.to(device=device, dtype=torch.int32)
-        self.chunk_offsets = torch.cumsum(torch.cat([counts.new_zeros(1), counts]), 0).to(device, torch.int32)
-        seq = torch.repeat_interleave(torch.arange(self.N), counts)  # [NT]
-        within = torch.arange(self.NT) - torch.repeat_interleave(self.chunk_offsets.cpu()[:-1].long(), counts)
-        self.chunk_indices = torch.stack([seq, within], 1).to(device=device, dtype=torch.int32).contiguous()
+        self.NT = sum(counts)
+        starts, chunk_offsets, chunk_indices = [0], [0], []
+        for i, (n, c) in enumerate(zip(lengths, counts, strict=True)):
+            starts.append(starts[-1] + n)
+            chunk_offsets.append(chunk_offsets[-1] + c)
+            chunk_indices += [(i, j) for j in range(c)]
+        int32 = functools.partial(torch.tensor, dtype=torch.int32)
+        self.cu_seqlens = host_to_device(int32(starts), device)
+        self.chunk_offsets = host_to_device(int32(chunk_offsets), device)
+        self.chunk_indices = host_to_device(int32(chunk_indices).reshape(self.NT, 2), device)
 
 
 @functools.lru_cache(maxsize=64)
-def _fixed_layout(B: int, T: int, device: torch.device) -> _Layout:
-    return _Layout(None, B, T, device)
+def _layout(lengths: tuple[int, ...], device: torch.device) -> _Layout:
+    return _Layout(lengths, device)
 
 
 def layout_for(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.device) -> _Layout:
-    """The packed layout of a call. Equal-length batches reuse one cached layout per (B, T, device): building it
-    copies small host tensors to the device, and each such copy from pageable memory waits for the stream to
-    drain (so every call would stall the GPU while the host launches the next kernels). Varlen layouts read
-    ``cu_seqlens`` on the host and are built per call."""
+    """The packed layout of a call, one cached per (sequence lengths, device): every layer of a forward (and its
+    backward) reuses it. Varlen lengths come from ``cu_seqlens``'s host copy (``ops.varlen.host_values``), read
+    back from the device at most once per tensor."""
     if cu_seqlens is None:
-        return _fixed_layout(B, T, device)
-    return _Layout(cu_seqlens, B, T, device)
+        return _layout((T,) * B, device)
+    c = host_values(cu_seqlens)
+    return _layout(tuple(b - a for a, b in zip(c[:-1], c[1:])), device)
 
 
 def min_stages(dtype: torch.dtype) -> int:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from kimi_linear.ops.kda.gate import beta_activation, kda_gate
 from kimi_linear.ops.kda.naive import expand_qk_heads
 from kimi_linear.ops.norm import l2norm
+from kimi_linear.ops.varlen import host_values
 
 MAX_HEAD_DIM = 256
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -173,7 +174,7 @@ def validate_kda_args(
         if cu_seqlens.device != q.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
         if values_readable(cu_seqlens):
-            c = cu_seqlens.tolist()
+            c = host_values(cu_seqlens)
             if c[0] != 0:
                 raise ValueError(f"cu_seqlens must start at 0, got {c[0]}")
             if any(b < a for a, b in zip(c, c[1:])):

@@ -1,0 +1,43 @@
+"""Host copies of ``cu_seqlens``: read back from the device once per tensor, not once per op.
+
+A packed (varlen) forward passes the same ``cu_seqlens`` to every layer, and several ops need its values on the
+host (chunk layouts, validation, per-sequence attention). Each read of a CUDA tensor waits for the GPU to finish
+everything queued before it, so the host stops launching while the GPU drains: host and GPU time add up instead of
+overlapping. ``host_values`` reads a tensor once and keeps the values while the tensor lives and is not written
+to; a caller that built ``cu_seqlens`` from host values registers them with ``remember_host_values`` and no op
+reads it back at all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+_HOST: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> (its _version when read, its values)
+
+
+def host_values(t: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s values as a tuple of ints (1-D integer tensor), read from the device at most once per version."""
+    if t.device.type == "cpu" or torch.compiler.is_compiling():
+        return tuple(t.tolist())
+    known = _HOST.get(t)
+    if known is not None and known[0] == t._version:
+        return known[1]
+    values = tuple(t.tolist())
+    _HOST[t] = (t._version, values)
+    return values
+
+
+def remember_host_values(t: torch.Tensor, values) -> None:
+    """Record that device tensor ``t`` holds ``values`` (the host list it was copied from), so ``host_values``
+    never reads it back."""
+    if t.device.type != "cpu":
+        _HOST[t] = (t._version, tuple(int(v) for v in values))
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU tensor ``t`` on ``device``; through pinned memory on CUDA, so the copy does not wait for the stream to
+    drain (a copy from pageable memory does, and the GPU idles while the host launches the next kernels)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
