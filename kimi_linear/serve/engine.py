@@ -418,7 +418,10 @@ class Engine:
         prompt = list(prompt_ids)
         if not prompt:
             raise ValueError("the prompt is empty; a request needs at least one token")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
+        kinds = set(map(type, prompt))  # {int} almost always: then two C loops check the range
+        if kinds != {int} and not all(issubclass(k, int) and not issubclass(k, bool) for k in kinds):
+            raise ValueError(f"the prompt's token ids must be ints, got {sorted(k.__name__ for k in kinds)}")
+        if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"the prompt holds token ids outside [0, vocab_size={vocab})")
         if len(prompt) + params.max_tokens > self.config.max_model_len:
             raise ValueError(

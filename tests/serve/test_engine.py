@@ -431,6 +431,11 @@ def test_add_request_validation_and_queue_limit(model):
         engine.add_request("e", [], ok)
     with pytest.raises(ValueError, match="vocab"):
         engine.add_request("v", [1, 100000], ok)
+    with pytest.raises(ValueError, match="vocab"):
+        engine.add_request("n", [1, -1], ok)
+    for wrong in (True, 2.0, "3"):
+        with pytest.raises(ValueError, match="must be ints"):
+            engine.add_request("t", [1, wrong], ok)
     with pytest.raises(ValueError, match="max_model_len"):
         engine.add_request("l", [1] * 61, ok)
     with pytest.raises(ValueError, match="temperature"):
