@@ -16,6 +16,7 @@ from kimi_linear.cli.common import add_threads_argument, resolve_device
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 STATE_DTYPES = ("float32", "bfloat16")
+API_KEY_ENV = "KIMI_LINEAR_API_KEY"
 
 
 def add_parser(subparsers) -> None:
@@ -34,6 +35,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder's name)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help="require 'Authorization: Bearer KEY' on the /v1 routes (default: the "
+                   f"{API_KEY_ENV} environment variable, which other users cannot read from the process list; "
+                   "unset: no key)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="auto (the default): bfloat16 on CUDA, float32 on CPU")
@@ -153,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.checkpoint, model_config)
         config = engine.wait_ready().config
         name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
-        app = create_app(engine, tokenizer, ServerSettings(model_name=name, max_model_len=config.max_model_len))
+        app = create_app(engine, tokenizer, ServerSettings(model_name=name, max_model_len=config.max_model_len,
+                                                           api_key=args.api_key or None))
         uv_config = uvicorn.Config(
             app,
             host=args.host,

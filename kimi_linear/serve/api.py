@@ -32,6 +32,10 @@ returns the prompt alone.
 A chat request with ``tools`` gets the reply's tool calls as ``message.tool_calls`` (streamed as ``tool_calls``
 deltas, each call whole once complete) and ``finish_reason`` "tool_calls"; the text before them is the content
 (``serve.tool_calls``). ``tool_choice`` "auto" and "none" (no parsing) are served; forcing a call is refused.
+
+With ``ServerSettings.api_key`` set, the ``/v1`` routes answer 401 unless the request carries
+``Authorization: Bearer <key>`` (what the OpenAI clients send); ``/health`` and ``/metrics`` stay open for
+probes and scrapers.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import collections
 import dataclasses
 import json
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -499,6 +504,7 @@ class ServerSettings:
     model_name: str
     max_model_len: int
     drain_timeout_s: float = 30.0
+    api_key: str | None = None  # required as "Authorization: Bearer <key>" on the /v1 routes when set
 
 
 class Server:
@@ -726,7 +732,7 @@ class Server:
             lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}", f"{full} {_fmt(value)}"]
         full = "kimi_linear_requests_rejected_total"
         lines += [f"# HELP {full} Requests refused at submission.", f"# TYPE {full} counter"]
-        for reason in ("queue_full", "invalid"):
+        for reason in ("queue_full", "invalid", "unauthorized"):
             lines.append(f'{full}{{reason="{reason}"}} {self.rejected[reason]}')
         return "\n".join(lines) + "\n"
 
@@ -767,6 +773,8 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="kimi-linear", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
+    if settings.api_key is not None:
+        app.add_middleware(_APIKeyMiddleware, key=settings.api_key, rejected=server.rejected)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -877,6 +885,27 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
         return await respond(request, body, chat=True)
 
     return app
+
+
+class _APIKeyMiddleware:
+    """Answers 401 to a ``/v1`` request without ``Authorization: Bearer <key>``, before its body is read. Plain
+    ASGI: the streamed responses of the requests let through pass untouched."""
+
+    def __init__(self, app, key: str, rejected: collections.Counter):
+        self.app, self.key, self.rejected = app, key.encode(), rejected
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, given = header.partition(b" ")
+            # compare_digest: the time taken does not tell how much of a wrong key was right
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(given.strip(), self.key):
+                self.rejected["unauthorized"] += 1
+                error = APIError(401, "missing or incorrect API key: send it as 'Authorization: Bearer <key>'",
+                                 code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def _collect(pieces: AsyncIterator[Piece]) -> tuple:

@@ -376,7 +376,7 @@ def test_prefix_cache_on_equals_off(server, start_server, tiny_model):
     assert off.metrics()["kimi_linear_prefix_cache_hit_tokens_total"] == 0
 
 
-def test_queue_full_gets_429_and_sigkill_restart_serves_again(start_server, tiny_model):
+def test_queue_full_gets_429_and_sigkill_restart_serves_again(start_server, tiny_model, monkeypatch):
     server = start_server("--max-num-seqs", "1", "--max-queue", "1", "--max-model-len", "512")
     long_body = {"prompt": "busy", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
     with httpx.stream("POST", f"{server.url}/v1/completions", json={**long_body, "stream": True},
@@ -397,9 +397,14 @@ def test_queue_full_gets_429_and_sigkill_restart_serves_again(start_server, tiny
 
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait(10)
+    # The restart also requires an API key, given the way that keeps it out of the process list.
+    monkeypatch.setenv("KIMI_LINEAR_API_KEY", "sekrit")
     restarted = start_server("--max-num-seqs", "1", "--max-queue", "1", "--max-model-len", "512",
                              port=server.port)
-    out = client(restarted).completions.create(model="tiny-kimi", prompt="abc", max_tokens=6, temperature=0)
+    with pytest.raises(openai.AuthenticationError):
+        client(restarted).completions.create(model="tiny-kimi", prompt="abc", max_tokens=6, temperature=0)
+    keyed = openai.OpenAI(base_url=f"{restarted.url}/v1", api_key="sekrit", max_retries=0, timeout=60.0)
+    out = keyed.completions.create(model="tiny-kimi", prompt="abc", max_tokens=6, temperature=0)
     assert out.choices[0].text == text_of(reference(tiny_model, [BOS, *b"abc"], 6), tiny_model)
 
 

@@ -364,3 +364,28 @@ def test_chat_n_choices_streamed_or_not_carry_their_index_and_summed_usage(clien
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == out["usage"]
     r = client.post("/v1/chat/completions", json={**body, "n": 65})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def test_an_api_key_guards_the_v1_routes_but_not_health_or_metrics():
+    config = KimiLinearConfig.from_preset("debug")
+    app = create_app(ScriptedEngine(config), ByteTokenizer(config),
+                     ServerSettings(model_name="scripted", max_model_len=256, api_key="sekrit"))
+    body = {"prompt": "hi", "max_tokens": 3, "temperature": 0}
+    with TestClient(app) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit"},
+                        {"Authorization": "Basic sekrit"}):
+            r = c.post("/v1/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", headers
+        r = c.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert r.status_code == 401  # refused before the body is read
+        assert c.get("/v1/models").status_code == 401
+        ok = {"Authorization": "Bearer sekrit"}
+        assert c.get("/v1/models", headers=ok).json()["data"][0]["id"] == "scripted"
+        assert c.post("/v1/completions", json=body, headers=ok).json()["choices"][0]["text"] == SCRIPT[:3]
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True}, headers=ok) as r:
+            text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
+                           if line.startswith("data: {"))
+        assert text == SCRIPT[:3]
+        assert c.get("/health").status_code == 200
+        metrics = c.get("/metrics").text
+        assert 'kimi_linear_requests_rejected_total{reason="unauthorized"} 6' in metrics
