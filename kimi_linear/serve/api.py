@@ -286,8 +286,9 @@ class _SamplingFields(_Body):
     ignore_eos: bool = Field(False, description="do not stop at the model's EOS (extension)")
     return_token_ids: bool = Field(False, description="add the generated token ids to each choice (extension)")
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, description="1 = off (an extension of the OpenAI API)")
     logit_bias: dict[str, float] | None = None
 
 
@@ -320,9 +321,6 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 def _check_unsupported(body: _SamplingFields) -> None:
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name) != 0:
-            raise APIError(400, f"{name} is not supported (must be 0)", param=name)
     if body.logit_bias:
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
     if isinstance(body, CompletionRequest):
@@ -595,6 +593,8 @@ class Server:
                 seed=None if body.seed is None else body.seed + sample,
                 stop_token_ids=tuple(dict.fromkeys(stop_ids + default_stop_ids)),
                 ignore_eos=body.ignore_eos, logprobs=_logprobs_wanted(body),
+                repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
+                presence_penalty=body.presence_penalty,
                 prompt_logprobs=_logprobs_wanted(body) if _echoed(body) else None,
             )
         except ValueError as e:

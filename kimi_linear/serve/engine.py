@@ -47,6 +47,11 @@ the ``logprobs`` most likely ones; computed on the device in the same iteration 
 scoring a text): computed from each prefill piece's hidden states, ``PROMPT_LOGPROBS_ROWS`` positions at a time,
 and given out with the request's first token. Such a request computes its whole prompt (no prefix-cache hit:
 a cached prefix has no logits), and still fills the cache for others.
+
+Penalties (``SamplingParams.repetition_penalty``, ``frequency_penalty``, ``presence_penalty``; ``apply_penalties``)
+change a request's logits before its token is chosen, greedy or sampled. Each sequence slot keeps, on the device,
+how often each token was generated and which tokens its prompt holds; a step updates them for the tokens it
+chooses, so no host read is needed. Log probabilities stay those of the model's own distribution.
 """
 
 from __future__ import annotations
@@ -87,6 +92,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token's log probability and the k most likely
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    repetition_penalty: float = 1.0  # > 0; 1 = off: tokens of the prompt or the output scaled (apply_penalties)
+    frequency_penalty: float = 0.0  # [-2, 2]; per earlier occurrence in the output
+    presence_penalty: float = 0.0  # [-2, 2]; once a token occurs in the output
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -100,6 +108,31 @@ class SamplingParams:
             k = getattr(self, name)
             if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be None or an int in [0, {MAX_LOGPROBS}], got {k!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
+        r = self.repetition_penalty
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0.0 < r < float("inf"):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {r!r}")
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor, repetition: torch.Tensor,
+                    frequency: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """Penalised ``logits [N, V]`` (fp32): ``counts [N, V]``, how often each token was generated so far;
+    ``in_prompt [N, V]`` bool, the prompt's tokens; per-row ``repetition``, ``frequency``, ``presence`` ``[N]``.
+
+    A token of the prompt or the output has its logit divided by ``repetition`` if positive, multiplied by it if
+    not (the form of Keskar et al. 2019, as transformers and vLLM apply it); then every logit loses
+    ``frequency * count + presence * (count > 0)`` (OpenAI's definition, output tokens only)."""
+    seen = in_prompt | (counts > 0)
+    r = repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
 
 
 @dataclass(frozen=True)
@@ -326,6 +359,7 @@ class Engine:
                 # room for the step's activations: a prefill of max_num_batched_tokens (a few copies of the
                 # hidden states and the logits of the pieces' last tokens)
                 budget -= 16 * c.max_num_batched_tokens * mc.hidden_size * dtype_bytes
+                budget -= c.max_num_seqs * mc.vocab_size * 5  # the penalties' token counts (int32) and prompt masks
                 num_blocks = int(budget // block_bytes)
             else:
                 num_blocks = c.max_num_seqs * self.blocks_per_seq
@@ -372,6 +406,9 @@ class Engine:
         # each slot's next input token, where the step that sampled it left it: a decode step reads its rows'
         # tokens here, so the host can launch it before it has read the tokens of the step before
         self.next_tokens = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        # per sequence slot, for the penalties: how often each token was generated, and the prompt's tokens
+        self.token_counts = torch.zeros(c.max_num_seqs, mc.vocab_size, dtype=torch.int32, device=self.device)
+        self.in_prompt = torch.zeros(c.max_num_seqs, mc.vocab_size, dtype=torch.bool, device=self.device)
         self._inflight: _Launched | None = None
 
         self._lock = threading.Lock()
@@ -556,6 +593,10 @@ class Engine:
             seq.branch = matched * c.block_size
             restores.append((snapshot, seq.slot))
             self.running.append(seq)
+            if seq.params.penalized:
+                self.token_counts[seq.slot].zero_()
+                self.in_prompt[seq.slot].zero_()
+                self.in_prompt[seq.slot].index_fill_(0, self._to_device(sorted(set(seq.prompt))), True)
             self._stats["prompt"] += len(seq.prompt)
             if c.enable_prefix_caching:
                 self._stats["queries"] += len(seq.prompt)
@@ -736,10 +777,15 @@ class Engine:
     def _choose(self, seqs, slots: list[int], logits: torch.Tensor, greedy: torch.Tensor, launched: _Launched,
                 events) -> None:
         """Pick each row's next token on the device from ``logits [n, V]`` (``greedy [n]``: their argmax, which
-        the caller has put in ``next_tokens``), leave it in ``next_tokens`` for the next decode step and queue its copy to the host in ``launched``. All rows
-        are sampled in one batch (``sample_rows``, one uniform draw from each sampling request's own generator)
+        the caller has put in ``next_tokens``), leave it in ``next_tokens`` for the next decode step and queue its
+        copy to the host in ``launched``. Rows with penalties are penalised first (``_penalized``) and count the
+        token they get. All rows are sampled in one batch (``sample_rows``, one uniform draw from each sampling request's own generator)
         unless every request is greedy. If the batch fails, the rows are sampled one at a time, and a request
         whose own sampling fails is finished with "error" at once."""
+        model_logits = logits  # what log probabilities are taken from
+        penalized = [i for i, s in enumerate(seqs) if s.params.penalized]
+        if penalized:
+            logits, greedy = self._penalized(seqs, slots, logits, penalized)
         chosen = greedy
         if not all(s.params.temperature == 0 for s in seqs):
             draws = [s.rng.random() if s.rng is not None else 0.0 for s in seqs]
@@ -761,10 +807,30 @@ class Engine:
                         parts.append(greedy[i : i + 1])
                         self._finish(seq, "error", events, error=f"{type(e).__name__}: {e}")
                 chosen = torch.cat(parts)
+        if penalized or not all(s.params.temperature == 0 for s in seqs):  # else the forward's argmax is there
             self.next_tokens.index_copy_(0, self._to_device(slots), chosen)
-        launched.rows.append((seqs, self._to_host(chosen), self._logprobs(seqs, logits, chosen)))
+        if penalized:
+            counted = self._to_device([[i, slots[i]] for i in penalized])  # (row, its slot)
+            self.token_counts.index_put_((counted[:, 1], chosen.index_select(0, counted[:, 0])),
+                                         torch.ones(len(penalized), dtype=torch.int32, device=self.device),
+                                         accumulate=True)
+        launched.rows.append((seqs, self._to_host(chosen), self._logprobs(seqs, model_logits, chosen)))
         for seq in seqs:
             seq.pending += 1
+
+    def _penalized(self, seqs, slots: list[int], logits: torch.Tensor, rows: list[int]):
+        """``(logits, argmax)`` with the penalties of ``seqs[i]`` for i in ``rows`` applied (a new tensor: the
+        decode graph's output buffer is left as it is)."""
+        params = [seqs[i].params for i in rows]
+        values = self._to_device([[p.repetition_penalty for p in params], [p.frequency_penalty for p in params],
+                                  [p.presence_penalty for p in params]], dtype=torch.float32)
+        index = self._to_device(rows)
+        row_slots = self._to_device([slots[i] for i in rows])
+        out = logits.float().clone()
+        penalised = apply_penalties(out.index_select(0, index), self.token_counts.index_select(0, row_slots),
+                                    self.in_prompt.index_select(0, row_slots), *values.unbind(0))
+        out.index_copy_(0, index, penalised)
+        return out, out.argmax(-1)
 
     def _to_host(self, x: torch.Tensor) -> torch.Tensor:
         """A copy of ``x`` in host memory that is complete once the iteration's event has passed (pinned and

@@ -527,3 +527,64 @@ def test_cuda_graph_engine_equals_generate_alone():
     tokens, _ = run(engine, requests)
     for rid, (prompt, params) in requests.items():
         assert tokens[rid] == alone(model, prompt, params.max_tokens), rid
+
+
+def penalised_reference(model, prompt, max_tokens, repetition=1.0, frequency=0.0, presence=0.0, stop=()):
+    """Greedy decoding with the penalties written out per token: a full forward over the text so far, the
+    logits of its last position, the penalties from the counts of the tokens generated so far."""
+    ids, out = list(prompt), []
+    for _ in range(max_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+        for t in set(prompt) | set(out):
+            logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
+        for t in set(out):
+            logits[t] -= frequency * out.count(t) + presence
+        token = int(logits.argmax())
+        out.append(token)
+        ids.append(token)
+        if token in stop:
+            break
+    return out
+
+
+def test_penalties_equal_their_definition_and_leave_other_rows_alone(model):
+    """Greedy requests with each penalty (and all three) in one batch with an unpenalised one, through fewer
+    slots than requests (a slot's counts are reset for its next owner) and the prefix cache: every completion
+    equals the penalties applied token by token to a plain forward, and the unpenalised one equals generate()."""
+    engine = Engine(model, EngineConfig(max_num_seqs=3, max_model_len=128, max_num_batched_tokens=48))
+    prompt = random_prompt(40, seed=8)
+    settings = {
+        "rep": dict(repetition_penalty=1.8),
+        "freq": dict(frequency_penalty=1.5),
+        "pres": dict(presence_penalty=2.0),
+        "all": dict(repetition_penalty=1.3, frequency_penalty=0.7, presence_penalty=-0.5),
+        "plain": {},
+    }
+    requests = {rid: (prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, **kw))
+                for rid, kw in settings.items()}
+    tokens, _ = run(engine, requests)
+    assert tokens["plain"] == alone(model, prompt, 24)
+    for rid, kw in settings.items():
+        names = {"repetition_penalty": "repetition", "frequency_penalty": "frequency", "presence_penalty": "presence"}
+        expected = penalised_reference(model, prompt, 24, **{names[k]: v for k, v in kw.items()})
+        assert tokens[rid] == expected, rid
+    assert tokens["freq"] != tokens["plain"] and tokens["rep"] != tokens["plain"]  # the penalties bite here
+
+
+def test_sampled_penalised_requests_repeat_with_their_seed(model):
+    params = SamplingParams(max_tokens=16, temperature=0.8, seed=3, frequency_penalty=1.0, repetition_penalty=1.2)
+    runs = []
+    for neighbours in (0, 2):  # alone, then beside other penalised requests
+        engine = Engine(model, EngineConfig(max_num_seqs=3, max_model_len=128))
+        requests = {"s": (random_prompt(20, seed=4), params)}
+        requests.update({f"n{i}": (random_prompt(30, seed=i), params) for i in range(neighbours)})
+        runs.append(run(engine, requests)[0]["s"])
+    assert runs[0] == runs[1] and len(runs[0]) == 16
+
+
+def test_penalty_values_are_checked():
+    for bad in (dict(frequency_penalty=2.5), dict(presence_penalty=-3), dict(repetition_penalty=0),
+                dict(repetition_penalty=float("inf")), dict(frequency_penalty=True)):
+        with pytest.raises(ValueError, match="penalty"):
+            SamplingParams(**bad)

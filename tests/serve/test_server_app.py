@@ -366,6 +366,15 @@ def test_chat_n_choices_streamed_or_not_carry_their_index_and_summed_usage(clien
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
 
 
+def test_penalties_are_taken_and_checked(client):
+    body = {"prompt": "hi", "max_tokens": 3, "temperature": 0}
+    for ok in (dict(presence_penalty=0.5), dict(frequency_penalty=-2), dict(repetition_penalty=1.3)):
+        assert client.post("/v1/completions", json={**body, **ok}).status_code == 200, ok
+    for name, bad in (("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0)):
+        r = client.post("/v1/completions", json={**body, name: bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == name
+
+
 def test_an_api_key_guards_the_v1_routes_but_not_health_or_metrics():
     config = KimiLinearConfig.from_preset("debug")
     app = create_app(ScriptedEngine(config), ByteTokenizer(config),
