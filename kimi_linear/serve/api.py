@@ -320,9 +320,25 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` (token id as a string -> bias in [-100, 100]) as ``SamplingParams`` takes it."""
+    if not bias:
+        return ()
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise APIError(400, f"logit_bias holds {len(bias)} entries, at most {MAX_LOGIT_BIAS}", param="logit_bias")
+    out = []
+    for key, value in bias.items():
+        if not key.isdigit() or not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias maps token ids to a bias in [-100, 100], got {key!r}: {value!r}",
+                           param="logit_bias")
+        out.append((int(key), float(value)))
+    return tuple(out)
+
+
 def _check_unsupported(body: _SamplingFields) -> None:
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
     if isinstance(body, CompletionRequest):
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens=0 needs echo=true (a completion of no tokens)", param="max_tokens")
@@ -587,6 +603,9 @@ class Server:
         stop_ids = tuple(body.stop_token_ids or ())
         if any(not 0 <= t < vocab for t in stop_ids):
             raise APIError(400, f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        bias = _logit_bias(body.logit_bias)
+        if any(t >= vocab for t, _ in bias):
+            raise APIError(400, f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
@@ -594,7 +613,7 @@ class Server:
                 stop_token_ids=tuple(dict.fromkeys(stop_ids + default_stop_ids)),
                 ignore_eos=body.ignore_eos, logprobs=_logprobs_wanted(body),
                 repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
-                presence_penalty=body.presence_penalty,
+                presence_penalty=body.presence_penalty, logit_bias=bias,
                 prompt_logprobs=_logprobs_wanted(body) if _echoed(body) else None,
             )
         except ValueError as e:

@@ -95,6 +95,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 0; 1 = off: tokens of the prompt or the output scaled (apply_penalties)
     frequency_penalty: float = 0.0  # [-2, 2]; per earlier occurrence in the output
     presence_penalty: float = 0.0  # [-2, 2]; once a token occurs in the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to its logit
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -115,10 +116,17 @@ class SamplingParams:
         r = self.repetition_penalty
         if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0.0 < r < float("inf"):
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {r!r}")
+        for entry in self.logit_bias:
+            if (not isinstance(entry, tuple) or len(entry) != 2 or not isinstance(entry[0], int)
+                    or isinstance(entry[0], bool) or entry[0] < 0 or not isinstance(entry[1], (int, float))
+                    or not -100 <= entry[1] <= 100):
+                raise ValueError(f"logit_bias entries must be (token id >= 0, bias in [-100, 100]), got {entry!r}")
 
     @property
     def penalized(self) -> bool:
-        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+        """Whether the logits change before the choice: a penalty or a logit bias."""
+        return (self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+                or bool(self.logit_bias))
 
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor, repetition: torch.Tensor,
@@ -216,6 +224,7 @@ class _Sequence:
     pending: int = 0  # tokens launched but not yet read back (at most one)
     done: bool = False  # finished: tokens still in flight for it are dropped
     prompt_scores: list = field(default_factory=list)  # prompt logprobs on their way to the host, per piece
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # the logit bias's (ids, values) on the device
 
     @property
     def prefilling(self) -> bool:
@@ -467,6 +476,8 @@ class Engine:
             )
         if not all(0 <= t < vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, vocab_size={vocab})")
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, vocab_size={vocab})")
         rng = None
         if params.temperature > 0:
             rng = random.Random(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
@@ -597,6 +608,9 @@ class Engine:
                 self.token_counts[seq.slot].zero_()
                 self.in_prompt[seq.slot].zero_()
                 self.in_prompt[seq.slot].index_fill_(0, self._to_device(sorted(set(seq.prompt))), True)
+                if seq.params.logit_bias:  # on the device once: a step adds it with one indexed add per row
+                    ids, values = zip(*seq.params.logit_bias, strict=True)
+                    seq.bias = (self._to_device(list(ids)), self._to_device(list(values), dtype=torch.float32))
             self._stats["prompt"] += len(seq.prompt)
             if c.enable_prefix_caching:
                 self._stats["queries"] += len(seq.prompt)
@@ -830,6 +844,9 @@ class Engine:
         penalised = apply_penalties(out.index_select(0, index), self.token_counts.index_select(0, row_slots),
                                     self.in_prompt.index_select(0, row_slots), *values.unbind(0))
         out.index_copy_(0, index, penalised)
+        for i in rows:
+            if seqs[i].bias is not None:
+                out[i].index_add_(0, *seqs[i].bias)
         return out, out.argmax(-1)
 
     def _to_host(self, x: torch.Tensor) -> torch.Tensor:

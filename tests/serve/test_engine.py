@@ -529,9 +529,9 @@ def test_cuda_graph_engine_equals_generate_alone():
         assert tokens[rid] == alone(model, prompt, params.max_tokens), rid
 
 
-def penalised_reference(model, prompt, max_tokens, repetition=1.0, frequency=0.0, presence=0.0, stop=()):
+def penalised_reference(model, prompt, max_tokens, repetition=1.0, frequency=0.0, presence=0.0, bias=(), stop=()):
     """Greedy decoding with the penalties written out per token: a full forward over the text so far, the
-    logits of its last position, the penalties from the counts of the tokens generated so far."""
+    logits of its last position, the penalties from the counts of the tokens generated so far, then the bias."""
     ids, out = list(prompt), []
     for _ in range(max_tokens):
         with torch.no_grad():
@@ -540,6 +540,8 @@ def penalised_reference(model, prompt, max_tokens, repetition=1.0, frequency=0.0
             logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
         for t in set(out):
             logits[t] -= frequency * out.count(t) + presence
+        for t, b in bias:
+            logits[t] += b
         token = int(logits.argmax())
         out.append(token)
         ids.append(token)
@@ -559,6 +561,8 @@ def test_penalties_equal_their_definition_and_leave_other_rows_alone(model):
         "freq": dict(frequency_penalty=1.5),
         "pres": dict(presence_penalty=2.0),
         "all": dict(repetition_penalty=1.3, frequency_penalty=0.7, presence_penalty=-0.5),
+        "bias": dict(logit_bias=((7, 4.0), (200, -100.0), (31, 2.5))),
+        "forced": dict(logit_bias=((42, 100.0),)),
         "plain": {},
     }
     requests = {rid: (prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, **kw))
@@ -566,10 +570,12 @@ def test_penalties_equal_their_definition_and_leave_other_rows_alone(model):
     tokens, _ = run(engine, requests)
     assert tokens["plain"] == alone(model, prompt, 24)
     for rid, kw in settings.items():
-        names = {"repetition_penalty": "repetition", "frequency_penalty": "frequency", "presence_penalty": "presence"}
+        names = {"repetition_penalty": "repetition", "frequency_penalty": "frequency", "presence_penalty": "presence",
+                 "logit_bias": "bias"}
         expected = penalised_reference(model, prompt, 24, **{names[k]: v for k, v in kw.items()})
         assert tokens[rid] == expected, rid
     assert tokens["freq"] != tokens["plain"] and tokens["rep"] != tokens["plain"]  # the penalties bite here
+    assert tokens["bias"] != tokens["plain"] and tokens["forced"] == [42] * 24
 
 
 def test_sampled_penalised_requests_repeat_with_their_seed(model):
@@ -588,3 +594,6 @@ def test_penalty_values_are_checked():
                 dict(repetition_penalty=float("inf")), dict(frequency_penalty=True)):
         with pytest.raises(ValueError, match="penalty"):
             SamplingParams(**bad)
+    for bad in (((1, 101.0),), ((-1, 1.0),), ((True, 1.0),), ((1,),)):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)

@@ -368,9 +368,12 @@ def test_chat_n_choices_streamed_or_not_carry_their_index_and_summed_usage(clien
 
 def test_penalties_are_taken_and_checked(client):
     body = {"prompt": "hi", "max_tokens": 3, "temperature": 0}
-    for ok in (dict(presence_penalty=0.5), dict(frequency_penalty=-2), dict(repetition_penalty=1.3)):
+    for ok in (dict(presence_penalty=0.5), dict(frequency_penalty=-2), dict(repetition_penalty=1.3),
+               dict(logit_bias={"65": 5, "66": -100})):
         assert client.post("/v1/completions", json={**body, **ok}).status_code == 200, ok
-    for name, bad in (("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0)):
+    for name, bad in (("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0),
+                      ("logit_bias", {"65": 101}), ("logit_bias", {"x": 1}), ("logit_bias", {"-1": 1}),
+                      ("logit_bias", {"100000": 1})):
         r = client.post("/v1/completions", json={**body, name: bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == name
 
