@@ -122,7 +122,9 @@ def prefill(model, prompts: list[list[int]], cache: KimiLinearCache) -> torch.Te
     """
     device = model.device
     lengths = [len(p) for p in prompts]
-    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)[None]  # [1, sum T]
+    flat = [t for p in prompts for t in p]
+    ids = torch.tensor(flat, dtype=torch.long, device=device)[None]  # [1, sum T]
+    remember_host_values(ids, flat)  # checked against the vocabulary on the host (done above already)
     bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
     cu = torch.tensor(bounds, dtype=torch.long, device=device)
     remember_host_values(cu, bounds)  # the ops read the boundaries on the host: no read-back

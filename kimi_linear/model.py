@@ -24,7 +24,7 @@ from kimi_linear.layers.mlp import SwiGLUMLP
 from kimi_linear.layers.moe import MoE
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
-from kimi_linear.ops.varlen import host_values
+from kimi_linear.ops.varlen import host_values, known_host_values
 
 def count_parameters(config: KimiLinearConfig) -> tuple[int, int]:
     """(total, active-per-token) parameter counts from the config alone (no model is built).
@@ -228,7 +228,8 @@ class KimiLinearForCausalLM(nn.Module):
         B, T = input_ids.shape
         capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
         if not capturing and input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            known = known_host_values(input_ids)  # a caller that built the ids from a host list saves the read
+            lo, hi = (min(known), max(known)) if known is not None else (int(input_ids.min()), int(input_ids.max()))
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(
                     f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got [{lo}, {hi}]"
@@ -268,7 +269,13 @@ class KimiLinearForCausalLM(nn.Module):
             if new_tokens is None:
                 new_tokens = torch.full((B,), T, dtype=torch.long, device=input_ids.device)
             if not capturing:
-                needed = int((cache.lengths + new_tokens).max())
+                # on the host: the cache's lengths are read once per forward anyway (or set by the caller)
+                if cu_seqlens is None:
+                    counts = [T] * B
+                else:
+                    c = host_values(cu_seqlens)
+                    counts = [b - a for a, b in zip(c[:-1], c[1:])]
+                needed = max(n + k for n, k in zip(cache.host_lengths(), counts, strict=True))
                 if needed > cache.max_length:
                     raise ValueError(
                         f"the cache holds {cache.max_length} tokens per sequence but {needed} are needed"

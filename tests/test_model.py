@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kimi_linear.config import PRESETS, KimiLinearConfig
+from kimi_linear.cache import KimiLinearCache
 from kimi_linear.model import KimiLinearForCausalLM, count_parameters
 from tests.utils import rel_err
 
@@ -192,3 +193,17 @@ def test_gpu_matches_cpu_and_decodes_like_forward(variant):
         parts = [gpu(ids[:, :130].cuda(), cache=cache).logits]
         parts += [gpu(ids[:, t : t + 1].cuda(), cache=cache).logits for t in range(130, 150)]
         assert rel_err(torch.cat(parts, 1).cpu(), want) < 3e-3
+
+
+def test_forward_refuses_ids_outside_the_vocabulary_and_more_tokens_than_the_cache_holds():
+    model = make_model(seed=0)
+    V = model.config.vocab_size
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(torch.tensor([[0, V]]))
+    cache = KimiLinearCache(model.config, 2, 64, dtype=torch.float32)
+    with pytest.raises(ValueError, match="are needed"):
+        model(torch.zeros(2, cache.max_length + 1, dtype=torch.long), cache=cache)
+    packed = KimiLinearCache(model.config, 2, 64, dtype=torch.float32)
+    cu = torch.tensor([0, 3, 3 + packed.max_length + 1])
+    with pytest.raises(ValueError, match="are needed"):
+        model(torch.zeros(1, int(cu[-1]), dtype=torch.long), cache=packed, cu_seqlens=cu)

@@ -29,10 +29,10 @@ def host_values(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def remember_host_values(t: torch.Tensor, values) -> None:
-    """Record that device tensor ``t`` holds ``values`` (the host list it was copied from), so ``host_values``
-    never reads it back."""
+    """Record that device tensor ``t`` holds ``values`` (the host list of ints it was copied from, flattened), so
+    ``host_values`` and ``known_host_values`` never read it back."""
     if t.device.type != "cpu":
-        _HOST[t] = (t._version, tuple(int(v) for v in values))
+        _HOST[t] = (t._version, tuple(values))
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -41,3 +41,12 @@ def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if torch.device(device).type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def known_host_values(t: torch.Tensor) -> tuple[int, ...] | None:
+    """The values registered for device tensor ``t`` (flattened) if they are still current, else None: for
+    checks that may skip a device read when the caller knows the values, and read otherwise."""
+    if t.device.type == "cpu" or torch.compiler.is_compiling():
+        return None
+    known = _HOST.get(t)
+    return known[1] if known is not None and known[0] == t._version else None

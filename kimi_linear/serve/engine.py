@@ -716,6 +716,7 @@ class Engine:
         for n in lens:
             cu_host.append(cu_host[-1] + n)
         ids_t = self._to_device(ids)[None]
+        remember_host_values(ids_t, ids)  # the model checks the ids on the host (done at add_request already)
         cu = self._to_device(cu_host)
         remember_host_values(cu, cu_host)  # the ops read the boundaries on the host: no read-back
         starts = [a for _, a, _ in pieces]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kimi_linear.ops.kda.chunk_common import layout_for
-from kimi_linear.ops.varlen import host_values, remember_host_values
+from kimi_linear.ops.varlen import host_values, known_host_values, remember_host_values
 
 
 def test_remembered_values_are_used_without_reading_the_tensor():
@@ -43,3 +43,13 @@ def test_chunk_layout_of_varlen_and_fixed_batches():
     assert fixed.cu_seqlens.tolist() == [0, 100, 200]
     assert fixed.chunk_indices.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
     assert layout_for(None, 2, 100, torch.device("cpu")) is fixed  # one layout per shape, reused
+
+
+def test_known_values_are_none_unless_registered_and_current():
+    ids = torch.empty(1, 3, dtype=torch.long, device="meta")
+    assert known_host_values(ids) is None  # not registered: the caller reads the tensor itself
+    remember_host_values(ids, [5, 1, 9])
+    assert known_host_values(ids) == (5, 1, 9)
+    ids.add_(1)
+    assert known_host_values(ids) is None
+    assert known_host_values(torch.tensor([1, 2])) is None  # a CPU tensor is read directly, as before
