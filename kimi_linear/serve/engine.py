@@ -360,6 +360,7 @@ class Engine:
         dtype_bytes = torch.empty((), dtype=model.dtype).element_size()
         slot_bytes, token_bytes = cache_bytes(mc, dtype_bytes, c.kda_state_dtype.itemsize)
         block_bytes = token_bytes * c.block_size
+        penalty_bytes = c.max_num_seqs * mc.vocab_size * 5  # per slot: token counts (int32) and prompt mask (bool)
         num_blocks = c.num_blocks
         if num_blocks is None:
             if self.device.type == "cuda":
@@ -368,7 +369,7 @@ class Engine:
                 # room for the step's activations: a prefill of max_num_batched_tokens (a few copies of the
                 # hidden states and the logits of the pieces' last tokens)
                 budget -= 16 * c.max_num_batched_tokens * mc.hidden_size * dtype_bytes
-                budget -= c.max_num_seqs * mc.vocab_size * 5  # the penalties' token counts (int32) and prompt masks
+                budget -= penalty_bytes
                 num_blocks = int(budget // block_bytes)
             else:
                 num_blocks = c.max_num_seqs * self.blocks_per_seq
@@ -382,7 +383,7 @@ class Engine:
             )
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            need = slot_bytes * num_slots + block_bytes * (num_blocks + 1)
+            need = slot_bytes * num_slots + block_bytes * (num_blocks + 1) + penalty_bytes
             if need > free * c.gpu_memory_fraction:
                 raise ValueError(
                     f"the cache needs {need / 2**30:.2f} GiB (max_num_seqs={c.max_num_seqs}, num_blocks="
