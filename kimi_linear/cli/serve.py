@@ -24,7 +24,8 @@ def add_parser(subparsers) -> None:
         "serve",
         help="serve a checkpoint over the OpenAI HTTP API",
         description="Loads --checkpoint and serves POST /v1/completions, POST /v1/chat/completions, "
-        "GET /v1/models, GET /health and GET /metrics. Requests are batched continuously on --max-num-seqs "
+        "GET /v1/models, POST /tokenize, POST /detokenize, GET /health and GET /metrics. Requests are batched "
+        "continuously on --max-num-seqs "
         "KDA state slots with a paged MLA latent cache; prompts sharing a prefix reuse it exactly. The engine "
         "runs in a child process (the HTTP process does not load the weights); if it dies, the requests in "
         "flight fail and the server exits with status 1. SIGTERM "

@@ -33,7 +33,10 @@ A chat request with ``tools`` gets the reply's tool calls as ``message.tool_call
 deltas, each call whole once complete) and ``finish_reason`` "tool_calls"; the text before them is the content
 (``serve.tool_calls``). ``tool_choice`` "auto" and "none" (no parsing) are served; forcing a call is refused.
 
-With ``ServerSettings.api_key`` set, the ``/v1`` routes answer 401 unless the request carries
+``POST /tokenize`` and ``POST /detokenize`` (as vLLM serves them) show a client the token ids the server would
+run for a prompt or a conversation, and count them against ``max_model_len``.
+
+With ``ServerSettings.api_key`` set, the ``/v1`` routes (and the two above) answer 401 unless the request carries
 ``Authorization: Bearer <key>`` (what the OpenAI clients send); ``/health`` and ``/metrics`` stay open for
 probes and scrapers.
 """
@@ -318,6 +321,21 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class TokenizeRequest(_Body):
+    """``POST /tokenize``: a completion ``prompt`` (text or ids) or chat ``messages`` (with ``tools``), as the
+    server would tokenize them for a request."""
+
+    model: str | None = None
+    prompt: str | list[int] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[dict[str, Any]] | None = None
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
 
 
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
@@ -840,6 +858,22 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
                       "owned_by": "kimi-linear", "max_model_len": settings.max_model_len}],
         }
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+        ids = server.chat_prompt(body) if body.messages is not None else server._prompt_ids(body.prompt)
+        return {"count": len(ids), "max_model_len": settings.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        check_model(body.model)
+        vocab = engine.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
     async def respond(request: Request, body: _SamplingFields, chat: bool) -> Response:
         check_model(body.model)
         _check_unsupported(body)
@@ -906,15 +940,18 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
     return app
 
 
+_KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize")  # what an API key guards
+
+
 class _APIKeyMiddleware:
-    """Answers 401 to a ``/v1`` request without ``Authorization: Bearer <key>``, before its body is read. Plain
-    ASGI: the streamed responses of the requests let through pass untouched."""
+    """Answers 401 to a request of ``_KEYED_PATHS`` without ``Authorization: Bearer <key>``, before its body is
+    read. Plain ASGI: the streamed responses of the requests let through pass untouched."""
 
     def __init__(self, app, key: str, rejected: collections.Counter):
         self.app, self.key, self.rejected = app, key.encode(), rejected
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"].startswith(_KEYED_PATHS):
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, given = header.partition(b" ")
             # compare_digest: the time taken does not tell how much of a wrong key was right

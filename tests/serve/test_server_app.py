@@ -378,6 +378,28 @@ def test_penalties_are_taken_and_checked(client):
         assert r.status_code == 400 and r.json()["error"]["param"] == name
 
 
+def test_tokenize_and_detokenize(client):
+    tokenizer = client.app.state.server.tokenizer
+    out = client.post("/tokenize", json={"prompt": "héllo"}).json()
+    expected = [tokenizer.bos_token_id, *tokenizer.encode("héllo")]  # what a completion request would run
+    assert out == {"count": len(expected), "max_model_len": 256, "tokens": expected}
+    assert client.post("/tokenize", json={"prompt": [5, 6, 7]}).json()["tokens"] == [5, 6, 7]
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.post("/tokenize", json={"messages": messages})
+    if chat.status_code == 200:  # the chat request's own prompt
+        assert chat.json()["tokens"] == list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    else:
+        assert chat.status_code == 400 and "chat template" in chat.json()["error"]["message"]
+    for bad in ({}, {"prompt": "a", "messages": messages}):
+        assert client.post("/tokenize", json=bad).status_code == 400
+    r = client.post("/tokenize", json={"prompt": "a", "model": "other"})
+    assert r.status_code == 404
+    back = client.post("/detokenize", json={"tokens": expected}).json()["prompt"]
+    assert back == tokenizer.decode(expected, skip_special_tokens=False) and back.endswith("héllo")
+    r = client.post("/detokenize", json={"tokens": [1, 10**9]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+
+
 def test_an_api_key_guards_the_v1_routes_but_not_health_or_metrics():
     config = KimiLinearConfig.from_preset("debug")
     app = create_app(ScriptedEngine(config), ByteTokenizer(config),
@@ -391,6 +413,7 @@ def test_an_api_key_guards_the_v1_routes_but_not_health_or_metrics():
         r = c.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
         assert r.status_code == 401  # refused before the body is read
         assert c.get("/v1/models").status_code == 401
+        assert c.post("/tokenize", json={"prompt": "hi"}).status_code == 401
         ok = {"Authorization": "Bearer sekrit"}
         assert c.get("/v1/models", headers=ok).json()["data"][0]["id"] == "scripted"
         assert c.post("/v1/completions", json=body, headers=ok).json()["choices"][0]["text"] == SCRIPT[:3]
@@ -400,4 +423,4 @@ def test_an_api_key_guards_the_v1_routes_but_not_health_or_metrics():
         assert text == SCRIPT[:3]
         assert c.get("/health").status_code == 200
         metrics = c.get("/metrics").text
-        assert 'kimi_linear_requests_rejected_total{reason="unauthorized"} 6' in metrics
+        assert 'kimi_linear_requests_rejected_total{reason="unauthorized"} 7' in metrics
