@@ -49,9 +49,10 @@ and given out with the request's first token. Such a request computes its whole 
 a cached prefix has no logits), and still fills the cache for others.
 
 Penalties (``SamplingParams.repetition_penalty``, ``frequency_penalty``, ``presence_penalty``; ``apply_penalties``)
-change a request's logits before its token is chosen, greedy or sampled. Each sequence slot keeps, on the device,
-how often each token was generated and which tokens its prompt holds; a step updates them for the tokens it
-chooses, so no host read is needed. Log probabilities stay those of the model's own distribution.
+and ``logit_bias`` change a request's logits before its token is chosen, greedy or sampled. Each sequence slot
+keeps, on the device, how often each token was generated and which tokens its prompt holds; a step updates them
+for the tokens it chooses, so no host read is needed. Log probabilities stay those of the model's own
+distribution.
 """
 
 from __future__ import annotations
