@@ -536,7 +536,7 @@ class ServerSettings:
     model_name: str
     max_model_len: int
     drain_timeout_s: float = 30.0
-    api_key: str | None = None  # required as "Authorization: Bearer <key>" on the /v1 routes when set
+    api_key: str | None = None  # when set, required as "Authorization: Bearer <key>" (_KEYED_PATHS)
 
 
 class Server:
@@ -559,9 +559,11 @@ class Server:
         if len(prompts) * body.n > MAX_CHOICES:
             raise APIError(400, f"{len(prompts)} prompts x n={body.n} completions exceed {MAX_CHOICES} a request",
                            param="prompt")
-        return [self._prompt_ids(p) for p in prompts]
+        return [self.prompt_ids(p) for p in prompts]
 
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """One completion prompt (text, or ids) as the token ids a request runs: BOS first where the tokenizer
+        adds one; 400 if empty or outside the vocabulary."""
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
             if getattr(self.tokenizer, "add_bos", False) and self.tokenizer.bos_token_id is not None:
@@ -863,7 +865,7 @@ def create_app(engine, tokenizer, settings: ServerSettings) -> FastAPI:
         check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either prompt or messages", param="prompt")
-        ids = server.chat_prompt(body) if body.messages is not None else server._prompt_ids(body.prompt)
+        ids = server.chat_prompt(body) if body.messages is not None else server.prompt_ids(body.prompt)
         return {"count": len(ids), "max_model_len": settings.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")
