@@ -17,8 +17,10 @@ stops it) and exits when told to, or when the pipe closes because the HTTP proce
 
 In the parent one reader thread owns the pipe: it completes the futures of add requests with the engine's answer
 (the engine's own ValueError / TypeError / QueueFullError) and queues each step's events, which ``step()`` takes in
-order. Sends are serialized by a lock and made by the caller: a message larger than the socket's buffer (an add
-of a prompt of ~100k tokens) waits until the child reads it, between two of its steps. If the child dies, waiting
+order. One sender thread owns the other direction: callers pickle their message and queue it, so adds, aborts and
+"stop" reach the child in the order they were made, and a caller never waits for the pipe. (A message larger
+than the socket's buffer, an add of a prompt of ~50k tokens or more, is only taken by the child between two of
+its steps; an HTTP event loop sending it itself would stall every stream meanwhile.) If the child dies, waiting
 and later calls raise RuntimeError saying so, ``step()`` raises once so the caller fails the requests in flight,
 and ``exited`` is set.
 
@@ -199,7 +201,8 @@ class EngineProcess:
         self._process = context.Process(target=_child_main, args=(child_conn, factory, tuple(args), kwargs or {}),
                                         name=name, daemon=False)
         self._lock = threading.Lock()  # pending adds, the unfinished ids, the failure
-        self._send_lock = threading.Lock()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # (message, add seq or None); None ends the sender
+        self._sender: threading.Thread | None = None
         self._pending: dict[int, tuple[str, Future]] = {}
         self._seq = itertools.count()
         self._unfinished: set[str] = set()  # added (acknowledged) and not yet finished in an event step() gave out
@@ -243,6 +246,8 @@ class EngineProcess:
         _, self._model_config, self._config, self._stats, self._info = reply
         self._reader = threading.Thread(target=self._read, name=f"{self._process.name}-reader", daemon=True)
         self._reader.start()
+        self._sender = threading.Thread(target=self._send_loop, name=f"{self._process.name}-sender", daemon=True)
+        self._sender.start()
         return self
 
     # -- properties
@@ -298,13 +303,10 @@ class EngineProcess:
         except Exception as e:  # noqa: BLE001 - an id or token that is no plain value
             raise TypeError(f"request {request_id!r} cannot be sent to the engine process: {e}") from None
         with self._lock:
+            if self._failure is not None:
+                raise RuntimeError(self._failure)
             self._pending[seq] = (request_id, future)
-        try:
-            self._send(message)
-        except RuntimeError:
-            with self._lock:
-                self._pending.pop(seq, None)
-            raise
+        self._outbox.put((message, seq))
         return future
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -318,11 +320,8 @@ class EngineProcess:
 
     def abort(self, request_id: str) -> None:
         """Finish the request with "abort" at the engine's next step; a no-op once the engine is gone."""
-        if self._failure is None:
-            try:
-                self._send(ForkingPickler.dumps(("abort", request_id)))
-            except RuntimeError:
-                pass  # it died: nothing is left to abort
+        if self._failure is None:  # else it died: nothing is left to abort
+            self._outbox.put((ForkingPickler.dumps(("abort", request_id)), None))
 
     def has_unfinished(self) -> bool:
         """Requests were added that ``step()`` has not yet given out a finishing event for (or a step is
@@ -372,13 +371,12 @@ class EngineProcess:
             self._abandon()
             return
         atexit.unregister(self.close)
-        try:
-            self._send(ForkingPickler.dumps(("stop",)))
-        except RuntimeError:
-            pass
+        self._outbox.put((ForkingPickler.dumps(("stop",)), None))  # after everything queued before it
+        self._outbox.put(None)
         self._process.join(timeout_s)
         self._kill()
         self._reader.join(timeout_s)
+        self._sender.join(timeout_s)
         self._conn.close()
 
     def __enter__(self) -> EngineProcess:
@@ -388,14 +386,19 @@ class EngineProcess:
         self.close()
 
     # -- internals
-    def _send(self, message: bytes) -> None:
-        with self._send_lock:
-            if self._failure is not None:
-                raise RuntimeError(self._failure)
+    def _send_loop(self) -> None:
+        """The sender thread: write the queued messages to the pipe in order. An add that cannot be written (the
+        child is gone) fails its future; the reader thread notices the death itself."""
+        while (item := self._outbox.get()) is not None:
+            message, seq = item
             try:
                 self._conn.send_bytes(message)
-            except OSError:
-                raise RuntimeError("the engine process is gone") from None
+            except (OSError, ValueError):  # gone, or the pipe already closed
+                if seq is not None:
+                    with self._lock:
+                        pending = self._pending.pop(seq, None)
+                    if pending is not None:
+                        pending[1].set_exception(RuntimeError(self._failure or "the engine process is gone"))
 
     def _kill(self) -> None:
         if self._process.is_alive():
@@ -453,5 +456,6 @@ class EngineProcess:
             self._unfinished.clear()
         for _, future in pending:
             future.set_exception(RuntimeError(self._failure))
+        self._outbox.put(None)  # the sender ends once it has tried what is queued
         self._events.put(_DIED)
         self.exited.set()

@@ -49,3 +49,47 @@ def raising_factory(kind: str):
     if kind == "exit":
         os._exit(3)
     raise AssertionError(kind)
+
+
+class SlowStepEngine:
+    """A stand-in engine (no torch) whose every step sleeps ``step_s`` and finishes each request it holds with
+    "length": the child is inside a step most of the time, as under load. Records what it was told, in order."""
+
+    def __init__(self, step_s: float):
+        from kimi_linear.config import KimiLinearConfig
+
+        self.model_config = KimiLinearConfig.from_preset("debug")
+        self.step_s = step_s
+        self.requests: list[str] = []
+        self.log: list[tuple[str, str, int]] = []  # ("add" | "abort", request id, prompt length)
+
+    def add_request(self, request_id, prompt_ids, params):
+        self.log.append(("add", request_id, len(prompt_ids)))
+        self.requests.append(request_id)
+
+    def abort(self, request_id):
+        self.log.append(("abort", request_id, 0))
+
+    def has_unfinished(self):
+        return True  # keeps stepping, so it reads the pipe only between steps
+
+    def step(self):
+        import time
+
+        from kimi_linear.serve.engine import TokenEvent
+
+        time.sleep(self.step_s)
+        done, self.requests = self.requests, []
+        events = [TokenEvent(rid, 1, True, "length") for rid in done]
+        if any(rid == "report" for rid in done):  # tell the parent what arrived, in order
+            events.append(TokenEvent(repr(self.log), None, True, "log"))
+        return events
+
+    def stats(self):
+        from kimi_linear.serve.engine import EngineStats
+
+        return EngineStats(0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0)
+
+
+def slow_step_engine(step_s: float):
+    return SlowStepEngine(step_s)

@@ -7,6 +7,7 @@ weights the in-process reference uses here.
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import time
@@ -16,7 +17,13 @@ import torch
 
 from kimi_linear.serve.engine import Engine, EngineConfig, QueueFullError, SamplingParams
 from kimi_linear.serve.engine_process import EngineProcess
-from tests.serve.engine_factories import UnpicklableError, failing_step_engine, raising_factory, tiny_engine
+from tests.serve.engine_factories import (
+    UnpicklableError,
+    failing_step_engine,
+    raising_factory,
+    slow_step_engine,
+    tiny_engine,
+)
 from tests.test_model import make_model
 
 SEED = 31
@@ -238,3 +245,28 @@ def test_close_stops_the_child_mid_request_and_leaves_no_process():
     with pytest.raises(RuntimeError, match="closed"):
         engine.add_request("later", [1], SamplingParams(max_tokens=2, **GREEDY))
     engine.close()  # idempotent
+
+
+def test_a_large_add_does_not_wait_for_the_child_and_messages_keep_their_order():
+    """An add larger than the socket's buffer (300k token ids) is only read by the child between two of its
+    steps (here 0.5 s long): the caller (an HTTP event loop) gets its future at once all the same, and the
+    child receives adds and aborts in the order they were made."""
+    from kimi_linear.serve.engine import SamplingParams as Params
+
+    with EngineProcess(slow_step_engine, (0.5,)) as process:
+        big = list(range(100_000, 130_000)) * 10  # 5-byte pickled ints: about 1.5 MB
+        start = time.perf_counter()
+        futures = [process.add_request_future("big", big, Params(max_tokens=1))]
+        process.abort("big")
+        futures.append(process.add_request_future("small", [1, 2, 3], Params(max_tokens=1)))
+        elapsed = time.perf_counter() - start
+        assert elapsed < 0.25, f"the caller waited {elapsed:.2f} s for the pipe"
+        for f in futures:
+            f.result(timeout=30)
+        process.add_request("report", [1], Params(max_tokens=1))
+        deadline, log = time.monotonic() + 30, None
+        while log is None and time.monotonic() < deadline:
+            for event in process.step():
+                if event.finish_reason == "log":
+                    log = ast.literal_eval(event.request_id)  # the child's repr of its log
+        assert log == [("add", "big", 300_000), ("abort", "big", 0), ("add", "small", 3), ("add", "report", 1)]
