@@ -24,7 +24,7 @@ from kimi_linear.layers.mlp import SwiGLUMLP
 from kimi_linear.layers.moe import MoE
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
-from kimi_linear.ops.varlen import host_values, known_host_values
+from kimi_linear.ops.varlen import host_values, known_host_values, sequence_lengths
 
 def count_parameters(config: KimiLinearConfig) -> tuple[int, int]:
     """(total, active-per-token) parameter counts from the config alone (no model is built).
@@ -270,11 +270,7 @@ class KimiLinearForCausalLM(nn.Module):
                 new_tokens = torch.full((B,), T, dtype=torch.long, device=input_ids.device)
             if not capturing:
                 # on the host: the cache's lengths are read once per forward anyway (or set by the caller)
-                if cu_seqlens is None:
-                    counts = [T] * B
-                else:
-                    c = host_values(cu_seqlens)
-                    counts = [b - a for a, b in zip(c[:-1], c[1:])]
+                counts = [T] * B if cu_seqlens is None else sequence_lengths(cu_seqlens)
                 needed = max(n + k for n, k in zip(cache.host_lengths(), counts, strict=True))
                 if needed > cache.max_length:
                     raise ValueError(

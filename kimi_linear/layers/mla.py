@@ -28,7 +28,7 @@ from kimi_linear.layers.cache_layout import CacheEntry
 from kimi_linear.layers.memory import autocast_input
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.ops.mla_decode import mla_decode_attention
-from kimi_linear.ops.varlen import host_to_device, host_values
+from kimi_linear.ops.varlen import host_to_device, host_values, sequence_lengths
 
 # SDPA's backends for MLA's prefill and training attention, cuDNN's left out: it builds an execution plan for
 # every new shape (milliseconds of host time each), and packed prompts, prefill pieces and packed documents bring
@@ -211,8 +211,7 @@ class MultiheadLatentAttention(nn.Module):
             return self._attend(q, k, v, is_causal=True)
         if cu_seqlens is not None and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
             if seg_lens is None:
-                cu = host_values(cu_seqlens)
-                seg_lens = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
+                seg_lens = sequence_lengths(cu_seqlens)
             return self._attend_packed(q, k, v, seg_lens)
         return self._attend(q, k, v, mask=self._mask(B, T, q.device, cu_seqlens, attention_mask))
 

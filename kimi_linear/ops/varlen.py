@@ -20,12 +20,17 @@ def host_values(t: torch.Tensor) -> tuple[int, ...]:
     """``t``'s values as a tuple of ints (1-D integer tensor), read from the device at most once per version."""
     if t.device.type == "cpu" or torch.compiler.is_compiling():
         return tuple(t.tolist())
-    known = _HOST.get(t)
-    if known is not None and known[0] == t._version:
-        return known[1]
-    values = tuple(t.tolist())
-    _HOST[t] = (t._version, values)
+    values = known_host_values(t)
+    if values is None:
+        values = tuple(t.tolist())
+        _HOST[t] = (t._version, values)
     return values
+
+
+def sequence_lengths(cu_seqlens: torch.Tensor) -> list[int]:
+    """The packed sequences' lengths, from ``cu_seqlens``'s host values (``host_values``)."""
+    c = host_values(cu_seqlens)
+    return [b - a for a, b in zip(c[:-1], c[1:])]
 
 
 def remember_host_values(t: torch.Tensor, values) -> None:

@@ -804,7 +804,8 @@ class Engine:
         if penalized:
             logits, greedy = self._penalized(seqs, slots, logits, penalized)
         chosen = greedy
-        if not all(s.params.temperature == 0 for s in seqs):
+        sampled = not all(s.params.temperature == 0 for s in seqs)
+        if sampled:
             draws = [s.rng.random() if s.rng is not None else 0.0 for s in seqs]
 
             def rows(idx):
@@ -824,7 +825,7 @@ class Engine:
                         parts.append(greedy[i : i + 1])
                         self._finish(seq, "error", events, error=f"{type(e).__name__}: {e}")
                 chosen = torch.cat(parts)
-        if penalized or not all(s.params.temperature == 0 for s in seqs):  # else the forward's argmax is there
+        if penalized or sampled:  # else the forward's argmax is in next_tokens already
             self.next_tokens.index_copy_(0, self._to_device(slots), chosen)
         if penalized:
             counted = self._to_device([[i, slots[i]] for i in penalized])  # (row, its slot)

@@ -20,7 +20,7 @@ from kimi_linear.ops.kda.common import (
     validate_kda_args,
 )
 from kimi_linear.ops.kda.naive import CHUNK_SIZE, math_dtype, naive_chunk_kda
-from kimi_linear.ops.varlen import host_values
+from kimi_linear.ops.varlen import sequence_lengths
 
 FLA_CHUNK_SIZES = (32, 64)
 
@@ -295,10 +295,7 @@ def chunk_kda_core(
 
 
 def _sequence_lengths(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[int]:
-    if cu_seqlens is None:
-        return [T] * B
-    c = host_values(cu_seqlens)
-    return [b - a for a, b in zip(c[:-1], c[1:])]
+    return [T] * B if cu_seqlens is None else sequence_lengths(cu_seqlens)
 
 
 def chunk_kda_with_states(

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from kimi_linear.ops.varlen import host_to_device, host_values
+from kimi_linear.ops.varlen import host_to_device, sequence_lengths
 
 
 CHUNK = 64
@@ -44,8 +44,7 @@ def layout_for(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.de
     back from the device at most once per tensor."""
     if cu_seqlens is None:
         return _layout((T,) * B, device)
-    c = host_values(cu_seqlens)
-    return _layout(tuple(b - a for a, b in zip(c[:-1], c[1:])), device)
+    return _layout(tuple(sequence_lengths(cu_seqlens)), device)
 
 
 def min_stages(dtype: torch.dtype) -> int:
