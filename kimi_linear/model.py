@@ -347,8 +347,9 @@ class KimiLinearForCausalLM(nn.Module):
             layer.checkpoint_ffn = ("moe" if layer.is_moe else "mlp") in parts
 
     def pack_for_inference(self) -> None:
-        """Pack each KDA layer's input projections into one matrix (``KimiDeltaAttention.pack_input_projections``):
-        the same parameters and values, one matmul per layer in forwards without autograd. ``generate``, the chat
+        """Pack the projections that read the same input into one matrix (``layers.packing``): each KDA layer's
+        input projections, each MLA layer's query and latent projections, each SwiGLU MLP's gate and up: the same
+        parameters and values, one matmul each in forwards without autograd. ``generate``, the chat
         session and the serving engine call it; idempotent."""
         for module in self.modules():
             if hasattr(module, "pack_input_projections") and module._packed_weight() is None:

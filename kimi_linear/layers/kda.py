@@ -34,13 +34,14 @@ import torch.nn.functional as F
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.cache_layout import CacheEntry
 from kimi_linear.layers.memory import autocast_input, recompute, recompute_linear
+from kimi_linear.layers.packing import PackedInputProjections
 from kimi_linear.ops.conv import causal_conv1d
 from kimi_linear.ops.kda import chunk_kda, kda_decode_step
 from kimi_linear.ops.kda.chunk import resolve_backend
 from kimi_linear.ops.kda.common import preprocess
 
 
-class KimiDeltaAttention(nn.Module):
+class KimiDeltaAttention(PackedInputProjections, nn.Module):
     """KDA token mixer: ``forward(hidden_states [B, T, D], cache=None, cu_seqlens=None, attention_mask=None)``
     -> ``[B, T, D]``.
 
@@ -102,7 +103,6 @@ class KimiDeltaAttention(nn.Module):
         self.o_norm = nn.Module()
         self.o_norm.weight = nn.Parameter(torch.ones(K))
         self.o_proj = nn.Linear(H * K, D, bias=False)
-        self._packed_input: torch.Tensor | None = None  # see pack_input_projections
         self.reset_gate_parameters()
 
     @torch.no_grad()
@@ -118,14 +118,11 @@ class KimiDeltaAttention(nn.Module):
         # The gate parameters stay fp32 whatever dtype the rest of the model is cast to (as in the release);
         # the fp32 values from before the cast are kept, not a round trip through the lower precision.
         before = {name: getattr(self, name).data for name in ("A_log", "dt_bias")}
-        packed = self._packed_input is not None
         super()._apply(fn, *args, **kwargs)
         for name, old in before.items():
             p = getattr(self, name)
             if old.dtype == torch.float32 and p.dtype != torch.float32:
                 p.data = old.to(p.device)
-        if packed:  # the cast gave each weight its own tensor: pack the new ones
-            self.pack_input_projections()
         return self
 
     def _input_projections(self) -> list[nn.Linear]:
@@ -133,41 +130,6 @@ class KimiDeltaAttention(nn.Module):
         return [self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.b_proj] + (
             [self.g_a_proj] if self.use_output_gate else []
         )
-
-    @torch.no_grad()
-    def pack_input_projections(self) -> None:
-        """Inference layout: the weights of the projections that read x become row blocks (views) of one matrix
-        ``[3·H·K + K + H (+ K), D]``, so a forward without autograd makes one matmul for all of them: at decode
-        an M = 1 matmul of a small matrix reads its weights at a fraction of the copy bandwidth, and one matrix
-        instead of six is much faster (benchmarks/RESULTS.md, "Serving"). The parameters,
-        their names and values stay as they are, and no memory is added. Forwards with autograd keep computing
-        the projections one by one. A weight replaced later (not updated in place) undoes the packing."""
-        linears = self._input_projections()
-        if any(type(m.weight.data) is not torch.Tensor for m in linears):
-            return  # sharded (DTensor) or otherwise wrapped weights stay as they are
-        packed = torch.cat([m.weight.detach() for m in linears])  # [ΣN, D]
-        row = 0
-        for m in linears:
-            n = m.weight.shape[0]
-            # the same Parameter object, its data now a view: optimizers and hooks holding it stay valid, and
-            # in-place updates of the weight update the packed matrix
-            m.weight.data = packed[row : row + n]
-            row += n
-        self._packed_input = packed
-
-    def _packed_weight(self) -> torch.Tensor | None:
-        """The packed matrix, while every input projection's weight is still its view (host-side checks only)."""
-        packed = self._packed_input
-        if packed is None or torch.compiler.is_compiling():  # Dynamo cannot trace storage pointers
-            return packed
-        base, row = packed.untyped_storage().data_ptr(), 0
-        for m in self._input_projections():
-            w = m.weight
-            if (w.untyped_storage().data_ptr() != base or w.storage_offset() != row * packed.shape[1]
-                    or w.dtype != packed.dtype):
-                return None
-            row += w.shape[0]
-        return packed
 
     def _projections(self, x: torch.Tensor, decoding: bool):
         """``(qkv [B, T, 3·H·K], f_low [B, T, K], beta_logits [B, T, H], g_low [B, T, K] or None)`` of x; g_low only

@@ -27,6 +27,7 @@ from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.cache_layout import CacheEntry
 from kimi_linear.layers.memory import autocast_input
 from kimi_linear.layers.norm import RMSNorm
+from kimi_linear.layers.packing import PackedInputProjections
 from kimi_linear.ops.mla_decode import mla_decode_attention
 from kimi_linear.ops.varlen import host_to_device, host_values, sequence_lengths
 
@@ -74,7 +75,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-class MultiheadLatentAttention(nn.Module):
+class MultiheadLatentAttention(PackedInputProjections, nn.Module):
     """MLA token mixer: ``forward(hidden_states [B, T, D], cache=None, cu_seqlens=None, attention_mask=None)``
     -> ``[B, T, D]``.
 
@@ -126,16 +127,23 @@ class MultiheadLatentAttention(nn.Module):
 
     # ---- pieces --------------------------------------------------------------------------------------------
 
-    def _queries(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return q.view(*x.shape[:2], self.num_heads, self.qk_dim)  # [B, T, H, dn + dr]
+    def _input_projections(self) -> list[nn.Linear]:
+        """The projections that read x (the query's first and the latent's), in the packed matrix's order."""
+        return [self.q_proj if self.config.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa]
 
-    def _latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_a_layernorm(latent), k_pe  # [B, T, r], [B, T, dr]
+    def _queries_and_latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(q [B, T, H, dn + dr], latent [B, T, r] normalised, k_pe [B, T, dr])`` of x; one matmul for both
+        input projections when they are packed and autograd is off."""
+        first, latent_proj = self._input_projections()
+        packed = None if torch.is_grad_enabled() else self._packed_weight()
+        if packed is None:
+            q, kv = first(x), latent_proj(x)
+        else:
+            q, kv = F.linear(x, packed).split([first.out_features, latent_proj.out_features], dim=-1)
+        if self.config.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return q.view(*x.shape[:2], self.num_heads, self.qk_dim), self.kv_a_layernorm(latent), k_pe
 
     def _expand(self, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents ``[B, S, r]``, ``[B, S, dr]`` -> keys ``[B, S, H, dn + dr]``, values ``[B, S, H, dv]``."""
@@ -184,8 +192,7 @@ class MultiheadLatentAttention(nn.Module):
         if cache is not None and T == 1 and cu_seqlens is None:
             return self.decode(hidden_states, cache)
         hidden_states = autocast_input(hidden_states)  # one low-precision copy for both projections
-        q = self._queries(hidden_states)
-        latent, k_pe = self._latents(hidden_states)
+        q, latent, k_pe = self._queries_and_latents(hidden_states)
         offsets = None if cache is None else cache.lengths
         if self.use_rope:
             pos = token_positions(B, T, q.device, cu_seqlens, attention_mask, offsets)
@@ -357,8 +364,8 @@ class MultiheadLatentAttention(nn.Module):
         """
         B = hidden_states.shape[0]
         entry = cache.layers[self.layer_idx]
-        q = self._queries(hidden_states)[:, 0]  # [B, H, dn + dr]
-        latent, k_pe = self._latents(hidden_states)  # [B, 1, r], [B, 1, dr]
+        q, latent, k_pe = self._queries_and_latents(hidden_states)  # [B, 1, H, dn + dr], [B, 1, r], [B, 1, dr]
+        q = q[:, 0]  # [B, H, dn + dr]
         pos = cache.lengths  # [B]
         if self.use_rope:
             q_pe = apply_rope(q[:, None, :, self.nope_dim :], pos[:, None], self.config.rope_theta)[:, 0]

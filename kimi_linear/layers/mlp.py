@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi_linear.layers.memory import autocast_input
+from kimi_linear.layers.packing import PackedInputProjections
 
 
-class SwiGLUMLP(nn.Module):
+class SwiGLUMLP(PackedInputProjections, nn.Module):
     """``down_proj(silu(gate_proj(x)) * up_proj(x))``, no biases (the checkpoint's names).
 
     Args:
@@ -34,6 +35,11 @@ class SwiGLUMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)  # [I, D]
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)  # [D, I]
 
+    def _input_projections(self) -> list[nn.Linear]:
+        """gate_proj and up_proj: packed (``pack_input_projections``) they are the two row blocks of one
+        ``[2·I, D]`` matrix."""
+        return [self.gate_proj, self.up_proj]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x ``[..., D]`` floating point. Returns ``[..., D]``.
 
@@ -45,6 +51,10 @@ class SwiGLUMLP(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have shape [..., hidden_size={self.hidden_size}], got {tuple(x.shape)}")
         x = autocast_input(x)  # one low-precision copy for gate_proj and up_proj, not one each
+        packed = None if torch.is_grad_enabled() else self._packed_weight()
+        if packed is not None:
+            gate, up = F.linear(x, packed).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def extra_repr(self) -> str:

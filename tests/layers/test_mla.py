@@ -120,7 +120,7 @@ def test_absorbed_decode_and_cached_prefill_match_full_forward(use_nope):
             outs.append(layer(x[:, t : t + 1], cache=cache))
             cache.lengths += 1
         assert rel_err(torch.cat(outs, 1), full) < 1e-5
-        latent, _ = layer._latents(x)
+        latent = layer._queries_and_latents(x)[1]
         assert rel_err(cache.layers[0]["latent"][:, :21], latent) < 1e-6  # the cache holds latents, not K/V
         assert cache.layers[0]["latent"].shape[-1] + cache.layers[0]["k_pe"].shape[-1] == 24 + 6
 
