@@ -60,7 +60,7 @@ from kimi_linear.ops.kda import fused_recurrent_kda, kda_decode_step
 from kimi_linear.ops.kda.recurrent_triton import _default_block_v, _default_num_warps, fused_recurrent_kda_triton
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-SWEEP_CONFIGS = [(8, 1), (16, 1), (16, 2), (32, 2), (32, 4), (32, 8), (64, 2), (64, 4), (64, 8)]
+SWEEP_CONFIGS = [(8, 1), (16, 1), (16, 2), (32, 2), (32, 4), (32, 8), (64, 2), (64, 4), (64, 8), (128, 8), (128, 16)]
 GRAPH_BYTES = 256 * 2**20  # state bytes touched per graph replay, well above the H200's 60 MB L2
 LAYER_WARPS = (4, 8, 16)
 CONV_WIDTH = 4
