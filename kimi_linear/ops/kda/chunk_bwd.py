@@ -44,7 +44,7 @@ class BwdLaunch:
 
     dh_bv: int  # V block of the reverse state pass (stage 1): N * H * V / dh_bv programs
     dh_warps: int
-    dh_stages: int  # its prefetch depth; launch_fitting steps down where it does not fit (K = 256, fp32)
+    dh_stages: int  # its prefetch depth; launch_fitting steps down where it does not fit (K = 256, 16-bit)
     inter_bk: int  # K block of the state-gradient stage (stage 2): one program per (chunk, head, K block)
     inter_bv: int  # its V block
     inter_warps: int  # 4 spill
@@ -63,11 +63,14 @@ class BwdLaunch:
 @functools.lru_cache(maxsize=None)
 def bwd_launch(K: int, V: int, dtype: torch.dtype) -> BwdLaunch:
     """The shipped launch settings for head sizes K, V and input dtype ``dtype``. Blocks are clipped to the padded
-    head size; fp32 inputs take half the V block in stages 2 and 3 (their operands take twice the shared memory)."""
+    head size; fp32 inputs take half the V block in stages 2 and 3 (their operands take twice the shared memory).
+    The dh pass of fp32 inputs wider than K = 128 prefetches one stage: 2 and 3 do not fit at K = 256, and each
+    build that cannot load costs the first call seconds (``benchmarks/kda_chunk_build.py --K 256 --dtype fp32``)."""
     BK, BV = pad_dim(K), pad_dim(V)
     halve = 2 if dtype == torch.float32 else 1
+    wide_fp32 = dtype == torch.float32 and BK > 128
     return BwdLaunch(
-        dh_bv=min(BV, 32), dh_warps=4, dh_stages=3,
+        dh_bv=min(BV, 32), dh_warps=4, dh_stages=1 if wide_fp32 else 3,
         inter_bk=min(BK, 64), inter_bv=min(BV, 64 // halve), inter_warps=8, inter_stages=2,
         wy_bv=min(BV, 64 // halve), wy_warps=4, wy_stages=2,
         intra_warps=4, intra_stages=1, intra_diag_cap=60.0,

@@ -49,8 +49,13 @@ class StateLaunch:
 @functools.lru_cache(maxsize=None)
 def state_launch(K: int, V: int, dtype: torch.dtype) -> StateLaunch:
     """The state pass's settings for a problem: 3 stages for 16-bit inputs, 2 for fp32 ones (3 would need 256 KB
-    of shared memory at K = V = 128); ``launch_fitting`` narrows further where K = 256 does not fit."""
-    return StateLaunch(stages=2 if dtype == torch.float32 else 3)
+    of shared memory at K = V = 128), 1 for fp32 ones wider than K = 128 (2 needs 248 KB at K = 256, over the
+    limit: ``benchmarks/kda_chunk_build.py --K 256 --dtype fp32``). Starting where it fits spares the first call
+    a build that cannot load, which for these fp32 kernels takes seconds to tens of seconds.
+    ``launch_fitting`` narrows further where a setting does not fit (16-bit inputs at K = 256)."""
+    if dtype == torch.float32:
+        return StateLaunch(stages=1 if pad_dim(K) > 128 else 2)
+    return StateLaunch(stages=3)
 
 
 @triton.jit
