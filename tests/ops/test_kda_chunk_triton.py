@@ -406,6 +406,7 @@ def test_gpu_real_size_varlen_fp32():
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.slow_build
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_gpu_largest_head_dim(dtype):
     """K = V = 256, the op's limit: the kernels whose shared memory grows with K (the state pass falls back to a
