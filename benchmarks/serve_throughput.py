@@ -243,14 +243,15 @@ def _profile_summary(prof, steps: int) -> dict:
             "kernel_us_top": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:15])}
 
 
-def engine_alone(model, prompts: list[list[int]], output_len: int, max_model_len: int) -> dict:
+def engine_alone(model, prompts: list[list[int]], output_len: int, max_model_len: int,
+                 step_tokens: int = EngineConfig.max_num_batched_tokens) -> dict:
     """Run ``prompts`` through an in-process ``Engine`` (the server's defaults, ``len(prompts)`` slots): one wave
     to warm up every graph bucket, one timed step by step, then one profiled (its steps that carry prefill, and
     20 decode-only steps after them)."""
     from kimi_linear.serve.engine import SamplingParams
 
     engine = Engine(model, EngineConfig(max_num_seqs=len(prompts), max_model_len=max_model_len,
-                                        gpu_memory_fraction=0.8))
+                                        gpu_memory_fraction=0.8, max_num_batched_tokens=step_tokens))
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
 
@@ -450,6 +451,9 @@ def main(argv=None) -> None:
                         help="prompt lengths of the long phase; default 32768")
     parser.add_argument("--long-output", type=int, default=1024, help="output tokens in the long phase")
     parser.add_argument("--cache-gib", type=float, default=8.0, help="cache budget of the long phase; default 8")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
+                        help="the engine's per-step token budget in the engine and server phases; default the "
+                             f"engine's ({EngineConfig.max_num_batched_tokens})")
     args = parser.parse_args(argv)
     phases = set(args.phases.split(","))
     if not phases <= set(PHASES):
@@ -492,7 +496,8 @@ def main(argv=None) -> None:
         print(f"static generate: {n_out / static_s:,.0f} tok/s; its prefill alone {prefill_s * 1e3:.0f} ms", flush=True)
     if "engine" in phases:
         with torch.no_grad():
-            results["engine"] = e = engine_alone(model, prompts, args.output_len, args.prompt_len + args.output_len)
+            results["engine"] = e = engine_alone(model, prompts, args.output_len, args.prompt_len + args.output_len,
+                                                 args.max_num_batched_tokens)
         print(f"engine alone: {e['output_tokens_per_s']:,.0f} tok/s, {e['steps']} steps: {e['decode_steps']} decode "
               f"(p50 {e['decode_step_ms_p50']:.2f} ms), {e['prefill_steps']} with prefill "
               f"({sum(e['prefill_steps_ms']):.0f} ms), last prefill done at {e['time_to_last_prefill_s']:.3f} s",
@@ -539,7 +544,7 @@ def main(argv=None) -> None:
         max_len = max(args.prompt_len + args.output_len, args.prefix_len + 128)
         # This process keeps its CUDA context, so the server gets a little less than the usual fraction.
         flags = ["--max-num-seqs", str(args.clients), "--max-model-len", str(max_len), "--gpu-memory-fraction",
-                 "0.8"]
+                 "0.8", "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
         proc = start_server(checkpoint, port, flags, os.path.join(args.out, "server.log"))
         try:
             spec = LoadSpec(url=url, num_clients=args.clients, num_requests=args.clients,
