@@ -131,10 +131,12 @@ class KimiDeltaAttention(PackedInputProjections, nn.Module):
             [self.g_a_proj] if self.use_output_gate else []
         )
 
-    def _projections(self, x: torch.Tensor, decoding: bool):
+    def _projections(self, x: torch.Tensor):
         """``(qkv [B, T, 3·H·K], f_low [B, T, K], beta_logits [B, T, H], g_low [B, T, K] or None)`` of x; g_low only
         from the packed matrix (unpacked, the output gate's projection runs after the mixer, as in training, so
-        that the gradient of x sums in the same order)."""
+        that the gradient of x sums in the same order). Packed, they are column slices of one product: the
+        matmuls and the decode kernel read them strided, and the conv and preprocessing ops make the rows they
+        need contiguous themselves."""
         HK, K, H = self.qkv_dim, self.head_dim, self.num_heads
         packed = None if torch.is_grad_enabled() else self._packed_weight()
         if packed is None:
@@ -143,8 +145,6 @@ class KimiDeltaAttention(PackedInputProjections, nn.Module):
         y = F.linear(x, packed)  # [B, T, ΣN]
         sizes = [3 * HK, K, H] + ([K] if self.use_output_gate else [])
         parts = y.split(sizes, dim=-1)
-        if not decoding:  # the chunk path's kernels take contiguous rows; the decode kernel takes strides
-            parts = [t.contiguous() for t in parts]
         qkv, f_low, beta_logits = parts[:3]
         return qkv, f_low, beta_logits, parts[3] if self.use_output_gate else None
 
@@ -184,7 +184,7 @@ class KimiDeltaAttention(PackedInputProjections, nn.Module):
         in_place = layer_cache is not None and cache.identity_rows
 
         x = autocast_input(x)  # one low-precision copy of x for all the projections, not one each
-        qkv, f_low, beta_logits, g_low = self._projections(x, decoding)
+        qkv, f_low, beta_logits, g_low = self._projections(x)
 
         if decoding:
             # Everything between the projections and o_proj in one op, the pools updated in place at the rows'

@@ -454,3 +454,27 @@ def test_kda_layer_keeps_less_than_an_mla_layer_per_token():
             expected = T * (2 * bf16 + 4 * H * C) + 4 * 3 * E * W  # T fp32; the conv filters do not grow with T
             assert report.activation_bytes() == expected, activation_memory.format_saved(report)
     assert per_token["kda"] <= 0.85 * per_token["mla"], per_token
+
+
+@INTERPRETER
+@pytest.mark.parametrize("overrides", [{}, dict(use_output_gate=False, use_short_conv=False)],
+                         ids=["kda", "no-gate-no-conv"])
+def test_packed_prefill_on_triton_kernels_matches_torch(overrides):
+    """Packed, the projections reach the conv, the preprocessing and the decode kernel as strided column slices of
+    one product: a varlen prefill into a cache and a varlen continuation on the Triton kernels (interpreter) equal
+    the PyTorch path."""
+    config = small_config(**overrides)
+    layers = [randomised_layer(config, seed=3), randomised_layer(config, seed=3)]
+    for layer in layers:
+        layer.pack_input_projections()
+    use_triton(layers[0])
+    x = torch.randn(1, 40, 48, generator=torch.Generator().manual_seed(2))
+    outs = []
+    with torch.no_grad():
+        for layer in layers:
+            cache = KimiLinearCache(config, batch_size=2, max_length=48)
+            first = layer(x, cache=cache, cu_seqlens=torch.tensor([0, 13, 40]))
+            cache.lengths += torch.tensor([13, 27])
+            more = layer(x[:, :10], cache=cache, cu_seqlens=torch.tensor([0, 4, 10]))
+            outs.append(torch.cat([first, more], 1))
+    assert rel_err(outs[0], outs[1]) < TOL
