@@ -8,7 +8,8 @@ over a packed layout ``x [T_total, C]`` holding N sequences back to back (``cu_s
 length T). Inputs before a sequence's start come from ``initial_state [N, C, W-1]`` (oldest first) or are zero; no
 input crosses a sequence boundary, and a block of rows may straddle one (each row finds its own sequence).
 
-Kernels (all accumulate in fp32; ``x``, ``y``, ``dy``, ``dx`` are in x's dtype, contiguous along C):
+Kernels (all accumulate in fp32; ``x``, ``y``, ``dy``, ``dx`` are in x's dtype, contiguous along C; ``x``'s rows
+may lie further apart, ``SX`` elements, as the columns of a wider projection do):
     conv_fwd_kernel         grid (cdiv(T_total, BT), cdiv(C, BC)): y for BT rows x BC channels.
     conv_final_state_kernel grid (N, cdiv(C, BC)): the last W-1 inputs of each sequence (reaching into
                             initial_state or zeros when the sequence is shorter than W-1).
@@ -81,12 +82,13 @@ def _row_bounds(cu_seqlens, seq_idx, o_t, m_t, T_seq, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _tap(x, h0, o_t, start, n, o_c, m_t, m_c, C, SHIFT: tl.constexpr, W: tl.constexpr, HAS_H0: tl.constexpr):
-    """x[o_t - SHIFT] per row as fp32 [BT, BC]: from x inside the row's sequence, else from the state or 0."""
+def _tap(x, h0, o_t, start, n, o_c, m_t, m_c, C, SX, SHIFT: tl.constexpr, W: tl.constexpr, HAS_H0: tl.constexpr):
+    """x[o_t - SHIFT] per row as fp32 [BT, BC] (x's rows SX elements apart): from x inside the row's sequence,
+    else from the state or 0."""
     pos = o_t - start  # position of the row inside its sequence
     inside = pos >= SHIFT
     m_x = (m_t & inside)[:, None] & m_c[None, :]
-    b = tl.load(x + (o_t - SHIFT)[:, None] * C + o_c[None, :], mask=m_x, other=0.0).to(tl.float32)
+    b = tl.load(x + (o_t - SHIFT)[:, None] * SX + o_c[None, :], mask=m_x, other=0.0).to(tl.float32)
     if HAS_H0:
         # x[t - SHIFT] lies SHIFT - pos rows before the start: state index W-1 - (SHIFT - pos), oldest first
         m_h = (m_t & ~inside)[:, None] & m_c[None, :]
@@ -96,7 +98,7 @@ def _tap(x, h0, o_t, start, n, o_c, m_t, m_c, C, SHIFT: tl.constexpr, W: tl.cons
 
 
 @triton.jit
-def conv_fwd_kernel(x, w, h0, y, cu_seqlens, seq_idx, T_total, T_seq, C,
+def conv_fwd_kernel(x, w, h0, y, cu_seqlens, seq_idx, T_total, T_seq, C, SX,
                     W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr,
                     HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, INTERPRET: tl.constexpr):
     """y[t, c] = act(sum_j w[c, j] x[t - (W-1) + j, c]) for BT rows x BC channels. Grid (cdiv(T_total, BT),
@@ -109,7 +111,7 @@ def conv_fwd_kernel(x, w, h0, y, cu_seqlens, seq_idx, T_total, T_seq, C,
     b_acc = tl.zeros([BT, BC], dtype=tl.float32)
     for j in tl.static_range(W):
         b_w = tl.load(w + o_c * W + j, mask=m_c, other=0.0).to(tl.float32)
-        b_acc += _tap(x, h0, o_t, start, n, o_c, m_t, m_c, C, W - 1 - j, W, HAS_H0) * b_w[None, :]
+        b_acc += _tap(x, h0, o_t, start, n, o_c, m_t, m_c, C, SX, W - 1 - j, W, HAS_H0) * b_w[None, :]
     if ACT == 1:
         b_acc = b_acc / (1.0 + tl.exp(-b_acc))
     tl.store(y + o_t[:, None] * C + o_c[None, :], cast_to(b_acc, y, INTERPRET), mask=m_t[:, None] & m_c[None, :])
@@ -128,7 +130,7 @@ def _sequence_bounds(cu_seqlens, i_n, T_seq, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def conv_final_state_kernel(x, h0, final, cu_seqlens, T_seq, C,
+def conv_final_state_kernel(x, h0, final, cu_seqlens, T_seq, C, SX,
                             W: tl.constexpr, BC: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
                             INTERPRET: tl.constexpr):
     """final[n, c, j] = x[end_n - (W-1) + j, c], or initial_state[n, c, len_n + j] (0 without one) where that row
@@ -140,14 +142,14 @@ def conv_final_state_kernel(x, h0, final, cu_seqlens, T_seq, C,
     for j in tl.static_range(W - 1):
         t_abs = end - (W - 1) + j
         inside = t_abs >= start
-        b = tl.load(x + t_abs * C + o_c, mask=m_c & inside, other=0.0).to(tl.float32)
+        b = tl.load(x + t_abs * SX + o_c, mask=m_c & inside, other=0.0).to(tl.float32)
         if HAS_H0:
             b += tl.load(h0 + (i_n * C + o_c) * (W - 1) + (end - start + j), mask=m_c & ~inside, other=0.0)
         tl.store(final + (i_n * C + o_c) * (W - 1) + j, cast_to(b, final, INTERPRET), mask=m_c)
 
 
 @triton.jit
-def conv_bwd_kernel(x, w, h0, dy, dfinal, dx, dw_part, cu_seqlens, seq_idx, T_total, T_seq, C,
+def conv_bwd_kernel(x, w, h0, dy, dfinal, dx, dw_part, cu_seqlens, seq_idx, T_total, T_seq, C, SX,
                     W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr,
                     HAS_H0: tl.constexpr, HAS_DFINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
                     INTERPRET: tl.constexpr):
@@ -172,7 +174,7 @@ def conv_bwd_kernel(x, w, h0, dy, dfinal, dx, dw_part, cu_seqlens, seq_idx, T_to
             b_pre = tl.zeros([BT, BC], dtype=tl.float32)
             for j in tl.static_range(W):
                 b_wj = tl.load(w + o_c * W + j, mask=m_c, other=0.0).to(tl.float32)
-                b_pre += _tap(x, h0, o_r, start, n, o_c, m_r, m_c, C, W - 1 - j, W, HAS_H0) * b_wj[None, :]
+                b_pre += _tap(x, h0, o_r, start, n, o_c, m_r, m_c, C, SX, W - 1 - j, W, HAS_H0) * b_wj[None, :]
             b_dpre = b_dy * _silu_grad(b_pre)
         else:
             b_dpre = b_dy
@@ -180,7 +182,7 @@ def conv_bwd_kernel(x, w, h0, dy, dfinal, dx, dw_part, cu_seqlens, seq_idx, T_to
         b_dx += b_dpre * b_w[None, :]
         if s == 0:
             for j in tl.static_range(W):
-                b_src = _tap(x, h0, o_t, start, n, o_c, m_t, m_c, C, W - 1 - j, W, HAS_H0)
+                b_src = _tap(x, h0, o_t, start, n, o_c, m_t, m_c, C, SX, W - 1 - j, W, HAS_H0)
                 tl.store(dw_part + (i_t * W + j).to(tl.int64) * C + o_c, tl.sum(b_dpre * b_src, axis=0), mask=m_c)
     if HAS_DFINAL:
         # row u is entry j = u - (end - (W-1)) of its sequence's final state
@@ -192,7 +194,7 @@ def conv_bwd_kernel(x, w, h0, dy, dfinal, dx, dw_part, cu_seqlens, seq_idx, T_to
 
 
 @triton.jit
-def conv_bwd_h0_kernel(x, w, h0, dy, dfinal, dh0, cu_seqlens, T_seq, C,
+def conv_bwd_h0_kernel(x, w, h0, dy, dfinal, dh0, cu_seqlens, T_seq, C, SX,
                        W: tl.constexpr, BC: tl.constexpr, BW: tl.constexpr, ACT: tl.constexpr,
                        HAS_DFINAL: tl.constexpr, IS_VARLEN: tl.constexpr):
     """dh0[n, c, i] = sum over rows t = start + p (p < W-1, t < end) and shifts s > p with W-1-s+p = i of
@@ -213,7 +215,7 @@ def conv_bwd_h0_kernel(x, w, h0, dy, dfinal, dh0, cu_seqlens, T_seq, C,
             for j in tl.static_range(W):
                 b_wj = tl.load(w + o_c * W + j, mask=m_c, other=0.0).to(tl.float32)
                 if p >= W - 1 - j:
-                    b_src = tl.load(x + (t - (W - 1 - j)) * C + o_c, mask=m_r, other=0.0).to(tl.float32)
+                    b_src = tl.load(x + (t - (W - 1 - j)) * SX + o_c, mask=m_r, other=0.0).to(tl.float32)
                 else:
                     b_src = tl.load(p_state + (j + p), mask=m_r, other=0.0).to(tl.float32)
                 b_pre += b_wj * b_src
@@ -230,9 +232,13 @@ def conv_bwd_h0_kernel(x, w, h0, dy, dfinal, dh0, cu_seqlens, T_seq, C,
 
 
 def _layout(x: torch.Tensor, cu_seqlens: torch.Tensor | None):
-    """Packed [T_total, C] view, sequence count, per-row sequence index (varlen) and int32 boundaries."""
+    """Packed [T_total, C] rows (a view where x's rows are evenly spaced with contiguous channels, as the column
+    slice of a wider projection is: the kernels take the row stride; else a contiguous copy), sequence count,
+    per-row sequence index (varlen) and int32 boundaries."""
     B, T, C = x.shape
-    x2 = x.reshape(B * T, C).contiguous()
+    x2 = x.reshape(B * T, C)
+    if x2.stride(-1) != 1 and x2.numel() > 0:
+        x2 = x2.contiguous()
     if cu_seqlens is None:
         return x2, B, None, None
     cu = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()
@@ -252,21 +258,21 @@ def conv_fwd(x, weight, initial_state, cu_seqlens, act: int, output_final_state:
     h0 = None if initial_state is None else initial_state.contiguous()
     launch = launch or conv_launch(C, h0 is not None)
     T_total = x2.shape[0]
-    y = poisoned(torch.empty_like(x2))
+    y = poisoned(torch.empty(T_total, C, dtype=x.dtype, device=x.device))
     BC = launch.bc
     varlen = cu is not None
     if T_total > 0:
         BT = launch.fwd_bt
         grid = (triton.cdiv(T_total, BT), triton.cdiv(C, BC))
-        conv_fwd_kernel[grid](x2, w, h0, y, cu, seq_idx, T_total, max(T, 1), C, W=W, BT=BT, BC=BC, ACT=act,
-                              HAS_H0=h0 is not None, IS_VARLEN=varlen, INTERPRET=interpreting(),
+        conv_fwd_kernel[grid](x2, w, h0, y, cu, seq_idx, T_total, max(T, 1), C, x2.stride(0), W=W, BT=BT, BC=BC,
+                              ACT=act, HAS_H0=h0 is not None, IS_VARLEN=varlen, INTERPRET=interpreting(),
                               num_warps=launch.warps)
     final = None
     if output_final_state:
         final = poisoned(torch.empty(N, C, W - 1, dtype=x.dtype, device=x.device))
         if N > 0 and W > 1:
-            conv_final_state_kernel[(N, triton.cdiv(C, BC))](x2, h0, final, cu, max(T, 1), C, W=W, BC=BC,
-                                                            HAS_H0=h0 is not None, IS_VARLEN=varlen,
+            conv_final_state_kernel[(N, triton.cdiv(C, BC))](x2, h0, final, cu, max(T, 1), C, x2.stride(0), W=W,
+                                                            BC=BC, HAS_H0=h0 is not None, IS_VARLEN=varlen,
                                                             INTERPRET=interpreting())
     return y.view(B, T, C), final
 
@@ -287,11 +293,12 @@ def conv_bwd(x, weight, initial_state, cu_seqlens, act: int, dy, dfinal, launch:
     varlen = cu is not None
     BT = launch.bwd_bt
     NT = triton.cdiv(T_total, BT)
-    dx = poisoned(torch.empty_like(x2))
+    dx = poisoned(torch.empty(T_total, C, dtype=x.dtype, device=x.device))
     dw_part = poisoned(torch.empty(NT, W, C, dtype=torch.float32, device=x.device))
     if T_total > 0:
         conv_bwd_kernel[(NT, triton.cdiv(C, BC))](
-            x2, w, h0, dy2, df, dx, dw_part, cu, seq_idx, T_total, max(T, 1), C, W=W, BT=BT, BC=BC, ACT=act,
+            x2, w, h0, dy2, df, dx, dw_part, cu, seq_idx, T_total, max(T, 1), C, x2.stride(0), W=W, BT=BT, BC=BC,
+            ACT=act,
             HAS_H0=h0 is not None, HAS_DFINAL=df is not None, IS_VARLEN=varlen, INTERPRET=interpreting(),
             num_warps=launch.warps)
     dweight = dw_part.sum(0).t()  # [C, W], a fixed-order reduction over blocks
@@ -300,7 +307,8 @@ def conv_bwd(x, weight, initial_state, cu_seqlens, act: int, dy, dfinal, launch:
         dh0 = poisoned(torch.empty(N, C, W - 1, dtype=torch.float32, device=x.device))
         if N > 0:
             conv_bwd_h0_kernel[(N, triton.cdiv(C, BC))](
-                x2, w, h0, dy2, df, dh0, cu, max(T, 1), C, W=W, BC=BC, BW=triton.next_power_of_2(W - 1), ACT=act,
+                x2, w, h0, dy2, df, dh0, cu, max(T, 1), C, x2.stride(0), W=W, BC=BC,
+                BW=triton.next_power_of_2(W - 1), ACT=act,
                 HAS_DFINAL=df is not None, IS_VARLEN=varlen)
     return dx.view(B, T, C), dweight, dh0
 

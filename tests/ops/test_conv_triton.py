@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kimi_linear.ops.conv import causal_conv1d, naive_causal_conv1d  # noqa: E402
-from kimi_linear.ops.conv_triton import causal_conv1d_triton, conv_launch  # noqa: E402
+from kimi_linear.ops.conv_triton import _layout, causal_conv1d_triton, conv_launch  # noqa: E402
 from tests.utils import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,6 +99,30 @@ def test_fp32_matches_torch_path(B, T, C, W, lengths, with_state, activation):
             continue
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert rel_err(a, b) <= FP32_TOL, f"{name}: {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("B,T,C,W,lengths,with_state,activation", [CASES[0], CASES[5], CASES[6]],
+                         ids=[IDS[0], IDS[5], IDS[6]])
+def test_fp32_strided_rows_read_in_place(B, T, C, W, lengths, with_state, activation):
+    """x as the column slice of a wider projection (rows 3 C + 5 elements apart, as the KDA layer's packed
+    projection hands it over): the kernels read it where it lies, no contiguous copy, and every output and gradient
+    equals the contiguous input's."""
+    x, w, h0, cu, gy, gf = make_inputs(B, T, C, W, lengths, with_state, torch.float32, seed=W * 100 + C)
+    wide = torch.randn(*x.shape[:2], 3 * C + 5, device=DEVICE)
+    wide[..., C + 2 : 2 * C + 2] = x
+    strided = wide[..., C + 2 : 2 * C + 2]
+    assert not strided.is_contiguous()
+    rows = _layout(strided, cu)[0]
+    assert rows.data_ptr() == strided.data_ptr() and rows.stride() == (3 * C + 5, 1)  # no copy
+    with torch.no_grad():
+        y, final = causal_conv1d(strided, w, initial_state=h0, cu_seqlens=cu, activation=activation,
+                                 output_final_state=True, backend="triton")
+    ours = run("triton", strided, w, h0, cu, gy, gf, activation)
+    ref = run("torch", x, w, h0, cu, gy, gf, activation)
+    assert rel_err(y, ref[0]) <= FP32_TOL and rel_err(final, ref[1]) <= FP32_TOL
+    for name, a, b in zip(NAMES, ours, ref, strict=True):
+        if b is not None:
+            assert rel_err(a, b) <= FP32_TOL, f"{name}: {rel_err(a, b):.2e}"
 
 
 @pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no-h0"])
