@@ -30,7 +30,7 @@ def build_report() -> None:
     from kimi_linear.ops import conv_triton as ct
 
     fp32 = {"dw_part", "dh0"}
-    ints = {"T_total", "T_seq", "C"}
+    ints = {"T_total", "T_seq", "C", "SX"}
     variants = {"plain": (False, False), "varlen": (False, True), "varlen+h0": (True, True)}
     jobs = []
     for act in (1, 0):
