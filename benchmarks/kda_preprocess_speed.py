@@ -44,7 +44,7 @@ def build_report(T: int = 32768) -> None:
             consts = dict(H=H, K=K, BT=BT, BK=BK, NORM_QK=norm, GATE=gate, G_SCALAR=scalar,
                           HAS_DT_BIAS=gate, SIGMOID_BETA=gate, EPS=L2NORM_EPS, INTERPRET=False)
             names = [n for n in fn.arg_names if n not in consts]
-            sig = {n: "i32" if n == "T_total" else "*fp32" if n in fp32 else "*bf16" for n in names}
+            sig = {n: "i32" if n in ("T_total", "SQ") else "*fp32" if n in fp32 else "*bf16" for n in names}
             attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
             r = sm90_resources(fn, sig, consts, attrs, c.warps, 1)
             print(f"{fn.__name__:22s} {tag:19s} BT={BT:<3d} {resource_line(r, c.warps, 1)}", flush=True)

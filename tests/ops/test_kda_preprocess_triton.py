@@ -178,6 +178,21 @@ def test_fp32_matches_torch_path(flags, K, H, dt_bias):
     assert_fp32_match(run("triton", inputs, up, flags), run("torch", inputs, up, flags))
 
 
+@pytest.mark.parametrize("B", [1, 2], ids=["B1", "B2"])
+def test_fp32_strided_qk_read_in_place(B):
+    """q and k as the conv output's column slices ([B, T, 3, H, K] unbound, as the KDA layer hands them over):
+    the kernels read them where they lie (no copy, checked by the pointers the kernel gets) and every output and
+    gradient equals the contiguous inputs'."""
+    inputs, up = make_inputs(B, 37, 3, 16, seed=11)
+    qkv = torch.randn(B, 37, 3, 3, 16, device=DEVICE)
+    qkv[:, :, 0], qkv[:, :, 1] = inputs["q"], inputs["k"]
+    strided = dict(inputs, q=qkv[:, :, 0], k=qkv[:, :, 1])
+    assert not strided["q"].is_contiguous()
+    flat = strided["q"].reshape(B * 37, 3, 16)
+    assert pt._token_rows(flat, strided["k"].reshape(B * 37, 3, 16))[0].data_ptr() == qkv.data_ptr()
+    assert_fp32_match(run("triton", strided, up, (True, True, True)), run("torch", inputs, up, (True, True, True)))
+
+
 @pytest.mark.parametrize("dt_bias", [True, False], ids=["dtb", "nodtb"])
 @pytest.mark.parametrize("flags", [(True, True, True), (False, True, False)], ids=["NGS", "-G-"])
 def test_fp32_scalar_gate(flags, dt_bias):

@@ -88,6 +88,15 @@ def _sigmoid_parts(x):
 
 
 @triton.jit
+def _strided_rows(T_total, SQ, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """Offsets (int64) of this program's BT tokens of head i_h in a [T_total, H, K] tensor whose tokens lie SQ
+    elements apart (heads K apart, channels contiguous)."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    o_t = i_t * BT + tl.arange(0, BT)
+    return o_t.to(tl.int64)[:, None] * SQ + (i_h * K + tl.arange(0, BK))[None, :]
+
+
+@triton.jit
 def _rows(T_total, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
     """Row indices (int64, into [T_total * H]) of this program's BT tokens of head i_h, the K offsets and masks."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
@@ -101,20 +110,21 @@ def _rows(T_total, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.co
 
 
 @triton.jit
-def preprocess_fwd_kernel(q, k, g, beta, A_log, dt_bias, q_out, k_out, g_out, beta_out, T_total,
+def preprocess_fwd_kernel(q, k, g, beta, A_log, dt_bias, q_out, k_out, g_out, beta_out, T_total, SQ,
                           H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                           NORM_QK: tl.constexpr, GATE: tl.constexpr, G_SCALAR: tl.constexpr,
                           HAS_DT_BIAS: tl.constexpr, SIGMOID_BETA: tl.constexpr, EPS: tl.constexpr,
                           INTERPRET: tl.constexpr):
-    """Grid (cdiv(T_total, BT), H). q, k: [T_total, H, K] -> q_out, k_out (operand dtype); g: [T_total, H, K] or
-    [T_total, H] -> g_out fp32 of the same shape; beta: [T_total, H] -> beta_out fp32. A_log [H], dt_bias [H * K]
-    or [H]."""
+    """Grid (cdiv(T_total, BT), H). q, k: [T_total, H, K], rows SQ elements apart -> q_out, k_out (operand dtype,
+    contiguous); g: [T_total, H, K] or [T_total, H] -> g_out fp32 of the same shape; beta: [T_total, H] ->
+    beta_out fp32. A_log [H], dt_bias [H * K] or [H]."""
     i_t, i_h, o_row, o_k, o_tk, m_t, m_k, m_tk = _rows(T_total, H, K, BT, BK)
     if NORM_QK:
-        b_q = tl.load(q + o_tk, mask=m_tk, other=0.0).to(tl.float32)
+        o_in = _strided_rows(T_total, SQ, K, BT, BK)
+        b_q = tl.load(q + o_in, mask=m_tk, other=0.0).to(tl.float32)
         b_q = b_q * tl.math.rsqrt(tl.sum(b_q * b_q, axis=1) + EPS)[:, None]
         tl.store(q_out + o_tk, cast_to(b_q, q_out, INTERPRET), mask=m_tk)
-        b_k = tl.load(k + o_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_k = tl.load(k + o_in, mask=m_tk, other=0.0).to(tl.float32)
         b_k = b_k * tl.math.rsqrt(tl.sum(b_k * b_k, axis=1) + EPS)[:, None]
         tl.store(k_out + o_tk, cast_to(b_k, k_out, INTERPRET), mask=m_tk)
     if GATE:
@@ -136,9 +146,9 @@ def preprocess_fwd_kernel(q, k, g, beta, A_log, dt_bias, q_out, k_out, g_out, be
 
 
 @triton.jit
-def _l2norm_bwd(x, dy, o_tk, m_tk, EPS: tl.constexpr):
-    """dx (fp32) of y = x * rsqrt(sum x^2 + eps) for the rows at o_tk."""
-    b_x = tl.load(x + o_tk, mask=m_tk, other=0.0).to(tl.float32)
+def _l2norm_bwd(x, dy, o_in, o_tk, m_tk, EPS: tl.constexpr):
+    """dx (fp32) of y = x * rsqrt(sum x^2 + eps) for the rows at o_in (x) and o_tk (dy)."""
+    b_x = tl.load(x + o_in, mask=m_tk, other=0.0).to(tl.float32)
     b_dy = tl.load(dy + o_tk, mask=m_tk, other=0.0).to(tl.float32)
     b_r = tl.math.rsqrt(tl.sum(b_x * b_x, axis=1) + EPS)
     b_c = b_r * b_r * b_r * tl.sum(b_dy * b_x, axis=1)
@@ -147,18 +157,19 @@ def _l2norm_bwd(x, dy, o_tk, m_tk, EPS: tl.constexpr):
 
 @triton.jit
 def preprocess_bwd_kernel(q, k, g, beta, A_log, dt_bias, dq_out, dk_out, dg_out, dbeta_out,
-                          dq, dk, dg, dbeta, dA_part, ddt_part, T_total,
+                          dq, dk, dg, dbeta, dA_part, ddt_part, T_total, SQ,
                           H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                           NORM_QK: tl.constexpr, GATE: tl.constexpr, G_SCALAR: tl.constexpr,
                           HAS_DT_BIAS: tl.constexpr, SIGMOID_BETA: tl.constexpr, EPS: tl.constexpr,
                           INTERPRET: tl.constexpr):
-    """Grid (cdiv(T_total, BT), H). From the raw inputs and the output gradients (dq_out ... dbeta_out) writes dq,
-    dk (q's dtype), dg (g's dtype), dbeta (beta's dtype), and this block's fp32 partial sums: dA_part [NT, H],
-    ddt_part [NT, H, K] ([NT, H] for the scalar gate)."""
+    """Grid (cdiv(T_total, BT), H). From the raw inputs (q, k rows SQ elements apart) and the output gradients
+    (dq_out ... dbeta_out) writes dq, dk (q's dtype, contiguous), dg (g's dtype), dbeta (beta's dtype), and this
+    block's fp32 partial sums: dA_part [NT, H], ddt_part [NT, H, K] ([NT, H] for the scalar gate)."""
     i_t, i_h, o_row, o_k, o_tk, m_t, m_k, m_tk = _rows(T_total, H, K, BT, BK)
     if NORM_QK:
-        tl.store(dq + o_tk, cast_to(_l2norm_bwd(q, dq_out, o_tk, m_tk, EPS), dq, INTERPRET), mask=m_tk)
-        tl.store(dk + o_tk, cast_to(_l2norm_bwd(k, dk_out, o_tk, m_tk, EPS), dk, INTERPRET), mask=m_tk)
+        o_in = _strided_rows(T_total, SQ, K, BT, BK)
+        tl.store(dq + o_tk, cast_to(_l2norm_bwd(q, dq_out, o_in, o_tk, m_tk, EPS), dq, INTERPRET), mask=m_tk)
+        tl.store(dk + o_tk, cast_to(_l2norm_bwd(k, dk_out, o_in, o_tk, m_tk, EPS), dk, INTERPRET), mask=m_tk)
     if GATE:
         b_rate = tl.exp(tl.load(A_log + i_h).to(tl.float32))
         i_part = i_t * H + i_h
@@ -191,6 +202,15 @@ def preprocess_bwd_kernel(q, k, g, beta, A_log, dt_bias, dq_out, dk_out, dg_out,
         tl.store(dbeta + o_row, cast_to(b_dbo * b_ds, dbeta, INTERPRET), mask=m_t)
 
 
+def _token_rows(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k ``[T_total, H, K]`` as the kernels read them: tokens any (same) number of elements apart, heads K apart,
+    channels contiguous, as the q and k of one conv output are; otherwise contiguous copies."""
+    H, K = q.shape[1], q.shape[2]
+    if q.stride() == k.stride() and q.stride()[1:] == (K, 1) and q.stride(0) >= H * K:
+        return q, k
+    return q.contiguous(), k.contiguous()
+
+
 def _ptr(x: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
     """x, or a stand-in pointer for a part whose flag is off (the kernel never touches it)."""
     return stand_in if x is None else x
@@ -213,7 +233,7 @@ class PreprocessFunction(torch.autograd.Function):
         g_scalar = gate and g.dim() == 2
         q_n = k_n = g_o = b_o = None
         if norm_qk:
-            q, k = q.contiguous(), k.contiguous()
+            q, k = _token_rows(q, k)
             q_n = poisoned(torch.empty(q.shape, dtype=operand_dtype, device=q.device))
             k_n = poisoned(torch.empty(k.shape, dtype=operand_dtype, device=k.device))
         if gate:
@@ -230,7 +250,7 @@ class PreprocessFunction(torch.autograd.Function):
         if T_total > 0:
             p = [_ptr(x, ref) for x in (q, k, g, beta, A_log, dt_bias, q_n, k_n, g_o, b_o)]
             preprocess_fwd_kernel[(triton.cdiv(T_total, BT), H)](
-                *p, T_total, H=H, K=K, BT=BT, BK=BK, NORM_QK=norm_qk, GATE=gate, G_SCALAR=g_scalar,
+                *p, T_total, q.stride(0) if norm_qk else 0, H=H, K=K, BT=BT, BK=BK, NORM_QK=norm_qk, GATE=gate, G_SCALAR=g_scalar,
                 HAS_DT_BIAS=dt_bias is not None, SIGMOID_BETA=sigmoid_beta, EPS=L2NORM_EPS,
                 INTERPRET=interpreting(), num_warps=launch.warps)
         ctx.save_for_backward(q, k, g, beta, A_log, dt_bias)
@@ -252,7 +272,8 @@ class PreprocessFunction(torch.autograd.Function):
         dq = dk = dg = db = dA = ddt = dA_part = ddt_part = None
         if norm_qk:
             dq_n, dk_n = dq_n.contiguous(), dk_n.contiguous()
-            dq, dk = poisoned(torch.empty_like(q)), poisoned(torch.empty_like(k))
+            dq = poisoned(torch.empty(q.shape, dtype=q.dtype, device=q.device))
+            dk = poisoned(torch.empty(k.shape, dtype=k.dtype, device=k.device))
         if gate:
             dg_o = dg_o.contiguous()
             dg = poisoned(torch.empty_like(g))
@@ -267,7 +288,7 @@ class PreprocessFunction(torch.autograd.Function):
             p = [_ptr(x, ref) for x in (q, k, g, beta, A_log, dt_bias, dq_n, dk_n, dg_o, db_o,
                                         dq, dk, dg, db, dA_part, ddt_part)]
             preprocess_bwd_kernel[(NT, H)](
-                *p, T_total, H=H, K=K, BT=BT, BK=BK, NORM_QK=norm_qk, GATE=gate, G_SCALAR=g_scalar,
+                *p, T_total, q.stride(0) if norm_qk else 0, H=H, K=K, BT=BT, BK=BK, NORM_QK=norm_qk, GATE=gate, G_SCALAR=g_scalar,
                 HAS_DT_BIAS=dt_bias is not None, SIGMOID_BETA=sigmoid_beta, EPS=L2NORM_EPS,
                 INTERPRET=interpreting(), num_warps=launch.warps)
         if gate:
