@@ -36,6 +36,7 @@ from kimi_linear.layers.cache_layout import CacheEntry
 from kimi_linear.layers.memory import autocast_input, recompute, recompute_linear
 from kimi_linear.layers.packing import PackedInputProjections
 from kimi_linear.ops.conv import causal_conv1d
+from kimi_linear.ops.gated_norm import gated_rms_norm
 from kimi_linear.ops.kda import chunk_kda, kda_decode_step
 from kimi_linear.ops.kda.chunk import resolve_backend
 from kimi_linear.ops.kda.common import preprocess
@@ -283,14 +284,12 @@ class KimiDeltaAttention(PackedInputProjections, nn.Module):
         return (*out, conv_final) if output_conv_state else out
 
     def _gated_norm(self, o, g_low, norm_weight, g_b_weight):
-        """Per-head RMSNorm (one weight shared by the heads) times the low-rank sigmoid output gate, in fp32:
-        ``o [B, T, H, V]`` -> ``[B, T, H·V]`` in o's dtype."""
-        B, T, H, V = o.shape
-        out = F.rms_norm(o.float(), (V,), norm_weight.float(), self.config.rms_norm_eps)
-        if g_low is not None:
-            gate = F.linear(g_low, g_b_weight).view(B, T, H, V)
-            out = out * torch.sigmoid(gate.float())
-        return out.to(o.dtype).reshape(B, T, H * V)
+        """Per-head RMSNorm (one weight shared by the heads) times the low-rank sigmoid output gate, in fp32
+        (``ops.gated_norm``, on the fused kernels where the in-op activations run on theirs): ``o [B, T, H, V]``
+        -> ``[B, T, H·V]`` in o's dtype."""
+        gate = None if g_low is None else F.linear(g_low, g_b_weight)
+        backend = "torch" if o.dtype == torch.float64 else self._op_backends(o)[1]  # as chunk_kda takes float64
+        return gated_rms_norm(o, gate, norm_weight, self.config.rms_norm_eps, backend=backend)
 
     @staticmethod
     def _store_rows(pool: torch.Tensor, rows: torch.Tensor, cache, in_place: bool) -> None:

@@ -17,6 +17,7 @@ from kimi_linear.cache import KimiLinearCache  # noqa: E402
 from kimi_linear.config import KimiLinearConfig  # noqa: E402
 from kimi_linear.layers.kda import KimiDeltaAttention  # noqa: E402
 from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update, naive_causal_conv1d  # noqa: E402
+from kimi_linear.ops.gated_norm import gated_rms_norm  # noqa: E402
 from kimi_linear.ops.kda import naive_recurrent_kda  # noqa: E402
 from tests.utils import rel_err  # noqa: E402
 
@@ -332,10 +333,10 @@ def stored_layer(layer: KimiDeltaAttention, x: torch.Tensor, cu_seqlens=None) ->
                                 use_gate_in_kernel=True, A_log=layer.A_log, dt_bias=layer.dt_bias,
                                 use_beta_sigmoid_in_kernel=True, backend=layer.chunk_backend,
                                 preprocess_backend=layer.preprocess_backend)
-    o = F.rms_norm(o.float(), (K,), layer.o_norm.weight.float(), layer.config.rms_norm_eps)
-    if layer.use_output_gate:
-        o = o * torch.sigmoid(layer.g_b_proj(layer.g_a_proj(x)).view(B, T, H, K).float())
-    return layer.o_proj(o.to(x.dtype).reshape(B, T, H * K))
+    gate = layer.g_b_proj(layer.g_a_proj(x)) if layer.use_output_gate else None
+    # the output norm and gate on the op the layer runs them on (tests/ops/test_gated_norm.py holds it to its spec)
+    o = gated_rms_norm(o, gate, layer.o_norm.weight, layer.config.rms_norm_eps, backend=layer.preprocess_backend)
+    return layer.o_proj(o.to(x.dtype))
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
