@@ -30,7 +30,7 @@ def gated_rms_norm(o: torch.Tensor, gate: torch.Tensor | None, weight: torch.Ten
                    backend: str = "auto") -> torch.Tensor:
     """``gated_rms_norm_reference``'s function, differentiable in o, gate and weight. ``backend``: "auto" (the
     Triton kernels on CUDA tensors, PyTorch otherwise), "torch" or "triton" (on CPU tensors only through Triton's
-    interpreter).
+    interpreter). Under ``torch.compile`` it is the specification, which Inductor fuses into its own kernels.
 
     Raises:
         ValueError: an unknown backend, shapes that do not match (gate not ``[..., H * V]``, weight not ``[V]``),
@@ -45,7 +45,7 @@ def gated_rms_norm(o: torch.Tensor, gate: torch.Tensor | None, weight: torch.Ten
         raise ValueError(f"gate must be [..., H * V] = {[*lead, H * V]}, got {list(gate.shape)}")
     if backend == "auto":
         backend = "triton" if o.is_cuda and o.dtype != torch.float64 else "torch"
-    if backend == "torch":
+    if backend == "torch" or torch.compiler.is_compiling():  # traced, the specification: Inductor fuses it itself
         return gated_rms_norm_reference(o, gate, weight, eps)
     if o.dtype == torch.float64:
         raise ValueError("the Triton gated_rms_norm takes float16/bfloat16/float32; float64 runs on backend='torch'")

@@ -96,3 +96,12 @@ def test_gpu_layer_shape_bf16():
     torch16 = outputs_and_grads("torch", o16, gate16, w16, dy)
     for name, a, t, e in zip(("y", "do", "dgate", "dweight"), ours, torch16, exact):
         assert rel_err(a, e) <= 2 * rel_err(t, e) + 1e-6, f"{name}: {rel_err(a, e):.2e} vs {rel_err(t, e):.2e}"
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile (Dynamo) is unsupported here")
+def test_compiles_with_fullgraph_as_the_specification():
+    """Traced by torch.compile the op is its specification (no Triton launch for Dynamo to trace): same values."""
+    o, gate, weight, _ = inputs((2, 5), 2, 16, True)
+    compiled = torch.compile(lambda a, b, c: gated_rms_norm(a, b, c, EPS, backend="triton"), fullgraph=True,
+                             backend="aot_eager")
+    assert rel_err(compiled(o, gate, weight), gated_rms_norm_reference(o, gate, weight, EPS)) <= 1e-6
