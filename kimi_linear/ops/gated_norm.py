@@ -22,7 +22,7 @@ def gated_rms_norm_reference(o: torch.Tensor, gate: torch.Tensor | None, weight:
     *lead, H, V = o.shape
     out = F.rms_norm(o.float(), (V,), weight.float(), eps)
     if gate is not None:
-        out = out * torch.sigmoid(gate.float().view(*lead, H, V))
+        out = out * torch.sigmoid(gate.float().reshape(*lead, H, V))
     return out.to(o.dtype).reshape(*lead, H * V)
 
 
