@@ -139,7 +139,7 @@ class KimiDeltaAttention(PackedInputProjections, nn.Module):
         matmuls and the decode kernel read them strided, and the conv and preprocessing ops make the rows they
         need contiguous themselves."""
         HK, K, H = self.qkv_dim, self.head_dim, self.num_heads
-        packed = None if torch.is_grad_enabled() else self._packed_weight()
+        packed = self._forward_packed_weight()
         if packed is None:
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3·H·K]
             return qkv, self.f_a_proj(x), self.b_proj(x), None

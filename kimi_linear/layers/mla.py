@@ -135,7 +135,7 @@ class MultiheadLatentAttention(PackedInputProjections, nn.Module):
         """``(q [B, T, H, dn + dr], latent [B, T, r] normalised, k_pe [B, T, dr])`` of x; one matmul for both
         input projections when they are packed and autograd is off."""
         first, latent_proj = self._input_projections()
-        packed = None if torch.is_grad_enabled() else self._packed_weight()
+        packed = self._forward_packed_weight()
         if packed is None:
             q, kv = first(x), latent_proj(x)
         else:
@@ -325,7 +325,7 @@ class MultiheadLatentAttention(PackedInputProjections, nn.Module):
             rows = torch.searchsorted(cu[1:], t, right=True)
             cols = start[rows] + t - cu[rows]
             cu_host = host_values(cu_seqlens)
-            seg_lens = [b - a for a, b in zip(cu_host[:-1], cu_host[1:], strict=True)]
+            seg_lens = sequence_lengths(cu_seqlens)
         index = self._token_index(cache, rows, cols).reshape(-1)
         flat_latent.index_copy_(0, index, latent.reshape(-1, self.kv_lora_rank).to(flat_latent.dtype))
         flat_pe.index_copy_(0, index, k_pe.reshape(-1, self.rope_dim).to(flat_pe.dtype))

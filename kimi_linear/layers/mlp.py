@@ -51,7 +51,7 @@ class SwiGLUMLP(PackedInputProjections, nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have shape [..., hidden_size={self.hidden_size}], got {tuple(x.shape)}")
         x = autocast_input(x)  # one low-precision copy for gate_proj and up_proj, not one each
-        packed = None if torch.is_grad_enabled() else self._packed_weight()
+        packed = self._forward_packed_weight()
         if packed is not None:
             gate, up = F.linear(x, packed).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)

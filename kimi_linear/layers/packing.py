@@ -48,7 +48,8 @@ class PackedInputProjections:
     """Mixin of an ``nn.Module`` whose ``_input_projections()`` (a list of ``nn.Linear``) all read one input:
     ``pack_input_projections()`` packs them (``pack_linears``), ``_packed_weight()`` is the packed matrix while
     it still holds every weight (else None), and a cast or move of the module (``.to``, ``.half()``) packs the
-    new weights again. The module's forward uses ``_packed_weight()`` when autograd is off."""
+    new weights again. The module's forward takes ``_forward_packed_weight()``: the packed matrix when autograd
+    is off."""
 
     _packed_input: torch.Tensor | None = None
 
@@ -70,3 +71,8 @@ class PackedInputProjections:
     def _packed_weight(self) -> torch.Tensor | None:
         """The packed matrix, while every input projection's weight is still its view."""
         return packed_weight(self._packed_input, self._input_projections())
+
+    def _forward_packed_weight(self) -> torch.Tensor | None:
+        """The packed matrix for this forward: None when autograd is on (training computes the projections one by
+        one) or the packing was undone."""
+        return None if torch.is_grad_enabled() else self._packed_weight()
