@@ -31,11 +31,22 @@ from kimi_linear.layers.packing import PackedInputProjections
 from kimi_linear.ops.mla_decode import mla_decode_attention
 from kimi_linear.ops.varlen import host_to_device, host_values, sequence_lengths
 
-# SDPA's backends for MLA's prefill and training attention, cuDNN's left out: it builds an execution plan for
-# every new shape (milliseconds of host time each), and packed prompts, prefill pieces and packed documents bring
-# new shapes at nearly every call. The flash kernel takes each shape as it comes; the memory-efficient one takes
-# the boolean masks; the math one is the fallback.
+# SDPA's backends for MLA's prefill and training attention. cuDNN's kernel is the fastest on Hopper at long
+# lengths, but it builds an execution plan for every new shape (milliseconds of host time each), and packed
+# prompts, prefill pieces and packed documents bring new shapes at nearly every call: it is taken only for calls of
+# at least CUDNN_MIN_QUERIES queries, where the attention itself takes far longer than a plan. Otherwise the flash
+# kernel takes each shape as it comes; the memory-efficient one takes the boolean masks; the math one is the
+# fallback.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+CUDNN_MIN_QUERIES = 4096
+
+
+def sdpa_backends(queries: int, masked: bool) -> list[SDPBackend]:
+    """The SDPA backends, in priority order, for one attention call with ``queries`` query positions per row
+    (``masked``: with a boolean mask, which cuDNN's kernel is not given)."""
+    if queries >= CUDNN_MIN_QUERIES and not masked:
+        return [SDPBackend.CUDNN_ATTENTION, *SDPA_BACKENDS]
+    return SDPA_BACKENDS
 
 
 def token_positions(
@@ -159,7 +170,7 @@ class MultiheadLatentAttention(PackedInputProjections, nn.Module):
         if q.is_cuda and dv < q.shape[-1]:
             # The fused (flash) kernels want one head dim for q, k and v: zero-pad v, drop the padding after.
             v = F.pad(v, (0, q.shape[-1] - dv))
-        with sdpa_kernel(SDPA_BACKENDS):
+        with sdpa_kernel(sdpa_backends(q.shape[1], mask is not None), set_priority=True):
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2),
                 k.transpose(1, 2),

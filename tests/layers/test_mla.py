@@ -256,3 +256,37 @@ def test_gpu_decode_release_shape_bf16():
     err_torch16 = rel_err(step(layer16, torch.bfloat16, "torch"), ref)
     err_triton16 = rel_err(step(layer16, torch.bfloat16, "triton"), ref)
     assert err_triton16 <= 2 * err_torch16 and err_triton16 < 2e-2, (err_triton16, err_torch16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_long_prefill_bf16_with_grads():
+    """Calls long enough for cuDNN's attention (``sdpa_backends``): one 4,608-token sequence, then 4,096 and 512
+    tokens packed (cuDNN for the first, flash for the second), at the release's head dims: the bf16 layer
+    against the fp32 layer (the memory-efficient kernel), output and every gradient within bf16 tolerance."""
+    from kimi_linear.layers.mla import CUDNN_MIN_QUERIES
+
+    config = small_config(hidden_size=256, num_attention_heads=4, kv_lora_rank=128, qk_nope_head_dim=128,
+                          qk_rope_head_dim=64, v_head_dim=128)
+    layer32 = randomised_layer(config, seed=21).cuda()
+    with torch.no_grad():  # unit-gain weights: scaled scores of std ~1, a softmax neither flat nor one-hot
+        for p in layer32.parameters():
+            if p.dim() > 1:
+                p.mul_(1.0 / (p.std() * math.sqrt(p.shape[1])))
+    layer16 = randomised_layer(config, seed=21).cuda().bfloat16()
+    layer16.load_state_dict(layer32.state_dict())
+    T = CUDNN_MIN_QUERIES + 512
+    gen = torch.Generator(device="cuda").manual_seed(22)
+    x = torch.randn(1, T, config.hidden_size, device="cuda", generator=gen)
+    for cu in (None, torch.tensor([0, CUDNN_MIN_QUERIES, T], device="cuda")):
+        x32 = x.clone().requires_grad_()
+        out32 = layer32(x32, cu_seqlens=cu)
+        out32.square().sum().backward()
+        x16 = x.bfloat16().requires_grad_()
+        out16 = layer16(x16, cu_seqlens=cu)
+        out16.float().square().sum().backward()
+        assert rel_err(out16.float(), out32) < 2e-2
+        assert rel_err(x16.grad.float(), x32.grad) < 3e-2
+        for (name, p16), p32 in zip(layer16.named_parameters(), layer32.parameters(), strict=True):
+            assert rel_err(p16.grad.float(), p32.grad) < 3e-2, name
+        layer16.zero_grad(), layer32.zero_grad()
