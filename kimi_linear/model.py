@@ -133,7 +133,12 @@ class DecoderLayer(nn.Module):
 
         self.checkpoint_block = self.checkpoint_mixer = self.checkpoint_ffn = False
 
-    def forward(self, x, cache=None, cu_seqlens=None, attention_mask=None):
+    def forward(self, x, cache=None, cu_seqlens=None, attention_mask=None, delta=None, residual_form=False):
+        """The block on ``x``; ``residual_form`` (forwards without autograd): on ``x + delta`` instead, returning
+        ``(residual, feed-forward output)`` (``_residual_block``). Through ``__call__`` either way, so module hooks
+        (FSDP's gathering of the parameters) run."""
+        if residual_form:
+            return self._residual_block(x, delta, cache, cu_seqlens, attention_mask)
         recompute = cache is None and torch.is_grad_enabled()
         if recompute and self.checkpoint_block:
             return _recompute_in_backward(self._block, x, None, cu_seqlens, attention_mask)
@@ -147,6 +152,20 @@ class DecoderLayer(nn.Module):
         if recompute and self.checkpoint_ffn:
             return x + _recompute_in_backward(self._feed_forward, x)
         return x + self._feed_forward(x)
+
+    def _residual_block(self, x, delta, cache, cu_seqlens, attention_mask):
+        """The block as the model's forwards without autograd run it: its input is ``x + delta`` (``delta`` None:
+        ``x``), the previous block's last residual add left undone, and it returns ``(residual, feed-forward
+        output)`` likewise. So every residual add runs in one kernel with the norm after it
+        (``RMSNorm.add_forward``). The same additions in the same order: the same values."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        if delta is None:
+            h = norm1(x)
+        else:
+            x, h = norm1.add_forward(x, delta)
+        x, h = norm2.add_forward(x, self.self_attn(h, cache=cache, cu_seqlens=cu_seqlens,
+                                                   attention_mask=attention_mask))
+        return x, (self.block_sparse_moe if self.is_moe else self.mlp)(h)
 
     def _mix(self, x, cache, cu_seqlens, attention_mask):
         return self.self_attn(self.input_layernorm(x), cache=cache, cu_seqlens=cu_seqlens,
@@ -168,9 +187,15 @@ class KimiLinearModel(nn.Module):
 
     def forward(self, input_ids, cache=None, cu_seqlens=None, attention_mask=None):
         x = self.embed_tokens(input_ids)
+        if torch.is_grad_enabled():
+            for layer in self.layers:
+                x = layer(x, cache=cache, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
+            return self.norm(x)
+        delta = None  # inference: each residual add is fused with the norm after it
         for layer in self.layers:
-            x = layer(x, cache=cache, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
-        return self.norm(x)
+            x, delta = layer(x, cache=cache, cu_seqlens=cu_seqlens, attention_mask=attention_mask, delta=delta,
+                             residual_form=True)
+        return self.norm(x) if delta is None else self.norm.add_forward(x, delta)[1]
 
 
 class KimiLinearForCausalLM(nn.Module):

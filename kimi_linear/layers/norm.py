@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kimi_linear.ops.add_norm import add_rms_norm
 from kimi_linear.ops.norm import rms_norm
 
 
@@ -22,3 +23,8 @@ class RMSNorm(nn.Module):
             # one fused kernel (fp32 statistics inside) instead of the reference's chain of element-wise ops
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + delta, self(x + delta))``, the add and the norm fused into one kernel where ``add_rms_norm``
+        can (CUDA, no autograd)."""
+        return add_rms_norm(x, delta, self.weight, self.eps)
