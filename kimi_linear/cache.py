@@ -106,7 +106,9 @@ class KimiLinearCache:
             )
         self._allocate(config, batch_size, batch_size, max_length, dtype, device, state_dtype)
         rows = torch.arange(batch_size, dtype=torch.long, device=self.device)
-        self._set_rows(rows, rows[:, None].clone(), torch.zeros(batch_size, dtype=torch.long, device=self.device))
+        with torch.inference_mode(False):  # a normal tensor even under inference_mode: it keeps a version counter
+            lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self._set_rows(rows, rows[:, None].clone(), lengths)
         # Row i is slot i: the KDA layers update the pools in place without gathering.
         self.identity_rows = True
 
@@ -169,7 +171,10 @@ class KimiLinearCache:
 
     def host_lengths(self) -> list[int]:
         """``lengths`` as a Python list. Read from the device once and reused until ``lengths`` is replaced
-        or changed in place (its version counter moves), so the layers of one forward sync once in all."""
+        or changed in place (its version counter moves), so the layers of one forward sync once in all. A
+        ``lengths`` made under ``torch.inference_mode`` has no version counter: it is read at every call."""
+        if self._lengths.is_inference():
+            return self._lengths.tolist()
         key = (id(self._lengths), self._lengths._version)
         if self._host_lengths is None or self._host_key != key:
             self._host_lengths, self._host_key = self._lengths.tolist(), key
@@ -177,8 +182,9 @@ class KimiLinearCache:
 
     def set_host_lengths(self, values: list[int]) -> None:
         """Declare the values ``lengths`` holds now (a caller that knows them saves the device read)."""
-        self._host_lengths = list(values)
-        self._host_key = (id(self._lengths), self._lengths._version)
+        if not self._lengths.is_inference():
+            self._host_lengths = list(values)
+            self._host_key = (id(self._lengths), self._lengths._version)
 
     @property
     def batch_size(self) -> int:

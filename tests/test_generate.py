@@ -315,3 +315,18 @@ def test_sample_rows_frequencies_follow_the_distribution():
         freq = torch.bincount(row, minlength=6).float() / n
         se = (want * (1 - want) / n).sqrt()
         assert ((freq - want).abs() <= 5 * se + 1e-9).all(), (freq, want)
+
+
+def test_generate_under_inference_mode():
+    """torch.inference_mode around generate (a common habit) gives the tokens of torch.no_grad: the cache's
+    lengths keep a version counter, and inference tensors handed in are read, not remembered."""
+    from kimi_linear.config import KimiLinearConfig
+    from kimi_linear.model import KimiLinearForCausalLM
+
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(KimiLinearConfig.from_preset("debug"))
+    prompts = torch.randint(0, model.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        expected = generate(model, prompts, max_new_tokens=4)
+    with torch.inference_mode():
+        assert generate(model, prompts, max_new_tokens=4) == expected

@@ -5,7 +5,9 @@ host (chunk layouts, validation, per-sequence attention). Each read of a CUDA te
 everything queued before it, so the host stops launching while the GPU drains: host and GPU time add up instead of
 overlapping. ``host_values`` reads a tensor once and keeps the values while the tensor lives and is not written
 to; a caller that built ``cu_seqlens`` from host values registers them with ``remember_host_values`` and no op
-reads it back at all.
+reads it back at all. Tensors made under ``torch.inference_mode`` have no version counter, so a write to them
+cannot be seen: they are read back at every use instead (build ``cu_seqlens`` under ``torch.no_grad`` to keep one
+read).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def host_values(t: torch.Tensor) -> tuple[int, ...]:
     values = known_host_values(t)
     if values is None:
         values = tuple(t.tolist())
-        _HOST[t] = (t._version, values)
+        if not t.is_inference():
+            _HOST[t] = (t._version, values)
     return values
 
 
@@ -36,7 +39,7 @@ def sequence_lengths(cu_seqlens: torch.Tensor) -> list[int]:
 def remember_host_values(t: torch.Tensor, values) -> None:
     """Record that device tensor ``t`` holds ``values`` (the host list of ints it was copied from, flattened), so
     ``host_values`` and ``known_host_values`` never read it back."""
-    if t.device.type != "cpu":
+    if t.device.type != "cpu" and not t.is_inference():
         _HOST[t] = (t._version, tuple(values))
 
 
@@ -51,7 +54,7 @@ def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def known_host_values(t: torch.Tensor) -> tuple[int, ...] | None:
     """The values registered for device tensor ``t`` (flattened) if they are still current, else None: for
     checks that may skip a device read when the caller knows the values, and read otherwise."""
-    if t.device.type == "cpu" or torch.compiler.is_compiling():
+    if t.device.type == "cpu" or torch.compiler.is_compiling() or t.is_inference():
         return None
     known = _HOST.get(t)
     return known[1] if known is not None and known[0] == t._version else None

@@ -53,3 +53,14 @@ def test_known_values_are_none_unless_registered_and_current():
     ids.add_(1)
     assert known_host_values(ids) is None
     assert known_host_values(torch.tensor([1, 2])) is None  # a CPU tensor is read directly, as before
+
+
+def test_inference_mode_tensors_are_read_at_every_use():
+    """Tensors made under torch.inference_mode have no version counter, so a write to them could not be seen:
+    nothing is remembered for them, and they are read (a meta tensor cannot be: the read raises)."""
+    with torch.inference_mode():
+        cu = torch.empty(3, dtype=torch.int64, device="meta")
+        remember_host_values(cu, [0, 1, 2])
+        assert known_host_values(cu) is None
+        with pytest.raises((NotImplementedError, RuntimeError)):
+            host_values(cu)
