@@ -49,7 +49,7 @@ def add_parser(subparsers) -> None:
                    "model_max_length))")
     p.add_argument("--max-queue", type=int, default=None, help="requests waiting for a slot, more get 429 (default 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="per-step token budget: decode tokens + prefill chunks (default 8192)")
+                   help="per-step token budget: decode tokens + prefill chunks (default 16384)")
     p.add_argument("--block-size", type=int, default=None, help="MLA cache block size in tokens, a multiple of 64 (default 64)")
     p.add_argument("--num-blocks", type=int, default=None, help="MLA cache blocks (default: derived)")
     p.add_argument("--gpu-memory-fraction", type=float, default=None,

@@ -161,7 +161,7 @@ class EngineConfig:
     block_size: int = 64  # MLA latent tokens per block = prefix-cache granularity (multiple of 64)
     num_blocks: int | None = None
     gpu_memory_fraction: float = 0.9
-    max_num_batched_tokens: int = 8192  # per-step token budget: decode tokens + prefill-piece tokens
+    max_num_batched_tokens: int = 16384  # per-step token budget: decode tokens + prefill-piece tokens
     max_queue: int = 256  # waiting requests; more -> QueueFullError
     enable_prefix_caching: bool = True
     use_cuda_graph: bool = True
@@ -619,18 +619,17 @@ class Engine:
                 self._stats["hits"] += seq.cached_tokens
         if restores:
             fresh = [d for s, d in restores if s is None]
-            if fresh:
-                zero_rows = self._to_device(fresh)
-                for t in self.slot_tensors:
-                    t.index_fill_(0, zero_rows, 0)
+            if fresh:  # one multi-tensor launch for every slot tensor of every fresh slot
+                torch._foreach_zero_([t[slot] for slot in fresh for t in self.slot_tensors])
             hits = [(s, d) for s, d in restores if s is not None]
             if hits:
                 self._copy_slots([s for s, _ in hits], [d for _, d in hits])
 
     def _copy_slots(self, src: list[int], dst: list[int]) -> None:
-        src_t, dst_t = self._to_device([src, dst]).unbind(0)
-        for t in self.slot_tensors:
-            t.index_copy_(0, dst_t, t.index_select(0, src_t))
+        """Copy the KDA states and conv tails of slots ``src`` to slots ``dst`` (disjoint sets: snapshots and
+        sequence slots), all in one multi-tensor launch."""
+        torch._foreach_copy_([t[d] for d in dst for t in self.slot_tensors],
+                             [t[s] for s in src for t in self.slot_tensors])
 
     def _piece_end(self, seq: _Sequence, budget: int) -> int:
         """End of the next prefill piece: within the budget, on a block boundary unless it ends the prompt.
