@@ -657,7 +657,9 @@ class Engine:
 
     def _apply_table_changes(self) -> None:
         if self._table_clears:
-            self.block_tables[self._to_device(self._table_clears)] = self.scratch_block
+            # index_fill_ takes the value as a number; indexed assignment copied it from pageable host memory,
+            # a copy that waits for the GPU (the one sync CUDA's sync-debug mode found in a prefill step)
+            self.block_tables.index_fill_(0, self._to_device(self._table_clears), self.scratch_block)
             self._table_clears = []
         if self._table_writes:
             slot, col, block = self._to_device(self._table_writes).unbind(1)
