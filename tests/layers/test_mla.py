@@ -48,6 +48,19 @@ def randomised_layer(config, seed=0) -> MultiheadLatentAttention:
     return layer
 
 
+def fp32_and_bf16_layers(config, seed):
+    """The same randomised layer on the GPU in fp32 and in bf16, with unit-gain weights: scaled scores of std ~1,
+    a softmax neither flat nor one-hot."""
+    layer32 = randomised_layer(config, seed=seed).cuda()
+    with torch.no_grad():
+        for p in layer32.parameters():
+            if p.dim() > 1:
+                p.mul_(1.0 / (p.std() * math.sqrt(p.shape[1])))
+    layer16 = randomised_layer(config, seed=seed).cuda().bfloat16()
+    layer16.load_state_dict(layer32.state_dict())
+    return layer32, layer16
+
+
 def rope_complex(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """RoPE as a complex rotation of the pairs (x_i, x_{i + d/2}): an independent form of rotate-half."""
     d = x.shape[-1]
@@ -229,13 +242,7 @@ def test_gpu_decode_release_shape_bf16():
     thousand tokens: the Triton decode within 2x the error of the bf16 PyTorch decode, both against fp32."""
     config = small_config(hidden_size=512, num_attention_heads=32, kv_lora_rank=512, qk_nope_head_dim=128,
                           qk_rope_head_dim=64, v_head_dim=128)
-    layer32 = randomised_layer(config, seed=11).cuda()
-    with torch.no_grad():  # unit-gain weights: scaled scores of std ~1, a softmax neither flat nor one-hot
-        for p in layer32.parameters():
-            if p.dim() > 1:
-                p.mul_(1.0 / (p.std() * math.sqrt(p.shape[1])))
-    layer16 = randomised_layer(config, seed=11).cuda().bfloat16()
-    layer16.load_state_dict(layer32.state_dict())
+    layer32, layer16 = fp32_and_bf16_layers(config, seed=11)
     B, L_max = 4, 4096
     gen = torch.Generator(device="cuda").manual_seed(12)
     latent = torch.randn(B, L_max, 512, device="cuda", generator=gen)
@@ -268,13 +275,7 @@ def test_gpu_long_prefill_bf16_with_grads():
 
     config = small_config(hidden_size=256, num_attention_heads=4, kv_lora_rank=128, qk_nope_head_dim=128,
                           qk_rope_head_dim=64, v_head_dim=128)
-    layer32 = randomised_layer(config, seed=21).cuda()
-    with torch.no_grad():  # unit-gain weights: scaled scores of std ~1, a softmax neither flat nor one-hot
-        for p in layer32.parameters():
-            if p.dim() > 1:
-                p.mul_(1.0 / (p.std() * math.sqrt(p.shape[1])))
-    layer16 = randomised_layer(config, seed=21).cuda().bfloat16()
-    layer16.load_state_dict(layer32.state_dict())
+    layer32, layer16 = fp32_and_bf16_layers(config, seed=21)
     T = CUDNN_MIN_QUERIES + 512
     gen = torch.Generator(device="cuda").manual_seed(22)
     x = torch.randn(1, T, config.hidden_size, device="cuda", generator=gen)
