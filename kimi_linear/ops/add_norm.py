@@ -16,6 +16,7 @@ import torch
 from kimi_linear.ops.norm import rms_norm
 
 BACKENDS = ("auto", "torch", "triton")
+MAX_D = 8192  # the widest row the Triton kernel holds in one program
 
 
 def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
@@ -28,13 +29,13 @@ def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor, weight: torch.T
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``add_rms_norm_reference``'s function. ``backend``: "auto" (the Triton kernel for CUDA tensors of one dtype
-    when autograd does not record, PyTorch otherwise), "torch" or "triton" (on CPU tensors only through Triton's
+    and D <= ``MAX_D`` when autograd does not record, PyTorch otherwise), "torch" or "triton" (on CPU tensors only through Triton's
     interpreter; never differentiable). Under ``torch.compile`` it is the specification, which Inductor fuses
     itself.
 
     Raises:
         ValueError: an unknown backend; x and delta of different shapes; weight not ``[D]``; on the Triton
-            backend, float64, x and delta of different dtypes, or a graph autograd records.
+            backend, float64, x and delta of different dtypes, D > ``MAX_D``, or a graph autograd records.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -45,13 +46,15 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
         raise ValueError(f"weight must be [D] = [{D}], got {tuple(weight.shape)}")
     records = torch.is_grad_enabled() and (x.requires_grad or delta.requires_grad or weight.requires_grad)
     if backend == "auto":
-        fits = x.is_cuda and x.dtype == delta.dtype and x.dtype != torch.float64
+        fits = x.is_cuda and x.dtype == delta.dtype and x.dtype != torch.float64 and D <= MAX_D
         backend = "triton" if fits and not records else "torch"
     if backend == "torch" or torch.compiler.is_compiling():
         return add_rms_norm_reference(x, delta, weight, eps)
     if x.dtype == torch.float64 or x.dtype != delta.dtype:
         raise ValueError(f"the Triton add_rms_norm takes x and delta of one dtype, float16/bfloat16/float32, got "
                          f"{x.dtype} and {delta.dtype}; backend='torch' takes any")
+    if D > MAX_D:
+        raise ValueError(f"the Triton add_rms_norm takes D <= {MAX_D}, got D={D}; backend='torch' takes any")
     if records:
         raise ValueError("the Triton add_rms_norm has no backward; use backend='torch' (or 'auto') under autograd")
     from kimi_linear.ops.add_norm_triton import add_rms_norm_triton

@@ -1,7 +1,7 @@
 """Triton kernel of ``add_norm.add_rms_norm``: the residual add and the RMSNorm after it in one pass.
 
 Rows are the ``R = prod(lead)`` rows of x, delta ``[..., D]``; each program takes ``BR`` rows, all D columns
-(D <= 8192), and computes s = x + delta rounded to x's dtype, then from that rounded s, in fp32,
+(D <= ``add_norm.MAX_D``), and computes s = x + delta rounded to x's dtype, then from that rounded s, in fp32,
 y = s * rsqrt(mean(s^2) + eps) * weight, rounded to x's dtype: the unfused ops' values.
 """
 
@@ -12,8 +12,6 @@ import triton
 import triton.language as tl
 
 from kimi_linear.ops.triton_helpers import cast_to, interpreting, poisoned
-
-MAX_D = 8192
 
 
 def _block_rows(D: int) -> int:
@@ -42,8 +40,6 @@ def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton path of ``add_norm.add_rms_norm`` (arguments checked there): ``(s, y)`` like x."""
     D = x.shape[-1]
-    if D > MAX_D:
-        raise ValueError(f"the Triton add_rms_norm takes D <= {MAX_D}, got D={D}")
     xr, dr = x.reshape(-1, D).contiguous(), delta.reshape(-1, D).contiguous()
     R = xr.shape[0]
     s, y = poisoned(torch.empty_like(xr)), poisoned(torch.empty_like(xr))

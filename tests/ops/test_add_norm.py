@@ -87,6 +87,9 @@ def test_rejects_bad_arguments():
         add_rms_norm(x.double(), delta.double(), weight, EPS, backend="triton")
     with pytest.raises(ValueError, match="one dtype"):
         add_rms_norm(x, delta.half(), weight, EPS, backend="triton")
+    wide = torch.zeros(1, 8193)
+    with pytest.raises(ValueError, match="D <= 8192"):
+        add_rms_norm(wide, wide, torch.ones(8193), EPS, backend="triton")
     with pytest.raises(ValueError, match="no backward"):
         add_rms_norm(x.requires_grad_(), delta, weight, EPS, backend="triton")
 
