@@ -30,6 +30,7 @@ has the measured effect on the logits.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +41,19 @@ from kimi_linear.layers.mla import MultiheadLatentAttention
 
 LINEAR_TYPES = ("kda", "gdn")
 STATE_DTYPES = (torch.float32, torch.bfloat16)  # what a cache may store the KDA recurrent states in
+
+
+@dataclass(frozen=True)
+class StateSnapshots:
+    """Points inside a packed prefill (``cu_seqlens``) where the KDA layers also copy out their state, for the
+    serving engine's prefix cache: point p is ``tokens[p]`` tokens into the forward (a position on a 64-token
+    chunk boundary of its sequence, past the sequence's start), the state entering chunk ``chunks[p]`` (counted
+    over all sequences, in order). Each KDA layer writes the recurrent state there and the conv tail (the
+    W - 1 conv inputs before it) to pool slot ``slots[p]``. All three are long ``[P]`` on the cache's device."""
+
+    chunks: torch.Tensor
+    tokens: torch.Tensor
+    slots: torch.Tensor
 
 
 def check_state_dtype(state_dtype) -> torch.dtype:
@@ -155,6 +169,8 @@ class KimiLinearCache:
                                               device=self.device)
             self.layers.append(entries)
 
+    snapshots: StateSnapshots | None = None  # set on a prefill's view by ``view(..., snapshots=)``
+
     def _set_rows(self, slots: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> None:
         self.slots = slots
         self.block_table = block_table
@@ -196,9 +212,11 @@ class KimiLinearCache:
         """Tokens each row can hold: its block-table width times the block size."""
         return self.block_table.shape[1] * self.block_size
 
-    def view(self, slots: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> KimiLinearCache:
+    def view(self, slots: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor,
+             snapshots: StateSnapshots | None = None) -> KimiLinearCache:
         """A cache over the same pools whose rows are ``slots [N]``, ``block_table [N, M]``, ``lengths [N]``
-        (long tensors on the cache's device, used as given, not copied).
+        (long tensors on the cache's device, used as given, not copied). ``snapshots``: for a packed prefill,
+        where its KDA layers also store their states (``StateSnapshots``).
 
         Raises:
             ValueError: shapes that do not agree.
@@ -212,6 +230,7 @@ class KimiLinearCache:
         out = copy.copy(self)
         out._set_rows(slots, block_table, lengths)
         out.identity_rows = False
+        out.snapshots = snapshots
         return out
 
     def reset(self) -> None:

@@ -38,7 +38,7 @@ from kimi_linear.layers.packing import PackedInputProjections
 from kimi_linear.ops.conv import causal_conv1d
 from kimi_linear.ops.gated_norm import gated_rms_norm
 from kimi_linear.ops.kda import chunk_kda, kda_decode_step
-from kimi_linear.ops.kda.chunk import resolve_backend
+from kimi_linear.ops.kda.chunk import chunk_kda_with_states, resolve_backend, resolve_kda_backend
 from kimi_linear.ops.kda.common import preprocess
 
 
@@ -217,8 +217,12 @@ class KimiDeltaAttention(PackedInputProjections, nn.Module):
             if history:
                 pool = layer_cache["state"]
                 initial = pool if in_place else pool.index_select(0, cache.slots)
-            o, state = chunk_kda(q, k, v, g, beta, initial_state=initial, output_final_state=True,
-                                 cu_seqlens=cu_seqlens, backend=self.chunk_backend)
+            if cache.snapshots is None:
+                o, state = chunk_kda(q, k, v, g, beta, initial_state=initial, output_final_state=True,
+                                     cu_seqlens=cu_seqlens, backend=self.chunk_backend)
+            else:
+                o, state = self._chunk_and_snapshots(layer_cache, qkv, q, k, v, g, beta, initial, cu_seqlens,
+                                                     cache.snapshots)
             self._store_rows(layer_cache["state"], state, cache, in_place)
         else:
             # Training / a plain forward: the conv, SiLU, q/k L2 norms, gate and beta are recomputed in backward
@@ -244,6 +248,23 @@ class KimiDeltaAttention(PackedInputProjections, nn.Module):
             g_low = self.g_a_proj(x)  # [B, T, K]
         g_b_weight = self.g_b_proj.weight if self.use_output_gate else None
         return recompute_linear(self._gated_norm, self.o_proj.weight, o, g_low, self.o_norm.weight, g_b_weight)
+
+    def _chunk_and_snapshots(self, layer_cache, qkv, q, k, v, g, beta, initial, cu_seqlens, snapshots):
+        """``chunk_kda`` of a packed prefill that also writes the states and conv tails at ``snapshots``'
+        points into their pool slots (fp32 states, rounded only as the pool stores them, as a piece ending
+        there would store its final state). Returns ``(o, final states)``."""
+        backend = resolve_kda_backend(self.chunk_backend, q, k, v, g, beta, initial)
+        o, state, h = chunk_kda_with_states(q, k, v, g, beta, initial, cu_seqlens, None, None, q.shape[-1] ** -0.5,
+                                            True, False, False, False, backend, backend)  # h [1, NT, H, K, V]
+        pool = layer_cache["state"]
+        pool.index_copy_(0, snapshots.slots, h[0].index_select(0, snapshots.chunks).to(pool.dtype))
+        if self.use_short_conv:
+            pool = layer_cache["conv"]  # [slots, C, W - 1]: the last W - 1 conv inputs, oldest first
+            W1 = pool.shape[-1]
+            cols = snapshots.tokens[:, None] - W1 + torch.arange(W1, device=qkv.device)  # [P, W - 1]
+            tails = qkv[0].index_select(0, cols.reshape(-1)).view(cols.shape[0], W1, -1)  # [P, W - 1, C]
+            pool.index_copy_(0, snapshots.slots, tails.transpose(1, 2).to(pool.dtype))
+        return o, state
 
     def _conv_weight_or_none(self) -> torch.Tensor | None:
         return self.conv_weight() if self.use_short_conv else None

@@ -25,7 +25,9 @@ A step (``step``):
 4. read back the tokens the previous iteration launched (the GPU meanwhile runs this one's forwards), emit
    them and retire the finished sequences (slot and blocks freed at once);
 5. register the sequences' newly filled blocks in the prefix cache and snapshot the KDA slot at the block
-   boundary a piece or a decode step ended on.
+   boundary a piece or a decode step ended on. Inside a piece, the forward itself leaves snapshots every
+   ``snapshot_interval`` prompt tokens (from the chunk kernel's per-chunk states), so a later prompt that
+   branches off a shared prefix where no piece ended still starts near its branch point.
 
 Running one iteration ahead: a decode step reads each row's input token from ``next_tokens`` (per slot, on the
 device), where the forward that sampled it left it, so the host launches iteration N before it has read N-1's
@@ -69,7 +71,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kimi_linear.cache import STATE_DTYPES, KimiLinearCache, cache_bytes, layer_cache_layout
+from kimi_linear.cache import STATE_DTYPES, KimiLinearCache, StateSnapshots, cache_bytes, layer_cache_layout
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.generate import decode_step, sample_rows, validate_sampling
 from kimi_linear.ops.varlen import remember_host_values
@@ -149,6 +151,11 @@ class EngineConfig:
     """Engine sizes. ``num_blocks`` None: ``max_num_seqs * ceil(max_model_len / block_size)`` on the CPU, or
     what ``gpu_memory_fraction`` of the GPU leaves after the weights and the slots on CUDA.
     ``num_snapshots`` None: ``4 * max_num_seqs`` KDA snapshot slots for the prefix cache (0 when it is off).
+    ``snapshot_interval``: with prefix caching, a prefill piece also leaves snapshots of its KDA states at the
+    prompt positions that are multiples of it (a multiple of ``block_size``; the forward writes them from the
+    chunk kernel's per-chunk states, no extra forward), besides the piece ends. A later prompt that shares a
+    prefix with this one but branches off elsewhere then recomputes at most this many tokens of the shared
+    part, not all of it.
     ``kda_state_dtype``: the KDA recurrent states' dtype in the slot pool, torch.float32 or torch.bfloat16 (half
     the state bytes per decode step; ``cache.KimiLinearCache``). Snapshots copy slots in that dtype.
     ``max_num_batched_tokens``: the tokens one step may run (decode rows + prefill pieces). A larger budget runs
@@ -166,6 +173,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     use_cuda_graph: bool = True
     num_snapshots: int | None = None
+    snapshot_interval: int = 2048  # a prefill also snapshots its KDA states every this many prompt tokens
     kda_state_dtype: torch.dtype = torch.float32
 
 
@@ -333,6 +341,10 @@ class Engine:
                 raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {v!r}")
         if c.block_size % KDA_CHUNK:
             raise ValueError(f"EngineConfig.block_size must be a multiple of {KDA_CHUNK}, got {c.block_size}")
+        if (not isinstance(c.snapshot_interval, int) or c.snapshot_interval <= 0
+                or c.snapshot_interval % c.block_size):
+            raise ValueError(f"EngineConfig.snapshot_interval must be a positive multiple of block_size="
+                             f"{c.block_size}, got {c.snapshot_interval!r}")
         if c.max_model_len > mc.model_max_length:
             raise ValueError(
                 f"EngineConfig.max_model_len={c.max_model_len} exceeds the model's "
@@ -724,12 +736,27 @@ class Engine:
         remember_host_values(cu, cu_host)  # the ops read the boundaries on the host: no read-back
         starts = [a for _, a, _ in pieces]
         slots, table = self._rows(seqs)
-        view = self.pools.view(slots, table, self._to_device(starts))
-        view.set_host_lengths(starts)
-        hidden = self.model.hidden_states(ids_t, cache=view, cu_seqlens=cu)  # [1, T, D]
+        points = self._snapshot_points(pieces)
+        try:
+            snapshots = self._state_snapshots(points, lens, cu_host) if points else None
+            view = self.pools.view(slots, table, self._to_device(starts), snapshots=snapshots)
+            view.set_host_lengths(starts)
+            hidden = self.model.hidden_states(ids_t, cache=view, cu_seqlens=cu)  # [1, T, D]
+        except BaseException:
+            for _, _, slot in points:
+                self.prefix.free_snapshot(slot)
+            raise
         done = [i for i, (seq, _, end) in enumerate(pieces) if end == len(seq.prompt)]
         for seq, _, end in pieces:
             seq.computed = end
+        if points:  # the snapshots' nodes exist once the pieces' blocks are registered
+            nodes = {i: self._insert_blocks(pieces[i][0]) for i in {i for i, _, _ in points}}
+            for i, offset, slot in points:
+                node = nodes[i].get(pieces[i][1] + offset)
+                if node is None:
+                    self.prefix.free_snapshot(slot)
+                else:
+                    self.prefix.attach_snapshot(node, slot)
         self._stats["prefilled"] += len(ids)
         for i, (seq, a, b) in enumerate(pieces):
             if seq.params.prompt_logprobs is not None:
@@ -741,6 +768,34 @@ class Engine:
             done_slots = [seqs[i].slot for i in done]
             self.next_tokens.index_copy_(0, self._to_device(done_slots), greedy)
             self._choose([seqs[i] for i in done], done_slots, logits, greedy, launched, events)
+
+    def _snapshot_points(self, pieces) -> list[tuple[int, int, int]]:
+        """The points inside the pieces where the forward snapshots the KDA states (prompt positions that are
+        multiples of ``snapshot_interval``, strictly inside a piece: its end is snapshotted by ``_register``),
+        as (piece, tokens into it, reserved snapshot slot); as many as there are slots to take."""
+        if not self.config.enable_prefix_caching:
+            return []
+        every = self.config.snapshot_interval
+        points = []
+        for i, (_, a, b) in enumerate(pieces):
+            for p in range((a // every + 1) * every, b, every):
+                slot = self.prefix.reserve_snapshot()
+                if slot is None:
+                    return points
+                points.append((i, p - a, slot))
+        return points
+
+    def _state_snapshots(self, points, lens: list[int], cu_host: list[int]) -> StateSnapshots:
+        """``points`` as the forward's ``StateSnapshots``: the chunk each starts (the pieces' chunks counted in
+        order, ``KDA_CHUNK`` tokens each) and its position in the packed forward."""
+        first_chunk = [0]
+        for n in lens:
+            first_chunk.append(first_chunk[-1] + -(-n // KDA_CHUNK))
+        return StateSnapshots(
+            chunks=self._to_device([first_chunk[i] + offset // KDA_CHUNK for i, offset, _ in points]),
+            tokens=self._to_device([cu_host[i] + offset for i, offset, _ in points]),
+            slots=self._to_device([slot for _, _, slot in points]),
+        )
 
     def _prompt_logprobs(self, seq: _Sequence, hidden: torch.Tensor, a: int, b: int) -> tuple:
         """Log probabilities of prompt tokens a + 1 .. min(b, P - 1) from the hidden states ``[b - a, D]`` of
@@ -779,11 +834,7 @@ class Engine:
         bs = self.config.block_size
         src, dst = [], []
         for seq in seqs:
-            full = seq.computed // bs
-            while seq.registered < full:
-                j = seq.registered
-                seq.node = self.prefix.insert(seq.node, seq.tokens[j * bs : (j + 1) * bs], seq.blocks[j])
-                seq.registered += 1
+            self._insert_blocks(seq)
             if seq.computed % bs == 0 and seq.node != 0 and not self.prefix.has_snapshot(seq.node):
                 snap = self.prefix.new_snapshot(seq.node)
                 if snap is not None:
@@ -791,6 +842,18 @@ class Engine:
                     dst.append(snap)
         if src:
             self._copy_slots(src, dst)
+
+    def _insert_blocks(self, seq: _Sequence) -> dict[int, int]:
+        """Register the sequence's full blocks not registered yet; returns {prompt position at the block's end:
+        its node} for those."""
+        bs = self.config.block_size
+        nodes = {}
+        while seq.registered < seq.computed // bs:
+            j = seq.registered
+            seq.node = self.prefix.insert(seq.node, seq.tokens[j * bs : (j + 1) * bs], seq.blocks[j])
+            seq.registered += 1
+            nodes[(j + 1) * bs] = seq.node
+        return nodes
 
     def _choose(self, seqs, slots: list[int], logits: torch.Tensor, greedy: torch.Tensor, launched: _Launched,
                 events) -> None:

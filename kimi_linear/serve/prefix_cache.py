@@ -8,7 +8,8 @@ and is reused least-recently-used first when free blocks run out (its node and e
 the trie).
 
 A node may also own a KDA *snapshot slot*: a state-pool slot holding the conv tails and recurrent states after
-the node's prefix (the engine copies them). Snapshot slots are few and evicted least-recently-used on their
+the node's prefix (the engine copies them there, or the prefill forward writes them there directly: such a slot
+is reserved before its node exists and attached once the node is registered). Snapshot slots are few and evicted least-recently-used on their
 own. A lookup returns the deepest node along the prompt that has a snapshot, so a hit that ends mid-block (or
 at a boundary without a snapshot) falls back to the previous boundary that has one. It also says how far the
 registered blocks reach: the engine ends a prefill piece there (the branch point of the two prompts) and
@@ -147,16 +148,36 @@ class PrefixCache:
         are no snapshot slots or the node is gone."""
         if node not in self.nodes:
             return None
+        slot = self.reserve_snapshot()
+        if slot is not None:
+            self.attach_snapshot(node, slot)
+        return slot
+
+    def reserve_snapshot(self) -> int | None:
+        """A snapshot slot owned by no node yet (the least recently used snapshot is dropped if none is free),
+        for states written before their node exists; ``attach_snapshot`` or ``free_snapshot`` it. None if
+        there are no snapshot slots to take."""
         if not self.free_snapshots:
             if not self.snapshots:
                 return None
             old, slot = self.snapshots.popitem(last=False)
             self.nodes[old].snapshot = None
             self.free_snapshots.append(slot)
-        slot = self.free_snapshots.pop()
+        return self.free_snapshots.pop()
+
+    def attach_snapshot(self, node: int, slot: int) -> bool:
+        """Give the reserved ``slot`` to ``node``; if the node is gone or already has a snapshot, the slot is
+        freed instead (False)."""
+        if node not in self.nodes or self.nodes[node].snapshot is not None:
+            self.free_snapshot(slot)
+            return False
         self.nodes[node].snapshot = slot
         self.snapshots[node] = slot
-        return slot
+        return True
+
+    def free_snapshot(self, slot: int) -> None:
+        """Return a reserved, unattached snapshot slot."""
+        self.free_snapshots.append(slot)
 
     def _remove(self, node: int) -> None:
         """Take ``node`` and everything below it out of the trie; blocks nobody holds become free."""

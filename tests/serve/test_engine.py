@@ -205,6 +205,40 @@ def test_bf16_state_engine_equals_generate_alone_and_restores_bf16_snapshots(mod
         Engine(model, EngineConfig(max_num_seqs=2, max_model_len=128, kda_state_dtype=torch.float16))
 
 
+def test_interval_snapshots_let_a_later_sharer_skip_the_shared_part(model):
+    """With ``snapshot_interval`` 128 a prefill piece also leaves KDA snapshots at the prompt positions that are
+    multiples of 128 inside it. Prompts that share 300 and 150 tokens with earlier ones whose pieces ended
+    elsewhere then start from 256 and 128 (with piece-end snapshots alone: from 0), with the tokens and logits of
+    the cache off. The earlier two are prefilled together; the second one's piece is packed after the first's
+    second piece (chunk and position arithmetic of the packed forward)."""
+    system, other = random_prompt(300, seed=80), random_prompt(230, seed=81)
+    first = {"a": (system + random_prompt(60, seed=82), 2), "b": (other + random_prompt(20, seed=83), 2)}
+    then = {"a2": (system + random_prompt(40, seed=84), 4), "b2": (other[:150] + random_prompt(30, seed=85), 4)}
+
+    def scenario(engine):
+        run(engine, {rid: (p, SamplingParams(max_tokens=m, **GREEDY)) for rid, (p, m) in first.items()})
+        out, logits, cached = {}, {}, {}
+        for rid, (prompt, m) in then.items():
+            t, f, lg = run(engine, {rid: (prompt, SamplingParams(max_tokens=m, **GREEDY))}, True)
+            out[rid], logits[rid], cached[rid] = t[rid], torch.stack(lg[rid]), f[rid].cached_tokens
+        return out, logits, cached
+
+    # a budget of 320: "a" runs [0, 320) alone (snapshots at 128 and 256 from inside), then [320, 360) packed
+    # with "b"'s [0, 192) (snapshot at 128 from inside)
+    config = dict(max_num_seqs=2, max_model_len=512, max_num_batched_tokens=320)
+    on_tokens, on_logits, cached = scenario(Engine(model, EngineConfig(**config, snapshot_interval=128)))
+    off_tokens, off_logits, _ = scenario(Engine(model, EngineConfig(**config, enable_prefix_caching=False)))
+    assert cached == {"a2": 256, "b2": 128}
+    _, _, piece_ends_only = scenario(Engine(model, EngineConfig(**config)))  # interval 2048: none inside
+    assert piece_ends_only == {"a2": 0, "b2": 0}
+    assert on_tokens == off_tokens
+    for rid, (prompt, m) in then.items():
+        assert rel_err(on_logits[rid], off_logits[rid]) < 1e-5, rid
+        assert on_tokens[rid] == alone(model, prompt, m), rid
+    with pytest.raises(ValueError, match="snapshot_interval"):
+        Engine(model, EngineConfig(max_num_seqs=2, max_model_len=128, snapshot_interval=100))
+
+
 def test_prefix_cache_concurrent_sharers_and_eviction(model):
     """Requests sharing a prefix run together (blocks held by several), and a pool too small to keep
     everything evicts cached blocks and snapshots without changing any completion."""

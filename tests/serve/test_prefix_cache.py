@@ -66,3 +66,27 @@ def test_snapshot_slots_are_recycled_lru():
     assert pc.new_snapshot(n1) == 1
     assert pc.new_snapshot(n2) == 1  # the only slot moves to n2
     assert not pc.has_snapshot(n1) and pc.has_snapshot(n2)
+
+
+def test_reserved_snapshots_attach_to_live_nodes_only():
+    """A slot reserved before its node exists (a snapshot written by the prefill forward) attaches to a
+    registered node without one; to a node that has one, or one evicted meanwhile, it goes back to the free
+    slots. Reserving takes the least recently used snapshot when no slot is free."""
+    pc = PrefixCache(num_blocks=4, block_size=BS, snapshot_slots=[50, 51])
+    blocks = pc.allocate(3)
+    n1 = pc.insert(0, tokens(4), blocks[0])
+    n2 = pc.insert(n1, tokens(4, 4), blocks[1])
+    s = pc.reserve_snapshot()
+    assert s == 50 and pc.free_snapshots == [51]
+    assert pc.attach_snapshot(n2, s) and pc.has_snapshot(n2)
+    assert pc.lookup(tokens(9))[:3] == (blocks[:2], 50, n2)
+    t = pc.reserve_snapshot()
+    assert not pc.attach_snapshot(n2, t)  # n2 has one: t is free again
+    assert pc.free_snapshots == [51]
+    assert pc.new_snapshot(n1) == 51
+    u = pc.reserve_snapshot()  # none free: the least recently used (n2's, looked up before n1's was made) goes
+    assert u == 50 and not pc.has_snapshot(n2) and pc.has_snapshot(n1)
+    pc.release(blocks)  # all evictable now; allocating 4 evicts the trie
+    pc.allocate(4)
+    assert not pc.attach_snapshot(n1, u)  # n1 is gone
+    assert sorted(pc.free_snapshots) == [50, 51]
