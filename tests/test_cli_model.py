@@ -278,7 +278,7 @@ def test_serve_help_states_the_engine_defaults():
             assert float(stated) == defaults[name], name
             checked.append(name)
     assert sorted(checked) == ["block_size", "gpu_memory_fraction", "max_num_batched_tokens", "max_num_seqs",
-                               "max_queue"]
+                               "max_queue", "snapshot_interval"]
 
 
 @pytest.mark.parametrize("device, match", [

@@ -57,6 +57,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kda-state-dtype", default="float32", choices=STATE_DTYPES,
                    help="dtype of the KDA recurrent states in the slot pool (default float32); bfloat16 halves the "
                         "state bytes a decode step moves (computed in fp32, stored rounded)")
+    p.add_argument("--snapshot-interval", type=int, default=None,
+                   help="prompt tokens between the KDA state snapshots a prefill leaves for the prefix cache, a "
+                        "multiple of the block size (default 2048)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
     p.add_argument("--drain-timeout", type=float, default=30.0,
@@ -80,9 +83,10 @@ def engine_settings(args: argparse.Namespace, model_max_length: int) -> dict:
         "block_size": args.block_size,
         "num_blocks": args.num_blocks,
         "gpu_memory_fraction": args.gpu_memory_fraction,
+        "snapshot_interval": args.snapshot_interval,
     }
     for name in ("max_num_seqs", "max_model_len", "max_queue", "max_num_batched_tokens", "block_size",
-                 "num_blocks"):
+                 "num_blocks", "snapshot_interval"):
         if chosen[name] is not None and chosen[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {chosen[name]}")
     if chosen["gpu_memory_fraction"] is not None and not 0 < chosen["gpu_memory_fraction"] <= 1:
