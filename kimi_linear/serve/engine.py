@@ -230,6 +230,7 @@ class _Sequence:
     node: int = 0  # prefix-cache node of the last registered full block (0 = root)
     registered: int = 0  # full blocks registered in the prefix cache
     branch: int = 0  # tokens of the prompt the prefix cache holds latents for (a piece ends there)
+    decode_node: int = 0  # the node of the snapshot at the last block boundary its generated tokens crossed
     pending: int = 0  # tokens launched but not yet read back (at most one)
     done: bool = False  # finished: tokens still in flight for it are dropped
     prompt_scores: list = field(default_factory=list)  # prompt logprobs on their way to the host, per piece
@@ -828,7 +829,10 @@ class Engine:
 
     def _register(self, seqs) -> None:
         """Put the sequences' newly filled blocks in the prefix cache; snapshot the KDA slot of each that
-        stands on a block boundary."""
+        stands on a block boundary. In its generated tokens a sequence keeps one snapshot, at the last boundary
+        it crossed (its slot moves along): enough for the next turn of a conversation, which extends the whole
+        completion, without one snapshot per block of every long completion pushing the prompts' snapshots out
+        of the least-recently-used pool."""
         if not self.config.enable_prefix_caching:
             return
         bs = self.config.block_size
@@ -836,10 +840,15 @@ class Engine:
         for seq in seqs:
             self._insert_blocks(seq)
             if seq.computed % bs == 0 and seq.node != 0 and not self.prefix.has_snapshot(seq.node):
-                snap = self.prefix.new_snapshot(seq.node)
-                if snap is not None:
+                generated = seq.computed > len(seq.prompt)
+                snap = self.prefix.detach_snapshot(seq.decode_node) if generated and seq.decode_node else None
+                if snap is None:
+                    snap = self.prefix.reserve_snapshot()
+                if snap is not None and self.prefix.attach_snapshot(seq.node, snap):
                     src.append(seq.slot)
                     dst.append(snap)
+                    if generated:
+                        seq.decode_node = seq.node
         if src:
             self._copy_slots(src, dst)
 

@@ -175,6 +175,16 @@ class PrefixCache:
         self.snapshots[node] = slot
         return True
 
+    def detach_snapshot(self, node: int) -> int | None:
+        """Take ``node``'s snapshot slot away from it (reserved, as ``reserve_snapshot`` returns one); None if
+        the node is gone or has none."""
+        if node not in self.nodes or self.nodes[node].snapshot is None:
+            return None
+        slot = self.nodes[node].snapshot
+        self.nodes[node].snapshot = None
+        del self.snapshots[node]
+        return slot
+
     def free_snapshot(self, slot: int) -> None:
         """Return a reserved, unattached snapshot slot."""
         self.free_snapshots.append(slot)

@@ -239,6 +239,19 @@ def test_interval_snapshots_let_a_later_sharer_skip_the_shared_part(model):
         Engine(model, EngineConfig(max_num_seqs=2, max_model_len=128, snapshot_interval=100))
 
 
+def test_a_completion_keeps_one_snapshot_at_its_last_boundary(model):
+    """A 200-token completion crosses three block boundaries; its snapshot moves along, so one is left (at 192),
+    and the next turn (prompt + completion + new tokens) starts there, with the tokens generate() gives alone."""
+    engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=512, max_num_batched_tokens=256))
+    prompt = random_prompt(10, seed=90)
+    tokens, _ = run(engine, {"long": (prompt, SamplingParams(max_tokens=200, **GREEDY))})
+    assert len(engine.prefix.snapshots) == 1
+    follow = prompt + tokens["long"] + random_prompt(5, seed=91)
+    out, finished = run(engine, {"next": (follow, SamplingParams(max_tokens=4, **GREEDY))})
+    assert finished["next"].cached_tokens == 192
+    assert out["next"] == alone(model, follow, 4)
+
+
 def test_prefix_cache_concurrent_sharers_and_eviction(model):
     """Requests sharing a prefix run together (blocks held by several), and a pool too small to keep
     everything evicts cached blocks and snapshots without changing any completion."""

@@ -90,3 +90,17 @@ def test_reserved_snapshots_attach_to_live_nodes_only():
     pc.allocate(4)
     assert not pc.attach_snapshot(n1, u)  # n1 is gone
     assert sorted(pc.free_snapshots) == [50, 51]
+
+
+def test_a_detached_snapshot_slot_moves_to_another_node():
+    pc = PrefixCache(num_blocks=4, block_size=BS, snapshot_slots=[60])
+    blocks = pc.allocate(2)
+    n1 = pc.insert(0, tokens(4), blocks[0])
+    n2 = pc.insert(n1, tokens(4, 4), blocks[1])
+    assert pc.new_snapshot(n1) == 60
+    slot = pc.detach_snapshot(n1)
+    assert slot == 60 and not pc.has_snapshot(n1) and pc.detach_snapshot(n1) is None
+    assert pc.lookup(tokens(9))[1] is None  # nothing to start from while the slot is in flight
+    assert pc.attach_snapshot(n2, slot) and pc.lookup(tokens(9))[1:3] == (60, n2)
+    assert pc.reserve_snapshot() == 60  # the only slot: reserving again takes it from n2 (LRU)
+    assert not pc.has_snapshot(n2)
