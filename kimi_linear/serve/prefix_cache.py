@@ -143,16 +143,6 @@ class PrefixCache:
     def has_snapshot(self, node: int) -> bool:
         return node in self.nodes and self.nodes[node].snapshot is not None
 
-    def new_snapshot(self, node: int) -> int | None:
-        """A snapshot slot for ``node`` (the least recently used one is taken if none is free); None if there
-        are no snapshot slots or the node is gone."""
-        if node not in self.nodes:
-            return None
-        slot = self.reserve_snapshot()
-        if slot is not None:
-            self.attach_snapshot(node, slot)
-        return slot
-
     def reserve_snapshot(self) -> int | None:
         """A snapshot slot owned by no node yet (the least recently used snapshot is dropped if none is free),
         for states written before their node exists; ``attach_snapshot`` or ``free_snapshot`` it. None if

@@ -13,6 +13,12 @@ def tokens(n: int, start: int = 0) -> list[int]:
     return list(range(start, start + n))
 
 
+def snapshot(pc: PrefixCache, node: int) -> int | None:
+    """A snapshot slot for ``node`` as the engine takes one: reserved, then attached (None if none or refused)."""
+    slot = pc.reserve_snapshot()
+    return slot if slot is not None and pc.attach_snapshot(node, slot) else None
+
+
 def test_lookup_needs_a_snapshot_and_leaves_one_token():
     pc = PrefixCache(num_blocks=8, block_size=BS, snapshot_slots=[100, 101])
     seq = tokens(12)
@@ -25,11 +31,11 @@ def test_lookup_needs_a_snapshot_and_leaves_one_token():
     # no snapshot anywhere: no hit, but the blocks are registered as far as 2 (the third needs one token left)
     assert pc.lookup(seq + [99]) == ([], None, 0, 3)
     assert pc.lookup(seq)[3] == 2  # 12 tokens: at most 11 cached, so two full blocks
-    assert pc.new_snapshot(nodes[1]) == 100
+    assert snapshot(pc, nodes[1]) == 100
     hit_blocks, snap, hit_node, matched = pc.lookup(seq[:10] + [77, 78, 79])  # diverges mid-block 2
     assert (hit_blocks, snap, hit_node, matched) == (blocks[:2], 100, nodes[1], 2)
     # a snapshot further down is preferred when the prompt reaches it
-    assert pc.new_snapshot(nodes[2]) == 101
+    assert snapshot(pc, nodes[2]) == 101
     assert pc.lookup(seq + [5])[:2] == (blocks, 101)
 
 
@@ -38,7 +44,7 @@ def test_refcounts_eviction_and_duplicates():
     a = pc.allocate(2)
     n1 = pc.insert(0, tokens(4), a[0])
     n2 = pc.insert(n1, tokens(4, 4), a[1])
-    pc.new_snapshot(n2)
+    snapshot(pc, n2)
     pc.release(a)  # registered: evictable, not free
     assert pc.num_free_blocks() == 3 and len(pc.free) == 1
     # a second sequence with the same first block: its own copy stays unregistered
@@ -63,8 +69,8 @@ def test_snapshot_slots_are_recycled_lru():
     blocks = pc.allocate(2)
     n1 = pc.insert(0, tokens(4), blocks[0])
     n2 = pc.insert(0, tokens(4, 50), blocks[1])
-    assert pc.new_snapshot(n1) == 1
-    assert pc.new_snapshot(n2) == 1  # the only slot moves to n2
+    assert snapshot(pc, n1) == 1
+    assert snapshot(pc, n2) == 1  # the only slot moves to n2
     assert not pc.has_snapshot(n1) and pc.has_snapshot(n2)
 
 
@@ -83,7 +89,7 @@ def test_reserved_snapshots_attach_to_live_nodes_only():
     t = pc.reserve_snapshot()
     assert not pc.attach_snapshot(n2, t)  # n2 has one: t is free again
     assert pc.free_snapshots == [51]
-    assert pc.new_snapshot(n1) == 51
+    assert snapshot(pc, n1) == 51
     u = pc.reserve_snapshot()  # none free: the least recently used (n2's, looked up before n1's was made) goes
     assert u == 50 and not pc.has_snapshot(n2) and pc.has_snapshot(n1)
     pc.release(blocks)  # all evictable now; allocating 4 evicts the trie
@@ -97,7 +103,7 @@ def test_a_detached_snapshot_slot_moves_to_another_node():
     blocks = pc.allocate(2)
     n1 = pc.insert(0, tokens(4), blocks[0])
     n2 = pc.insert(n1, tokens(4, 4), blocks[1])
-    assert pc.new_snapshot(n1) == 60
+    assert snapshot(pc, n1) == 60
     slot = pc.detach_snapshot(n1)
     assert slot == 60 and not pc.has_snapshot(n1) and pc.detach_snapshot(n1) is None
     assert pc.lookup(tokens(9))[1] is None  # nothing to start from while the slot is in flight
