@@ -92,6 +92,9 @@ class KimiLinearCache:
 
     Attributes:
         layers: one dict per layer, entry name -> pool tensor (see the module docstring).
+        slot_groups: the slot pools as allocated: one tensor ``[layers, num_slots, *shape]`` per entry name (and
+            shape and dtype), of which the layers' slot pools are views; a slot is zeroed or copied in every layer
+            by one indexed op on each.
         slots, block_table, lengths: the rows (see the module docstring).
         block_size, num_slots, num_blocks: the pool geometry.
         dtype, state_dtype: as given.
@@ -160,14 +163,24 @@ class KimiLinearCache:
         self.state_dtype = check_state_dtype(state_dtype)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.num_slots, self.num_blocks, self.block_size = num_slots, num_blocks, block_size
-        self.layers: list[dict[str, torch.Tensor]] = []
+        self.layers: list[dict[str, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
+        # Slot entries of one name, shape and dtype are one tensor [layers, num_slots, ...] and each layer's pool
+        # a view of it, so a slot of every layer is zeroed or copied in one indexed op per group.
+        groups: dict[tuple, list[int]] = {}
         for i in range(config.num_hidden_layers):
-            entries = {}
             for e in layer_cache_layout(config, i):
-                lead = (num_slots,) if e.per == "slot" else (num_blocks, block_size)
-                entries[e.name] = torch.zeros(*lead, *e.shape, dtype=e.storage_dtype(dtype, state_dtype),
-                                              device=self.device)
-            self.layers.append(entries)
+                storage = e.storage_dtype(dtype, state_dtype)
+                if e.per == "slot":
+                    groups.setdefault((e.name, tuple(e.shape), storage), []).append(i)
+                else:
+                    self.layers[i][e.name] = torch.zeros(num_blocks, block_size, *e.shape, dtype=storage,
+                                                         device=self.device)
+        self.slot_groups: list[torch.Tensor] = []
+        for (name, shape, storage), layer_ids in groups.items():
+            stack = torch.zeros(len(layer_ids), num_slots, *shape, dtype=storage, device=self.device)
+            self.slot_groups.append(stack)
+            for j, i in enumerate(layer_ids):
+                self.layers[i][name] = stack[j]
 
     snapshots: StateSnapshots | None = None  # set on a prefill's view by ``view(..., snapshots=)``
 

@@ -129,3 +129,26 @@ def test_view_checks_shapes():
         pools.view(torch.tensor([0, 1]), torch.zeros(3, 2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="num_blocks"):
         KimiLinearCache.pooled(KimiLinearConfig.from_preset("debug"), 4, 0, 64)
+
+
+def test_slot_pools_are_views_of_one_tensor_per_entry():
+    """Each slot entry's pools, over all layers that have it, are one tensor ``[layers, num_slots, ...]``: an
+    indexed op on it reaches the slot in every layer, and nothing else."""
+    config = KimiLinearConfig.from_preset("debug")
+    cache = KimiLinearCache.pooled(config, num_slots=5, num_blocks=3, block_size=64, state_dtype=torch.bfloat16)
+    kda = [i for i, t in enumerate(config.layer_types) if t in ("kda", "gdn")]
+    assert len(cache.slot_groups) == 2  # conv tails, states
+    conv, state = cache.slot_groups
+    assert conv.shape[:2] == state.shape[:2] == (len(kda), 5) and state.dtype == torch.bfloat16
+    for j, i in enumerate(kda):
+        assert cache.layers[i]["conv"].data_ptr() == conv[j].data_ptr()
+        assert cache.layers[i]["state"].data_ptr() == state[j].data_ptr()
+    for group in cache.slot_groups:
+        group.normal_()
+    state.index_fill_(1, torch.tensor([1, 3]), 0)
+    for i in kda:
+        s = cache.layers[i]["state"]
+        assert s[1].abs().sum() == 0 and s[3].abs().sum() == 0 and s[0].abs().sum() > 0 and s[2].abs().sum() > 0
+    assert cache.nbytes() == sum(t.numel() * t.element_size() for t in cache.slot_groups) + sum(
+        t.numel() * t.element_size() for entry in cache.layers for name, t in entry.items() if name not in
+        ("conv", "state"))

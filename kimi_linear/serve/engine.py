@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kimi_linear.cache import STATE_DTYPES, KimiLinearCache, StateSnapshots, cache_bytes, layer_cache_layout
+from kimi_linear.cache import STATE_DTYPES, KimiLinearCache, StateSnapshots, cache_bytes
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.generate import decode_step, sample_rows, validate_sampling
 from kimi_linear.ops.varlen import remember_host_values
@@ -410,13 +410,6 @@ class Engine:
             mc, num_slots, num_blocks + 1, c.block_size, dtype=model.dtype, device=self.device,
             state_dtype=c.kda_state_dtype,
         )
-        # the per-slot tensors (KDA conv tails and states): what a prefix-cache snapshot copies
-        self.slot_tensors = [
-            self.pools.layers[i][e.name]
-            for i in range(mc.num_hidden_layers)
-            for e in layer_cache_layout(mc, i)
-            if e.per == "slot"
-        ]
         self.prefix = PrefixCache(num_blocks, c.block_size, range(c.max_num_seqs, c.max_num_seqs + num_snapshots))
         self.free_slots = list(range(c.max_num_seqs))[::-1]
         # The block table of each sequence slot, on the device: a step gathers its rows instead of building the
@@ -632,17 +625,20 @@ class Engine:
                 self._stats["hits"] += seq.cached_tokens
         if restores:
             fresh = [d for s, d in restores if s is None]
-            if fresh:  # one multi-tensor launch for every slot tensor of every fresh slot
-                torch._foreach_zero_([t[slot] for slot in fresh for t in self.slot_tensors])
+            if fresh:  # every layer's conv tails and states of every fresh slot: one op per slot group
+                rows = self._to_device(fresh)
+                for group in self.pools.slot_groups:  # [layers, num_slots, ...]
+                    group.index_fill_(1, rows, 0)
             hits = [(s, d) for s, d in restores if s is not None]
             if hits:
                 self._copy_slots([s for s, _ in hits], [d for _, d in hits])
 
     def _copy_slots(self, src: list[int], dst: list[int]) -> None:
         """Copy the KDA states and conv tails of slots ``src`` to slots ``dst`` (disjoint sets: snapshots and
-        sequence slots), all in one multi-tensor launch."""
-        torch._foreach_copy_([t[d] for d in dst for t in self.slot_tensors],
-                             [t[s] for s in src for t in self.slot_tensors])
+        sequence slots) in every layer: a gather and a scatter per slot group."""
+        src_rows, dst_rows = self._to_device(src), self._to_device(dst)
+        for group in self.pools.slot_groups:  # [layers, num_slots, ...]
+            group.index_copy_(1, dst_rows, group.index_select(1, src_rows))
 
     def _piece_end(self, seq: _Sequence, budget: int) -> int:
         """End of the next prefill piece: within the budget, on a block boundary unless it ends the prompt.
