@@ -92,9 +92,10 @@ class KimiLinearCache:
 
     Attributes:
         layers: one dict per layer, entry name -> pool tensor (see the module docstring).
-        slot_groups: the slot pools as allocated: one tensor ``[layers, num_slots, *shape]`` per entry name (and
-            shape and dtype), of which the layers' slot pools are views; a slot is zeroed or copied in every layer
-            by one indexed op on each.
+        slot_groups: of a ``pooled`` cache (empty for the dense one), the slot pools as allocated: one tensor
+            ``[layers, num_slots, *shape]`` per entry name (and shape and dtype), of which the layers' slot pools
+            are views; a slot is zeroed or copied in every layer by one indexed op on each. Such a cache is for
+            forwards without autograd (the serving engine's).
         slots, block_table, lengths: the rows (see the module docstring).
         block_size, num_slots, num_blocks: the pool geometry.
         dtype, state_dtype: as given.
@@ -121,7 +122,7 @@ class KimiLinearCache:
             raise ValueError(
                 f"max_length={max_length} exceeds the model's model_max_length={config.model_max_length}"
             )
-        self._allocate(config, batch_size, batch_size, max_length, dtype, device, state_dtype)
+        self._allocate(config, batch_size, batch_size, max_length, dtype, device, state_dtype, group_slots=False)
         rows = torch.arange(batch_size, dtype=torch.long, device=self.device)
         with torch.inference_mode(False):  # a normal tensor even under inference_mode: it keeps a version counter
             lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
@@ -151,21 +152,23 @@ class KimiLinearCache:
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         cache = cls.__new__(cls)
-        cache._allocate(config, num_slots, num_blocks, block_size, dtype, device, state_dtype)
+        cache._allocate(config, num_slots, num_blocks, block_size, dtype, device, state_dtype, group_slots=True)
         empty = torch.zeros(0, dtype=torch.long, device=cache.device)
         cache._set_rows(empty, empty[:, None], empty)
         cache.identity_rows = False
         return cache
 
-    def _allocate(self, config, num_slots, num_blocks, block_size, dtype, device, state_dtype) -> None:
+    def _allocate(self, config, num_slots, num_blocks, block_size, dtype, device, state_dtype, group_slots) -> None:
         self.config = config
         self.dtype = dtype
         self.state_dtype = check_state_dtype(state_dtype)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.num_slots, self.num_blocks, self.block_size = num_slots, num_blocks, block_size
         self.layers: list[dict[str, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers)]
-        # Slot entries of one name, shape and dtype are one tensor [layers, num_slots, ...] and each layer's pool
-        # a view of it, so a slot of every layer is zeroed or copied in one indexed op per group.
+        # Pooled: slot entries of one name, shape and dtype are one tensor [layers, num_slots, ...] and each
+        # layer's pool a view of it, so a slot of every layer is zeroed or copied in one indexed op per group.
+        # Dense: one tensor per layer, so a forward with autograd on may write its states into them (in-place
+        # writes into views of one shared base would join the layers in one autograd history).
         groups: dict[tuple, list[int]] = {}
         for i in range(config.num_hidden_layers):
             for e in layer_cache_layout(config, i):
@@ -177,10 +180,12 @@ class KimiLinearCache:
                                                          device=self.device)
         self.slot_groups: list[torch.Tensor] = []
         for (name, shape, storage), layer_ids in groups.items():
-            stack = torch.zeros(len(layer_ids), num_slots, *shape, dtype=storage, device=self.device)
-            self.slot_groups.append(stack)
+            if group_slots:
+                stack = torch.zeros(len(layer_ids), num_slots, *shape, dtype=storage, device=self.device)
+                self.slot_groups.append(stack)
             for j, i in enumerate(layer_ids):
-                self.layers[i][name] = stack[j]
+                self.layers[i][name] = (stack[j] if group_slots else
+                                        torch.zeros(num_slots, *shape, dtype=storage, device=self.device))
 
     snapshots: StateSnapshots | None = None  # set on a prefill's view by ``view(..., snapshots=)``
 

@@ -152,3 +152,11 @@ def test_slot_pools_are_views_of_one_tensor_per_entry():
     assert cache.nbytes() == sum(t.numel() * t.element_size() for t in cache.slot_groups) + sum(
         t.numel() * t.element_size() for entry in cache.layers for name, t in entry.items() if name not in
         ("conv", "state"))
+
+
+def test_a_dense_cache_keeps_one_tensor_per_layer():
+    """The dense cache (``generate``, a forward with autograd on) has no shared slot tensor to write through."""
+    cache = KimiLinearCache(KimiLinearConfig.from_preset("debug"), batch_size=2, max_length=16)
+    assert cache.slot_groups == []
+    pools = [t for entry in cache.layers for t in entry.values()]
+    assert all(t._base is None for t in pools)
