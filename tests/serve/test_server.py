@@ -376,6 +376,20 @@ def test_prefix_cache_on_equals_off(server, start_server, tiny_model):
     assert off.metrics()["kimi_linear_prefix_cache_hit_tokens_total"] == 0
 
 
+def test_snapshot_interval_flag_lets_a_sharer_hit_where_no_piece_ended(start_server, tiny_model):
+    """``--snapshot-interval 64``: a prompt sharing 100 tokens with an earlier one (whose pieces ended at 128 and
+    160) starts from the snapshot its prefill left at 64, as ``usage`` reports, with generate()'s tokens."""
+    s = start_server("--max-num-seqs", "2", "--max-model-len", "512", "--snapshot-interval", "64")
+    rng = random.Random(5)
+    shared = random_prompt(rng, 100)
+    for tail, cached in ((60, 0), (40, 64)):
+        prompt = shared + [rng.randrange(32, 127) for _ in range(tail)]
+        out = httpx.post(f"{s.url}/v1/completions", timeout=60, json={
+            "prompt": prompt, "max_tokens": 6, "temperature": 0, "return_token_ids": True}).json()
+        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
+        assert out["choices"][0]["token_ids"] == reference(tiny_model, prompt, 6)
+
+
 def test_queue_full_gets_429_and_sigkill_restart_serves_again(start_server, tiny_model, monkeypatch):
     server = start_server("--max-num-seqs", "1", "--max-queue", "1", "--max-model-len", "512")
     long_body = {"prompt": "busy", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
