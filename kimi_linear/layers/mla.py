@@ -233,8 +233,9 @@ class MultiheadLatentAttention(PackedInputProjections, nn.Module):
             return self._attend_packed(q, k, v, seg_lens)
         return self._attend(q, k, v, mask=self._mask(B, T, q.device, cu_seqlens, attention_mask))
 
-    def _attend_packed(self, q, k, v, seg_lens: list[int]) -> torch.Tensor:
-        """Causal attention inside each of the sequences packed along T (``q [1, T, H, E]``).
+    def _attend_packed(self, q, k, v, seg_lens: list[int], only: set[int] | None = None) -> torch.Tensor:
+        """Causal attention inside each of the sequences packed along T (``q [1, T, H, E]``); with ``only``,
+        inside those sequences only (the other rows of the result are left unset for the caller).
 
         Sequences of similar length (same power-of-two bucket) are attended as one batch with the plain causal
         kernel: equal lengths back to back (same-length prompts, or one sequence) are a reshape of the packed
@@ -249,7 +250,7 @@ class MultiheadLatentAttention(PackedInputProjections, nn.Module):
             starts[i] = starts[i - 1] + seg_lens[i - 1]
         buckets: dict[int, list[int]] = {}
         for i, n in enumerate(seg_lens):
-            if n > 0:
+            if n > 0 and (only is None or i in only):
                 buckets.setdefault(max(n - 1, 0).bit_length(), []).append(i)
         out = None
         for members in buckets.values():
@@ -345,20 +346,26 @@ class MultiheadLatentAttention(PackedInputProjections, nn.Module):
         # Imported here: torch.nn.attention.bias pulls in torch._dynamo (and Triton) when imported.
         from torch.nn.attention.bias import causal_lower_right
 
-        outs = []
-        for n, past in enumerate(starts_host):
-            if seg_lens is None:
-                q_n, new = q[n], T  # [T, H, E]
-            else:
-                new = seg_lens[n]
-                q_n = q[0, cu_host[n] : cu_host[n + 1]]  # [new, H, E]
-                if new == 0:
-                    continue
-            keys = self._token_index(cache, n, torch.arange(past + new, device=q.device))  # [S]
+        def attend_row(n: int, q_n: torch.Tensor, past: int) -> torch.Tensor:  # [new, H, E] -> [new, H, dv]
+            keys = self._token_index(cache, n, torch.arange(past + len(q_n), device=q.device))  # [S]
             k, v = self._expand(flat_latent[keys][None].to(q.dtype), flat_pe[keys][None].to(q.dtype))  # [1, S, H, ·]
-            mask = causal_lower_right(new, past + new)
-            outs.append(self._attend(q_n[None], k, v, mask=mask)[0])  # [new, H, dv]
-        return torch.stack(outs) if seg_lens is None else torch.cat(outs)[None]  # [B, T, H, dv] / [1, T, H, dv]
+            return self._attend(q_n[None], k, v, mask=causal_lower_right(len(q_n), past + len(q_n)))[0]
+
+        if seg_lens is None:
+            return torch.stack([attend_row(n, q[n], past) for n, past in enumerate(starts_host)])  # [B, T, H, dv]
+        # packed pieces: those that start a sequence attend among themselves, batched as in a fresh prefill;
+        # those that continue one attend over their cached prefix, one by one
+        fresh = {n for n, past in enumerate(starts_host) if past == 0}
+        if fresh:
+            k, v = self._expand(latent, k_pe)
+            out = self._attend_packed(q, k, v, seg_lens, only=fresh)[0]  # [T, H, dv]
+        else:
+            out = q.new_empty(T, q.shape[2], self.v_dim)
+        for n, past in enumerate(starts_host):
+            if n not in fresh and seg_lens[n] > 0:
+                a, b = cu_host[n], cu_host[n + 1]
+                out[a:b] = attend_row(n, q[0, a:b], past)
+        return out[None]  # [1, T, H, dv]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W_uk ``[H, dn, r]`` (keys) and W_uv ``[H, dv, r]`` (values)."""

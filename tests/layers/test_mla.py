@@ -188,6 +188,36 @@ def test_varlen_and_padding_match_separate_sequences():
         assert rel_err(padded[1, :8], layer(batch[1:, :8])[0]) < 1e-5
 
 
+def test_packed_pieces_mixing_fresh_and_continued_sequences(monkeypatch):
+    """A chunked-prefill step: some packed pieces start their sequence, others continue one from the cache.
+    Each piece's output is that of its whole sequence; the fresh pieces are attended together (one call per
+    length bucket), only the continued ones one by one."""
+    config = small_config()
+    layer = randomised_layer(config, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    past = [0, 6, 0, 0, 3, 0]  # tokens each row already holds
+    new = [5, 4, 5, 5, 0, 7]  # the step's piece per row (rows 0, 2, 3: equal lengths; row 4: none)
+    D = config.hidden_size
+    history = [torch.randn(n, D, generator=gen) for n in past]
+    pieces = [torch.randn(n, D, generator=gen) for n in new]
+    calls = []
+    attend = layer._attend
+    monkeypatch.setattr(layer, "_attend", lambda *a, **k: calls.append(a[0].shape) or attend(*a, **k))
+    with torch.no_grad():
+        cache = KimiLinearCache(config, batch_size=len(past), max_length=16)
+        cu = torch.tensor([0, *torch.tensor(past).cumsum(0).tolist()])
+        layer(torch.cat(history)[None], cu_seqlens=cu, cache=cache)
+        cache.lengths += torch.tensor(past)
+        calls.clear()
+        cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()])
+        step = layer(torch.cat(pieces)[None], cu_seqlens=cu, cache=cache)[0]
+        step_calls = [tuple(c[:2]) for c in calls]
+        whole = [layer(torch.cat([h, x])[None])[0, len(h):] for h, x in zip(history, pieces, strict=True) if len(x)]
+    assert rel_err(step, torch.cat(whole)) < 1e-5
+    # the fresh rows 0, 2, 3, 5 in one bucket (lengths 5 to 8, padded to 7), then row 1 over its cache
+    assert step_calls == [(4, 7), (1, 4)]
+
+
 def _triton_decode_runs_here() -> bool:
     """CUDA, or Triton's interpreter with the kernel module and Triton's own language helpers (``tl.cdiv``)
     defined under it: the environment variable must have been set before either was first imported, which an
