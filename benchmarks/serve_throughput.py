@@ -250,7 +250,9 @@ def engine_alone(model, prompts: list[list[int]], output_len: int, max_model_len
                  step_tokens: int = EngineConfig.max_num_batched_tokens) -> dict:
     """Run ``prompts`` through an in-process ``Engine`` (the server's defaults, ``len(prompts)`` slots): one wave
     to warm up every graph bucket, one timed step by step, then one profiled (its steps that carry prefill, and
-    20 decode-only steps after them)."""
+    20 decode-only steps after them). The warm-up and profiled waves send other prompts of the same lengths: a
+    repeated prompt would hit the prefix cache and make the timed wave a different workload from the static
+    batch's and the server's."""
     from kimi_linear.serve.engine import SamplingParams
 
     engine = Engine(model, EngineConfig(max_num_seqs=len(prompts), max_model_len=max_model_len,
@@ -258,8 +260,13 @@ def engine_alone(model, prompts: list[list[int]], output_len: int, max_model_len
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
 
-    def wave(tag: str, profile: bool = False):
-        for i, p in enumerate(prompts):
+    rng = random.Random(len(prompts))
+
+    def other_prompts() -> list[list[int]]:
+        return [[rng.randrange(32, 127) for _ in p] for p in prompts]
+
+    def wave(tag: str, batch: list[list[int]], profile: bool = False):
+        for i, p in enumerate(batch):
             engine.add_request(f"{tag}-{i}", p, params)
         steps, profiles, prof = [], {}, None
         torch.cuda.synchronize()
@@ -285,9 +292,9 @@ def engine_alone(model, prompts: list[list[int]], output_len: int, max_model_len
                     profiles[phase], prof = _profile_summary(prof, counted), None
         return time.perf_counter() - start, steps, profiles
 
-    wave("warm")
-    seconds, steps, _ = wave("timed")
-    _, _, profiles = wave("profiled", profile=True)
+    wave("warm", other_prompts())
+    seconds, steps, _ = wave("timed", prompts)
+    _, _, profiles = wave("profiled", other_prompts(), profile=True)
     decode = sorted(t for t, p in steps if p == 0)
     mixed = [t for t, p in steps if p > 0]
     last_prefill = max(i for i, (_, p) in enumerate(steps) if p)
