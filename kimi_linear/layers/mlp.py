@@ -11,6 +11,7 @@ from torch import nn
 
 from kimi_linear.layers.memory import autocast_input
 from kimi_linear.layers.packing import PackedInputProjections
+from kimi_linear.ops.swiglu import silu_mul
 
 
 class SwiGLUMLP(PackedInputProjections, nn.Module):
@@ -54,8 +55,8 @@ class SwiGLUMLP(PackedInputProjections, nn.Module):
         packed = self._forward_packed_weight()
         if packed is not None:
             gate, up = F.linear(x, packed).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(silu_mul(gate, up))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}"
