@@ -182,6 +182,7 @@ def measure(streams: int, step_s: float, output_len: int, engine_kind: str = "sl
         "ideal_tokens_per_s": streams / step_s, "tokens_per_s": report["output_tokens_per_s"],
         "tpot_p50_ms": report["tpot_p50_ms"], "tpot_p99_ms": report["tpot_p99_ms"],
         "achieved_step_ms": report["duration_s"] / steps * 1e3 if steps else None, "failed": report["num_failed"],
+        "client_cpu_share": report.get("client_cpu_share"),
     }
 
 

@@ -113,6 +113,10 @@ class Report:
     latency_p50_ms: float | None
     latency_p99_ms: float | None
     errors: list[str] = field(default_factory=list)
+    # CPU seconds this process (the load generator) used during the run, and as a share of its duration: near 1
+    # the client, not the server, may be what limits the tokens/s
+    client_cpu_s: float | None = None
+    client_cpu_share: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -130,6 +134,8 @@ class Report:
             ("TPOT p50 / p99 (ms)", f"{ms(self.tpot_p50_ms)} / {ms(self.tpot_p99_ms)}"),
             ("latency p50 / p99 (ms)", f"{ms(self.latency_p50_ms)} / {ms(self.latency_p99_ms)}"),
         ]
+        if self.client_cpu_share is not None:
+            rows.append(("client CPU (share of duration)", f"{self.client_cpu_share:.2f}"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -144,7 +150,7 @@ def percentile(values: list[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def summarize(results: list[RequestResult], duration_s: float) -> Report:
+def summarize(results: list[RequestResult], duration_s: float, client_cpu_s: float | None = None) -> Report:
     ok = [r for r in results if r.error is None]
 
     def pct_ms(values, q):
@@ -168,6 +174,8 @@ def summarize(results: list[RequestResult], duration_s: float) -> Report:
         latency_p50_ms=pct_ms([r.latency_s for r in ok], 50),
         latency_p99_ms=pct_ms([r.latency_s for r in ok], 99),
         errors=sorted({r.error for r in results if r.error is not None})[:20],
+        client_cpu_s=client_cpu_s,
+        client_cpu_share=client_cpu_s / duration_s if client_cpu_s is not None and duration_s > 0 else None,
     )
 
 
@@ -241,7 +249,7 @@ async def run_load(spec: LoadSpec) -> Report:
                 prompt, out_len = pending.pop()
                 results.append(await _one_request(client, models["id"], prompt, out_len))
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client_loop() for _ in range(spec.num_clients)))
-        duration = time.perf_counter() - start
-    return summarize(results, duration)
+        duration, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return summarize(results, duration, cpu)

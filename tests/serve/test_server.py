@@ -351,6 +351,8 @@ def test_bench_serve_reports_throughput_and_latency(server, tmp_path, capsys):
     assert rc == 0 and report["num_ok"] == 6 and report["output_tokens"] == 6 * 8
     assert report["output_tokens_per_s"] > 0 and 0 < report["ttft_p50_ms"] <= report["ttft_p99_ms"]
     assert report["tpot_p50_ms"] > 0 and "TTFT p50 / p99" in out
+    assert report["client_cpu_s"] > 0 and report["client_cpu_share"] == report["client_cpu_s"] / report["duration_s"]
+    assert "client CPU" in out
 
 
 def test_prefix_cache_on_equals_off(server, start_server, tiny_model):
