@@ -565,9 +565,19 @@ def main(argv=None) -> None:
                 spec = LoadSpec(url=url, num_clients=args.clients, num_requests=args.requests,
                                 prompt_len=LengthDist("fixed", args.prompt_len),
                                 output_len=LengthDist("fixed", args.output_len), seed=2)
+                before = scrape(url)
                 report = asyncio.run(run_load(spec))
+                after = scrape(url)
                 results["server"] = json.loads(report.to_json())
+                steps = {k: after[f"kimi_linear_engine_{k}"] - before[f"kimi_linear_engine_{k}"]
+                         for k in ("steps_total", "prefill_steps_total", "step_seconds_total")}
+                results["server"]["engine"] = {
+                    **steps, "step_ms_mean": 1e3 * steps["step_seconds_total"] / max(steps["steps_total"], 1),
+                    "busy_share": steps["step_seconds_total"] / report.duration_s}
                 print(report.table(), flush=True)
+                print(f"the server's engine: {steps['steps_total']:.0f} steps ({steps['prefill_steps_total']:.0f} with "
+                      f"prefill), {results['server']['engine']['step_ms_mean']:.2f} ms each on average, inside a "
+                      f"step {results['server']['engine']['busy_share']:.0%} of the run", flush=True)
             if "prefix" in phases:
                 with httpx.Client(base_url=url) as client:
                     # a long prompt's kernels, and the connection open

@@ -764,6 +764,11 @@ class Server:
              s.prefill_tokens_total),
             ("requests_finished_total", "counter", "Finished requests.", s.finished_requests_total),
             ("engine_step_errors_total", "counter", "Engine steps that raised.", self.loop.step_errors),
+            ("engine_steps_total", "counter", "Engine iterations that ran a forward.", s.steps_total),
+            ("engine_prefill_steps_total", "counter", "Engine iterations that carried prefill pieces.",
+             s.prefill_steps_total),
+            ("engine_step_seconds_total", "counter", "Wall time inside the engine's iterations.",
+             s.step_seconds_total),
         ]
         lines = []
         for name, kind, help_text, value in rows:

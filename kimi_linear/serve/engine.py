@@ -211,6 +211,9 @@ class EngineStats:
     prompt_tokens_total: int
     prefill_tokens_total: int  # prompt tokens computed by prefill pieces (not those served from the prefix cache)
     finished_requests_total: int
+    steps_total: int = 0  # engine iterations that ran a forward
+    prefill_steps_total: int = 0  # of those, the ones that carried prefill pieces
+    step_seconds_total: float = 0.0  # wall time inside those iterations (launch, the previous one's tokens, ...)
 
 
 @dataclass
@@ -435,7 +438,8 @@ class Engine:
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self._outstanding = 0  # blocks admitted sequences may still take (sum of reserve - held)
-        self._stats = dict(queries=0, hits=0, generated=0, prompt=0, prefilled=0, finished=0)
+        self._stats = dict(queries=0, hits=0, generated=0, prompt=0, prefilled=0, finished=0, steps=0,
+                           prefill_steps=0, step_seconds=0.0)
 
         self.graphs: dict[int, _DecodeGraph] = {}
         if c.use_cuda_graph and self.device.type == "cuda":
@@ -526,6 +530,9 @@ class Engine:
                 prompt_tokens_total=s["prompt"],
                 prefill_tokens_total=s["prefilled"],
                 finished_requests_total=s["finished"],
+                steps_total=s["steps"],
+                prefill_steps_total=s["prefill_steps"],
+                step_seconds_total=s["step_seconds"],
             )
 
     # ---- the step ----------------------------------------------------------------------------------------
@@ -537,6 +544,7 @@ class Engine:
         them and retire the finished. The GPU runs this iteration's forward while the host reads and emits the
         previous one's tokens (a decode step takes its input tokens from ``next_tokens`` on the device), so
         events come one iteration after their forward. A failure inside a request finishes it with "error"."""
+        start = time.perf_counter()
         events: list[TokenEvent] = []
         with self._lock:
             self.waiting.extend(self._incoming)
@@ -573,6 +581,10 @@ class Engine:
         if previous is not None:
             self._resolve(previous, events)
         self._register([s for s in decoding + [p[0] for p in pieces] if not s.done])
+        if decoding or pieces:
+            self._stats["steps"] += 1
+            self._stats["prefill_steps"] += bool(pieces)
+            self._stats["step_seconds"] += time.perf_counter() - start
         return events
 
     def _guarded(self, seqs, run, events) -> None:

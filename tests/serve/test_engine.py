@@ -89,6 +89,19 @@ def test_greedy_equals_generate_alone_with_requests_joining_and_leaving(model):
     assert stats.free_blocks == stats.num_blocks  # all blocks free or only held by the prefix cache
 
 
+def test_stats_count_steps_prefill_steps_and_their_time(model):
+    """One 150-token prompt through a 64-token budget (3 pieces), 5 tokens: 3 prefill steps (the last gives the
+    first token), then 4 decode steps; no step before a request nor after the last."""
+    engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=256, max_num_batched_tokens=64))
+    assert engine.stats().steps_total == 0
+    run(engine, {"a": (random_prompt(150, seed=5), SamplingParams(max_tokens=5, **GREEDY))})
+    stats = engine.stats()
+    assert (stats.steps_total, stats.prefill_steps_total) == (7, 3)
+    assert stats.step_seconds_total > 0
+    engine.step()  # nothing to run: not counted
+    assert engine.stats().steps_total == 7
+
+
 def test_chunked_prefill_equals_whole_and_does_not_stall_streams(model):
     long_prompt, short_prompt = random_prompt(700, seed=1), random_prompt(3, seed=2)
     whole = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=800, max_num_batched_tokens=1024,

@@ -79,7 +79,8 @@ def test_models_health_and_metrics(server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     metrics = server.metrics()
     for name in ("requests_waiting", "requests_running", "generation_tokens_per_second", "cache_usage_ratio",
-                 "prefix_cache_hit_rate", "state_slots_free", "prefill_tokens_total"):
+                 "prefix_cache_hit_rate", "state_slots_free", "prefill_tokens_total", "engine_steps_total",
+                 "engine_prefill_steps_total", "engine_step_seconds_total"):
         assert f"kimi_linear_{name}" in metrics
     assert metrics["kimi_linear_state_slots"] == 6
 
