@@ -188,6 +188,7 @@ class KimiLinearCache:
                                         torch.zeros(num_slots, *shape, dtype=storage, device=self.device))
 
     snapshots: StateSnapshots | None = None  # set on a prefill's view by ``view(..., snapshots=)``
+    new_tokens: torch.Tensor | None = None  # set by piece_view: real tokens per row of a padded piece
 
     def _set_rows(self, slots: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> None:
         self.slots = slots
@@ -249,6 +250,20 @@ class KimiLinearCache:
         out._set_rows(slots, block_table, lengths)
         out.identity_rows = False
         out.snapshots = snapshots
+        return out
+
+    def piece_view(self, slots: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor,
+                   new_tokens: torch.Tensor) -> KimiLinearCache:
+        """``view`` for a forward of ``T`` tokens per row of which the first ``new_tokens [N]`` are real and the
+        rest right padding (a prefill piece padded to a fixed size): the layers then read no host values and
+        launch the same kernels whatever the lengths, so the forward can be captured in a CUDA graph and replayed
+        for other pieces. Padding changes no state: KDA takes it with g = 0 and beta = 0 and its conv tail is
+        gathered at each row's real end; MLA writes no latent for it. A row with ``new_tokens`` 0 must be a
+        scratch row (its slot and blocks are written)."""
+        out = self.view(slots, block_table, lengths)
+        if new_tokens.shape != lengths.shape:
+            raise ValueError(f"new_tokens must be [N] like lengths, got {tuple(new_tokens.shape)}")
+        out.new_tokens = new_tokens
         return out
 
     def reset(self) -> None:

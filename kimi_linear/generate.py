@@ -145,6 +145,22 @@ def decode_step(model, tokens: torch.Tensor, cache: KimiLinearCache) -> torch.Te
     return model.lm_head(hidden[:, 0]).float()
 
 
+def piece_step(model, tokens: torch.Tensor, cache: KimiLinearCache) -> torch.Tensor:
+    """A prefill piece of up to T tokens for every row of a ``piece_view`` cache: ``tokens [N, T]`` long, of which
+    row i's first ``cache.new_tokens[i]`` are real and the rest padding -> the next-token logits after each row's
+    last real token ``[N, vocab]`` fp32 (a row with no real token gives garbage), with the rows' states, conv
+    tails and latents advanced by their real tokens only and ``cache.lengths += cache.new_tokens``.
+
+    The same function of the tokens as a packed prefill (``prefill``), computed as ``decode_step`` computes a
+    token (absorbed MLA over the latents), with the same kernels whatever the lengths: no input checks, no host
+    sync, capturable in a CUDA graph for each (N, T).
+    """
+    hidden = model.model(tokens, cache=cache)  # [N, T, D]
+    last = (cache.new_tokens - 1).clamp(min=0)
+    cache.lengths += cache.new_tokens
+    return model.lm_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).float()
+
+
 class CudaGraphDecoder:
     """``decode_step`` captured once in a CUDA graph; ``__call__(tokens)`` copies the tokens in and replays.
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kimi_linear.cache import KimiLinearCache
-from kimi_linear.generate import decode_step, generate, prefill, sample, sample_rows
+from kimi_linear.generate import decode_step, generate, piece_step, prefill, sample, sample_rows
 from tests.test_model import make_model
 from tests.utils import rel_err
 
@@ -330,3 +330,70 @@ def test_generate_under_inference_mode():
         expected = generate(model, prompts, max_new_tokens=4)
     with torch.inference_mode():
         assert generate(model, prompts, max_new_tokens=4) == expected
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["dense", "pooled"])
+def test_piece_step_equals_packed_prefill(pooled):
+    """A padded piece (``piece_view`` + ``piece_step``: rows of 5 and 3 real tokens padded to 8, after histories
+    of 37 and 20 tokens) gives the packed prefill's logits after each row's last real token, the same KDA states,
+    conv tails and MLA latents, and then the same next decode step: the padding changes nothing."""
+    import copy
+
+    from kimi_linear.config import KimiLinearConfig
+    from kimi_linear.model import KimiLinearForCausalLM
+    from kimi_linear.ops.varlen import remember_host_values
+
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(KimiLinearConfig.from_preset("debug")).eval()
+    V = model.config.vocab_size
+    history = [torch.randint(0, V, (n,)).tolist() for n in (37, 20)]
+    pieces = [torch.randint(0, V, (n,)).tolist() for n in (5, 3)]
+    with torch.no_grad():
+        if pooled:  # the engine's arrangement: slots 3 and 1, blocks of 16 tokens from a shared pool
+            pools = KimiLinearCache.pooled(model.config, num_slots=4, num_blocks=12, block_size=16)
+            slots, table = torch.tensor([3, 1]), torch.tensor([[0, 5, 2, 7], [4, 1, 9, 3]])
+
+            def view(lengths):
+                return pools.view(slots, table, torch.tensor(lengths))
+
+            packed = view([0, 0])
+            flat = [t for h in history for t in h]
+            cu = torch.tensor([0, 37, 57])
+            remember_host_values(cu, [0, 37, 57])
+            model.hidden_states(torch.tensor(flat)[None], cache=packed, cu_seqlens=cu)
+            base = pools
+        else:
+            base = KimiLinearCache(model.config, batch_size=2, max_length=64)
+            prefill(model, history, base)
+        ref_cache, piece_cache = base, copy.deepcopy(base)
+        # the reference: the pieces as one packed prefill on the cache with the histories
+        ref = view([37, 20]) if pooled else ref_cache
+        cu = torch.tensor([0, 5, 8])
+        remember_host_values(cu, [0, 5, 8])
+        hidden = model.hidden_states(torch.tensor(pieces[0] + pieces[1])[None], cache=ref, cu_seqlens=cu)
+        ref_logits = model.lm_head(hidden[0, cu[1:] - 1]).float()
+        # the padded piece
+        tokens = torch.full((2, 8), 7)
+        tokens[0, :5], tokens[1, :3] = torch.tensor(pieces[0]), torch.tensor(pieces[1])
+        if pooled:
+            piece = pools_copy = piece_cache
+            piece = piece_cache.piece_view(slots, table, torch.tensor([37, 20]), torch.tensor([5, 3]))
+        else:
+            piece = piece_cache.piece_view(torch.arange(2), piece_cache.block_table, piece_cache.lengths,
+                                           torch.tensor([5, 3]))
+        got = piece_step(model, tokens, piece)
+        assert rel_err(got, ref_logits) < 1e-5
+        assert piece.lengths.tolist() == [42, 23]
+        for layer_ref, layer_got in zip(ref_cache.layers, piece_cache.layers, strict=True):
+            for name in ("state", "conv"):
+                if name in layer_ref:
+                    assert rel_err(layer_got[name], layer_ref[name]) < 1e-5, name
+        # the next decode step from each: reads every latent the rows hold
+        nxt = torch.tensor([1, 2])
+        if pooled:
+            ref_dec = decode_step(model, nxt, view([42, 23]))
+            got_dec = decode_step(model, nxt, pools_copy.view(slots, table, torch.tensor([42, 23])))
+        else:
+            assert ref_cache.lengths.tolist() == [42, 23]
+            ref_dec, got_dec = decode_step(model, nxt, ref_cache), decode_step(model, nxt, piece_cache)
+        assert rel_err(got_dec, ref_dec) < 1e-5

@@ -179,8 +179,11 @@ class KimiDeltaAttention(PackedInputProjections, nn.Module):
             x = x * attention_mask[:, :, None].to(x.dtype)
         layer_cache = None if cache is None else cache.layers[self.layer_idx]
         decoding = layer_cache is not None and T == 1 and cu_seqlens is None
+        # A padded piece (``KimiLinearCache.piece_view``): real tokens per row on the device, no host reads.
+        new_tokens = None if layer_cache is None or decoding else cache.new_tokens
         # A prefill into empty rows has no history to read: skip the (zero) initial states.
-        history = layer_cache is not None and not decoding and max(cache.host_lengths(), default=0) > 0
+        history = layer_cache is not None and not decoding and (
+            new_tokens is not None or max(cache.host_lengths(), default=0) > 0)
         # The dense cache's row n is slot n (update the pools in place); otherwise gather / scatter the rows.
         in_place = layer_cache is not None and cache.identity_rows
 
@@ -211,6 +214,8 @@ class KimiDeltaAttention(PackedInputProjections, nn.Module):
                 qkv, f_low, beta_logits, self._conv_weight_or_none(), self.f_b_proj.weight, self.A_log,
                 self.dt_bias, cu_seqlens=cu_seqlens, conv_state=conv_state, output_conv_state=True,
             )
+            if new_tokens is not None:
+                g, beta, conv_final = self._mask_padding(qkv, conv_state, g, beta, new_tokens)
             if self.use_short_conv:
                 self._store_rows(layer_cache["conv"], conv_final, cache, in_place)
             initial = None
@@ -265,6 +270,22 @@ class KimiDeltaAttention(PackedInputProjections, nn.Module):
             tails = qkv[0].index_select(0, cols.reshape(-1)).view(cols.shape[0], W1, -1)  # [P, W - 1, C]
             pool.index_copy_(0, snapshots.slots, tails.transpose(1, 2).to(pool.dtype))
         return o, state
+
+    def _mask_padding(self, qkv, conv_state, g, beta, new_tokens):
+        """A padded piece's gate and beta with the padding's set to 0 (its tokens then leave the state as it was:
+        S <- (I - 0) Diag(e^0) S + 0), and the conv tails at each row's real end: the last W-1 of the previous
+        tail followed by the row's ``new_tokens [B]`` real inputs. Device ops only."""
+        B, T, _ = qkv.shape
+        real = torch.arange(T, device=qkv.device)[None, :] < new_tokens[:, None]  # [B, T]
+        g = torch.where(real.view(B, T, *([1] * (g.dim() - 2))), g, 0.0)
+        beta = torch.where(real.view(B, T, *([1] * (beta.dim() - 2))), beta, 0.0)
+        if not self.use_short_conv:
+            return g, beta, None
+        W1 = conv_state.shape[-1]  # W - 1
+        inputs = torch.cat([conv_state.to(qkv.dtype), qkv.transpose(1, 2)], dim=2)  # [B, C, W - 1 + T]
+        cols = new_tokens[:, None] + torch.arange(W1, device=qkv.device)[None, :]  # [B, W - 1]
+        tail = inputs.gather(2, cols[:, None, :].expand(B, inputs.shape[1], W1))
+        return g, beta, tail
 
     def _conv_weight_or_none(self) -> torch.Tensor | None:
         return self.conv_weight() if self.use_short_conv else None

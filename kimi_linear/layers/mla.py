@@ -200,7 +200,7 @@ class MultiheadLatentAttention(PackedInputProjections, nn.Module):
             ``[B, T, D]``.
         """
         B, T, _ = hidden_states.shape
-        if cache is not None and T == 1 and cu_seqlens is None:
+        if cache is not None and ((T == 1 and cu_seqlens is None) or cache.new_tokens is not None):
             return self.decode(hidden_states, cache)
         hidden_states = autocast_input(hidden_states)  # one low-precision copy for both projections
         q, latent, k_pe = self._queries_and_latents(hidden_states)
@@ -373,36 +373,46 @@ class MultiheadLatentAttention(PackedInputProjections, nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     def decode(self, hidden_states: torch.Tensor, cache) -> torch.Tensor:
-        """One token per sequence, absorbed: attention over the cached latents without decompressing them.
+        """T tokens per sequence (one at decode; a padded piece of a ``piece_view``), absorbed: attention over the
+        cached latents without decompressing them.
 
-        Writes the new latent at ``cache.lengths`` and attends over positions ``<= cache.lengths`` of each
-        row (``ops.mla_decode``: on CUDA one split-K flash-decoding kernel that reads each cached latent once
-        for all heads, no score tensor; elsewhere the reference). Shapes are static and nothing syncs with the
-        host (CUDA-graph capturable).
+        Writes the new latents at ``cache.lengths + t`` and attends, for each new token, over its row's positions
+        up to its own (``ops.mla_decode``: on CUDA one split-K flash-decoding kernel that reads each cached latent
+        once for all heads, no score tensor; elsewhere the reference), each token a row of the kernel. In a
+        piece, the padding after a row's ``new_tokens`` real tokens writes and reads as the row's last real token
+        does, so nothing past it is touched. Shapes are static and nothing syncs with the host (CUDA-graph
+        capturable).
         """
-        B = hidden_states.shape[0]
+        B, T = hidden_states.shape[:2]
         entry = cache.layers[self.layer_idx]
-        q, latent, k_pe = self._queries_and_latents(hidden_states)  # [B, 1, H, dn + dr], [B, 1, r], [B, 1, dr]
-        q = q[:, 0]  # [B, H, dn + dr]
-        pos = cache.lengths  # [B]
+        q, latent, k_pe = self._queries_and_latents(hidden_states)  # [B, T, H, dn + dr], [B, T, r], [B, T, dr]
+        t = torch.arange(T, device=q.device)
+        pos = cache.lengths[:, None] + t  # [B, T]
         if self.use_rope:
-            q_pe = apply_rope(q[:, None, :, self.nope_dim :], pos[:, None], self.config.rope_theta)[:, 0]
-            q = torch.cat([q[..., : self.nope_dim], q_pe], dim=-1)
-            k_pe = apply_rope(k_pe, pos[:, None], self.config.rope_theta)
-        rows = torch.arange(B, device=q.device)
-        index = self._token_index(cache, rows, pos)  # [B]
-        entry["latent"].view(-1, self.kv_lora_rank).index_copy_(0, index, latent[:, 0].to(entry["latent"].dtype))
-        entry["k_pe"].view(-1, self.rope_dim).index_copy_(0, index, k_pe[:, 0].to(entry["k_pe"].dtype))
-        # the dense cache is [B, L_max, ·] with row b in block b; otherwise read through the block table
-        block_table = None if cache.identity_rows else cache.block_table
+            q = torch.cat([q[..., : self.nope_dim], apply_rope(q[..., self.nope_dim :], pos, self.config.rope_theta)],
+                          dim=-1)
+            k_pe = apply_rope(k_pe, pos, self.config.rope_theta)
+        if cache.new_tokens is not None:  # padding stands in for the row's last real token
+            src = torch.minimum(t[None, :], (cache.new_tokens[:, None] - 1).clamp(min=0))  # [B, T]
+            latent = latent.gather(1, src[..., None].expand(B, T, latent.shape[-1]))
+            k_pe = k_pe.gather(1, src[..., None].expand(B, T, k_pe.shape[-1]))
+            pos = cache.lengths[:, None] + src
+        rows = torch.arange(B, device=q.device)[:, None].expand(B, T)
+        index = self._token_index(cache, rows, pos).reshape(-1)  # [B·T]
+        entry["latent"].view(-1, self.kv_lora_rank).index_copy_(
+            0, index, latent.reshape(-1, self.kv_lora_rank).to(entry["latent"].dtype))
+        entry["k_pe"].view(-1, self.rope_dim).index_copy_(0, index, k_pe.reshape(-1, self.rope_dim).to(entry["k_pe"].dtype))
+        # the dense cache is [B, L_max, ·] with row b in block b; otherwise, or with several tokens a row, read
+        # through the block table (one table row per token)
+        block_table = None if cache.identity_rows and T == 1 else cache.block_table.repeat_interleave(T, dim=0)
 
         w_uk, w_uv = self.absorbed_weights()
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_latent = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)  # [B, H, r]
-        # the valid prefix of each row: the pos cached tokens and the new one
+        q_nope, q_pe = q.reshape(B * T, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        q_latent = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)  # [B·T, H, r]
+        # the valid prefix of each token: the cached tokens, the piece's tokens before it and itself
         o_latent = mla_decode_attention(
-            q_latent, q_pe, entry["latent"], entry["k_pe"], pos + 1, self.scale, backend=self.decode_backend,
-            block_table=block_table,
-        )  # [B, H, r]
-        o = torch.einsum("bhr,hvr->bhv", o_latent.to(w_uv.dtype), w_uv)  # [B, H, dv]
-        return self.o_proj(o.reshape(B, 1, self.num_heads * self.v_dim))
+            q_latent, q_pe, entry["latent"], entry["k_pe"], pos.reshape(-1) + 1, self.scale,
+            backend=self.decode_backend, block_table=block_table,
+        )  # [B·T, H, r]
+        o = torch.einsum("bhr,hvr->bhv", o_latent.to(w_uv.dtype), w_uv)  # [B·T, H, dv]
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim))

@@ -73,13 +73,17 @@ import torch
 
 from kimi_linear.cache import STATE_DTYPES, KimiLinearCache, StateSnapshots, cache_bytes
 from kimi_linear.config import KimiLinearConfig
-from kimi_linear.generate import decode_step, sample_rows, validate_sampling
+from kimi_linear.generate import decode_step, piece_step, sample_rows, validate_sampling
 from kimi_linear.ops.varlen import remember_host_values
 from kimi_linear.serve.prefix_cache import PrefixCache
 
 KDA_CHUNK = 64  # prefix-cache boundaries are multiples of the KDA chunk kernel's chunk size
 MAX_LOGPROBS = 20  # most likely tokens a request may ask for with each token (the OpenAI API's limit)
 PROMPT_LOGPROBS_ROWS = 1024  # prompt positions whose [rows, vocab] logits exist at once (prompt_logprobs)
+# A step whose prefill pieces are all at most this long runs them as one padded piece (``piece_step``): on CUDA one
+# graph replay per step instead of a forward launched op by op from Python. A prefix-cache hit's rest of a block
+# and a short chat turn are such pieces.
+PIECE_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -322,6 +326,64 @@ class _DecodeGraph:
         return self.logits[:n], self.greedy[:n]
 
 
+class _PieceRunner:
+    """The prefill pieces of one step, each at most ``PIECE_TOKENS`` long, as one padded piece of ``rows`` rows
+    (``piece_step``): captured in a CUDA graph on CUDA and replayed each step (inputs copied into static
+    buffers; the block-table rows gathered inside, as the decode graph does), run eagerly elsewhere. Padding rows
+    point at the scratch slot with no real token."""
+
+    def __init__(self, engine: Engine, rows: int):
+        self.engine, self.rows = engine, rows
+        device = engine.device
+        pin = device.type == "cuda"
+        # per row: slot, cached tokens, real tokens, then the PIECE_TOKENS token ids
+        self.host = torch.empty((rows, 3 + PIECE_TOKENS), dtype=torch.long, pin_memory=pin)
+        self.padding = np.array([engine.scratch_slot, 0, 0] + [0] * PIECE_TOKENS, dtype=np.int64)
+        self.host.numpy()[:] = self.padding
+        self.inputs = self.host.to(device)
+        self.graph = None
+        if pin and engine.config.use_cuda_graph:
+            self.capture()
+
+    def run(self) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.engine
+        slots, lengths, new_tokens = self.inputs[:, 0], self.inputs[:, 1], self.inputs[:, 2]
+        table = e.block_tables.index_select(0, slots.clamp(max=e.block_tables.shape[0] - 1))
+        view = e.pools.piece_view(slots, table, lengths.clone(), new_tokens)
+        logits = piece_step(e.model, self.inputs[:, 3:], view)
+        greedy = logits.argmax(-1)
+        e.next_tokens.index_copy_(0, slots, greedy)
+        return logits, greedy
+
+    def capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # the scratch rows only: warm-up writes nothing a sequence reads
+                self.run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=self.engine.piece_pool):  # one pool: their replays never overlap
+            self.logits, self.greedy = self.run()
+
+    def __call__(self, pieces) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pieces``: ``(sequence, start, end)`` each -> ``(logits [n, V] fp32, greedy [n])`` after each piece's
+        last token, ``next_tokens`` set for their slots."""
+        n = len(pieces)
+        view = self.host.numpy()
+        view[:] = self.padding
+        for i, (seq, a, b) in enumerate(pieces):
+            view[i, :3] = (seq.slot, a, b - a)
+            view[i, 3 : 3 + b - a] = seq.tokens[a:b]
+        self.inputs.copy_(self.host, non_blocking=self.graph is not None)
+        if self.graph is None:
+            logits, greedy = self.run()
+        else:
+            self.graph.replay()
+            logits, greedy = self.logits, self.greedy
+        return logits[:n], greedy[:n]
+
+
 class Engine:
     """Continuous-batching engine over one model (see the module docstring).
 
@@ -453,6 +515,17 @@ class Engine:
                 )
                 torch.cuda.synchronize()
                 self.graphs = {}
+        self.piece_runners: dict[int, _PieceRunner] = {}
+        self.piece_pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        try:
+            for size in _bucket_sizes(c.max_num_seqs):
+                self.piece_runners[size] = _PieceRunner(self, size)
+        except Exception as e:  # noqa: BLE001 - a mixer that cannot be captured: small pieces run as the others
+            warnings.warn(f"capture of the padded-piece step failed ({type(e).__name__}: {e}); every prefill "
+                          "piece runs packed", stacklevel=2)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.piece_runners = {}
 
     @property
     def model_config(self) -> KimiLinearConfig:
@@ -734,6 +807,20 @@ class Engine:
         seqs = [p[0] for p in pieces]
         for seq, _, end in pieces:
             self._ensure_blocks(seq, end)
+        runner = next((self.piece_runners[b] for b in sorted(self.piece_runners) if b >= len(pieces)), None)
+        if runner is not None and all(b - a <= PIECE_TOKENS and s.params.prompt_logprobs is None
+                                      for s, a, b in pieces):
+            self._apply_table_changes()
+            logits, greedy = runner(pieces)
+            done = [i for i, (seq, _, end) in enumerate(pieces) if end == len(seq.prompt)]
+            for seq, _, end in pieces:
+                seq.computed = end
+            self._stats["prefilled"] += sum(b - a for _, a, b in pieces)
+            if done:
+                rows = self._to_device(done)
+                self._choose([seqs[i] for i in done], [seqs[i].slot for i in done], logits.index_select(0, rows),
+                             greedy.index_select(0, rows), launched, events)
+            return
         ids = [t for seq, a, b in pieces for t in seq.tokens[a:b]]
         lens = [b - a for _, a, b in pieces]
         cu_host = [0]

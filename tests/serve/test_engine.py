@@ -467,15 +467,15 @@ def test_failing_requests_do_not_stop_the_engine(model, monkeypatch):
         assert tokens[rid] == alone(model, p, 5)
     # a forward that raises finishes the requests in it; later requests are served exactly
     calls = {"n": 0}
-    real_hidden = model.hidden_states
+    real_forward = model.model.forward  # under both the packed prefill and the padded-piece step
 
     def broken_once(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("kernel fault")
-        return real_hidden(*args, **kwargs)
+        return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(model, "hidden_states", broken_once)
+    monkeypatch.setattr(model.model, "forward", broken_once)
     _, finished = run(engine, {"x": (prompts["p0"], SamplingParams(max_tokens=5, **GREEDY))})
     assert finished["x"].finish_reason == "error" and "kernel fault" in finished["x"].error
     tokens, _ = run(engine, {rid: (p, SamplingParams(max_tokens=5, **GREEDY)) for rid, p in prompts.items()})
