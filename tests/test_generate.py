@@ -397,3 +397,59 @@ def test_piece_step_equals_packed_prefill(pooled):
             assert ref_cache.lengths.tolist() == [42, 23]
             ref_dec, got_dec = decode_step(model, nxt, ref_cache), decode_step(model, nxt, piece_cache)
         assert rel_err(got_dec, ref_dec) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_piece_step_captured_in_a_graph():
+    """``piece_step`` captured once in a CUDA graph and replayed for pieces of other lengths (fp32, the debug
+    model with the Triton kernels) gives the packed prefill's logits and the same next decode step."""
+    import copy
+
+    from kimi_linear.config import KimiLinearConfig
+    from kimi_linear.model import KimiLinearForCausalLM
+
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(KimiLinearConfig.from_preset("debug")).cuda().eval()
+    V = model.config.vocab_size
+    with torch.no_grad():
+        base = KimiLinearCache(model.config, batch_size=2, max_length=256, device="cuda")
+        prefill(model, [torch.randint(0, V, (n,)).tolist() for n in (70, 9)], base)
+        graph_cache = copy.deepcopy(base)
+        tokens = torch.zeros(2, 64, dtype=torch.long, device="cuda")
+        new_tokens = torch.zeros(2, dtype=torch.long, device="cuda")
+        view = graph_cache.piece_view(torch.arange(2, device="cuda"), graph_cache.block_table, graph_cache.lengths,
+                                      new_tokens)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up with no real token: nothing changes
+            piece_step(model, tokens, view)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = piece_step(model, tokens, view)
+        for lengths in ((5, 64), (33, 1)):
+            pieces = [torch.randint(0, V, (n,)).tolist() for n in lengths]
+            tokens.zero_()
+            for i, p in enumerate(pieces):
+                tokens[i, : len(p)] = torch.tensor(p)
+            new_tokens.copy_(torch.tensor(lengths))
+            graph.replay()
+            ref = prefill_more(model, pieces, base)
+            assert rel_err(logits, ref) < 1e-4
+        nxt = torch.tensor([1, 2], device="cuda")
+        assert rel_err(decode_step(model, nxt, graph_cache), decode_step(model, nxt, base)) < 1e-4
+
+
+def prefill_more(model, pieces, cache):
+    """The packed prefill of ``pieces`` appended to the rows of ``cache``: logits after each piece's last token."""
+    from kimi_linear.ops.varlen import remember_host_values
+
+    bounds = [0]
+    for p in pieces:
+        bounds.append(bounds[-1] + len(p))
+    cu = torch.tensor(bounds, device=cache.device)
+    remember_host_values(cu, bounds)
+    ids = torch.tensor([t for p in pieces for t in p], device=cache.device)[None]
+    hidden = model.hidden_states(ids, cache=cache, cu_seqlens=cu)
+    return model.lm_head(hidden[0, cu[1:] - 1]).float()
