@@ -448,6 +448,8 @@ class Engine:
                 # room for the step's activations: a prefill of max_num_batched_tokens (a few copies of the
                 # hidden states and the logits of the pieces' last tokens)
                 budget -= 16 * c.max_num_batched_tokens * mc.hidden_size * dtype_bytes
+                if c.use_cuda_graph:  # the padded-piece graphs' pool holds one such forward of their largest size
+                    budget -= 16 * c.max_num_seqs * PIECE_TOKENS * mc.hidden_size * dtype_bytes
                 budget -= penalty_bytes
                 num_blocks = int(budget // block_bytes)
             else:
