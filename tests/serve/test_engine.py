@@ -657,3 +657,35 @@ def test_penalty_values_are_checked():
     for bad in (((1, 101.0),), ((-1, 1.0),), ((True, 1.0),), ((1,),)):
         with pytest.raises(ValueError, match="logit_bias"):
             SamplingParams(logit_bias=bad)
+
+
+def test_small_pieces_take_the_padded_piece_step(model):
+    """A prefix hit's rest of a block and a short prompt run as padded pieces (``_PieceRunner``), a long piece
+    packed; both give the tokens of generate() alone."""
+    engine = Engine(model, EngineConfig(max_num_seqs=4, max_model_len=512, max_num_batched_tokens=256))
+    calls = {"piece": 0, "packed": 0}
+    for runner in engine.piece_runners.values():
+        original = runner.run
+
+        def counted(original=original):
+            calls["piece"] += 1
+            return original()
+
+        runner.run = counted
+    real_hidden = model.hidden_states
+
+    def counted_hidden(*args, **kwargs):
+        calls["packed"] += 1
+        return real_hidden(*args, **kwargs)
+
+    shared = random_prompt(192, seed=40)
+    prompts = {"long": shared + random_prompt(20, seed=41), "hit": shared + random_prompt(9, seed=42),
+               "short": random_prompt(30, seed=43)}
+    model.hidden_states = counted_hidden
+    try:
+        for rid, p in prompts.items():  # one at a time: the hit finds the first one's blocks
+            tokens, _ = run(engine, {rid: (p, SamplingParams(max_tokens=4, **GREEDY))})
+            assert tokens[rid] == alone(model, p, 4), rid
+    finally:
+        del model.hidden_states
+    assert calls["packed"] >= 1 and calls["piece"] >= 2, calls
