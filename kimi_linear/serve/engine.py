@@ -336,11 +336,15 @@ class _PieceRunner:
         self.engine, self.rows = engine, rows
         device = engine.device
         pin = device.type == "cuda"
-        # per row: slot, cached tokens, real tokens, then the PIECE_TOKENS token ids
-        self.host = torch.empty((rows, 3 + PIECE_TOKENS), dtype=torch.long, pin_memory=pin)
+        # per row: slot, cached tokens, real tokens, then the PIECE_TOKENS token ids. Two host buffers alternate
+        # (as the decode graph's do): the one being written was copied two steps ago, and the engine has waited
+        # for the step before.
+        self.hosts = [torch.empty((rows, 3 + PIECE_TOKENS), dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self.padding = np.array([engine.scratch_slot, 0, 0] + [0] * PIECE_TOKENS, dtype=np.int64)
-        self.host.numpy()[:] = self.padding
-        self.inputs = self.host.to(device)
+        for h in self.hosts:
+            h.numpy()[:] = self.padding
+        self.turn = 0
+        self.inputs = self.hosts[0].to(device)
         self.graph = None
         if pin and engine.config.use_cuda_graph:
             self.capture()
@@ -370,12 +374,14 @@ class _PieceRunner:
         """``pieces``: ``(sequence, start, end)`` each -> ``(logits [n, V] fp32, greedy [n])`` after each piece's
         last token, ``next_tokens`` set for their slots."""
         n = len(pieces)
-        view = self.host.numpy()
+        self.turn ^= 1
+        host = self.hosts[self.turn]
+        view = host.numpy()
         view[:] = self.padding
         for i, (seq, a, b) in enumerate(pieces):
             view[i, :3] = (seq.slot, a, b - a)
             view[i, 3 : 3 + b - a] = seq.tokens[a:b]
-        self.inputs.copy_(self.host, non_blocking=self.graph is not None)
+        self.inputs.copy_(host, non_blocking=self.graph is not None)
         if self.graph is None:
             logits, greedy = self.run()
         else:
