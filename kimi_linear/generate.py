@@ -145,6 +145,7 @@ def decode_step(model, tokens: torch.Tensor, cache: KimiLinearCache) -> torch.Te
     return model.lm_head(hidden[:, 0]).float()
 
 
+@torch.no_grad()
 def piece_step(model, tokens: torch.Tensor, cache: KimiLinearCache) -> torch.Tensor:
     """A prefill piece of up to T tokens for every row of a ``piece_view`` cache: ``tokens [N, T]`` long, of which
     row i's first ``cache.new_tokens[i]`` are real and the rest padding -> the next-token logits after each row's
