@@ -401,7 +401,9 @@ def test_piece_step_equals_packed_prefill(pooled):
 
 def capture_piece_step(model, cache, rows: int):
     """``piece_step`` over ``cache``'s first ``rows`` rows captured in a CUDA graph (after a warm-up with no real
-    token, which changes nothing): (graph, token buffer [rows, 64], real-token counts [rows], logits)."""
+    token, which changes nothing): (graph, token buffer [rows, 64], real-token counts [rows], logits, the
+    captured view). The caller keeps the view: the graph reads its tensors (its slots) at their addresses, and
+    freed, the allocator would hand their memory to the next tensor."""
     tokens = torch.zeros(rows, 64, dtype=torch.long, device="cuda")
     new_tokens = torch.zeros(rows, dtype=torch.long, device="cuda")
     view = cache.piece_view(torch.arange(rows, device="cuda"), cache.block_table, cache.lengths, new_tokens)
@@ -413,7 +415,7 @@ def capture_piece_step(model, cache, rows: int):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         logits = piece_step(model, tokens, view)
-    return graph, tokens, new_tokens, logits
+    return graph, tokens, new_tokens, logits, view
 
 
 def load_pieces(tokens, new_tokens, pieces):
@@ -444,7 +446,7 @@ def test_gpu_piece_step_captured_in_a_graph():
         base = KimiLinearCache(model.config, batch_size=2, max_length=256, device="cuda")
         prefill(model, [torch.randint(0, V, (n,)).tolist() for n in (70, 9)], base)
         graph_cache = copy.deepcopy(base)
-        graph, tokens, new_tokens, logits = capture_piece_step(model, graph_cache, 2)
+        graph, tokens, new_tokens, logits, _view = capture_piece_step(model, graph_cache, 2)
         for lengths in ((5, 64), (33, 1)):
             pieces = [torch.randint(0, V, (n,)).tolist() for n in lengths]
             load_pieces(tokens, new_tokens, pieces)
@@ -472,7 +474,7 @@ def test_gpu_bf16_moe_piece_step_graph_equals_eager():
         base = KimiLinearCache(model.config, batch_size=2, max_length=256, dtype=torch.bfloat16, device="cuda")
         prefill(model, [torch.randint(0, V, (n,)).tolist() for n in (70, 9)], base)
         eager_cache = copy.deepcopy(base)
-        graph, tokens, new_tokens, logits = capture_piece_step(model, base, 2)
+        graph, tokens, new_tokens, logits, _view = capture_piece_step(model, base, 2)
         for lengths in ((5, 64), (33, 1)):
             pieces = [torch.randint(0, V, (n,)).tolist() for n in lengths]
             load_pieces(tokens, new_tokens, pieces)
