@@ -20,6 +20,7 @@ from kimi_linear.cache import KimiLinearCache
 from kimi_linear.checkpoint import load_pretrained, save_pretrained
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers import MIXERS, mixer_class
+from kimi_linear.layers.linear import Linear
 from kimi_linear.layers.mlp import SwiGLUMLP
 from kimi_linear.layers.moe import MoE
 from kimi_linear.layers.norm import RMSNorm
@@ -212,7 +213,7 @@ class KimiLinearForCausalLM(nn.Module):
             raise TypeError(f"config must be a KimiLinearConfig, got {type(config).__name__}")
         self.config = config
         self.model = KimiLinearModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_weights()

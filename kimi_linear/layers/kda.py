@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.cache_layout import CacheEntry
+from kimi_linear.layers.linear import Linear
 from kimi_linear.layers.memory import autocast_input, recompute, recompute_linear
 from kimi_linear.layers.packing import PackedInputProjections
 from kimi_linear.ops.conv import causal_conv1d
@@ -40,6 +41,7 @@ from kimi_linear.ops.gated_norm import gated_rms_norm
 from kimi_linear.ops.kda import chunk_kda, kda_decode_step
 from kimi_linear.ops.kda.chunk import chunk_kda_with_states, resolve_backend, resolve_kda_backend
 from kimi_linear.ops.kda.common import preprocess
+from kimi_linear.ops.linear import linear
 
 
 class KimiDeltaAttention(PackedInputProjections, nn.Module):
@@ -85,25 +87,25 @@ class KimiDeltaAttention(PackedInputProjections, nn.Module):
         self.chunk_backend = "auto"
         self.decode_backend = "auto"
 
-        self.q_proj = nn.Linear(D, H * K, bias=False)
-        self.k_proj = nn.Linear(D, H * K, bias=False)
-        self.v_proj = nn.Linear(D, H * K, bias=False)
+        self.q_proj = Linear(D, H * K)
+        self.k_proj = Linear(D, H * K)
+        self.v_proj = Linear(D, H * K)
         if self.use_short_conv:
             self.q_conv1d = nn.Conv1d(H * K, H * K, self.conv_size, groups=H * K, bias=False)
             self.k_conv1d = nn.Conv1d(H * K, H * K, self.conv_size, groups=H * K, bias=False)
             self.v_conv1d = nn.Conv1d(H * K, H * K, self.conv_size, groups=H * K, bias=False)
         gate_width = H if self.scalar_gate else H * K
-        self.f_a_proj = nn.Linear(D, K, bias=False)
-        self.f_b_proj = nn.Linear(K, gate_width, bias=False)
+        self.f_a_proj = Linear(D, K)
+        self.f_b_proj = Linear(K, gate_width)
         self.A_log = nn.Parameter(torch.empty(1, 1, H, 1, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.empty(gate_width, dtype=torch.float32))
-        self.b_proj = nn.Linear(D, H, bias=False)
+        self.b_proj = Linear(D, H)
         if self.use_output_gate:
-            self.g_a_proj = nn.Linear(D, K, bias=False)
-            self.g_b_proj = nn.Linear(K, H * K, bias=False)
+            self.g_a_proj = Linear(D, K)
+            self.g_b_proj = Linear(K, H * K)
         self.o_norm = nn.Module()
         self.o_norm.weight = nn.Parameter(torch.ones(K))
-        self.o_proj = nn.Linear(H * K, D, bias=False)
+        self.o_proj = Linear(H * K, D)
         self.reset_gate_parameters()
 
     @torch.no_grad()
@@ -143,7 +145,7 @@ class KimiDeltaAttention(PackedInputProjections, nn.Module):
         if packed is None:
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3·H·K]
             return qkv, self.f_a_proj(x), self.b_proj(x), None
-        y = F.linear(x, packed)  # [B, T, ΣN]
+        y = linear(x, packed)  # [B, T, ΣN]
         sizes = [3 * HK, K, H] + ([K] if self.use_output_gate else [])
         parts = y.split(sizes, dim=-1)
         qkv, f_low, beta_logits = parts[:3]

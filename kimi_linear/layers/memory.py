@@ -26,6 +26,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from kimi_linear.ops.linear import linear
+
 
 class _Recompute(torch.autograd.Function):
     @staticmethod
@@ -118,7 +120,7 @@ def recompute_linear(fn: Callable, weight: torch.Tensor, *inputs: torch.Tensor |
         ``[..., out]``, as F.linear (under autocast in its dtype).
     """
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (weight, *inputs)):
-        return F.linear(fn(*inputs), weight)
+        return linear(fn(*inputs), weight)
     device = weight.device
     state = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
     return _RecomputeLinear.apply(fn, state, weight, *inputs)

@@ -25,9 +25,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.cache_layout import CacheEntry
+from kimi_linear.layers.linear import Linear
 from kimi_linear.layers.memory import autocast_input
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.layers.packing import PackedInputProjections
+from kimi_linear.ops.linear import linear
 from kimi_linear.ops.mla_decode import mla_decode_attention
 from kimi_linear.ops.varlen import host_to_device, host_values, sequence_lengths
 
@@ -126,15 +128,15 @@ class MultiheadLatentAttention(PackedInputProjections, nn.Module):
         self.scale = self.qk_dim**-0.5
 
         if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
+            self.q_proj = Linear(D, H * self.qk_dim)
         else:
-            self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(D, config.q_lora_rank)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, H * self.qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=False)
+            self.q_b_proj = Linear(config.q_lora_rank, H * self.qk_dim)
+        self.kv_a_proj_with_mqa = Linear(D, self.kv_lora_rank + self.rope_dim)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
+        self.kv_b_proj = Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim))
+        self.o_proj = Linear(H * self.v_dim, D)
 
     # ---- pieces --------------------------------------------------------------------------------------------
 
@@ -150,7 +152,7 @@ class MultiheadLatentAttention(PackedInputProjections, nn.Module):
         if packed is None:
             q, kv = first(x), latent_proj(x)
         else:
-            q, kv = F.linear(x, packed).split([first.out_features, latent_proj.out_features], dim=-1)
+            q, kv = linear(x, packed).split([first.out_features, latent_proj.out_features], dim=-1)
         if self.config.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
         latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)

@@ -6,11 +6,12 @@ Shape legend: D hidden size, I intermediate size; ``...`` any leading dims.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kimi_linear.layers.linear import Linear
 from kimi_linear.layers.memory import autocast_input
 from kimi_linear.layers.packing import PackedInputProjections
+from kimi_linear.ops.linear import linear
 from kimi_linear.ops.swiglu import silu_mul
 
 
@@ -32,9 +33,9 @@ class SwiGLUMLP(PackedInputProjections, nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)  # [I, D]
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)  # [I, D]
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)  # [D, I]
+        self.gate_proj = Linear(hidden_size, intermediate_size)  # [I, D]
+        self.up_proj = Linear(hidden_size, intermediate_size)  # [I, D]
+        self.down_proj = Linear(intermediate_size, hidden_size)  # [D, I]
 
     def _input_projections(self) -> list[nn.Linear]:
         """gate_proj and up_proj: packed (``pack_input_projections``) they are the two row blocks of one
@@ -54,7 +55,7 @@ class SwiGLUMLP(PackedInputProjections, nn.Module):
         x = autocast_input(x)  # one low-precision copy for gate_proj and up_proj, not one each
         packed = self._forward_packed_weight()
         if packed is not None:
-            gate, up = F.linear(x, packed).chunk(2, dim=-1)
+            gate, up = linear(x, packed).chunk(2, dim=-1)
             return self.down_proj(silu_mul(gate, up))
         return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 

@@ -66,9 +66,9 @@ def test_packed_projections_same_function_one_matmul(case, monkeypatch):
 
     with torch.no_grad():
         want = run(ref)
-        monkeypatch.setattr(module.F, "linear", counting)
+        monkeypatch.setattr(F, "linear", counting)
         got = run(layer)
-        monkeypatch.setattr(module.F, "linear", real_linear)
+        monkeypatch.setattr(F, "linear", real_linear)
     assert rel_err(got, want) < TOL
     assert calls.count(tuple(packed.shape)) == (1 if case == "mlp" else 3)  # one per forward
     layer.double()  # a cast packs the new weights
