@@ -19,6 +19,7 @@ SUITES = (
     "kda_preprocess_speed",
     "conv_speed",
     "mla_decode",
+    "decode_gemv",
     "moe_speed",
     "model_speed",
     "model_efficiency",
