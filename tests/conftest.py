@@ -1,4 +1,18 @@
+"""Session-wide test setup.
+
+Without CUDA, Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``). It must be set before any kernel
+module is imported, since the kernels are defined for the interpreter or the GPU at import. Test files that need
+it also set it themselves, but collection imports them in order, and a file that imports the kernels first (for
+example ``tests/test_generate.py`` run alone before ``tests/layers``) would otherwise fix them for the GPU.
+"""
+
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.hookimpl(trylast=True)
