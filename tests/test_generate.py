@@ -399,6 +399,15 @@ def test_piece_step_equals_packed_prefill(pooled):
         assert rel_err(got_dec, ref_dec) < 1e-5
 
 
+def prefilled_twice(model, dtype):
+    """A 2-row CUDA cache holding prefills of 70 and 9 random tokens, and a copy of it."""
+    import copy
+
+    cache = KimiLinearCache(model.config, batch_size=2, max_length=256, dtype=dtype, device="cuda")
+    prefill(model, [torch.randint(0, model.config.vocab_size, (n,)).tolist() for n in (70, 9)], cache)
+    return cache, copy.deepcopy(cache)
+
+
 def capture_piece_step(model, cache, rows: int):
     """``piece_step`` over ``cache``'s first ``rows`` rows captured in a CUDA graph (after a warm-up with no real
     token, which changes nothing): (graph, token buffer [rows, 64], real-token counts [rows], logits, the
@@ -432,8 +441,6 @@ def test_gpu_piece_step_captured_in_a_graph():
     model with dense MLPs and the Triton kernels) gives the packed prefill's logits and the same next decode
     step. (The fp32 MoE layer's expert loop reads the expert offsets on the host, so it cannot be captured: the
     engine then runs such pieces eagerly. bf16 MoE is captured: the next test.)"""
-    import copy
-
     from kimi_linear.config import KimiLinearConfig
     from kimi_linear.model import KimiLinearForCausalLM
 
@@ -443,9 +450,7 @@ def test_gpu_piece_step_captured_in_a_graph():
         "debug", first_k_dense_replace=config.num_hidden_layers)).cuda().eval()
     V = model.config.vocab_size
     with torch.no_grad():
-        base = KimiLinearCache(model.config, batch_size=2, max_length=256, device="cuda")
-        prefill(model, [torch.randint(0, V, (n,)).tolist() for n in (70, 9)], base)
-        graph_cache = copy.deepcopy(base)
+        base, graph_cache = prefilled_twice(model, torch.float32)
         graph, tokens, new_tokens, logits, _view = capture_piece_step(model, graph_cache, 2)
         for lengths in ((5, 64), (33, 1)):
             pieces = [torch.randint(0, V, (n,)).tolist() for n in lengths]
@@ -462,8 +467,6 @@ def test_gpu_piece_step_captured_in_a_graph():
 def test_gpu_bf16_moe_piece_step_graph_equals_eager():
     """The debug model in bf16 (MoE on torch._grouped_mm, no host read) captures; each replay gives the logits
     and cache of the same ``piece_step`` run eagerly on a copy of the cache."""
-    import copy
-
     from kimi_linear.config import KimiLinearConfig
     from kimi_linear.model import KimiLinearForCausalLM
 
@@ -471,9 +474,7 @@ def test_gpu_bf16_moe_piece_step_graph_equals_eager():
     model = KimiLinearForCausalLM(KimiLinearConfig.from_preset("debug")).cuda().to(torch.bfloat16).eval()
     V = model.config.vocab_size
     with torch.no_grad():
-        base = KimiLinearCache(model.config, batch_size=2, max_length=256, dtype=torch.bfloat16, device="cuda")
-        prefill(model, [torch.randint(0, V, (n,)).tolist() for n in (70, 9)], base)
-        eager_cache = copy.deepcopy(base)
+        base, eager_cache = prefilled_twice(model, torch.bfloat16)
         graph, tokens, new_tokens, logits, _view = capture_piece_step(model, base, 2)
         for lengths in ((5, 64), (33, 1)):
             pieces = [torch.randint(0, V, (n,)).tolist() for n in lengths]

@@ -820,10 +820,7 @@ class Engine:
                                       for s, a, b in pieces):
             self._apply_table_changes()
             logits, greedy = runner(pieces)
-            done = [i for i, (seq, _, end) in enumerate(pieces) if end == len(seq.prompt)]
-            for seq, _, end in pieces:
-                seq.computed = end
-            self._stats["prefilled"] += sum(b - a for _, a, b in pieces)
+            done = self._advance(pieces)
             if done:
                 rows = self._to_device(done)
                 self._choose([seqs[i] for i in done], [seqs[i].slot for i in done], logits.index_select(0, rows),
@@ -850,9 +847,7 @@ class Engine:
             for _, _, slot in points:
                 self.prefix.free_snapshot(slot)
             raise
-        done = [i for i, (seq, _, end) in enumerate(pieces) if end == len(seq.prompt)]
-        for seq, _, end in pieces:
-            seq.computed = end
+        done = self._advance(pieces)
         if points:  # the snapshots' nodes exist once the pieces' blocks are registered
             nodes = {i: self._insert_blocks(pieces[i][0]) for i in {i for i, _, _ in points}}
             for i, offset, slot in points:
@@ -861,7 +856,6 @@ class Engine:
                     self.prefix.free_snapshot(slot)
                 else:
                     self.prefix.attach_snapshot(node, slot)
-        self._stats["prefilled"] += len(ids)
         for i, (seq, a, b) in enumerate(pieces):
             if seq.params.prompt_logprobs is not None:
                 seq.prompt_scores.append(self._prompt_logprobs(seq, hidden[0, cu_host[i] : cu_host[i + 1]], a, b))
@@ -872,6 +866,14 @@ class Engine:
             done_slots = [seqs[i].slot for i in done]
             self.next_tokens.index_copy_(0, self._to_device(done_slots), greedy)
             self._choose([seqs[i] for i in done], done_slots, logits, greedy, launched, events)
+
+    def _advance(self, pieces) -> list[int]:
+        """The pieces' tokens are in the cache: move each sequence past its piece; the indices of the pieces that
+        ended their prompt (whose last logits give the first token)."""
+        for seq, a, b in pieces:
+            seq.computed = b
+            self._stats["prefilled"] += b - a
+        return [i for i, (seq, _, end) in enumerate(pieces) if end == len(seq.prompt)]
 
     def _snapshot_points(self, pieces) -> list[tuple[int, int, int]]:
         """The points inside the pieces where the forward snapshots the KDA states (prompt positions that are
