@@ -2,28 +2,33 @@
 
     python -m benchmarks serve_throughput [--out DIR] [--config 0.75b] [--clients 64] [--requests 128]
         [--prompt-len 1024] [--output-len 256] [--prefix-len 32768] [--compare transformers]
-        [--phases static,server,prefix,floor,long] [--long-context 32768 131072] [--cache-gib 8]
+        [--phases static,engine,process,server,prefix,floor,long] [--long-context 32768 131072] [--cache-gib 8]
         [--long-output 1024]
 
 One run, side by side on one card, bf16 random weights (``benchmarks/model_speed.py``'s configs):
 
 1. static: our ``generate()`` on ``clients`` prompts of ``prompt-len`` tokens at once, ``output-len`` new tokens
    each (no stop token), prefill included: output tokens / wall time.
-2. HF (``--compare transformers``): transformers' ``KimiLinearForCausalLM.generate`` on the same prompts (FLA kernels when importable).
+2. HF (``--compare transformers``): transformers' ``KimiLinearForCausalLM.generate`` on the same prompts (FLA
+   kernels when importable).
 3. engine: the server's ``Engine`` in this process (no HTTP, no engine process), the same prompts submitted at
    once: output tokens/s, every ``step()``'s wall time split into steps that only decode and steps that carry
    prefill, and a profile of 20 decode-only steps (host time by operator, GPU time by kernel group). Together with
    ``static`` and ``server`` it splits the server's gap into the engine's and the HTTP path's.
-4. server: the checkpoint served by ``kimi-linear serve --max-num-seqs clients`` in a subprocess, loaded by
+4. process: the same waves through the server's engine process (``EngineProcess`` over ``load_engine``, as
+   ``kimi-linear serve`` builds it, same engine settings as ``engine``), driven by a plain loop here: the engine
+   process's cost (its loop, the pipe, the step's events) without HTTP. With ``engine`` and ``server`` it splits the
+   server's gap between the transport and the HTTP layer.
+5. server: the checkpoint served by ``kimi-linear serve --max-num-seqs clients`` in a subprocess, loaded by
    ``clients`` streaming clients sending ``requests`` requests of the same lengths (``kimi_linear.serve.loadgen``):
    output tokens/s, TTFT and TPOT p50/p99.
-5. prefix cache: after one unrelated prompt of that length (its kernels and allocations warm), one streaming
+6. prefix cache: after one unrelated prompt of that length (its kernels and allocations warm), one streaming
    request with a fresh ``prefix-len``-token prompt (a miss), then ``PREFIX_HITS`` sharing that prefix, each with
    a new 64-token tail (hits): the miss's TTFT and the hits' median (each hit's TTFT is kept too).
-6. floor: the engine's B = 1 decode step (its CUDA graph, 1k tokens of context) against its weight-read floor
+7. floor: the engine's B = 1 decode step (its CUDA graph, 1k tokens of context) against its weight-read floor
    (bytes of the weights a token reads / the measured copy bandwidth), and where the step's time goes (kernel
    times from the profiler, grouped).
-7. long: the paper's Fig. 1 regime through the server. For Kimi Linear and the MLA-only model of the same shape,
+8. long: the paper's Fig. 1 regime through the server. For Kimi Linear and the MLA-only model of the same shape,
    one cache budget (``cache-gib``: KDA state slots + MLA latent blocks): each server gets the sequences of
    ``context`` + ``long-output`` tokens that fit the budget (``--max-num-seqs``, ``--num-blocks``), and as many
    clients send one such request each at once. Reported: concurrent sequences (the peak of the server's
@@ -64,7 +69,7 @@ from kimi_linear.serve.engine import KDA_CHUNK, Engine, EngineConfig
 from kimi_linear.serve.loadgen import LengthDist, LoadSpec, run_load
 from kimi_linear.tokenizer import NUM_RESERVED_SPECIAL_TOKENS, TIKTOKEN_FILE
 
-PHASES = ("static", "engine", "server", "prefix", "floor", "long")
+PHASES = ("static", "engine", "process", "server", "prefix", "floor", "long")
 PREFIX_HITS = 5  # hits timed after one miss; the reported hit TTFT is their median
 
 
@@ -304,6 +309,42 @@ def engine_alone(model, prompts: list[list[int]], output_len: int, max_model_len
            "time_to_last_prefill_s": sum(t for t, _ in steps[: last_prefill + 1]), "profile": profiles}
     del engine
     return out
+
+
+def engine_process(checkpoint: str, prompts: list[list[int]], output_len: int, max_model_len: int, device: str,
+                   step_tokens: int = EngineConfig.max_num_batched_tokens) -> dict:
+    """``engine_alone``'s waves (one to warm up, one timed; other prompts for the warm-up) through the server's
+    engine process: ``EngineProcess`` over ``load_engine`` as ``kimi-linear serve`` builds it, with the engine
+    settings of ``engine_alone``, stepped by a plain loop here (no HTTP). Also the child's own count of steps and
+    of the time inside them, so the loop and the pipe show as the rest."""
+    from kimi_linear.serve.engine import SamplingParams
+    from kimi_linear.serve.engine_process import EngineProcess, load_engine
+
+    config = EngineConfig(max_num_seqs=len(prompts), max_model_len=max_model_len, gpu_memory_fraction=0.8,
+                          max_num_batched_tokens=step_tokens)
+    engine = EngineProcess(load_engine, (checkpoint, config, device, "bfloat16" if device == "cuda" else "float32"))
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    rng = random.Random(len(prompts) + 1)
+    try:
+        def wave(tag: str, batch: list[list[int]]) -> tuple[float, dict]:
+            for i, p in enumerate(batch):
+                engine.add_request(f"{tag}-{i}", p, params)
+            before = engine.stats()
+            start = time.perf_counter()
+            while engine.has_unfinished():
+                engine.step()
+            seconds = time.perf_counter() - start
+            after = engine.stats()
+            steps = after.steps_total - before.steps_total
+            inside = after.step_seconds_total - before.step_seconds_total
+            return seconds, {"steps": steps, "prefill_steps": after.prefill_steps_total - before.prefill_steps_total,
+                             "step_ms_mean": 1e3 * inside / max(steps, 1), "busy_share": inside / seconds}
+
+        wave("warm", [[rng.randrange(32, 127) for _ in p] for p in prompts])
+        seconds, child = wave("timed", prompts)
+    finally:
+        engine.close()
+    return {"seconds": seconds, "output_tokens_per_s": len(prompts) * output_len / seconds, **child}
 
 
 def prefix_in_process(model, prefix_len: int, rng: random.Random) -> dict:
@@ -548,10 +589,19 @@ def main(argv=None) -> None:
         gc.collect()
         torch.cuda.empty_cache()
 
+    if "process" in phases:
+        results["process"] = e = engine_process(checkpoint, prompts, args.output_len,
+                                                args.prompt_len + args.output_len, "cuda", args.max_num_batched_tokens)
+        print(f"engine process: {e['output_tokens_per_s']:,.0f} tok/s, {e['steps']} steps ({e['prefill_steps']} with "
+              f"prefill), {e['step_ms_mean']:.2f} ms each on average inside the child, busy {e['busy_share']:.0%}",
+              flush=True)
     if phases & {"server", "prefix"}:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        max_len = max(args.prompt_len + args.output_len, args.prefix_len + 128)
+        # the engine phases' max_model_len unless the prefix phase needs longer prompts
+        max_len = args.prompt_len + args.output_len
+        if "prefix" in phases:
+            max_len = max(max_len, args.prefix_len + 128)
         # This process keeps its CUDA context, so the server gets a little less than the usual fraction.
         flags = ["--max-num-seqs", str(args.clients), "--max-model-len", str(max_len), "--gpu-memory-fraction",
                  "0.8", "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
@@ -612,10 +662,11 @@ def print_tables(results: dict, args) -> None:
         print("| path | output tok/s | server / path |")
         print("|---|---|---|")
         print(f"| server ({args.requests} requests) | {server_tps:,.0f} | 1.00 |")
-        for name in ("static", "engine", "hf"):
+        for name in ("static", "engine", "process", "hf"):
             if "output_tokens_per_s" in results.get(name, {}):
                 tps = results[name]["output_tokens_per_s"]
-                label = {"static": "static generate()", "engine": "engine alone, in process", "hf": "HF generate"}[name]
+                label = {"static": "static generate()", "engine": "engine alone, in process",
+                         "process": "engine process, no HTTP", "hf": "HF generate"}[name]
                 print(f"| {label}, batch {args.clients} | {tps:,.0f} | {server_tps / tps:.2f} |")
         s = results["server"]
         print(f"TTFT p50/p99 {s['ttft_p50_ms']:.0f}/{s['ttft_p99_ms']:.0f} ms, "
