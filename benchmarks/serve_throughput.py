@@ -71,6 +71,7 @@ from kimi_linear.tokenizer import NUM_RESERVED_SPECIAL_TOKENS, TIKTOKEN_FILE
 
 PHASES = ("static", "engine", "process", "server", "prefix", "floor", "long")
 PREFIX_HITS = 5  # hits timed after one miss; the reported hit TTFT is their median
+COUNTERS = ("steps_total", "prefill_steps_total", "step_seconds_total")  # the engine's, timed per run
 
 
 def timed(fn) -> float:
@@ -311,6 +312,20 @@ def engine_alone(model, prompts: list[list[int]], output_len: int, max_model_len
     return out
 
 
+def step_counts(deltas: dict, seconds: float) -> dict:
+    """The engine's counter deltas over a timed run (``steps_total``, ``prefill_steps_total``,
+    ``step_seconds_total``) -> steps, prefill steps, mean step time and the share of ``seconds`` inside steps."""
+    steps, inside = deltas["steps_total"], deltas["step_seconds_total"]
+    return {"steps": steps, "prefill_steps": deltas["prefill_steps_total"],
+            "step_ms_mean": 1e3 * inside / max(steps, 1), "busy_share": inside / seconds}
+
+
+def describe_steps(counts: dict) -> str:
+    """One line for a ``step_counts`` result."""
+    return (f"{counts['steps']:.0f} steps ({counts['prefill_steps']:.0f} with prefill), {counts['step_ms_mean']:.2f} "
+            f"ms each on average, inside a step {counts['busy_share']:.0%} of the run")
+
+
 def engine_process(checkpoint: str, prompts: list[list[int]], output_len: int, max_model_len: int, device: str,
                    step_tokens: int = EngineConfig.max_num_batched_tokens) -> dict:
     """``engine_alone``'s waves (one to warm up, one timed; other prompts for the warm-up) through the server's
@@ -335,10 +350,7 @@ def engine_process(checkpoint: str, prompts: list[list[int]], output_len: int, m
                 engine.step()
             seconds = time.perf_counter() - start
             after = engine.stats()
-            steps = after.steps_total - before.steps_total
-            inside = after.step_seconds_total - before.step_seconds_total
-            return seconds, {"steps": steps, "prefill_steps": after.prefill_steps_total - before.prefill_steps_total,
-                             "step_ms_mean": 1e3 * inside / max(steps, 1), "busy_share": inside / seconds}
+            return seconds, step_counts({k: getattr(after, k) - getattr(before, k) for k in COUNTERS}, seconds)
 
         wave("warm", [[rng.randrange(32, 127) for _ in p] for p in prompts])
         seconds, child = wave("timed", prompts)
@@ -592,9 +604,7 @@ def main(argv=None) -> None:
     if "process" in phases:
         results["process"] = e = engine_process(checkpoint, prompts, args.output_len,
                                                 args.prompt_len + args.output_len, "cuda", args.max_num_batched_tokens)
-        print(f"engine process: {e['output_tokens_per_s']:,.0f} tok/s, {e['steps']} steps ({e['prefill_steps']} with "
-              f"prefill), {e['step_ms_mean']:.2f} ms each on average inside the child, busy {e['busy_share']:.0%}",
-              flush=True)
+        print(f"engine process: {e['output_tokens_per_s']:,.0f} tok/s, {describe_steps(e)}", flush=True)
     if phases & {"server", "prefix"}:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -619,15 +629,11 @@ def main(argv=None) -> None:
                 report = asyncio.run(run_load(spec))
                 after = scrape(url)
                 results["server"] = json.loads(report.to_json())
-                steps = {k: after[f"kimi_linear_engine_{k}"] - before[f"kimi_linear_engine_{k}"]
-                         for k in ("steps_total", "prefill_steps_total", "step_seconds_total")}
-                results["server"]["engine"] = {
-                    **steps, "step_ms_mean": 1e3 * steps["step_seconds_total"] / max(steps["steps_total"], 1),
-                    "busy_share": steps["step_seconds_total"] / report.duration_s}
+                results["server"]["engine"] = counts = step_counts(
+                    {k: after[f"kimi_linear_engine_{k}"] - before[f"kimi_linear_engine_{k}"] for k in COUNTERS},
+                    report.duration_s)
                 print(report.table(), flush=True)
-                print(f"the server's engine: {steps['steps_total']:.0f} steps ({steps['prefill_steps_total']:.0f} with "
-                      f"prefill), {results['server']['engine']['step_ms_mean']:.2f} ms each on average, inside a "
-                      f"step {results['server']['engine']['busy_share']:.0%} of the run", flush=True)
+                print(f"the server's engine: {describe_steps(counts)}", flush=True)
             if "prefix" in phases:
                 with httpx.Client(base_url=url) as client:
                     # a long prompt's kernels, and the connection open
