@@ -342,10 +342,12 @@ def engine_process(checkpoint: str, prompts: list[list[int]], output_len: int, m
     rng = random.Random(len(prompts) + 1)
     try:
         def wave(tag: str, batch: list[list[int]]) -> tuple[float, dict]:
-            for i, p in enumerate(batch):
-                engine.add_request(f"{tag}-{i}", p, params)
+            # The child starts a request as soon as it has it: the clock and the counters start before the adds.
             before = engine.stats()
             start = time.perf_counter()
+            added = [engine.add_request_future(f"{tag}-{i}", p, params) for i, p in enumerate(batch)]
+            for future in added:
+                future.result()
             while engine.has_unfinished():
                 engine.step()
             seconds = time.perf_counter() - start
@@ -514,6 +516,9 @@ def main(argv=None) -> None:
                         help="prompt lengths of the long phase; default 32768")
     parser.add_argument("--long-output", type=int, default=1024, help="output tokens in the long phase")
     parser.add_argument("--cache-gib", type=float, default=8.0, help="cache budget of the long phase; default 8")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="max_model_len of the engine, process and server phases; default prompt + output "
+                             "tokens (the prefix phase's prompts raise the server's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
                         help="the engine's per-step token budget in the engine and server phases; default the "
                              f"engine's ({EngineConfig.max_num_batched_tokens})")
@@ -521,6 +526,10 @@ def main(argv=None) -> None:
     phases = set(args.phases.split(","))
     if not phases <= set(PHASES):
         parser.error(f"--phases: unknown {sorted(phases - set(PHASES))}; phases are {','.join(PHASES)}")
+    model_len = args.max_model_len or args.prompt_len + args.output_len
+    if model_len < args.prompt_len + args.output_len:
+        parser.error(f"--max-model-len {model_len} is below --prompt-len + --output-len "
+                     f"({args.prompt_len + args.output_len})")
     if not torch.cuda.is_available():
         raise SystemExit("serve_throughput needs a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -559,7 +568,7 @@ def main(argv=None) -> None:
         print(f"static generate: {n_out / static_s:,.0f} tok/s; its prefill alone {prefill_s * 1e3:.0f} ms", flush=True)
     if "engine" in phases:
         with torch.no_grad():
-            results["engine"] = e = engine_alone(model, prompts, args.output_len, args.prompt_len + args.output_len,
+            results["engine"] = e = engine_alone(model, prompts, args.output_len, model_len,
                                                  args.max_num_batched_tokens)
         print(f"engine alone: {e['output_tokens_per_s']:,.0f} tok/s, {e['steps']} steps: {e['decode_steps']} decode "
               f"(p50 {e['decode_step_ms_p50']:.2f} ms), {e['prefill_steps']} with prefill "
@@ -603,13 +612,13 @@ def main(argv=None) -> None:
 
     if "process" in phases:
         results["process"] = e = engine_process(checkpoint, prompts, args.output_len,
-                                                args.prompt_len + args.output_len, "cuda", args.max_num_batched_tokens)
+                                                model_len, "cuda", args.max_num_batched_tokens)
         print(f"engine process: {e['output_tokens_per_s']:,.0f} tok/s, {describe_steps(e)}", flush=True)
     if phases & {"server", "prefix"}:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         # the engine phases' max_model_len unless the prefix phase needs longer prompts
-        max_len = args.prompt_len + args.output_len
+        max_len = model_len
         if "prefix" in phases:
             max_len = max(max_len, args.prefix_len + 128)
         # This process keeps its CUDA context, so the server gets a little less than the usual fraction.
