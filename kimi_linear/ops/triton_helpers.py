@@ -52,7 +52,14 @@ def pad_dim(d: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """``input_precision`` of the dots whose operands are fp32 (products of the kernels' own fp32 intermediates) in
+    a problem whose inputs are ``dtype``: IEEE fp32 for fp32 inputs; for fp16 inputs three TF32 passes ("tf32x3",
+    near fp32), since one pass truncates each operand to fp16's own 10 mantissa bits, always toward zero, and that
+    bias adds up over long reductions such as the gate parameters' gradients; bf16 inputs (7 bits) take one pass.
+    Dots of fp16/bf16 operands are exact products whatever this says."""
+    if dtype == torch.float32:
+        return "ieee"
+    return "tf32x3" if dtype == torch.float16 else "tf32"
 
 
 @triton.jit
