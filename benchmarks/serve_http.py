@@ -6,8 +6,8 @@
 The real app (``kimi_linear.serve.api.create_app``, uvicorn, the same SSE path) over an engine whose step's GPU
 share is a sleep of ``step-ms`` (the GIL is released, as in a CUDA sync). ``streams`` clients (``kimi-linear
 bench-serve`` in another process) each stream one request of ``output-len`` tokens. With an HTTP layer of no cost
-the server would deliver streams / step tokens/s at a TPOT of one step; the table gives what it delivers and the
-step it achieves. ``--engine``:
+the server would deliver streams / step tokens/s at a TPOT of one step; the table gives what it delivers, the
+step it achieves and the HTTP process's CPU time per streamed token (all its threads). ``--engine``:
 
 * ``sleep``: a stand-in engine whose ``step()`` sleeps and emits one token for every running request: the HTTP
   layer alone;
@@ -22,6 +22,7 @@ Prints a table last and writes ``DIR/serve_http.json``.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -162,6 +163,7 @@ def measure(streams: int, step_s: float, output_len: int, engine_kind: str = "sl
         with tempfile.TemporaryDirectory() as tmp:
             report_path = Path(tmp) / "report.json"
             steps_before = counter.steps
+            cpu_before = os.times()
             run = subprocess.run(
                 [sys.executable, "-m", "kimi_linear", "bench-serve", "--url", f"http://127.0.0.1:{port}",
                  "--num-clients", str(streams), "--num-requests", str(streams), "--prompt-len", "16",
@@ -170,6 +172,7 @@ def measure(streams: int, step_s: float, output_len: int, engine_kind: str = "sl
             )
             if run.returncode:
                 raise RuntimeError(f"bench-serve failed: {run.stderr[-2000:]}")
+            cpu_after = os.times()
             report = json.loads(report_path.read_text())
             steps = counter.steps - steps_before
     finally:
@@ -183,6 +186,9 @@ def measure(streams: int, step_s: float, output_len: int, engine_kind: str = "sl
         "tpot_p50_ms": report["tpot_p50_ms"], "tpot_p99_ms": report["tpot_p99_ms"],
         "achieved_step_ms": report["duration_s"] / steps * 1e3 if steps else None, "failed": report["num_failed"],
         "client_cpu_share": report.get("client_cpu_share"),
+        # this process's CPU time (every thread: the event loop, the engine loop, a "sleep" or "thread" engine)
+        "http_cpu_us_per_token": ((cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system))
+        / max(report["output_tokens"], 1) * 1e6,
     }
 
 
@@ -211,14 +217,14 @@ def main(argv=None) -> None:
                          "tokens_per_s_range": [mine[0]["tokens_per_s"], mine[-1]["tokens_per_s"]]})
     write_json(args.out, "serve_http.json", {"environment": environment(args), "rows": rows, "runs": runs})
     print("| engine | streams | step ms | ideal tok/s | delivered tok/s (range) | achieved step ms | "
-          "TPOT p50 / p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+          "TPOT p50 / p99 ms | HTTP process CPU µs / token |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         low, high = r["tokens_per_s_range"]
         spread = f" ({low:,.0f}-{high:,.0f})" if r["runs"] > 1 else ""
         print(f"| {r['engine']} | {r['streams']} | {r['step_ms']:g} | {r['ideal_tokens_per_s']:,.0f} | "
               f"{r['tokens_per_s']:,.0f}{spread} | {r['achieved_step_ms'] or 0:.2f} | "
-              f"{r['tpot_p50_ms']:.2f} / {r['tpot_p99_ms']:.2f} |")
+              f"{r['tpot_p50_ms']:.2f} / {r['tpot_p99_ms']:.2f} | {r['http_cpu_us_per_token']:.1f} |")
 
 
 if __name__ == "__main__":

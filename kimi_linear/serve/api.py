@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server over an ``Engine`` (FastAPI on uvicorn).
 
 * ``EngineLoop`` runs ``engine.step()`` in one background thread. Request handlers submit with
-  ``EngineLoop.submit`` (``engine.add_request`` plus a per-request ``asyncio.Queue``) and read that request's
+  ``EngineLoop.submit`` (``engine.add_request`` plus a per-request ``Mailbox``) and read that request's
   ``TokenEvent``s from the queue; a handler that stops early (client gone, stop string matched) calls
   ``EngineLoop.abort``, and the engine frees the slot at its next step. ``kimi-linear serve`` hands it an
   ``EngineProcess`` (``serve.engine_process``): the engine steps in a child process, ``step()`` only waits for
@@ -90,7 +90,7 @@ class EngineLoop:
     def __init__(self, engine, idle_wait_s: float = 0.05):
         self.engine = engine
         self.idle_wait_s = idle_wait_s
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Mailbox]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -122,13 +122,13 @@ class EngineLoop:
                 and getattr(self.engine, "alive", True))
 
     # -- called from the event loop
-    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
-        """``engine.add_request`` and a queue that receives the request's events; raises what it raises.
+    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Mailbox:
+        """``engine.add_request`` and a ``Mailbox`` that receives the request's events; raises what it raises.
 
         An engine with ``add_request_future`` (``EngineProcess``) is awaited rather than waited for: its answer
         comes from another process between two of its steps, and the event loop serves the other requests
         meanwhile."""
-        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        queue = Mailbox()
         with self._lock:
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
         add_future = getattr(self.engine, "add_request_future", None)
@@ -216,9 +216,54 @@ class EngineLoop:
             self._deliver([TokenEvent(request_id, None, True, "error", error=message)])
 
 
-def _put_all(batch: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
-    for queue, event in batch:
-        queue.put_nowait(event)
+def _put_all(batch: list[tuple[Mailbox, TokenEvent]]) -> None:
+    for mailbox, event in batch:
+        mailbox.put(event)
+
+
+class Mailbox:
+    """One request's events: the engine loop's deliveries (``put``, on the event loop) and its handler's reads.
+
+    A wait with a timeout costs one future and one timer handle. (``asyncio.wait_for`` on an ``asyncio.Queue``'s
+    ``get``, paid once per streamed token by a handler that keeps up, took about a third of the HTTP process's CPU
+    time per token: ``python -m benchmarks serve_http``.)"""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self):
+        self._items: collections.deque[TokenEvent] = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, event: TokenEvent) -> None:
+        self._items.append(event)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def get_nowait(self) -> TokenEvent:
+        """The oldest event; IndexError if there is none."""
+        return self._items.popleft()
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Wait until an event is there (True) or ``timeout_s`` seconds have passed without one (False)."""
+        if self._items:
+            return True
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(timeout_s, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        return bool(self._items)
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 # ---- errors -----------------------------------------------------------------------------------------------
@@ -640,7 +685,7 @@ class Server:
             raise APIError(400, str(e)) from None
 
     # -- running a request
-    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Mailbox:
         if not self.loop.alive:
             raise APIError(503, "the engine is not running", type="server_error")
         try:
@@ -654,7 +699,7 @@ class Server:
         except RuntimeError as e:  # the engine's process died meanwhile
             raise APIError(503, f"the engine is not running: {e}", type="server_error") from None
 
-    async def pieces(self, request: Request, request_id: str, queue: asyncio.Queue, prompt_ids: list[int],
+    async def pieces(self, request: Request, request_id: str, queue: Mailbox, prompt_ids: list[int],
                      stops: list[str], logprobs: Logprobs | None = None, echo: bool = False,
                      completion: bool = True) -> AsyncIterator[Piece]:
         """The request's text as it is produced; aborts the request if the consumer stops early.
@@ -679,14 +724,11 @@ class Server:
                     if text_parts or ids:  # the backlog is drained: hand it out as one piece
                         yield Piece("".join(text_parts), ids, logprobs=logprobs and logprobs.take())
                         text_parts, ids = [], []
-                    try:
-                        event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-                    except asyncio.TimeoutError:
+                    if not await queue.wait(DISCONNECT_POLL_S):
                         if await request.is_disconnected():
                             return
                         continue
-                else:
-                    event = queue.get_nowait()
+                event = queue.get_nowait()
                 text = ""
                 if echo and logprobs is not None and event.prompt_logprobs is not None:
                     logprobs.add_prompt(prompt_ids, event.prompt_logprobs)
@@ -729,13 +771,12 @@ class Server:
             if not done:
                 self.loop.abort(request_id)
 
-    async def _cached_tokens_after_abort(self, queue: asyncio.Queue, event: TokenEvent) -> int:
+    async def _cached_tokens_after_abort(self, queue: Mailbox, event: TokenEvent) -> int:
         """The aborted request's finishing event carries its cached-prompt count; wait one step for it."""
-        try:
-            while not event.finished:
-                event = await asyncio.wait_for(queue.get(), 5.0)
-        except asyncio.TimeoutError:
-            return 0
+        while not event.finished:
+            if not await queue.wait(5.0):
+                return 0
+            event = queue.get_nowait()
         return event.cached_tokens
 
     # -- metrics

@@ -7,6 +7,7 @@ test_server.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import threading
@@ -176,9 +177,8 @@ def test_a_request_the_engine_finishes_with_error(client):
 def test_tokens_waiting_in_the_queue_come_out_as_one_piece():
     """A consumer that falls behind gets the backlog as one piece (text, ids, then the finish); a stop string
     spanning queued tokens still cuts the text at its start and aborts the request."""
-    import asyncio
 
-    from kimi_linear.serve.api import Server
+    from kimi_linear.serve.api import Mailbox, Server
 
     class Connected:
         async def is_disconnected(self):
@@ -189,10 +189,10 @@ def test_tokens_waiting_in_the_queue_come_out_as_one_piece():
     text = b"happy families"
 
     async def drain(stops, backlog):
-        queue = asyncio.Queue()
+        queue = Mailbox()
         for i, t in enumerate(text[:backlog]):
             done = i == len(text) - 1
-            queue.put_nowait(TokenEvent("r", t, done, "length" if done else None, 3, i + 1))
+            queue.put(TokenEvent("r", t, done, "length" if done else None, 3, i + 1))
         return [p async for p in server.pieces(Connected(), "r", queue, [1, 2, 3], stops)]
 
     pieces = asyncio.run(drain([], len(text)))
@@ -424,3 +424,27 @@ def test_an_api_key_guards_the_v1_routes_but_not_health_or_metrics():
         assert c.get("/health").status_code == 200
         metrics = c.get("/metrics").text
         assert 'kimi_linear_requests_rejected_total{reason="unauthorized"} 7' in metrics
+
+
+def test_mailbox_wait_wakes_on_put_and_times_out_without_one():
+    from kimi_linear.serve.api import Mailbox
+
+    async def scenario():
+        box = Mailbox()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert not await box.wait(0.05) and loop.time() - start >= 0.04  # nothing came
+        loop.call_later(0.01, box.put, TokenEvent("r", 7, False, None))
+        assert await box.wait(5.0) and loop.time() - start < 2.0  # woken by the put, not the timer
+        assert box.get_nowait().token_id == 7 and box.empty()
+        box.put(TokenEvent("r", 8, True, "length"))
+        assert await box.wait(5.0)  # already there: no wait
+        waiter = asyncio.ensure_future(box.wait(5.0))
+        await asyncio.sleep(0)
+        waiter.cancel()  # a handler cancelled mid-wait (client gone) leaves the box usable
+        assert box.get_nowait().token_id == 8
+        await asyncio.gather(waiter, return_exceptions=True)
+        box.put(TokenEvent("r", 9, True, "length"))
+        assert await box.wait(0.01) and box.get_nowait().token_id == 9
+
+    asyncio.run(scenario())
