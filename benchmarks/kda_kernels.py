@@ -5,6 +5,8 @@ B=1, H=32, K=V=128, bf16 q/k/v/beta, fp32 gates, T in {4k, 8k, 16k, 32k, 64k}:
   * TFLOP/s by paper Eq. 13 (per head 6 T K^2 + 3 T C K + T C^2, C = 64; forward+backward counted as 3x that),
     SDPA by 2 T^2 K per head (causal) and 3x for forward+backward; the fraction of the 790 TFLOP/s bf16 ceiling;
   * the ratio of our time to FLA's (< 1 is faster);
+  * the model's call ("fused": raw q, k, gate pre-activation and beta logits with ``use_qk_l2norm_in_kernel``,
+    ``use_gate_in_kernel`` (A_log, dt_bias) and ``use_beta_sigmoid_in_kernel``), forward and forward+backward;
   * GDN (one scalar gate per head) through our kernels, next to FLA's GDN forward;
   * per-kernel times of our forward+backward at 8k and 32k (torch profiler, CUDA time per launch);
   * one decode step through the public ``fused_recurrent_kda`` (T=1, state pool in place) at B in {1,16,64,256},
@@ -69,6 +71,26 @@ def make_inputs(T: int, seed: int, scalar_gate: bool = False, requires_grad: boo
     return x
 
 
+FUSED = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+
+
+def make_fused_inputs(T: int, seed: int, requires_grad: bool = False) -> dict:
+    """Inputs of the model's call (``FUSED``), as the KDA layer hands them over: raw bf16 q, k, v, the gate's
+    pre-activation and the beta logits (bf16, a linear layer's outputs), A_log ``[H]`` and dt_bias ``[H * K]``
+    fp32. The gate -exp(A_log) softplus(g + dt_bias) then has a mean log-decay of about -0.2 (the mild
+    gates': about -0.07)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = {n: torch.randn(1, T, H, D, device="cuda", generator=gen).bfloat16() for n, D in (("q", K), ("k", K), ("v", V))}
+    x["g"] = torch.randn(1, T, H, K, device="cuda", generator=gen).bfloat16()
+    x["beta"] = torch.randn(1, T, H, device="cuda", generator=gen).bfloat16()
+    x["A_log"] = torch.empty(H, device="cuda").uniform_(0.0, math.log(16.0), generator=gen)  # rates 1 to 16
+    x["dt_bias"] = torch.randn(H * K, device="cuda", generator=gen) - 4.0
+    if requires_grad:
+        for t in x.values():
+            t.requires_grad_(True)
+    return x
+
+
 bench = bench_ms  # do_bench median, 100 ms warm-up, 400 ms of calls
 
 
@@ -85,6 +107,19 @@ def time_chunk(T: int, fla_kda, fla_gdn, gates: str = "mild") -> dict:
     row["ours_fwdbwd"] = bench(lambda: chunk_kda(**xg, backend="triton")[0].backward(do), grad_to_none=leaves)
     if fla_kda is not None:
         row["fla_fwdbwd"] = bench(lambda: fla_kda(**xg)[0].backward(do), grad_to_none=leaves)
+
+    # the model's call: the three in-op activations
+    xf = make_fused_inputs(T, seed=T + 2)
+    with torch.no_grad():
+        row["ours_fused_fwd"] = bench(lambda: chunk_kda(**xf, **FUSED, backend="triton"))
+        if fla_kda is not None:
+            row["fla_fused_fwd"] = bench(lambda: fla_kda(**xf, **FUSED))
+    xf = make_fused_inputs(T, seed=T + 2, requires_grad=True)
+    leaves = list(xf.values())
+    row["ours_fused_fwdbwd"] = bench(lambda: chunk_kda(**xf, **FUSED, backend="triton")[0].backward(do),
+                                     grad_to_none=leaves)
+    if fla_kda is not None:
+        row["fla_fused_fwdbwd"] = bench(lambda: fla_kda(**xf, **FUSED)[0].backward(do), grad_to_none=leaves)
 
     # GDN: one scalar gate per head, same kernels
     xs = make_inputs(T, seed=T + 1, scalar_gate=True, gates=gates)
@@ -104,7 +139,7 @@ def time_chunk(T: int, fla_kda, fla_gdn, gates: str = "mild") -> dict:
     row["sdpa_fwdbwd"] = bench(
         lambda: F.scaled_dot_product_attention(qa, ka, va, is_causal=True).backward(doa), grad_to_none=[qa, ka, va]
     )
-    del x, xg, xs, qa, ka, va
+    del x, xg, xf, xs, qa, ka, va
     torch.cuda.empty_cache()
     return row
 
@@ -318,4 +353,11 @@ def main(argv=None) -> None:
               f"{kda_flops(T) / f('ours_fwd') / 1e9:6.1f} | {f('ours_fwdbwd'):8.3f} {f('fla_fwdbwd'):8.3f} "
               f"{f('ours_fwdbwd') / f('fla_fwdbwd'):6.2f} {3 * kda_flops(T) / f('ours_fwdbwd') / 1e9:6.1f} | "
               f"{f('ours_gdn_fwd'):8.3f} {f('fla_gdn_fwd'):8.3f} | {f('sdpa_fwd'):7.3f} {f('sdpa_fwdbwd'):8.3f}")
+    print("\nthe model's call (q/k L2 norm, gate and beta sigmoid in the op), ms:")
+    print(f"{'T':>6} | {'ours fwd':>8} {'FLA fwd':>8} {'ratio':>6} | {'ours f+b':>8} {'FLA f+b':>8} {'ratio':>6}")
+    for r in rows:
+        f = lambda key: r.get(key, math.nan)  # noqa: E731
+        print(f"{r['T']:6d} | {f('ours_fused_fwd'):8.3f} {f('fla_fused_fwd'):8.3f} "
+              f"{f('ours_fused_fwd') / f('fla_fused_fwd'):6.2f} | {f('ours_fused_fwdbwd'):8.3f} "
+              f"{f('fla_fused_fwdbwd'):8.3f} {f('ours_fused_fwdbwd') / f('fla_fused_fwdbwd'):6.2f}")
 
