@@ -224,9 +224,10 @@ def _put_all(batch: list[tuple[Mailbox, TokenEvent]]) -> None:
 class Mailbox:
     """One request's events: the engine loop's deliveries (``put``, on the event loop) and its handler's reads.
 
-    A wait with a timeout costs one future and one timer handle. (``asyncio.wait_for`` on an ``asyncio.Queue``'s
-    ``get``, paid once per streamed token by a handler that keeps up, took about a third of the HTTP process's CPU
-    time per token: ``python -m benchmarks serve_http``.)"""
+    A wait with a timeout costs one future and one timer handle, where ``asyncio.wait_for`` on an
+    ``asyncio.Queue``'s ``get`` builds a task per wait, paid once per streamed token by a handler that keeps up
+    (the HTTP process's CPU time per token: ``python -m benchmarks serve_http``; benchmarks/RESULTS.md,
+    Serving)."""
 
     __slots__ = ("_items", "_waiter")
 
