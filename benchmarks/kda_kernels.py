@@ -1,6 +1,7 @@
 """Chunk KDA forward and forward+backward vs FLA and SDPA, GDN, per-kernel times, decode (GPU).
 
-B=1, H=32, K=V=128, bf16 q/k/v/beta, fp32 gates, T in {4k, 8k, 16k, 32k, 64k}:
+B=1 (``--batch``: B sequences of T tokens each), H=32, K=V=128, bf16 q/k/v/beta, fp32 gates, T in {4k, 8k, 16k,
+32k, 64k}:
   * forward and forward+backward in ms (``triton.testing.do_bench`` median, after warm-up, random inputs);
   * TFLOP/s by paper Eq. 13 (per head 6 T K^2 + 3 T C K + T C^2, C = 64; forward+backward counted as 3x that),
     SDPA by 2 T^2 K per head (causal) and 3x for forward+backward; the fraction of the 790 TFLOP/s bf16 ceiling;
@@ -18,7 +19,7 @@ FLA's numbers (``--compare fla``) sit beside ours in every table. Gates are logs
 ``dataclasses.replace`` on the defaults).
 
 Writes ``kda_kernels.json`` and ``kda_kernels.png`` (log-log ms vs T) into --out and prints the table last.
-Usage (GPU): python -m benchmarks kda_kernels --compare fla [--gates steep] [--sweep]
+Usage (GPU): python -m benchmarks kda_kernels --compare fla [--gates steep] [--sweep] [--batch 8 --T 4096]
 """
 
 from __future__ import annotations
@@ -48,22 +49,24 @@ def attn_flops(T: int, B: int = 1) -> float:
     return B * H * 2 * T * T * K
 
 
-def make_inputs(T: int, seed: int, scalar_gate: bool = False, requires_grad: bool = False, gates: str = "mild") -> dict:
-    """Random inputs at the benchmark's shape. ``gates``: "mild" (logsigmoid(N(3, 1))) or "steep" (large decays:
-    every diagonal block of the forward's diag_impl "dots" goes to its element-wise fallback)."""
+def make_inputs(T: int, seed: int, scalar_gate: bool = False, requires_grad: bool = False, gates: str = "mild",
+                B: int = 1) -> dict:
+    """Random inputs at the benchmark's shape, B sequences of T tokens. ``gates``: "mild" (logsigmoid(N(3, 1)))
+    or "steep" (large decays: every diagonal block of the forward's diag_impl "dots" goes to its element-wise
+    fallback)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(1, T, H, K, device="cuda", generator=gen)
-    k = F.normalize(torch.randn(1, T, H, K, device="cuda", generator=gen), dim=-1)
+    q = torch.randn(B, T, H, K, device="cuda", generator=gen)
+    k = F.normalize(torch.randn(B, T, H, K, device="cuda", generator=gen), dim=-1)
     q = F.normalize(q, dim=-1)
-    v = torch.randn(1, T, H, V, device="cuda", generator=gen)
-    g_shape = (1, T, H) if scalar_gate else (1, T, H, K)
+    v = torch.randn(B, T, H, V, device="cuda", generator=gen)
+    g_shape = (B, T, H) if scalar_gate else (B, T, H, K)
     if gates == "steep":  # per head a rate in [1, 16] times softplus of a standard normal: ~-6 per step
         rate = torch.empty(1, 1, H, *[1] * len(g_shape[3:]), device="cuda")
         rate = rate.uniform_(0.0, math.log(16.0), generator=gen).exp()
         g = -rate * F.softplus(torch.randn(*g_shape, device="cuda", generator=gen))
     else:
         g = F.logsigmoid(torch.randn(*g_shape, device="cuda", generator=gen) + 3.0)  # decays mostly near 1
-    beta = torch.rand(1, T, H, device="cuda", generator=gen).sigmoid()
+    beta = torch.rand(B, T, H, device="cuda", generator=gen).sigmoid()
     x = dict(q=q.bfloat16(), k=k.bfloat16(), v=v.bfloat16(), g=g.float(), beta=beta.bfloat16())
     if requires_grad:
         for t in x.values():
@@ -74,15 +77,15 @@ def make_inputs(T: int, seed: int, scalar_gate: bool = False, requires_grad: boo
 FUSED = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
 
 
-def make_fused_inputs(T: int, seed: int, requires_grad: bool = False) -> dict:
+def make_fused_inputs(T: int, seed: int, requires_grad: bool = False, B: int = 1) -> dict:
     """Inputs of the model's call (``FUSED``), as the KDA layer hands them over: raw bf16 q, k, v, the gate's
     pre-activation and the beta logits (bf16, a linear layer's outputs), A_log ``[H]`` and dt_bias ``[H * K]``
     fp32. The gate -exp(A_log) softplus(g + dt_bias) then has a mean log-decay of about -0.2 (the mild
     gates': about -0.07)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    x = {n: torch.randn(1, T, H, D, device="cuda", generator=gen).bfloat16() for n, D in (("q", K), ("k", K), ("v", V))}
-    x["g"] = torch.randn(1, T, H, K, device="cuda", generator=gen).bfloat16()
-    x["beta"] = torch.randn(1, T, H, device="cuda", generator=gen).bfloat16()
+    x = {n: torch.randn(B, T, H, D, device="cuda", generator=gen).bfloat16() for n, D in (("q", K), ("k", K), ("v", V))}
+    x["g"] = torch.randn(B, T, H, K, device="cuda", generator=gen).bfloat16()
+    x["beta"] = torch.randn(B, T, H, device="cuda", generator=gen).bfloat16()
     x["A_log"] = torch.empty(H, device="cuda").uniform_(0.0, math.log(16.0), generator=gen)  # rates 1 to 16
     x["dt_bias"] = torch.randn(H * K, device="cuda", generator=gen) - 4.0
     if requires_grad:
@@ -94,27 +97,27 @@ def make_fused_inputs(T: int, seed: int, requires_grad: bool = False) -> dict:
 bench = bench_ms  # do_bench median, 100 ms warm-up, 400 ms of calls
 
 
-def time_chunk(T: int, fla_kda, fla_gdn, gates: str = "mild") -> dict:
-    row = {"T": T}
-    x = make_inputs(T, seed=T, gates=gates)
+def time_chunk(T: int, fla_kda, fla_gdn, gates: str = "mild", B: int = 1) -> dict:
+    row = {"T": T, "B": B}
+    x = make_inputs(T, seed=T, gates=gates, B=B)
     with torch.no_grad():
         row["ours_fwd"] = bench(lambda: chunk_kda(**x, backend="triton"))
         if fla_kda is not None:
             row["fla_fwd"] = bench(lambda: fla_kda(**x))
-    xg = make_inputs(T, seed=T, requires_grad=True, gates=gates)
-    do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
+    xg = make_inputs(T, seed=T, requires_grad=True, gates=gates, B=B)
+    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
     leaves = list(xg.values())
     row["ours_fwdbwd"] = bench(lambda: chunk_kda(**xg, backend="triton")[0].backward(do), grad_to_none=leaves)
     if fla_kda is not None:
         row["fla_fwdbwd"] = bench(lambda: fla_kda(**xg)[0].backward(do), grad_to_none=leaves)
 
     # the model's call: the three in-op activations
-    xf = make_fused_inputs(T, seed=T + 2)
+    xf = make_fused_inputs(T, seed=T + 2, B=B)
     with torch.no_grad():
         row["ours_fused_fwd"] = bench(lambda: chunk_kda(**xf, **FUSED, backend="triton"))
         if fla_kda is not None:
             row["fla_fused_fwd"] = bench(lambda: fla_kda(**xf, **FUSED))
-    xf = make_fused_inputs(T, seed=T + 2, requires_grad=True)
+    xf = make_fused_inputs(T, seed=T + 2, requires_grad=True, B=B)
     leaves = list(xf.values())
     row["ours_fused_fwdbwd"] = bench(lambda: chunk_kda(**xf, **FUSED, backend="triton")[0].backward(do),
                                      grad_to_none=leaves)
@@ -122,7 +125,7 @@ def time_chunk(T: int, fla_kda, fla_gdn, gates: str = "mild") -> dict:
         row["fla_fused_fwdbwd"] = bench(lambda: fla_kda(**xf, **FUSED)[0].backward(do), grad_to_none=leaves)
 
     # GDN: one scalar gate per head, same kernels
-    xs = make_inputs(T, seed=T + 1, scalar_gate=True, gates=gates)
+    xs = make_inputs(T, seed=T + 1, scalar_gate=True, gates=gates, B=B)
     with torch.no_grad():
         row["ours_gdn_fwd"] = bench(lambda: chunk_kda(**xs, backend="triton"))
         if fla_gdn is not None:
@@ -132,7 +135,7 @@ def time_chunk(T: int, fla_kda, fla_gdn, gates: str = "mild") -> dict:
                 print(f"FLA GDN forward failed: {e!r}")
 
     # SDPA causal, [B, H, T, D]
-    qa, ka, va = (torch.randn(1, H, T, K, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    qa, ka, va = (torch.randn(B, H, T, K, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     with torch.no_grad():
         row["sdpa_fwd"] = bench(lambda: F.scaled_dot_product_attention(qa, ka, va, is_causal=True))
     doa = torch.randn_like(qa)
@@ -144,12 +147,12 @@ def time_chunk(T: int, fla_kda, fla_gdn, gates: str = "mild") -> dict:
     return row
 
 
-def kernel_breakdown(T: int, op=None, backward: bool = True, gates: str = "mild") -> dict:
+def kernel_breakdown(T: int, op=None, backward: bool = True, gates: str = "mild", B: int = 1) -> dict:
     """CUDA time per kernel (ms per call) of a forward(+backward) of ``op`` (ours by default), torch profiler."""
     if op is None:
         op = lambda **x: chunk_kda(**x, backend="triton")  # noqa: E731
-    xg = make_inputs(T, seed=7, requires_grad=backward, gates=gates)
-    do = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
+    xg = make_inputs(T, seed=7, requires_grad=backward, gates=gates, B=B)
+    do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
 
     def call():
         o = op(**xg)[0]
@@ -259,7 +262,7 @@ def plot(rows, path):
             ax.plot(Ts, [r[key] for r in rows], style, label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("T (tokens), B=1, H=32, K=V=128, bf16")
+    ax.set_xlabel(f"T (tokens), B={rows[0]['B'] if rows else 1}, H=32, K=V=128, bf16")
     ax.set_ylabel("ms (median)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -271,6 +274,7 @@ def plot(rows, path):
 def main(argv=None) -> None:
     ap = SuiteParser(__name__, __doc__, peers=("fla",))
     ap.add_argument("--T", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
+    ap.add_argument("--batch", type=int, default=1, help="sequences per call (B) of the chunk timings (default 1)")
     ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--sweep", action="store_true", help="also time launch settings of the sequential passes")
     ap.add_argument("--breakdown", type=int, nargs="*", default=[8192, 32768])
@@ -287,7 +291,7 @@ def main(argv=None) -> None:
         gates=args.gates,
         fwd_launch=dataclasses.asdict(fwd_launch(K, V, torch.bfloat16)),
         bwd_launch=dataclasses.asdict(bwd_launch(K, V, torch.bfloat16)),
-        shape={"B": 1, "H": H, "K": K, "V": V, "dtype": "bf16 q/k/v/beta, fp32 g"},
+        shape={"B": args.batch, "H": H, "K": K, "V": V, "dtype": "bf16 q/k/v/beta, fp32 g"},
     )
     if args.sweep or args.sweep_only is not None:
         result["sweep_8k"] = sweep_launch_settings(8192, json.loads(args.sweep_only or "[]"), gates=args.gates)
@@ -299,7 +303,7 @@ def main(argv=None) -> None:
     rows = []
     for T in args.T:
         try:
-            row = time_chunk(T, fla_kda, fla_gdn, gates=args.gates)
+            row = time_chunk(T, fla_kda, fla_gdn, gates=args.gates, B=args.batch)
         except Exception as e:  # noqa: BLE001 - report and go on to the next size
             print(f"T={T}: failed: {e!r}"[:400])
             torch.cuda.empty_cache()
@@ -310,18 +314,19 @@ def main(argv=None) -> None:
     result["breakdown"] = {}
     for T in args.breakdown:
         try:
-            result["breakdown"][T] = kernel_breakdown(T, gates=args.gates)
+            result["breakdown"][T] = kernel_breakdown(T, gates=args.gates, B=args.batch)
         except Exception as e:  # noqa: BLE001
             print(f"breakdown T={T} failed: {e!r}"[:400])
     if fla_kda is not None and args.breakdown:
         T = args.breakdown[0]
         for tag, bwd in (("fwd", False), ("fwdbwd", True)):
             try:
-                result["breakdown"][f"FLA {tag} {T}"] = kernel_breakdown(T, fla_kda, backward=bwd, gates=args.gates)
+                result["breakdown"][f"FLA {tag} {T}"] = kernel_breakdown(T, fla_kda, backward=bwd, gates=args.gates,
+                                                                         B=args.batch)
             except Exception as e:  # noqa: BLE001
                 print(f"FLA breakdown {tag} failed: {e!r}"[:400])
         try:
-            result["breakdown"][f"ours fwd {T}"] = kernel_breakdown(T, backward=False, gates=args.gates)
+            result["breakdown"][f"ours fwd {T}"] = kernel_breakdown(T, backward=False, gates=args.gates, B=args.batch)
         except Exception as e:  # noqa: BLE001
             print(f"breakdown fwd failed: {e!r}"[:400])
     try:
@@ -347,11 +352,11 @@ def main(argv=None) -> None:
            f"{'ratio':>6} {'TF/s':>6} | {'GDN ours':>8} {'GDN FLA':>8} | {'SDPA f':>7} {'SDPA f+b':>8}")
     print(hdr)
     for r in rows:
-        T = r["T"]
+        T, B = r["T"], r["B"]
         f = lambda key: r.get(key, math.nan)  # noqa: E731
         print(f"{T:6d} | {f('ours_fwd'):8.3f} {f('fla_fwd'):8.3f} {f('ours_fwd') / f('fla_fwd'):6.2f} "
-              f"{kda_flops(T) / f('ours_fwd') / 1e9:6.1f} | {f('ours_fwdbwd'):8.3f} {f('fla_fwdbwd'):8.3f} "
-              f"{f('ours_fwdbwd') / f('fla_fwdbwd'):6.2f} {3 * kda_flops(T) / f('ours_fwdbwd') / 1e9:6.1f} | "
+              f"{kda_flops(T, B) / f('ours_fwd') / 1e9:6.1f} | {f('ours_fwdbwd'):8.3f} {f('fla_fwdbwd'):8.3f} "
+              f"{f('ours_fwdbwd') / f('fla_fwdbwd'):6.2f} {3 * kda_flops(T, B) / f('ours_fwdbwd') / 1e9:6.1f} | "
               f"{f('ours_gdn_fwd'):8.3f} {f('fla_gdn_fwd'):8.3f} | {f('sdpa_fwd'):7.3f} {f('sdpa_fwdbwd'):8.3f}")
     print("\nthe model's call (q/k L2 norm, gate and beta sigmoid in the op), ms:")
     print(f"{'T':>6} | {'ours fwd':>8} {'FLA fwd':>8} {'ratio':>6} | {'ours f+b':>8} {'FLA f+b':>8} {'ratio':>6}")
