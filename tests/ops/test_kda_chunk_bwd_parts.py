@@ -7,9 +7,9 @@ stage that made it. The definitions come from autograd in float64 through one ch
 the gradients w.r.t. its intermediates (V_new, A, A_qk, S) are what the stages pass on, and the same with the pair
 matrices held fixed gives the partial gradients the state stages leave to the pair stage. ``chunk_bwd`` itself is
 then checked end to end on the same definitions. Sizes are awkward on purpose: K = 96 (a partial second K block of
-the state-gradient stage), V not a power of two, chunks cut short, an empty sequence. fp32 and fp16 run in Triton's
-interpreter without CUDA; bf16 runs only compiled (the interpreter's bf16 ``tl.dot`` is wrong). Every buffer the
-kernels write is NaN-poisoned first. The whole op against the recurrence: ``test_kda_chunk_triton.py``.
+the state-gradient stage), V not a power of two, chunks cut short, an empty sequence. Without CUDA every dtype runs
+in Triton's interpreter (bf16 as the GPU computes it: ``tests/triton_interpreter.py``). Every buffer the kernels
+write is NaN-poisoned first. The whole op against the recurrence: ``test_kda_chunk_triton.py``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ FP32_TOL = 2e-5  # the order of summation only (measured <= 1e-6)
 # 16-bit inputs: the stages read 16-bit copies of S, dS', V_new, dV_new, dO, W, A_qk, ... (each rounded to 2^-11
 # relative for fp16, 2^-8 for bf16) and multiply them with fp32 accumulation; fp16 measured <= 3.2e-4
 HALF_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(DEVICE == "cpu", reason="interpreter's bf16 tl.dot"))
 
 
 def _chunk_forward(qs, k, v, beta, G, S, pairs=None):
@@ -194,7 +193,7 @@ def test_stages_match_definitions_fp32():
     check(run_stages(x, layout, do, dht, d, torch.float32, launch), d, FP32_TOL)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, BF16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_stages_match_definitions_half(dtype):
     """16-bit q, k, v, beta, dO and saved intermediates; the definitions are fed the same rounded inputs."""
     x, layout, do, dht, d = case(*HEADS, dtype)

@@ -174,12 +174,7 @@ def test_diag_dots_fast_path_and_fallback(monkeypatch):
         assert rel_err(got[n], want[n]) < 5e-5, n
 
 
-# Triton 3.6's interpreter multiplies bf16 tl.dot operands wrongly (errors ~1e10 on a plain 16x16 dot; fp16 and fp32
-# are right), so bf16 runs only compiled
-BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(DEVICE == "cpu", reason="interpreter's bf16 tl.dot"))
-
-
-@pytest.mark.parametrize("dtype", [BF16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_parts_half_inputs(dtype):
     """16-bit q, k, v, beta (g stays fp32): each intermediate within a small multiple of the inputs' own rounding,
     measured as the error of the float64 definitions fed the rounded inputs against the unrounded ones."""

@@ -364,6 +364,15 @@ def assert_half_budget(errs: dict):
         assert e_kernel < bound, f"{n}: kernel {e_kernel:.2e} >= {bound}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_inputs_every_gradient(dtype):
+    """16-bit inputs through every kernel, forward and backward, three chunks with a partial one: output, final
+    state and every gradient within the half-precision budget (in the interpreter without CUDA, bf16 computed as
+    the GPU computes it: ``tests/triton_interpreter.py``)."""
+    x = {n: (t.to(DEVICE) if t is not None else None) for n, t in kda_inputs(1, 150, 2, 32, 32).items()}
+    assert_half_budget(half_budget(x, dtype))
+
+
 @gpu
 @pytest.mark.gpu
 # fp16 dg was at 2.1x the reference rounding (H200) while fp16 dots of fp32 operands took one TF32 pass; with three
