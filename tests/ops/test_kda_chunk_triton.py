@@ -373,6 +373,50 @@ def test_half_inputs_every_gradient(dtype):
     assert_half_budget(half_budget(x, dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_inputs_the_models_call(dtype):
+    """The call the KDA layer makes (raw q, k, gate pre-activation and beta logits in 16 bits; the q/k L2 norm, the
+    gate with A_log and dt_bias and the beta sigmoid in the op), three chunks: output, state and every gradient
+    (A_log's and dt_bias's included) within twice the error of the PyTorch path on the same rounded inputs, both
+    against the PyTorch path on the unrounded ones (dA_log and ddt_bias: see below). The op stores the normalised q
+    and k in the inputs' dtype (its dot operands), so the rounded reference rounds them there too."""
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, K, V = 1, 150, 2, 32, 32
+    x = {n: torch.randn(*shape, generator=gen) for n, shape in
+         (("q", (B, T, H, K)), ("k", (B, T, H, K)), ("v", (B, T, H, V)), ("g", (B, T, H, K)), ("beta", (B, T, H)))}
+    x["A_log"], x["dt_bias"] = torch.randn(H, generator=gen) * 0.5, torch.randn(H * K, generator=gen) - 2.0
+    x["initial_state"] = torch.randn(B, H, K, V, generator=gen)
+    kw = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+    fp32_only = ("A_log", "dt_bias", "initial_state")
+
+    def run(backend, inputs, out_dtype):
+        lv = leaves({n: t.to(DEVICE if backend == "triton" else "cpu") for n, t in inputs.items()})
+        if backend == "triton":
+            o, ht = chunk_kda(**lv, output_final_state=True, backend=backend, **kw)
+        else:  # the L2 norm outside, its result rounded to the dtype the op's kernels store it in
+            qk = {n: l2norm(lv[n].float()).to(out_dtype).float() for n in ("q", "k")}
+            o, ht = chunk_kda(**{**lv, **qk}, output_final_state=True, backend=backend,
+                              **{**kw, "use_qk_l2norm_in_kernel": False})
+        loss_of(o.float(), ht).backward()
+        return {"o": o.to(out_dtype).float(), "ht": ht,
+                **{"d" + n: t.grad.to(torch.float32 if n in fp32_only else out_dtype).float() for n, t in lv.items()}}
+
+    rounded = {n: t if n in fp32_only else t.to(dtype) for n, t in x.items()}
+    exact = run("torch", x, torch.float32)
+    ref_lowp = run("torch", {n: t.float() for n, t in rounded.items()}, dtype)
+    kern = run("triton", rounded, dtype)
+    errs = {n: (rel_err(kern[n].cpu(), exact[n]), rel_err(ref_lowp[n], exact[n])) for n in exact}
+    # dA_log (H values) and ddt_bias are sums of per-token terms of both signs: a relative error of a few such sums
+    # measures their cancellation more than the kernel. Each is held instead to its error over the sum of its
+    # terms' magnitudes, against twice the reference's error on the terms themselves (dg, the raw gate's gradient).
+    z = x["g"] + x["dt_bias"].reshape(H, K)
+    terms = {"ddt_bias": exact["dg"], "dA_log": exact["dg"] * torch.nn.functional.softplus(z) / torch.sigmoid(z)}
+    for n, dims in (("ddt_bias", (0, 1)), ("dA_log", (0, 1, 3))):
+        scale = terms[n].abs().sum(dims).reshape(-1).norm()
+        errs[n] = ((kern[n].cpu() - exact[n]).norm().item() / scale.item(), errs["dg"][1])
+    assert_half_budget(errs)
+
+
 @gpu
 @pytest.mark.gpu
 # fp16 dg was at 2.1x the reference rounding (H200) while fp16 dots of fp32 operands took one TF32 pass; with three
