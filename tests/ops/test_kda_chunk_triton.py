@@ -369,7 +369,8 @@ def test_half_inputs_every_gradient(dtype):
     """16-bit inputs through every kernel, forward and backward, three chunks with a partial one: output, final
     state and every gradient within the half-precision budget (in the interpreter without CUDA, bf16 computed as
     the GPU computes it: ``tests/triton_interpreter.py``)."""
-    x = {n: (t.to(DEVICE) if t is not None else None) for n, t in kda_inputs(1, 150, 2, 32, 32).items()}
+    x = kda_inputs(1, 150, 2, 32, 32, generator=torch.Generator().manual_seed(0))  # dh0 at 1.7-1.9x over seeds
+    x = {n: (t.to(DEVICE) if t is not None else None) for n, t in x.items()}
     assert_half_budget(half_budget(x, dtype))
 
 
