@@ -185,7 +185,14 @@ def _version(module: str) -> str | None:
         return None
 
 
+COMMIT_ENV = "KIMI_LINEAR_COMMIT"
+
+
 def _commit() -> str | None:
+    """The measured tree: ``$KIMI_LINEAR_COMMIT`` where set (a copy of the tree whose own git history is absent or
+    stale, as on a remote machine that receives the files only), else ``git describe`` of the checkout."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=9"], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=10)

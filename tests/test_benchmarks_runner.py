@@ -113,3 +113,16 @@ def test_kda_decode_suite_parses_builds_and_times_the_same_step(monkeypatch):
     assert fused.shape == (3, 32) and (fused - unfused).norm() <= 1e-6 * unfused.norm()
     for name in pools:
         assert (pools[name] - unfused_pools[name]).norm() <= 1e-6 * unfused_pools[name].norm(), name
+
+
+def test_environment_names_the_tree_from_git_or_the_override(monkeypatch):
+    """The commit recorded with every result: ``git describe`` of the checkout, or ``$KIMI_LINEAR_COMMIT`` for a copy
+    of the tree measured where its git history is absent or stale."""
+    from benchmarks.common import COMMIT_ENV, environment
+
+    monkeypatch.delenv(COMMIT_ENV, raising=False)
+    described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=9"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip() or None
+    assert environment()["commit"] == described
+    monkeypatch.setenv(COMMIT_ENV, "fwd-noG@151b1bf")
+    assert environment()["commit"] == "fwd-noG@151b1bf"
