@@ -7,6 +7,7 @@ example ``tests/test_generate.py`` run alone before ``tests/layers``) would othe
 interpreter's bf16 dot and cast are then made to compute as the GPU does (``tests/triton_interpreter.py``).
 """
 
+import importlib.util
 import os
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("TRITON_INTERPRET") == "1":
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
     from tests.triton_interpreter import install as install_interpreter_bf16
 
     install_interpreter_bf16()  # bf16 dots and casts as the GPU computes them
