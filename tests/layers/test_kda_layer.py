@@ -424,11 +424,12 @@ def test_kda_layer_keeps_less_than_an_mla_layer_per_token():
     """What a KDA layer keeps for its backward on the path training takes on the GPU (Triton kernels; here the
     interpreter), bf16 autocast, packed documents, at the 1.2B benchmark's proportions scaled down (H·K = hidden,
     K = 128, MLA heads of 128 + 64 over a latent of hidden / 4): exactly x, the q/k/v projections, the low-rank
-    inputs, the beta logits, the conv filters, the op output and the chunk kernels' four matrix products (A_qk,
-    T fp32, W, U), and at most 0.85x the bytes per token of an MLA layer of the same hidden size measured the same
-    way (before the chunk op reran the glue, 1.47x). The CPU's MLA runs SDPA's math path, which keeps fp32 copies
-    of q, k, v and the softmax where the GPU's flash kernel keeps bf16 q, k, v, output and the log-sum-exp, so on the
-    GPU the two are closer (benchmarks/RESULTS.md, Training, has both counted at the 1.2B shape)."""
+    inputs, the beta logits, the conv filters, the op output and the chunk kernels' two matrix products (A_qk,
+    T fp32; W and U are made again in backward), and at most 0.7x the bytes per token of an MLA layer of the same
+    hidden size measured the same way (0.64x; 0.81x while the op kept W and U, 1.47x before it reran the glue).
+    The CPU's MLA runs SDPA's math path, which keeps fp32 copies of q, k, v and the softmax where the GPU's flash
+    kernel keeps bf16 q, k, v, output and the log-sum-exp, so on the GPU the two are closer
+    (benchmarks/RESULTS.md, Training, has both counted at the 1.2B shape)."""
     from kimi_linear.layers.mla import MultiheadLatentAttention
     from kimi_linear.train import activation_memory
 
@@ -451,10 +452,10 @@ def test_kda_layer_keeps_less_than_an_mla_layer_per_token():
         per_token[name] = report.activation_bytes() / T
         if name == "kda":
             E, C, W = H * K, 64, config.short_conv_kernel_size  # C: the chunk, the width of A_qk and T
-            bf16 = D + 3 * E + K + H + E + K + H * C + E + E  # x, qkv, f_low, beta logits, o, g_low, A_qk, W, U
+            bf16 = D + 3 * E + K + H + E + K + H * C  # x, qkv, f_low, beta logits, o, g_low, A_qk
             expected = T * (2 * bf16 + 4 * H * C) + 4 * 3 * E * W  # T fp32; the conv filters do not grow with T
             assert report.activation_bytes() == expected, activation_memory.format_saved(report)
-    assert per_token["kda"] <= 0.85 * per_token["mla"], per_token
+    assert per_token["kda"] <= 0.7 * per_token["mla"], per_token
 
 
 @INTERPRETER

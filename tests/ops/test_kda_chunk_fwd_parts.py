@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from kimi_linear.ops.kda import chunk_pairs
+from kimi_linear.ops.kda import chunk_pairs, chunk_wy
 from kimi_linear.ops.kda.chunk_common import CHUNK, layout_for
 from kimi_linear.ops.kda.chunk_fwd import chunk_fwd, fwd_launch
 from tests.utils import kda_inputs, rel_err
@@ -89,6 +89,11 @@ def run_parts(x, scale, cu_seqlens=None, launch=None):
                                                                                         q.dtype))
     for name, t in zip(("G", "qg", "kd"), recomputed):
         assert torch.equal(t, saved[NAMES.index(name)]), f"decay_operands' {name} is not the forward's"
+    # and so does its WY stage on the fp32 T the forward keeps (the forward's own ran on the solve's rounded copy)
+    remade = chunk_wy.wy_factors(k, v, beta, recomputed[0], saved[NAMES.index("Tinv")], layout,
+                                 launch or fwd_launch(q.shape[-1], v.shape[-1], q.dtype))
+    for name, t in zip(("w", "u"), remade):
+        assert torch.equal(t, saved[NAMES.index(name)]), f"the backward's {name} is not the forward's"
     bounds = layout.cu_seqlens.tolist()
     want = reference_parts(q.cpu(), k.cpu(), v.cpu(), g.cpu(), beta.cpu(), scale, bounds)
     got = dict(zip(NAMES, (t.cpu() for t in saved)))

@@ -4,9 +4,10 @@ Forward (``chunk_fwd.py``): the per-chunk stages (cumulative decays and pair mat
 the decayed q/k the state pass reads), then a sequential state pass per (sequence, head, V block) that also writes
 the output. Backward (``chunk_bwd.py``): the state pass again, writing the state entering each chunk (recomputed,
 not kept from the forward), a reverse pass for the state gradients, then the per-chunk stages for dq, dk, dv, dg,
-dbeta. For the backward the forward keeps its inputs and the products of its matrix stages (A_qk, T fp32, W, U:
-about three and a half tensors the size of q at K = 128), but no per-chunk states; the element-wise ones (G,
-q~ exp(G), K exp(G_last - G)) are recomputed by one kernel at the start of the backward.
+dbeta. For the backward the forward keeps its inputs and the products of its pair and UT stages (A_qk and T fp32:
+one and a half tensors the size of q at K = 128), but no per-chunk states; the element-wise ones (G, q~ exp(G),
+K exp(G_last - G)) are recomputed by one kernel at the start of the backward, and W, U by the WY stage again (a
+light stage: the same values, for two tensors the size of k and v not kept between forward and backward).
 ``chunk_kda_triton_recomputing`` keeps not even the inputs: it takes a function that makes q, k, v, g, beta from
 tensors its caller keeps anyway (a layer's projections) and reruns it in backward. The optional activations (q/k
 L2 norm, the gate, the beta sigmoid) run in fused Triton kernels before and after the chunk kernels
@@ -27,22 +28,25 @@ from kimi_linear.ops.kda.chunk_bwd import BwdLaunch, bwd_launch, chunk_bwd
 from kimi_linear.ops.kda.chunk_common import CHUNK, SUB_CHUNK, layout_for
 from kimi_linear.ops.kda.chunk_fwd import FwdLaunch, chunk_fwd, fwd_launch
 from kimi_linear.ops.kda.chunk_pairs import decay_operands
+from kimi_linear.ops.kda.chunk_wy import wy_factors
 from kimi_linear.ops.kda.common import preprocess
 
 __all__ = ["CHUNK", "SUB_CHUNK", "ChunkKDAFunction", "chunk_kda_triton", "chunk_kda_triton_recomputing"]
 
 
 def _forward(q, k, v, g, beta, h0, scale, output_final_state, layout, fwd):
-    """``chunk_fwd`` -> (o, final state or None, what the backward needs besides the inputs: A_qk, T fp32, W, U)."""
-    o, ht, (_, Aqk, Tinv, w, u, _, _) = chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, fwd)
-    return o, ht, (Aqk, Tinv, w, u)
+    """``chunk_fwd`` -> (o, final state or None, what the backward needs besides the inputs: A_qk, T fp32)."""
+    o, ht, (_, Aqk, Tinv, _, _, _, _) = chunk_fwd(q, k, v, g, beta, scale, h0, output_final_state, layout, fwd)
+    return o, ht, (Aqk, Tinv)
 
 
 def _backward(q, k, v, g, beta, h0, kept, do, dht, scale, layout, fwd, bwd):
     """``chunk_bwd`` from the forward's inputs and ``kept`` (``_forward``'s): G, q~ exp(G) and K exp(G_last - G)
-    are made again first (element-wise, as the forward made them). Returns dq, dk, dv, dg, dbeta, dh0."""
-    Aqk, Tinv, w, u = kept
+    are made again first (element-wise, as the forward made them), then W and U (the WY stage on the kept T, which
+    it rounds as the forward's solve did). Returns dq, dk, dv, dg, dbeta, dh0."""
+    Aqk, Tinv = kept
     G, qg, kd = decay_operands(q, k, g, scale, layout, fwd)
+    w, u = wy_factors(k, v, beta, G, Tinv, layout, fwd)
     return chunk_bwd(q, k, v, beta, (G, Aqk, Tinv, w, u, qg, kd), scale, h0, do.contiguous().to(q.dtype), dht,
                      layout, launch=bwd, state=fwd.state)
 
@@ -83,7 +87,7 @@ class ChunkKDAFunction(torch.autograd.Function):
 
 class ChunkKDARecomputingFunction(torch.autograd.Function):
     """o ``[B, T, H, V]`` (v's dtype) of ``prepare(*inputs)`` (no initial or final state), keeping ``inputs`` and
-    ``_forward``'s matrix products; the backward reruns ``prepare`` under the forward's autocast state."""
+    ``_forward``'s matrix products (A_qk, T); the backward reruns ``prepare`` under the forward's autocast state."""
 
     @staticmethod
     def forward(ctx, prepare, autocast_state, scale, cu_seqlens, fwd, bwd, *inputs):
@@ -125,7 +129,7 @@ def chunk_kda_triton_recomputing(prepare, *inputs, scale: float | None = None,
                                  cu_seqlens: torch.Tensor | None = None, fwd: FwdLaunch | None = None,
                                  bwd: BwdLaunch | None = None) -> torch.Tensor:
     """The output of ``chunk_kda_triton(*prepare(*inputs), cu_seqlens=cu_seqlens)`` (no initial or final state),
-    keeping for the backward only ``inputs`` and the chunk's matrix products (A_qk, T, W, U): q, k, v, g and beta
+    keeping for the backward only ``inputs`` and the chunk's matrix products A_qk and T: q, k, v, g and beta
     come back in backward by running ``prepare`` again (under the forward's autocast state), and G, q~ exp(G),
     K exp(G_last - G) from them. For a layer whose op inputs are cheap functions of tensors it keeps anyway.
 

@@ -3,8 +3,10 @@
 ``chunk_kda_fwd_wy_block_kernel``, one program per (column block, chunk, head): K blocks first (W), then V blocks
 (U), each reloading the chunk's T (from L2: the column blocks of one chunk are neighbours in the grid), for several
 times the programs in flight of one program per chunk. T comes from the UT solve (``chunk_solve.py``): for 16-bit
-inputs rounded to their dtype, and the products then take 16-bit operands with fp32 accumulation; fp32 inputs take
-fp32 T and fp32 products. G is measured from the chunk start, so every exponent is <= 0.
+inputs the products take T rounded to their dtype (the forward passes the solve's rounded copy, the backward the
+fp32 T it kept, rounded on load to the same values) with fp32 accumulation; fp32 inputs take fp32 T and fp32
+products. G is measured from the chunk start, so every exponent is <= 0. The backward runs this stage again rather
+than keeping W and U (two tensors the size of k and v) from the forward.
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ def chunk_kda_fwd_wy_block_kernel(
     DOT_PREC: tl.constexpr,
 ):
     """Per (column block, chunk, head) — grid (cdiv(K, BKW) + cdiv(V, BVW), NT, H): columns [col0, col0 + BKW)
-    of W = T (beta exp(G) K), or columns [col0, col0 + BVW) of U = T (beta V), with T [BT, BT] as stored in ``T``
-    (the right-hand operand rounded to T's dtype)."""
+    of W = T (beta exp(G) K), or columns [col0, col0 + BVW) of U = T (beta V), with T [BT, BT] from ``T`` rounded
+    to k's dtype (the right-hand operand too)."""
     i_b, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, n_rows = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
-    b_T = load_rows_raw(T, t0, n_rows, i_h, H, BT, BT, BT)  # [BT, BT]; rows past the end read 0
+    b_T = load_rows_raw(T, t0, n_rows, i_h, H, BT, BT, BT).to(k.dtype.element_ty)  # [BT, BT]; 0 past the end
     b_b = load_vec(beta, t0, 0, n_rows, i_h, H, BT)
     NKB: tl.constexpr = (K + BKW - 1) // BKW
     if i_b < NKB:
@@ -55,8 +57,8 @@ def chunk_kda_fwd_wy_block_kernel(
 
 
 def wy_factors(k, v, beta, G, T, layout, launch):
-    """The WY stage: packed k [TT, H, K], v [TT, H, V], beta [TT, H], G fp32, T [TT, H, BT] -> (W, U) in k's
-    dtype. ``launch``: the forward's ``FwdLaunch``."""
+    """The WY stage: packed k [TT, H, K], v [TT, H, V] (one dtype), beta [TT, H], G fp32, T [TT, H, BT] fp32 or
+    in k's dtype -> (W, U) in k's dtype. ``launch``: the forward's ``FwdLaunch``."""
     TT, H, K = k.shape
     V = v.shape[-1]
     w = new_buffer(TT, H, K, device=k.device, dtype=k.dtype)
