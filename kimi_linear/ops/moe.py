@@ -14,6 +14,8 @@ grouped GEMMs over those runs (``torch._grouped_mm`` where the build has it and 
 alignment rules, else a loop over only the experts that received tokens). The routing weight is applied to the
 intermediate activation (w2 is linear, so w2(w * h) = w * w2(h)), and the K slots of a token are summed by a
 reshape, not by atomics: results are deterministic and the sum is taken in the reduction's fp32 accumulator.
+Under autograd the grouped GEMMs run in one Function (``_GroupedExperts``) that keeps each token's row once and
+the gate and up products, and makes the K slot copies of the row and the SwiGLU output again in backward.
 """
 
 from __future__ import annotations
@@ -118,35 +120,36 @@ class _CombineSlots(torch.autograd.Function):
         return _DispatchSlots.apply(dy_ND, order_S, inverse_S, ctx.top_k), None, None, None
 
 
-def _grouped_mm_aligned(*tensors: torch.Tensor) -> bool:
-    """torch._grouped_mm exists and its layout rule holds: 16-byte aligned data pointers and strides. While
+def _grouped_mm_aligned(x_ND: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """torch._grouped_mm exists and its layout rule holds: 16-byte aligned data pointers and strides. The products
+    read x's slot copies, gathered into a new contiguous tensor, so of x only the row width counts. While
     torch.compile traces, data pointers do not exist (fake tensors) and only the strides are checked: the
     compiled graph's buffers and the parameters are allocated 16-byte aligned."""
-    if not hasattr(torch, "_grouped_mm"):
+    if not hasattr(torch, "_grouped_mm") or x_ND.shape[-1] % (16 // x_ND.element_size()):
         return False
     tracing = torch.compiler.is_compiling()
-    for t in tensors:
+    for t in weights:
         align = 16 // t.element_size()
         if (not tracing and t.data_ptr() % 16) or any(stride % align for stride in t.stride() if stride != 1):
             return False
     return True
 
 
-def _grouped_mm_traceable(x_SD: torch.Tensor) -> bool:
+def _grouped_mm_traceable(x_ND: torch.Tensor) -> bool:
     """torch._grouped_mm's fake (meta) kernel, which torch.compile runs to trace it, accepts bf16 only (its CUDA
     kernel's rule), though the eager CPU kernel takes fp32 too."""
-    return not torch.compiler.is_compiling() or x_SD.dtype == torch.bfloat16
+    return not torch.compiler.is_compiling() or x_ND.dtype == torch.bfloat16
 
 
-def _grouped_mm_preferred(x_SD: torch.Tensor, *weights: torch.Tensor) -> bool:
+def _grouped_mm_preferred(x_ND: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether "auto" takes torch._grouped_mm: aligned operands, and on CUDA only bf16 on sm90+, which has the
     fused kernel; other CUDA dtypes go through torch's own loop, which copies the offsets to the host anyway.
     Under torch.compile only bf16 (``_grouped_mm_traceable``).
     """
-    if x_SD.is_cuda:
-        if x_SD.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x_SD.device)[0] < 9:
+    if x_ND.is_cuda:
+        if x_ND.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x_ND.device)[0] < 9:
             return False
-    return _grouped_mm_traceable(x_SD) and _grouped_mm_aligned(x_SD, *weights)
+    return _grouped_mm_traceable(x_ND) and _grouped_mm_aligned(x_ND, *weights)
 
 
 def swiglu_weighted(gate_SF: torch.Tensor, up_SF: torch.Tensor, weights_S: torch.Tensor) -> torch.Tensor:
@@ -162,11 +165,78 @@ def swiglu_weighted(gate_SF: torch.Tensor, up_SF: torch.Tensor, weights_S: torch
     return (F.silu(gate_SF.float()) * up_SF.float() * weights_S.float()[:, None]).to(gate_SF.dtype)
 
 
+def _swiglu_weighted_values(gate_SF, up_SF, weights_S):
+    """``swiglu_weighted``'s values outside autograd: the fused kernel on CUDA, else the PyTorch formula."""
+    if gate_SF.is_cuda and TRITON_INSTALLED:
+        from kimi_linear.ops.moe_triton import swiglu_weighted_fwd_triton
+
+        return swiglu_weighted_fwd_triton(gate_SF, up_SF, weights_S)
+    return (F.silu(gate_SF.float()) * up_SF.float() * weights_S.float()[:, None]).to(gate_SF.dtype)
+
+
+def _swiglu_weighted_grads(gate_SF, up_SF, weights_S, dh_SF):
+    """(dgate_SF, dup_SF in gate's dtype, dweights_S fp32) of ``swiglu_weighted`` for ``dh_SF``, outside
+    autograd: the fused kernel on CUDA, else these formulas in fp32 (d silu(g)/dg = s (1 + g (1 - s)), s the
+    sigmoid of g)."""
+    if gate_SF.is_cuda and TRITON_INSTALLED:
+        from kimi_linear.ops.moe_triton import swiglu_weighted_bwd_triton
+
+        return swiglu_weighted_bwd_triton(gate_SF, up_SF, weights_S, dh_SF)
+    g, u, dh = gate_SF.float(), up_SF.float(), dh_SF.float()
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    dhw = dh * weights_S.float()[:, None]
+    dgate = dhw * u * sig * (1.0 + g * (1.0 - sig))
+    return dgate.to(gate_SF.dtype), (dhw * silu).to(up_SF.dtype), (dh * silu * u).sum(dim=-1)
+
+
 def _experts_grouped_mm(x_SD, weights_S, offsets_E, w1_EFD, w3_EFD, w2_EDF):
+    """The routed experts on token-slots sorted by expert: three grouped GEMMs around the weighted SwiGLU.
+    Returns (y_SD, gate_SF, up_SF)."""
     gate_SF = torch._grouped_mm(x_SD, w1_EFD.transpose(-2, -1), offs=offsets_E)
     up_SF = torch._grouped_mm(x_SD, w3_EFD.transpose(-2, -1), offs=offsets_E)
-    h_SF = swiglu_weighted(gate_SF, up_SF, weights_S)
-    return torch._grouped_mm(h_SF, w2_EDF.transpose(-2, -1), offs=offsets_E)  # [S, D]
+    h_SF = _swiglu_weighted_values(gate_SF, up_SF, weights_S)
+    return torch._grouped_mm(h_SF, w2_EDF.transpose(-2, -1), offs=offsets_E), gate_SF, up_SF  # [S, D]
+
+
+class _GroupedExperts(torch.autograd.Function):
+    """The grouped-GEMM experts from the tokens, not their slot copies: x_ND ``[N, D]`` (one row per token),
+    ``order_S`` / ``inverse_S`` (the sorted slots' source slot / each slot's place in the sort), weights_S
+    (sorted), offsets_E (each expert's run end) -> y_SD ``[S, D]``, sorted by expert.
+
+    For its backward it keeps x_ND, the sort, weights_S and the gate and up products, and makes again what is
+    cheap to make: the K copies of each token's row (a gather; K times x_ND's bytes) and the SwiGLU output
+    (element-wise from gate and up). Autograd through the plain ops would keep both: for K = 4, 2.5 times x_ND
+    plus F / D of it per slot, more than everything this keeps besides gate and up."""
+
+    @staticmethod
+    def forward(ctx, x_ND, order_S, inverse_S, weights_S, offsets_E, top_k, w1_EFD, w3_EFD, w2_EDF):
+        x_SD = x_ND.index_select(0, order_S // top_k)
+        y_SD, gate_SF, up_SF = _experts_grouped_mm(x_SD, weights_S, offsets_E, w1_EFD, w3_EFD, w2_EDF)
+        ctx.save_for_backward(x_ND, order_S, inverse_S, weights_S, offsets_E, gate_SF, up_SF, w1_EFD, w3_EFD,
+                              w2_EDF)
+        ctx.top_k = top_k
+        return y_SD
+
+    @staticmethod
+    def backward(ctx, dy_SD):
+        x_ND, order_S, inverse_S, weights_S, offsets_E, gate_SF, up_SF, w1_EFD, w3_EFD, w2_EDF = ctx.saved_tensors
+        dy_SD = dy_SD.contiguous()
+        h_SF = _swiglu_weighted_values(gate_SF, up_SF, weights_S)
+        dw2_EDF = torch._grouped_mm(dy_SD.t(), h_SF, offs=offsets_E)
+        del h_SF
+        dh_SF = torch._grouped_mm(dy_SD, w2_EDF, offs=offsets_E)
+        dgate_SF, dup_SF, dweights_S = _swiglu_weighted_grads(gate_SF, up_SF, weights_S, dh_SF)
+        del dh_SF
+        x_SD = x_ND.index_select(0, order_S // ctx.top_k)
+        dw1_EFD = torch._grouped_mm(dgate_SF.t(), x_SD, offs=offsets_E)
+        dw3_EFD = torch._grouped_mm(dup_SF.t(), x_SD, offs=offsets_E)
+        del x_SD
+        dx_SD = torch._grouped_mm(dgate_SF, w1_EFD, offs=offsets_E) + torch._grouped_mm(dup_SF, w3_EFD,
+                                                                                         offs=offsets_E)
+        # each token's K slot gradients summed by a reshape (deterministic, no atomics), as _CombineSlots sums
+        dx_ND = dx_SD.index_select(0, inverse_S).view(-1, ctx.top_k, dx_SD.shape[-1]).sum(dim=1)
+        return dx_ND, None, None, dweights_S, None, None, dw1_EFD, dw3_EFD, dw2_EDF
 
 
 def _experts_loop(x_SD, weights_S, offsets_E, w1_EFD, w3_EFD, w2_EDF):
@@ -303,25 +373,30 @@ def grouped_experts(
     ends_E = torch.searchsorted(sorted_experts_S, torch.arange(E, device=experts_S.device), right=True)
     tokens_per_expert_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
 
-    x_SD = _DispatchSlots.apply(x_ND.to(dtype), order_S, inverse_S, K)
+    x_ND = x_ND.to(dtype)
     weights_S = weights_NK.reshape(-1).index_select(0, order_S).float()
     w1_EFD, w3_EFD, w2_EDF = w1_EFD.to(dtype), w3_EFD.to(dtype), w2_EDF.to(dtype)
     if backend == "auto":
-        backend = "grouped_mm" if _grouped_mm_preferred(x_SD, w1_EFD, w3_EFD, w2_EDF) else "loop"
-    elif backend == "grouped_mm" and not _grouped_mm_traceable(x_SD):
+        backend = "grouped_mm" if _grouped_mm_preferred(x_ND, w1_EFD, w3_EFD, w2_EDF) else "loop"
+    elif backend == "grouped_mm" and not _grouped_mm_traceable(x_ND):
         raise ValueError(f"backend='grouped_mm' under torch.compile needs bfloat16 operands (torch._grouped_mm's "
-                         f"fake kernel takes no other dtype), got {x_SD.dtype}: use backend='auto' or 'loop'")
-    elif backend == "grouped_mm" and not _grouped_mm_aligned(x_SD, w1_EFD, w3_EFD, w2_EDF):
+                         f"fake kernel takes no other dtype), got {x_ND.dtype}: use backend='auto' or 'loop'")
+    elif backend == "grouped_mm" and not _grouped_mm_aligned(x_ND, w1_EFD, w3_EFD, w2_EDF):
         raise ValueError(
             f"backend='grouped_mm' needs torch._grouped_mm (torch {torch.__version__}: "
             f"{'present' if hasattr(torch, '_grouped_mm') else 'absent'}) and 16-byte aligned operands: "
-            f"hidden size {x_SD.shape[-1]} and expert intermediate size {w1_EFD.shape[1]} must be multiples "
-            f"of {16 // x_SD.element_size()} for {x_SD.dtype}"
+            f"hidden size {x_ND.shape[-1]} and expert intermediate size {w1_EFD.shape[1]} must be multiples "
+            f"of {16 // x_ND.element_size()} for {x_ND.dtype}"
         )
+    offsets_E = ends_E.to(torch.int32)
     # The explicit casts above did autocast's job; below, every matmul sees one dtype.
     with torch.autocast(x_ND.device.type, enabled=False):
+        if backend == "grouped_mm" and needs_grad:
+            y_SD = _GroupedExperts.apply(x_ND, order_S, inverse_S, weights_S, offsets_E, K, w1_EFD, w3_EFD, w2_EDF)
+            return _CombineSlots.apply(y_SD, order_S, inverse_S, K), tokens_per_expert_E
+        x_SD = _DispatchSlots.apply(x_ND, order_S, inverse_S, K)
         if backend == "grouped_mm":
-            y_SD = _experts_grouped_mm(x_SD, weights_S, ends_E.to(torch.int32), w1_EFD, w3_EFD, w2_EDF)
+            y_SD = _experts_grouped_mm(x_SD, weights_S, offsets_E, w1_EFD, w3_EFD, w2_EDF)[0]
         elif torch.compiler.is_compiling():
             y_SD = torch.ops.kimi_linear.moe_experts_loop(x_SD, weights_S, ends_E, w1_EFD, w3_EFD, w2_EDF)
         else:

@@ -62,35 +62,49 @@ def _swiglu_weighted_bwd_kernel(g_ptr, u_ptr, w_ptr, dh_ptr, dg_ptr, du_ptr, dw_
     tl.store(dw_ptr + o_s, b_dw, mask=m_s)
 
 
+def swiglu_weighted_fwd_triton(gate_SF: torch.Tensor, up_SF: torch.Tensor, weights_S: torch.Tensor) -> torch.Tensor:
+    """``h_SF = silu(gate_SF) * up_SF * weights_S[:, None]`` in gate's dtype, one kernel, no autograd.
+
+    Args: gate_SF, up_SF ``[S, F]`` one float dtype and device; weights_S ``[S]`` (used in fp32).
+    """
+    gate_SF, up_SF, weights_S = gate_SF.contiguous(), up_SF.contiguous(), weights_S.float().contiguous()
+    S, F = gate_SF.shape
+    h_SF = torch.empty_like(gate_SF)
+    n = S * F
+    if n:
+        _swiglu_weighted_fwd_kernel[(triton.cdiv(n, BLOCK_FWD),)](gate_SF, up_SF, weights_S, h_SF, n, F,
+                                                                  BLOCK=BLOCK_FWD)
+    return h_SF
+
+
+def swiglu_weighted_bwd_triton(gate_SF: torch.Tensor, up_SF: torch.Tensor, weights_S: torch.Tensor,
+                               dh_SF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``swiglu_weighted_fwd_triton`` for ``dh_SF``: (dgate_SF, dup_SF in their dtype,
+    dweights_S fp32), one kernel, no autograd."""
+    gate_SF, up_SF, weights_S = gate_SF.contiguous(), up_SF.contiguous(), weights_S.float().contiguous()
+    dh_SF = dh_SF.contiguous()
+    S, F = gate_SF.shape
+    dgate_SF, dup_SF = torch.empty_like(gate_SF), torch.empty_like(up_SF)
+    dweights_S = torch.empty_like(weights_S)
+    if S * F:
+        _swiglu_weighted_bwd_kernel[(triton.cdiv(S, BS_BWD),)](gate_SF, up_SF, weights_S, dh_SF, dgate_SF, dup_SF,
+                                                               dweights_S, S, F, BS=BS_BWD, BF=BF_BWD)
+    else:
+        dweights_S.zero_()
+    return dgate_SF, dup_SF, dweights_S
+
+
 class SwiGLUWeighted(torch.autograd.Function):
     """h_SF = silu(gate_SF) * up_SF * weights_S[:, None] with the fused kernels above."""
 
     @staticmethod
     def forward(ctx, gate_SF, up_SF, weights_S):
-        gate_SF, up_SF, weights_S = gate_SF.contiguous(), up_SF.contiguous(), weights_S.float().contiguous()
-        S, F = gate_SF.shape
-        h_SF = torch.empty_like(gate_SF)
-        n = S * F
-        if n:
-            grid = (triton.cdiv(n, BLOCK_FWD),)
-            _swiglu_weighted_fwd_kernel[grid](gate_SF, up_SF, weights_S, h_SF, n, F, BLOCK=BLOCK_FWD)
         ctx.save_for_backward(gate_SF, up_SF, weights_S)
-        return h_SF
+        return swiglu_weighted_fwd_triton(gate_SF, up_SF, weights_S)
 
     @staticmethod
     def backward(ctx, dh_SF):
-        gate_SF, up_SF, weights_S = ctx.saved_tensors
-        dh_SF = dh_SF.contiguous()
-        S, F = gate_SF.shape
-        dgate_SF, dup_SF = torch.empty_like(gate_SF), torch.empty_like(up_SF)
-        dweights_S = torch.empty_like(weights_S)
-        if S * F:
-            grid = (triton.cdiv(S, BS_BWD),)
-            _swiglu_weighted_bwd_kernel[grid](gate_SF, up_SF, weights_S, dh_SF, dgate_SF, dup_SF, dweights_S,
-                                              S, F, BS=BS_BWD, BF=BF_BWD)
-        else:
-            dweights_S.zero_()
-        return dgate_SF, dup_SF, dweights_S
+        return swiglu_weighted_bwd_triton(*ctx.saved_tensors, dh_SF)
 
 
 def swiglu_weighted_triton(

@@ -301,6 +301,31 @@ def test_deterministic_and_decode_sized():
     assert int((moe.last_expert_load > 0).sum()) <= 4 * config.num_experts_per_token
 
 
+@NEEDS_GROUPED_MM
+def test_grouped_training_path_keeps_tokens_not_slot_copies():
+    """Training's grouped path (bf16 autocast, fp32 weights) keeps each token's bf16 row once (shared with the
+    shared expert) and, per slot, the gate and up products and the routing weight, but neither the K slot copies
+    of the row [N*K, D] nor the SwiGLU output [N*K, F]: the backward makes those again."""
+    config = make_config(hidden_size=32, moe_intermediate_size=16, num_experts=8, num_experts_per_token=4)
+    moe = random_moe(config, seed=4)
+    moe.expert_backend = "grouped_mm"
+    N, D, F, K = 40, config.hidden_size, config.moe_intermediate_size, config.num_experts_per_token
+    x = torch.randn(1, N, D, requires_grad=True)
+    saved = {}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t),
+                                                  lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = moe(x)
+    slot_rows = [(tuple(t.shape), t.dtype) for t in saved.values() if t.is_floating_point() and t.shape[0] == N * K]
+    # gate and up (bf16), and the sorted routing weights (fp32): nothing else is kept per slot
+    assert sorted(slot_rows, key=str) == sorted([((N * K, F), torch.bfloat16)] * 2 + [((N * K,), torch.float32)],
+                                                key=str), slot_rows
+    token_rows = [(tuple(t.shape), t.dtype) for t in saved.values() if t.is_floating_point() and t.shape[0] == N]
+    assert ((N, D), torch.bfloat16) in token_rows and token_rows.count(((N, D), torch.bfloat16)) == 1
+    y.float().pow(2).sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in moe.parameters())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_bf16_with_fp32_weights(backend):
     config = make_config(hidden_size=32, moe_intermediate_size=16)
