@@ -81,19 +81,35 @@ def definitions_of(x, scale):
     return reference_parts(q.cpu(), k.cpu(), v.cpu(), g.cpu(), beta.cpu(), scale, layout.cu_seqlens.tolist())
 
 
+def assert_remade(name, remade, kept):
+    """What the backward makes again against what the forward made. Under the interpreter every sum runs in one
+    order, so the two must be equal bit for bit. Compiled, the order of G's cumulative sum follows the register
+    layout the compiler picks for each kernel variant (the backward's also loads the 16-bit q and k), so there G
+    may differ by the rounding of a sum of CHUNK terms, and what is made from it by one rounding of its dtype."""
+    if DEVICE == "cpu":
+        assert torch.equal(remade, kept), f"the backward's {name} is not the forward's"
+        return
+    eps = torch.finfo(kept.dtype).eps
+    if kept.dtype == torch.float32:
+        bound = CHUNK * eps * kept.abs().max().item()
+        assert (remade - kept).abs().max().item() <= bound, f"the backward's {name} is not the forward's"
+    else:
+        assert rel_err(remade, kept) <= eps, f"the backward's {name} is not the forward's"
+
+
 def run_parts(x, scale, cu_seqlens=None, launch=None):
     (q, k, v, g, beta), layout = _packed(x, cu_seqlens)
     _, _, saved = chunk_fwd(q, k, v, g, beta, scale, None, False, layout, launch)
-    # the backward's recomputation of the element-wise parts gives the forward's bit for bit
+    # the backward's recomputation of the element-wise parts gives the forward's
     recomputed = chunk_pairs.decay_operands(q, k, g, scale, layout, launch or fwd_launch(q.shape[-1], v.shape[-1],
                                                                                         q.dtype))
     for name, t in zip(("G", "qg", "kd"), recomputed):
-        assert torch.equal(t, saved[NAMES.index(name)]), f"decay_operands' {name} is not the forward's"
+        assert_remade(name, t, saved[NAMES.index(name)])
     # and so does its WY stage on the fp32 T the forward keeps (the forward's own ran on the solve's rounded copy)
     remade = chunk_wy.wy_factors(k, v, beta, recomputed[0], saved[NAMES.index("Tinv")], layout,
                                  launch or fwd_launch(q.shape[-1], v.shape[-1], q.dtype))
     for name, t in zip(("w", "u"), remade):
-        assert torch.equal(t, saved[NAMES.index(name)]), f"the backward's {name} is not the forward's"
+        assert_remade(name, t, saved[NAMES.index(name)])
     bounds = layout.cu_seqlens.tolist()
     want = reference_parts(q.cpu(), k.cpu(), v.cpu(), g.cpu(), beta.cpu(), scale, bounds)
     got = dict(zip(NAMES, (t.cpu() for t in saved)))

@@ -62,8 +62,10 @@ def chunk_kda_fwd_cumsum_kernel(
     """Per (chunk, head, K block) — grid (NT, H, cdiv(K, BKG)): G = the chunk-local cumulative sum of g over the
     chunk's rows (fp32), columns [i_k BKG, (i_k + 1) BKG), each g taken no lower than FLOOR (``LOG_DECAY_FLOOR``:
     -inf is a reset with finite differences of G). With DECAYED also scale q exp(G) and K exp(G_last - G) of those
-    columns, by the off-diagonal kernel's expressions on the same fp32 G, so they come out bit for bit as it
-    writes them. Rows past the chunk's end are not written."""
+    columns, by the off-diagonal kernel's expressions, so from the same G they come out bit for bit as it writes
+    them. The DECAYED build may order the cumulative sum differently (the compiler picks its register layout per
+    build), so its G can differ from the forward's by the rounding of a sum of BT terms. Rows past the chunk's end
+    are not written."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, n_rows = chunk_rows(cu_seqlens, chunk_indices, i_c, BT)
     b_g = load_cols(g, t0, 0, i_k * BKG, n_rows, i_h, H, K, BT, BKG).to(tl.float32)  # [BT, BKG]
@@ -266,7 +268,8 @@ def build_pairs(q, k, g, beta, scale, layout, launch):
 def decay_operands(q, k, g, scale, layout, launch):
     """What the backward needs of the pair stage's element-wise outputs, recomputed rather than kept from the
     forward: packed q, k [TT, H, K], g [TT, H, K] fp32 -> (G fp32, scale q exp(G), K exp(G_last - G) in q's dtype),
-    equal to ``build_pairs``'s. ``launch``: the forward's ``FwdLaunch``."""
+    ``build_pairs``'s up to the order of G's sums (bit for bit under the interpreter). ``launch``: the forward's
+    ``FwdLaunch``."""
     TT, H, K = q.shape
     dev = q.device
     G = new_buffer(TT, H, K, device=dev, dtype=torch.float32)

@@ -7,7 +7,7 @@ not kept from the forward), a reverse pass for the state gradients, then the per
 dbeta. For the backward the forward keeps its inputs and the products of its pair and UT stages (A_qk and T fp32:
 one and a half tensors the size of q at K = 128), but no per-chunk states; the element-wise ones (G, q~ exp(G),
 K exp(G_last - G)) are recomputed by one kernel at the start of the backward, and W, U by the WY stage again (a
-light stage: the same values, for two tensors the size of k and v not kept between forward and backward).
+light stage, for two tensors the size of k and v not kept between forward and backward).
 ``chunk_kda_triton_recomputing`` keeps not even the inputs: it takes a function that makes q, k, v, g, beta from
 tensors its caller keeps anyway (a layer's projections) and reruns it in backward. The optional activations (q/k
 L2 norm, the gate, the beta sigmoid) run in fused Triton kernels before and after the chunk kernels

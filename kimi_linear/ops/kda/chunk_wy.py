@@ -4,7 +4,7 @@
 (U), each reloading the chunk's T (from L2: the column blocks of one chunk are neighbours in the grid), for several
 times the programs in flight of one program per chunk. T comes from the UT solve (``chunk_solve.py``): for 16-bit
 inputs the products take T rounded to their dtype (the forward passes the solve's rounded copy, the backward the
-fp32 T it kept, rounded on load to the same values) with fp32 accumulation; fp32 inputs take fp32 T and fp32
+fp32 T it kept, rounded on load the same way) with fp32 accumulation; fp32 inputs take fp32 T and fp32
 products. G is measured from the chunk start, so every exponent is <= 0. The backward runs this stage again rather
 than keeping W and U (two tensors the size of k and v) from the forward.
 """
