@@ -12,7 +12,7 @@ from kimi_linear.layers.linear import Linear
 from kimi_linear.layers.memory import autocast_input
 from kimi_linear.layers.packing import PackedInputProjections
 from kimi_linear.ops.linear import linear
-from kimi_linear.ops.swiglu import silu_mul
+from kimi_linear.ops.swiglu import silu_mul, swiglu_down
 
 
 class SwiGLUMLP(PackedInputProjections, nn.Module):
@@ -56,8 +56,12 @@ class SwiGLUMLP(PackedInputProjections, nn.Module):
         packed = self._forward_packed_weight()
         if packed is not None:
             gate, up = linear(x, packed).chunk(2, dim=-1)
-            return self.down_proj(silu_mul(gate, up))
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() and (gate.requires_grad or self.down_proj.weight.requires_grad):
+            # training: keep gate and up for the backward, not the activation's intermediates or its output
+            return swiglu_down(gate, up, self.down_proj.weight)
+        return self.down_proj(silu_mul(gate, up))
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}"

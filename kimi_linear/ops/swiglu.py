@@ -5,6 +5,10 @@ inputs' dtype). ``silu_mul`` runs it as one Triton kernel (``swiglu_triton``: on
 instead of a SiLU kernel and a multiply kernel with the SiLU's output written and read back between them) on CUDA
 tensors outside autograd, the case of generation and serving, where a decode step at batch 1 is made of such tiny
 launches; elsewhere the reference.
+
+``swiglu_down`` is the MLP's gated activation and down projection under autograd: the same values as
+``F.linear(silu_mul_reference(gate, up), weight)``, keeping gate and up for the backward but not the SiLU or the
+product (the backward makes them again, element-wise).
 """
 
 from __future__ import annotations
@@ -54,3 +58,43 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> tor
     from kimi_linear.ops.swiglu_triton import silu_mul_triton
 
     return silu_mul_triton(gate, up)
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """``F.linear(silu(gate) * up, weight)`` keeping gate, up and the weight in the product's dtype; each step
+    computed by the op autograd would run on the unfused ops (``silu_backward`` for the SiLU)."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight):
+        device_type = gate.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else gate.dtype
+        gate, up, weight_c = gate.to(dtype), up.to(dtype), weight.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            y = F.linear(silu_mul_reference(gate, up), weight_c)
+        ctx.save_for_backward(gate, up, weight_c)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up, weight = ctx.saved_tensors
+        silu = F.silu(gate)
+        dh = dy.matmul(weight)  # [..., I]
+        dweight = dy.reshape(-1, dy.shape[-1]).t().matmul((silu * up).reshape(-1, up.shape[-1]))
+        dgate = torch.ops.aten.silu_backward(dh * up, gate)
+        return dgate, dh * silu, dweight
+
+
+def swiglu_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(silu_mul_reference(gate, up), weight)`` (under autocast, in its dtype), differentiable in all
+    three, keeping for the backward gate and up but neither silu(gate) nor the product, which it makes again.
+
+    Args: gate, up ``[..., I]`` (same shape); weight ``[D, I]``. Returns ``[..., D]``.
+
+    Raises:
+        ValueError: gate and up of different shapes, or a weight whose last dim is not I.
+    """
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    if weight.dim() != 2 or weight.shape[-1] != gate.shape[-1]:
+        raise ValueError(f"weight must be [D, {gate.shape[-1]}], got {tuple(weight.shape)}")
+    return _SwiGLUDown.apply(gate, up, weight)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kimi_linear.ops.swiglu import silu_mul, silu_mul_reference  # noqa: E402
+from kimi_linear.ops.swiglu import silu_mul, silu_mul_reference, swiglu_down  # noqa: E402
 from tests.utils import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,3 +126,31 @@ def test_gpu_model_shape_bf16(rows):
                          w_down.float())
     assert rel_err(fused, exact) <= 2 * rel_err(unfused, exact) + 1e-6
     assert torch.equal(mlp(x.requires_grad_()), unfused)  # under autograd: the unfused ops themselves
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_swiglu_down_equals_the_unfused_ops_and_keeps_gate_and_up(autocast):
+    """``swiglu_down`` against ``F.linear(silu_mul_reference(gate, up), weight)`` on the same tensors, in fp32 and
+    under bf16 autocast with an fp32 weight: the output and the gradients of gate, up and the weight are those of
+    the unfused ops, and of [..., I] tensors it keeps only gate and up (the unfused ops keep the SiLU's input, its
+    output, up and the product)."""
+    gen = torch.Generator().manual_seed(3)
+    gate, up = (torch.randn(2, 7, 40, generator=gen).to(DEVICE).requires_grad_() for _ in range(2))
+    weight = (torch.randn(24, 40, generator=gen) / 40**0.5).to(DEVICE).requires_grad_()
+    dy = torch.randn(2, 7, 24, generator=gen).to(DEVICE)
+    results = []
+    for fn in (swiglu_down, lambda g, u, w: F.linear(silu_mul_reference(g, u), w)):
+        saved = {}
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t),
+                                                      lambda t: t):
+            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+                g, u = (t.to(torch.bfloat16) if autocast else t for t in (gate, up))
+                y = fn(g, u, weight)
+        grads = torch.autograd.grad(y, (gate, up, weight), dy.to(y.dtype))
+        wide = sum(1 for t in saved.values() if t.shape[-1:] == (40,) and t.numel() == 2 * 7 * 40)
+        results.append((y, grads, wide))
+    (y, grads, wide), (y_ref, grads_ref, wide_ref) = results
+    assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
+    for name, a, b in zip(("gate", "up", "weight"), grads, grads_ref):
+        assert a.dtype == b.dtype and rel_err(a, b) <= (1e-6 if not autocast else 2.0**-8), name
+    assert wide == 2 and wide_ref == 4, (wide, wide_ref)
