@@ -27,6 +27,7 @@ from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from kimi_linear.ops.varlen import host_values, known_host_values, sequence_lengths
 
+
 def count_parameters(config: KimiLinearConfig) -> tuple[int, int]:
     """(total, active-per-token) parameter counts from the config alone (no model is built).
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kimi_linear.config import PRESETS, KimiLinearConfig
 from kimi_linear.cache import KimiLinearCache
+from kimi_linear.config import PRESETS, KimiLinearConfig
 from kimi_linear.model import KimiLinearForCausalLM, count_parameters
 from tests.utils import rel_err
 

@@ -175,7 +175,6 @@ class KimiDeltaAttention(PackedInputProjections, nn.Module):
             ``[B, T, D]`` in hidden_states' dtype.
         """
         B, T, _ = hidden_states.shape
-        H, K = self.num_heads, self.head_dim
         x = hidden_states
         if attention_mask is not None:
             x = x * attention_mask[:, :, None].to(x.dtype)

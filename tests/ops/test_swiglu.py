@@ -141,8 +141,8 @@ def test_swiglu_down_equals_the_unfused_ops_and_keeps_gate_and_up(autocast):
     results = []
     for fn in (swiglu_down, lambda g, u, w: F.linear(silu_mul_reference(g, u), w)):
         saved = {}
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t),
-                                                      lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t, saved=saved: saved.setdefault(t.untyped_storage().data_ptr(), t), lambda t: t):
             with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
                 g, u = (t.to(torch.bfloat16) if autocast else t for t in (gate, up))
                 y = fn(g, u, weight)
