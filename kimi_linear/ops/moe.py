@@ -165,15 +165,6 @@ def swiglu_weighted(gate_SF: torch.Tensor, up_SF: torch.Tensor, weights_S: torch
     return (F.silu(gate_SF.float()) * up_SF.float() * weights_S.float()[:, None]).to(gate_SF.dtype)
 
 
-def _swiglu_weighted_values(gate_SF, up_SF, weights_S):
-    """``swiglu_weighted``'s values outside autograd: the fused kernel on CUDA, else the PyTorch formula."""
-    if gate_SF.is_cuda and TRITON_INSTALLED:
-        from kimi_linear.ops.moe_triton import swiglu_weighted_fwd_triton
-
-        return swiglu_weighted_fwd_triton(gate_SF, up_SF, weights_S)
-    return (F.silu(gate_SF.float()) * up_SF.float() * weights_S.float()[:, None]).to(gate_SF.dtype)
-
-
 def _swiglu_weighted_grads(gate_SF, up_SF, weights_S, dh_SF):
     """(dgate_SF, dup_SF in gate's dtype, dweights_S fp32) of ``swiglu_weighted`` for ``dh_SF``, outside
     autograd: the fused kernel on CUDA, else these formulas in fp32 (d silu(g)/dg = s (1 + g (1 - s)), s the
@@ -195,7 +186,7 @@ def _experts_grouped_mm(x_SD, weights_S, offsets_E, w1_EFD, w3_EFD, w2_EDF):
     Returns (y_SD, gate_SF, up_SF)."""
     gate_SF = torch._grouped_mm(x_SD, w1_EFD.transpose(-2, -1), offs=offsets_E)
     up_SF = torch._grouped_mm(x_SD, w3_EFD.transpose(-2, -1), offs=offsets_E)
-    h_SF = _swiglu_weighted_values(gate_SF, up_SF, weights_S)
+    h_SF = swiglu_weighted(gate_SF, up_SF, weights_S)
     return torch._grouped_mm(h_SF, w2_EDF.transpose(-2, -1), offs=offsets_E), gate_SF, up_SF  # [S, D]
 
 
@@ -222,7 +213,7 @@ class _GroupedExperts(torch.autograd.Function):
     def backward(ctx, dy_SD):
         x_ND, order_S, inverse_S, weights_S, offsets_E, gate_SF, up_SF, w1_EFD, w3_EFD, w2_EDF = ctx.saved_tensors
         dy_SD = dy_SD.contiguous()
-        h_SF = _swiglu_weighted_values(gate_SF, up_SF, weights_S)
+        h_SF = swiglu_weighted(gate_SF, up_SF, weights_S)
         dw2_EDF = torch._grouped_mm(dy_SD.t(), h_SF, offs=offsets_E)
         del h_SF
         dh_SF = torch._grouped_mm(dy_SD, w2_EDF, offs=offsets_E)

@@ -99,15 +99,14 @@ def assert_remade(name, remade, kept):
 
 def run_parts(x, scale, cu_seqlens=None, launch=None):
     (q, k, v, g, beta), layout = _packed(x, cu_seqlens)
+    launch = launch or fwd_launch(q.shape[-1], v.shape[-1], q.dtype)
     _, _, saved = chunk_fwd(q, k, v, g, beta, scale, None, False, layout, launch)
     # the backward's recomputation of the element-wise parts gives the forward's
-    recomputed = chunk_pairs.decay_operands(q, k, g, scale, layout, launch or fwd_launch(q.shape[-1], v.shape[-1],
-                                                                                        q.dtype))
+    recomputed = chunk_pairs.decay_operands(q, k, g, scale, layout, launch)
     for name, t in zip(("G", "qg", "kd"), recomputed):
         assert_remade(name, t, saved[NAMES.index(name)])
     # and so does its WY stage on the fp32 T the forward keeps (the forward's own ran on the solve's rounded copy)
-    remade = chunk_wy.wy_factors(k, v, beta, recomputed[0], saved[NAMES.index("Tinv")], layout,
-                                 launch or fwd_launch(q.shape[-1], v.shape[-1], q.dtype))
+    remade = chunk_wy.wy_factors(k, v, beta, recomputed[0], saved[NAMES.index("Tinv")], layout, launch)
     for name, t in zip(("w", "u"), remade):
         assert_remade(name, t, saved[NAMES.index(name)])
     bounds = layout.cu_seqlens.tolist()
